@@ -1,0 +1,104 @@
+"""The ``torchslim`` command: the only place that prints errors and chooses exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .. import __version__
+from .errors import TorchslimError
+from .recipe import load_recipe, recipe_model
+from .registry import Registry
+from .runner import run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.quiet)
+    try:
+        return int(args.handler(args))
+    except TorchslimError as exc:
+        if getattr(args, "debug", False):
+            logging.getLogger("torchslim").exception("details")
+        print(f"torchslim: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("torchslim: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="torchslim", description="Declarative network compression for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"torchslim {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print no progress lines")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a recipe and print its stage-by-stage summary")
+    p.add_argument("recipe", type=Path, help="recipe YAML file")
+    p.add_argument("--out", type=Path, help="write reports, the resolved recipe and the final model here")
+    p.add_argument("--overwrite", action="store_true", help="allow --out to be a non-empty directory")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a failure")
+    p.set_defaults(handler=_run)
+
+    p = sub.add_parser("validate", help="check a recipe without running it")
+    p.add_argument("recipe", type=Path)
+    p.set_defaults(handler=_validate)
+
+    p = sub.add_parser("plugins", help="list stage types and where they come from")
+    p.set_defaults(handler=_plugins)
+
+    p = sub.add_parser("schema", help="print the recipe JSON Schema")
+    p.set_defaults(handler=_schema)
+    return parser
+
+
+def _configure_logging(quiet: bool) -> None:
+    logger = logging.getLogger("torchslim")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("torchslim: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _run(args: argparse.Namespace) -> int:
+    report = run(args.recipe, args.out, overwrite=args.overwrite)
+    print(report.table())
+    if args.out:
+        print(f"\nwrote {args.out}/report.json, report.md, report.csv, recipe.yaml, model.pt "
+              f"(load with torchslim.load_model('{args.out}'))")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, Registry.load())
+    stages = ", ".join(f"{s.label} ({s.type})" for s in recipe.stage_list)
+    print(f"{args.recipe}: valid recipe '{recipe.name}' with {len(recipe.stage_list)} stages: {stages}")
+    return 0
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    registry = Registry.load()
+    rows = [[e.type, e.origin, e.target, "ok" if e.ok else f"broken: {e.error}"] for e in registry.entries]
+    print(tabulate(rows, headers=["type", "from", "class", "status"]))
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    schema = recipe_model(Registry.load()).model_json_schema()
+    print(json.dumps(schema, indent=2))
+    return 0
+
+
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

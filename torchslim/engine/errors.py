@@ -1,0 +1,51 @@
+"""The one exception hierarchy of torchslim.
+
+Only the CLI turns these into messages and exit codes; library code raises them and
+never prints. Every message starts with the thing at fault (file position, stage, option).
+"""
+
+from __future__ import annotations
+
+
+class TorchslimError(Exception):
+    """Base class of every error torchslim raises on purpose."""
+
+    exit_code = 1
+
+
+class UserInputError(TorchslimError):
+    """Bad input from the user: a recipe, a file, an argument. Exit code 2."""
+
+    exit_code = 2
+
+
+class RecipeError(UserInputError):
+    """A recipe that cannot be read or does not validate.
+
+    ``problems`` holds one line per problem, each already prefixed with
+    ``file:line:col: field.path`` where a location is known.
+    """
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class PluginError(UserInputError):
+    """A stage type that is unknown, or whose plugin failed to load."""
+
+
+class CheckpointError(UserInputError):
+    """A checkpoint or saved model that cannot be loaded safely."""
+
+
+class OutputError(UserInputError):
+    """An output directory that cannot be written without losing the user's files."""
+
+
+class StageError(TorchslimError):
+    """A stage that failed while running, or that would have changed nothing. Exit code 1."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        self.stage = stage
+        super().__init__(f"stage {stage}: {message}")

@@ -1,0 +1,161 @@
+"""What is measured after every stage: size, sparsity, MACs, latency, the task metric."""
+
+from __future__ import annotations
+
+import io
+import statistics
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from .stage import Batch
+
+Evaluator = Callable[[nn.Module, Iterable[Batch]], float]
+
+
+def weight_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
+    """Every weight and bias of the model (detached), including those packed inside quantized modules."""
+    with torch.no_grad():
+        yield from _weights(model)
+
+
+def _weights(model: nn.Module) -> Iterator[torch.Tensor]:
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if own:
+            yield from (p.detach() for p in own)
+        elif _is_packed(module):
+            yield from _packed_tensors(module)
+
+
+def _is_packed(module: nn.Module) -> bool:
+    # Quantized modules keep weights in packed C++ objects and expose them as methods.
+    return callable(getattr(module, "weight", None)) and not isinstance(getattr(module, "weight"), torch.Tensor)
+
+
+def _packed_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    for name in ("weight", "bias"):
+        getter = getattr(module, name, None)
+        value = getter() if callable(getter) else getter
+        if isinstance(value, torch.Tensor):
+            yield value.dequantize() if value.is_quantized else value
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of weight and bias values."""
+    return sum(t.numel() for t in weight_tensors(model))
+
+
+def count_nonzero(model: nn.Module) -> int:
+    """Number of weight and bias values that are not exactly zero."""
+    return sum(int(torch.count_nonzero(t)) for t in weight_tensors(model))
+
+
+def size_bytes(model: nn.Module) -> int:
+    """Bytes of ``torch.save(model.state_dict())``: the dense file size on disk."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of Linear and Conv layers for one input sample (dense count)."""
+    total = 0
+
+    def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
+        nonlocal total
+        total += _layer_macs(module, output)
+
+    layers = [m for m in model.modules() if _is_layer(m)]
+    # A quantized Linear wraps a packed-params child; count each layer once, at its outermost module.
+    inner = {id(sub) for m in layers for sub in m.modules() if sub is not m}
+    handles = [m.register_forward_hook(hook) for m in layers if id(m) not in inner]
+    try:
+        with torch.inference_mode():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total // max(1, example.shape[0])
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return hasattr(module, "in_features") and hasattr(module, "out_features")
+
+
+def _is_conv(module: nn.Module) -> bool:
+    return all(hasattr(module, a) for a in ("in_channels", "groups", "kernel_size"))
+
+
+def _is_layer(module: nn.Module) -> bool:
+    return _is_linear(module) or _is_conv(module)
+
+
+def _layer_macs(module: nn.Module, output: Any) -> int:
+    if not isinstance(output, torch.Tensor):
+        return 0
+    if _is_linear(module):
+        return output.numel() * int(module.in_features)
+    if _is_conv(module):
+        kernel = module.kernel_size if isinstance(module.kernel_size, tuple) else (module.kernel_size,)
+        per_output = int(module.in_channels) // int(module.groups) * int(torch.tensor(kernel).prod())
+        return output.numel() * per_output
+    return 0
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` torch threads, restoring the previous setting after."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def latency_ms(model: nn.Module, example: torch.Tensor, *, warmup: int, runs: int, threads: int | None) -> float:
+    """Median wall time of one forward pass on ``example``, in milliseconds."""
+    times = []
+    with torch_threads(threads), torch.inference_mode():
+        for _ in range(warmup):
+            model(example)
+        for _ in range(runs):
+            start = time.perf_counter()
+            model(example)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000.0
+
+
+def accuracy(model: nn.Module, loader: Iterable[Batch]) -> float:
+    """Percent of samples whose highest-scoring class is the label."""
+    correct = total = 0
+    with torch.inference_mode():
+        for inputs, targets in loader:
+            correct += int((model(inputs).argmax(dim=1) == targets).sum())
+            total += int(targets.numel())
+    return 100.0 * correct / total if total else float("nan")
+
+
+def latency_batch(example: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``example`` repeated or cut along the batch dimension to ``batch_size`` samples."""
+    repeats = -(-batch_size // example.shape[0])
+    return example.repeat(repeats, *([1] * (example.dim() - 1)))[:batch_size].contiguous()
+
+
+def fingerprint(model: nn.Module) -> tuple[Any, ...]:
+    """A cheap summary of a model's structure and values, to tell whether a stage changed anything.
+
+    Sums rather than a copy of the weights: the check must not double the memory of a large model.
+    """
+    structure = tuple((name, type(m).__name__) for name, m in model.named_modules())
+    values = tuple(
+        (tuple(t.shape), str(t.dtype), float(t.float().sum()), float(t.float().abs().sum()))
+        for t in weight_tensors(model)
+    )
+    return structure, values

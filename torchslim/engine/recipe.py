@@ -1,0 +1,193 @@
+"""The recipe: Pydantic models, built over the registry's stage classes, and loading with positions."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model
+
+from .errors import PluginError, RecipeError
+from .registry import Registry
+from .specs import TARGET_PATTERN, DataSpec, ModelSpec, Spec
+from .stage import Stage
+from .yamlio import Document, read_yaml
+
+
+class EvaluateSpec(Spec):
+    """How the model is scored after every stage."""
+
+    metric: str = Field(default="accuracy", pattern=rf"^accuracy$|{TARGET_PATTERN}")
+    """``accuracy`` (percent of eval samples whose argmax is the label), or a ``module:callable``
+    taking ``(model, loader)`` and returning a float."""
+    name: str | None = None
+    """Column name of the metric in reports (defaults to ``accuracy`` or the callable's name)."""
+
+    @property
+    def label(self) -> str:
+        """The metric's name in reports."""
+        return self.name or self.metric.rpartition(":")[2].rpartition(".")[2]
+
+
+class MetricsOptions(Spec):
+    """How models are measured after every stage."""
+
+    latency: bool = True
+    """Measure latency (turn off to save time)."""
+    batch_size: int = Field(default=32, ge=1)
+    """Batch size of the latency measurement."""
+    warmup: int = Field(default=3, ge=0)
+    """Untimed forward passes before timing."""
+    runs: int = Field(default=10, ge=1)
+    """Timed forward passes; the median is reported."""
+    threads: int | None = Field(default=2, ge=1)
+    """torch threads while timing (fixed so that figures compare); null leaves torch's setting."""
+
+
+class RecipeBase(BaseModel):
+    """Fields common to every recipe; :func:`recipe_model` adds ``stages`` over a registry."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    name: str
+    """Name of the recipe, used in reports."""
+    seed: int = 0
+    """Seed for torch's generators, set before the model, the data and each stage."""
+    model: ModelSpec
+    """The model to compress."""
+    data: DataSpec
+    """The data: train, calibration and eval loaders."""
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    """The task metric."""
+    metrics: MetricsOptions = Field(default_factory=MetricsOptions)
+    """Measurement options."""
+
+    _document: Document | None = PrivateAttr(default=None)
+    _stages: list[Stage] = PrivateAttr(default_factory=list)
+
+    @property
+    def base_dir(self) -> Path | None:
+        """Directory of the recipe file, against which relative paths are resolved."""
+        if self._document is None or self._document.source.startswith("<"):
+            return None
+        return Path(self._document.source).resolve().parent
+
+    @property
+    def stage_list(self) -> list[Stage]:
+        """The validated stages, in order."""
+        return list(getattr(self, "stages"))
+
+    def where(self, path: tuple[Any, ...]) -> str:
+        """``file:line:col`` of a field, for messages about problems found after validation."""
+        return self._document.where(path) if self._document else "<recipe>"
+
+    def resolved(self) -> dict[str, Any]:
+        """The recipe with every default filled in, as plain data."""
+        return self.model_dump(mode="json")
+
+
+_MODELS: dict[tuple[type[Stage], ...], type[RecipeBase]] = {}
+
+
+def recipe_model(registry: Registry) -> type[RecipeBase]:
+    """The Recipe class whose ``stages`` are a discriminated union of the registry's stage classes."""
+    classes = tuple(registry.stage_classes())
+    if classes not in _MODELS:
+        union: Any = Annotated[Union[classes], Field(discriminator="type")]  # noqa: UP007 (built at run time)
+        _MODELS[classes] = create_model(
+            "Recipe",
+            __base__=RecipeBase,
+            stages=(list[union], Field(min_length=1, description="Compression stages, applied in order.")),
+        )
+    return _MODELS[classes]
+
+
+def load_recipe(
+    source: str | os.PathLike[str] | Mapping[str, Any] | RecipeBase, registry: Registry | None = None
+) -> RecipeBase:
+    """Read and validate a recipe from a YAML path, a mapping, or return a validated one as is."""
+    if isinstance(source, RecipeBase):
+        return source
+    registry = registry or Registry.load()
+    if isinstance(source, Mapping):
+        document = Document(dict(source), "<recipe>")
+    else:
+        document = read_yaml(source)
+    return validate(document, registry)
+
+
+def validate(document: Document, registry: Registry) -> RecipeBase:
+    """Validate parsed YAML against the recipe model; RecipeError with positions on failure."""
+    if not isinstance(document.data, Mapping):
+        raise RecipeError(f"{document.where(())}: expected a mapping of recipe fields, found {type(document.data).__name__}")
+    model = recipe_model(registry)
+    try:
+        recipe = model.model_validate(document.data)
+    except ValidationError as exc:
+        raise RecipeError([_problem(document, err, registry) for err in exc.errors()]) from None
+    recipe._document = document
+    return recipe
+
+
+def _problem(document: Document, err: Any, registry: Registry) -> str:
+    path = _data_path(document.data, err["loc"])
+    stage_type = _stage_type(document.data, path)
+    message = err["msg"]
+    if err["type"] == "union_tag_invalid":
+        message = registry.unknown_message(str(err["ctx"]["tag"]))
+        path = path + ("type",)
+    elif err["type"] == "union_tag_not_found":
+        message = f"missing 'type'; known types: {', '.join(registry.types())}"
+    elif err["type"] == "extra_forbidden":
+        message = f"unknown field '{path[-1]}'" + _allowed_fields(document.data, path, registry)
+    elif err["type"] == "missing":
+        message = f"required field '{path[-1]}' is missing" if path else message
+    label = format_path(path) + (f" ({stage_type})" if stage_type else "")
+    return f"{document.where(path)}: {label or '<top level>'}: {message}"
+
+
+def _data_path(data: Any, loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    # Pydantic inserts the union tag into loc ("stages", 2, "quantize", "dtype"); keep only
+    # the steps that exist in the data, plus a final missing/extra key.
+    path: list[Any] = []
+    node = data
+    for index, step in enumerate(loc):
+        if isinstance(node, Mapping) and step in node:
+            node = node[step]
+        elif isinstance(node, list) and isinstance(step, int) and step < len(node):
+            node = node[step]
+        elif index != len(loc) - 1:
+            continue  # a union tag, not a key of the data
+        path.append(step)
+    return tuple(path)
+
+
+def _stage_type(data: Any, path: tuple[Any, ...]) -> str | None:
+    if len(path) >= 2 and path[0] == "stages" and isinstance(data, Mapping):
+        stages = data.get("stages")
+        if isinstance(stages, list) and isinstance(path[1], int) and path[1] < len(stages):
+            stage = stages[path[1]]
+            if isinstance(stage, Mapping) and isinstance(stage.get("type"), str):
+                return str(stage["type"])
+    return None
+
+
+def _allowed_fields(data: Any, path: tuple[Any, ...], registry: Registry) -> str:
+    stage_type = _stage_type(data, path)
+    if stage_type and len(path) == 3:
+        try:
+            fields = registry.get(stage_type).model_fields
+        except PluginError:
+            return ""
+        return f"; {stage_type} accepts: {', '.join(fields)}"
+    return ""
+
+
+def format_path(path: tuple[Any, ...]) -> str:
+    """``("stages", 2, "amount")`` -> ``stages[2].amount``."""
+    text = ""
+    for step in path:
+        text += f"[{step}]" if isinstance(step, int) else (f".{step}" if text else str(step))
+    return text

@@ -1,0 +1,154 @@
+"""The stage-by-stage summary: a table for the terminal, and JSON, CSV and Markdown files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from .atomic import write_text
+
+#: Columns of the printed table: (metric key, header, formatter kind).
+_COLUMNS = [
+    ("params", "params", "count"),
+    ("nonzero", "non-zero", "count"),
+    ("sparsity", "sparsity", "percent"),
+    ("size_bytes", "size (x smaller)", "bytes"),
+    ("macs", "MACs (x fewer)", "count"),
+    ("latency_ms", "latency ms (x faster)", "float"),
+]
+_RATIO_COLUMNS = ("size_bytes", "macs", "latency_ms")
+
+
+@dataclass
+class Row:
+    """One line of the summary: the baseline (``type`` None) or one stage."""
+
+    stage: str
+    type: str | None
+    metrics: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON."""
+        return {"stage": self.stage, "type": self.type, "metrics": dict(self.metrics)}
+
+
+@dataclass
+class Report:
+    """What a run produced: the resolved recipe, one row per stage after the baseline, and notes."""
+
+    recipe: dict[str, Any]
+    metric: str = "accuracy"
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def baseline(self) -> Row:
+        """Row 0: the model before any stage."""
+        return self.rows[0]
+
+    @property
+    def final(self) -> Row:
+        """The last row: the model after every stage."""
+        return self.rows[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data."""
+        return {
+            "recipe": self.recipe,
+            "metric": self.metric,
+            "rows": [row.to_dict() for row in self.rows],
+            "notes": list(self.notes),
+            "environment": dict(self.environment),
+        }
+
+    def to_json(self) -> str:
+        """The report as indented JSON."""
+        return json.dumps(self.to_dict(), indent=2, allow_nan=True) + "\n"
+
+    def to_csv(self) -> str:
+        """One CSV line per row, one column per metric."""
+        keys = _metric_keys(self.rows)
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["stage", "type", *keys])
+        for row in self.rows:
+            writer.writerow([row.stage, row.type or "baseline", *(row.metrics.get(k, "") for k in keys)])
+        return out.getvalue()
+
+    def table(self, fmt: str = "simple") -> str:
+        """The summary table, each figure followed by its ratio to the baseline."""
+        headers = ["stage", "type", *(h for _, h, _ in _COLUMNS), f"{self.metric} (change)", "seconds"]
+        body = [self._cells(row) for row in self.rows]
+        text = tabulate(body, headers=headers, tablefmt=fmt, disable_numparse=True, colalign=("left", "left"))
+        return text + "".join(f"\nnote: {note}" for note in self.notes)
+
+    def to_markdown(self) -> str:
+        """A Markdown page with the table and the notes."""
+        title = f"# torchslim report: {self.recipe.get('name', '')}\n\n"
+        notes = "".join(f"- {note}\n" for note in self.notes)
+        table = self.table("github").split("\nnote: ")[0]
+        return title + table + "\n" + (f"\n## Notes\n\n{notes}" if notes else "")
+
+    def _cells(self, row: Row) -> list[str]:
+        base = self.baseline.metrics
+        cells = [row.stage, row.type or "baseline"]
+        for key, _, kind in _COLUMNS:
+            ratio = key in _RATIO_COLUMNS and row is not self.baseline
+            cells.append(_with_ratio(row.metrics.get(key), base.get(key), kind) if ratio else _number(row.metrics.get(key), kind))
+        cells.append(_with_delta(row.metrics.get(self.metric), base.get(self.metric), row is self.baseline))
+        cells.append(_number(row.metrics.get("seconds"), "float"))
+        return cells
+
+    def write(self, out_dir: Path) -> None:
+        """Write report.json, report.csv and report.md into ``out_dir``, each atomically."""
+        write_text(out_dir / "report.json", self.to_json())
+        write_text(out_dir / "report.csv", self.to_csv())
+        write_text(out_dir / "report.md", self.to_markdown())
+
+
+def _metric_keys(rows: list[Row]) -> list[str]:
+    keys: list[str] = []
+    for row in rows:
+        keys.extend(k for k in row.metrics if k not in keys)
+    return keys
+
+
+def _number(value: Any, kind: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if kind == "count":
+        return _si(float(value))
+    if kind == "bytes":
+        return _si(float(value), "B", 1000.0)
+    if kind == "percent":
+        return f"{100 * value:.1f}%"
+    return f"{value:.2f}"
+
+
+def _si(value: float, unit: str = "", step: float = 1000.0) -> str:
+    for prefix in ("", "k", "M", "G"):
+        if abs(value) < step or prefix == "G":
+            return f"{value:.0f}{unit}" if prefix == "" else f"{value:.1f}{prefix}{unit}"
+        value /= step
+    return f"{value}"
+
+
+def _with_ratio(value: Any, base: Any, kind: str) -> str:
+    # The ratio is baseline / value: above 1 means smaller, fewer or faster than the baseline.
+    text = _number(value, kind)
+    return f"{text} ({base / value:.2f}x)" if value and base else text
+
+
+def _with_delta(value: Any, base: Any, is_baseline: bool) -> str:
+    text = _number(value, "float")
+    if is_baseline or value is None or base is None:
+        return text
+    return f"{text} ({value - base:+.2f})"

@@ -1,0 +1,61 @@
+"""Saving and loading compressed models without pickling code.
+
+A saved model is the resolved recipe (``recipe.yaml``) plus a state dict (``model.pt``).
+Loading rebuilds the architecture from the recipe, replays each completed stage's structural
+changes (:meth:`Stage.restore`), then loads the tensors with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from torch import nn
+
+from .atomic import write_text, write_with
+from .errors import CheckpointError
+from .recipe import RecipeBase, load_recipe
+from .registry import Registry
+from .specs import build_model, load_state, safe_load
+from .yamlio import dump_yaml
+
+FORMAT = "torchslim.model/1"
+MODEL_FILE = "model.pt"
+RECIPE_FILE = "recipe.yaml"
+
+
+def save_model(out_dir: Path, recipe: RecipeBase, model: nn.Module, stages_done: int) -> None:
+    """Write ``recipe.yaml`` and ``model.pt`` (state dict after ``stages_done`` stages) atomically."""
+    payload = {"format": FORMAT, "stages_done": stages_done, "state_dict": model.state_dict()}
+
+    def write(handle: IO[bytes]) -> None:
+        torch.save(payload, handle)
+
+    write_with(out_dir / MODEL_FILE, write)
+    write_text(out_dir / RECIPE_FILE, dump_yaml(recipe.resolved()))
+
+
+def load_model(path: str | os.PathLike[str], registry: Registry | None = None) -> nn.Module:
+    """Load a model saved by ``torchslim run --out DIR``: ``torchslim.load_model(DIR)``.
+
+    Imports the model's code named in the recipe (as running the recipe would), never code
+    from the checkpoint. Returns the model in eval mode.
+    """
+    folder = Path(path)
+    recipe = load_recipe(folder / RECIPE_FILE, registry)
+    payload = safe_load(folder / MODEL_FILE)
+    stages_done = _check_payload(payload, folder / MODEL_FILE)
+    # The saved state replaces every weight, so the original checkpoint is not needed (nor read).
+    model = build_model(recipe.model.model_copy(update={"checkpoint": None}), None)
+    for stage in recipe.stage_list[:stages_done]:
+        model = stage.restore(model.eval())
+    load_state(model, payload["state_dict"], str(folder / MODEL_FILE))
+    return model.eval()
+
+
+def _check_payload(payload: Any, path: Path) -> int:
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a torchslim model file (expected format {FORMAT})")
+    return int(payload["stages_done"])

@@ -1,0 +1,1 @@
+"""Small real models and bundled data behind the quickstart recipe."""

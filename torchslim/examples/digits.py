@@ -1,0 +1,86 @@
+"""Handwritten digits (8x8, bundled) and small models for them: the quickstart's model and data.
+
+The data is the UCI optdigits test set (CC BY 4.0, see ``data/README.md``), read from the
+package: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+from functools import lru_cache
+from importlib import resources
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+PIXELS = 64
+CLASSES = 10
+
+
+@lru_cache(maxsize=1)
+def load_tensors() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1,797 samples: images as float tensors scaled to [0, 1] (shape N x 64), labels (N)."""
+    raw = resources.files("torchslim.examples").joinpath("data/optdigits.csv.gz").read_bytes()
+    rows = list(csv.reader(io.StringIO(gzip.decompress(raw).decode("ascii"))))
+    values = torch.tensor([[int(v) for v in row] for row in rows], dtype=torch.int64)
+    return values[:, :PIXELS].float() / 16.0, values[:, PIXELS]
+
+
+def split(eval_fraction: float = 0.2, seed: int = 0) -> dict[str, TensorDataset]:
+    """A fixed shuffled split into ``train`` and ``eval`` datasets."""
+    images, labels = load_tensors()
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    cut = int(len(labels) * (1 - eval_fraction))
+    train, held_out = order[:cut], order[cut:]
+    return {
+        "train": TensorDataset(images[train], labels[train]),
+        "eval": TensorDataset(images[held_out], labels[held_out]),
+    }
+
+
+def loaders(batch_size: int = 64, eval_fraction: float = 0.2, seed: int = 0, image: bool = False) -> dict[str, DataLoader]:
+    """Train, calibration and eval loaders; ``image=True`` shapes inputs as N x 1 x 8 x 8 for CNNs."""
+    parts = split(eval_fraction, seed)
+    if image:
+        parts = {k: TensorDataset(d.tensors[0].view(-1, 1, 8, 8), d.tensors[1]) for k, d in parts.items()}
+    shuffle = torch.Generator().manual_seed(seed)
+    return {
+        "train": DataLoader(parts["train"], batch_size=batch_size, shuffle=True, generator=shuffle),
+        "calibration": DataLoader(parts["train"], batch_size=batch_size),
+        "eval": DataLoader(parts["eval"], batch_size=256),
+    }
+
+
+def mlp(hidden: int = 256, depth: int = 2, train_epochs: int = 0, seed: int = 0) -> nn.Sequential:
+    """A ``64 -> hidden (x depth) -> 10`` ReLU network, trained for ``train_epochs`` on the train split.
+
+    Training here (deterministic under ``seed``, about a second) keeps the quickstart free of
+    binary checkpoints; pass ``train_epochs=0`` for an untrained network.
+    """
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    width = PIXELS
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    model = nn.Sequential(*layers, nn.Linear(width, CLASSES))
+    if train_epochs:
+        fit(model, loaders(seed=seed)["train"], train_epochs)
+    return model.eval()
+
+
+def fit(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 1e-3) -> None:
+    """Plain cross-entropy training with Adam."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        for inputs, labels in loader:
+            loss = F.cross_entropy(model(inputs), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
