@@ -126,15 +126,26 @@ def validate(document: Document, registry: Registry) -> RecipeBase:
     try:
         recipe = model.model_validate(document.data)
     except ValidationError as exc:
-        raise RecipeError([_problem(document, err, registry) for err in exc.errors()]) from None
+        raise RecipeError(_problems(document, exc, registry)) from None
     recipe._document = document
     return recipe
 
 
-def _problem(document: Document, err: Any, registry: Registry) -> str:
-    path = _data_path(document.data, err["loc"])
+def _problems(document: Document, exc: ValidationError, registry: Registry) -> list[str]:
+    # A value that fits no member of a union (teacher: "original" or a model spec) gives one
+    # error per member at the same path: merge them into one line.
+    merged: dict[str, list[str]] = {}
+    for err in exc.errors():
+        where, message = _problem(document, err, registry)
+        if message not in merged.setdefault(where, []):
+            merged[where].append(message)
+    return [f"{where}: {'; or '.join(messages)}" for where, messages in merged.items()]
+
+
+def _problem(document: Document, err: Any, registry: Registry) -> tuple[str, str]:
+    path = _data_path(document.data, err["loc"], keep_last=err["type"] in ("missing", "extra_forbidden"))
     stage_type = _stage_type(document.data, path)
-    message = err["msg"]
+    message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "union_tag_invalid":
         message = registry.unknown_message(str(err["ctx"]["tag"]))
         path = path + ("type",)
@@ -145,12 +156,12 @@ def _problem(document: Document, err: Any, registry: Registry) -> str:
     elif err["type"] == "missing":
         message = f"required field '{path[-1]}' is missing" if path else message
     label = format_path(path) + (f" ({stage_type})" if stage_type else "")
-    return f"{document.where(path)}: {label or '<top level>'}: {message}"
+    return f"{document.where(path)}: {label or '<top level>'}", message
 
 
-def _data_path(data: Any, loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    # Pydantic inserts the union tag into loc ("stages", 2, "quantize", "dtype"); keep only
-    # the steps that exist in the data, plus a final missing/extra key.
+def _data_path(data: Any, loc: tuple[Any, ...], keep_last: bool) -> tuple[Any, ...]:
+    # Pydantic inserts union members into loc ("stages", 2, "quantize", "dtype"); keep only
+    # the steps that exist in the data, plus the final key of a missing or unknown field.
     path: list[Any] = []
     node = data
     for index, step in enumerate(loc):
@@ -158,8 +169,8 @@ def _data_path(data: Any, loc: tuple[Any, ...]) -> tuple[Any, ...]:
             node = node[step]
         elif isinstance(node, list) and isinstance(step, int) and step < len(node):
             node = node[step]
-        elif index != len(loc) - 1:
-            continue  # a union tag, not a key of the data
+        elif not (keep_last and index == len(loc) - 1):
+            continue  # a union member, not a key of the data
         path.append(step)
     return tuple(path)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,11 @@ def build_model(spec: ModelSpec, base_dir: Path | None, field: str = "model") ->
 def safe_load(path: Path) -> Any:
     """``torch.load`` with ``weights_only=True``: a pickle that would run code is refused."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # Loading quantized tensors goes through torch's deprecated TypedStorage and
+            # quantized-tensor constructors; the warnings are torch's internals, not the user's.
+            warnings.filterwarnings("ignore", message=".*(TypedStorage|quantized tensor creation).*")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint file not found") from None
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... on unsafe or bad files

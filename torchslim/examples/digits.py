@@ -73,6 +73,19 @@ def mlp(hidden: int = 256, depth: int = 2, train_epochs: int = 0, seed: int = 0)
     return model.eval()
 
 
+def cnn(channels: int = 8, train_epochs: int = 0, seed: int = 0) -> nn.Sequential:
+    """A small conv net for ``1 x 8 x 8`` inputs (use ``loaders(image=True)``)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
+        nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * channels, CLASSES),
+    )
+    if train_epochs:
+        fit(model, loaders(seed=seed, image=True)["train"], train_epochs)
+    return model.eval()
+
+
 def fit(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 1e-3) -> None:
     """Plain cross-entropy training with Adam."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)

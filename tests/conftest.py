@@ -1,0 +1,40 @@
+"""Shared fixtures: a fresh registry per test, and small recipes on the bundled digits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from torchslim import Registry
+
+FAST_METRICS = {"warmup": 1, "runs": 2, "batch_size": 8}
+
+
+@pytest.fixture
+def registry() -> Registry:
+    """Built-in stages only: tests do not depend on what else is installed."""
+    return Registry.load(autoload=False)
+
+
+def digits_recipe(stages: list[dict[str, Any]], **model_kwargs: Any) -> dict[str, Any]:
+    """A small, fast recipe on the bundled digits with the given stages."""
+    kwargs = {"hidden": 32, "train_epochs": 3, **model_kwargs}
+    return {
+        "name": "test",
+        "seed": 0,
+        "model": {"target": "torchslim.examples.digits:mlp", "kwargs": kwargs},
+        "data": {"target": "torchslim.examples.digits:loaders", "kwargs": {"batch_size": 64}},
+        "evaluate": {"metric": "accuracy"},
+        "metrics": dict(FAST_METRICS),
+        "stages": stages,
+    }
+
+
+def write_recipe(folder: Path, recipe: dict[str, Any], name: str = "recipe.yaml") -> Path:
+    """Write ``recipe`` as YAML into ``folder`` and return its path."""
+    path = folder / name
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
