@@ -21,7 +21,7 @@ def registry() -> Registry:
 
 def digits_recipe(stages: list[dict[str, Any]], **model_kwargs: Any) -> dict[str, Any]:
     """A small, fast recipe on the bundled digits with the given stages."""
-    kwargs = {"hidden": 32, "train_epochs": 3, **model_kwargs}
+    kwargs = {"hidden": 32, "train_epochs": 8, **model_kwargs}
     return {
         "name": "test",
         "seed": 0,
