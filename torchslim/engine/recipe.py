@@ -38,9 +38,9 @@ class MetricsOptions(Spec):
     """Measure latency (turn off to save time)."""
     batch_size: int = Field(default=32, ge=1)
     """Batch size of the latency measurement."""
-    warmup: int = Field(default=3, ge=0)
+    warmup: int = Field(default=5, ge=0)
     """Untimed forward passes before timing."""
-    runs: int = Field(default=10, ge=1)
+    runs: int = Field(default=30, ge=1)
     """Timed forward passes; the median is reported."""
     threads: int | None = Field(default=2, ge=1)
     """torch threads while timing (fixed so that figures compare); null leaves torch's setting."""
