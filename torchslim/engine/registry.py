@@ -7,6 +7,7 @@ name is kept as a *broken* entry with the reason; it never stops other stages fr
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -145,8 +146,11 @@ def _import(target: str) -> Any:
 def _check_class(tag: str, obj: Any) -> str | None:
     if not (isinstance(obj, type) and issubclass(obj, Stage)):
         return f"{obj!r} is not a subclass of torchslim.Stage"
+    if inspect.isabstract(obj):
+        return f"{obj.__name__} does not implement {', '.join(sorted(obj.__abstractmethods__))}"
     field = obj.model_fields.get("type")
-    declared = field.default if field is not None else None
-    if declared != tag:
-        return f"its type tag is {declared!r}, but it is registered under the entry-point name '{tag}'"
+    if field is None or field.is_required():
+        return f"its 'type' field has no default; declare type: Literal[{tag!r}] = {tag!r}"
+    if field.default != tag:
+        return f"its type tag is {field.default!r}, but it is registered under the entry-point name '{tag}'"
     return None
