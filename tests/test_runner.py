@@ -65,7 +65,7 @@ def test_rows_and_metrics(chain_run: tuple[torchslim.Report, Path]) -> None:
 
 
 def test_report_files(chain_run: tuple[torchslim.Report, Path]) -> None:
-    report, out = chain_run
+    _, out = chain_run
     data = json.loads((out / "report.json").read_text())
     assert data["rows"][0]["type"] is None
     assert [r["stage"] for r in data["rows"]] == ["baseline", "prune", "distill", "quantize"]
@@ -92,7 +92,7 @@ def test_saved_model_gives_same_outputs(chain_run: tuple[torchslim.Report, Path]
 def test_table_has_ratios(chain_run: tuple[torchslim.Report, Path]) -> None:
     report, _ = chain_run
     table = report.table()
-    final_line = [line for line in table.splitlines() if line.startswith("quantize")][0]
+    final_line = next(line for line in table.splitlines() if line.startswith("quantize"))
     ratio = report.baseline.metrics["size_bytes"] / report.final.metrics["size_bytes"]
     assert f"({ratio:.2f}x)" in final_line
     assert "note: unstructured pruning" in table

@@ -119,7 +119,7 @@ def test_distill_recovers_pruned_model_and_keeps_zeros(trained: nn.Module, data:
     pruned_score = ctx.evaluate(model)
     out = DistillStage(epochs=3, lr=3e-3).apply(model, ctx)
     assert ctx.evaluate(out) > pruned_score
-    for mask, w in zip(zeros, weights(out)):
+    for mask, w in zip(zeros, weights(out), strict=True):
         assert bool((w[mask] == 0).all())
     assert ctx.metrics["train_loss"] > 0
 

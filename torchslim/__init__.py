@@ -7,7 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .engine.errors import (  # noqa: E402 (the version must exist before the engine imports it)
+from .engine.errors import (
     CheckpointError,
     OutputError,
     PluginError,
@@ -16,14 +16,14 @@ from .engine.errors import (  # noqa: E402 (the version must exist before the en
     TorchslimError,
     UserInputError,
 )
-from .engine.recipe import RecipeBase as Recipe  # noqa: E402
-from .engine.recipe import load_recipe  # noqa: E402
-from .engine.registry import Registry, StageEntry  # noqa: E402
-from .engine.report import Report, Row  # noqa: E402
-from .engine.runner import run  # noqa: E402
-from .engine.saving import load_model  # noqa: E402
-from .engine.specs import DataSpec, ModelSpec  # noqa: E402
-from .engine.stage import Context, Stage  # noqa: E402
+from .engine.recipe import RecipeBase as Recipe
+from .engine.recipe import load_recipe
+from .engine.registry import Registry, StageEntry
+from .engine.report import Report, Row
+from .engine.runner import run
+from .engine.saving import load_model
+from .engine.specs import DataSpec, ModelSpec
+from .engine.stage import Context, Stage
 
 __all__ = [
     "CheckpointError",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -34,7 +35,7 @@ def _weights(model: nn.Module) -> Iterator[torch.Tensor]:
 
 def _is_packed(module: nn.Module) -> bool:
     # Quantized modules keep weights in packed C++ objects and expose them as methods.
-    return callable(getattr(module, "weight", None)) and not isinstance(getattr(module, "weight"), torch.Tensor)
+    return callable(getattr(module, "weight", None)) and not isinstance(module.weight, torch.Tensor)
 
 
 def _packed_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
@@ -99,12 +100,17 @@ def _layer_macs(module: nn.Module, output: Any) -> int:
     if not isinstance(output, torch.Tensor):
         return 0
     if _is_linear(module):
-        return output.numel() * int(module.in_features)
+        return output.numel() * _attr(module, "in_features")
     if _is_conv(module):
-        kernel = module.kernel_size if isinstance(module.kernel_size, tuple) else (module.kernel_size,)
-        per_output = int(module.in_channels) // int(module.groups) * int(torch.tensor(kernel).prod())
-        return output.numel() * per_output
+        size: Any = getattr(module, "kernel_size")  # noqa: B009 (typed as Any: nn.Module's getattr says Tensor)
+        kernel = math.prod(size) if isinstance(size, tuple) else int(size)
+        return output.numel() * (_attr(module, "in_channels") // _attr(module, "groups")) * kernel
     return 0
+
+
+def _attr(module: nn.Module, name: str) -> int:
+    value: Any = getattr(module, name)
+    return int(value)
 
 
 @contextmanager

@@ -63,9 +63,10 @@ class RecipeBase(BaseModel):
     """The task metric."""
     metrics: MetricsOptions = Field(default_factory=MetricsOptions)
     """Measurement options."""
+    stages: list[Stage] = Field(min_length=1)
+    """Compression stages, applied in order (narrowed to the registered types by recipe_model)."""
 
     _document: Document | None = PrivateAttr(default=None)
-    _stages: list[Stage] = PrivateAttr(default_factory=list)
 
     @property
     def base_dir(self) -> Path | None:
@@ -77,7 +78,7 @@ class RecipeBase(BaseModel):
     @property
     def stage_list(self) -> list[Stage]:
         """The validated stages, in order."""
-        return list(getattr(self, "stages"))
+        return list(self.stages)
 
     def where(self, path: tuple[Any, ...]) -> str:
         """``file:line:col`` of a field, for messages about problems found after validation."""
@@ -111,10 +112,7 @@ def load_recipe(
     if isinstance(source, RecipeBase):
         return source
     registry = registry or Registry.load()
-    if isinstance(source, Mapping):
-        document = Document(dict(source), "<recipe>")
-    else:
-        document = read_yaml(source)
+    document = Document(dict(source), "<recipe>") if isinstance(source, Mapping) else read_yaml(source)
     return validate(document, registry)
 
 
@@ -165,14 +163,18 @@ def _data_path(data: Any, loc: tuple[Any, ...], keep_last: bool) -> tuple[Any, .
     path: list[Any] = []
     node = data
     for index, step in enumerate(loc):
-        if isinstance(node, Mapping) and step in node:
-            node = node[step]
-        elif isinstance(node, list) and isinstance(step, int) and step < len(node):
+        if _has_step(node, step):
             node = node[step]
         elif not (keep_last and index == len(loc) - 1):
             continue  # a union member, not a key of the data
         path.append(step)
     return tuple(path)
+
+
+def _has_step(node: Any, step: Any) -> bool:
+    if isinstance(node, Mapping):
+        return step in node
+    return isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node)
 
 
 def _stage_type(data: Any, path: tuple[Any, ...]) -> str | None:

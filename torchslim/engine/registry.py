@@ -6,6 +6,7 @@ name is kept as a *broken* entry with the reason; it never stops other stages fr
 
 from __future__ import annotations
 
+import builtins
 import importlib
 import inspect
 import os
@@ -38,7 +39,7 @@ class StageEntry:
     """``built-in``, or ``distribution version`` of the package that provides it."""
     target: str
     """The ``module:Class`` it was loaded from."""
-    cls: type[Stage] | None = None
+    cls: builtins.type[Stage] | None = None
     error: str | None = None
 
     @property
@@ -89,7 +90,7 @@ class Registry:
 
     def stage_classes(self) -> list[type[Stage]]:
         """The usable stage classes, in registration order."""
-        return [e.cls for e in self._entries if e.cls is not None]
+        return [cls for cls in (e.cls for e in self._entries) if cls is not None]
 
     def types(self) -> list[str]:
         """The usable stage tags, sorted."""
@@ -113,7 +114,7 @@ class Registry:
 def _entry_points(path: Sequence[str] | None) -> list[Any]:
     if path is None:
         return sorted(metadata.entry_points(group=GROUP), key=lambda ep: ep.name)
-    found = []
+    found: list[Any] = []
     for dist in metadata.distributions(path=list(path)):
         found.extend(ep for ep in dist.entry_points if ep.group == GROUP)
     return sorted(found, key=lambda ep: ep.name)

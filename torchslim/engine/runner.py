@@ -9,7 +9,7 @@ import platform
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -102,7 +102,7 @@ class located:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> Literal[False]:
         if isinstance(exc, RecipeError) and not exc.problems[0].startswith(self.where):
             raise RecipeError([f"{self.where}: {p}" for p in exc.problems]) from None
         return False
@@ -114,7 +114,8 @@ def _first_inputs(loader: Any, recipe: RecipeBase) -> torch.Tensor:
         if isinstance(inputs, torch.Tensor):
             return inputs
         break
-    raise RecipeError(f"{recipe.where(('data', 'target'))}: data.target: the eval loader must yield (inputs, targets) tensor batches")
+    where = recipe.where(("data", "target"))
+    raise RecipeError(f"{where}: data.target: the eval loader must yield (inputs, targets) tensor batches")
 
 
 def _score(evaluator: Any, model: nn.Module, loader: Any, recipe: RecipeBase) -> float:

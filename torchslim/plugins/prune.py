@@ -44,7 +44,7 @@ class PruneStage(Stage):
         from torch.nn.utils import prune
 
         layers = select_layers(model, self.modules, self.exclude)
-        targets = [(module, "weight") for _, module in layers if isinstance(getattr(module, "weight", None), torch.Tensor)]
+        targets = [(m, "weight") for _, m in layers if isinstance(getattr(m, "weight", None), torch.Tensor)]
         if not targets:
             raise StageError(self.label, f"modules {self.modules} (minus exclude {self.exclude}) matched no layer "
                              f"with a weight; the model has: {layer_census(model)}")
@@ -59,8 +59,9 @@ class PruneStage(Stage):
         return model
 
     def _report(self, targets: list[tuple[nn.Module, str]], ctx: Context) -> None:
-        total = sum(m.weight.numel() for m, _ in targets)
-        zeros = sum(int((m.weight == 0).sum()) for m, _ in targets)
+        tensors = [getattr(m, name) for m, name in targets]
+        total = sum(t.numel() for t in tensors)
+        zeros = sum(int((t == 0).sum()) for t in tensors)
         ctx.add_metric("pruned_layers", len(targets))
         ctx.add_metric("pruned_sparsity", zeros / total)
         ctx.note("unstructured pruning leaves dense tensors: the zeros alone do not lower latency or the "

@@ -63,7 +63,8 @@ class QuantizeStage(Stage):
             # replacement (torchao) is not a dependency, so the warning tells the user nothing.
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*quantiz.*", category=UserWarning)
-            return torch.ao.quantization.quantize_dynamic(model.eval(), types, dtype=getattr(torch, self.dtype))
+            quantized: nn.Module = torch.ao.quantization.quantize_dynamic(model.eval(), types, dtype=getattr(torch, self.dtype))
+            return quantized
 
 
 def _census(model: nn.Module, names: list[str]) -> list[str]:
