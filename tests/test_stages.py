@@ -84,7 +84,7 @@ def test_quantize_dynamic_swaps_every_linear(trained: nn.Module, data: dict, dty
 def test_quantize_restore_rebuilds_the_same_structure(trained: nn.Module, data: dict) -> None:
     stage = QuantizeStage()
     out = stage.apply(copy.deepcopy(trained), make_ctx(trained, data))
-    fresh = stage.restore(digits.mlp(hidden=32))
+    fresh = stage.restore(digits.mlp(hidden=32), {})
     fresh.load_state_dict(out.state_dict())
     x = next(iter(data["eval"]))[0]
     assert torch.equal(fresh(x), out(x))

@@ -55,16 +55,18 @@ def run(
     report = Report(recipe.resolved(), metric=ctx.metric_name, environment=environment(recipe))
     report.rows.append(Row("baseline", None, measure(model, ctx, recipe, seconds=0.0)))
     stages = recipe.stage_list
+    structure: list[dict[str, Any]] = []
     for index, stage in enumerate(stages):
         ctx.log.info("[%d/%d] %s: running", index + 1, len(stages), stage.label)
         torch.manual_seed(recipe.seed + index + 1)
         model, seconds = apply_stage(stage, model, ctx)
         row = Row(stage.label, stage.type, {**measure(model, ctx, recipe, seconds), **ctx.metrics})
         report.rows.append(row)
+        structure.append(dict(ctx.structure))
         ctx.log.info("[%d/%d] %s: done in %.1fs", index + 1, len(stages), stage.label, seconds)
     report.notes.extend(ctx.notes)
     if out_dir is not None:
-        save_model(out_dir, recipe, model, len(stages))
+        save_model(out_dir, recipe, model, structure)
         report.write(out_dir)
     return report
 
@@ -129,7 +131,7 @@ def _score(evaluator: Any, model: nn.Module, loader: Any, recipe: RecipeBase) ->
 
 def apply_stage(stage: Stage, model: nn.Module, ctx: Context) -> tuple[nn.Module, float]:
     """Run one stage; StageError if it fails, returns something else than a module, or changes nothing."""
-    ctx.metrics = {}
+    ctx.metrics, ctx.structure = {}, {}
     before = fingerprint(model)
     start = time.perf_counter()
     try:

@@ -26,9 +26,12 @@ MODEL_FILE = "model.pt"
 RECIPE_FILE = "recipe.yaml"
 
 
-def save_model(out_dir: Path, recipe: RecipeBase, model: nn.Module, stages_done: int) -> None:
-    """Write ``recipe.yaml`` and ``model.pt`` (state dict after ``stages_done`` stages) atomically."""
-    payload = {"format": FORMAT, "stages_done": stages_done, "state_dict": model.state_dict()}
+def save_model(out_dir: Path, recipe: RecipeBase, model: nn.Module, structure: list[dict[str, Any]]) -> None:
+    """Write ``recipe.yaml`` and ``model.pt`` atomically.
+
+    ``structure`` holds one record per completed stage (what it put in ``ctx.structure``).
+    """
+    payload = {"format": FORMAT, "structure": structure, "state_dict": model.state_dict()}
 
     def write(handle: IO[bytes]) -> None:
         torch.save(payload, handle)
@@ -46,16 +49,20 @@ def load_model(path: str | os.PathLike[str], registry: Registry | None = None) -
     folder = Path(path)
     recipe = load_recipe(folder / RECIPE_FILE, registry)
     payload = safe_load(folder / MODEL_FILE)
-    stages_done = _check_payload(payload, folder / MODEL_FILE)
+    structure = _check_payload(payload, folder / MODEL_FILE)
     # The saved state replaces every weight, so the original checkpoint is not needed (nor read).
     model = build_model(recipe.model.model_copy(update={"checkpoint": None}), None)
-    for stage in recipe.stage_list[:stages_done]:
-        model = stage.restore(model.eval())
+    # A checkpoint taken after k stages holds k records: replay only those stages.
+    for stage, record in zip(recipe.stage_list, structure, strict=False):
+        model = stage.restore(model.eval(), record)
     load_state(model, payload["state_dict"], str(folder / MODEL_FILE))
     return model.eval()
 
 
-def _check_payload(payload: Any, path: Path) -> int:
+def _check_payload(payload: Any, path: Path) -> list[dict[str, Any]]:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a torchslim model file (expected format {FORMAT})")
-    return int(payload["stages_done"])
+    structure = payload.get("structure")
+    if not isinstance(structure, list):
+        raise CheckpointError(f"{path}: the model file has no stage structure list")
+    return structure

@@ -40,11 +40,12 @@ class Stage(BaseModel, ABC):
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         """Compress ``model`` and return the model the engine continues with."""
 
-    def restore(self, model: nn.Module) -> nn.Module:
+    def restore(self, model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
         """Redo this stage's structural changes (module swaps, removed channels) on a fresh model.
 
         Used to load a saved model: the architecture is rebuilt from the recipe, each stage's
-        structure replayed, then the saved tensors loaded. Stages that only change values keep
+        structure replayed, then the saved tensors loaded. ``record`` is what :meth:`apply` put
+        in ``ctx.structure`` (e.g. which channels it kept). Stages that only change values keep
         this default, which changes nothing.
         """
         return model
@@ -73,6 +74,9 @@ class Context:
     """Stage-specific figures added to this stage's row (reset before each stage)."""
     notes: list[str] = field(default_factory=list)
     """Remarks printed under the summary table (e.g. why a stage cannot be faster)."""
+    structure: dict[str, Any] = field(default_factory=dict)
+    """What the current stage changed in the model's structure, as plain data (numbers, strings,
+    lists, dicts), saved with the model and handed back to :meth:`Stage.restore` (reset before each stage)."""
 
     def add_metric(self, name: str, value: Any) -> None:
         """Add a figure to the current stage's row of the summary."""

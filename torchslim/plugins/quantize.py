@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -52,7 +53,7 @@ class QuantizeStage(Stage):
         ctx.note("dynamic quantization runs on the CPU only; quantized layers cannot be trained further")
         return quantized
 
-    def restore(self, model: nn.Module) -> nn.Module:
+    def restore(self, model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
         """Swap in the same quantized layer types, ready for the saved tensors."""
         return self._convert(model)
 
