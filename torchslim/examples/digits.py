@@ -86,6 +86,52 @@ def cnn(channels: int = 8, train_epochs: int = 0, seed: int = 0) -> nn.Sequentia
     return model.eval()
 
 
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with an identity (or 1x1 conv) shortcut, as in ResNet."""
+
+    def __init__(self, inputs: int, outputs: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(outputs)
+        self.conv2 = nn.Conv2d(outputs, outputs, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(outputs)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or inputs != outputs:
+            self.shortcut = nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride=stride, bias=False), nn.BatchNorm2d(outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """conv-bn-relu-conv-bn, plus the shortcut, then relu."""
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A small residual CNN for ``1 x 8 x 8`` digits: stem, two stages of basic blocks, pooling, classifier."""
+
+    def __init__(self, width: int = 32, blocks: int = 2) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.stage1 = nn.Sequential(*(BasicBlock(width, width) for _ in range(blocks)))
+        self.stage2 = nn.Sequential(BasicBlock(width, 2 * width, stride=2),
+                                    *(BasicBlock(2 * width, 2 * width) for _ in range(blocks - 1)))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(2 * width, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of ``N x 1 x 8 x 8`` images."""
+        features = self.stage2(self.stage1(self.stem(x)))
+        return self.classifier(torch.flatten(self.pool(features), 1))
+
+
+def resnet(width: int = 32, blocks: int = 2, train_epochs: int = 0, seed: int = 0) -> ResNet:
+    """A residual CNN (see :class:`ResNet`), trained for ``train_epochs`` on the train split (use ``loaders(image=True)``)."""
+    torch.manual_seed(seed)
+    model = ResNet(width, blocks)
+    if train_epochs:
+        fit(model, loaders(seed=seed, image=True)["train"], train_epochs)
+    return model.eval()
+
+
 def fit(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 1e-3) -> None:
     """Plain cross-entropy training with Adam."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
