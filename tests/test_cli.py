@@ -29,7 +29,7 @@ def test_quickstart_runs_and_writes_outputs(tmp_path: Path) -> None:
     assert lines[0].split()[:2] == ["stage", "type"]
     assert [line.split()[0] for line in lines[2:6]] == ["baseline", "prune-70", "recover", "int8"]
     assert "[3/3] int8: done" in result.stderr
-    assert {p.name for p in out.iterdir()} == {"report.json", "report.csv", "report.md", "recipe.yaml", "model.pt"}
+    assert {p.name for p in out.iterdir()} == {"report.json", "report.csv", "report.md", "recipe.yaml", "model.pt", "checkpoints"}
     rows = json.loads((out / "report.json").read_text())["rows"]
     base, final = rows[0]["metrics"], rows[-1]["metrics"]
     # The promise for the quickstart: at least 2x smaller, at most 2 points lost.

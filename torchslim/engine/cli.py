@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .. import __version__
-from .errors import TorchslimError
+from .errors import TorchslimError, UsageError
 from .recipe import load_recipe, recipe_model
 from .registry import Registry
-from .runner import run
+from .runner import check_targets, run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,9 +27,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "debug", False):
             logging.getLogger("torchslim").exception("details")
         print(f"torchslim: error: {exc}", file=sys.stderr)
+        if exc.log_path is not None and not getattr(args, "debug", False):
+            print(f"torchslim: the traceback is in {exc.log_path} (or rerun with --debug)", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("torchslim: interrupted", file=sys.stderr)
+        if getattr(args, "out", None):
+            print(f"torchslim: completed stages are checkpointed in {args.out}; rerun with --resume to continue",
+                  file=sys.stderr)
         return 130
 
 
@@ -43,11 +48,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", type=Path, help="recipe YAML file")
     p.add_argument("--out", type=Path, help="write reports, the resolved recipe and the final model here")
     p.add_argument("--overwrite", action="store_true", help="allow --out to be a non-empty directory")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the stage checkpoints in --out whose recipe prefix is unchanged")
     p.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     p.set_defaults(handler=_run)
 
     p = sub.add_parser("validate", help="check a recipe without running it")
     p.add_argument("recipe", type=Path)
+    p.add_argument("--no-import", action="store_true",
+                   help="check the recipe's shape only: import nothing it names (model, data, metric code)")
     p.set_defaults(handler=_validate)
 
     p = sub.add_parser("plugins", help="list stage types and where they come from")
@@ -68,7 +77,9 @@ def _configure_logging(quiet: bool) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    report = run(args.recipe, args.out, overwrite=args.overwrite)
+    if args.resume and args.out is None:
+        raise UsageError("--resume needs --out DIR (the directory of the run to continue)")
+    report = run(args.recipe, args.out, overwrite=args.overwrite, resume=args.resume)
     print(report.table())
     if args.out:
         print(f"\nwrote {args.out}/report.json, report.md, report.csv, recipe.yaml, model.pt "
@@ -78,8 +89,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, Registry.load())
+    if not args.no_import:
+        check_targets(recipe)
     stages = ", ".join(f"{s.label} ({s.type})" for s in recipe.stage_list)
-    print(f"{args.recipe}: valid recipe '{recipe.name}' with {len(recipe.stage_list)} stages: {stages}")
+    checked = "" if args.no_import else "; its model, data and metric targets import"
+    print(f"{args.recipe}: valid recipe '{recipe.name}' with {len(recipe.stage_list)} stages: {stages}{checked}")
     return 0
 
 

@@ -11,12 +11,18 @@ class TorchslimError(Exception):
     """Base class of every error torchslim raises on purpose."""
 
     exit_code = 1
+    log_path: object = None
+    """Where the runner wrote the traceback (a Path), when it had an output directory."""
 
 
 class UserInputError(TorchslimError):
     """Bad input from the user: a recipe, a file, an argument. Exit code 2."""
 
     exit_code = 2
+
+
+class UsageError(UserInputError):
+    """A command-line argument that does not make sense."""
 
 
 class RecipeError(UserInputError):

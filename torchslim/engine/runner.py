@@ -7,6 +7,7 @@ import logging
 import os
 import platform
 import time
+import traceback
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +16,8 @@ import torch
 from torch import nn
 
 from .. import __version__
+from .atomic import write_text
+from .checkpoints import CHECKPOINT_DIR, Resumed, find_resumable, recipe_hash, save_checkpoint
 from .errors import OutputError, RecipeError, StageError, TorchslimError
 from .metrics import (
     accuracy,
@@ -34,7 +37,8 @@ from .specs import build_data, build_model, import_target
 from .stage import Context, Stage
 
 RecipeSource = str | os.PathLike[str] | Mapping[str, Any] | RecipeBase
-OUTPUT_FILES = ("report.json", "report.csv", "report.md", RECIPE_FILE, MODEL_FILE)
+FAILURE_LOG = "torchslim.log"
+OUTPUT_FILES = ("report.json", "report.csv", "report.md", RECIPE_FILE, MODEL_FILE, CHECKPOINT_DIR, FAILURE_LOG)
 
 
 def run(
@@ -43,32 +47,79 @@ def run(
     *,
     registry: Registry | None = None,
     overwrite: bool = False,
+    resume: bool = False,
     log: logging.Logger | None = None,
 ) -> Report:
     """Run a recipe (a path, a mapping, or a validated recipe) and return its report.
 
-    With ``out``, also writes the reports, the resolved recipe and the final model there.
+    With ``out``, also writes the reports, the resolved recipe and the final model there, and a
+    checkpoint after every stage; ``resume`` reuses the checkpoints whose recipe prefix is unchanged.
     """
     recipe = load_recipe(recipe, registry)
-    out_dir = prepare_output(Path(out), overwrite) if out is not None else None
+    out_dir = prepare_output(Path(out), overwrite or resume) if out is not None else None
     ctx, model = prepare(recipe, log or logging.getLogger("torchslim"))
-    report = Report(recipe.resolved(), metric=ctx.metric_name, environment=environment(recipe))
-    report.rows.append(Row("baseline", None, measure(model, ctx, recipe, seconds=0.0)))
-    stages = recipe.stage_list
-    structure: list[dict[str, Any]] = []
-    for index, stage in enumerate(stages):
-        ctx.log.info("[%d/%d] %s: running", index + 1, len(stages), stage.label)
-        torch.manual_seed(recipe.seed + index + 1)
-        model, seconds = apply_stage(stage, model, ctx)
-        row = Row(stage.label, stage.type, {**measure(model, ctx, recipe, seconds), **ctx.metrics})
-        report.rows.append(row)
-        structure.append(dict(ctx.structure))
-        ctx.log.info("[%d/%d] %s: done in %.1fs", index + 1, len(stages), stage.label, seconds)
-    report.notes.extend(ctx.notes)
+    report = Report(recipe.resolved(), metric=ctx.metric_name, notes=ctx.notes, environment=environment(recipe))
+    resumed = find_resumable(out_dir, recipe, model) if resume and out_dir is not None else None
+    if resume and resumed is None:
+        ctx.log.info("resume: no checkpoint in %s matches this recipe; running every stage", out_dir)
+    if resumed is not None:
+        model, structure = _reuse(resumed, report, ctx, out_dir)
+    else:
+        report.rows.append(Row("baseline", None, measure(model, ctx, recipe, seconds=0.0)))
+        structure = []
+    try:
+        for index in range(len(structure), len(recipe.stage_list)):
+            model = _step(index, recipe, model, ctx, report, structure, out_dir)
+    except BaseException as exc:  # Ctrl-C included: the log says what happened, checkpoints stay
+        if out_dir is not None:
+            _record_failure(out_dir, exc)
+        raise
     if out_dir is not None:
         save_model(out_dir, recipe, model, structure)
         report.write(out_dir)
     return report
+
+
+def _step(index: int, recipe: RecipeBase, model: nn.Module, ctx: Context, report: Report,
+          structure: list[dict[str, Any]], out_dir: Path | None) -> nn.Module:
+    """Apply, measure and checkpoint stage ``index``; return the model after it."""
+    stage, total = recipe.stage_list[index], len(recipe.stage_list)
+    ctx.log.info("[%d/%d] %s: running", index + 1, total, stage.label)
+    torch.manual_seed(recipe.seed + index + 1)
+    reseed_loaders(ctx.data, recipe.seed + index + 1)
+    model, seconds = apply_stage(stage, model, ctx)
+    report.rows.append(Row(stage.label, stage.type, {**measure(model, ctx, recipe, seconds), **ctx.metrics}))
+    structure.append(dict(ctx.structure))
+    if out_dir is not None:
+        save_checkpoint(out_dir, index, recipe, model, structure, report)
+    ctx.log.info("[%d/%d] %s: done in %.1fs", index + 1, total, stage.label, seconds)
+    return model
+
+
+def _reuse(resumed: Resumed, report: Report, ctx: Context, out_dir: Path | None) -> tuple[nn.Module, list[dict[str, Any]]]:
+    labels = ", ".join(row.stage for row in resumed.rows[1:])
+    ctx.log.info("resume: reusing %d completed stage(s) (%s) from %s", resumed.stages_done, labels,
+                 out_dir / CHECKPOINT_DIR if out_dir else "")
+    report.rows.extend(resumed.rows)
+    ctx.notes.extend(n for n in resumed.notes if n not in ctx.notes)
+    return resumed.model, resumed.structure
+
+
+def reseed_loaders(data: Mapping[str, Any], seed: int) -> None:
+    """Reset the shuffling generator of each DataLoader, so a stage sees the same batch order
+    whether the stages before it ran in this process or were resumed from checkpoints."""
+    for loader in data.values():
+        generator = getattr(loader, "generator", None)
+        if isinstance(generator, torch.Generator):
+            generator.manual_seed(seed)
+
+
+def _record_failure(out_dir: Path, exc: BaseException) -> None:
+    path = out_dir / FAILURE_LOG
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    write_text(path, text)
+    if isinstance(exc, TorchslimError):
+        exc.log_path = path
 
 
 def prepare(recipe: RecipeBase, log: logging.Logger) -> tuple[Context, nn.Module]:
@@ -93,6 +144,16 @@ def prepare(recipe: RecipeBase, log: logging.Logger) -> tuple[Context, nn.Module
         log=log,
     )
     return ctx, model
+
+
+def check_targets(recipe: RecipeBase) -> None:
+    """Import every ``module:callable`` the recipe names (without calling it); RecipeError with position if one fails."""
+    targets = [(("model", "target"), recipe.model.target), (("data", "target"), recipe.data.target)]
+    if recipe.evaluate.metric != "accuracy":
+        targets.append((("evaluate", "metric"), recipe.evaluate.metric))
+    for path, target in targets:
+        with located(recipe, path):
+            import_target(target, ".".join(path))
 
 
 class located:
@@ -167,13 +228,17 @@ def measure(model: nn.Module, ctx: Context, recipe: RecipeBase, seconds: float) 
     }
 
 
-def prepare_output(out_dir: Path, overwrite: bool) -> Path:
-    """Check ``out_dir`` can take the outputs without destroying anything the user had."""
+def prepare_output(out_dir: Path, reuse: bool) -> Path:
+    """Check ``out_dir`` can take the outputs without destroying anything the user had.
+
+    A non-empty directory is used only with ``reuse`` (``--overwrite`` or ``--resume``), and then
+    only torchslim's own files in it are replaced.
+    """
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir}: exists and is not a directory")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise OutputError(f"{out_dir}: directory is not empty; choose another --out or pass --overwrite "
-                          f"(which replaces only {', '.join(OUTPUT_FILES)})")
+    if out_dir.exists() and any(out_dir.iterdir()) and not reuse:
+        raise OutputError(f"{out_dir}: directory is not empty; choose another --out, pass --resume to continue "
+                          f"a run there, or --overwrite (which replaces only {', '.join(OUTPUT_FILES)})")
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
 
@@ -187,4 +252,5 @@ def environment(recipe: RecipeBase) -> dict[str, Any]:
         "machine": platform.machine(),
         "threads": recipe.metrics.threads or torch.get_num_threads(),
         "device": "cpu",
+        "recipe_hash": recipe_hash(recipe),
     }

@@ -48,21 +48,27 @@ def load_model(path: str | os.PathLike[str], registry: Registry | None = None) -
     """
     folder = Path(path)
     recipe = load_recipe(folder / RECIPE_FILE, registry)
-    payload = safe_load(folder / MODEL_FILE)
-    structure = _check_payload(payload, folder / MODEL_FILE)
-    # The saved state replaces every weight, so the original checkpoint is not needed (nor read).
-    model = build_model(recipe.model.model_copy(update={"checkpoint": None}), None)
-    # A checkpoint taken after k stages holds k records: replay only those stages.
-    for stage, record in zip(recipe.stage_list, structure, strict=False):
-        model = stage.restore(model.eval(), record)
-    load_state(model, payload["state_dict"], str(folder / MODEL_FILE))
-    return model.eval()
+    return rebuild(recipe, read_payload(folder / MODEL_FILE), folder / MODEL_FILE).eval()
 
 
-def _check_payload(payload: Any, path: Path) -> list[dict[str, Any]]:
+def read_payload(path: Path) -> dict[str, Any]:
+    """Read a torchslim model file safely and check its format."""
+    payload = safe_load(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a torchslim model file (expected format {FORMAT})")
-    structure = payload.get("structure")
-    if not isinstance(structure, list):
+    if not isinstance(payload.get("structure"), list):
         raise CheckpointError(f"{path}: the model file has no stage structure list")
-    return structure
+    return payload
+
+
+def rebuild(recipe: RecipeBase, payload: dict[str, Any], path: Path, model: nn.Module | None = None) -> nn.Module:
+    """The recipe's model (or a copy of it given as ``model``) with the saved stages' structure
+    replayed and the saved tensors loaded."""
+    if model is None:
+        # The saved state replaces every weight, so the original checkpoint is not needed (nor read).
+        model = build_model(recipe.model.model_copy(update={"checkpoint": None}), None)
+    # A checkpoint taken after k stages holds k records: replay only those stages.
+    for stage, record in zip(recipe.stage_list, payload["structure"], strict=False):
+        model = stage.restore(model.eval(), record)
+    load_state(model, payload["state_dict"], str(path))
+    return model

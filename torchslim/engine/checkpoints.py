@@ -1,0 +1,94 @@
+"""Per-stage checkpoints under ``--out DIR``, and resuming from them.
+
+After stage k the runner writes ``DIR/checkpoints/stage-0k/`` with the model (the same format
+as the final model) and ``progress.json`` (the summary rows so far). Each checkpoint is keyed
+by the hash of the resolved recipe up to and including that stage, so ``--resume`` reuses
+exactly the stages whose recipe prefix is unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .atomic import write_text
+from .recipe import RecipeBase
+from .report import Report, Row
+from .saving import MODEL_FILE, read_payload, rebuild, save_model
+
+CHECKPOINT_DIR = "checkpoints"
+PROGRESS_FILE = "progress.json"
+
+
+def recipe_hash(recipe: RecipeBase, stages: int | None = None) -> str:
+    """SHA-256 of the resolved recipe with its first ``stages`` stages (all by default).
+
+    The recipe's ``name`` is left out: renaming a recipe should not throw away hours of work.
+    """
+    data = recipe.resolved()
+    data.pop("name", None)
+    data["stages"] = data["stages"][: len(data["stages"]) if stages is None else stages]
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def checkpoint_dir(out_dir: Path, index: int) -> Path:
+    """Folder of the checkpoint taken after stage ``index`` (0-based)."""
+    return out_dir / CHECKPOINT_DIR / f"stage-{index + 1:02d}"
+
+
+def save_checkpoint(out_dir: Path, index: int, recipe: RecipeBase, model: nn.Module,
+                    structure: list[dict[str, Any]], report: Report) -> None:
+    """Write the checkpoint after stage ``index``; progress.json last, so it marks a complete one."""
+    folder = checkpoint_dir(out_dir, index)
+    save_model(folder, recipe, model, structure)
+    progress = {
+        "key": recipe_hash(recipe, index + 1),
+        "rows": [row.to_dict() for row in report.rows],
+        "notes": list(report.notes),
+    }
+    write_text(folder / PROGRESS_FILE, json.dumps(progress, indent=2) + "\n")
+
+
+@dataclass
+class Resumed:
+    """What a checkpoint gives back: the stages done, the model after them, and the rows so far."""
+
+    stages_done: int
+    model: nn.Module
+    structure: list[dict[str, Any]]
+    rows: list[Row]
+    notes: list[str]
+
+
+def find_resumable(out_dir: Path, recipe: RecipeBase, original: nn.Module) -> Resumed | None:
+    """The latest checkpoint whose recipe prefix matches ``recipe``, or None.
+
+    ``original`` is the freshly built model; a copy of it receives the checkpoint's structure and tensors.
+    """
+    for index in reversed(range(len(recipe.stage_list))):
+        progress = _read_progress(checkpoint_dir(out_dir, index))
+        if progress is not None and progress.get("key") == recipe_hash(recipe, index + 1):
+            return _load(out_dir, index, recipe, progress, copy.deepcopy(original))
+    return None
+
+
+def _read_progress(folder: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((folder / PROGRESS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _load(out_dir: Path, index: int, recipe: RecipeBase, progress: dict[str, Any], fresh: nn.Module) -> Resumed:
+    path = checkpoint_dir(out_dir, index) / MODEL_FILE
+    payload = read_payload(path)
+    model = rebuild(recipe, payload, path, fresh)
+    rows = [Row(r["stage"], r["type"], r["metrics"]) for r in progress["rows"]]
+    return Resumed(index + 1, model, list(payload["structure"]), rows, list(progress.get("notes", [])))
