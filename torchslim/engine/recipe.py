@@ -34,6 +34,8 @@ class EvaluateSpec(Spec):
 class MetricsOptions(Spec):
     """How models are measured after every stage."""
 
+    collect: bool = True
+    """Measure size, sparsity, MACs and latency after every stage; off, only the task metric and time."""
     latency: bool = True
     """Measure latency (turn off to save time)."""
     batch_size: int = Field(default=32, ge=1)

@@ -210,10 +210,12 @@ def apply_stage(stage: Stage, model: nn.Module, ctx: Context) -> tuple[nn.Module
 
 
 def measure(model: nn.Module, ctx: Context, recipe: RecipeBase, seconds: float) -> dict[str, Any]:
-    """Every figure of one summary row."""
+    """Every figure of one summary row (only the task metric and time when ``metrics.collect`` is off)."""
     model.eval()
-    params, nonzero = count_params(model), count_nonzero(model)
     opts = recipe.metrics
+    if not opts.collect:
+        return {ctx.metric_name: ctx.evaluate(model), "seconds": seconds}
+    params, nonzero = count_params(model), count_nonzero(model)
     batch = latency_batch(ctx.example_inputs, opts.batch_size)
     latency = latency_ms(model, batch, warmup=opts.warmup, runs=opts.runs, threads=opts.threads) if opts.latency else None
     return {
