@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from .conftest import digits_recipe, write_recipe
+from .support.pip import install_into
 from .test_plugin_package import torchslim
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,12 +40,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (source / "pyproject.toml").write_text(PYPROJECT)
     (source / "torchslim_broken.py").write_text(MODULE)
     target = tmp_path_factory.mktemp("broken-site")
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-         "--disable-pip-version-check", "--quiet", "--target", str(target), str(source)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    install_into(source, target)
     return target
 
 

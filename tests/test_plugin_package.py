@@ -24,6 +24,7 @@ from torchslim import Context, StageError
 from torchslim.engine.registry import AUTOLOAD_ENV
 
 from .conftest import digits_recipe, write_recipe
+from .support.pip import install_into
 
 ROOT = Path(__file__).resolve().parent.parent
 PLUGIN = ROOT / "examples" / "plugin-example"
@@ -33,12 +34,7 @@ PLUGIN = ROOT / "examples" / "plugin-example"
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder into which pip has installed the example plugin (once for this module)."""
     target = tmp_path_factory.mktemp("site")
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-         "--disable-pip-version-check", "--quiet", "--target", str(target), str(PLUGIN)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    install_into(PLUGIN, target)
     return target
 
 
