@@ -155,3 +155,12 @@ def test_bad_target_is_located(tmp_path: Path, registry: Registry) -> None:
     path = write_recipe(tmp_path, recipe)
     with pytest.raises(torchslim.RecipeError, match=rf"{path}:\d+:\d+: model.target: module 'torchslim.examples.digits' has no"):
         torchslim.run(path, registry=registry)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the error path cannot be shown")
+def test_cuda_without_gpu_is_a_recipe_error(tmp_path: Path, registry: Registry) -> None:
+    recipe = digits_recipe([{"type": "prune", "amount": 0.5}])
+    recipe["device"] = "cuda"
+    path = write_recipe(tmp_path, recipe)
+    with pytest.raises(torchslim.RecipeError, match=rf"{path}:\d+:\d+: device: 'cuda' was asked for, but torch sees no CUDA"):
+        torchslim.run(path, registry=registry)

@@ -77,7 +77,7 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
     handles = [m.register_forward_hook(hook) for m in layers if id(m) not in inner]
     try:
         with torch.inference_mode():
-            model(example)
+            model(example.to(model_device(model)))
     finally:
         for handle in handles:
             handle.remove()
@@ -128,21 +128,35 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 def latency_ms(model: nn.Module, example: torch.Tensor, *, warmup: int, runs: int, threads: int | None) -> float:
     """Median wall time of one forward pass on ``example``, in milliseconds."""
     times = []
+    example = example.to(model_device(model))
+    # CUDA kernels run asynchronously: wait for them, or the clock measures only the launch.
+    sync = torch.cuda.synchronize if example.is_cuda else (lambda: None)
     with torch_threads(threads), torch.inference_mode():
         for _ in range(warmup):
             model(example)
         for _ in range(runs):
+            sync()
             start = time.perf_counter()
             model(example)
+            sync()
             times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000.0
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (the CPU for a model without tensors)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def accuracy(model: nn.Module, loader: Iterable[Batch]) -> float:
     """Percent of samples whose highest-scoring class is the label."""
     correct = total = 0
+    device = model_device(model)
     with torch.inference_mode():
         for inputs, targets in loader:
+            inputs, targets = inputs.to(device), targets.to(device)
             correct += int((model(inputs).argmax(dim=1) == targets).sum())
             total += int(targets.numel())
     return 100.0 * correct / total if total else float("nan")

@@ -57,6 +57,8 @@ class RecipeBase(BaseModel):
     """Name of the recipe, used in reports."""
     seed: int = 0
     """Seed for torch's generators, set before the model, the data and each stage."""
+    device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    """Where the model runs and trains: ``cpu``, ``cuda`` or ``cuda:N`` (quantized models always run on the CPU)."""
     model: ModelSpec
     """The model to compress."""
     data: DataSpec

@@ -124,26 +124,36 @@ def _record_failure(out_dir: Path, exc: BaseException) -> None:
 
 def prepare(recipe: RecipeBase, log: logging.Logger) -> tuple[Context, nn.Module]:
     """Build the model and data (seeded) and the context the stages will share."""
+    device = _device(recipe)
     torch.manual_seed(recipe.seed)
     with located(recipe, ("model",)):
-        model = build_model(recipe.model, recipe.base_dir)
+        model = build_model(recipe.model, recipe.base_dir).to(device)
     torch.manual_seed(recipe.seed)
     with located(recipe, ("data",)):
         data = build_data(recipe.data)
     with located(recipe, ("evaluate", "metric")):
         evaluator = import_target(recipe.evaluate.metric, "evaluate.metric") if recipe.evaluate.metric != "accuracy" else accuracy
-    inputs = _first_inputs(data["eval"], recipe)
+    inputs = _first_inputs(data["eval"], recipe).to(device)
     ctx = Context(
         original=copy.deepcopy(model).eval(),
         data=data,
         example_inputs=inputs,
         evaluate=lambda m: _score(evaluator, m, data["eval"], recipe),
         metric_name=recipe.evaluate.label,
+        device=device,
         seed=recipe.seed,
         base_dir=recipe.base_dir,
         log=log,
     )
     return ctx, model
+
+
+def _device(recipe: RecipeBase) -> torch.device:
+    device = torch.device(recipe.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"{recipe.where(('device',))}: device: '{recipe.device}' was asked for, but torch sees no CUDA device "
+                          f"(torch {torch.__version__}); use device: cpu")
+    return device
 
 
 def check_targets(recipe: RecipeBase) -> None:
@@ -253,6 +263,6 @@ def environment(recipe: RecipeBase) -> dict[str, Any]:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "threads": recipe.metrics.threads or torch.get_num_threads(),
-        "device": "cpu",
+        "device": recipe.device,
         "recipe_hash": recipe_hash(recipe),
     }
