@@ -26,7 +26,8 @@ def test_defaults_are_filled_in_resolved_recipe(registry: Registry) -> None:
     recipe = load_recipe(digits_recipe([{"type": "prune", "amount": 0.5}]), registry)
     stage = recipe.resolved()["stages"][0]
     assert stage == {"type": "prune", "name": None, "method": "magnitude", "amount": 0.5,
-                     "scope": "global", "modules": ["Linear", "Conv2d"], "exclude": []}
+                     "scope": "global", "modules": ["Linear", "Conv2d"], "exclude": [],
+                     "max_layer_amount": None, "steps": 1, "finetune_epochs": None, "finetune_lr": None}
     assert recipe.resolved()["metrics"]["threads"] == 2
 
 
@@ -34,7 +35,7 @@ BAD_STAGES = [
     # (stage, expected message, text on the line the error points at)
     ({"type": "prune", "amount": 1.5}, "stages[0].amount (prune): Input should be less than 1", "amount: 1.5"),
     ({"type": "prune", "amount": 0.5, "scope": "row"}, "stages[0].scope (prune): Input should be 'global' or 'layer'", "row"),
-    ({"type": "quantize", "dtype": "int4"}, "stages[0].dtype (quantize): Input should be 'qint8' or 'float16'", "int4"),
+    ({"type": "quantize", "dtype": "int4"}, "stages[0].dtype (quantize): Input should be 'qint8', 'float16' or 'bfloat16'", "int4"),
     ({"type": "quantize", "modules": ["Conv2d"]}, "stages[0].modules (quantize): dynamic quantization cannot quantize Conv2d", "Conv2d"),
     ({"type": "prune", "amount": 0.5, "modules": ["Lienar"]}, "'Lienar' is not a layer type of torch.nn", "Lienar"),
     ({"type": "sparsegpt"}, "stages[0].type (sparsegpt): unknown stage type 'sparsegpt'; known types: distill, prune, quantize",
@@ -44,8 +45,8 @@ BAD_STAGES = [
      "amout"),
     ({"type": "prune"}, "stages[0].amount (prune): required field 'amount' is missing", "- type: prune"),
     ({"type": "distill", "alpha": 2}, "stages[0].alpha (distill): Input should be less than or equal to 1", "alpha: 2"),
-    ({"type": "distill", "teacher": "previous"},
-     "stages[0].teacher (distill): Input should be 'original'; or Input should be a valid dictionary", "previous"),
+    ({"type": "distill", "teacher": "parent"},
+     "stages[0].teacher (distill): Input should be 'original' or 'previous'; or Input should be a valid dictionary", "parent"),
 ]
 
 

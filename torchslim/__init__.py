@@ -7,6 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .engine.compare import compare
 from .engine.errors import (
     CheckpointError,
     OutputError,
@@ -43,6 +44,7 @@ __all__ = [
     "TorchslimError",
     "UserInputError",
     "__version__",
+    "compare",
     "load_model",
     "load_recipe",
     "run",

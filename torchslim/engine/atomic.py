@@ -14,6 +14,8 @@ def write_with(path: Path, writer: Callable[[IO[bytes]], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates the file private (0600); outputs are meant to be read like any file.
+        os.chmod(tmp, 0o644)
         with os.fdopen(fd, "wb") as handle:
             writer(handle)
             handle.flush()

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .. import __version__
+from . import distributed
 from .errors import TorchslimError, UsageError
 from .recipe import load_recipe, recipe_model
 from .registry import Registry
@@ -32,8 +33,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("torchslim: interrupted", file=sys.stderr)
-        if getattr(args, "out", None):
+        if getattr(args, "out", None) and args.command == "run":
             print(f"torchslim: completed stages are checkpointed in {args.out}; rerun with --resume to continue",
+                  file=sys.stderr)
+        elif getattr(args, "out", None):
+            print(f"torchslim: finished variants are kept in {args.out}; rerun the same command to continue",
                   file=sys.stderr)
         return 130
 
@@ -52,6 +56,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="reuse the stage checkpoints in --out whose recipe prefix is unchanged")
     p.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     p.set_defaults(handler=_run)
+
+    p = sub.add_parser("compare", help="run several recipes (sweeps expanded) and compare them side by side")
+    p.add_argument("recipes", type=Path, nargs="+", help="recipe YAML files; a recipe with sweep: gives one variant per value")
+    p.add_argument("--out", type=Path, help="write comparison.{json,csv,md,html,png} and each variant's report directory here; "
+                   "a repeated command reuses the variants that finished")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="variants run at once in separate processes, the cores divided between them (default 1: "
+                        "latency figures undisturbed)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a failure")
+    p.set_defaults(handler=_compare)
 
     p = sub.add_parser("validate", help="check a recipe without running it")
     p.add_argument("recipe", type=Path)
@@ -73,18 +87,32 @@ def _configure_logging(quiet: bool) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("torchslim: %(message)s"))
         logger.addHandler(handler)
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    # Under torchrun only rank 0 reports progress; the others would repeat every line.
+    logger.setLevel(logging.WARNING if quiet or not distributed.is_main() else logging.INFO)
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out DIR (the directory of the run to continue)")
     report = run(args.recipe, args.out, overwrite=args.overwrite, resume=args.resume)
+    if not distributed.is_main():
+        return 0
     print(report.table())
     if args.out:
         print(f"\nwrote {args.out}/report.json, report.md, report.csv, recipe.yaml, model.pt "
               f"(load with torchslim.load_model('{args.out}'))")
     return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import compare
+    from .compare_export import written_line
+
+    comparison = compare(args.recipes, args.out, jobs=args.jobs)
+    print(comparison.text())
+    if args.out:
+        print(f"\n{written_line(comparison)}")
+    return comparison.exit_code
 
 
 def _validate(args: argparse.Namespace) -> int:

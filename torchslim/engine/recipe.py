@@ -7,8 +7,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, create_model, field_validator
 
+from .compare_spec import Constraints, SweepMode, SweepValues, check_sweep, check_zip
 from .errors import PluginError, RecipeError
 from .registry import Registry
 from .specs import TARGET_PATTERN, DataSpec, ModelSpec, Spec
@@ -69,8 +70,26 @@ class RecipeBase(BaseModel):
     """Measurement options."""
     stages: list[Stage] = Field(min_length=1)
     """Compression stages, applied in order (narrowed to the registered types by recipe_model)."""
+    # The comparison fields are left out of resolved(): a variant's saved recipe and hash hold what ran.
+    sweep: SweepValues | None = Field(default=None, exclude=True)
+    """For ``torchslim compare`` only: dotted paths to lists of values, e.g. ``{stages.0.amount: [0.3, 0.5]}``;
+    each combination is run as one variant, named after its values."""
+    sweep_mode: SweepMode = Field(default="grid", exclude=True)
+    """``grid``: every combination of the sweep's values; ``zip``: the i-th values of every path together."""
+    constraints: Constraints | None = Field(default=None, exclude=True)
+    """For ``torchslim compare``: the budget each variant passes or fails; the best passing one is named."""
 
     _document: Document | None = PrivateAttr(default=None)
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep_paths(cls, value: SweepValues | None) -> SweepValues | None:
+        return check_sweep(value)
+
+    @field_validator("sweep_mode")
+    @classmethod
+    def _zip_lengths(cls, value: SweepMode, info: ValidationInfo) -> SweepMode:
+        return check_zip(value, info.data.get("sweep"))
 
     @property
     def base_dir(self) -> Path | None:

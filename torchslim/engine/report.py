@@ -20,6 +20,7 @@ _COLUMNS = [
     ("nonzero", "non-zero", "count"),
     ("sparsity", "sparsity", "percent"),
     ("size_bytes", "size (x smaller)", "bytes"),
+    ("packed_bytes", "packed", "bytes"),
     ("macs", "MACs (x fewer)", "count"),
     ("latency_ms", "latency ms (x faster)", "float"),
 ]

@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from .. import __version__
+from . import distributed
 from .atomic import write_text
 from .checkpoints import CHECKPOINT_DIR, Resumed, find_resumable, recipe_hash, save_checkpoint
+from .compare_spec import refuse_sweep
 from .errors import OutputError, RecipeError, StageError, TorchslimError
 from .metrics import (
     accuracy,
@@ -29,6 +31,7 @@ from .metrics import (
     latency_ms,
     size_bytes,
 )
+from .packed import packed_size_bytes
 from .recipe import RecipeBase, load_recipe
 from .registry import Registry
 from .report import Report, Row
@@ -49,15 +52,31 @@ def run(
     overwrite: bool = False,
     resume: bool = False,
     log: logging.Logger | None = None,
+    baseline: Row | None = None,
 ) -> Report:
     """Run a recipe (a path, a mapping, or a validated recipe) and return its report.
 
     With ``out``, also writes the reports, the resolved recipe and the final model there, and a
     checkpoint after every stage; ``resume`` reuses the checkpoints whose recipe prefix is unchanged.
+    ``baseline`` is a row measured before on the same model, data, metrics and seed (``torchslim
+    compare`` shares one between recipes): it is used instead of measuring the model again.
     """
     recipe = load_recipe(recipe, registry)
-    out_dir = prepare_output(Path(out), overwrite or resume) if out is not None else None
-    ctx, model = prepare(recipe, log or logging.getLogger("torchslim"))
+    refuse_sweep(recipe)
+    # Under torchrun every process runs the recipe (a distill stage trains in parallel); only
+    # rank 0 measures and writes. Outside torchrun this is a single main process.
+    with distributed.session(distributed.device_for(recipe.device)):
+        main = distributed.is_main()
+        out_dir = Path(out) if out is not None else None
+        if out_dir is not None:
+            prepare_output(out_dir, overwrite or resume, create=main)
+        distributed.barrier()
+        return _execute(recipe, out_dir, resume, baseline, log or logging.getLogger("torchslim"), main)
+
+
+def _execute(recipe: RecipeBase, out_dir: Path | None, resume: bool, baseline: Row | None,
+             log: logging.Logger, main: bool) -> Report:
+    ctx, model = prepare(recipe, log)
     report = Report(recipe.resolved(), metric=ctx.metric_name, notes=ctx.notes, environment=environment(recipe))
     resumed = find_resumable(out_dir, recipe, model) if resume and out_dir is not None else None
     if resume and resumed is None:
@@ -65,19 +84,26 @@ def run(
     if resumed is not None:
         model, structure = _reuse(resumed, report, ctx, out_dir)
     else:
-        report.rows.append(Row("baseline", None, measure(model, ctx, recipe, seconds=0.0)))
+        first = copy.deepcopy(baseline) if baseline else Row("baseline", None, _measure_on_main(model, ctx, recipe, 0.0))
+        report.rows.append(first)
         structure = []
+    writer = out_dir if main else None
     try:
         for index in range(len(structure), len(recipe.stage_list)):
-            model = _step(index, recipe, model, ctx, report, structure, out_dir)
+            model = _step(index, recipe, model, ctx, report, structure, writer)
     except BaseException as exc:  # Ctrl-C included: the log says what happened, checkpoints stay
-        if out_dir is not None:
-            _record_failure(out_dir, exc)
+        if writer is not None:
+            _record_failure(writer, exc)
         raise
-    if out_dir is not None:
-        save_model(out_dir, recipe, model, structure)
-        report.write(out_dir)
+    if writer is not None:
+        save_model(writer, recipe, model, structure)
+        report.write(writer)
     return report
+
+
+def _measure_on_main(model: nn.Module, ctx: Context, recipe: RecipeBase, seconds: float) -> dict[str, Any]:
+    # Other ranks of a torchrun launch only train: their rows carry the stage's time alone.
+    return measure(model, ctx, recipe, seconds) if distributed.is_main() else {"seconds": seconds}
 
 
 def _step(index: int, recipe: RecipeBase, model: nn.Module, ctx: Context, report: Report,
@@ -88,7 +114,7 @@ def _step(index: int, recipe: RecipeBase, model: nn.Module, ctx: Context, report
     torch.manual_seed(recipe.seed + index + 1)
     reseed_loaders(ctx.data, recipe.seed + index + 1)
     model, seconds = apply_stage(stage, model, ctx)
-    report.rows.append(Row(stage.label, stage.type, {**measure(model, ctx, recipe, seconds), **ctx.metrics}))
+    report.rows.append(Row(stage.label, stage.type, {**_measure_on_main(model, ctx, recipe, seconds), **ctx.metrics}))
     structure.append(dict(ctx.structure))
     if out_dir is not None:
         save_checkpoint(out_dir, index, recipe, model, structure, report)
@@ -149,7 +175,7 @@ def prepare(recipe: RecipeBase, log: logging.Logger) -> tuple[Context, nn.Module
 
 
 def _device(recipe: RecipeBase) -> torch.device:
-    device = torch.device(recipe.device)
+    device = distributed.device_for(recipe.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RecipeError(f"{recipe.where(('device',))}: device: '{recipe.device}' was asked for, but torch sees no CUDA device "
                           f"(torch {torch.__version__}); use device: cpu")
@@ -233,6 +259,7 @@ def measure(model: nn.Module, ctx: Context, recipe: RecipeBase, seconds: float) 
         "nonzero": nonzero,
         "sparsity": 1.0 - nonzero / params if params else 0.0,
         "size_bytes": size_bytes(model),
+        "packed_bytes": packed_size_bytes(model),
         "macs": count_macs(model, ctx.example_inputs[:1]),
         "latency_ms": latency,
         ctx.metric_name: ctx.evaluate(model),
@@ -240,7 +267,7 @@ def measure(model: nn.Module, ctx: Context, recipe: RecipeBase, seconds: float) 
     }
 
 
-def prepare_output(out_dir: Path, reuse: bool) -> Path:
+def prepare_output(out_dir: Path, reuse: bool, create: bool = True) -> Path:
     """Check ``out_dir`` can take the outputs without destroying anything the user had.
 
     A non-empty directory is used only with ``reuse`` (``--overwrite`` or ``--resume``), and then
@@ -251,7 +278,8 @@ def prepare_output(out_dir: Path, reuse: bool) -> Path:
     if out_dir.exists() and any(out_dir.iterdir()) and not reuse:
         raise OutputError(f"{out_dir}: directory is not empty; choose another --out, pass --resume to continue "
                           f"a run there, or --overwrite (which replaces only {', '.join(OUTPUT_FILES)})")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if create:
+        out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
 
 
@@ -264,5 +292,6 @@ def environment(recipe: RecipeBase) -> dict[str, Any]:
         "machine": platform.machine(),
         "threads": recipe.metrics.threads or torch.get_num_threads(),
         "device": recipe.device,
+        "processes": distributed.world_size(),
         "recipe_hash": recipe_hash(recipe),
     }

@@ -16,6 +16,7 @@ from torch import nn
 
 from .atomic import write_text, write_with
 from .errors import CheckpointError
+from .packed import smallest_state, unpack_state_dict
 from .recipe import RecipeBase, load_recipe
 from .registry import Registry
 from .specs import build_model, load_state, safe_load
@@ -31,7 +32,8 @@ def save_model(out_dir: Path, recipe: RecipeBase, model: nn.Module, structure: l
 
     ``structure`` holds one record per completed stage (what it put in ``ctx.structure``).
     """
-    payload = {"format": FORMAT, "structure": structure, "state_dict": model.state_dict()}
+    # The packed form (non-zero values + bitmask) is used where it is smaller than dense.
+    payload = {"format": FORMAT, "structure": structure, "state_dict": smallest_state(model.state_dict())}
 
     def write(handle: IO[bytes]) -> None:
         torch.save(payload, handle)
@@ -70,5 +72,5 @@ def rebuild(recipe: RecipeBase, payload: dict[str, Any], path: Path, model: nn.M
     # A checkpoint taken after k stages holds k records: replay only those stages.
     for stage, record in zip(recipe.stage_list, payload["structure"], strict=False):
         model = stage.restore(model.eval(), record)
-    load_state(model, payload["state_dict"], str(path))
+    load_state(model, unpack_state_dict(payload["state_dict"]), str(path))
     return model

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 
@@ -35,3 +36,16 @@ def layer_census(model: nn.Module) -> str:
         if not any(True for _ in module.children()):
             counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
     return ", ".join(f"{name} x{n}" for name, n in counts.items()) or "none"
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """The layer's ``weight`` tensor; TypeError if it has none (filter with :func:`has_weight` first)."""
+    value = getattr(module, "weight", None)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor")
+    return value
+
+
+def has_weight(module: nn.Module) -> bool:
+    """Whether the layer holds a plain ``weight`` tensor (quantized layers keep theirs packed)."""
+    return isinstance(getattr(module, "weight", None), torch.Tensor)

@@ -1,81 +1,213 @@
-"""Built-in ``distill`` stage: Hinton knowledge distillation against the true labels."""
+"""Built-in ``distill`` stage: knowledge distillation toward a teacher, against the true labels.
+
+Logit distillation (Hinton) plus optional feature distillation on named layers; fine-tunes the
+current model (pruned weights stay zero) or trains a new, smaller student built from a model
+spec. One process, or several under ``torchrun`` (DistributedDataParallel).
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import copy
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from ..engine import distributed
 from ..engine.errors import StageError
 from ..engine.specs import ModelSpec, build_model
 from ..engine.stage import Context, Stage
+from ._kd import FeatureLoss, Taps, Trainee, feature_loss, hinton_loss, probe_projections
+from ._shard import TrainBatches
+from ._train import Outcome, fit, wrap
+
+#: Hooks on the student and the teacher, and the student's projections (None, None, [] without features).
+Tapped = tuple[Taps | None, Taps | None, list[nn.Module]]
+
+
+class FeaturePair(BaseModel):
+    """One feature-distillation term: a student layer's output pulled toward a teacher layer's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    student: str = Field(min_length=1)
+    """Layer name in the student, as ``model.named_modules()`` gives it (e.g. ``stage1.0``)."""
+    teacher: str = Field(min_length=1)
+    """Layer name in the teacher. If its width differs, a learned projection (Linear, or a 1x1
+    convolution) maps the student's output to it; the projection is trained with the student and
+    not part of the returned model."""
+    weight: float = Field(default=1.0, gt=0)
+    """Multiplier of this term in the loss."""
+    loss: FeatureLoss = "mse"
+    """``mse`` (mean squared error) or ``cosine`` (1 - cosine similarity of the flattened outputs)."""
 
 
 class DistillStage(Stage):
-    """Train the current model (the student) to match a teacher's softened outputs and the labels.
+    """Train a student to match a teacher's softened outputs (and chosen features) and the true labels.
 
-    Loss: ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, labels)``.
-    Weights that are exactly zero when the stage starts (pruned) stay zero.
+    Loss: ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, labels)`` plus
+    ``weight * distance`` for each feature pair. Weights of the current model that are exactly
+    zero when the stage starts (pruned) stay zero.
     """
 
     type: Literal["distill"] = "distill"
-    teacher: Literal["original"] | ModelSpec = "original"
-    """``original`` (the model before the recipe) or a model spec (``target``, ``kwargs``, ``checkpoint``)."""
+    teacher: Literal["original", "previous"] | ModelSpec = "original"
+    """``original`` (the model before the recipe), ``previous`` (the model before this stage), or a
+    model spec (``target``, ``kwargs``, ``checkpoint``)."""
+    student: Literal["current"] | ModelSpec = "current"
+    """``current`` (fine-tune the model the previous stages produced) or a model spec for a new,
+    smaller architecture that replaces it (saved models rebuild it from the spec)."""
     epochs: int = Field(default=3, ge=1)
-    """Passes over the train data."""
+    """Passes over the train data (at most: see ``max_steps`` and ``patience``)."""
+    max_steps: int | None = Field(default=None, ge=1)
+    """Stop after this many optimizer steps in total (null: no limit)."""
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    """``adam``, ``adamw`` (decoupled weight decay) or ``sgd`` (momentum 0.9)."""
     lr: float = Field(default=1e-3, gt=0)
-    """Adam learning rate."""
+    """Learning rate (the peak rate under ``cosine``)."""
+    weight_decay: float = Field(default=0.0, ge=0)
+    """Weight decay of the optimizer."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """``constant`` keeps the learning rate; ``cosine`` decays it to zero over the planned steps."""
+    grad_clip: float | None = Field(default=None, gt=0)
+    """Clip the gradients' global L2 norm to this value (null: no clipping)."""
     temperature: float = Field(default=4.0, gt=0)
     """Softmax temperature of the soft-target term."""
     alpha: float = Field(default=0.5, ge=0, le=1)
-    """Weight of the soft-target term; ``1 - alpha`` weights cross-entropy on the true labels."""
+    """Weight of the soft-target term; ``1 - alpha`` weights cross-entropy on the true labels
+    (``alpha: 0`` with no ``features`` is plain fine-tuning on the labels: no teacher is run)."""
+    features: list[FeaturePair] = Field(default_factory=list)
+    """Feature-distillation pairs ``{student, teacher, weight, loss}``, taken by forward hooks."""
+    keep: Literal["last", "best"] = "last"
+    """Weights returned: those of the last epoch, or of the epoch with the best eval metric (``best``
+    chooses on the eval data that the summary then reports, so its figure is optimistic)."""
+    patience: int | None = Field(default=None, ge=1)
+    """Stop after this many epochs without a better eval metric (null: run every epoch)."""
+    better: Literal["higher", "lower"] = "higher"
+    """Whether a higher or a lower eval metric is better (``lower`` for a loss or an error rate)."""
+
+    def loss(self, student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+        """Soft-target KL at temperature T (scaled by T^2) mixed with hard-label cross-entropy."""
+        return hinton_loss(student, teacher, labels, self.temperature, self.alpha)
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether any loss term looks at the teacher."""
+        return self.alpha > 0 or bool(self.features)
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
-        """Fine-tune ``model`` in place and return it."""
-        params = [p for p in model.parameters() if p.requires_grad and p.is_floating_point()]
-        if not params:
+        """Train the student (``model`` in place, or a new one) and return it."""
+        # Drawn first, from the generator the runner seeded for this stage: the data order
+        # depends on the recipe seed and the stage's position only.
+        seed = int(torch.randint(2**31 - 1, (1,)))
+        distributed.init_for_stage(ctx.device)
+        student = self._student(model, ctx)  # first: a quantized model fails before a teacher is built
+        teacher = self._teacher(model, ctx) if self.needs_teacher else None
+        masks = _zero_masks(student) if self.student == "current" else {}
+        taps = self._taps(student, teacher, ctx)
+        try:
+            outcome = self._train(student, teacher, taps, masks, seed, ctx)
+        finally:
+            _remove([tap for tap in taps[:2] if isinstance(tap, Taps)])
+        self._report(outcome, ctx)
+        return student.eval()
+
+    def restore(self, model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
+        """Rebuild the student from its spec when this stage replaced the model (weights come from the file)."""
+        if "student" not in record:
+            return model
+        spec = ModelSpec.model_validate(record["student"])
+        return build_model(spec, None, field=f"{self.label}.student")
+
+    def _teacher(self, model: nn.Module, ctx: Context) -> nn.Module:
+        if isinstance(self.teacher, ModelSpec):
+            return build_model(self.teacher, ctx.base_dir, field=f"{self.label}.teacher").to(ctx.device).eval()
+        if self.teacher == "previous" and self.student == "current":
+            return copy.deepcopy(model).to(ctx.device).eval()  # the student is about to change in place
+        source = model if self.teacher == "previous" else ctx.original
+        return _on_device(source, ctx.device).eval()
+
+    def _student(self, model: nn.Module, ctx: Context) -> nn.Module:
+        if isinstance(self.student, ModelSpec):
+            student = build_model(self.student, ctx.base_dir, field=f"{self.label}.student")
+            ctx.structure["student"] = self.student.model_dump(mode="json", exclude={"checkpoint"})
+        else:
+            student = model
+        if not any(p.requires_grad and p.is_floating_point() for p in student.parameters()):
             raise StageError(self.label, "the model has no trainable float parameters (was it quantized? "
                              "put distill before quantize)")
-        teacher = self._teacher(ctx).eval()
-        masks = _zero_masks(model)
-        optimizer = torch.optim.Adam(params, lr=self.lr)
-        for epoch in range(self.epochs):
-            loss = self._epoch(model, teacher, optimizer, masks, ctx)
-            score = ctx.evaluate(model)
-            ctx.log.info("  distill epoch %d/%d: loss %.4f, %s %.2f", epoch + 1, self.epochs, loss, ctx.metric_name, score)
-        ctx.add_metric("train_loss", loss)
-        return model.eval()
+        return student.to(ctx.device)
 
-    def _teacher(self, ctx: Context) -> nn.Module:
-        if isinstance(self.teacher, ModelSpec):
-            return build_model(self.teacher, ctx.base_dir, field=f"{self.label}.teacher")
-        return ctx.original
+    def _taps(self, student: nn.Module, teacher: nn.Module | None, ctx: Context) -> Tapped:
+        if not self.features or teacher is None:
+            return None, None, []
+        taps = [_tap(self, student, "student")]
+        try:
+            taps.append(_tap(self, teacher, "teacher"))
+            example = ctx.example_inputs[:2].to(ctx.device)
+            projections = probe_projections(student, teacher, taps[0], taps[1], example)
+        except (ValueError, TypeError) as exc:
+            _remove(taps)
+            raise StageError(self.label, str(exc)) from None
+        except BaseException:
+            _remove(taps)
+            raise
+        return taps[0], taps[1], [p.to(ctx.device) for p in projections]
 
-    def _epoch(self, student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer,
-               masks: dict[str, torch.Tensor], ctx: Context) -> float:
-        student.train()
-        total, batches = 0.0, 0
-        for inputs, labels in ctx.data["train"]:
+    def _train(self, student: nn.Module, teacher: nn.Module | None, taps: Tapped,
+               masks: dict[str, torch.Tensor], seed: int, ctx: Context) -> Outcome:
+        student_taps, teacher_taps, projections = taps
+        trainee = Trainee(student, student_taps, projections)
+        wrapped = wrap(trainee, ctx.device)
+        batches = TrainBatches(ctx.data["train"], seed, distributed.world_size(), distributed.rank())
+
+        def loss_fn(inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits, features = wrapped(inputs)
+            part = torch.zeros((), device=logits.device)
+            if teacher is None:
+                return self.loss(logits, None, labels), part
             with torch.no_grad():
-                soft = teacher(inputs)
-            loss = self.loss(student(inputs), soft, labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            _reapply(student, masks)
-            total, batches = total + float(loss.detach()), batches + 1
-        if batches == 0:
-            raise StageError(self.label, "the train loader yielded no batch")
-        return total / batches
+                target = teacher(inputs)
+            targets = teacher_taps.take() if teacher_taps is not None else []
+            for pair, s, t in zip(self.features, features, targets, strict=True):
+                part = part + pair.weight * feature_loss(pair.loss, s, t)
+            return self.loss(logits, target, labels) + part, part.detach()
 
-    def loss(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Soft-target KL at temperature T (scaled by T^2) mixed with hard-label cross-entropy."""
-        t = self.temperature
-        soft = F.kl_div(F.log_softmax(student / t, dim=1), F.softmax(teacher / t, dim=1), reduction="batchmean")
-        return self.alpha * t * t * soft + (1 - self.alpha) * F.cross_entropy(student, labels)
+        return fit(self, wrapped, student, batches, loss_fn, ctx, after_step=lambda: _reapply(student, masks))
+
+    def _report(self, outcome: Outcome, ctx: Context) -> None:
+        ctx.add_metric("train_loss", outcome.train_loss)
+        if self.features:
+            ctx.add_metric("feature_loss", outcome.feature_loss)
+        ctx.add_metric(f"best_{ctx.metric_name}", outcome.best_score)
+        ctx.add_metric("best_epoch", outcome.best_epoch)
+        ctx.add_metric("epochs_run", outcome.epochs_run)
+        if distributed.is_main():
+            kept = f"kept epoch {outcome.best_epoch}" if self.keep == "best" else "kept the last epoch"
+            ctx.log.info("  %s: %d epochs, %d steps, best %s %.2f at epoch %d, %s", self.label, outcome.epochs_run,
+                         outcome.steps, ctx.metric_name, outcome.best_score, outcome.best_epoch, kept)
+
+
+def _tap(stage: DistillStage, model: nn.Module, owner: Literal["student", "teacher"]) -> Taps:
+    try:
+        return Taps(model, [getattr(pair, owner) for pair in stage.features], owner)
+    except LookupError as exc:
+        raise StageError(stage.label, exc.args[0]) from None
+
+
+def _remove(taps: list[Taps]) -> None:
+    for tap in taps:
+        tap.remove()
+
+
+def _on_device(module: nn.Module, device: torch.device) -> nn.Module:
+    # ctx.original must not be moved in place: other stages (and the runner) still use it.
+    tensors = [*module.parameters(), *module.buffers()]
+    if all(t.device == device for t in tensors):
+        return module
+    return copy.deepcopy(module).to(device)
 
 
 def _zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,0 +1,1 @@
+"""One module per benchmark case: ``TITLE``, ``missing()`` (why it cannot run, or None) and ``run(settings)``."""

@@ -1,0 +1,97 @@
+"""The benchmark harness: each case runs (tiny sizes) and its figures exist and are sane.
+
+Timings are noisy on a shared machine, so nothing here checks a target: only that every figure
+is there, finite and in range, that compressed models are smaller, and that the engine and the
+hand-written script end with the same accuracies. Cases whose wheels are missing are skipped
+with the reason. ``python -m bench --quick`` (all cases) runs under ``-m slow``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.harness import interleaved, merge, settings_for
+from bench.report import CaseResult
+from bench.run import case_module, run_case
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_smoke(name: str, tmp_path: Path) -> tuple[CaseResult, dict[str, Any]]:
+    """Run case ``name`` in smoke mode (or skip, printing why) and read back its JSON."""
+    reason = case_module(name).missing()
+    if reason:
+        pytest.skip(f"bench case {name}: {reason}")
+    result = run_case(name, settings_for("smoke", 2, tmp_path / "work"))
+    path = result.write(tmp_path / "results")
+    return result, json.loads(path.read_text())
+
+
+def check_rows(data: dict[str, Any], metric: str, low: float, high: float) -> None:
+    """Every row has a positive size and latency, finite ratios, and the metric in [low, high]."""
+    assert len(data["rows"]) >= 2
+    for row in data["rows"]:
+        assert row["size_bytes"] > 0 and row["latency_ms"] > 0, row
+        assert all(math.isfinite(row[k]) and row[k] > 0 for k in ("size_x", "speed_x", "speed_min_x")), row
+        assert low <= row[metric] <= high, row
+    assert data["rows"][0]["size_x"] == 1.0 and data["rows"][0][f"{metric}_change"] == 0.0
+    assert data["environment"]["torch"] and data["environment"]["threads"] == 2
+
+
+@pytest.mark.parametrize(("case", "metric", "low", "high"), [
+    ("digits", "accuracy", 0.0, 100.0),
+    ("mnist", "accuracy", 0.0, 100.0),
+    ("minilm", "cosine", -1.0, 1.0),
+], ids=["digits", "mnist", "minilm"])
+def test_compression_case_figures_are_sane(case: str, metric: str, low: float, high: float, tmp_path: Path) -> None:
+    result, data = run_smoke(case, tmp_path)
+    check_rows(data, metric, low, high)
+    compressed = [row for row in data["rows"][1:]]
+    assert all(row["size_x"] > 1.0 for row in compressed), "every variant ends int8: its file must be smaller"
+    assert all(isinstance(t["met"], bool) for t in data["targets"])
+    assert result.table().count("\n") == len(data["rows"]) + 1  # header, rule, one line per row
+
+
+def test_engine_matches_hand_written_script(tmp_path: Path) -> None:
+    _, data = run_smoke("overhead", tmp_path)
+    hand, engine = data["rows"]
+    assert (hand["variant"], engine["variant"]) == ("hand-written", "torchslim.run")
+    assert engine["accuracies"] == hand["accuracies"], "same seeds and same torch calls must give the same accuracies"
+    assert all(math.isfinite(r["wall_s"]) and r["wall_s"] > 0 for r in data["rows"])
+    same = next(t for t in data["targets"] if t["name"].startswith("identical"))
+    assert same["met"] is True
+
+
+def test_interleaved_rotates_order_and_times_every_call() -> None:
+    order: list[str] = []
+    calls = {name: (lambda n=name: order.append(n)) for name in ("a", "b", "c")}
+    times = interleaved(calls, warmup=1, rounds=3, runs=2)
+    assert {k: len(v) for k, v in times.items()} == {"a": 6, "b": 6, "c": 6}
+    timed = order[3:]  # after one warm-up call each
+    assert [timed[i] for i in (0, 6, 12)] == ["a", "b", "c"], "each round starts with the next variant"
+
+
+@pytest.mark.parametrize(("base", "overrides", "expected"), [
+    ({"a": {"x": 1, "y": 2}}, {"a": {"y": 3}}, {"a": {"x": 1, "y": 3}}),
+    ({"stages": [{"e": 1}, {"e": 2}]}, {"stages": {1: {"e": 5}}}, {"stages": [{"e": 1}, {"e": 5}]}),
+    ({"k": 1}, {"k": None}, {"k": None}),
+], ids=["nested", "stage-by-position", "replace"])
+def test_merge_overrides(base: dict[str, Any], overrides: dict[str, Any], expected: dict[str, Any]) -> None:
+    assert merge(base, overrides) == expected
+
+
+@pytest.mark.slow
+def test_quick_benchmark_runs_from_the_command_line(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "quick run:" in done.stdout
+    written = {p.stem for p in tmp_path.glob("*.json")}
+    assert written == {"digits", "mnist", "minilm", "overhead"}

