@@ -90,8 +90,11 @@ def test_ctrl_c_leaves_checkpoints_and_no_half_files(tmp_path: Path) -> None:
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path, digits_recipe([CHAIN[0], {"type": "distill", "epochs": 30}, CHAIN[2]]))
     env = {**os.environ, "TORCHSLIM_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    # A shell that starts the test suite in the background makes children ignore SIGINT, and
+    # Python keeps an inherited "ignore": give the child the default disposition, as a terminal would.
     proc = subprocess.Popen([sys.executable, "-m", "torchslim", "run", str(recipe), "--out", str(out)],
-                            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stderr is not None
     for line in proc.stderr:
         if "[2/3] distill: running" in line:  # stage 1 is done and checkpointed
