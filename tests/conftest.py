@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from torchslim import Registry
+from torchslim.examples import digits
 
 FAST_METRICS = {"warmup": 1, "runs": 2, "batch_size": 8}
 
@@ -17,6 +18,18 @@ FAST_METRICS = {"warmup": 1, "runs": 2, "batch_size": 8}
 def registry() -> Registry:
     """Built-in stages only: tests do not depend on what else is installed."""
     return Registry.load(autoload=False)
+
+
+@pytest.fixture(scope="module")
+def images() -> dict:
+    """The bundled digits as 1 x 8 x 8 images (for CNNs), shared by a test module."""
+    return digits.loaders(batch_size=64, image=True)
+
+
+@pytest.fixture(scope="module")
+def flat() -> dict:
+    """The bundled digits as 64-value vectors (for MLPs), shared by a test module."""
+    return digits.loaders(batch_size=64)
 
 
 def digits_recipe(stages: list[dict[str, Any]], **model_kwargs: Any) -> dict[str, Any]:

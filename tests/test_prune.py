@@ -42,16 +42,6 @@ class Branches(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def images() -> dict:
-    return digits.loaders(batch_size=64, image=True)
-
-
-@pytest.fixture(scope="module")
-def flat() -> dict:
-    return digits.loaders(batch_size=64)
-
-
-@pytest.fixture(scope="module")
 def trained_resnet() -> nn.Module:
     return digits.resnet(width=8, blocks=1, train_epochs=1)
 

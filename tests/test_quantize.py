@@ -62,16 +62,6 @@ class Branchy(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def images() -> dict:
-    return digits.loaders(batch_size=64, image=True)
-
-
-@pytest.fixture(scope="module")
-def flat() -> dict:
-    return digits.loaders(batch_size=64)
-
-
-@pytest.fixture(scope="module")
 def resnet() -> nn.Module:
     return digits.resnet(width=16, blocks=1, train_epochs=3)
 
