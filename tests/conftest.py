@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from torch import nn
 
-from torchslim import Registry
+from torchslim import Context, Registry
+from torchslim.engine.metrics import accuracy
 from torchslim.examples import digits
 
 FAST_METRICS = {"warmup": 1, "runs": 2, "batch_size": 8}
@@ -30,6 +34,12 @@ def images() -> dict:
 def flat() -> dict:
     """The bundled digits as 64-value vectors (for MLPs), shared by a test module."""
     return digits.loaders(batch_size=64)
+
+
+def make_ctx(model: nn.Module, data: dict[str, Any], evaluate: Any = None) -> Context:
+    """A stage context over ``data`` whose original model is a copy of ``model``; accuracy on eval by default."""
+    return Context(original=copy.deepcopy(model).eval(), data=data, example_inputs=next(iter(data["eval"]))[0],
+                   evaluate=evaluate or (lambda m: accuracy(m.eval(), data["eval"])), log=logging.getLogger("test"))
 
 
 def digits_recipe(stages: list[dict[str, Any]], **model_kwargs: Any) -> dict[str, Any]:

@@ -20,15 +20,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import torchslim
-from torchslim import Context, RecipeError, Registry, StageError
-from torchslim.engine.metrics import accuracy
+from torchslim import RecipeError, Registry, StageError
 from torchslim.examples import digits
 from torchslim.plugins._kd import projection
 from torchslim.plugins._shard import TrainBatches
 from torchslim.plugins.distill import DistillStage
 from torchslim.plugins.prune import PruneStage
 
-from .conftest import digits_recipe, write_recipe
+from .conftest import digits_recipe, make_ctx, write_recipe
 
 #: Eval-set logits of every model the custom metric below scored, in order (the last is the final model).
 SEEN: list[torch.Tensor] = []
@@ -52,11 +51,6 @@ def data() -> dict[str, DataLoader]:
 @pytest.fixture(scope="module")
 def teacher() -> nn.Module:
     return digits.mlp(hidden=32, train_epochs=5)
-
-
-def make_ctx(original: nn.Module, data: dict[str, Any], evaluate: Any = None) -> Context:
-    return Context(original=copy.deepcopy(original).eval(), data=data, example_inputs=next(iter(data["eval"]))[0],
-                   evaluate=evaluate or (lambda m: accuracy(m.eval(), data["eval"])), log=logging.getLogger("test"))
 
 
 def linears(model: nn.Module) -> list[torch.Tensor]:

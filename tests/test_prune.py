@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -14,15 +13,15 @@ import torch
 from torch import nn
 
 import torchslim
-from torchslim import Context, RecipeError, Registry, StageError, load_recipe
-from torchslim.engine.metrics import accuracy, count_macs
+from torchslim import RecipeError, Registry, StageError, load_recipe
+from torchslim.engine.metrics import count_macs
 from torchslim.engine.packed import pack_state_dict, packed_size_bytes, saved_bytes, smallest_state, unpack_state_dict
 from torchslim.examples import digits, mobile
 from torchslim.plugins._finetune import finetune, zero_masks
 from torchslim.plugins._nm import follows_pattern
 from torchslim.plugins.prune import PruneStage
 
-from .conftest import FAST_METRICS, digits_recipe
+from .conftest import FAST_METRICS, digits_recipe, make_ctx
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,12 +61,6 @@ def trained_branches(images: dict) -> nn.Module:
 @pytest.fixture(scope="module")
 def trained_mlp() -> nn.Module:
     return digits.mlp(hidden=32, train_epochs=5)
-
-
-def make_ctx(model: nn.Module, data: dict) -> Context:
-    inputs = next(iter(data["eval"]))[0]
-    return Context(original=copy.deepcopy(model).eval(), data=data, example_inputs=inputs,
-                   evaluate=lambda m: accuracy(m.eval(), data["eval"]), log=logging.getLogger("test"))
 
 
 def fresh(name: str) -> nn.Module:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import copy
 import importlib.util
-import logging
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,13 +14,13 @@ from pydantic import ValidationError
 from torch import nn
 
 import torchslim
-from torchslim import Context, Registry, StageError, load_recipe
+from torchslim import Registry, StageError, load_recipe
 from torchslim.engine.metrics import accuracy, size_bytes
 from torchslim.examples import digits
 from torchslim.plugins._quant_modules import Int8Embedding
 from torchslim.plugins.quantize import QuantizeStage
 
-from .conftest import FAST_METRICS
+from .conftest import FAST_METRICS, make_ctx
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -82,12 +80,6 @@ def engine() -> Iterator[None]:
     previous = torch.backends.quantized.engine
     yield
     torch.backends.quantized.engine = previous
-
-
-def make_ctx(model: nn.Module, data: dict) -> Context:
-    inputs = next(iter(data["eval"]))[0]
-    return Context(original=copy.deepcopy(model).eval(), data=data, example_inputs=inputs,
-                   evaluate=lambda m: accuracy(m.eval(), data["eval"]), log=logging.getLogger("test"))
 
 
 def kinds(model: nn.Module) -> set[str]:

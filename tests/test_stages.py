@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import copy
-import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchslim import Context, StageError
-from torchslim.engine.metrics import accuracy
+from torchslim import StageError
 from torchslim.examples import digits
 from torchslim.plugins.distill import DistillStage
 from torchslim.plugins.prune import PruneStage
 from torchslim.plugins.quantize import QuantizeStage
+
+from .conftest import make_ctx
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +26,6 @@ def data() -> dict:
 @pytest.fixture(scope="module")
 def trained() -> nn.Module:
     return digits.mlp(hidden=32, train_epochs=5)
-
-
-def make_ctx(model: nn.Module, data: dict) -> Context:
-    inputs = next(iter(data["eval"]))[0]
-    return Context(original=copy.deepcopy(model).eval(), data=data, example_inputs=inputs,
-                   evaluate=lambda m: accuracy(m.eval(), data["eval"]), log=logging.getLogger("test"))
 
 
 def weights(model: nn.Module) -> list[torch.Tensor]:
