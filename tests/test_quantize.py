@@ -174,7 +174,11 @@ BAD_OPTIONS = [
     ({"method": "dynamic", "dtype": "bfloat16"}, "method dynamic takes dtype qint8 or float16, not bfloat16"),
     ({"method": "static", "dtype": "float16"}, "method static takes dtype qint8, not float16"),
     ({"method": "half", "dtype": "qint8"}, "method half takes dtype float16 or bfloat16, not qint8"),
-    ({"method": "weight_only", "backend": "x86"}, "backend applies to method static only, not weight_only"),
+    ({"method": "weight_only", "backend": "x86"}, "backend applies to methods static and dynamic only, not weight_only"),
+    ({"method": "static", "backend": "onednn"}, "method static takes backend x86, qnnpack, torchao, not onednn"),
+    ({"method": "dynamic", "backend": "torchao"}, "method dynamic takes backend x86, onednn, qnnpack, not torchao"),
+    ({"method": "static", "granularity": "per_tensor"}, "granularity applies to method dynamic with dtype qint8 only, not static"),
+    ({"method": "dynamic", "dtype": "float16", "granularity": "per_channel"}, "granularity applies .* not dynamic with float16"),
     ({"method": "half", "modules": ["Linear"]}, "method half casts the whole model; modules does not apply"),
     ({"method": "half", "exclude": ["fc"]}, "method half casts the whole model; exclude does not apply"),
     ({"method": "static", "modules": ["LSTM"]}, "static quantization cannot quantize LSTM; supported: Linear, Conv1d"),
@@ -190,7 +194,7 @@ def test_options_that_do_not_apply_are_rejected(options: dict, message: str) -> 
 
 
 @pytest.mark.parametrize(("method", "defaults"), [
-    ("dynamic", {"dtype": "qint8", "modules": ["Linear"], "backend": None, "calibration_batches": None}),
+    ("dynamic", {"dtype": "qint8", "modules": ["Linear"], "backend": None, "calibration_batches": None, "granularity": None}),
     ("static", {"dtype": "qint8", "modules": ["Linear", "Conv1d", "Conv2d", "Conv3d"], "backend": "x86", "calibration_batches": 32}),
     ("weight_only", {"dtype": "qint8", "modules": ["Embedding"], "backend": None}),
     ("half", {"dtype": "float16", "modules": None}),
@@ -297,3 +301,33 @@ def test_dynamic_exclude_keeps_named_linear_float(mlp: nn.Module, flat: dict) ->
     out = QuantizeStage(exclude=["4"]).apply(mlp, ctx)
     assert type(out[4]) is nn.Linear and type(out[0]) is not nn.Linear
     assert ctx.metrics == {"quantized_layers": 2, "float_layers": 1}
+
+
+def _weight_error(quantized: nn.Module, original: nn.Module) -> float:
+    """Mean absolute difference between the int8 weights (dequantized) and the float ones."""
+    int8 = [m.weight().dequantize() for m in quantized.modules() if m._get_name() == "DynamicQuantizedLinear"]
+    float32 = [m.weight.detach() for m in original.modules() if type(m) is nn.Linear]
+    return float(torch.stack([(q - f).abs().mean() for q, f in zip(int8, float32, strict=True)]).mean())
+
+
+def test_dynamic_weights_have_a_scale_per_channel_by_default(mlp: nn.Module, flat: dict) -> None:
+    ctx = make_ctx(mlp, flat)
+    channel = QuantizeStage().apply(mlp, ctx)
+    layer = QuantizeStage(granularity="per_tensor").apply(mlp, make_ctx(mlp, flat))
+    assert channel[0].weight().qscheme() == torch.per_channel_affine
+    assert layer[0].weight().qscheme() == torch.per_tensor_affine
+    # A row's own scale is never coarser than the layer's: the rounding error can only shrink.
+    assert _weight_error(channel, mlp) < _weight_error(layer, mlp)
+    assert any("quantized (int8 weights per channel, dynamic activations) Linear x3" in n for n in ctx.notes)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_dynamic_per_channel_quantizes_recurrent_layers(kind: str, engine: None) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(getattr(nn, kind)(8, 16, batch_first=True))
+    inputs = torch.randn(4, 5, 8)
+    ctx = make_ctx(model, {"eval": [(inputs, None)]}, evaluate=lambda m: 0.0)
+    out = QuantizeStage(modules=[kind], backend="onednn").apply(model, ctx)
+    assert out[0]._get_name() == f"DynamicQuantized{kind}"
+    assert torch.backends.quantized.engine == "onednn"
+    assert torch.allclose(out(inputs)[0], model(inputs)[0], atol=0.05)

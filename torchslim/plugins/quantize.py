@@ -39,6 +39,8 @@ DYNAMIC_TYPES = ("Linear", "LSTM", "GRU", "LSTMCell", "GRUCell", "RNNCell")
 STATIC_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 WEIGHT_ONLY_TYPES = ("Embedding",)
 SUPPORTED = {"dynamic": DYNAMIC_TYPES, "static": STATIC_TYPES, "weight_only": WEIGHT_ONLY_TYPES}
+#: Backends each method can run on (the first is the static default).
+BACKENDS = {"static": ("x86", "qnnpack", "torchao"), "dynamic": ("x86", "onednn", "qnnpack")}
 DTYPES = {"dynamic": ("qint8", "float16"), "static": ("qint8",), "weight_only": ("qint8",), "half": ("float16", "bfloat16")}
 #: Options filled in per method when the recipe leaves them out.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -60,9 +62,11 @@ class QuantizeStage(Stage):
     ``static``: int8 weights and activations, calibrated on the calibration data (Conv, Linear,
     fused with their BatchNorm/ReLU). ``weight_only``: int8 embedding tables with a float
     scale per row. ``half``: the whole model cast to float16 or bfloat16."""
-    backend: Literal["x86", "qnnpack", "torchao"] | None = None
-    """Static only (default ``x86``): ``x86`` or ``qnnpack`` (ARM) run torch's FX graph-mode
-    quantization; ``torchao`` runs torchao's PT2E flow with torch.compile (torchao must be installed)."""
+    backend: Literal["x86", "onednn", "qnnpack", "torchao"] | None = None
+    """Static (default ``x86``): ``x86`` or ``qnnpack`` (ARM) run torch's FX graph-mode
+    quantization; ``torchao`` runs torchao's PT2E flow with torch.compile (torchao must be installed).
+    Dynamic (default: torch's current quantized engine, ``x86`` unless changed): the engine that
+    packs the int8 weights and so runs them, ``x86``, ``onednn`` or ``qnnpack``."""
     dtype: Literal["qint8", "float16", "bfloat16"] = "qint8"
     """Weight type: ``qint8`` (dynamic, static, weight_only) or ``float16`` (dynamic, half),
     ``bfloat16`` (half). Defaults to ``qint8``, or ``float16`` for half."""
@@ -73,6 +77,9 @@ class QuantizeStage(Stage):
     """Layer name patterns (fnmatch, e.g. ``classifier``, ``stem.*``) left float. Not for half."""
     calibration_batches: int | None = Field(default=None, ge=1)
     """Static only (default 32): batches of the calibration data run through the observers."""
+    granularity: Literal["per_channel", "per_tensor"] | None = None
+    """Dynamic int8 only (default ``per_channel``): one weight scale per output channel, or one per
+    layer (torch's own default). Same kernels and speed; per channel is more accurate."""
 
     @model_validator(mode="before")
     @classmethod
@@ -82,12 +89,32 @@ class QuantizeStage(Stage):
             return {**METHOD_DEFAULTS[method], **data}
         return data
 
-    @field_validator("backend", "calibration_batches")
+    @field_validator("calibration_batches")
     @classmethod
     def _static_only(cls, value: Any, info: ValidationInfo) -> Any:
         method = info.data.get("method")
         if value is not None and method not in (None, "static"):
             raise ValueError(f"{info.field_name} applies to method static only, not {method}")
+        return value
+
+    @field_validator("backend")
+    @classmethod
+    def _backend_fits(cls, value: str | None, info: ValidationInfo) -> str | None:
+        method = info.data.get("method")
+        if value is None or method is None:
+            return value
+        if method not in BACKENDS:
+            raise ValueError(f"backend applies to methods static and dynamic only, not {method}")
+        if value not in BACKENDS[method]:
+            raise ValueError(f"method {method} takes backend {', '.join(BACKENDS[method])}, not {value}")
+        return value
+
+    @field_validator("granularity")
+    @classmethod
+    def _dynamic_int8_only(cls, value: str | None, info: ValidationInfo) -> str | None:
+        method, dtype = info.data.get("method"), info.data.get("dtype")
+        if value is not None and (method, dtype) != ("dynamic", "qint8"):
+            raise ValueError(f"granularity applies to method dynamic with dtype qint8 only, not {method} with {dtype}")
         return value
 
     @field_validator("dtype")
@@ -164,9 +191,15 @@ class QuantizeStage(Stage):
 
     def _convert(self, model: nn.Module) -> nn.Module:
         """Dynamic quantization of ``model`` (a copy; the input is left as it was)."""
-        from ._quant_ao import quantize_dynamic
+        from ._quant_ao import quantize_dynamic, select_engine
 
-        return quantize_dynamic(model, self.modules or DYNAMIC_TYPES, self.dtype, self.exclude)
+        if self.backend is not None:
+            try:
+                select_engine(self.backend)
+            except BackendError as exc:
+                raise StageError(self.label, f"method dynamic, backend {self.backend}: {exc}") from exc
+        per_channel = (self.granularity or "per_channel") == "per_channel"
+        return quantize_dynamic(model, self.modules or DYNAMIC_TYPES, self.dtype, self.exclude, per_channel)
 
     def _quantize(self, model: nn.Module, ctx: Context) -> Quantized:
         before = module_types(model)
@@ -227,7 +260,11 @@ class QuantizeStage(Stage):
             return f"quantized (int8 static, backend {self.backend})"
         if self.method == "weight_only":
             return "quantized (int8 weights, a float scale per row)"
-        return f"quantized ({'int8' if self.dtype == 'qint8' else 'float16'} weights, dynamic activations)"
+        if self.dtype == "float16":
+            return "quantized (float16 weights, dynamic activations)"
+        engine = f", engine {self.backend}" if self.backend else ""
+        scales = (self.granularity or "per_channel").replace("_", " ")
+        return f"quantized (int8 weights {scales}, dynamic activations{engine})"
 
     def _backend_text(self) -> str:
         return f", backend {self.backend}" if self.backend else ""
@@ -242,9 +279,9 @@ class QuantizeStage(Stage):
     def _caveat(self, ctx: Context) -> None:
         if self.method in ("dynamic", "static") and self.backend != "torchao":
             ctx.note(f"{self.method} quantization runs on the CPU only; quantized layers cannot be trained further")
-        if self.backend == "qnnpack":
-            ctx.note("backend qnnpack: torch's quantized engine (torch.backends.quantized.engine) is now qnnpack "
-                     "for this process; loading the saved model sets it too")
+        if self.backend in ("qnnpack", "onednn"):
+            ctx.note(f"backend {self.backend}: torch's quantized engine (torch.backends.quantized.engine) is now "
+                     f"{self.backend} for this process; loading the saved model sets it too")
         if self.method == "half":
             ctx.note("half precision: float inputs are cast down and outputs back to float32; "
                      "speed depends on the CPU's float16/bfloat16 support and can be slower than float32")
