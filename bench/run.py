@@ -25,7 +25,7 @@ import torch
 from bench.harness import BENCH_DIR, Settings, environment, settings_for
 from bench.report import CaseResult, markdown
 
-CASES = ("digits", "mnist", "minilm", "overhead")
+CASES = ("digits", "mnist", "mnist_prune", "minilm", "overhead")
 
 
 def case_module(name: str) -> ModuleType:

@@ -48,15 +48,25 @@ def check_rows(data: dict[str, Any], metric: str, low: float, high: float) -> No
 @pytest.mark.parametrize(("case", "metric", "low", "high"), [
     ("digits", "accuracy", 0.0, 100.0),
     ("mnist", "accuracy", 0.0, 100.0),
+    ("mnist_prune", "accuracy", 0.0, 100.0),
     ("minilm", "cosine", -1.0, 1.0),
-], ids=["digits", "mnist", "minilm"])
+], ids=["digits", "mnist", "mnist_prune", "minilm"])
 def test_compression_case_figures_are_sane(case: str, metric: str, low: float, high: float, tmp_path: Path) -> None:
     result, data = run_smoke(case, tmp_path)
     check_rows(data, metric, low, high)
     compressed = [row for row in data["rows"][1:]]
-    assert all(row["size_x"] > 1.0 for row in compressed), "every variant ends int8: its file must be smaller"
+    assert all(row["size_x"] > 1.0 for row in compressed), "every variant is pruned or int8: its file must be smaller"
     assert all(isinstance(t["met"], bool) for t in data["targets"])
     assert result.table().count("\n") == len(data["rows"]) + 1  # header, rule, one line per row
+
+
+def test_pruned_mnist_has_fewer_macs_and_every_amount_twice(tmp_path: Path) -> None:
+    _, data = run_smoke("mnist_prune", tmp_path)
+    labels = [row["variant"] for row in data["rows"]]
+    assert labels == ["float32", "channels-50", "channels-50 + distill"]
+    base, pruned, distilled = data["rows"]
+    assert base["macs_x"] == 1.0 and pruned["macs"] == distilled["macs"] < base["macs"] / 2
+    assert pruned["size_bytes"] == distilled["size_bytes"] < base["size_bytes"] / 2
 
 
 def test_engine_matches_hand_written_script(tmp_path: Path) -> None:
@@ -94,4 +104,4 @@ def test_quick_benchmark_runs_from_the_command_line(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert "quick run:" in done.stdout
     written = {p.stem for p in tmp_path.glob("*.json")}
-    assert written == {"digits", "mnist", "minilm", "overhead"}
+    assert written == {"digits", "mnist", "mnist_prune", "minilm", "overhead"}
