@@ -170,7 +170,9 @@ def test_half_casts_weights_and_keeps_float32_interface(mlp: nn.Module, flat: di
 
 
 BAD_OPTIONS = [
-    ({"method": "dynamic", "calibration_batches": 8}, "calibration_batches applies to method static only, not dynamic"),
+    ({"method": "dynamic", "calibration_batches": 8}, "calibration_batches applies to method dynamic only with skip_sensitive"),
+    ({"method": "half", "calibration_batches": 8}, "calibration_batches applies to method static only, not half"),
+    ({"method": "static", "skip_sensitive": 2}, "skip_sensitive applies to method dynamic only, not static"),
     ({"method": "dynamic", "dtype": "bfloat16"}, "method dynamic takes dtype qint8 or float16, not bfloat16"),
     ({"method": "static", "dtype": "float16"}, "method static takes dtype qint8, not float16"),
     ({"method": "half", "dtype": "qint8"}, "method half takes dtype float16 or bfloat16, not qint8"),
@@ -331,3 +333,27 @@ def test_dynamic_per_channel_quantizes_recurrent_layers(kind: str, engine: None)
     assert out[0]._get_name() == f"DynamicQuantized{kind}"
     assert torch.backends.quantized.engine == "onednn"
     assert torch.allclose(out(inputs)[0], model(inputs)[0], atol=0.05)
+
+
+def test_skip_sensitive_leaves_the_layer_int8_hurts_most_float(mlp: nn.Module, flat: dict) -> None:
+    inputs = [batch[0] for batch, _ in zip(flat["calibration"], range(3), strict=False)]
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation warnings
+        reference = [mlp(x) for x in inputs]
+        errors = {}
+        for name in ("0", "2", "4"):  # each Linear quantized alone, straight through torch
+            alone = torch.ao.quantization.quantize_dynamic(mlp, {name: torch.ao.quantization.per_channel_dynamic_qconfig})
+            errors[name] = sum(float((alone(x) - r).norm() / r.norm()) for x, r in zip(inputs, reference, strict=True))
+    worst = max(errors, key=errors.__getitem__)
+    ctx = make_ctx(mlp, flat)
+    out = QuantizeStage(skip_sensitive=1, calibration_batches=3).apply(mlp, ctx)
+    assert [name for name, m in out.named_modules() if type(m) is nn.Linear] == [worst]
+    assert ctx.structure["sensitive"] == [worst]
+    assert ctx.metrics == {"quantized_layers": 2, "float_layers": 1}
+    assert any(n.startswith(f"quantize: left float the 1 layer(s) int8 hurts most on 3 calibration batch(es) "
+                            f"(output error when quantized alone): {worst} ") for n in ctx.notes)
+
+
+def test_skip_sensitive_refuses_to_leave_every_layer_float(mlp: nn.Module, flat: dict) -> None:
+    with pytest.raises(StageError, match="skip_sensitive 3 would leave all 3 candidate layers float"):
+        QuantizeStage(skip_sensitive=3).apply(mlp, make_ctx(mlp, flat))

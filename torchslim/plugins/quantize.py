@@ -75,8 +75,12 @@ class QuantizeStage(Stage):
     ``[Linear, Conv1d, Conv2d, Conv3d]``; weight_only ``[Embedding]``. Not for half."""
     exclude: list[str] = Field(default_factory=list)
     """Layer name patterns (fnmatch, e.g. ``classifier``, ``stem.*``) left float. Not for half."""
+    skip_sensitive: int | None = Field(default=None, ge=1)
+    """Dynamic only: leave float the N layers whose int8 version, each quantized alone, moves the
+    model's output most on the calibration data (mixed precision)."""
     calibration_batches: int | None = Field(default=None, ge=1)
-    """Static only (default 32): batches of the calibration data run through the observers."""
+    """Static (default 32): batches of the calibration data run through the observers. Dynamic
+    with ``skip_sensitive`` (default 4): batches the layers' sensitivity is measured on."""
     granularity: Literal["per_channel", "per_tensor"] | None = None
     """Dynamic int8 only (default ``per_channel``): one weight scale per output channel, or one per
     layer (torch's own default). Same kernels and speed; per channel is more accurate."""
@@ -89,12 +93,24 @@ class QuantizeStage(Stage):
             return {**METHOD_DEFAULTS[method], **data}
         return data
 
+    @field_validator("skip_sensitive")
+    @classmethod
+    def _dynamic_only(cls, value: int | None, info: ValidationInfo) -> int | None:
+        method = info.data.get("method")
+        if value is not None and method not in (None, "dynamic"):
+            raise ValueError(f"skip_sensitive applies to method dynamic only, not {method}")
+        return value
+
     @field_validator("calibration_batches")
     @classmethod
-    def _static_only(cls, value: Any, info: ValidationInfo) -> Any:
+    def _calibrated_only(cls, value: Any, info: ValidationInfo) -> Any:
         method = info.data.get("method")
-        if value is not None and method not in (None, "static"):
-            raise ValueError(f"{info.field_name} applies to method static only, not {method}")
+        if value is None or method is None or method == "static":
+            return value
+        if method == "dynamic" and info.data.get("skip_sensitive") is None:
+            raise ValueError("calibration_batches applies to method dynamic only with skip_sensitive")
+        if method not in ("static", "dynamic"):
+            raise ValueError(f"calibration_batches applies to method static only, not {method}")
         return value
 
     @field_validator("backend")
@@ -163,6 +179,7 @@ class QuantizeStage(Stage):
         if not census.quantized:
             raise StageError(self.label, f"method {self.method} quantized no layer; left float: {layer_census(model)}")
         wanted = {name for name, _ in self._targets(model)}
+        wanted -= set(result.record.get("sensitive", []))  # left float on purpose, and noted
         stayed = [name for name in census.left_float if name in wanted]
         if self.method == "dynamic" and stayed:  # torch skips some layers silently: never report them as done
             raise StageError(self.label, f"these layers stayed float: {', '.join(stayed)}")
@@ -187,19 +204,57 @@ class QuantizeStage(Stage):
                 return _swap_embeddings(model, names)
             if self.method == "half":
                 return _half(model, self.dtype)
-            return self._convert(model)
+            return self._convert(model, record.get("sensitive", []))
 
-    def _convert(self, model: nn.Module) -> nn.Module:
-        """Dynamic quantization of ``model`` (a copy; the input is left as it was)."""
-        from ._quant_ao import quantize_dynamic, select_engine
+    def _convert(self, model: nn.Module, also_float: list[str] | None = None) -> nn.Module:
+        """Dynamic quantization of ``model`` (a copy; the input is left as it was), leaving the
+        ``exclude`` patterns and the layers named in ``also_float`` float."""
+        from ._quant_ao import quantize_dynamic
+
+        self._select_engine()
+        exclude = [*self.exclude, *(also_float or [])]
+        return quantize_dynamic(model, self.modules or DYNAMIC_TYPES, self.dtype, exclude, self._per_channel)
+
+    @property
+    def _per_channel(self) -> bool:
+        return (self.granularity or "per_channel") == "per_channel"
+
+    def _select_engine(self) -> None:
+        from ._quant_ao import select_engine
 
         if self.backend is not None:
             try:
                 select_engine(self.backend)
             except BackendError as exc:
                 raise StageError(self.label, f"method dynamic, backend {self.backend}: {exc}") from exc
-        per_channel = (self.granularity or "per_channel") == "per_channel"
-        return quantize_dynamic(model, self.modules or DYNAMIC_TYPES, self.dtype, self.exclude, per_channel)
+
+    def _dynamic(self, model: nn.Module, before: dict[str, str], ctx: Context) -> Quantized:
+        sensitive = self._most_sensitive(model, ctx) if self.skip_sensitive else []
+        quantized = self._convert(model, sensitive)
+        record = {"sensitive": sensitive} if sensitive else {}
+        return Quantized(quantized, record, take_census(before, quantized, is_torch_quantized))
+
+    def _most_sensitive(self, model: nn.Module, ctx: Context) -> list[str]:
+        """The ``skip_sensitive`` layers whose int8 version alone changes the output most (noted with their errors)."""
+        from ._quant_ao import quantize_dynamic_layer
+        from ._sensitivity import rank_layers
+
+        names = [name for name, _ in self._targets(model)]
+        count = self.skip_sensitive or 0
+        if count >= len(names):
+            raise StageError(self.label, f"skip_sensitive {count} would leave all {len(names)} candidate layers float")
+        self._select_engine()
+        batches = list(batch_inputs(ctx.data["calibration"], self.calibration_batches or 4))
+        try:
+            ranked = rank_layers(model.eval(), names, lambda m, n: quantize_dynamic_layer(m, n, self.dtype, self._per_channel),
+                                 batches)
+        except ValueError as exc:
+            raise StageError(self.label, f"skip_sensitive: {exc}") from exc
+        chosen = ranked[:count]
+        ctx.note(f"{self.label}: left float the {count} layer(s) int8 hurts most on {len(batches)} calibration batch(es) "
+                 f"(output error when quantized alone): " + ", ".join(f"{s.name} {s.error:.2%}" for s in chosen)
+                 + f"; the next: {ranked[count].name} {ranked[count].error:.2%}")
+        return [s.name for s in chosen]
 
     def _quantize(self, model: nn.Module, ctx: Context) -> Quantized:
         before = module_types(model)
@@ -212,8 +267,7 @@ class QuantizeStage(Stage):
             half = _half(copy.deepcopy(model), self.dtype)
             census = take_census(before, half, lambda m: _is_cast(m, getattr(torch, self.dtype)), prefix="model.")
             return Quantized(half, {}, census)
-        quantized = self._convert(model)
-        return Quantized(quantized, {}, take_census(before, quantized, is_torch_quantized))
+        return self._dynamic(model, before, ctx)
 
     def _weight_only(self, model: nn.Module, before: dict[str, str], ctx: Context) -> Quantized:
         from ._quant_modules import Int8Embedding, embedding_refusal
