@@ -85,7 +85,10 @@ BAD_OPTIONS = [
     ({"amount": 0.5, "finetune_epochs": 2}, "stages[0].finetune_epochs (prune): fine-tuning runs between steps and needs steps >= 2"),
     ({"amount": 0.5, "steps": 2, "finetune_lr": 0.01}, "stages[0].finetune_lr (prune): 'finetune_lr' applies only with finetune_epochs"),
     ({"method": "structured", "amount": 0.5, "max_layer_amount": 1.0}, "stages[0].max_layer_amount (prune): Input should be less than 1"),
-    ({"method": "random", "amount": 0.5}, "stages[0].method (prune): Input should be 'magnitude', 'structured' or 'nm'"),
+    ({"method": "random", "amount": 0.5}, "stages[0].method (prune): Input should be 'magnitude', 'wanda', 'structured' or 'nm'"),
+    ({"method": "wanda", "amount": 0.5, "scope": "global"}, "stages[0].scope (prune): 'scope' does not apply to method wanda"),
+    ({"method": "wanda", "amount": 0.5, "modules": ["Conv2d"]}, "stages[0].modules (prune): method wanda prunes Linear layers only, not Conv2d"),
+    ({"amount": 0.5, "calibration_batches": 2}, "stages[0].calibration_batches (prune): 'calibration_batches' does not apply to method magnitude"),
 ]
 
 
@@ -103,13 +106,14 @@ RESOLVED = [
     ({"method": "structured", "amount": 0.5}, {**COMMON, "method": "structured", "amount": 0.5, "scope": "global",
                                                "importance": "l1", "round_to": 1, "max_layer_amount": 0.9}),
     ({"method": "nm"}, {**COMMON, "method": "nm", "modules": ["Linear", "Conv2d"], "n": 2, "m": 4}),
+    ({"method": "wanda", "amount": 0.5}, {**COMMON, "method": "wanda", "amount": 0.5, "modules": ["Linear"], "calibration_batches": 8}),
     ({"amount": 0.5, "steps": 2, "finetune_epochs": 1}, {**COMMON, "method": "magnitude", "amount": 0.5, "scope": "global",
                                                          "modules": ["Linear", "Conv2d"], "max_layer_amount": None,
                                                          "steps": 2, "finetune_epochs": 1, "finetune_lr": 0.001}),
 ]
 
 
-@pytest.mark.parametrize(("options", "expected"), RESOLVED, ids=["magnitude", "structured", "nm", "finetune"])
+@pytest.mark.parametrize(("options", "expected"), RESOLVED, ids=["magnitude", "structured", "nm", "wanda", "finetune"])
 def test_resolved_defaults_depend_on_method_and_validate_again(registry: Registry, options: dict, expected: dict) -> None:
     recipe = load_recipe(digits_recipe([{"type": "prune", **options}]), registry)
     stage = recipe.resolved()["stages"][0]
@@ -264,6 +268,49 @@ def test_magnitude_gradual_reaches_amount(trained_mlp: nn.Module, flat: dict) ->
     PruneStage(amount=0.6, steps=3, finetune_epochs=1).apply(model, ctx)
     assert ctx.metrics["pruned_sparsity"] == pytest.approx(0.6, abs=0.01)
     assert any("unstructured pruning" in note for note in ctx.notes)
+
+
+def test_wanda_keeps_small_weights_on_loud_inputs() -> None:
+    """Input feature 0 is 100x louder than the others: wanda keeps its small weights, magnitude would not."""
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 4, bias=False)
+    with torch.no_grad():
+        layer.weight.abs_().add_(0.1)
+        layer.weight[:, 0] = 0.05  # the smallest weights of every row
+    inputs = torch.randn(64, 8)
+    inputs[:, 0] *= 100
+    model = nn.Sequential(layer)
+    original = copy.deepcopy(model)
+    loader = [(inputs[i:i + 16], torch.zeros(16)) for i in range(0, 64, 16)]
+    ctx = make_ctx(original, {"calibration": loader, "eval": loader}, evaluate=lambda m: 0.0)
+    PruneStage(method="wanda", amount=0.5, calibration_batches=4).apply(model, ctx)
+    weight = model[0].weight
+    assert bool((weight[:, 0] != 0).all()), "the loud input's weights survive"
+    assert [int((row == 0).sum()) for row in weight] == [4, 4, 4, 4], "half of every row"
+    # Each row loses exactly its lowest |w| * ||x|| scores.
+    score = original[0].weight.abs() * inputs.norm(dim=0)
+    expected = score <= score.kthvalue(4, dim=1, keepdim=True).values
+    assert torch.equal(weight == 0, expected)
+    magnitude = copy.deepcopy(original)
+    PruneStage(amount=0.5, scope="layer").apply(magnitude, make_ctx(original, ctx.data, evaluate=lambda m: 0.0))
+    assert bool((magnitude[0].weight[:, 0] == 0).all())
+
+
+def test_wanda_on_the_digits_mlp_prunes_every_row_and_notes_the_cpu(trained_mlp: nn.Module, flat: dict) -> None:
+    model, ctx = copy.deepcopy(trained_mlp), make_ctx(trained_mlp, flat)
+    PruneStage(method="wanda", amount=0.6, steps=2, calibration_batches=2).apply(model, ctx)
+    for layer in (model[0], model[2], model[4]):
+        per_row = (layer.weight == 0).sum(dim=1)
+        assert bool((per_row == round(0.6 * layer.in_features)).all())
+    assert ctx.metrics["pruned_sparsity"] == pytest.approx(0.6, abs=0.01)
+    assert ctx.evaluate(model) > 50  # still a classifier (10 classes: chance is 10%)
+    assert any("unstructured pruning" in note for note in ctx.notes)
+
+
+def test_wanda_without_calibration_data_is_an_error(trained_mlp: nn.Module, flat: dict) -> None:
+    ctx = make_ctx(trained_mlp, {**flat, "calibration": []})
+    with pytest.raises(StageError, match="method wanda: the calibration data yielded no batch"):
+        PruneStage(method="wanda", amount=0.5).apply(copy.deepcopy(trained_mlp), ctx)
 
 
 def test_finetune_keeps_pruned_weights_zero(trained_mlp: nn.Module, flat: dict) -> None:

@@ -1,4 +1,5 @@
-"""Built-in ``prune`` stage: unstructured magnitude, structured (whole channels removed) and N:M pruning."""
+"""Built-in ``prune`` stage: unstructured (magnitude, activation-aware ``wanda``), structured (whole
+channels removed) and N:M pruning."""
 
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ from ._nm import fits, nm_mask
 from ._shapes import changes, replay, snapshot
 from ._unstructured import capped_magnitude, torch_magnitude
 
-Method = Literal["magnitude", "structured", "nm"]
+Method = Literal["magnitude", "wanda", "structured", "nm"]
 
 #: The methods each method-specific option applies to; given for another method it is an error.
 APPLIES: dict[str, tuple[str, ...]] = {
-    "amount": ("magnitude", "structured"),
+    "amount": ("magnitude", "wanda", "structured"),
     "scope": ("magnitude", "structured"),
-    "modules": ("magnitude", "nm"),
+    "modules": ("magnitude", "wanda", "nm"),
+    "calibration_batches": ("wanda",),
     "importance": ("structured",),
     "round_to": ("structured",),
     "max_layer_amount": ("magnitude", "structured"),
@@ -35,13 +37,16 @@ APPLIES: dict[str, tuple[str, ...]] = {
 DEFAULTS: dict[tuple[str, str], Any] = {
     ("scope", "magnitude"): "global", ("scope", "structured"): "global",
     ("modules", "magnitude"): ["Linear", "Conv2d"], ("modules", "nm"): ["Linear", "Conv2d"],
+    ("modules", "wanda"): ["Linear"], ("calibration_batches", "wanda"): 8,
     ("importance", "structured"): "l1", ("round_to", "structured"): 1,
     ("max_layer_amount", "structured"): 0.9, ("n", "nm"): 2, ("m", "nm"): 4,
 }
 
+_UNSTRUCTURED = ("unstructured pruning leaves dense tensors: the zeros alone do not lower latency or the "
+                 "dense file size on a CPU; a later quantize stage or sparse storage turns them into savings")
 CPU_NOTES = {
-    "magnitude": "unstructured pruning leaves dense tensors: the zeros alone do not lower latency or the "
-                 "dense file size on a CPU; a later quantize stage or sparse storage turns them into savings",
+    "magnitude": _UNSTRUCTURED,
+    "wanda": _UNSTRUCTURED,
     "nm": "N:M sparsity is accelerated only by sparse tensor cores (NVIDIA Ampere and later); on a CPU the "
           "zeros do not lower latency, and only a packed encoding of the weights makes the file smaller",
 }
@@ -57,18 +62,21 @@ class PruneStage(Stage):
 
     type: Literal["prune"] = "prune"
     method: Method = "magnitude"
-    """``magnitude``: unstructured L1 pruning of single weights; ``structured``: remove whole output
+    """``magnitude``: unstructured L1 pruning of single weights; ``wanda``: unstructured, each
+    Linear weight scored by its magnitude times the norm of its input feature on the calibration
+    data, the lowest ``amount`` of every output row zeroed; ``structured``: remove whole output
     channels / neurons (with the layers coupled to them); ``nm``: at most ``n`` non-zeros in every
     ``m`` consecutive weights along the input dimension."""
     amount: float | None = Field(default=None, gt=0, lt=1, validate_default=True)
-    """Fraction of the chosen weights (magnitude) or of the prunable channels (structured) removed,
+    """Fraction of the chosen weights (magnitude; wanda: of each output row) or of the prunable channels (structured) removed,
     between 0 and 1 (exclusive). Required for those methods; nm's sparsity is ``1 - n/m`` instead."""
     scope: Literal["global", "layer"] | None = Field(default=None, validate_default=True)
     """``global`` ranks all candidates together; ``layer`` prunes ``amount`` of each layer (default
     ``global``; magnitude and structured)."""
     modules: list[str] | None = Field(default=None, min_length=1, validate_default=True)
     """Layer types (torch.nn class names) whose weights are pruned (default ``[Linear, Conv2d]``;
-    magnitude and nm; structured follows the dependency graph instead)."""
+    magnitude and nm; wanda: ``[Linear]``, the only type it takes; structured follows the dependency
+    graph instead)."""
     exclude: list[str] = Field(default_factory=list)
     """Layer name patterns (fnmatch, e.g. ``classifier`` or ``blocks.*.conv1``) left untouched; for
     structured, the channels coupled to an excluded layer stay too."""
@@ -81,6 +89,8 @@ class PruneStage(Stage):
     max_layer_amount: float | None = Field(default=None, gt=0, lt=1, validate_default=True)
     """Most any one layer may lose, as a fraction of its channels (structured, default 0.9) or
     weights (magnitude, default none), so that global ranking cannot wipe out a small layer."""
+    calibration_batches: int | None = Field(default=None, ge=1, validate_default=True)
+    """wanda: batches of the calibration data the input norms are measured on (default 8)."""
     n: int | None = Field(default=None, ge=1, validate_default=True)
     """nm: non-zeros kept in each group of ``m`` (default 2)."""
     m: int | None = Field(default=None, ge=2, validate_default=True)
@@ -92,7 +102,8 @@ class PruneStage(Stage):
     finetune_lr: float | None = Field(default=None, gt=0, validate_default=True)
     """Adam learning rate of the fine-tuning between steps (default 0.001)."""
 
-    @field_validator("amount", "scope", "modules", "importance", "round_to", "max_layer_amount", "n", "m")
+    @field_validator("amount", "scope", "modules", "importance", "round_to", "max_layer_amount", "calibration_batches",
+                     "n", "m")
     @classmethod
     def _for_method(cls, value: Any, info: ValidationInfo) -> Any:
         method, option = info.data.get("method"), str(info.field_name)
@@ -112,9 +123,11 @@ class PruneStage(Stage):
 
     @field_validator("modules")
     @classmethod
-    def _known_layers(cls, value: list[str] | None) -> list[str] | None:
+    def _known_layers(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
         for name in value or []:
             layer_type(name)
+        if info.data.get("method") == "wanda" and value and value != ["Linear"]:
+            raise ValueError(f"method wanda prunes Linear layers only, not {', '.join(v for v in value if v != 'Linear')}")
         return value
 
     @field_validator("m")
@@ -167,6 +180,8 @@ class PruneStage(Stage):
         for step in range(1, self.steps + 1):
             if self.method == "nm":
                 self._nm_step(layers, step)
+            elif self.method == "wanda":
+                self._wanda_step(model, layers, step / self.steps, ctx)
             else:
                 self._magnitude_step(layers, step / self.steps)
             self._finetune(model, ctx, step, layers)
@@ -198,6 +213,19 @@ class PruneStage(Stage):
             torch_magnitude(layers, amount, self.scope == "global")
         else:
             capped_magnitude(layers, amount, self.max_layer_amount, self.scope == "global")
+
+    def _wanda_step(self, model: nn.Module, layers: list[nn.Module], fraction: float, ctx: Context) -> None:
+        from ._quant_base import batch_inputs
+        from ._wanda import input_norms, prune_rows
+
+        named = {name: layer for name, layer in model.named_modules() if any(layer is chosen for chosen in layers)}
+        batches = batch_inputs(ctx.data["calibration"], self.calibration_batches or 8)
+        try:
+            norms = input_norms(model.eval(), named, batches)
+        except ValueError as exc:
+            raise StageError(self.label, f"method wanda: {exc}") from exc
+        for name, layer in named.items():
+            prune_rows(layer, norms[name], (self.amount or 0.0) * fraction)
 
     def _nm_step(self, layers: list[nn.Module], step: int) -> None:
         n, m = self.n or 2, self.m or 4
