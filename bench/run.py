@@ -41,8 +41,12 @@ def run_case(name: str, settings: Settings) -> CaseResult:
         result = CaseResult(name, module.TITLE, [], [], skipped=reason)
     else:
         torch.set_num_threads(settings.threads)
+        engine = torch.backends.quantized.engine  # a recipe's backend (onednn) switches it for the process
         start = time.perf_counter()
-        result = module.run(settings)
+        try:
+            result = module.run(settings)
+        finally:
+            torch.backends.quantized.engine = engine
         result.settings.setdefault("case_seconds", round(time.perf_counter() - start, 1))
     result.environment = environment(settings)
     return result
