@@ -59,8 +59,9 @@ def test_rows_and_metrics(chain_run: tuple[torchslim.Report, Path]) -> None:
             assert key in row.metrics, (row.stage, key)
     prune, final = report.rows[1].metrics, report.rows[3].metrics
     assert prune["sparsity"] == pytest.approx(0.5, abs=0.02)
-    # int8 weights are a quarter of float32; file overhead keeps this tiny model above that.
-    assert final["size_bytes"] < report.baseline.metrics["size_bytes"] * 0.6
+    # int8 weights are a quarter of float32; file overhead and a 16-byte scale per output row
+    # keep this tiny model (32 hidden units) well above that.
+    assert final["size_bytes"] < report.baseline.metrics["size_bytes"] * 0.7
     assert report.baseline.metrics["accuracy"] > 80
 
 
