@@ -51,6 +51,28 @@ def test_validate_good() -> None:
     assert "valid recipe 'digits-quickstart' with 3 stages" in result.stdout
 
 
+def test_validate_expands_a_sweep_and_names_every_variant() -> None:
+    result = torchslim("validate", "recipes/compare/sweep.yaml")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "valid sweep recipe 'chain-sweep' with 6 variants, each valid" in lines[0]
+    assert lines[1].strip() == "chain-sweep[stages.0.method=magnitude, stages.0.amount=0.5]"
+    assert len(lines) == 7
+
+
+def test_validate_refuses_a_sweep_value_a_variant_cannot_take(tmp_path: Path) -> None:
+    text = (ROOT / "recipes/compare/sweep.yaml").read_text().replace("stages.0.amount: [0.5, 0.7, 0.9]",
+                                                                       "stages.0.amount: [0.5, 1.5]")
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    result = torchslim("validate", "--no-import", str(path))
+    assert result.returncode == 2
+    line = next(n for n, text in enumerate(text.splitlines(), start=1) if text.strip().startswith("stages.0.amount:"))
+    assert f"{path}:{line}:" in result.stderr and "Input should be less than 1" in result.stderr
+    assert "(in sweep variant chain-sweep[stages.0.method=magnitude, stages.0.amount=1.5])" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize(
     ("stage", "message"),
     [

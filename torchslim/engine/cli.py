@@ -12,7 +12,7 @@ from pathlib import Path
 from .. import __version__
 from . import distributed
 from .errors import TorchslimError, UsageError
-from .recipe import load_recipe, recipe_model
+from .recipe import RecipeBase, load_recipe, recipe_model
 from .registry import Registry
 from .runner import check_targets, run
 
@@ -116,12 +116,31 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe, Registry.load())
+    registry = Registry.load()
+    recipe = load_recipe(args.recipe, registry)
+    checked = "" if args.no_import else "; its model, data and metric targets import"
+    if recipe.sweep:
+        return _validate_sweep(args, recipe, registry, checked)
     if not args.no_import:
         check_targets(recipe)
     stages = ", ".join(f"{s.label} ({s.type})" for s in recipe.stage_list)
-    checked = "" if args.no_import else "; its model, data and metric targets import"
     print(f"{args.recipe}: valid recipe '{recipe.name}' with {len(recipe.stage_list)} stages: {stages}{checked}")
+    return 0
+
+
+def _validate_sweep(args: argparse.Namespace, recipe: RecipeBase, registry: Registry, checked: str) -> int:
+    """Every variant of a sweep validated (and its targets imported) as ``compare`` would run it."""
+    from .sweep import expand
+    from .yamlio import read_yaml
+
+    variants = expand(recipe._document or read_yaml(args.recipe), recipe, registry)
+    if not args.no_import:
+        for _, concrete in variants:
+            check_targets(concrete)
+    print(f"{args.recipe}: valid sweep recipe '{recipe.name}' with {len(variants)} variants, each valid{checked} "
+          f"(run them with torchslim compare):")
+    for variant, _ in variants:
+        print(f"  {variant.name}")
     return 0
 
 
