@@ -74,9 +74,10 @@ def embedder() -> nn.Module:
     return pixel_model(train_epochs=3)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def engine() -> Iterator[None]:
-    """Put torch's quantized engine back: backend qnnpack switches it for the process."""
+    """Put torch's quantized engine back after every test: backends qnnpack and onednn (recipes/minilm.yaml)
+    switch it for the process, and float16 dynamic quantization has no oneDNN kernel."""
     previous = torch.backends.quantized.engine
     yield
     torch.backends.quantized.engine = previous
@@ -357,3 +358,15 @@ def test_skip_sensitive_leaves_the_layer_int8_hurts_most_float(mlp: nn.Module, f
 def test_skip_sensitive_refuses_to_leave_every_layer_float(mlp: nn.Module, flat: dict) -> None:
     with pytest.raises(StageError, match="skip_sensitive 3 would leave all 3 candidate layers float"):
         QuantizeStage(skip_sensitive=3).apply(mlp, make_ctx(mlp, flat))
+
+
+def test_dynamic_without_backend_does_not_inherit_an_earlier_engine(mlp: nn.Module, flat: dict) -> None:
+    from torchslim.plugins._quant_ao import DEFAULT_ENGINE
+
+    QuantizeStage(backend="onednn").apply(mlp, make_ctx(mlp, flat))
+    assert torch.backends.quantized.engine == "onednn"
+    # oneDNN has no float16 kernels: left selected, it would make this stage fail.
+    ctx = make_ctx(mlp, flat)
+    out = QuantizeStage(dtype="float16").apply(mlp, ctx)
+    assert ctx.metrics["quantized_layers"] == 3 and torch.backends.quantized.engine == DEFAULT_ENGINE
+    assert abs(ctx.evaluate(out) - ctx.evaluate(mlp)) < 1

@@ -118,6 +118,11 @@ def _qconfig_mapping(model: nn.Module, options: StaticOptions) -> Any:
     return mapping
 
 
+#: torch's quantized engine when torchslim was imported (x86 on x86 CPUs, qnnpack on ARM): the
+#: engine of a dynamic stage without ``backend``, whatever an earlier stage or recipe selected.
+DEFAULT_ENGINE = torch.backends.quantized.engine
+
+
 def select_engine(backend: str) -> None:
     """Make ``backend`` torch's quantized engine: packed int8 weights run on the engine that packed them."""
     engines = torch.backends.quantized.supported_engines

@@ -65,8 +65,8 @@ class QuantizeStage(Stage):
     backend: Literal["x86", "onednn", "qnnpack", "torchao"] | None = None
     """Static (default ``x86``): ``x86`` or ``qnnpack`` (ARM) run torch's FX graph-mode
     quantization; ``torchao`` runs torchao's PT2E flow with torch.compile (torchao must be installed).
-    Dynamic (default: torch's current quantized engine, ``x86`` unless changed): the engine that
-    packs the int8 weights and so runs them, ``x86``, ``onednn`` or ``qnnpack``."""
+    Dynamic (default: torch's default engine when torchslim was imported, ``x86`` on x86 CPUs):
+    the engine that packs the int8 weights and so runs them, ``x86``, ``onednn`` or ``qnnpack``."""
     dtype: Literal["qint8", "float16", "bfloat16"] = "qint8"
     """Weight type: ``qint8`` (dynamic, static, weight_only) or ``float16`` (dynamic, half),
     ``bfloat16`` (half). Defaults to ``qint8``, or ``float16`` for half."""
@@ -220,13 +220,14 @@ class QuantizeStage(Stage):
         return (self.granularity or "per_channel") == "per_channel"
 
     def _select_engine(self) -> None:
-        from ._quant_ao import select_engine
+        from ._quant_ao import DEFAULT_ENGINE, select_engine
 
-        if self.backend is not None:
-            try:
-                select_engine(self.backend)
-            except BackendError as exc:
-                raise StageError(self.label, f"method dynamic, backend {self.backend}: {exc}") from exc
+        # Always select: an engine left by an earlier stage or recipe in this process (onednn has
+        # no float16 kernels) must not decide how this stage packs its weights.
+        try:
+            select_engine(self.backend or DEFAULT_ENGINE)
+        except BackendError as exc:
+            raise StageError(self.label, f"method dynamic, backend {self.backend}: {exc}") from exc
 
     def _dynamic(self, model: nn.Module, before: dict[str, str], ctx: Context) -> Quantized:
         sensitive = self._most_sensitive(model, ctx) if self.skip_sensitive else []
