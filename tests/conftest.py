@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from torch import nn
 
@@ -34,6 +35,17 @@ def images() -> dict:
 def flat() -> dict:
     """The bundled digits as 64-value vectors (for MLPs), shared by a test module."""
     return digits.loaders(batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def trained_mlp() -> nn.Module:
+    """A 64-32-32-10 MLP trained 5 epochs on the digits, shared by a test module (copy it before changing it)."""
+    return digits.mlp(hidden=32, train_epochs=5)
+
+
+def linear_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The weight of every Linear layer of ``model``, in order."""
+    return [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
 
 
 def make_ctx(model: nn.Module, data: dict[str, Any], evaluate: Any = None) -> Context:

@@ -27,7 +27,7 @@ from torchslim.plugins._shard import TrainBatches
 from torchslim.plugins.distill import DistillStage
 from torchslim.plugins.prune import PruneStage
 
-from .conftest import digits_recipe, make_ctx, write_recipe
+from .conftest import digits_recipe, linear_weights, make_ctx, write_recipe
 
 #: Eval-set logits of every model the custom metric below scored, in order (the last is the final model).
 SEEN: list[torch.Tensor] = []
@@ -44,28 +44,20 @@ def logits_accuracy(model: nn.Module, loader: Any) -> float:
 
 
 @pytest.fixture(scope="module")
-def data() -> dict[str, DataLoader]:
-    return digits.loaders(batch_size=64)
+def teacher(trained_mlp: nn.Module) -> nn.Module:
+    """The teacher of these tests: the shared trained MLP."""
+    return trained_mlp
 
 
-@pytest.fixture(scope="module")
-def teacher() -> nn.Module:
-    return digits.mlp(hidden=32, train_epochs=5)
-
-
-def linears(model: nn.Module) -> list[torch.Tensor]:
-    return [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
-
-
-def test_logit_kd_recovers_and_keeps_zeros_at_high_sparsity(teacher: nn.Module, data: dict) -> None:
+def test_logit_kd_recovers_and_keeps_zeros_at_high_sparsity(teacher: nn.Module, flat: dict) -> None:
     model = copy.deepcopy(teacher)
-    ctx = make_ctx(teacher, data)
+    ctx = make_ctx(teacher, flat)
     torch.manual_seed(0)
     PruneStage(amount=0.9, scope="layer").apply(model, ctx)
-    zeros = [w == 0 for w in linears(model)]
+    zeros = [w == 0 for w in linear_weights(model)]
     pruned = ctx.evaluate(model)
     out = DistillStage(epochs=3, lr=3e-2).apply(model, ctx)
-    for mask, w in zip(zeros, linears(out), strict=True):
+    for mask, w in zip(zeros, linear_weights(out), strict=True):
         assert bool((w[mask] == 0).all())
         assert float(mask.float().mean()) == pytest.approx(0.9, abs=0.01)
     assert ctx.evaluate(out) > pruned + 40
@@ -75,14 +67,14 @@ def test_logit_kd_recovers_and_keeps_zeros_at_high_sparsity(teacher: nn.Module, 
 
 
 @pytest.mark.parametrize("loss", ["mse", "cosine"], ids=["mse", "cosine"])
-def test_feature_kd_trains_through_a_projection(teacher: nn.Module, data: dict, loss: str) -> None:
+def test_feature_kd_trains_through_a_projection(teacher: nn.Module, flat: dict, loss: str) -> None:
     pair = {"student": "1", "teacher": "1", "loss": loss}  # ReLU outputs: 16 wide vs 32 wide
     feature_loss = {}
     for steps in (1, 60):
         torch.manual_seed(0)
         student = digits.mlp(hidden=16)
         keys = set(student.state_dict())
-        ctx = make_ctx(teacher, data)
+        ctx = make_ctx(teacher, flat)
         stage = DistillStage(alpha=0.0, features=[pair], epochs=3, max_steps=steps, lr=1e-2, schedule="constant")
         out = stage.apply(student, ctx)
         assert set(out.state_dict()) == keys  # the projection is not part of the returned model
@@ -91,13 +83,13 @@ def test_feature_kd_trains_through_a_projection(teacher: nn.Module, data: dict, 
     assert feature_loss[60] < feature_loss[1] / 3, feature_loss
 
 
-def test_feature_kd_pulls_same_width_features_to_the_teacher(teacher: nn.Module, data: dict) -> None:
-    inputs = torch.cat([x for x, _ in data["eval"]])
+def test_feature_kd_pulls_same_width_features_to_the_teacher(teacher: nn.Module, flat: dict) -> None:
+    inputs = torch.cat([x for x, _ in flat["eval"]])
     distance = {}
     for name, features in (("labels", []), ("features", [{"student": "1", "teacher": "1"}])):
         torch.manual_seed(0)
         stage = DistillStage(alpha=0.0, features=features, epochs=2, lr=1e-2, schedule="constant")
-        out = stage.apply(digits.mlp(hidden=32), make_ctx(teacher, data))
+        out = stage.apply(digits.mlp(hidden=32), make_ctx(teacher, flat))
         with torch.no_grad():
             distance[name] = float(((out[:2](inputs) - teacher[:2](inputs)) ** 2).mean())
     assert distance["features"] < distance["labels"] / 3, distance
@@ -134,10 +126,10 @@ def test_projection_refuses_other_spatial_size() -> None:
     ],
     ids=["student-layer", "teacher-layer"],
 )
-def test_feature_layer_errors_name_the_option(teacher: nn.Module, data: dict, features: list, message: str) -> None:
+def test_feature_layer_errors_name_the_option(teacher: nn.Module, flat: dict, features: list, message: str) -> None:
     student = digits.mlp(hidden=16)
     with pytest.raises(StageError, match=message):
-        DistillStage(features=features).apply(student, make_ctx(teacher, data))
+        DistillStage(features=features).apply(student, make_ctx(teacher, flat))
     assert not any(m._forward_hooks for m in [*student.modules(), *teacher.modules()])
 
 
@@ -179,11 +171,11 @@ def test_student_from_spec_is_saved_and_loaded(registry: Registry, tmp_path: Pat
     assert torch.equal(SEEN[-1], final)
 
 
-def test_same_seed_same_weights_other_seed_other_order(teacher: nn.Module, data: dict) -> None:
+def test_same_seed_same_weights_other_seed_other_order(teacher: nn.Module, flat: dict) -> None:
     def train(seed: int) -> dict[str, torch.Tensor]:
         torch.manual_seed(seed)
         stage = DistillStage(epochs=1, max_steps=8, teacher="previous", alpha=0.7)
-        out = stage.apply(copy.deepcopy(teacher), make_ctx(teacher, data))
+        out = stage.apply(copy.deepcopy(teacher), make_ctx(teacher, flat))
         return out.state_dict()
 
     first, again, other = train(3), train(3), train(4)
@@ -192,7 +184,7 @@ def test_same_seed_same_weights_other_seed_other_order(teacher: nn.Module, data:
 
 
 @pytest.mark.parametrize(("keep", "kept"), [("best", 2), ("last", 4)], ids=["best", "last"])
-def test_keep_and_patience(teacher: nn.Module, data: dict, keep: str, kept: int) -> None:
+def test_keep_and_patience(teacher: nn.Module, flat: dict, keep: str, kept: int) -> None:
     scores = iter([50.0, 70.0, 60.0, 65.0, 99.0])
     snapshots: list[dict[str, torch.Tensor]] = []
 
@@ -200,7 +192,7 @@ def test_keep_and_patience(teacher: nn.Module, data: dict, keep: str, kept: int)
         snapshots.append(copy.deepcopy(model.state_dict()))
         return next(scores)
 
-    few = {**data, "train": list(itertools.islice(data["train"], 3))}  # the scores are scripted: 3 steps an epoch do
+    few = {**flat, "train": list(itertools.islice(flat["train"], 3))}  # the scores are scripted: 3 steps an epoch do
     ctx = make_ctx(teacher, few, evaluate=scripted)
     stage = DistillStage(epochs=5, patience=2, keep=keep, lr=1e-2, teacher="previous")
     state = stage.apply(copy.deepcopy(teacher), ctx).state_dict()
@@ -211,12 +203,12 @@ def test_keep_and_patience(teacher: nn.Module, data: dict, keep: str, kept: int)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"], ids=["adam", "adamw", "sgd"])
-def test_max_steps_and_optimizers(teacher: nn.Module, data: dict, optimizer: str) -> None:
+def test_max_steps_and_optimizers(teacher: nn.Module, flat: dict, optimizer: str) -> None:
     model = copy.deepcopy(teacher)
-    ctx = make_ctx(teacher, data)
+    ctx = make_ctx(teacher, flat)
     DistillStage(optimizer=optimizer, epochs=4, max_steps=5, grad_clip=1.0, keep="last", lr=1e-2).apply(model, ctx)
     assert ctx.metrics["epochs_run"] == 1
-    assert not all(torch.equal(a, b) for a, b in zip(linears(model), linears(teacher), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(linear_weights(model), linear_weights(teacher), strict=True))
 
 
 class Terminal(io.StringIO):
@@ -225,12 +217,12 @@ class Terminal(io.StringIO):
 
 
 @pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "log"])
-def test_progress_line_on_terminal_log_lines_otherwise(teacher: nn.Module, data: dict, terminal: bool,
+def test_progress_line_on_terminal_log_lines_otherwise(teacher: nn.Module, flat: dict, terminal: bool,
                                                        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     stream = Terminal() if terminal else io.StringIO()
     monkeypatch.setattr(sys, "stderr", stream)
     caplog.set_level(logging.INFO, logger="test")
-    few = {**data, "train": list(itertools.islice(data["train"], 4))}
+    few = {**flat, "train": list(itertools.islice(flat["train"], 4))}
     DistillStage(epochs=2, teacher="previous").apply(copy.deepcopy(teacher), make_ctx(teacher, few))
     epoch_lines = [r.getMessage() for r in caplog.records if "epoch 2/2" in r.getMessage()]
     if terminal:

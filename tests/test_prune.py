@@ -58,11 +58,6 @@ def trained_branches(images: dict) -> nn.Module:
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def trained_mlp() -> nn.Module:
-    return digits.mlp(hidden=32, train_epochs=5)
-
-
 def fresh(name: str) -> nn.Module:
     factories = {"resnet": lambda: digits.resnet(width=8, blocks=1), "mobile": lambda: mobile.mobilenet(width=8),
                  "branches": Branches}

@@ -65,11 +65,6 @@ def resnet() -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def mlp() -> nn.Module:
-    return digits.mlp(hidden=32, train_epochs=5)
-
-
-@pytest.fixture(scope="module")
 def embedder() -> nn.Module:
     return pixel_model(train_epochs=3)
 
@@ -127,12 +122,12 @@ def test_static_untraceable_model_names_the_cause(flat: dict) -> None:
         QuantizeStage(method="static").apply(Branchy(), make_ctx(Branchy(), flat))
 
 
-def test_torch_deprecation_is_one_note_not_warnings(mlp: nn.Module, flat: dict) -> None:
-    ctx = make_ctx(mlp, flat)
+def test_torch_deprecation_is_one_note_not_warnings(trained_mlp: nn.Module, flat: dict) -> None:
+    ctx = make_ctx(trained_mlp, flat)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        QuantizeStage().apply(mlp, ctx)
-        QuantizeStage(name="again").apply(mlp, ctx)
+        QuantizeStage().apply(trained_mlp, ctx)
+        QuantizeStage(name="again").apply(trained_mlp, ctx)
     assert [str(w.message) for w in caught] == []
     assert sum(n.startswith("torch warned (shown once): torch.ao.quantization is deprecated") for n in ctx.notes) == 1
 
@@ -160,14 +155,14 @@ def test_weight_only_refuses_max_norm_embedding_with_reason(flat: dict) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"], ids=["float16", "bfloat16"])
-def test_half_casts_weights_and_keeps_float32_interface(mlp: nn.Module, flat: dict, dtype: str) -> None:
-    ctx = make_ctx(mlp, flat)
-    out = QuantizeStage(method="half", dtype=dtype).apply(mlp, ctx)
+def test_half_casts_weights_and_keeps_float32_interface(trained_mlp: nn.Module, flat: dict, dtype: str) -> None:
+    ctx = make_ctx(trained_mlp, flat)
+    out = QuantizeStage(method="half", dtype=dtype).apply(trained_mlp, ctx)
     assert {p.dtype for p in out.parameters()} == {getattr(torch, dtype)}
     assert out(ctx.example_inputs).dtype == torch.float32
     assert ctx.metrics == {"quantized_layers": 3, "float_layers": 0}
-    assert abs(ctx.evaluate(out) - ctx.evaluate(mlp)) < 1
-    assert size_bytes(out) < 0.6 * size_bytes(mlp)
+    assert abs(ctx.evaluate(out) - ctx.evaluate(trained_mlp)) < 1
+    assert size_bytes(out) < 0.6 * size_bytes(trained_mlp)
 
 
 BAD_OPTIONS = [
@@ -299,9 +294,9 @@ def test_minilm_int8_linear_and_embeddings(tmp_path: Path) -> None:
     assert minilm.cosine(loaded, data["eval"]) == final["cosine"]
 
 
-def test_dynamic_exclude_keeps_named_linear_float(mlp: nn.Module, flat: dict) -> None:
-    ctx = make_ctx(mlp, flat)
-    out = QuantizeStage(exclude=["4"]).apply(mlp, ctx)
+def test_dynamic_exclude_keeps_named_linear_float(trained_mlp: nn.Module, flat: dict) -> None:
+    ctx = make_ctx(trained_mlp, flat)
+    out = QuantizeStage(exclude=["4"]).apply(trained_mlp, ctx)
     assert type(out[4]) is nn.Linear and type(out[0]) is not nn.Linear
     assert ctx.metrics == {"quantized_layers": 2, "float_layers": 1}
 
@@ -313,14 +308,14 @@ def _weight_error(quantized: nn.Module, original: nn.Module) -> float:
     return float(torch.stack([(q - f).abs().mean() for q, f in zip(int8, float32, strict=True)]).mean())
 
 
-def test_dynamic_weights_have_a_scale_per_channel_by_default(mlp: nn.Module, flat: dict) -> None:
-    ctx = make_ctx(mlp, flat)
-    channel = QuantizeStage().apply(mlp, ctx)
-    layer = QuantizeStage(granularity="per_tensor").apply(mlp, make_ctx(mlp, flat))
+def test_dynamic_weights_have_a_scale_per_channel_by_default(trained_mlp: nn.Module, flat: dict) -> None:
+    ctx = make_ctx(trained_mlp, flat)
+    channel = QuantizeStage().apply(trained_mlp, ctx)
+    layer = QuantizeStage(granularity="per_tensor").apply(trained_mlp, make_ctx(trained_mlp, flat))
     assert channel[0].weight().qscheme() == torch.per_channel_affine
     assert layer[0].weight().qscheme() == torch.per_tensor_affine
     # A row's own scale is never coarser than the layer's: the rounding error can only shrink.
-    assert _weight_error(channel, mlp) < _weight_error(layer, mlp)
+    assert _weight_error(channel, trained_mlp) < _weight_error(layer, trained_mlp)
     assert any("quantized (int8 weights per channel, dynamic activations) Linear x3" in n for n in ctx.notes)
 
 
@@ -336,18 +331,18 @@ def test_dynamic_per_channel_quantizes_recurrent_layers(kind: str, engine: None)
     assert torch.allclose(out(inputs)[0], model(inputs)[0], atol=0.05)
 
 
-def test_skip_sensitive_leaves_the_layer_int8_hurts_most_float(mlp: nn.Module, flat: dict) -> None:
+def test_skip_sensitive_leaves_the_layer_int8_hurts_most_float(trained_mlp: nn.Module, flat: dict) -> None:
     inputs = [batch[0] for batch, _ in zip(flat["calibration"], range(3), strict=False)]
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's deprecation warnings
-        reference = [mlp(x) for x in inputs]
+        reference = [trained_mlp(x) for x in inputs]
         errors = {}
         for name in ("0", "2", "4"):  # each Linear quantized alone, straight through torch
-            alone = torch.ao.quantization.quantize_dynamic(mlp, {name: torch.ao.quantization.per_channel_dynamic_qconfig})
+            alone = torch.ao.quantization.quantize_dynamic(trained_mlp, {name: torch.ao.quantization.per_channel_dynamic_qconfig})
             errors[name] = sum(float((alone(x) - r).norm() / r.norm()) for x, r in zip(inputs, reference, strict=True))
     worst = max(errors, key=errors.__getitem__)
-    ctx = make_ctx(mlp, flat)
-    out = QuantizeStage(skip_sensitive=1, calibration_batches=3).apply(mlp, ctx)
+    ctx = make_ctx(trained_mlp, flat)
+    out = QuantizeStage(skip_sensitive=1, calibration_batches=3).apply(trained_mlp, ctx)
     assert [name for name, m in out.named_modules() if type(m) is nn.Linear] == [worst]
     assert ctx.structure["sensitive"] == [worst]
     assert ctx.metrics == {"quantized_layers": 2, "float_layers": 1}
@@ -355,18 +350,18 @@ def test_skip_sensitive_leaves_the_layer_int8_hurts_most_float(mlp: nn.Module, f
                             f"(output error when quantized alone): {worst} ") for n in ctx.notes)
 
 
-def test_skip_sensitive_refuses_to_leave_every_layer_float(mlp: nn.Module, flat: dict) -> None:
+def test_skip_sensitive_refuses_to_leave_every_layer_float(trained_mlp: nn.Module, flat: dict) -> None:
     with pytest.raises(StageError, match="skip_sensitive 3 would leave all 3 candidate layers float"):
-        QuantizeStage(skip_sensitive=3).apply(mlp, make_ctx(mlp, flat))
+        QuantizeStage(skip_sensitive=3).apply(trained_mlp, make_ctx(trained_mlp, flat))
 
 
-def test_dynamic_without_backend_does_not_inherit_an_earlier_engine(mlp: nn.Module, flat: dict) -> None:
+def test_dynamic_without_backend_does_not_inherit_an_earlier_engine(trained_mlp: nn.Module, flat: dict) -> None:
     from torchslim.plugins._quant_ao import DEFAULT_ENGINE
 
-    QuantizeStage(backend="onednn").apply(mlp, make_ctx(mlp, flat))
+    QuantizeStage(backend="onednn").apply(trained_mlp, make_ctx(trained_mlp, flat))
     assert torch.backends.quantized.engine == "onednn"
     # oneDNN has no float16 kernels: left selected, it would make this stage fail.
-    ctx = make_ctx(mlp, flat)
-    out = QuantizeStage(dtype="float16").apply(mlp, ctx)
+    ctx = make_ctx(trained_mlp, flat)
+    out = QuantizeStage(dtype="float16").apply(trained_mlp, ctx)
     assert ctx.metrics["quantized_layers"] == 3 and torch.backends.quantized.engine == DEFAULT_ENGINE
-    assert abs(ctx.evaluate(out) - ctx.evaluate(mlp)) < 1
+    assert abs(ctx.evaluate(out) - ctx.evaluate(trained_mlp)) < 1

@@ -15,80 +15,66 @@ from torchslim.plugins.distill import DistillStage
 from torchslim.plugins.prune import PruneStage
 from torchslim.plugins.quantize import QuantizeStage
 
-from .conftest import make_ctx
-
-
-@pytest.fixture(scope="module")
-def data() -> dict:
-    return digits.loaders(batch_size=64)
-
-
-@pytest.fixture(scope="module")
-def trained() -> nn.Module:
-    return digits.mlp(hidden=32, train_epochs=5)
-
-
-def weights(model: nn.Module) -> list[torch.Tensor]:
-    return [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+from .conftest import linear_weights, make_ctx
 
 
 @pytest.mark.parametrize("scope", ["global", "layer"], ids=["global", "layer"])
-def test_prune_zeroes_amount_and_leaves_no_masks(trained: nn.Module, data: dict, scope: str) -> None:
-    model = copy.deepcopy(trained)
-    ctx = make_ctx(model, data)
+def test_prune_zeroes_amount_and_leaves_no_masks(trained_mlp: nn.Module, flat: dict, scope: str) -> None:
+    model = copy.deepcopy(trained_mlp)
+    ctx = make_ctx(model, flat)
     out = PruneStage(amount=0.6, scope=scope).apply(model, ctx)
-    total = sum(w.numel() for w in weights(out))
-    zeros = sum(int((w == 0).sum()) for w in weights(out))
+    total = sum(w.numel() for w in linear_weights(out))
+    zeros = sum(int((w == 0).sum()) for w in linear_weights(out))
     assert zeros / total == pytest.approx(0.6, abs=0.01)
     assert ctx.metrics["pruned_sparsity"] == pytest.approx(zeros / total)
     names = [n for n, _ in out.named_parameters()] + [n for n, _ in out.named_buffers()]
     assert not any("weight_orig" in n or "weight_mask" in n for n in names)
     if scope == "layer":
-        for w in weights(out):
+        for w in linear_weights(out):
             assert float((w == 0).float().mean()) == pytest.approx(0.6, abs=0.01)
 
 
-def test_prune_exclude_keeps_named_layer(trained: nn.Module, data: dict) -> None:
-    model = copy.deepcopy(trained)
+def test_prune_exclude_keeps_named_layer(trained_mlp: nn.Module, flat: dict) -> None:
+    model = copy.deepcopy(trained_mlp)
     last = copy.deepcopy(model[4].weight)
-    PruneStage(amount=0.5, exclude=["4"]).apply(model, make_ctx(model, data))
+    PruneStage(amount=0.5, exclude=["4"]).apply(model, make_ctx(model, flat))
     assert torch.equal(model[4].weight, last)
     assert float((model[0].weight == 0).float().mean()) > 0.3
 
 
-def test_prune_matching_nothing_is_an_error(trained: nn.Module, data: dict) -> None:
-    model = copy.deepcopy(trained)
+def test_prune_matching_nothing_is_an_error(trained_mlp: nn.Module, flat: dict) -> None:
+    model = copy.deepcopy(trained_mlp)
     with pytest.raises(StageError, match=r"matched no layer.*Linear x3"):
-        PruneStage(amount=0.5, modules=["Conv2d"]).apply(model, make_ctx(model, data))
+        PruneStage(amount=0.5, modules=["Conv2d"]).apply(model, make_ctx(model, flat))
 
 
 @pytest.mark.parametrize("dtype", ["qint8", "float16"], ids=["qint8", "float16"])
-def test_quantize_dynamic_swaps_every_linear(trained: nn.Module, data: dict, dtype: str) -> None:
-    model = copy.deepcopy(trained)
-    ctx = make_ctx(model, data)
+def test_quantize_dynamic_swaps_every_linear(trained_mlp: nn.Module, flat: dict, dtype: str) -> None:
+    model = copy.deepcopy(trained_mlp)
+    ctx = make_ctx(model, flat)
     out = QuantizeStage(dtype=dtype).apply(model, ctx)
     kinds = {type(m).__module__ for m in out.modules() if type(m).__name__ == "Linear"}
     assert kinds == {"torch.ao.nn.quantized.dynamic.modules.linear"}
     assert ctx.metrics["quantized_layers"] == 3
     x = ctx.example_inputs
-    agreement = float((out(x).argmax(1) == trained(x).argmax(1)).float().mean())
+    agreement = float((out(x).argmax(1) == trained_mlp(x).argmax(1)).float().mean())
     assert agreement > 0.95
 
 
-def test_quantize_restore_rebuilds_the_same_structure(trained: nn.Module, data: dict) -> None:
+def test_quantize_restore_rebuilds_the_same_structure(trained_mlp: nn.Module, flat: dict) -> None:
     stage = QuantizeStage()
-    out = stage.apply(copy.deepcopy(trained), make_ctx(trained, data))
+    out = stage.apply(copy.deepcopy(trained_mlp), make_ctx(trained_mlp, flat))
     fresh = stage.restore(digits.mlp(hidden=32), {})
     fresh.load_state_dict(out.state_dict())
-    x = next(iter(data["eval"]))[0]
+    x = next(iter(flat["eval"]))[0]
     assert torch.equal(fresh(x), out(x))
 
 
-def test_quantize_model_without_linear_is_an_error(data: dict) -> None:
+def test_quantize_model_without_linear_is_an_error(flat: dict) -> None:
     model = digits.cnn(channels=4)
     model[7] = nn.Identity()  # drop the classifier: no Linear remains
     with pytest.raises(StageError, match=r"matched no layer; the model has: Conv2d x2"):
-        QuantizeStage().apply(model, make_ctx(model, data))
+        QuantizeStage().apply(model, make_ctx(model, flat))
 
 
 def test_distill_loss_uses_true_labels() -> None:
@@ -104,31 +90,31 @@ def test_distill_loss_uses_true_labels() -> None:
     assert torch.allclose(soft_only, expected)
 
 
-def test_distill_recovers_pruned_model_and_keeps_zeros(trained: nn.Module, data: dict) -> None:
-    model = copy.deepcopy(trained)
-    ctx = make_ctx(trained, data)
+def test_distill_recovers_pruned_model_and_keeps_zeros(trained_mlp: nn.Module, flat: dict) -> None:
+    model = copy.deepcopy(trained_mlp)
+    ctx = make_ctx(trained_mlp, flat)
     torch.manual_seed(0)
     PruneStage(amount=0.8, scope="layer").apply(model, ctx)
-    zeros = [(w == 0) for w in weights(model)]
+    zeros = [(w == 0) for w in linear_weights(model)]
     pruned_score = ctx.evaluate(model)
     out = DistillStage(epochs=3, lr=3e-3).apply(model, ctx)
     assert ctx.evaluate(out) > pruned_score
-    for mask, w in zip(zeros, weights(out), strict=True):
+    for mask, w in zip(zeros, linear_weights(out), strict=True):
         assert bool((w[mask] == 0).all())
     assert ctx.metrics["train_loss"] > 0
 
 
-def test_distill_from_teacher_spec(trained: nn.Module, data: dict) -> None:
+def test_distill_from_teacher_spec(trained_mlp: nn.Module, flat: dict) -> None:
     student = digits.mlp(hidden=16)
-    ctx = make_ctx(trained, data)
+    ctx = make_ctx(trained_mlp, flat)
     before = ctx.evaluate(student)
     teacher = {"target": "torchslim.examples.digits:mlp", "kwargs": {"hidden": 32, "train_epochs": 5}}
     out = DistillStage(teacher=teacher, epochs=2, lr=3e-3).apply(student, ctx)
     assert ctx.evaluate(out) > before + 20
 
 
-def test_distill_refuses_quantized_model(trained: nn.Module, data: dict) -> None:
-    ctx = make_ctx(trained, data)
-    quantized = QuantizeStage().apply(copy.deepcopy(trained), ctx)
+def test_distill_refuses_quantized_model(trained_mlp: nn.Module, flat: dict) -> None:
+    ctx = make_ctx(trained_mlp, flat)
+    quantized = QuantizeStage().apply(copy.deepcopy(trained_mlp), ctx)
     with pytest.raises(StageError, match="no trainable float parameters"):
         DistillStage().apply(quantized, ctx)
