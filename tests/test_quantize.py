@@ -83,7 +83,7 @@ def kinds(model: nn.Module) -> set[str]:
 
 
 @pytest.mark.parametrize("backend", ["x86", "qnnpack"], ids=["x86", "qnnpack"])
-def test_static_quantizes_every_conv_and_linear(resnet: nn.Module, images: dict, backend: str, engine: None) -> None:
+def test_static_quantizes_every_conv_and_linear(resnet: nn.Module, images: dict, backend: str) -> None:
     ctx = make_ctx(resnet, images)
     out = QuantizeStage(method="static", backend=backend, calibration_batches=4).apply(resnet, ctx)
     # 6 convs (BatchNorm and ReLU fused into them) and the classifier, all with int8 kernels.
@@ -244,7 +244,7 @@ ROUND_TRIPS = [
 
 
 @pytest.mark.parametrize(("model", "image", "stage"), ROUND_TRIPS, ids=["dynamic", "static", "weight_only", "half"])
-def test_saved_model_loads_with_identical_outputs(tmp_path: Path, model: dict, image: bool, stage: dict, engine: None) -> None:
+def test_saved_model_loads_with_identical_outputs(tmp_path: Path, model: dict, image: bool, stage: dict) -> None:
     registry = Registry.load(autoload=False)
     report = torchslim.run(_recipe(model, image, {"type": "quantize", **stage}), tmp_path, registry=registry)
     assert report.final.metrics["quantized_layers"] >= 1
@@ -260,7 +260,7 @@ def test_torchao_backend_without_torchao_says_how_to_install(resnet: nn.Module, 
         QuantizeStage(method="static", backend="torchao").apply(resnet, make_ctx(resnet, images))
 
 
-def test_torchao_backend_compiles_int8_and_reloads(tmp_path: Path, engine: None) -> None:
+def test_torchao_backend_compiles_int8_and_reloads(tmp_path: Path) -> None:
     if importlib.util.find_spec("torchao") is None:
         pytest.skip("torchao is not installed (optional: pip install --no-deps torchao==0.18.0); its flow is not tested")
     registry = Registry.load(autoload=False)
@@ -320,7 +320,7 @@ def test_dynamic_weights_have_a_scale_per_channel_by_default(trained_mlp: nn.Mod
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
-def test_dynamic_per_channel_quantizes_recurrent_layers(kind: str, engine: None) -> None:
+def test_dynamic_per_channel_quantizes_recurrent_layers(kind: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(getattr(nn, kind)(8, 16, batch_first=True))
     inputs = torch.randn(4, 5, 8)
