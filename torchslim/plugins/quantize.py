@@ -105,12 +105,12 @@ class QuantizeStage(Stage):
     @classmethod
     def _calibrated_only(cls, value: Any, info: ValidationInfo) -> Any:
         method = info.data.get("method")
-        if value is None or method is None or method == "static":
+        if value is None or method in (None, "static"):
             return value
-        if method == "dynamic" and info.data.get("skip_sensitive") is None:
-            raise ValueError("calibration_batches applies to method dynamic only with skip_sensitive")
-        if method not in ("static", "dynamic"):
+        if method != "dynamic":
             raise ValueError(f"calibration_batches applies to method static only, not {method}")
+        if info.data.get("skip_sensitive") is None:
+            raise ValueError("calibration_batches applies to method dynamic only with skip_sensitive")
         return value
 
     @field_validator("backend")
