@@ -66,7 +66,8 @@ def run(settings: Settings) -> CaseResult:
     from torchslim.examples import minilm
 
     chosen = pick(settings, list(RECIPE_FILES), list(RECIPE_FILES), ["int8"])  # smoke: no distillation
-    recipes = {label: load_bench_recipe(RECIPE_FILES[label], overrides(settings, label)) for label in chosen}
+    extra = {label: overrides(settings, label) for label in chosen}
+    recipes = {label: load_bench_recipe(RECIPE_FILES[label], extra[label]) for label in chosen}
     models, notes = compressed_variants(recipes, settings)
     loaders = text.loaders(train_sentences=1)  # only the eval sentences are used here
     batch = next(iter(loaders["eval"]))[0]
@@ -82,4 +83,4 @@ def run(settings: Settings) -> CaseResult:
                       settings={"latency_batch": f"{batch.shape[0]} sentences x {batch.shape[1]} tokens",
                                 "eval_sentences": len(loaders["eval"].dataset), "warmup": settings.warmup,
                                 "rounds": settings.rounds, "runs_per_round": settings.runs,
-                                "overrides": {k: overrides(settings, k) for k in chosen}})
+                                "overrides": extra})

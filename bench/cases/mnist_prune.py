@@ -15,6 +15,7 @@ from bench.cases import mnist
 from bench.harness import RECIPES, Settings, compressed_variants, load_bench_recipe, pick, recipe_data, variant_rows
 from bench.report import CaseResult
 from torchslim.engine.metrics import accuracy, count_macs, latency_batch
+from torchslim.engine.yamlio import read_yaml
 
 TITLE = "pretrained MNIST CNN (ccexam), 30/50/70% of its channels removed, without and with distillation"
 RECIPE = RECIPES / "mnist-prune.yaml"
@@ -32,21 +33,14 @@ def missing() -> str | None:
 def variants(settings: Settings) -> dict[str, dict[str, Any]]:
     """``{label: overrides}``: every amount pruned only, and pruned + distilled (smoke: 50% only)."""
     data = mnist.overrides(settings)
-    chosen = pick(settings, AMOUNTS, AMOUNTS, (0.5,))
+    prune_stage = read_yaml(RECIPE).data["stages"][0]  # the recipe's prune stage, without the distillation
     result = {}
-    for amount in chosen:
+    for amount in pick(settings, AMOUNTS, AMOUNTS, (0.5,)):
         label = f"channels-{amount * 100:.0f}"
         prune = {"name": label, "amount": amount}
-        result[label] = {**data, "name": f"mnist-{label}", "stages": [{**_prune_stage(), **prune}]}
+        result[label] = {**data, "name": f"mnist-{label}", "stages": [{**prune_stage, **prune}]}
         result[f"{label} + distill"] = {**data, "name": f"mnist-{label}-distill", "stages": {0: prune}}
     return result
-
-
-def _prune_stage() -> dict[str, Any]:
-    from torchslim.engine.yamlio import read_yaml
-
-    stage: dict[str, Any] = read_yaml(RECIPE).data["stages"][0]
-    return dict(stage)
 
 
 def run(settings: Settings) -> CaseResult:
