@@ -14,7 +14,7 @@ from torch import nn
 
 import torchslim
 from torchslim import RecipeError, Registry, StageError, load_recipe
-from torchslim.engine.metrics import count_macs
+from torchslim.engine.metrics import accuracy, count_macs
 from torchslim.engine.packed import pack_state_dict, packed_size_bytes, saved_bytes, smallest_state, unpack_state_dict
 from torchslim.examples import digits, mobile
 from torchslim.plugins._finetune import finetune, zero_masks
@@ -300,6 +300,17 @@ def test_wanda_on_the_digits_mlp_prunes_every_row_and_notes_the_cpu(trained_mlp:
     assert ctx.metrics["pruned_sparsity"] == pytest.approx(0.6, abs=0.01)
     assert ctx.evaluate(model) > 50  # still a classifier (10 classes: chance is 10%)
     assert any("unstructured pruning" in note for note in ctx.notes)
+
+
+def test_wanda_saved_model_reloads_with_its_zeros_and_score(tmp_path: Path) -> None:
+    recipe = digits_recipe([{"type": "prune", "method": "wanda", "amount": 0.5, "calibration_batches": 2}])
+    recipe["metrics"] = dict(FAST_METRICS)
+    registry = Registry.load(autoload=False)
+    report = torchslim.run(recipe, tmp_path / "out", registry=registry)
+    loaded = torchslim.load_model(tmp_path / "out", registry)
+    for layer in (m for m in loaded.modules() if isinstance(m, nn.Linear)):
+        assert bool(((layer.weight == 0).sum(dim=1) == round(0.5 * layer.in_features)).all())
+    assert accuracy(loaded, digits.loaders()["eval"]) == report.final.metrics["accuracy"]
 
 
 def test_wanda_without_calibration_data_is_an_error(trained_mlp: nn.Module, flat: dict) -> None:
