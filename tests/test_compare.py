@@ -15,14 +15,14 @@ import torch
 
 import torchslim
 from torchslim import RecipeError, Registry
-from torchslim.engine.compare import compare
-from torchslim.engine.compare_export import write_outputs
-from torchslim.engine.compare_spec import Constraints
-from torchslim.engine.compare_table import Comparison
+from torchslim.compare import compare
+from torchslim.compare.budget import Budget as Constraints
+from torchslim.compare.export import write_outputs
+from torchslim.compare.pareto import best, front, fronts
+from torchslim.compare.sweep import expand
+from torchslim.compare.table import Comparison
 from torchslim.engine.errors import UsageError
-from torchslim.engine.pareto import best, front, fronts
 from torchslim.engine.recipe import validate
-from torchslim.engine.sweep import expand
 from torchslim.engine.yamlio import Document, read_yaml
 
 from .conftest import digits_recipe, write_recipe

@@ -5,9 +5,7 @@ Write a YAML recipe (model, data, metric, stages), run it, get a stage-by-stage 
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .engine.compare import compare
+from .compare import compare
 from .engine.errors import (
     CheckpointError,
     OutputError,
@@ -25,6 +23,7 @@ from .engine.runner import run
 from .engine.saving import load_model
 from .engine.specs import DataSpec, ModelSpec
 from .engine.stage import Context, Stage
+from .engine.version import VERSION as __version__
 
 __all__ = [
     "CheckpointError",

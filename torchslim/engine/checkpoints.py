@@ -15,12 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .atomic import write_text
+from .errors import TorchslimError
 from .recipe import RecipeBase
 from .report import Report, Row
 from .saving import MODEL_FILE, read_payload, rebuild, save_model
+from .stage import Context
 
 CHECKPOINT_DIR = "checkpoints"
 PROGRESS_FILE = "progress.json"
@@ -90,5 +93,53 @@ def _load(out_dir: Path, index: int, recipe: RecipeBase, progress: dict[str, Any
     path = checkpoint_dir(out_dir, index) / MODEL_FILE
     payload = read_payload(path)
     model = rebuild(recipe, payload, path, fresh)
-    rows = [Row(r["stage"], r["type"], r["metrics"]) for r in progress["rows"]]
+    rows = [Row.from_dict(r) for r in progress["rows"]]
     return Resumed(index + 1, model, list(payload["structure"]), rows, list(progress.get("notes", [])))
+
+
+def resume(out_dir: Path, recipe: RecipeBase, ctx: Context, report: Report) -> tuple[nn.Module, list[dict[str, Any]]] | None:
+    """Continue from the latest matching checkpoint: its rows and notes go into ``report``; returns
+    the model after the completed stages and their restore records, or None (nothing to reuse)."""
+    resumed = find_resumable(out_dir, recipe, ctx.original)
+    if resumed is None:
+        ctx.log.info("resume: no checkpoint in %s matches this recipe; running every stage", out_dir)
+        return None
+    labels = ", ".join(row.stage for row in resumed.rows[1:])
+    ctx.log.info("resume: reusing %d completed stage(s) (%s) from %s", resumed.stages_done, labels, out_dir / CHECKPOINT_DIR)
+    report.rows.extend(resumed.rows)
+    report.add_notes(resumed.notes)
+    return resumed.model, resumed.structure
+
+
+def reload_problem(out_dir: Path, index: int, recipe: RecipeBase, model: nn.Module, ctx: Context) -> str | None:
+    """Rebuild the checkpoint just written after stage ``index`` as :func:`torchslim.load_model` would
+    (fresh model, each stage's ``restore``, saved tensors) and compare its outputs with ``model``'s
+    on the example inputs; returns what is wrong, or None."""
+    path = checkpoint_dir(out_dir, index) / MODEL_FILE
+    try:
+        rebuilt = rebuild(recipe, read_payload(path), path, copy.deepcopy(ctx.original)).eval()
+    except TorchslimError as exc:
+        return str(exc)
+    except Exception as exc:  # a plugin's restore can fail in any way
+        return f"{type(exc).__name__}: {exc}"
+    with torch.inference_mode():
+        expected, got = _tensors(model.eval()(ctx.example_inputs)), _tensors(rebuilt(ctx.example_inputs))
+    return _difference(expected, got)
+
+
+def _tensors(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output.detach().float().cpu()]
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (list, tuple)) else []
+    return [t for value in values for t in _tensors(value)]
+
+
+def _difference(expected: list[torch.Tensor], got: list[torch.Tensor]) -> str | None:
+    if [t.shape for t in expected] != [t.shape for t in got]:
+        return f"its outputs have shapes {[tuple(t.shape) for t in got]}, not {[tuple(t.shape) for t in expected]}"
+    for want, have in zip(expected, got, strict=True):
+        scale = float(want.abs().max()) if want.numel() else 0.0
+        if not torch.allclose(want, have, rtol=1e-4, atol=1e-5 * max(1.0, scale)):
+            largest = float((want - have).abs().max())
+            return f"its outputs differ from the model the stage returned (largest difference {largest:.3g})"
+    return None

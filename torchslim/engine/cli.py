@@ -9,12 +9,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .. import __version__
 from . import distributed
 from .errors import TorchslimError, UsageError
+from .prepare import located, metric_function
 from .recipe import RecipeBase, load_recipe, recipe_model
 from .registry import Registry
-from .runner import check_targets, run
+from .runner import run
+from .specs import import_target
+from .version import VERSION
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -44,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchslim", description="Declarative network compression for PyTorch.")
-    parser.add_argument("--version", action="version", version=f"torchslim {__version__}")
+    parser.add_argument("--version", action="version", version=f"torchslim {VERSION}")
     parser.add_argument("-q", "--quiet", action="store_true", help="print no progress lines")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -105,8 +107,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import compare
-    from .compare_export import written_line
+    from ..compare import compare
+    from ..compare.export import written_line
 
     comparison = compare(args.recipes, args.out, jobs=args.jobs)
     print(comparison.text())
@@ -130,7 +132,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _validate_sweep(args: argparse.Namespace, recipe: RecipeBase, registry: Registry, checked: str) -> int:
     """Every variant of a sweep validated (and its targets imported) as ``compare`` would run it."""
-    from .sweep import expand
+    from ..compare.sweep import expand
     from .yamlio import read_yaml
 
     variants = expand(recipe._document or read_yaml(args.recipe), recipe, registry)
@@ -142,6 +144,14 @@ def _validate_sweep(args: argparse.Namespace, recipe: RecipeBase, registry: Regi
     for variant, _ in variants:
         print(f"  {variant.name}")
     return 0
+
+
+def check_targets(recipe: RecipeBase) -> None:
+    """Import every ``module:callable`` the recipe names (without calling it); RecipeError with position if one fails."""
+    for path, target in ((("model", "target"), recipe.model.target), (("data", "target"), recipe.data.target)):
+        with located(recipe, path):
+            import_target(target, ".".join(path))
+    metric_function(recipe)
 
 
 def _plugins(args: argparse.Namespace) -> int:

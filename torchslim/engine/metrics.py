@@ -8,12 +8,18 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .stage import Batch
+from . import names
+from .packed import packed_size_bytes
+from .stage import Batch, Context
+
+if TYPE_CHECKING:
+    from .recipe import MetricsOptions
 
 Evaluator = Callable[[nn.Module, Iterable[Batch]], float]
 
@@ -179,3 +185,56 @@ def fingerprint(model: nn.Module) -> tuple[Any, ...]:
         for t in weight_tensors(model)
     )
     return structure, values
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """The figures of one summary row: counted on the model, timed, and scored with the task metric.
+
+    The count, size and time figures are None when the recipe turned their collection off
+    (``metrics.collect: false``; ``metrics.latency: false`` for the latency alone): not measured
+    is never shown as 0.
+    """
+
+    metric_name: str
+    metric: float
+    seconds: float
+    collected: bool = True
+    params: int | None = None
+    nonzero: int | None = None
+    size_bytes: int | None = None
+    packed_bytes: int | None = None
+    macs: int | None = None
+    latency_ms: float | None = None
+
+    @property
+    def sparsity(self) -> float | None:
+        """Fraction of weight and bias values that are exactly zero."""
+        if self.params is None or self.nonzero is None:
+            return None
+        return 1.0 - self.nonzero / self.params if self.params else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row's metrics as saved in reports, keyed by the names in :mod:`torchslim.engine.names`."""
+        if not self.collected:
+            return {self.metric_name: self.metric, names.SECONDS: self.seconds}
+        counted = {names.PARAMS: self.params, names.NONZERO: self.nonzero, names.SPARSITY: self.sparsity,
+                   names.SIZE_BYTES: self.size_bytes, names.PACKED_BYTES: self.packed_bytes, names.MACS: self.macs,
+                   names.LATENCY_MS: self.latency_ms}
+        return {**counted, self.metric_name: self.metric, names.SECONDS: self.seconds}
+
+
+def measure(model: nn.Module, ctx: Context, options: MetricsOptions, seconds: float) -> Measurement:
+    """Measure ``model`` for one summary row; ``seconds`` is the time the stage took."""
+    model.eval()
+    if not options.collect:
+        return Measurement(ctx.metric_name, ctx.evaluate(model), seconds, collected=False)
+    latency = None
+    if options.latency:
+        batch = latency_batch(ctx.example_inputs, options.batch_size)
+        latency = latency_ms(model, batch, warmup=options.warmup, runs=options.runs, threads=options.threads)
+    return Measurement(
+        ctx.metric_name, ctx.evaluate(model), seconds,
+        params=count_params(model), nonzero=count_nonzero(model), size_bytes=size_bytes(model),
+        packed_bytes=packed_size_bytes(model), macs=count_macs(model, ctx.example_inputs[:1]), latency_ms=latency,
+    )

@@ -7,13 +7,24 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, create_model, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+)
 
-from .compare_spec import Constraints, SweepMode, SweepValues, check_sweep, check_zip
 from .errors import PluginError, RecipeError
 from .registry import Registry
 from .specs import TARGET_PATTERN, DataSpec, ModelSpec, Spec
 from .stage import Stage
+from .study_fields import Constraints, SweepMode, SweepValues, check_sweep, check_zip
 from .yamlio import Document, read_yaml
 
 
@@ -116,16 +127,41 @@ _MODELS: dict[tuple[type[Stage], ...], type[RecipeBase]] = {}
 
 
 def recipe_model(registry: Registry) -> type[RecipeBase]:
-    """The Recipe class whose ``stages`` are a discriminated union of the registry's stage classes."""
+    """The Recipe class whose ``stages`` are a discriminated union of the registry's stage classes
+    (a family's member is itself a union of its method classes, discriminated by ``method``)."""
     classes = tuple(registry.stage_classes())
     if classes not in _MODELS:
-        union: Any = Annotated[Union[classes], Field(discriminator="type")]  # noqa: UP007 (built at run time)
+        members = tuple(_member(cls) for cls in classes)
+        union: Any = Annotated[Union[members], Field(discriminator="type")]  # noqa: UP007 (built at run time)
         _MODELS[classes] = create_model(
             "Recipe",
             __base__=RecipeBase,
             stages=(list[union], Field(min_length=1, description="Compression stages, applied in order.")),
         )
     return _MODELS[classes]
+
+
+def tag_of(cls: type[Stage], field: str) -> str:
+    """The literal default of a stage class's ``type`` or ``method`` field."""
+    return str(cls.model_fields[field].default)
+
+
+def _member(cls: type[Stage]) -> Any:
+    if not cls.methods:
+        return cls
+    methods = tuple(Annotated[m, Tag(tag_of(m, "method"))] for m in cls.methods)
+    return Annotated[Union[methods], Discriminator(_tag_reader("method", cls.default_method))]  # noqa: UP007
+
+
+def _tag_reader(field: str, default: str | None) -> Any:
+    # A callable discriminator, so that a family's method can have a default (a string
+    # discriminator requires the key in the data).
+    def tag(value: Any) -> str | None:
+        found = value.get(field, default) if isinstance(value, Mapping) else getattr(value, field, default)
+        return found if isinstance(found, str) or found is None else repr(found)
+
+    tag.__name__ = field
+    return tag
 
 
 def load_recipe(
@@ -167,13 +203,16 @@ def _problem(document: Document, err: Any, registry: Registry) -> tuple[str, str
     path = _data_path(document.data, err["loc"], keep_last=err["type"] in ("missing", "extra_forbidden"))
     stage_type = _stage_type(document.data, path)
     message = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "union_tag_invalid":
+    if err["type"] == "union_tag_invalid" and err["ctx"]["discriminator"] == "method()":
+        message = _method_message(registry, stage_type, str(err["ctx"]["tag"]))
+        path = path + ("method",)
+    elif err["type"] == "union_tag_invalid":
         message = registry.unknown_message(str(err["ctx"]["tag"]))
         path = path + ("type",)
     elif err["type"] == "union_tag_not_found":
         message = f"missing 'type'; known types: {', '.join(registry.types())}"
     elif err["type"] == "extra_forbidden":
-        message = f"unknown field '{path[-1]}'" + _allowed_fields(document.data, path, registry)
+        message = _extra_message(document.data, path, registry)
     elif err["type"] == "missing":
         message = f"required field '{path[-1]}' is missing" if path else message
     label = format_path(path) + (f" ({stage_type})" if stage_type else "")
@@ -210,15 +249,39 @@ def _stage_type(data: Any, path: tuple[Any, ...]) -> str | None:
     return None
 
 
-def _allowed_fields(data: Any, path: tuple[Any, ...], registry: Registry) -> str:
+def _stage_class(data: Any, path: tuple[Any, ...], registry: Registry) -> type[Stage] | None:
+    """The class validating the stage at ``path`` (for a family, the method's), if it is known."""
     stage_type = _stage_type(data, path)
-    if stage_type and len(path) == 3:
-        try:
-            fields = registry.get(stage_type).model_fields
-        except PluginError:
-            return ""
-        return f"; {stage_type} accepts: {', '.join(fields)}"
-    return ""
+    if stage_type is None:
+        return None
+    try:
+        cls = registry.get(stage_type)
+    except PluginError:
+        return None
+    if not cls.methods:
+        return cls
+    method = data["stages"][path[1]].get("method", cls.default_method)
+    return next((m for m in cls.methods if tag_of(m, "method") == method), None)
+
+
+def _extra_message(data: Any, path: tuple[Any, ...], registry: Registry) -> str:
+    option = path[-1]
+    cls = _stage_class(data, path, registry) if len(path) == 3 else None
+    if cls is None:
+        return f"unknown field '{option}'"
+    family = registry.get(cls.model_fields["type"].default)
+    owners = [tag_of(m, "method") for m in family.methods if option in m.model_fields]
+    if owners:
+        return (f"'{option}' does not apply to method {tag_of(cls, 'method')}; it is an option of method "
+                f"{' and '.join(owners)}")
+    return f"unknown field '{option}'; {_stage_type(data, path)} accepts: {', '.join(cls.model_fields)}"
+
+
+def _method_message(registry: Registry, stage_type: str | None, tag: str) -> str:
+    family = registry.get(stage_type) if stage_type else None
+    tags = [repr(tag_of(m, "method")) for m in family.methods] if family else []
+    known = f"{', '.join(tags[:-1])} or {tags[-1]}" if len(tags) > 1 else "".join(tags)
+    return f"Input should be {known}"
 
 
 def format_path(path: tuple[Any, ...]) -> str:

@@ -147,6 +147,8 @@ def _import(target: str) -> Any:
 def _check_class(tag: str, obj: Any) -> str | None:
     if not (isinstance(obj, type) and issubclass(obj, Stage)):
         return f"{obj!r} is not a subclass of torchslim.Stage"
+    if obj.methods:
+        return _check_family(tag, obj)
     if inspect.isabstract(obj):
         return f"{obj.__name__} does not implement {', '.join(sorted(obj.__abstractmethods__))}"
     field = obj.model_fields.get("type")
@@ -154,4 +156,22 @@ def _check_class(tag: str, obj: Any) -> str | None:
         return f"its 'type' field has no default; declare type: Literal[{tag!r}] = {tag!r}"
     if field.default != tag:
         return f"its type tag is {field.default!r}, but it is registered under the entry-point name '{tag}'"
+    return None
+
+
+def _check_family(tag: str, family: type[Stage]) -> str | None:
+    """A family's methods: concrete subclasses of it, each with its own ``method`` string literal."""
+    tags = []
+    for method in family.methods:
+        if not issubclass(method, family) or method.methods:
+            return f"its method class {method.__name__} must be a subclass of {family.__name__} and no family itself"
+        field = method.model_fields.get("method")
+        if field is None or not isinstance(field.default, str):
+            return f"its method class {method.__name__} has no method tag; declare method: Literal['...'] = '...'"
+        problem = _check_class(tag, method)
+        if problem:
+            return f"its method {field.default!r}: {problem}"
+        tags.append(field.default)
+    if len(set(tags)) != len(tags) or family.default_method not in tags:
+        return f"its methods {tags} must be distinct and include its default_method {family.default_method!r}"
     return None

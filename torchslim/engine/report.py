@@ -12,19 +12,20 @@ from typing import Any
 
 from tabulate import tabulate
 
+from . import names
 from .atomic import write_text
 
 #: Columns of the printed table: (metric key, header, formatter kind).
 _COLUMNS = [
-    ("params", "params", "count"),
-    ("nonzero", "non-zero", "count"),
-    ("sparsity", "sparsity", "percent"),
-    ("size_bytes", "size (x smaller)", "bytes"),
-    ("packed_bytes", "packed", "bytes"),
-    ("macs", "MACs (x fewer)", "count"),
-    ("latency_ms", "latency ms (x faster)", "float"),
+    (names.PARAMS, "params", "count"),
+    (names.NONZERO, "non-zero", "count"),
+    (names.SPARSITY, "sparsity", "percent"),
+    (names.SIZE_BYTES, "size (x smaller)", "bytes"),
+    (names.PACKED_BYTES, "packed", "bytes"),
+    (names.MACS, "MACs (x fewer)", "count"),
+    (names.LATENCY_MS, "latency ms (x faster)", "float"),
 ]
-_RATIO_COLUMNS = ("size_bytes", "macs", "latency_ms")
+_RATIO_COLUMNS = (names.SIZE_BYTES, names.MACS, names.LATENCY_MS)
 
 
 @dataclass
@@ -34,10 +35,19 @@ class Row:
     stage: str
     type: str | None
     metrics: dict[str, Any]
+    unchanged: bool = False
+    """A stage that declares it leaves the model as it was (``changes_model = False``): its figures
+    are the row above's, not measured again."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON."""
-        return {"stage": self.stage, "type": self.type, "metrics": dict(self.metrics)}
+        data = {"stage": self.stage, "type": self.type, "metrics": dict(self.metrics)}
+        return {**data, "unchanged": True} if self.unchanged else data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Row:
+        """The row :meth:`to_dict` gave."""
+        return cls(data["stage"], data["type"], dict(data["metrics"]), bool(data.get("unchanged", False)))
 
 
 @dataclass
@@ -49,6 +59,10 @@ class Report:
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
+
+    def add_notes(self, notes: list[str]) -> None:
+        """Add remarks printed under the table, each distinct text once, in order."""
+        self.notes.extend(note for note in dict.fromkeys(notes) if note not in self.notes)
 
     @property
     def baseline(self) -> Row:
@@ -100,12 +114,13 @@ class Report:
 
     def _cells(self, row: Row) -> list[str]:
         base = self.baseline.metrics
-        cells = [row.stage, row.type or "baseline"]
+        kind = row.type or "baseline"
+        cells = [row.stage, f"{kind} (unchanged)" if row.unchanged else kind]
         for key, _, kind in _COLUMNS:
             ratio = key in _RATIO_COLUMNS and row is not self.baseline
             cells.append(_with_ratio(row.metrics.get(key), base.get(key), kind) if ratio else _number(row.metrics.get(key), kind))
         cells.append(_with_delta(row.metrics.get(self.metric), base.get(self.metric), row is self.baseline))
-        cells.append(_number(row.metrics.get("seconds"), "float"))
+        cells.append(_number(row.metrics.get(names.SECONDS), "float"))
         return cells
 
     def write(self, out_dir: Path) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -22,14 +23,41 @@ class Stage(BaseModel, ABC):
     Subclasses narrow ``type`` to a literal tag, e.g. ``type: Literal["prune"] = "prune"``,
     and document each field with an attribute docstring (it becomes the schema's description).
     A config holds no runtime state; heavy imports belong inside :meth:`apply`.
+
+    A stage *family* (the built-in ``prune`` and ``quantize``) is registered as an abstract base
+    class holding the options its methods share, with one concrete subclass per method: each
+    narrows ``method`` to a literal tag and is listed in the base's ``methods``; a recipe that
+    names no method gets ``default_method``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    changes_model: ClassVar[bool] = True
+    """False for a stage that inspects, exports, logs or checks and leaves the model as it was. The
+    engine then shows its row as unchanged instead of failing; it still fails if the model did change.
+    Every other stage must change the model: one that changed nothing is an error."""
+    methods: ClassVar[tuple[type[Stage], ...]] = ()
+    """A family's method classes (empty for a stage that is one method itself)."""
+    default_method: ClassVar[str | None] = None
+    """The method of a family used when a recipe names none."""
 
     type: str
     """The stage type, as registered."""
     name: str | None = None
     """Label of this stage in the summary table (defaults to the type)."""
+
+    @classmethod
+    def from_options(cls, **options: Any) -> Stage:
+        """A validated stage from its recipe options; for a family, an instance of the method class
+        that ``options["method"]`` names (``default_method`` when absent)."""
+        if not cls.methods:
+            return cls.model_validate(options)
+        method = options.get("method", cls.default_method)
+        chosen = next((m for m in cls.methods if m.model_fields["method"].default == method), None)
+        if chosen is None:
+            known = ", ".join(str(m.model_fields["method"].default) for m in cls.methods)
+            raise ValueError(f"unknown method {method!r} of {cls.__name__}; known: {known}")
+        return chosen.model_validate(options)
 
     @property
     def label(self) -> str:
@@ -44,16 +72,22 @@ class Stage(BaseModel, ABC):
         """Redo this stage's structural changes (module swaps, removed channels) on a fresh model.
 
         Used to load a saved model: the architecture is rebuilt from the recipe, each stage's
-        structure replayed, then the saved tensors loaded. ``record`` is what :meth:`apply` put
-        in ``ctx.structure`` (e.g. which channels it kept). Stages that only change values keep
-        this default, which changes nothing.
+        structure replayed, then the saved tensors loaded. ``record`` is what :meth:`apply`
+        recorded with :meth:`Context.record_for_restore` (e.g. which channels it kept). Stages
+        that only change values keep this default, which changes nothing. With ``--out``, every
+        checkpoint is rebuilt this way as soon as it is written, and a stage whose model cannot
+        be rebuilt fails there.
         """
         return model
 
 
 @dataclass
 class Context:
-    """What a stage may use while it runs, and where it adds to the summary."""
+    """What a stage may use while it runs, and where it puts what it adds to the summary.
+
+    The runner hands every stage its own context (:meth:`for_stage`): the figures, notes and
+    restore record a stage adds are read from it after :meth:`Stage.apply` returns.
+    """
 
     original: nn.Module
     """The model before the recipe's first stage (the default distillation teacher). Do not modify."""
@@ -71,18 +105,32 @@ class Context:
     """Directory of the recipe file: relative paths in stage options are resolved against it."""
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("torchslim"))
     metrics: dict[str, Any] = field(default_factory=dict)
-    """Stage-specific figures added to this stage's row (reset before each stage)."""
+    """This stage's own figures (:meth:`add_metric`), shown in its row of the summary and report."""
     notes: list[str] = field(default_factory=list)
-    """Remarks printed under the summary table (e.g. why a stage cannot be faster)."""
-    structure: dict[str, Any] = field(default_factory=dict)
-    """What the current stage changed in the model's structure, as plain data (numbers, strings,
-    lists, dicts), saved with the model and handed back to :meth:`Stage.restore` (reset before each stage)."""
+    """This stage's remarks (:meth:`note`), printed under the summary table."""
+    restore_record: dict[str, Any] = field(default_factory=dict)
+    """What this stage changed in the model's structure (:meth:`record_for_restore`), saved with the
+    model and handed back to :meth:`Stage.restore`."""
+
+    def for_stage(self) -> Context:
+        """A copy sharing the model, data and settings, with empty figures, notes and record."""
+        return dataclasses.replace(self, metrics={}, notes=[], restore_record={})
 
     def add_metric(self, name: str, value: Any) -> None:
-        """Add a figure to the current stage's row of the summary."""
+        """Add a figure to this stage's row: ``rows[i].metrics`` of report.json and a column of
+        report.csv (the printed table and report.md show the common columns only)."""
         self.metrics[name] = value
 
     def note(self, text: str) -> None:
-        """Add a remark to be printed under the summary table."""
+        """Add a remark to be printed under the summary table (each distinct text once)."""
         if text not in self.notes:
             self.notes.append(text)
+
+    @property
+    def structure(self) -> dict[str, Any]:  # TRANSITIONAL: removed once every built-in records through record_for_restore
+        return self.restore_record
+
+    def record_for_restore(self, **values: Any) -> None:
+        """Record, as plain data (numbers, strings, lists, dicts), what :meth:`Stage.restore` needs
+        to rebuild this stage's structure on a fresh model."""
+        self.restore_record.update(values)

@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 from typing import IO, Any
 
-from .atomic import write_text, write_with
-from .compare_plot import PLOT_HINT, plot_png
-from .compare_table import Comparison, Entry
+from ..engine.atomic import write_text, write_with
+from .plot import PLOT_HINT, plot_png
+from .table import Comparison, Entry
 
 PNG = "comparison.png"
 EXPORT_FILES = ("comparison.json", "comparison.csv", "comparison.md", "comparison.html", PNG)

@@ -12,8 +12,8 @@ import io
 import math
 from typing import Any
 
-from .compare_spec import MB
-from .compare_table import Comparison
+from .budget import MB
+from .table import Comparison
 
 PLOT_HINT = "pip install 'torchslim[plot]'"
 #: Panels: (metric key, x-axis label, scale of the value on the axis).

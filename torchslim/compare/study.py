@@ -4,7 +4,8 @@ Each recipe is expanded into its variants and validated before anything runs. Va
 share the model, data, evaluate metric, metrics options and seed share one baseline, measured
 once. A variant whose report is already in the output directory under the same resolved recipe
 hash is not run again. Variants run one after another, or in parallel processes with the CPU's
-threads divided between them.
+threads divided between them. Each variant is validated once in this process, and once more
+only in the spawned process that runs it under parallel jobs.
 """
 
 from __future__ import annotations
@@ -20,20 +21,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import CHECKPOINT_DIR, recipe_hash
-from .compare_export import EXPORT_FILES, write_outputs
-from .compare_jobs import Job, Outcome, execute, run_parallel
-from .compare_spec import Constraints
-from .compare_table import Comparison, Entry, Mode
-from .errors import OutputError, RecipeError, UsageError
-from .pareto import best, fronts
-from .recipe import RecipeBase, validate
-from .registry import Registry
-from .report import Report, Row
-from .runner import measure, prepare
-from .saving import MODEL_FILE
-from .sweep import Variant, expand
-from .yamlio import Document, read_yaml
+from ..engine.checkpoints import CHECKPOINT_DIR, recipe_hash
+from ..engine.errors import OutputError, UsageError
+from ..engine.metrics import measure
+from ..engine.prepare import prepare
+from ..engine.recipe import RecipeBase, validate
+from ..engine.registry import Registry
+from ..engine.report import Report, Row
+from ..engine.saving import MODEL_FILE
+from ..engine.yamlio import Document, read_yaml
+from .budget import Budget, judge, merge
+from .export import EXPORT_FILES, write_outputs
+from .jobs import Job, Outcome, execute, run_parallel
+from .pareto import fronts
+from .sweep import Variant, expand, rebind
+from .table import Comparison, Entry, Mode
 
 Source = str | os.PathLike[str] | Mapping[str, Any]
 Planned = tuple[Variant, RecipeBase]
@@ -55,12 +57,12 @@ def compare(sources: Sequence[Source], out: str | os.PathLike[str] | None = None
     bases = [validate(document, registry) for document in documents]
     mode = _mode(jobs)
     expanded = [p for d, b in zip(documents, bases, strict=True) for p in expand(d, b, registry)]
-    planned = [_with_threads(p, mode.threads, registry) for p in expanded]
-    metric, constraints = _common_metric(planned), _budget(bases)
+    planned = [_with_threads(p, mode.threads) for p in expanded]
+    metric, budget = _common_metric(planned), merge(bases)
     out_dir = _prepare_out(Path(out), planned) if out is not None else None
     start = time.perf_counter()
     comparison = _run_all(planned, out_dir, mode, metric, registry, log)
-    _judge(comparison, constraints)
+    _judge(comparison, budget)
     log.info("compare: %d variant(s) done in %.1fs", len(planned), time.perf_counter() - start)
     if out_dir is not None:
         write_outputs(comparison, out_dir)
@@ -79,15 +81,21 @@ def _mode(jobs: int) -> Mode:
     return Mode(jobs, cores, max(1, cores // jobs) if jobs > 1 else None)
 
 
-def _with_threads(planned: Planned, threads: int | None, registry: Registry) -> Planned:
-    """Under parallel jobs, time each variant with its share of the cores (never more than it asked for)."""
+def _with_threads(planned: Planned, threads: int | None) -> Planned:
+    """Under parallel jobs, time each variant with its share of the cores (never more than it asked for).
+
+    The share goes into the document (what a worker process validates) and into the recipe
+    validated here; a thread count cannot make a valid recipe invalid, so it is not validated again.
+    """
     variant, recipe = planned
     if threads is None:
         return planned
+    share = min(recipe.metrics.threads or threads, threads)
     data = copy.deepcopy(variant.document.data)
-    data.setdefault("metrics", {})["threads"] = min(recipe.metrics.threads or threads, threads)
+    data.setdefault("metrics", {})["threads"] = share
     document = Document(data, variant.document.source, variant.document.positions)
-    return dataclasses.replace(variant, document=document), validate(document, registry)
+    metrics = recipe.metrics.model_copy(update={"threads": share})
+    return dataclasses.replace(variant, document=document), rebind(recipe, document, {"metrics": metrics})
 
 
 def _common_metric(planned: list[Planned]) -> str:
@@ -101,19 +109,6 @@ def _common_metric(planned: list[Planned]) -> str:
             raise UsageError(f"two compared recipes or variants are both {kind} {', '.join(twice)}: "
                              f"give each recipe its own name")
     return next(iter(labels))
-
-
-def _budget(recipes: list[RecipeBase]) -> Constraints | None:
-    """One budget for the whole comparison: the constraints its recipes give, which must agree."""
-    merged: dict[str, tuple[Any, str]] = {}
-    for recipe in recipes:
-        for key, value in (recipe.constraints.given() if recipe.constraints else {}).items():
-            where = recipe.where(("constraints", key))
-            if key in merged and merged[key][0] != value:
-                raise RecipeError(f"{where}: constraints.{key}: {value} here but {merged[key][0]} at {merged[key][1]}; "
-                                  f"a comparison has one budget: give the same value, or leave it out of one recipe")
-            merged.setdefault(key, (value, where))
-    return Constraints(**{k: v for k, (v, _) in merged.items()}) if merged else None
 
 
 def _prepare_out(out: Path, planned: list[Planned]) -> Path:
@@ -143,7 +138,7 @@ def finished_report(folder: Path, recipe: RecipeBase) -> Report | None:
         data = json.loads((folder / "report.json").read_text())
         if data["environment"]["recipe_hash"] != recipe_hash(recipe) or not (folder / MODEL_FILE).exists():
             return None
-        rows = [Row(r["stage"], r["type"], r["metrics"]) for r in data["rows"]]
+        rows = [Row.from_dict(r) for r in data["rows"]]
         return Report(data["recipe"], data["metric"], rows, list(data["notes"]), data["environment"])
     except (OSError, ValueError, KeyError, TypeError):  # missing, half-written by hand, or another format: run again
         return None
@@ -157,8 +152,8 @@ def _run_all(planned: list[Planned], out_dir: Path | None, mode: Mode, metric: s
     if out_dir is not None:
         _reuse_finished(entries, planned, out_dir, log)
     baselines, measured = _baselines(planned, entries, keys, order, log)
-    pending = [(e, v) for e, (v, _) in zip(entries, planned, strict=True) if not e.reused]
-    jobs = [_job(v, registry, out_dir, baselines[e.group], mode) for e, v in pending]
+    pending = [(e, p) for e, p in zip(entries, planned, strict=True) if not e.reused]
+    jobs = [_job(p, registry, out_dir, baselines[e.group], mode) for e, p in pending]
     if mode.jobs > 1:
         outcomes = run_parallel(jobs, mode.jobs, log)
     else:
@@ -177,10 +172,11 @@ def _reuse_finished(entries: list[Entry], planned: list[Planned], out_dir: Path,
             log.info("compare: %s finished before with the same recipe hash; reusing %s", entry.name, out_dir / entry.folder)
 
 
-def _job(variant: Variant, registry: Registry, out_dir: Path | None, baseline: Row, mode: Mode) -> Job:
+def _job(planned: Planned, registry: Registry, out_dir: Path | None, baseline: Row, mode: Mode) -> Job:
+    variant, recipe = planned
     folder = out_dir / variant.folder if out_dir is not None else None
     resume = folder is not None and (folder / CHECKPOINT_DIR).is_dir()  # an interrupted run continues
-    return Job(variant.name, variant.document, registry, folder, baseline, mode.threads, resume)
+    return Job(variant.name, variant.document, registry, folder, baseline, mode.threads, resume, recipe)
 
 
 def _sequential(job: Job, index: int, total: int, log: logging.Logger) -> Outcome:
@@ -202,21 +198,14 @@ def _baselines(planned: list[Planned], entries: list[Entry], keys: list[str], or
         recipe = planned[members[0]][1]
         log.info("compare: measuring the baseline of %s once, for %d variant(s)", entries[members[0]].name, len(members))
         ctx, model = prepare(recipe, log)
-        rows.append(Row("baseline", None, measure(model, ctx, recipe, seconds=0.0)))
+        rows.append(Row("baseline", None, measure(model, ctx, recipe.metrics, seconds=0.0).to_dict()))
         measured += 1
     return rows, measured
 
 
-def _judge(comparison: Comparison, constraints: Constraints | None) -> None:
+def _judge(comparison: Comparison, budget: Budget | None) -> None:
     """Mark the Pareto fronts, the budget's verdict per entry, and the best passing entry."""
-    entries, metric = comparison.entries, comparison.metric
-    for entry, marks in zip(entries, fronts([e.final for e in entries], metric), strict=True):
+    entries = comparison.entries
+    for entry, marks in zip(entries, fronts([e.final for e in entries], comparison.metric), strict=True):
         entry.fronts = marks
-    comparison.constraints = constraints
-    if constraints is None:
-        return
-    for entry in entries:
-        if entry.final is not None:
-            entry.failures = constraints.failures(entry.final, comparison.baselines[entry.group].metrics, metric)
-    passing = [(e.name, e.final) for e in entries if e.failures == [] and e.final is not None]
-    comparison.best = best(passing, metric)
+    judge(comparison, budget)

@@ -3,11 +3,14 @@
 A job carries plain data (the variant's recipe document, the registry, the shared baseline
 row) so it crosses to a spawned process; the outcome comes back as a report or an error
 message, never as an exception object (torchslim's errors take constructor arguments that
-pickling does not keep).
+pickling does not keep). A validated recipe cannot cross (its class is built at run time, so
+pickle cannot find it by name): a job run in this process uses the recipe validated here, and a
+spawned process validates the job's document, once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import sys
@@ -15,12 +18,12 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import TorchslimError
-from .recipe import validate
-from .registry import Registry
-from .report import Report, Row
-from .runner import run
-from .yamlio import Document
+from ..engine.errors import TorchslimError
+from ..engine.recipe import RecipeBase, validate
+from ..engine.registry import Registry
+from ..engine.report import Report, Row
+from ..engine.runner import run
+from ..engine.yamlio import Document
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,8 @@ class Job:
     """Torch threads of the process (parallel jobs), or None to leave them."""
     resume: bool
     """Continue from the stage checkpoints an interrupted run left in ``out``."""
+    recipe: RecipeBase | None = None
+    """``document`` validated in this process (None: :func:`execute` validates it)."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,7 @@ class Outcome:
 def execute(job: Job, log: logging.Logger) -> Outcome:
     """Run one variant with the shared baseline; a torchslim error becomes a failed outcome."""
     try:
-        recipe = validate(job.document, job.registry)
+        recipe = job.recipe if job.recipe is not None else validate(job.document, job.registry)
         report = run(recipe, job.out, registry=job.registry, overwrite=True, resume=job.resume, log=log, baseline=job.baseline)
     except TorchslimError as exc:
         log.warning("compare: %s failed: %s", job.name, exc)
@@ -69,7 +74,7 @@ def run_parallel(jobs: list[Job], workers: int, log: logging.Logger) -> list[Out
     outcomes: dict[int, Outcome] = {}
     executor = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context)
     try:
-        futures: dict[Future[Outcome], int] = {executor.submit(_worker, job, level): i for i, job in enumerate(jobs)}
+        futures: dict[Future[Outcome], int] = {executor.submit(_worker, _portable(job), level): i for i, job in enumerate(jobs)}
         log.info("compare: running %d variant(s) in %d parallel job(s)", len(jobs), min(workers, len(jobs)))
         for future in as_completed(futures):
             index = futures[future]
@@ -80,6 +85,11 @@ def run_parallel(jobs: list[Job], workers: int, log: logging.Logger) -> list[Out
         raise
     executor.shutdown()
     return [outcomes[i] for i in range(len(jobs))]
+
+
+def _portable(job: Job) -> Job:
+    """``job`` without its validated recipe, which pickle cannot send to another process."""
+    return dataclasses.replace(job, recipe=None)
 
 
 def _worker(job: Job, level: int) -> Outcome:

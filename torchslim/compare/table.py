@@ -8,8 +8,8 @@ from typing import Any
 
 from tabulate import tabulate
 
-from .compare_spec import Constraints
-from .report import Report, Row, _number, _with_delta, _with_ratio
+from ..engine.report import Report, Row, _number, _with_delta, _with_ratio
+from .budget import Budget
 
 #: Columns with a ratio to the baseline: (metric key, header, formatter kind, baseline key of the ratio).
 #: A packed file is compared with the baseline's dense file: the one a user would ship uncompressed.
@@ -81,7 +81,7 @@ class Comparison:
     groups: list[list[str]]
     """Names of the entries sharing each baseline."""
     mode: Mode
-    constraints: Constraints | None = None
+    constraints: Budget | None = None
     best: str | None = None
     baselines_measured: int = 0
     """Baselines measured in this run (the others came from reused reports)."""

@@ -1,7 +1,9 @@
-"""The recipe fields that only ``torchslim compare`` reads: ``sweep``, ``sweep_mode`` and ``constraints``.
+"""The recipe fields that only a comparison reads: ``sweep``, ``sweep_mode`` and ``constraints``.
 
-A sweep turns one recipe into several variants (one per combination of values); constraints
-are the user's budget, against which each variant of a comparison passes or fails.
+They are part of the recipe's shape (its schema, its validation errors), so their types and
+validators live with the recipe, in the engine; :mod:`torchslim.compare` expands sweeps and
+checks budgets with them. A sweep turns one recipe into several variants (one per combination
+of values); constraints are the user's budget, against which each variant passes or fails.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ UNSWEEPABLE = ("name", "sweep", "sweep_mode", "constraints")
 
 SweepValues = dict[str, list[Any]]
 SweepMode = Literal["grid", "zip"]
-MB = 1_000_000
 
 
 class Constraints(Spec):
@@ -55,50 +56,6 @@ class Constraints(Spec):
     def given(self) -> dict[str, Any]:
         """The limits that are set, by name."""
         return {k: v for k, v in self.model_dump().items() if v is not None}
-
-    def failures(self, final: dict[str, Any], baseline: dict[str, Any], metric: str) -> list[str]:
-        """Why a model with ``final`` metrics misses this budget (empty when it meets it)."""
-        value, base = final.get(metric), baseline.get(metric)
-        checks: list[tuple[float | None, Any, str, str, float]] = [
-            # (limit, measured value, what, unit, scale of the measured value); "<=" checks
-            (self.max_size_mb, final.get("size_bytes"), "size", "MB", 1 / MB),
-            (self.max_packed_mb, final.get("packed_bytes"), "packed size", "MB", 1 / MB),
-            (self.max_latency_ms, final.get("latency_ms"), "latency", "ms", 1.0),
-            (self.max_macs, final.get("macs"), "MACs", "", 1.0),
-            (self.max_accuracy_drop, _difference(base, value), f"{metric} drop", "", 1.0),
-        ]
-        problems = [_over(*check) for check in checks]
-        floors: list[tuple[float | None, Any, str, str]] = [
-            (self.min_accuracy, value, metric, ""),
-            (self.min_size_ratio, _ratio(baseline.get("size_bytes"), final.get("size_bytes")), "size ratio", "x"),
-            (self.min_speedup, _ratio(baseline.get("latency_ms"), final.get("latency_ms")), "speed-up", "x"),
-        ]
-        problems += [_under(*floor) for floor in floors]
-        return [p for p in problems if p]
-
-
-def _difference(base: Any, value: Any) -> float | None:
-    return float(base) - float(value) if isinstance(base, (int, float)) and isinstance(value, (int, float)) else None
-
-
-def _ratio(base: Any, value: Any) -> float | None:
-    return float(base) / float(value) if isinstance(base, (int, float)) and isinstance(value, (int, float)) and value else None
-
-
-def _over(limit: float | None, value: Any, what: str, unit: str, scale: float) -> str | None:
-    if limit is None:
-        return None
-    if not isinstance(value, (int, float)):
-        return f"{what} not measured (limit {limit:g}{unit})"
-    return f"{what} {value * scale:.4g}{unit} > {limit:g}{unit}" if value * scale > limit else None
-
-
-def _under(limit: float | None, value: Any, what: str, unit: str) -> str | None:
-    if limit is None:
-        return None
-    if not isinstance(value, (int, float)):
-        return f"{what} not measured (limit {limit:g}{unit})"
-    return f"{what} {value:.4g}{unit} < {limit:g}{unit}" if value < limit else None
 
 
 def check_sweep(value: SweepValues | None) -> SweepValues | None:

@@ -1,7 +1,8 @@
 """Sweep expansion: one recipe with ``sweep:`` becomes one concrete, validated recipe per variant.
 
 Values are set in the recipe's data before validation, so a value that a stage refuses is
-reported like any recipe error, at the position of that value in the ``sweep`` list.
+reported like any recipe error, at the position of that value in the ``sweep`` list. Each
+variant is validated once; a plain recipe (no sweep) is its own variant and is not validated again.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import RecipeError
-from .recipe import RecipeBase, validate
-from .registry import Registry
-from .yamlio import Document
+from ..engine.errors import RecipeError
+from ..engine.recipe import RecipeBase, validate
+from ..engine.registry import Registry
+from ..engine.yamlio import Document
 
 #: Keys of a recipe that describe the comparison and are dropped from each variant.
 COMPARISON_KEYS = ("sweep", "sweep_mode", "constraints")
@@ -40,12 +41,28 @@ class Variant:
 
 
 def expand(document: Document, recipe: RecipeBase, registry: Registry) -> list[tuple[Variant, RecipeBase]]:
-    """The variants of ``recipe`` (itself alone without a sweep), each validated against ``registry``."""
+    """The variants of ``recipe`` (itself alone without a sweep), each validated against ``registry``.
+
+    ``recipe`` is ``document`` validated; a sweep's variants are validated here, one time each.
+    """
     base = {k: v for k, v in document.data.items() if k not in COMPARISON_KEYS}
     if not recipe.sweep:
         plain = Document(base, document.source, document.positions)
-        return [(Variant(recipe.name, folder_name(recipe.name), document.source, {}, plain), validate(plain, registry))]
+        concrete = rebind(recipe, plain, {"sweep": None, "sweep_mode": "grid", "constraints": None})
+        return [(Variant(recipe.name, folder_name(recipe.name), document.source, {}, plain), concrete)]
     return [_variant(document, recipe, base, values, registry) for values in combinations(recipe)]
+
+
+def rebind(recipe: RecipeBase, document: Document, update: dict[str, Any]) -> RecipeBase:
+    """A copy of the validated ``recipe`` with ``update`` applied and ``document`` as its source.
+
+    Only for updates that are valid by construction and that no other field's validation
+    depends on (the comparison fields, a thread count): validating ``document`` again would
+    give the same recipe, at the cost of a whole validation pass per variant.
+    """
+    copied = recipe.model_copy(update=update)
+    copied._document = document
+    return copied
 
 
 def combinations(recipe: RecipeBase) -> Iterator[dict[str, tuple[int, Any]]]:
