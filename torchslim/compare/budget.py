@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..engine import names
 from ..engine.errors import RecipeError
 from ..engine.recipe import RecipeBase
 from ..engine.study_fields import Constraints
@@ -27,17 +28,17 @@ class Budget(Constraints):
         value, base = final.get(metric), baseline.get(metric)
         checks: list[tuple[float | None, Any, str, str, float]] = [
             # (limit, measured value, what, unit, scale of the measured value); "<=" checks
-            (self.max_size_mb, final.get("size_bytes"), "size", "MB", 1 / MB),
-            (self.max_packed_mb, final.get("packed_bytes"), "packed size", "MB", 1 / MB),
-            (self.max_latency_ms, final.get("latency_ms"), "latency", "ms", 1.0),
-            (self.max_macs, final.get("macs"), "MACs", "", 1.0),
+            (self.max_size_mb, final.get(names.SIZE_BYTES), "size", "MB", 1 / MB),
+            (self.max_packed_mb, final.get(names.PACKED_BYTES), "packed size", "MB", 1 / MB),
+            (self.max_latency_ms, final.get(names.LATENCY_MS), "latency", "ms", 1.0),
+            (self.max_macs, final.get(names.MACS), "MACs", "", 1.0),
             (self.max_accuracy_drop, _difference(base, value), f"{metric} drop", "", 1.0),
         ]
         problems = [_over(*check) for check in checks]
         floors: list[tuple[float | None, Any, str, str]] = [
             (self.min_accuracy, value, metric, ""),
-            (self.min_size_ratio, _ratio(baseline.get("size_bytes"), final.get("size_bytes")), "size ratio", "x"),
-            (self.min_speedup, _ratio(baseline.get("latency_ms"), final.get("latency_ms")), "speed-up", "x"),
+            (self.min_size_ratio, _ratio(baseline.get(names.SIZE_BYTES), final.get(names.SIZE_BYTES)), "size ratio", "x"),
+            (self.min_speedup, _ratio(baseline.get(names.LATENCY_MS), final.get(names.LATENCY_MS)), "speed-up", "x"),
         ]
         problems += [_under(*floor) for floor in floors]
         return [p for p in problems if p]

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import IO, Any
 
+from ..engine import names
 from ..engine.atomic import write_text, write_with
 from .plot import PLOT_HINT, plot_png
 from .table import Comparison, Entry
@@ -66,8 +67,8 @@ def _write_bytes(path: Path, data: bytes) -> None:
 def to_csv(comparison: Comparison) -> str:
     """One line per baseline and per variant: raw figures, ratios to the baseline, fronts, budget."""
     metric = comparison.metric
-    keys = ["size_bytes", "packed_bytes", "macs", "latency_ms", metric]
-    ratio_keys = ["size_bytes", "packed_bytes", "macs", "latency_ms", f"{metric}_change"]
+    keys = [names.SIZE_BYTES, names.PACKED_BYTES, names.MACS, names.LATENCY_MS, metric]
+    ratio_keys = [names.SIZE_BYTES, names.PACKED_BYTES, names.MACS, names.LATENCY_MS, f"{metric}_change"]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["variant", "recipe", "status", "baseline", "values", *keys, "seconds",
@@ -78,7 +79,7 @@ def to_csv(comparison: Comparison) -> str:
     for item in comparison.to_dict()["variants"]:
         figures, ratios = item["metrics"] or {}, item["ratios"] or {}
         writer.writerow([item["name"], item["recipe"], item["status"], item["baseline"], json.dumps(item["values"]),
-                         *(_cell(figures.get(k)) for k in keys), _cell(item["seconds"]),
+                         *(_cell(figures.get(k)) for k in keys), _cell(item[names.SECONDS]),
                          *(_cell(ratios.get(k)) for k in ratio_keys),
                          "size" in item["pareto"], "latency" in item["pareto"], _cell(item["passes"]),
                          "; ".join(item["budget_misses"] or [])])

@@ -6,8 +6,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from ..engine import names
+
 #: Costs against which the metric is traded, with the metric key that holds each.
-COSTS = {"size": "size_bytes", "latency": "latency_ms"}
+COSTS = {"size": names.SIZE_BYTES, "latency": names.LATENCY_MS}
 
 Point = tuple[Any, Any]
 
@@ -46,7 +48,7 @@ def fronts(finals: Sequence[dict[str, Any] | None], metric: str) -> list[list[st
 
 def best(candidates: Sequence[tuple[str, dict[str, Any]]], metric: str) -> str | None:
     """The name of the candidate with the highest metric; ties go to the smaller dense file."""
-    scored = [(name, m) for name, m in candidates if _valid((m.get(metric), m.get("size_bytes")))]
+    scored = [(name, m) for name, m in candidates if _valid((m.get(metric), m.get(names.SIZE_BYTES)))]
     if not scored:
         return None
-    return min(scored, key=lambda item: (-float(item[1][metric]), float(item[1]["size_bytes"])))[0]
+    return min(scored, key=lambda item: (-float(item[1][metric]), float(item[1][names.SIZE_BYTES])))[0]

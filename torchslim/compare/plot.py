@@ -12,12 +12,13 @@ import io
 import math
 from typing import Any
 
+from ..engine import names
 from .budget import MB
 from .table import Comparison
 
 PLOT_HINT = "pip install 'torchslim[plot]'"
 #: Panels: (metric key, x-axis label, scale of the value on the axis).
-_PANELS = [("size_bytes", "size on disk (kB)", 1e-3), ("latency_ms", "latency (ms, median)", 1.0)]
+_PANELS = [(names.SIZE_BYTES, "size on disk (kB)", 1e-3), (names.LATENCY_MS, "latency (ms, median)", 1.0)]
 _FRONT, _OFF = "tab:blue", "tab:gray"
 
 
@@ -47,7 +48,7 @@ def plot_png(comparison: Comparison) -> bytes | None:
 
 def _panel(axes: Any, comparison: Comparison, key: str, label: str, scale: float) -> None:
     metric = comparison.metric
-    cost = "size" if key == "size_bytes" else "latency"
+    cost = "size" if key == names.SIZE_BYTES else "latency"
     points = [(number, e, m[key] * scale, m[metric]) for number, e in enumerate(comparison.entries, 1)
               if (m := e.final) is not None and _has(m, key, metric)]
     for number, entry, x, y in points:
@@ -77,7 +78,7 @@ def _baselines(axes: Any, comparison: Comparison, key: str, scale: float) -> Non
 def _limits(axes: Any, comparison: Comparison, key: str) -> None:
     """Dashed lines at the budget's limits on this panel's axes."""
     limits = comparison.constraints.given() if comparison.constraints else {}
-    x_limit = {"size_bytes": limits.get("max_size_mb", 0) * MB * 1e-3, "latency_ms": limits.get("max_latency_ms", 0)}[key]
+    x_limit = {names.SIZE_BYTES: limits.get("max_size_mb", 0) * MB * 1e-3, names.LATENCY_MS: limits.get("max_latency_ms", 0)}[key]
     if x_limit:
         axes.axvline(x_limit, color="tab:red", linestyle="--", linewidth=1, label="budget limit")
     floors = [limits["min_accuracy"]] if "min_accuracy" in limits else []

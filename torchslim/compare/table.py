@@ -8,16 +8,17 @@ from typing import Any
 
 from tabulate import tabulate
 
+from ..engine import names
 from ..engine.report import Report, Row, _number, _with_delta, _with_ratio
 from .budget import Budget
 
 #: Columns with a ratio to the baseline: (metric key, header, formatter kind, baseline key of the ratio).
 #: A packed file is compared with the baseline's dense file: the one a user would ship uncompressed.
 _COLUMNS = [
-    ("size_bytes", "size (x smaller)", "bytes", "size_bytes"),
-    ("packed_bytes", "packed (x smaller)", "bytes", "size_bytes"),
-    ("macs", "MACs (x fewer)", "count", "macs"),
-    ("latency_ms", "latency ms (x faster)", "float", "latency_ms"),
+    (names.SIZE_BYTES, "size (x smaller)", "bytes", names.SIZE_BYTES),
+    (names.PACKED_BYTES, "packed (x smaller)", "bytes", names.SIZE_BYTES),
+    (names.MACS, "MACs (x fewer)", "count", names.MACS),
+    (names.LATENCY_MS, "latency ms (x faster)", "float", names.LATENCY_MS),
 ]
 
 
@@ -51,7 +52,7 @@ class Entry:
         """Total time of its stages (model building and the baseline aside)."""
         if self.report is None:
             return None
-        return float(sum(row.metrics.get("seconds") or 0.0 for row in self.report.rows[1:]))
+        return float(sum(row.metrics.get(names.SECONDS) or 0.0 for row in self.report.rows[1:]))
 
 
 @dataclass
@@ -163,8 +164,8 @@ class Comparison:
         entry = next(e for e in self.entries if e.name == self.best)
         final, base = entry.final or {}, self.baselines[entry.group].metrics
         metric = _with_delta(final.get(self.metric), base.get(self.metric), False)
-        size = _with_ratio(final.get("size_bytes"), base.get("size_bytes"), "bytes").replace("x)", "x smaller)")
-        latency = _with_ratio(final.get("latency_ms"), base.get("latency_ms"), "float").replace(" (", " ms (", 1)
+        size = _with_ratio(final.get(names.SIZE_BYTES), base.get(names.SIZE_BYTES), "bytes").replace("x)", "x smaller)")
+        latency = _with_ratio(final.get(names.LATENCY_MS), base.get(names.LATENCY_MS), "float").replace(" (", " ms (", 1)
         return f"{entry.name}: {self.metric} {metric}, size {size}, latency {latency.replace('x)', 'x faster)')}"
 
     def text(self) -> str:
