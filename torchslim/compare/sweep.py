@@ -60,9 +60,7 @@ def rebind(recipe: RecipeBase, document: Document, update: dict[str, Any]) -> Re
     depends on (the comparison fields, a thread count): validating ``document`` again would
     give the same recipe, at the cost of a whole validation pass per variant.
     """
-    copied = recipe.model_copy(update=update)
-    copied._document = document
-    return copied
+    return recipe.rebound(document, update)
 
 
 def combinations(recipe: RecipeBase) -> Iterator[dict[str, tuple[int, Any]]]:

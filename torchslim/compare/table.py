@@ -9,7 +9,7 @@ from typing import Any
 from tabulate import tabulate
 
 from ..engine import names
-from ..engine.report import Report, Row, _number, _with_delta, _with_ratio
+from ..engine.report import Report, Row, format_figure, with_delta, with_ratio
 from .budget import Budget
 
 #: Columns with a ratio to the baseline: (metric key, header, formatter kind, baseline key of the ratio).
@@ -114,16 +114,16 @@ class Comparison:
         return "baseline" if len(self.baselines) == 1 else f"baseline ({self.groups[group][0]})"
 
     def _baseline_cells(self, group: int, row: Row) -> list[str]:
-        cells = [self.baseline_label(group), *(_number(row.metrics.get(key), kind) for key, _, kind, _ in _COLUMNS)]
-        cells += [_number(row.metrics.get(self.metric), "float"), "-", "", *([""] if self.constraints else [])]
+        cells = [self.baseline_label(group), *(format_figure(row.metrics.get(key), kind) for key, _, kind, _ in _COLUMNS)]
+        cells += [format_figure(row.metrics.get(self.metric), "float"), "-", "", *([""] if self.constraints else [])]
         return cells
 
     def _entry_cells(self, entry: Entry) -> list[str]:
         if entry.report is None:
             return [entry.name, *(["-"] * (len(_COLUMNS) + 2)), "", *(["failed"] if self.constraints else [])]
         final, base = entry.report.final.metrics, self.baselines[entry.group].metrics
-        cells = [entry.name, *(_with_ratio(final.get(key), base.get(ref), kind) for key, _, kind, ref in _COLUMNS)]
-        cells += [_with_delta(final.get(self.metric), base.get(self.metric), False), _number(entry.seconds, "float")]
+        cells = [entry.name, *(with_ratio(final.get(key), base.get(ref), kind) for key, _, kind, ref in _COLUMNS)]
+        cells += [with_delta(final.get(self.metric), base.get(self.metric), False), format_figure(entry.seconds, "float")]
         cells.append(" ".join(entry.fronts))
         if self.constraints is not None:
             cells.append("pass" if not entry.failures else "fail")
@@ -163,9 +163,9 @@ class Comparison:
     def _describe_best(self) -> str:
         entry = next(e for e in self.entries if e.name == self.best)
         final, base = entry.final or {}, self.baselines[entry.group].metrics
-        metric = _with_delta(final.get(self.metric), base.get(self.metric), False)
-        size = _with_ratio(final.get(names.SIZE_BYTES), base.get(names.SIZE_BYTES), "bytes").replace("x)", "x smaller)")
-        latency = _with_ratio(final.get(names.LATENCY_MS), base.get(names.LATENCY_MS), "float").replace(" (", " ms (", 1)
+        metric = with_delta(final.get(self.metric), base.get(self.metric), False)
+        size = with_ratio(final.get(names.SIZE_BYTES), base.get(names.SIZE_BYTES), "bytes").replace("x)", "x smaller)")
+        latency = with_ratio(final.get(names.LATENCY_MS), base.get(names.LATENCY_MS), "float").replace(" (", " ms (", 1)
         return f"{entry.name}: {self.metric} {metric}, size {size}, latency {latency.replace('x)', 'x faster)')}"
 
     def text(self) -> str:

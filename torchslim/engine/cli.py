@@ -135,7 +135,7 @@ def _validate_sweep(args: argparse.Namespace, recipe: RecipeBase, registry: Regi
     from ..compare.sweep import expand
     from .yamlio import read_yaml
 
-    variants = expand(recipe._document or read_yaml(args.recipe), recipe, registry)
+    variants = expand(recipe.document or read_yaml(args.recipe), recipe, registry)
     if not args.no_import:
         for _, concrete in variants:
             check_targets(concrete)

@@ -103,6 +103,18 @@ class RecipeBase(BaseModel):
         return check_zip(value, info.data.get("sweep"))
 
     @property
+    def document(self) -> Document | None:
+        """The parsed YAML this recipe was validated from (None for one built in Python)."""
+        return self._document
+
+    def rebound(self, document: Document, update: dict[str, Any]) -> RecipeBase:
+        """A copy with ``update`` applied and ``document`` as its source, without validating again:
+        only for updates valid by construction that no other field's validation depends on."""
+        copied = self.model_copy(update=update)
+        copied._document = document
+        return copied
+
+    @property
     def base_dir(self) -> Path | None:
         """Directory of the recipe file, against which relative paths are resolved."""
         if self._document is None or self._document.source.startswith("<"):

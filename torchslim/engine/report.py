@@ -118,9 +118,10 @@ class Report:
         cells = [row.stage, f"{kind} (unchanged)" if row.unchanged else kind]
         for key, _, kind in _COLUMNS:
             ratio = key in _RATIO_COLUMNS and row is not self.baseline
-            cells.append(_with_ratio(row.metrics.get(key), base.get(key), kind) if ratio else _number(row.metrics.get(key), kind))
-        cells.append(_with_delta(row.metrics.get(self.metric), base.get(self.metric), row is self.baseline))
-        cells.append(_number(row.metrics.get(names.SECONDS), "float"))
+            value = row.metrics.get(key)
+            cells.append(with_ratio(value, base.get(key), kind) if ratio else format_figure(value, kind))
+        cells.append(with_delta(row.metrics.get(self.metric), base.get(self.metric), row is self.baseline))
+        cells.append(format_figure(row.metrics.get(names.SECONDS), "float"))
         return cells
 
     def write(self, out_dir: Path) -> None:
@@ -137,7 +138,8 @@ def _metric_keys(rows: list[Row]) -> list[str]:
     return keys
 
 
-def _number(value: Any, kind: str) -> str:
+def format_figure(value: Any, kind: str) -> str:
+    """One figure as the tables show it: ``count`` (SI prefixes), ``bytes``, ``percent`` or ``float``; ``-`` if not measured."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if kind == "count":
@@ -157,14 +159,16 @@ def _si(value: float, unit: str = "", step: float = 1000.0) -> str:
     return f"{value}"
 
 
-def _with_ratio(value: Any, base: Any, kind: str) -> str:
+def with_ratio(value: Any, base: Any, kind: str) -> str:
+    """The figure followed by its ratio to the baseline, e.g. ``100.9kB (3.40x)``."""
     # The ratio is baseline / value: above 1 means smaller, fewer or faster than the baseline.
-    text = _number(value, kind)
+    text = format_figure(value, kind)
     return f"{text} ({base / value:.2f}x)" if value and base else text
 
 
-def _with_delta(value: Any, base: Any, is_baseline: bool) -> str:
-    text = _number(value, "float")
+def with_delta(value: Any, base: Any, is_baseline: bool) -> str:
+    """The task metric followed by its change from the baseline, e.g. ``96.67 (+0.56)``."""
+    text = format_figure(value, "float")
     if is_baseline or value is None or base is None:
         return text
     return f"{text} ({value - base:+.2f})"

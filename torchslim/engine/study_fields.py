@@ -83,6 +83,6 @@ def check_zip(mode: SweepMode, sweep: SweepValues | None) -> SweepMode:
 def refuse_sweep(recipe: RecipeBase) -> None:
     """RecipeError for ``torchslim run`` of a sweep recipe: it is several runs, made by ``compare``."""
     if recipe.sweep:
-        source = recipe._document.source if recipe._document is not None else "RECIPE"
+        source = recipe.document.source if recipe.document is not None else "RECIPE"
         raise RecipeError(f"{recipe.where(('sweep',))}: sweep: this recipe is a sweep of several variants; "
                           f"run it with `torchslim compare {source}` (torchslim run takes one concrete recipe)")
