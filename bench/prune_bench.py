@@ -135,7 +135,7 @@ def sparse_case(timing: dict[str, int]) -> dict[str, Any]:
         model = copy.deepcopy(base)
         ctx = Context(original=base, data=data, example_inputs=example, evaluate=lambda m: accuracy(m.eval(), data["eval"]),
                       log=logging.getLogger("bench"))
-        models[label] = PruneStage(**options).apply(model, ctx).eval()
+        models[label] = PruneStage.from_options(**options).apply(model, ctx).eval()
     times = latencies(models, example[:BATCH].contiguous(), **timing)
     rows = {}
     for label, model in models.items():

@@ -34,7 +34,7 @@ from torch import nn
 from torchslim import Context
 from torchslim.engine.metrics import accuracy, latency_ms, size_bytes
 from torchslim.examples import digits
-from torchslim.plugins.quantize import QuantizeStage
+from torchslim.plugins.quantize import DynamicQuantize, HalfQuantize, QuantizeStage, StaticQuantize, WeightOnlyQuantize
 
 THREADS = 2
 RESULTS = Path(__file__).resolve().parent / "results" / "quantize.json"
@@ -85,11 +85,11 @@ def resnet_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     example = next(iter(data["eval"]))[0]
     ctx = context(model, data, accuracy, example)
     models = {"float32": model,
-              "static int8 (x86)": QuantizeStage(method="static", calibration_batches=8).apply(model, ctx)}
+              "static int8 (x86)": StaticQuantize(calibration_batches=8).apply(model, ctx)}
     if args.torchao:
-        torchao = QuantizeStage(method="static", backend="torchao", calibration_batches=8)
+        torchao = StaticQuantize(backend="torchao", calibration_batches=8)
         models["static int8 (torchao)"] = torchao.apply(model, ctx)
-    models["bfloat16"] = QuantizeStage(method="half", dtype="bfloat16").apply(model, ctx)
+    models["bfloat16"] = HalfQuantize(dtype="bfloat16").apply(model, ctx)
     return rows_for("resnet-digits", models, "accuracy", accuracy, data, example[:32].contiguous(), args)
 
 
@@ -102,12 +102,12 @@ def minilm_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     model = minilm.model()
     example = next(iter(data["eval"]))[0]
     ctx = context(model, data, minilm.cosine, example)
-    onednn = QuantizeStage(method="dynamic", backend="onednn")
+    onednn = DynamicQuantize(backend="onednn")
     models = {"float32": model,
-              "dynamic int8 Linear, per tensor (x86)": QuantizeStage(backend="x86", granularity="per_tensor").apply(model, ctx),
-              "dynamic int8 Linear, per channel (x86)": QuantizeStage(backend="x86").apply(model, ctx),
+              "dynamic int8 Linear, per tensor (x86)": DynamicQuantize(backend="x86", granularity="per_tensor").apply(model, ctx),
+              "dynamic int8 Linear, per channel (x86)": DynamicQuantize(backend="x86").apply(model, ctx),
               "dynamic int8 Linear, per channel (onednn)": onednn.apply(model, ctx),
-              "+ int8 embeddings (onednn)": apply([onednn, QuantizeStage(method="weight_only")], model, ctx)}
+              "+ int8 embeddings (onednn)": apply([onednn, WeightOnlyQuantize()], model, ctx)}
     return rows_for("all-MiniLM-L6-v2", models, "cosine", minilm.cosine, data, example, args)
 
 

@@ -19,7 +19,7 @@ from torchslim import Context
 from torchslim.engine.metrics import accuracy
 from torchslim.examples import digits
 from torchslim.plugins.distill import DistillStage
-from torchslim.plugins.prune import PruneStage
+from torchslim.plugins.prune import MagnitudePrune
 
 
 def run_rank(rank: int, world: int, folder: str, options: dict[str, Any]) -> None:
@@ -33,7 +33,7 @@ def run_rank(rank: int, world: int, folder: str, options: dict[str, Any]) -> Non
         ctx = Context(original=copy.deepcopy(model).eval(), data=data, example_inputs=next(iter(data["eval"]))[0],
                       evaluate=lambda m: accuracy(m.eval(), data["eval"]))
         torch.manual_seed(1)
-        PruneStage(amount=0.8, scope="layer").apply(model, ctx)
+        MagnitudePrune(amount=0.8, scope="layer").apply(model, ctx)
         before = ctx.evaluate(model)
         torch.manual_seed(2)
         out = DistillStage(**options).apply(model, ctx)

@@ -25,7 +25,7 @@ from torchslim.examples import digits
 from torchslim.plugins._kd import projection
 from torchslim.plugins._shard import TrainBatches
 from torchslim.plugins.distill import DistillStage
-from torchslim.plugins.prune import PruneStage
+from torchslim.plugins.prune import MagnitudePrune
 
 from .conftest import digits_recipe, linear_weights, make_ctx, write_recipe
 
@@ -53,7 +53,7 @@ def test_logit_kd_recovers_and_keeps_zeros_at_high_sparsity(teacher: nn.Module, 
     model = copy.deepcopy(teacher)
     ctx = make_ctx(teacher, flat)
     torch.manual_seed(0)
-    PruneStage(amount=0.9, scope="layer").apply(model, ctx)
+    MagnitudePrune(amount=0.9, scope="layer").apply(model, ctx)
     zeros = [w == 0 for w in linear_weights(model)]
     pruned = ctx.evaluate(model)
     out = DistillStage(epochs=3, lr=3e-2).apply(model, ctx)
@@ -271,6 +271,7 @@ def test_two_gloo_processes_end_with_the_same_weights(tmp_path: Path) -> None:
     assert all(float((w == 0).float().mean()) == pytest.approx(0.8, abs=0.01) for w in weights)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_run_a_recipe(tmp_path: Path) -> None:
     import torch.distributed as dist
 

@@ -15,7 +15,7 @@ from torchslim.engine.metrics import (
     size_bytes,
     torch_threads,
 )
-from torchslim.plugins.quantize import QuantizeStage
+from torchslim.plugins.quantize import DynamicQuantize
 
 
 def test_linear_counts() -> None:
@@ -35,7 +35,7 @@ def test_conv_macs_count_groups_and_kernel() -> None:
 
 def test_quantized_linear_is_counted_once() -> None:
     model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
-    quantized = QuantizeStage()._convert(model)
+    quantized = DynamicQuantize()._convert(model)
     x = torch.randn(3, 16)
     assert count_macs(quantized, x) == count_macs(model, x) == 16 * 8 + 8 * 4
     assert count_params(quantized) == count_params(model)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 import torchslim
@@ -17,9 +18,10 @@ from torchslim import RecipeError, Registry, StageError, load_recipe
 from torchslim.engine.metrics import accuracy, count_macs
 from torchslim.engine.packed import pack_state_dict, packed_size_bytes, saved_bytes, smallest_state, unpack_state_dict
 from torchslim.examples import digits, mobile
-from torchslim.plugins._finetune import finetune, zero_masks
+from torchslim.plugins._masks import ZeroMasks
 from torchslim.plugins._nm import follows_pattern
-from torchslim.plugins.prune import PruneStage
+from torchslim.plugins._train import finetune
+from torchslim.plugins.prune import MagnitudePrune, NMPrune, PruneStage, StructuredPrune, WandaPrune
 
 from .conftest import FAST_METRICS, digits_recipe, make_ctx
 
@@ -118,6 +120,42 @@ def test_resolved_defaults_depend_on_method_and_validate_again(registry: Registr
     assert again.resolved()["stages"][0] == stage
 
 
+METHOD_CLASSES = [({"amount": 0.5}, MagnitudePrune), ({"method": "wanda", "amount": 0.5}, WandaPrune),
+                  ({"method": "structured", "amount": 0.5}, StructuredPrune), ({"method": "nm"}, NMPrune)]
+
+
+@pytest.mark.parametrize(("options", "cls"), METHOD_CLASSES, ids=["magnitude", "wanda", "structured", "nm"])
+def test_each_method_is_its_own_class(registry: Registry, options: dict, cls: type[PruneStage]) -> None:
+    recipe = load_recipe(digits_recipe([{"type": "prune", **options}]), registry)
+    assert type(recipe.stage_list[0]) is cls
+    assert type(PruneStage.from_options(**options)) is cls
+    assert cls.methods == ()  # a method class is no family of its own
+
+
+@pytest.mark.parametrize(("cls", "options", "loc"), [
+    (NMPrune, {"n": 4, "m": 4}, ("m",)),
+    (NMPrune, {"steps": 3}, ("steps",)),
+    (MagnitudePrune, {"amount": 0.5, "finetune_epochs": 1}, ("finetune_epochs",)),
+    (StructuredPrune, {"amount": 0.5, "steps": 2, "finetune_lr": 0.01}, ("finetune_lr",)),
+], ids=["n-not-below-m", "nm-steps", "finetune-one-step", "lr-without-finetune"])
+def test_checks_across_options_name_the_option(cls: type[PruneStage], options: dict, loc: tuple) -> None:
+    with pytest.raises(ValidationError) as info:
+        cls(**options)
+    assert [error["loc"] for error in info.value.errors()] == [loc]
+
+
+def test_every_check_across_options_is_reported() -> None:
+    with pytest.raises(ValidationError) as info:
+        NMPrune(n=4, m=4, finetune_lr=0.01)
+    assert [error["loc"] for error in info.value.errors()] == [("m",), ("finetune_lr",)]
+
+
+def test_finetune_lr_defaults_only_with_finetuning() -> None:
+    assert MagnitudePrune(amount=0.5, steps=2, finetune_epochs=1).finetune_lr == 0.001
+    assert MagnitudePrune(amount=0.5, steps=2, finetune_epochs=1, finetune_lr=0.01).finetune_lr == 0.01
+    assert MagnitudePrune(amount=0.5).finetune_lr is None
+
+
 def test_example_recipe_validates(registry: Registry) -> None:
     recipe = load_recipe(ROOT / "recipes" / "prune-structured.yaml", registry)
     assert [s.type for s in recipe.stage_list] == ["prune", "distill"]
@@ -134,7 +172,7 @@ def test_structured_removes_channels_and_restores_exactly(request: pytest.Fixtur
                                                           amount: float, scope: str, min_macs_ratio: float) -> None:
     trained = request.getfixturevalue(f"trained_{name}")
     model, ctx = copy.deepcopy(trained), make_ctx(trained, images)
-    stage = PruneStage(method="structured", amount=amount, scope=scope)
+    stage = StructuredPrune(amount=amount, scope=scope)
     out = stage.apply(model, ctx)
     x = ctx.example_inputs
     assert out(x).shape == (x.shape[0], 10)
@@ -143,15 +181,15 @@ def test_structured_removes_channels_and_restores_exactly(request: pytest.Fixtur
     assert ctx.metrics["pruned_channels"] == pytest.approx(amount, abs=0.05)
     for conv in (m for m in out.modules() if isinstance(m, nn.Conv2d) and m.groups > 1):
         assert conv.groups == conv.in_channels == conv.out_channels  # depthwise stays depthwise
-    json.dumps(ctx.structure)  # plain data, as saved with the model
-    rebuilt = stage.restore(fresh(name).eval(), ctx.structure)
+    json.dumps(ctx.restore_record)  # plain data, as saved with the model
+    rebuilt = stage.restore(fresh(name).eval(), ctx.restore_record)
     rebuilt.load_state_dict(out.state_dict(), strict=True)
     assert torch.equal(rebuilt.eval()(x), out.eval()(x))
 
 
 def test_structured_round_to_leaves_multiples(trained_resnet: nn.Module, images: dict) -> None:
     model, ctx = copy.deepcopy(trained_resnet), make_ctx(trained_resnet, images)
-    out = PruneStage(method="structured", amount=0.5, scope="layer", round_to=4).apply(model, ctx)
+    out = StructuredPrune(amount=0.5, scope="layer", round_to=4).apply(model, ctx)
     widths = [m.out_channels for m in out.modules() if isinstance(m, nn.Conv2d)]
     assert widths and all(w % 4 == 0 for w in widths)
     assert max(widths) < 16
@@ -159,7 +197,7 @@ def test_structured_round_to_leaves_multiples(trained_resnet: nn.Module, images:
 
 def test_structured_exclude_keeps_the_coupled_channels(trained_resnet: nn.Module, images: dict) -> None:
     model, ctx = copy.deepcopy(trained_resnet), make_ctx(trained_resnet, images)
-    out = PruneStage(method="structured", amount=0.5, exclude=["stage1.0.conv1"]).apply(model, ctx)
+    out = StructuredPrune(amount=0.5, exclude=["stage1.0.conv1"]).apply(model, ctx)
     assert out.stage1[0].conv1.out_channels == 8 and out.stage1[0].bn1.num_features == 8
     assert out.stage2[0].conv1.out_channels < 16
 
@@ -168,7 +206,7 @@ def test_structured_exclude_keeps_the_coupled_channels(trained_resnet: nn.Module
 def test_structured_keeps_output_layer(trained_mlp: nn.Module, flat: dict, tail: list[nn.Module]) -> None:
     model = nn.Sequential(*copy.deepcopy(trained_mlp), *tail)
     ctx = make_ctx(model, flat)
-    out = PruneStage(method="structured", amount=0.5).apply(model, ctx)
+    out = StructuredPrune(amount=0.5).apply(model, ctx)
     assert out[4].out_features == 10
     assert out[0].out_features + out[2].out_features == 32  # half of the 64 hidden neurons
 
@@ -181,8 +219,8 @@ def test_structured_ceiling_protects_a_weak_layer(trained_mlp: nn.Module, flat: 
             model[2].weight[:, 1:] *= 1e-3
         return model
 
-    capped = PruneStage(method="structured", amount=0.5, max_layer_amount=0.5).apply(weakened(), make_ctx(trained_mlp, flat))
-    uncapped = PruneStage(method="structured", amount=0.5, max_layer_amount=0.99).apply(weakened(), make_ctx(trained_mlp, flat))
+    capped = StructuredPrune(amount=0.5, max_layer_amount=0.5).apply(weakened(), make_ctx(trained_mlp, flat))
+    uncapped = StructuredPrune(amount=0.5, max_layer_amount=0.99).apply(weakened(), make_ctx(trained_mlp, flat))
     assert capped[0].out_features == 16
     assert uncapped[0].out_features == 1
 
@@ -190,16 +228,16 @@ def test_structured_ceiling_protects_a_weak_layer(trained_mlp: nn.Module, flat: 
 def test_structured_with_nothing_prunable_is_an_error(flat: dict) -> None:
     model = nn.Sequential(nn.Linear(64, 10))
     with pytest.raises(StageError, match=r"no channel could be removed.*left alone: 0"):
-        PruneStage(method="structured", amount=0.5).apply(model, make_ctx(model, flat))
+        StructuredPrune(amount=0.5).apply(model, make_ctx(model, flat))
 
 
 def test_structured_gradual_with_finetune(trained_resnet: nn.Module, images: dict) -> None:
     model, ctx = copy.deepcopy(trained_resnet), make_ctx(trained_resnet, images)
-    stage = PruneStage(method="structured", amount=0.5, steps=2, finetune_epochs=1)
+    stage = StructuredPrune(amount=0.5, steps=2, finetune_epochs=1)
     out = stage.apply(model, ctx)
     assert ctx.metrics["pruned_channels"] == pytest.approx(0.5, abs=0.05)
     assert ctx.metrics["finetune_loss"] > 0
-    rebuilt = stage.restore(fresh("resnet").eval(), ctx.structure)
+    rebuilt = stage.restore(fresh("resnet").eval(), ctx.restore_record)
     rebuilt.load_state_dict(out.state_dict(), strict=True)
     assert torch.equal(rebuilt.eval()(ctx.example_inputs), out(ctx.example_inputs))
 
@@ -216,7 +254,7 @@ def test_structured_saved_model_reloads_identically(tmp_path: Path, trained_resn
     report = torchslim.run(recipe, tmp_path / "out", registry=registry)
     loaded = torchslim.load_model(tmp_path / "out", registry)
     model, ctx = copy.deepcopy(trained_resnet), make_ctx(trained_resnet, images)
-    expected = PruneStage(method="structured", amount=0.5, round_to=2).apply(model, ctx)
+    expected = StructuredPrune(amount=0.5, round_to=2).apply(model, ctx)
     x = ctx.example_inputs
     assert torch.equal(loaded(x), expected(x))
     assert report.final.metrics["macs"] < report.baseline.metrics["macs"] / 2.5
@@ -227,7 +265,7 @@ def test_structured_saved_model_reloads_identically(tmp_path: Path, trained_resn
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (2, 8)], ids=["2:4", "1:4", "2:8"])
 def test_nm_pattern_on_linear_layers(trained_mlp: nn.Module, flat: dict, n: int, m: int) -> None:
     model, ctx = copy.deepcopy(trained_mlp), make_ctx(trained_mlp, flat)
-    out = PruneStage(method="nm", n=n, m=m).apply(model, ctx)
+    out = NMPrune(n=n, m=m).apply(model, ctx)
     for layer in (out[0], out[2], out[4]):
         assert follows_pattern(layer.weight, n, m)
     assert ctx.metrics["pruned_sparsity"] == pytest.approx(1 - n / m)
@@ -236,7 +274,7 @@ def test_nm_pattern_on_linear_layers(trained_mlp: nn.Module, flat: dict, n: int,
 
 def test_nm_on_convs_skips_layers_that_cannot_follow(trained_resnet: nn.Module, images: dict) -> None:
     model, ctx = copy.deepcopy(trained_resnet), make_ctx(trained_resnet, images)
-    out = PruneStage(method="nm").apply(model, ctx)
+    out = NMPrune().apply(model, ctx)
     assert follows_pattern(out.stage1[0].conv1.weight, 2, 4)  # 8 input channels: groups of 4 along them
     assert follows_pattern(out.stage2[0].shortcut[0].weight, 2, 4)
     assert bool((out.stem[0].weight != 0).all())  # one input channel: left dense
@@ -245,7 +283,7 @@ def test_nm_on_convs_skips_layers_that_cannot_follow(trained_resnet: nn.Module, 
 
 def test_nm_gradual_ends_on_the_pattern(trained_mlp: nn.Module, flat: dict) -> None:
     model, ctx = copy.deepcopy(trained_mlp), make_ctx(trained_mlp, flat)
-    out = PruneStage(method="nm", steps=2, finetune_epochs=1).apply(model, ctx)
+    out = NMPrune(steps=2, finetune_epochs=1).apply(model, ctx)
     assert all(follows_pattern(layer.weight, 2, 4) for layer in (out[0], out[2], out[4]))
     assert ctx.metrics["pruned_sparsity"] == pytest.approx(0.5)
 
@@ -253,14 +291,14 @@ def test_nm_gradual_ends_on_the_pattern(trained_mlp: nn.Module, flat: dict) -> N
 @pytest.mark.parametrize("scope", ["global", "layer"], ids=["global", "layer"])
 def test_magnitude_ceiling_caps_each_layer(trained_mlp: nn.Module, flat: dict, scope: str) -> None:
     model, ctx = copy.deepcopy(trained_mlp), make_ctx(trained_mlp, flat)
-    out = PruneStage(amount=0.8, scope=scope, max_layer_amount=0.5).apply(model, ctx)
+    out = MagnitudePrune(amount=0.8, scope=scope, max_layer_amount=0.5).apply(model, ctx)
     for layer in (out[0], out[2], out[4]):
         assert float((layer.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
 
 
 def test_magnitude_gradual_reaches_amount(trained_mlp: nn.Module, flat: dict) -> None:
     model, ctx = copy.deepcopy(trained_mlp), make_ctx(trained_mlp, flat)
-    PruneStage(amount=0.6, steps=3, finetune_epochs=1).apply(model, ctx)
+    MagnitudePrune(amount=0.6, steps=3, finetune_epochs=1).apply(model, ctx)
     assert ctx.metrics["pruned_sparsity"] == pytest.approx(0.6, abs=0.01)
     assert any("unstructured pruning" in note for note in ctx.notes)
 
@@ -278,7 +316,7 @@ def test_wanda_keeps_small_weights_on_loud_inputs() -> None:
     original = copy.deepcopy(model)
     loader = [(inputs[i:i + 16], torch.zeros(16)) for i in range(0, 64, 16)]
     ctx = make_ctx(original, {"calibration": loader, "eval": loader}, evaluate=lambda m: 0.0)
-    PruneStage(method="wanda", amount=0.5, calibration_batches=4).apply(model, ctx)
+    WandaPrune(amount=0.5, calibration_batches=4).apply(model, ctx)
     weight = model[0].weight
     assert bool((weight[:, 0] != 0).all()), "the loud input's weights survive"
     assert [int((row == 0).sum()) for row in weight] == [4, 4, 4, 4], "half of every row"
@@ -287,13 +325,13 @@ def test_wanda_keeps_small_weights_on_loud_inputs() -> None:
     expected = score <= score.kthvalue(4, dim=1, keepdim=True).values
     assert torch.equal(weight == 0, expected)
     magnitude = copy.deepcopy(original)
-    PruneStage(amount=0.5, scope="layer").apply(magnitude, make_ctx(original, ctx.data, evaluate=lambda m: 0.0))
+    MagnitudePrune(amount=0.5, scope="layer").apply(magnitude, make_ctx(original, ctx.data, evaluate=lambda m: 0.0))
     assert bool((magnitude[0].weight[:, 0] == 0).all())
 
 
 def test_wanda_on_the_digits_mlp_prunes_every_row_and_notes_the_cpu(trained_mlp: nn.Module, flat: dict) -> None:
     model, ctx = copy.deepcopy(trained_mlp), make_ctx(trained_mlp, flat)
-    PruneStage(method="wanda", amount=0.6, steps=2, calibration_batches=2).apply(model, ctx)
+    WandaPrune(amount=0.6, steps=2, calibration_batches=2).apply(model, ctx)
     for layer in (model[0], model[2], model[4]):
         per_row = (layer.weight == 0).sum(dim=1)
         assert bool((per_row == round(0.6 * layer.in_features)).all())
@@ -316,16 +354,17 @@ def test_wanda_saved_model_reloads_with_its_zeros_and_score(tmp_path: Path) -> N
 def test_wanda_without_calibration_data_is_an_error(trained_mlp: nn.Module, flat: dict) -> None:
     ctx = make_ctx(trained_mlp, {**flat, "calibration": []})
     with pytest.raises(StageError, match="method wanda: the calibration data yielded no batch"):
-        PruneStage(method="wanda", amount=0.5).apply(copy.deepcopy(trained_mlp), ctx)
+        WandaPrune(amount=0.5).apply(copy.deepcopy(trained_mlp), ctx)
 
 
 def test_finetune_keeps_pruned_weights_zero(trained_mlp: nn.Module, flat: dict) -> None:
     model, ctx = copy.deepcopy(trained_mlp), make_ctx(trained_mlp, flat)
-    PruneStage(amount=0.7).apply(model, ctx)
-    zeros = [layer.weight == 0 for layer in (model[0], model[2])]
-    before = [layer.weight.detach().clone() for layer in (model[0], model[2])]
-    finetune(model, flat["train"], 1, 1e-2, zero_masks(model, [model[0], model[2]]))
-    for mask, layer, old in zip(zeros, (model[0], model[2]), before, strict=True):
+    MagnitudePrune(amount=0.7).apply(model, ctx)
+    layers = (model[0], model[2], model[4])
+    zeros = [layer.weight == 0 for layer in layers]
+    before = [layer.weight.detach().clone() for layer in layers]
+    finetune(model, flat["train"], 1, 1e-2, ZeroMasks.of(model))  # as between steps: every zero of the model kept
+    for mask, layer, old in zip(zeros, layers, before, strict=True):
         assert bool((layer.weight[mask] == 0).all())
         assert not torch.equal(layer.weight, old)
 
@@ -371,7 +410,7 @@ def test_packed_size_tells_the_truth_about_sparsity() -> None:
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # torch.ao's own deprecation notices
 def test_packed_passes_quantized_state_through(trained_mlp: nn.Module, flat: dict) -> None:
     model = copy.deepcopy(trained_mlp)
-    PruneStage(amount=0.7).apply(model, make_ctx(model, flat))
+    MagnitudePrune(amount=0.7).apply(model, make_ctx(model, flat))
     quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
     buffer = io.BytesIO()
     torch.save(pack_state_dict(quantized.state_dict()), buffer)
@@ -385,6 +424,6 @@ def test_packed_passes_quantized_state_through(trained_mlp: nn.Module, flat: dic
 def test_packed_bytes_of_a_pruned_model(trained_mlp: nn.Module, flat: dict) -> None:
     model = digits.mlp(hidden=128)
     dense_bytes = packed_size_bytes(model)
-    PruneStage(amount=0.7).apply(model, make_ctx(model, flat))
+    MagnitudePrune(amount=0.7).apply(model, make_ctx(model, flat))
     assert packed_size_bytes(model) < 0.5 * dense_bytes
     assert unpack_state_dict(smallest_state(model.state_dict())).keys() == model.state_dict().keys()

@@ -18,9 +18,9 @@ from torchslim import Registry, StageError, load_recipe
 from torchslim.engine.metrics import accuracy, size_bytes
 from torchslim.examples import digits
 from torchslim.plugins._quant_modules import Int8Embedding
-from torchslim.plugins.quantize import QuantizeStage
+from torchslim.plugins.quantize import DynamicQuantize, HalfQuantize, QuantizeStage, StaticQuantize, WeightOnlyQuantize
 
-from .conftest import FAST_METRICS, make_ctx
+from .conftest import FAST_METRICS, digits_recipe, make_ctx
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -85,7 +85,7 @@ def kinds(model: nn.Module) -> set[str]:
 @pytest.mark.parametrize("backend", ["x86", "qnnpack"], ids=["x86", "qnnpack"])
 def test_static_quantizes_every_conv_and_linear(resnet: nn.Module, images: dict, backend: str) -> None:
     ctx = make_ctx(resnet, images)
-    out = QuantizeStage(method="static", backend=backend, calibration_batches=4).apply(resnet, ctx)
+    out = StaticQuantize(backend=backend, calibration_batches=4).apply(resnet, ctx)
     # 6 convs (BatchNorm and ReLU fused into them) and the classifier, all with int8 kernels.
     assert ctx.metrics == {"quantized_layers": 7, "float_layers": 0}
     assert kinds(out) <= {"torch.ao.nn.quantized.modules.conv", "torch.ao.nn.intrinsic.quantized.modules.conv_relu",
@@ -98,7 +98,7 @@ def test_static_quantizes_every_conv_and_linear(resnet: nn.Module, images: dict,
 
 def test_static_excluded_layers_stay_float_and_are_listed(resnet: nn.Module, images: dict) -> None:
     ctx = make_ctx(resnet, images)
-    out = QuantizeStage(method="static", exclude=["classifier"], calibration_batches=2).apply(resnet, ctx)
+    out = StaticQuantize(exclude=["classifier"], calibration_batches=2).apply(resnet, ctx)
     assert type(out.get_submodule("classifier")) is nn.Linear
     assert ctx.metrics == {"quantized_layers": 6, "float_layers": 1}
     assert any(n.endswith("Conv2d x6; left float: Linear x1 (classifier)") for n in ctx.notes)
@@ -113,28 +113,28 @@ def test_static_uses_only_calibration_batches(resnet: nn.Module, images: dict) -
             yield batch
 
     data = {**images, "calibration": batches()}
-    QuantizeStage(method="static", calibration_batches=3).apply(resnet, make_ctx(resnet, data))
+    StaticQuantize(calibration_batches=3).apply(resnet, make_ctx(resnet, data))
     assert len(consumed) == 3
 
 
 def test_static_untraceable_model_names_the_cause(flat: dict) -> None:
     with pytest.raises(StageError, match=r"stage quantize: method static, backend x86: torch.fx could not trace the model .*use method dynamic"):
-        QuantizeStage(method="static").apply(Branchy(), make_ctx(Branchy(), flat))
+        StaticQuantize().apply(Branchy(), make_ctx(Branchy(), flat))
 
 
 def test_torch_deprecation_is_one_note_not_warnings(trained_mlp: nn.Module, flat: dict) -> None:
     ctx = make_ctx(trained_mlp, flat)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        QuantizeStage().apply(trained_mlp, ctx)
-        QuantizeStage(name="again").apply(trained_mlp, ctx)
+        DynamicQuantize().apply(trained_mlp, ctx)
+        DynamicQuantize(name="again").apply(trained_mlp, ctx)
     assert [str(w.message) for w in caught] == []
     assert sum(n.startswith("torch warned (shown once): torch.ao.quantization is deprecated") for n in ctx.notes) == 1
 
 
 def test_weight_only_embedding_is_int8_with_row_scales(embedder: nn.Module, flat: dict) -> None:
     ctx = make_ctx(embedder, flat)
-    out = QuantizeStage(method="weight_only").apply(embedder, ctx)
+    out = WeightOnlyQuantize().apply(embedder, ctx)
     table = out.get_submodule("table")
     assert isinstance(table, Int8Embedding)
     assert table.qweight.dtype == torch.int8 and table.scales.shape == (17 * 64,)
@@ -150,14 +150,14 @@ def test_weight_only_refuses_max_norm_embedding_with_reason(flat: dict) -> None:
     model = pixel_model()
     model.table.max_norm = 1.0
     with pytest.raises(StageError, match=r"method weight_only quantized no layer"):
-        QuantizeStage(method="weight_only").apply(model, ctx := make_ctx(model, flat))
+        WeightOnlyQuantize().apply(model, ctx := make_ctx(model, flat))
     assert any("table stays float: max_norm renormalizes" in n for n in ctx.notes)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"], ids=["float16", "bfloat16"])
 def test_half_casts_weights_and_keeps_float32_interface(trained_mlp: nn.Module, flat: dict, dtype: str) -> None:
     ctx = make_ctx(trained_mlp, flat)
-    out = QuantizeStage(method="half", dtype=dtype).apply(trained_mlp, ctx)
+    out = HalfQuantize(dtype=dtype).apply(trained_mlp, ctx)
     assert {p.dtype for p in out.parameters()} == {getattr(torch, dtype)}
     assert out(ctx.example_inputs).dtype == torch.float32
     assert ctx.metrics == {"quantized_layers": 3, "float_layers": 0}
@@ -165,41 +165,65 @@ def test_half_casts_weights_and_keeps_float32_interface(trained_mlp: nn.Module, 
     assert size_bytes(out) < 0.6 * size_bytes(trained_mlp)
 
 
-BAD_OPTIONS = [
-    ({"method": "dynamic", "calibration_batches": 8}, "calibration_batches applies to method dynamic only with skip_sensitive"),
-    ({"method": "half", "calibration_batches": 8}, "calibration_batches applies to method static only, not half"),
-    ({"method": "static", "skip_sensitive": 2}, "skip_sensitive applies to method dynamic only, not static"),
-    ({"method": "dynamic", "dtype": "bfloat16"}, "method dynamic takes dtype qint8 or float16, not bfloat16"),
-    ({"method": "static", "dtype": "float16"}, "method static takes dtype qint8, not float16"),
-    ({"method": "half", "dtype": "qint8"}, "method half takes dtype float16 or bfloat16, not qint8"),
-    ({"method": "weight_only", "backend": "x86"}, "backend applies to methods static and dynamic only, not weight_only"),
-    ({"method": "static", "backend": "onednn"}, "method static takes backend x86, qnnpack, torchao, not onednn"),
-    ({"method": "dynamic", "backend": "torchao"}, "method dynamic takes backend x86, onednn, qnnpack, not torchao"),
-    ({"method": "static", "granularity": "per_tensor"}, "granularity applies to method dynamic with dtype qint8 only, not static"),
-    ({"method": "dynamic", "dtype": "float16", "granularity": "per_channel"}, "granularity applies .* not dynamic with float16"),
-    ({"method": "half", "modules": ["Linear"]}, "method half casts the whole model; modules does not apply"),
-    ({"method": "half", "exclude": ["fc"]}, "method half casts the whole model; exclude does not apply"),
-    ({"method": "static", "modules": ["LSTM"]}, "static quantization cannot quantize LSTM; supported: Linear, Conv1d"),
-    ({"method": "weight_only", "modules": ["Linear"]}, "weight_only quantization cannot quantize Linear; supported: Embedding"),
-    ({"method": "static", "calibration_batches": 0}, "greater than or equal to 1"),
+LAYER_METHODS = "it is an option of method dynamic and static and weight_only"
+BAD_OPTIONS = [  # (options, the option at fault, the message a recipe shows for it)
+    ({"method": "dynamic", "calibration_batches": 8}, "calibration_batches",
+     "calibration_batches applies to method dynamic only with skip_sensitive"),
+    ({"method": "half", "calibration_batches": 8}, "calibration_batches",
+     "'calibration_batches' does not apply to method half; it is an option of method dynamic and static"),
+    ({"method": "static", "skip_sensitive": 2}, "skip_sensitive",
+     "'skip_sensitive' does not apply to method static; it is an option of method dynamic"),
+    ({"method": "dynamic", "dtype": "bfloat16"}, "dtype", "Input should be 'qint8' or 'float16'"),
+    ({"method": "static", "dtype": "float16"}, "dtype", "Input should be 'qint8'"),
+    ({"method": "half", "dtype": "qint8"}, "dtype", "Input should be 'float16' or 'bfloat16'"),
+    ({"method": "weight_only", "backend": "x86"}, "backend",
+     "'backend' does not apply to method weight_only; it is an option of method dynamic and static"),
+    ({"method": "static", "backend": "onednn"}, "backend", "Input should be 'x86', 'qnnpack' or 'torchao'"),
+    ({"method": "dynamic", "backend": "torchao"}, "backend", "Input should be 'x86', 'onednn' or 'qnnpack'"),
+    ({"method": "static", "granularity": "per_tensor"}, "granularity",
+     "'granularity' does not apply to method static; it is an option of method dynamic"),
+    ({"method": "dynamic", "dtype": "float16", "granularity": "per_channel"}, "granularity",
+     "granularity applies to dtype qint8 only, not float16"),
+    ({"method": "half", "modules": ["Linear"]}, "modules", f"'modules' does not apply to method half; {LAYER_METHODS}"),
+    ({"method": "half", "exclude": ["fc"]}, "exclude", f"'exclude' does not apply to method half; {LAYER_METHODS}"),
+    ({"method": "static", "modules": ["LSTM"]}, "modules",
+     "static quantization cannot quantize LSTM; supported: Linear, Conv1d, Conv2d, Conv3d"),
+    ({"method": "weight_only", "modules": ["Linear"]}, "modules",
+     "weight_only quantization cannot quantize Linear; supported: Embedding"),
+    ({"method": "dynamic", "modules": []}, "modules", "name at least one layer type"),
+    ({"method": "static", "calibration_batches": 0}, "calibration_batches", "Input should be greater than or equal to 1"),
+    ({"method": "int8"}, "method", "Input should be 'dynamic', 'static', 'weight_only' or 'half'"),
 ]
 
 
-@pytest.mark.parametrize(("options", "message"), BAD_OPTIONS, ids=[str(sorted(o.items())) for o, _ in BAD_OPTIONS])
-def test_options_that_do_not_apply_are_rejected(options: dict, message: str) -> None:
-    with pytest.raises(ValidationError, match=message):
-        QuantizeStage(**options)
+@pytest.mark.parametrize(("options", "option", "message"), BAD_OPTIONS, ids=[str(sorted(o.items())) for o, _, _ in BAD_OPTIONS])
+def test_options_that_do_not_apply_are_rejected(registry: Registry, options: dict, option: str, message: str) -> None:
+    # Either order of the options gives the same error: no check depends on the fields' order.
+    for ordered in (options, dict(reversed(options.items()))):
+        with pytest.raises(torchslim.RecipeError) as info:
+            load_recipe(digits_recipe([{"type": "quantize", **ordered}]), registry)
+        assert f"stages[0].{option} (quantize): {message}" in str(info.value)
+        with pytest.raises(ValueError if option == "method" else ValidationError):  # unknown method: no class to validate
+            QuantizeStage.from_options(**ordered)
 
 
-@pytest.mark.parametrize(("method", "defaults"), [
-    ("dynamic", {"dtype": "qint8", "modules": ["Linear"], "backend": None, "calibration_batches": None, "granularity": None}),
-    ("static", {"dtype": "qint8", "modules": ["Linear", "Conv1d", "Conv2d", "Conv3d"], "backend": "x86", "calibration_batches": 32}),
-    ("weight_only", {"dtype": "qint8", "modules": ["Embedding"], "backend": None}),
-    ("half", {"dtype": "float16", "modules": None}),
+@pytest.mark.parametrize(("method", "options"), [
+    ("dynamic", {"modules": ["Linear"], "exclude": [], "dtype": "qint8", "backend": None, "skip_sensitive": None,
+                 "calibration_batches": None, "granularity": None}),
+    ("static", {"modules": ["Linear", "Conv1d", "Conv2d", "Conv3d"], "exclude": [], "dtype": "qint8", "backend": "x86",
+                "calibration_batches": 32}),
+    ("weight_only", {"modules": ["Embedding"], "exclude": [], "dtype": "qint8"}),
+    ("half", {"dtype": "float16"}),
 ], ids=["dynamic", "static", "weight_only", "half"])
-def test_defaults_depend_on_method(method: str, defaults: dict) -> None:
-    stage = QuantizeStage(method=method)  # type: ignore[arg-type]
-    assert {k: getattr(stage, k) for k in defaults} == defaults
+def test_resolved_stage_has_its_methods_options_only(registry: Registry, method: str, options: dict) -> None:
+    recipe = load_recipe(digits_recipe([{"type": "quantize", "method": method}]), registry)
+    assert recipe.resolved()["stages"][0] == {"type": "quantize", "name": None, "method": method, **options}
+    assert QuantizeStage.from_options(method=method) == recipe.stage_list[0]
+
+
+def test_no_method_means_dynamic(registry: Registry) -> None:
+    recipe = load_recipe(digits_recipe([{"type": "quantize", "dtype": "float16"}]), registry)
+    assert recipe.stage_list[0] == DynamicQuantize(dtype="float16") == QuantizeStage.from_options(dtype="float16")
 
 
 def test_recipe_error_points_at_the_option(tmp_path: Path, registry: Registry) -> None:
@@ -257,7 +281,7 @@ def test_saved_model_loads_with_identical_outputs(tmp_path: Path, model: dict, i
 @pytest.mark.skipif(importlib.util.find_spec("torchao") is not None, reason="torchao is installed: its flow is tested below")
 def test_torchao_backend_without_torchao_says_how_to_install(resnet: nn.Module, images: dict) -> None:
     with pytest.raises(StageError, match=r"backend torchao: torchao is not installed.*pip install"):
-        QuantizeStage(method="static", backend="torchao").apply(resnet, make_ctx(resnet, images))
+        StaticQuantize(backend="torchao").apply(resnet, make_ctx(resnet, images))
 
 
 def test_torchao_backend_compiles_int8_and_reloads(tmp_path: Path) -> None:
@@ -296,7 +320,7 @@ def test_minilm_int8_linear_and_embeddings(tmp_path: Path) -> None:
 
 def test_dynamic_exclude_keeps_named_linear_float(trained_mlp: nn.Module, flat: dict) -> None:
     ctx = make_ctx(trained_mlp, flat)
-    out = QuantizeStage(exclude=["4"]).apply(trained_mlp, ctx)
+    out = DynamicQuantize(exclude=["4"]).apply(trained_mlp, ctx)
     assert type(out[4]) is nn.Linear and type(out[0]) is not nn.Linear
     assert ctx.metrics == {"quantized_layers": 2, "float_layers": 1}
 
@@ -310,8 +334,8 @@ def _weight_error(quantized: nn.Module, original: nn.Module) -> float:
 
 def test_dynamic_weights_have_a_scale_per_channel_by_default(trained_mlp: nn.Module, flat: dict) -> None:
     ctx = make_ctx(trained_mlp, flat)
-    channel = QuantizeStage().apply(trained_mlp, ctx)
-    layer = QuantizeStage(granularity="per_tensor").apply(trained_mlp, make_ctx(trained_mlp, flat))
+    channel = DynamicQuantize().apply(trained_mlp, ctx)
+    layer = DynamicQuantize(granularity="per_tensor").apply(trained_mlp, make_ctx(trained_mlp, flat))
     assert channel[0].weight().qscheme() == torch.per_channel_affine
     assert layer[0].weight().qscheme() == torch.per_tensor_affine
     # A row's own scale is never coarser than the layer's: the rounding error can only shrink.
@@ -325,7 +349,7 @@ def test_dynamic_per_channel_quantizes_recurrent_layers(kind: str) -> None:
     model = nn.Sequential(getattr(nn, kind)(8, 16, batch_first=True))
     inputs = torch.randn(4, 5, 8)
     ctx = make_ctx(model, {"eval": [(inputs, None)]}, evaluate=lambda m: 0.0)
-    out = QuantizeStage(modules=[kind], backend="onednn").apply(model, ctx)
+    out = DynamicQuantize(modules=[kind], backend="onednn").apply(model, ctx)
     assert out[0]._get_name() == f"DynamicQuantized{kind}"
     assert torch.backends.quantized.engine == "onednn"
     assert torch.allclose(out(inputs)[0], model(inputs)[0], atol=0.05)
@@ -342,9 +366,9 @@ def test_skip_sensitive_leaves_the_layer_int8_hurts_most_float(trained_mlp: nn.M
             errors[name] = sum(float((alone(x) - r).norm() / r.norm()) for x, r in zip(inputs, reference, strict=True))
     worst = max(errors, key=errors.__getitem__)
     ctx = make_ctx(trained_mlp, flat)
-    out = QuantizeStage(skip_sensitive=1, calibration_batches=3).apply(trained_mlp, ctx)
+    out = DynamicQuantize(skip_sensitive=1, calibration_batches=3).apply(trained_mlp, ctx)
     assert [name for name, m in out.named_modules() if type(m) is nn.Linear] == [worst]
-    assert ctx.structure["sensitive"] == [worst]
+    assert ctx.restore_record["sensitive"] == [worst]
     assert ctx.metrics == {"quantized_layers": 2, "float_layers": 1}
     assert any(n.startswith(f"quantize: left float the 1 layer(s) int8 hurts most on 3 calibration batch(es) "
                             f"(output error when quantized alone): {worst} ") for n in ctx.notes)
@@ -352,16 +376,16 @@ def test_skip_sensitive_leaves_the_layer_int8_hurts_most_float(trained_mlp: nn.M
 
 def test_skip_sensitive_refuses_to_leave_every_layer_float(trained_mlp: nn.Module, flat: dict) -> None:
     with pytest.raises(StageError, match="skip_sensitive 3 would leave all 3 candidate layers float"):
-        QuantizeStage(skip_sensitive=3).apply(trained_mlp, make_ctx(trained_mlp, flat))
+        DynamicQuantize(skip_sensitive=3).apply(trained_mlp, make_ctx(trained_mlp, flat))
 
 
 def test_dynamic_without_backend_does_not_inherit_an_earlier_engine(trained_mlp: nn.Module, flat: dict) -> None:
     from torchslim.plugins._quant_ao import DEFAULT_ENGINE
 
-    QuantizeStage(backend="onednn").apply(trained_mlp, make_ctx(trained_mlp, flat))
+    DynamicQuantize(backend="onednn").apply(trained_mlp, make_ctx(trained_mlp, flat))
     assert torch.backends.quantized.engine == "onednn"
     # oneDNN has no float16 kernels: left selected, it would make this stage fail.
     ctx = make_ctx(trained_mlp, flat)
-    out = QuantizeStage(dtype="float16").apply(trained_mlp, ctx)
+    out = DynamicQuantize(dtype="float16").apply(trained_mlp, ctx)
     assert ctx.metrics["quantized_layers"] == 3 and torch.backends.quantized.engine == DEFAULT_ENGINE
     assert abs(ctx.evaluate(out) - ctx.evaluate(trained_mlp)) < 1

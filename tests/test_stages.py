@@ -12,8 +12,8 @@ from torch import nn
 from torchslim import StageError
 from torchslim.examples import digits
 from torchslim.plugins.distill import DistillStage
-from torchslim.plugins.prune import PruneStage
-from torchslim.plugins.quantize import QuantizeStage
+from torchslim.plugins.prune import MagnitudePrune
+from torchslim.plugins.quantize import DynamicQuantize
 
 from .conftest import linear_weights, make_ctx
 
@@ -22,7 +22,7 @@ from .conftest import linear_weights, make_ctx
 def test_prune_zeroes_amount_and_leaves_no_masks(trained_mlp: nn.Module, flat: dict, scope: str) -> None:
     model = copy.deepcopy(trained_mlp)
     ctx = make_ctx(model, flat)
-    out = PruneStage(amount=0.6, scope=scope).apply(model, ctx)
+    out = MagnitudePrune(amount=0.6, scope=scope).apply(model, ctx)
     total = sum(w.numel() for w in linear_weights(out))
     zeros = sum(int((w == 0).sum()) for w in linear_weights(out))
     assert zeros / total == pytest.approx(0.6, abs=0.01)
@@ -37,7 +37,7 @@ def test_prune_zeroes_amount_and_leaves_no_masks(trained_mlp: nn.Module, flat: d
 def test_prune_exclude_keeps_named_layer(trained_mlp: nn.Module, flat: dict) -> None:
     model = copy.deepcopy(trained_mlp)
     last = copy.deepcopy(model[4].weight)
-    PruneStage(amount=0.5, exclude=["4"]).apply(model, make_ctx(model, flat))
+    MagnitudePrune(amount=0.5, exclude=["4"]).apply(model, make_ctx(model, flat))
     assert torch.equal(model[4].weight, last)
     assert float((model[0].weight == 0).float().mean()) > 0.3
 
@@ -45,14 +45,14 @@ def test_prune_exclude_keeps_named_layer(trained_mlp: nn.Module, flat: dict) -> 
 def test_prune_matching_nothing_is_an_error(trained_mlp: nn.Module, flat: dict) -> None:
     model = copy.deepcopy(trained_mlp)
     with pytest.raises(StageError, match=r"matched no layer.*Linear x3"):
-        PruneStage(amount=0.5, modules=["Conv2d"]).apply(model, make_ctx(model, flat))
+        MagnitudePrune(amount=0.5, modules=["Conv2d"]).apply(model, make_ctx(model, flat))
 
 
 @pytest.mark.parametrize("dtype", ["qint8", "float16"], ids=["qint8", "float16"])
 def test_quantize_dynamic_swaps_every_linear(trained_mlp: nn.Module, flat: dict, dtype: str) -> None:
     model = copy.deepcopy(trained_mlp)
     ctx = make_ctx(model, flat)
-    out = QuantizeStage(dtype=dtype).apply(model, ctx)
+    out = DynamicQuantize(dtype=dtype).apply(model, ctx)
     kinds = {type(m).__module__ for m in out.modules() if type(m).__name__ == "Linear"}
     assert kinds == {"torch.ao.nn.quantized.dynamic.modules.linear"}
     assert ctx.metrics["quantized_layers"] == 3
@@ -62,7 +62,7 @@ def test_quantize_dynamic_swaps_every_linear(trained_mlp: nn.Module, flat: dict,
 
 
 def test_quantize_restore_rebuilds_the_same_structure(trained_mlp: nn.Module, flat: dict) -> None:
-    stage = QuantizeStage()
+    stage = DynamicQuantize()
     out = stage.apply(copy.deepcopy(trained_mlp), make_ctx(trained_mlp, flat))
     fresh = stage.restore(digits.mlp(hidden=32), {})
     fresh.load_state_dict(out.state_dict())
@@ -74,7 +74,7 @@ def test_quantize_model_without_linear_is_an_error(flat: dict) -> None:
     model = digits.cnn(channels=4)
     model[7] = nn.Identity()  # drop the classifier: no Linear remains
     with pytest.raises(StageError, match=r"matched no layer; the model has: Conv2d x2"):
-        QuantizeStage().apply(model, make_ctx(model, flat))
+        DynamicQuantize().apply(model, make_ctx(model, flat))
 
 
 def test_distill_loss_uses_true_labels() -> None:
@@ -94,7 +94,7 @@ def test_distill_recovers_pruned_model_and_keeps_zeros(trained_mlp: nn.Module, f
     model = copy.deepcopy(trained_mlp)
     ctx = make_ctx(trained_mlp, flat)
     torch.manual_seed(0)
-    PruneStage(amount=0.8, scope="layer").apply(model, ctx)
+    MagnitudePrune(amount=0.8, scope="layer").apply(model, ctx)
     zeros = [(w == 0) for w in linear_weights(model)]
     pruned_score = ctx.evaluate(model)
     out = DistillStage(epochs=3, lr=3e-3).apply(model, ctx)
@@ -115,6 +115,6 @@ def test_distill_from_teacher_spec(trained_mlp: nn.Module, flat: dict) -> None:
 
 def test_distill_refuses_quantized_model(trained_mlp: nn.Module, flat: dict) -> None:
     ctx = make_ctx(trained_mlp, flat)
-    quantized = QuantizeStage().apply(copy.deepcopy(trained_mlp), ctx)
+    quantized = DynamicQuantize().apply(copy.deepcopy(trained_mlp), ctx)
     with pytest.raises(StageError, match="no trainable float parameters"):
         DistillStage().apply(quantized, ctx)

@@ -30,7 +30,7 @@ RECIPE_FILE = "recipe.yaml"
 def save_model(out_dir: Path, recipe: RecipeBase, model: nn.Module, structure: list[dict[str, Any]]) -> None:
     """Write ``recipe.yaml`` and ``model.pt`` atomically.
 
-    ``structure`` holds one record per completed stage (what it put in ``ctx.structure``).
+    ``structure`` holds one record per completed stage (what it recorded with ``ctx.record_for_restore``).
     """
     # The packed form (non-zero values + bitmask) is used where it is smaller than dense.
     payload = {"format": FORMAT, "structure": structure, "state_dict": smallest_state(model.state_dict())}

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from torch import nn
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -30,7 +31,8 @@ class Stage(BaseModel, ABC):
     names no method gets ``default_method``.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True,
+                              json_schema_extra=lambda schema, cls: _method_required(schema, cls))
 
     changes_model: ClassVar[bool] = True
     """False for a stage that inspects, exports, logs or checks and leaves the model as it was. The
@@ -40,6 +42,14 @@ class Stage(BaseModel, ABC):
     """A family's method classes (empty for a stage that is one method itself)."""
     default_method: ClassVar[str | None] = None
     """The method of a family used when a recipe names none."""
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        # A family lists its methods after they exist (Family.methods = (...)); a method class
+        # must not inherit that list, or it would count as a family itself.
+        if "methods" not in cls.__dict__:
+            cls.methods = ()
 
     type: str
     """The stage type, as registered."""
@@ -79,6 +89,23 @@ class Stage(BaseModel, ABC):
         be rebuilt fails there.
         """
         return model
+
+
+def _method_required(schema: dict[str, Any], cls: type) -> None:
+    # In the JSON Schema, only a family's default method may omit `method`: otherwise an editor
+    # finds a stage without it matching several members of the union.
+    family = next((base for base in cls.__mro__[1:] if cls in getattr(base, "methods", ())), None)
+    if family is not None and cls.model_fields["method"].default != family.default_method:  # type: ignore[attr-defined]
+        schema.setdefault("required", []).append("method")
+
+
+def option_errors(stage: BaseModel, problems: list[tuple[str, str]]) -> ValidationError:
+    """One validation error per ``(option, message)``, located at the option, for a model validator
+    to raise: a recipe error then points at the option at fault (file:line), not at the whole stage."""
+    details = [InitErrorDetails(type=PydanticCustomError("value_error", "{reason}", {"reason": message}),
+                                loc=(option,), input=getattr(stage, option))
+               for option, message in problems]
+    return ValidationError.from_exception_data(type(stage).__name__, details)
 
 
 @dataclass
@@ -125,10 +152,6 @@ class Context:
         """Add a remark to be printed under the summary table (each distinct text once)."""
         if text not in self.notes:
             self.notes.append(text)
-
-    @property
-    def structure(self) -> dict[str, Any]:  # TRANSITIONAL: removed once every built-in records through record_for_restore
-        return self.restore_record
 
     def record_for_restore(self, **values: Any) -> None:
         """Record, as plain data (numbers, strings, lists, dicts), what :meth:`Stage.restore` needs

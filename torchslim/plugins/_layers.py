@@ -17,6 +17,15 @@ def layer_type(name: str) -> type[nn.Module]:
     return cls
 
 
+def matches(name: str, patterns: Sequence[str]) -> bool:
+    """Whether the layer name ``name`` matches one of the fnmatch ``patterns`` (``classifier``, ``blocks.*.conv1``).
+
+    Case-sensitive on every platform: layer names are Python attribute paths. The one name matcher
+    of the built-in stages, so that ``exclude`` means the same everywhere.
+    """
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
 def select_layers(
     model: nn.Module, types: Sequence[str], exclude: Sequence[str] = ()
 ) -> list[tuple[str, nn.Module]]:
@@ -25,7 +34,7 @@ def select_layers(
     return [
         (name, module)
         for name, module in model.named_modules()
-        if type(module) in wanted and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+        if type(module) in wanted and not matches(name, exclude)
     ]
 
 

@@ -1,15 +1,23 @@
-"""Training progress: one line redrawn in place on a terminal, plain log lines otherwise."""
+"""Training progress epoch by epoch: what is shown (one line redrawn in place on a terminal, plain
+log lines otherwise), and what is kept (the best epoch's weights, early stopping)."""
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
-from typing import SupportsFloat, TextIO
+from dataclasses import dataclass, field
+from typing import Literal, SupportsFloat, TextIO
+
+import torch
+from torch import nn
 
 #: Seconds between redraws of the live line: often enough to look alive, rarely enough to cost nothing.
 REDRAW_EVERY = 0.2
 BAR_WIDTH = 20
+#: Mean loss and mean feature-distillation part of one epoch.
+EpochLoss = tuple[float, float]
 
 
 class Progress:
@@ -37,16 +45,16 @@ class Progress:
         self.last_draw = now
         self._draw(f"epoch {epoch}/{epochs} {self._bar(steps)} loss {float(loss):.4f}{self.score_text}")
 
-    def epoch(self, epoch: int, epochs: int, loss: float, score: float, best: float) -> None:
-        """After each epoch's evaluation."""
+    def epoch(self, epoch: int, epochs: int, loss: float, score: float | None, best: float) -> None:
+        """After each epoch (and its evaluation: ``score`` None when the run does not evaluate)."""
         if not self.enabled:
             return
-        self.score_text = f", {self.metric} {score:.2f} (best {best:.2f})"
+        if score is not None:
+            self.score_text = f", {self.metric} {score:.2f} (best {best:.2f})"
         if self.live:
             self._draw(f"epoch {epoch}/{epochs} loss {loss:.4f}{self.score_text}")
         else:
-            self.log.info("  %s epoch %d/%d: loss %.4f, %s %.2f (best %.2f)",
-                          self.label, epoch, epochs, loss, self.metric, score, best)
+            self.log.info("  %s epoch %d/%d: loss %.4f%s", self.label, epoch, epochs, loss, self.score_text)
 
     def close(self) -> None:
         """End the live line, so the next log line starts on its own."""
@@ -72,3 +80,46 @@ def _is_terminal(stream: TextIO) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):  # closed or unusual streams
         return False
+
+
+@dataclass
+class Keeper:
+    """Tracks the eval score epoch by epoch: the best weights (``keep: best``) and early stopping."""
+
+    keep: Literal["best", "last"]
+    higher: bool
+    patience: int | None
+    best: float = math.nan
+    best_epoch: int = 0
+    losses: dict[int, EpochLoss] = field(default_factory=dict)
+    state: dict[str, torch.Tensor] | None = None
+    stale: int = 0
+
+    def update(self, epoch: int, loss: EpochLoss, score: float, model: nn.Module) -> None:
+        """Record one epoch's loss and score; snapshot the weights if the score is the best yet."""
+        self.losses[epoch] = loss
+        if not self._improves(score):
+            self.stale += 1
+            return
+        self.best, self.best_epoch, self.stale = score, epoch, 0
+        if self.keep == "best":
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def _improves(self, score: float) -> bool:
+        if math.isnan(score):
+            return False
+        if math.isnan(self.best):
+            return True
+        return score > self.best if self.higher else score < self.best
+
+    @property
+    def stop(self) -> bool:
+        """Whether ``patience`` epochs passed without a better score."""
+        return self.patience is not None and self.stale >= self.patience
+
+    def finish(self, model: nn.Module, last_epoch: int) -> EpochLoss:
+        """Load the kept weights into ``model``; return the train losses of the kept epoch."""
+        if self.keep == "best" and self.state is not None:
+            model.load_state_dict(self.state)
+            return self.losses[self.best_epoch]
+        return self.losses[last_epoch]

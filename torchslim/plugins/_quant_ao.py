@@ -8,23 +8,22 @@ every call here means one file to replace when it goes. Callers wrap these funct
 from __future__ import annotations
 
 import copy
-import fnmatch
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._quant_base import BackendError, Quantized, StaticOptions, is_torch_quantized, module_types, take_census
-
-#: Layer types with weights that FX static quantization converts to int8 kernels.
-STATIC_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
-
-
-def excluded_names(model: nn.Module, patterns: Iterable[str]) -> list[str]:
-    """Names of ``model``'s modules that match one of the fnmatch ``patterns``."""
-    patterns = list(patterns)
-    return [name for name, _ in model.named_modules() if name and any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+from ._quant_base import (
+    STATIC_TYPES,
+    BackendError,
+    Quantized,
+    StaticOptions,
+    excluded_names,
+    is_torch_quantized,
+    module_types,
+    take_census,
+)
 
 
 def quantize_dynamic(model: nn.Module, types: Iterable[str], dtype: str, exclude: Iterable[str],

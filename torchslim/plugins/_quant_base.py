@@ -17,6 +17,10 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ._layers import matches
+
+#: Layer types with weights that static quantization (FX and torchao alike) converts to int8 kernels.
+STATIC_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 #: Module namespaces of torch's quantized layers (static, dynamic, fused).
 TORCH_QUANTIZED = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized")
 
@@ -94,6 +98,12 @@ def take_census(types_before: Mapping[str, str], model: nn.Module, is_quantized:
         elif any(p.is_floating_point() for p in module.parameters(recurse=False)):
             census.left_float[name] = type(module).__name__
     return census
+
+
+def excluded_names(model: nn.Module, patterns: Iterable[str]) -> list[str]:
+    """Names of ``model``'s modules that match one of the fnmatch ``patterns`` (a backend's exclusions)."""
+    patterns = tuple(patterns)
+    return [name for name, _ in model.named_modules() if name and matches(name, patterns)]
 
 
 def module_types(model: nn.Module) -> dict[str, str]:

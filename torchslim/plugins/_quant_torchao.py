@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._quant_base import BackendError, Census, Quantized, StaticOptions, module_types
+from ._quant_base import BackendError, Census, Quantized, StaticOptions, excluded_names, module_types
 
 INSTALL = ("install it next to torch (torchao 0.18.0 matches torch 2.13): pip install --no-deps torchao==0.18.0; "
            "or use backend x86")
@@ -90,8 +90,6 @@ def _export(model: nn.Module, example: torch.Tensor) -> nn.Module:
 
 def _quantizer(model: nn.Module, options: StaticOptions) -> Any:
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
-
-    from ._quant_ao import excluded_names
 
     quantizer = xiq.X86InductorQuantizer()
     config = xiq.get_default_x86_inductor_quantization_config()

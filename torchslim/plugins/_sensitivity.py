@@ -39,6 +39,14 @@ def rank_layers(model: nn.Module, names: Sequence[str], quantize_one: Callable[[
     return sorted(ranked, key=lambda s: s.error, reverse=True)
 
 
+def ranking_note(ranked: Sequence[Sensitivity], count: int, batches: int) -> str:
+    """What a note says about the ``count`` layers left float, and the next one, from ``ranked`` (longer than ``count``)."""
+    chosen = ", ".join(f"{s.name} {s.error:.2%}" for s in ranked[:count])
+    following = ranked[count]
+    return (f"left float the {count} layer(s) int8 hurts most on {batches} calibration batch(es) "
+            f"(output error when quantized alone): {chosen}; the next: {following.name} {following.error:.2%}")
+
+
 def _error(model: nn.Module, batches: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:
     errors = [float((_output(model, inputs) - ref).norm() / ref.norm().clamp(min=1e-12))
               for inputs, ref in zip(batches, reference, strict=True)]

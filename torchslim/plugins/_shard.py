@@ -1,11 +1,15 @@
-"""The train batches one process sees: a seeded order, and its share of them under DDP."""
+"""Training in several processes: the train batches each one sees (a seeded order, its share), and DDP."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import torch
+from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
+
+from ..engine import distributed
 
 
 class TrainBatches:
@@ -16,15 +20,21 @@ class TrainBatches:
     one process, so the order depends only on the seed and the epoch). Its batch size is split
     between the processes, so the global batch, and the steps per epoch, stay those of the loader.
 
-    Any other iterable is sharded by striding whole batches (process ``rank`` takes batches
-    ``rank, rank + N, ...``, the incomplete last round dropped so all take the same number);
-    its order is the loader's own.
+    Any other iterable, and any loader when ``seed`` is None, is sharded by striding whole batches
+    (process ``rank`` takes batches ``rank, rank + N, ...``, the incomplete last round dropped so
+    all take the same number); its order is the loader's own.
     """
 
-    def __init__(self, loader: Iterable[Any], seed: int, world: int = 1, rank: int = 0) -> None:
+    def __init__(self, loader: Iterable[Any], seed: int | None, world: int = 1, rank: int = 0) -> None:
         self.world, self.rank = world, rank
-        self.rebuilt = _rebuild(loader, seed, world, rank)
+        # seed None: prune's fine-tuning keeps the loader's own order, as it always had.
+        self.rebuilt = _rebuild(loader, seed, world, rank) if seed is not None else None
         self.loader = loader
+
+    @property
+    def shared(self) -> bool:
+        """Whether several processes train on these batches together, each on its share."""
+        return self.world > 1
 
     @property
     def sampler(self) -> DistributedSampler[Any] | None:
@@ -53,6 +63,15 @@ class TrainBatches:
         if self.world == 1:
             return iter(self.loader)
         return _strided(self.loader, self.world, self.rank)
+
+
+def wrap(trainee: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel around ``trainee`` when several processes train together."""
+    if distributed.world_size() <= 1:
+        return trainee
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(trainee, device_ids=[device] if device.type == "cuda" else None)
 
 
 def _rebuild(loader: Iterable[Any], seed: int, world: int, rank: int) -> DataLoader[Any] | None:

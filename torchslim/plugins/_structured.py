@@ -10,13 +10,14 @@ stays inside this module.
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from ._layers import matches
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -99,7 +100,7 @@ def _protected(graph: Any, names: dict[nn.Module, str], exclude: Sequence[str]) 
     outputs: list[nn.Module] = [m for m in graph.module2node
                                 if isinstance(m, ROOT_TYPES) and _feeds_output(graph.module2node[m])]
     excluded = [m for m, name in names.items()
-                if isinstance(m, ROOT_TYPES) and any(fnmatch.fnmatchcase(name, p) for p in exclude)]
+                if isinstance(m, ROOT_TYPES) and matches(name, exclude)]
     return outputs + [m for m in excluded if m not in outputs]
 
 

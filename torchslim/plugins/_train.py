@@ -1,36 +1,104 @@
-"""The training loop of the distill stage: optimizer, schedule, epochs, evaluation, best-epoch keeping.
+"""The one training loop (optimizer, schedule, epochs, evaluation, best-epoch keeping) of every stage that trains.
 
-Written once for one process and for many: under torchrun the trained module is wrapped in
-DistributedDataParallel, rank 0 evaluates and broadcasts the score, so every process takes the
-same keep/stop decisions and ends with the same weights.
+Distill, prune's fine-tuning between steps (:func:`finetune`), quantization-aware training. Written
+once for one process and for many: under torchrun the trained module is wrapped in DistributedDataParallel
+(:func:`._shard.wrap`), rank 0 evaluates and broadcasts the score, so every process takes the same
+keep/stop decisions and ends with the same weights.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..engine import distributed
 from ..engine.errors import StageError
-from ..engine.stage import Context
-from ._progress import Progress
+from ..engine.stage import Batch, Context
+from ._masks import ZeroMasks
+from ._progress import EpochLoss, Keeper, Progress
 from ._shard import TrainBatches
-
-if TYPE_CHECKING:
-    from .distill import DistillStage
 
 #: (inputs, labels) -> (the loss to minimize, its feature-distillation part, detached).
 LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-#: Mean loss and mean feature-distillation part of one epoch.
-EpochLoss = tuple[float, float]
 Schedule = torch.optim.lr_scheduler.LambdaLR
 #: SGD's momentum: the usual value for fine-tuning; not worth an option of its own.
 SGD_MOMENTUM = 0.9
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """How to train: the options of the loop, without the stage around them (user input is
+    validated by the stage's config; this only refuses combinations the loop cannot honour)."""
+
+    epochs: int = 1
+    """Passes over the train data (at most: see ``max_steps`` and ``patience``)."""
+    lr: float = 1e-3
+    """Learning rate (the peak rate under ``cosine``)."""
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    """``adam``, ``adamw`` or ``sgd`` (momentum 0.9)."""
+    weight_decay: float = 0.0
+    schedule: Literal["constant", "cosine"] = "constant"
+    """``cosine`` decays the rate to zero over the planned steps."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps in total."""
+    grad_clip: float | None = None
+    """Clip the gradients' global L2 norm to this value."""
+    keep: Literal["last", "best"] = "last"
+    """Weights returned: the last epoch's, or the best-scoring epoch's."""
+    patience: int | None = None
+    """Stop after this many epochs without a better score."""
+    better: Literal["higher", "lower"] = "higher"
+    """Whether a higher or a lower eval metric is better."""
+    evaluate: bool = True
+    """Evaluate after each epoch; False saves that pass (then keep is last and there is no patience)."""
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.lr <= 0:
+            raise ValueError(f"TrainPlan needs epochs >= 1 and lr > 0, not {self.epochs} and {self.lr}")
+        if not self.evaluate and (self.keep == "best" or self.patience is not None):
+            raise ValueError("TrainPlan: keep best and patience choose by the eval metric, so they need evaluate")
+
+    @classmethod
+    def of(cls, options: object) -> TrainPlan:
+        """The plan from a stage config's fields of the same names (distill's); the others keep their defaults."""
+        return cls(**{f.name: getattr(options, f.name) for f in fields(cls) if hasattr(options, f.name)})
+
+
+@dataclass(frozen=True, eq=False)
+class Job:
+    """What one run trains and on what: the runtime side of :func:`fit` (the options are a TrainPlan)."""
+
+    label: str
+    """The stage's label: errors and progress lines start with it."""
+    model: nn.Module
+    """The model evaluated after each epoch and kept (``keep: best``)."""
+    batches: TrainBatches
+    loss_fn: LossFn
+    device: torch.device
+    """Where the batches are moved before the loss."""
+    trainee: nn.Module
+    """What the optimizer trains: ``model``, or a module holding it (with projections, in DDP)."""
+    after_step: Callable[[], None] | None = None
+    """Called after every optimizer step (e.g. :meth:`ZeroMasks.reapply`)."""
+
+
+class NoBatches(StageError):
+    """The train loader yielded no batch."""
+
+
+class Diverged(StageError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, stage: str, loss: float, epoch: int) -> None:
+        self.loss, self.epoch = loss, epoch
+        super().__init__(stage, f"lr: the training loss became {loss} in epoch {epoch}; lower lr or set grad_clip")
 
 
 @dataclass
@@ -45,141 +113,153 @@ class Outcome:
     steps: int
 
 
-@dataclass
-class Keeper:
-    """Tracks the eval score epoch by epoch: the best weights (``keep: best``) and early stopping."""
-
-    keep: Literal["best", "last"]
-    higher: bool
-    patience: int | None
-    best: float = math.nan
-    best_epoch: int = 0
-    losses: dict[int, EpochLoss] = field(default_factory=dict)
-    state: dict[str, torch.Tensor] | None = None
-    stale: int = 0
-
-    def update(self, epoch: int, loss: EpochLoss, score: float, model: nn.Module) -> None:
-        """Record one epoch's loss and score; snapshot the weights if the score is the best yet."""
-        self.losses[epoch] = loss
-        if not self._improves(score):
-            self.stale += 1
-            return
-        self.best, self.best_epoch, self.stale = score, epoch, 0
-        if self.keep == "best":
-            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    def _improves(self, score: float) -> bool:
-        if math.isnan(score):
-            return False
-        if math.isnan(self.best):
-            return True
-        return score > self.best if self.higher else score < self.best
-
-    @property
-    def stop(self) -> bool:
-        """Whether ``patience`` epochs passed without a better score."""
-        return self.patience is not None and self.stale >= self.patience
-
-    def finish(self, model: nn.Module, last_epoch: int) -> EpochLoss:
-        """Load the kept weights into ``model``; return the train losses of the kept epoch."""
-        if self.keep == "best" and self.state is not None:
-            model.load_state_dict(self.state)
-            return self.losses[self.best_epoch]
-        return self.losses[last_epoch]
+def make_optimizer(plan: TrainPlan, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer the plan names, over ``params``."""
+    if plan.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=plan.lr, momentum=SGD_MOMENTUM, weight_decay=plan.weight_decay)
+    kind = torch.optim.AdamW if plan.optimizer == "adamw" else torch.optim.Adam
+    return kind(params, lr=plan.lr, weight_decay=plan.weight_decay)
 
 
-def make_optimizer(stage: DistillStage, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """The optimizer the stage names, over ``params``."""
-    if stage.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=stage.lr, momentum=SGD_MOMENTUM, weight_decay=stage.weight_decay)
-    kind = torch.optim.AdamW if stage.optimizer == "adamw" else torch.optim.Adam
-    return kind(params, lr=stage.lr, weight_decay=stage.weight_decay)
-
-
-def make_schedule(stage: DistillStage, optimizer: torch.optim.Optimizer, total: int | None) -> Schedule | None:
+def make_schedule(plan: TrainPlan, label: str, optimizer: torch.optim.Optimizer, total: int | None) -> Schedule | None:
     """Cosine decay from ``lr`` to zero over ``total`` steps, or None for a constant rate."""
-    if stage.schedule == "constant":
+    if plan.schedule == "constant":
         return None
     if total is None:
-        raise StageError(stage.label, "schedule: cosine needs the number of steps: the train loader has no "
+        raise StageError(label, "schedule: cosine needs the number of steps: the train loader has no "
                          "length, so set max_steps")
     return Schedule(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
 
 
-def total_steps(stage: DistillStage, per_epoch: int | None) -> int | None:
+def total_steps(plan: TrainPlan, per_epoch: int | None) -> int | None:
     """Optimizer steps the run will take at most (None if the loader has no length and no max_steps)."""
     if per_epoch is None:
-        return stage.max_steps
-    planned = per_epoch * stage.epochs
-    return min(planned, stage.max_steps) if stage.max_steps else planned
+        return plan.max_steps
+    planned = per_epoch * plan.epochs
+    return min(planned, plan.max_steps) if plan.max_steps else planned
 
 
-def wrap(trainee: nn.Module, device: torch.device) -> nn.Module:
-    """DistributedDataParallel around ``trainee`` when several processes train together."""
-    if distributed.world_size() <= 1:
-        return trainee
-    from torch.nn.parallel import DistributedDataParallel
+def fit(plan: TrainPlan, job: Job, ctx: Context | None = None) -> Outcome:
+    """Train ``job`` as ``plan`` says; after each epoch, evaluate ``job.model`` with ``ctx.evaluate``.
 
-    return DistributedDataParallel(trainee, device_ids=[device] if device.type == "cuda" else None)
-
-
-def fit(stage: DistillStage, trainee: nn.Module, student: nn.Module, batches: TrainBatches,
-        loss_fn: LossFn, ctx: Context, after_step: Callable[[], None]) -> Outcome:
-    """Train ``trainee`` (the student and its projections) for the stage's epochs; evaluate ``student`` after each."""
-    params = [p for p in trainee.parameters() if p.requires_grad]
-    optimizer = make_optimizer(stage, params)
-    total = total_steps(stage, batches.length())
-    schedule = make_schedule(stage, optimizer, total)
-    progress = Progress(stage.label, ctx.log, ctx.metric_name, total, enabled=distributed.is_main())
-    keeper = Keeper(stage.keep, stage.better == "higher", stage.patience)
-    steps, epoch = 0, 0
+    Without ``ctx`` the run logs nothing and ``plan.evaluate`` must be False.
+    """
+    if plan.evaluate and ctx is None:
+        raise ValueError("fit: evaluating needs a Context")
+    run = _Run.start(plan, job, ctx)
+    keeper = Keeper(plan.keep, plan.better == "higher", plan.patience)
+    epoch = 0
     try:
-        for epoch in range(1, stage.epochs + 1):
-            batches.set_epoch(epoch)
-            trainee.train()
-            loss, steps = _epoch(stage, trainee, params, optimizer, schedule, batches, loss_fn, ctx,
-                                 after_step, progress, epoch, steps)
-            distributed.sync_buffers(student)
-            score = _evaluate(student, ctx)
-            keeper.update(epoch, loss, score, student)
-            progress.epoch(epoch, stage.epochs, loss[0], score, keeper.best)
-            if keeper.stop or (stage.max_steps is not None and steps >= stage.max_steps):
+        for epoch in range(1, plan.epochs + 1):
+            loss = run.epoch(epoch)
+            score = _evaluate(plan, job, ctx)
+            keeper.update(epoch, loss, score, job.model)
+            run.progress.epoch(epoch, plan.epochs, loss[0], score if plan.evaluate else None, keeper.best)
+            if keeper.stop or run.out_of_steps:
                 break
     finally:
-        progress.close()
-    train_loss, features = keeper.finish(student, epoch)
-    return Outcome(train_loss, features, keeper.best, keeper.best_epoch, epoch, steps)
+        run.progress.close()
+    train_loss, features = keeper.finish(job.model, epoch)
+    return Outcome(train_loss, features, keeper.best, keeper.best_epoch, epoch, run.steps)
 
 
-def _epoch(stage: DistillStage, trainee: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
-           schedule: Schedule | None, batches: TrainBatches, loss_fn: LossFn, ctx: Context,
-           after_step: Callable[[], None], progress: Progress, epoch: int, steps: int) -> tuple[EpochLoss, int]:
-    """One pass over this process's batches; returns the mean losses over every process and the step count."""
-    total, feature_total, batches_seen = torch.zeros((), device=ctx.device), torch.zeros((), device=ctx.device), 0
-    for inputs, labels in batches:
-        loss, feature = loss_fn(inputs.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True))
-        optimizer.zero_grad(set_to_none=True)
+@dataclass
+class _Run:
+    """The state one run carries from step to step."""
+
+    plan: TrainPlan
+    job: Job
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule | None
+    progress: Progress
+    steps: int = 0
+
+    @classmethod
+    def start(cls, plan: TrainPlan, job: Job, ctx: Context | None) -> _Run:
+        params = [p for p in job.trainee.parameters() if p.requires_grad]
+        optimizer = make_optimizer(plan, params)
+        total = total_steps(plan, job.batches.length())
+        log = ctx.log if ctx is not None else logging.getLogger("torchslim")
+        progress = Progress(job.label, log, ctx.metric_name if ctx is not None else "", total,
+                            enabled=ctx is not None and distributed.is_main())
+        return cls(plan, job, params, optimizer, make_schedule(plan, job.label, optimizer, total), progress)
+
+    @property
+    def out_of_steps(self) -> bool:
+        """Whether ``max_steps`` is reached."""
+        return self.plan.max_steps is not None and self.steps >= self.plan.max_steps
+
+    def epoch(self, epoch: int) -> EpochLoss:
+        """One pass over this process's batches; the mean losses over every process."""
+        job, device = self.job, self.job.device
+        job.batches.set_epoch(epoch)
+        job.trainee.train()
+        total, feature_total, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
+        for inputs, labels in job.batches:
+            loss, feature = self.step(inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+            total, feature_total, seen = total + loss, feature_total + feature, seen + 1
+            self.progress.step(epoch, self.plan.epochs, self.steps, loss)
+            if self.out_of_steps:
+                break
+        if seen == 0:
+            raise NoBatches(job.label, "the train loader yielded no batch")
+        mean = _mean(job, float(total) / seen)
+        if not math.isfinite(mean):
+            raise Diverged(job.label, mean, epoch)
+        return mean, _mean(job, float(feature_total) / seen)
+
+    def step(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step; the loss (detached) and its feature part."""
+        loss, feature = self.job.loss_fn(inputs, labels)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if stage.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, stage.grad_clip)
-        optimizer.step()
-        if schedule is not None:
-            schedule.step()
-        after_step()
-        total, feature_total = total + loss.detach(), feature_total + feature
-        batches_seen, steps = batches_seen + 1, steps + 1
-        progress.step(epoch, stage.epochs, steps, loss.detach())
-        if stage.max_steps is not None and steps >= stage.max_steps:
-            break
-    if batches_seen == 0:
-        raise StageError(stage.label, "the train loader yielded no batch")
-    mean = distributed.mean_float(float(total) / batches_seen, ctx.device)
-    if not math.isfinite(mean):
-        raise StageError(stage.label, f"lr: the training loss became {mean} in epoch {epoch}; lower lr or set grad_clip")
-    return (mean, distributed.mean_float(float(feature_total) / batches_seen, ctx.device)), steps
+        if self.plan.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.plan.grad_clip)
+        self.optimizer.step()
+        if self.schedule is not None:
+            self.schedule.step()
+        if self.job.after_step is not None:
+            self.job.after_step()
+        self.steps += 1
+        return loss.detach(), feature
 
 
-def _evaluate(student: nn.Module, ctx: Context) -> float:
+def _mean(job: Job, value: float) -> float:
+    """``value`` averaged over the processes that share the batches (itself in one process)."""
+    return distributed.mean_float(value, job.device) if job.batches.shared else value
+
+
+def _evaluate(plan: TrainPlan, job: Job, ctx: Context | None) -> float:
     """The eval metric, computed once on rank 0 and shared, so every process decides alike."""
-    score = ctx.evaluate(student) if distributed.is_main() else math.nan
-    return distributed.broadcast_float(score, ctx.device)
+    if job.batches.shared:
+        distributed.sync_buffers(job.model)  # the weights returned must agree, evaluated or not
+    if not plan.evaluate or ctx is None:
+        return math.nan
+    score = ctx.evaluate(job.model) if distributed.is_main() or not job.batches.shared else math.nan
+    return distributed.broadcast_float(score, job.device) if job.batches.shared else score
+
+
+def finetune(model: nn.Module, loader: Iterable[Batch], epochs: int, lr: float, masks: ZeroMasks,
+             *, label: str = "prune") -> float:
+    """Train ``model`` in place on cross-entropy with Adam, keeping ``masks``' zeros; no evaluation.
+
+    Prune's fine-tuning between steps: the loader's own order, in this process only. Returns
+    the mean loss of the last epoch, NaN if the loader yielded no batch (the caller names its option).
+    """
+    device = next(model.parameters()).device  # the runner moved the model; the loader's batches may be on CPU
+    zero = torch.zeros((), device=device)
+
+    def loss_fn(inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return F.cross_entropy(model(inputs), labels), zero
+
+    job = Job(label, model, TrainBatches(loader, seed=None), loss_fn, device, model, after_step=masks.reapply)
+    try:
+        return fit(TrainPlan(epochs=epochs, lr=lr, evaluate=False), job).train_loss
+    except NoBatches:
+        return math.nan
+    except Diverged as exc:
+        raise StageError(label, f"finetune_lr: the training loss became {exc.loss} in epoch {exc.epoch}; "
+                         "lower finetune_lr") from None
+    finally:
+        model.eval()

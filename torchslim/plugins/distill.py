@@ -20,8 +20,9 @@ from ..engine.errors import StageError
 from ..engine.specs import ModelSpec, build_model
 from ..engine.stage import Context, Stage
 from ._kd import FeatureLoss, Taps, Trainee, feature_loss, hinton_loss, probe_projections
-from ._shard import TrainBatches
-from ._train import Outcome, fit, wrap
+from ._masks import ZeroMasks
+from ._shard import TrainBatches, wrap
+from ._train import Job, Outcome, TrainPlan, fit
 
 #: Hooks on the student and the teacher, and the student's projections (None, None, [] without features).
 Tapped = tuple[Taps | None, Taps | None, list[nn.Module]]
@@ -105,7 +106,7 @@ class DistillStage(Stage):
         distributed.init_for_stage(ctx.device)
         student = self._student(model, ctx)  # first: a quantized model fails before a teacher is built
         teacher = self._teacher(model, ctx) if self.needs_teacher else None
-        masks = _zero_masks(student) if self.student == "current" else {}
+        masks = ZeroMasks.of(student) if self.student == "current" else None
         taps = self._taps(student, teacher, ctx)
         try:
             outcome = self._train(student, teacher, taps, masks, seed, ctx)
@@ -132,7 +133,7 @@ class DistillStage(Stage):
     def _student(self, model: nn.Module, ctx: Context) -> nn.Module:
         if isinstance(self.student, ModelSpec):
             student = build_model(self.student, ctx.base_dir, field=f"{self.label}.student")
-            ctx.structure["student"] = self.student.model_dump(mode="json", exclude={"checkpoint"})
+            ctx.record_for_restore(student=self.student.model_dump(mode="json", exclude={"checkpoint"}))
         else:
             student = model
         if not any(p.requires_grad and p.is_floating_point() for p in student.parameters()):
@@ -157,7 +158,7 @@ class DistillStage(Stage):
         return taps[0], taps[1], [p.to(ctx.device) for p in projections]
 
     def _train(self, student: nn.Module, teacher: nn.Module | None, taps: Tapped,
-               masks: dict[str, torch.Tensor], seed: int, ctx: Context) -> Outcome:
+               masks: ZeroMasks | None, seed: int, ctx: Context) -> Outcome:
         student_taps, teacher_taps, projections = taps
         trainee = Trainee(student, student_taps, projections)
         wrapped = wrap(trainee, ctx.device)
@@ -175,7 +176,9 @@ class DistillStage(Stage):
                 part = part + pair.weight * feature_loss(pair.loss, s, t)
             return self.loss(logits, target, labels) + part, part.detach()
 
-        return fit(self, wrapped, student, batches, loss_fn, ctx, after_step=lambda: _reapply(student, masks))
+        job = Job(self.label, student, batches, loss_fn, ctx.device, wrapped,
+                  after_step=masks.reapply if masks is not None else None)
+        return fit(TrainPlan.of(self), job, ctx)
 
     def _report(self, outcome: Outcome, ctx: Context) -> None:
         ctx.add_metric("train_loss", outcome.train_loss)
@@ -208,21 +211,3 @@ def _on_device(module: nn.Module, device: torch.device) -> nn.Module:
     if all(t.device == device for t in tensors):
         return module
     return copy.deepcopy(module).to(device)
-
-
-def _zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    # Trained weights are practically never exactly zero, so exact zeros mark pruned weights.
-    return {
-        name: p.detach() != 0
-        for name, p in model.named_parameters()
-        if p.dim() > 1 and bool((p == 0).any())
-    }
-
-
-def _reapply(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    if not masks:
-        return
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in masks:
-                p.mul_(masks[name])

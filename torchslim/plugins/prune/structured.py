@@ -1,0 +1,85 @@
+"""Structured pruning: whole channels and neurons removed, so that the model is really smaller and faster."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
+from torch import nn
+
+from ...engine.errors import StageError
+from ...engine.stage import Context
+from .._shapes import changes, replay, snapshot
+from .base import Fraction, PruneStage
+
+if TYPE_CHECKING:
+    from .._structured import ChannelState
+
+
+class StructuredPrune(PruneStage):
+    """Remove whole output channels and neurons, with the layers coupled to them (BatchNorms,
+    residual shortcuts, depthwise convs, concatenations), traced by torch-pruning."""
+
+    method: Literal["structured"] = "structured"
+    """``structured``: remove whole output channels / neurons (with the layers coupled to them)."""
+    amount: Fraction
+    """Fraction of the prunable channels removed, between 0 and 1 (exclusive)."""
+    scope: Literal["global", "layer"] = "global"
+    """``global`` ranks the channels of all groups together; ``layer`` removes ``amount`` of each
+    group of coupled channels."""
+    importance: Literal["l1", "l2"] = "l1"
+    """Channel importance: the L1 or L2 norm of its weights, averaged over the coupled layers."""
+    round_to: int = Field(default=1, ge=1)
+    """Leave channel counts that are multiples of this (e.g. 8), for kernel-friendly shapes (1: no rounding)."""
+    max_layer_amount: Fraction = 0.9
+    """Most any one group may lose, as a fraction of its channels, so that global ranking cannot
+    wipe out a small layer."""
+
+    def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
+        """Remove channels and return the smaller model; the new shapes are recorded for :meth:`restore`."""
+        before = snapshot(model)
+        state = self._remove_channels(model, ctx)
+        record = changes(before, model)
+        if not record["tensors"]:
+            raise StageError(self.label, f"no channel could be removed: every prunable layer is an output layer or "
+                             f"excluded (left alone: {', '.join(state.protected) or 'none'})")
+        ctx.record_for_restore(**record)
+        self._report(model, state, record, ctx)
+        return model.eval()
+
+    def restore(self, model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
+        """Give a freshly built model the channel counts this prune left (the weights are loaded after)."""
+        return replay(model, record)
+
+    def _remove_channels(self, model: nn.Module, ctx: Context) -> ChannelState:
+        _need_torch_pruning(self.label)
+        from .._structured import ChannelOptions, ChannelState, prune_step
+
+        options = ChannelOptions(scope=self.scope, norm=1 if self.importance == "l1" else 2, round_to=self.round_to,
+                                 ceiling=self.max_layer_amount, exclude=self.exclude)
+        state, example = ChannelState(), ctx.example_inputs[:2]
+        for step in range(1, self.steps + 1):
+            prune_step(model.eval(), example, self.amount * step / self.steps, options, state)
+            self._finetune(model, ctx, step)
+        return state
+
+    def _report(self, model: nn.Module, state: ChannelState, record: Mapping[str, Any], ctx: Context) -> None:
+        from .._structured import pruned_fraction
+
+        removed = pruned_fraction(model, state)
+        ctx.add_metric("pruned_channels", removed)
+        ctx.add_metric("pruned_layers", sum(1 for values in record["attributes"].values() if values))
+        ctx.log.info("  %s: left alone (output or excluded): %s", self.label, ", ".join(state.protected) or "none")
+        if removed < self.amount - 0.02:
+            ctx.note(f"{self.label}: removed {removed:.0%} of the prunable channels, not {self.amount:.0%}: the "
+                     f"per-layer ceiling (max_layer_amount) or round_to held some layers back")
+
+
+def _need_torch_pruning(label: str) -> None:
+    # torch-pruning is a dependency, but an environment may lack it: say how to get it.
+    try:
+        import torch_pruning  # noqa: F401
+    except ImportError as exc:
+        raise StageError(label, f"method structured needs torch-pruning ({exc}); "
+                         "pip install 'torch-pruning>=1.6,<2'") from exc

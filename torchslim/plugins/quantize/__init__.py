@@ -1,0 +1,21 @@
+"""Built-in ``quantize`` stage family: int8 dynamic and static quantization, int8 embeddings, half
+precision, one config class (and one module) per method.
+
+Every method swaps in layers with real low-precision kernels. The quantization libraries sit
+behind backends: ``_quant_ao`` (the deprecated ``torch.ao.quantization``: dynamic, FX static),
+``_quant_torchao`` (torchao's PT2E flow) and ``_quant_modules`` (plain torch: int8 embeddings,
+half precision). A new method is a module with a subclass of :class:`QuantizeStage` (or of
+:class:`LayerQuantize`, for one that quantizes chosen layers), listed in ``methods`` below.
+"""
+
+from __future__ import annotations
+
+from .base import LayerQuantize, QuantizeStage
+from .dynamic import DynamicQuantize
+from .half import HalfQuantize
+from .static import StaticQuantize
+from .weight_only import WeightOnlyQuantize
+
+QuantizeStage.methods = (DynamicQuantize, StaticQuantize, WeightOnlyQuantize, HalfQuantize)
+
+__all__ = ["DynamicQuantize", "HalfQuantize", "LayerQuantize", "QuantizeStage", "StaticQuantize", "WeightOnlyQuantize"]

@@ -1,0 +1,147 @@
+"""The ``quantize`` family's base: what every method shares, from checking its targets to its notes.
+
+:meth:`QuantizeStage.apply` runs the same steps for every method: it checks that the model holds
+something to quantize, lets the method quantize (with torch's warnings collected), refuses a
+result in which nothing was quantized, then reports the census and records what restore needs.
+A method class supplies the quantization itself, its restore, and the words of its notes.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator
+from torch import nn
+
+from ...engine.errors import StageError
+from ...engine.stage import Context, Stage
+from .._layers import layer_census, layer_type, select_layers
+from .._quant_base import BackendError, Quantized, TorchWarnings, torch_warnings
+
+
+class QuantizeStage(Stage):
+    """Replace float layers by ones with real low-precision kernels (never simulated int8).
+
+    A family: each method is a class of its own (:class:`DynamicQuantize`, :class:`StaticQuantize`,
+    :class:`WeightOnlyQuantize`, :class:`HalfQuantize`) holding only its own options, so an option
+    of another method is an unknown field. Every method reports which layers it quantized and which
+    it left float, and records what a saved model needs to be loaded again.
+    """
+
+    default_method: ClassVar[str | None] = "dynamic"
+
+    type: Literal["quantize"] = "quantize"
+    """The stage type: ``quantize``."""
+    method: str
+    """The quantization method; each method class narrows it to its own tag."""
+
+    def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
+        """Return a quantized copy of ``model``; StageError if no layer was quantized."""
+        self._check_targets(model)
+        with torch_warnings() as seen:
+            try:
+                result = self._quantize(model, ctx)
+            except BackendError as exc:
+                raise StageError(self.label, f"{self._where()}: {exc}") from exc
+        self._report_warnings(seen, ctx)
+        if not result.census.quantized:
+            raise StageError(self.label, f"method {self.method} quantized no layer; left float: {layer_census(model)}")
+        self._check_result(model, result)
+        ctx.add_metric("quantized_layers", len(result.census.quantized))
+        ctx.add_metric("float_layers", len(result.census.left_float))
+        ctx.note(f"{self.label}: {result.census.summary(self._verb())}")
+        ctx.record_for_restore(**result.record)
+        for note in self._caveats():
+            ctx.note(note)
+        return result.model
+
+    def restore(self, model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
+        """Swap in the same quantized layers as apply did, ready for the saved tensors."""
+        with torch_warnings():  # already reported when the stage ran
+            return self._restore(model, record)
+
+    @abstractmethod
+    def _quantize(self, model: nn.Module, ctx: Context) -> Quantized:
+        """The quantized copy of ``model`` (the input is left as it was), its census and restore record."""
+
+    @abstractmethod
+    def _restore(self, model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
+        """:meth:`restore`'s work, inside the collection of torch's warnings."""
+
+    @abstractmethod
+    def _verb(self) -> str:
+        """What the census note says was done, e.g. ``quantized (int8 static, backend x86)``."""
+
+    def _check_targets(self, model: nn.Module) -> None:
+        """StageError if ``model`` has nothing this method could quantize (before any work is done)."""
+
+    def _check_result(self, model: nn.Module, result: Quantized) -> None:
+        """StageError if the result is not what was asked for (beyond quantizing no layer at all)."""
+
+    def _caveats(self) -> list[str]:
+        """Notes on what the method's result cannot do, added under the summary."""
+        return []
+
+    def _where(self) -> str:
+        """How a backend's error names the stage's method: ``method static, backend x86``."""
+        return f"method {self.method}"
+
+    def _report_warnings(self, seen: TorchWarnings, ctx: Context) -> None:
+        if seen.deprecations:
+            ctx.note(f"torch warned (shown once): {seen.deprecations[0].strip()} torchslim keeps torch.ao.quantization "
+                     "in one backend module; static quantization can use torchao instead (backend: torchao)")
+        for text in seen.others:
+            ctx.log.debug("%s: torch warned: %s", self.label, text)
+
+
+class LayerQuantize(QuantizeStage):
+    """A method that quantizes chosen layers: those of the ``modules`` types, minus ``exclude``.
+
+    Each method class sets ``supported`` and declares ``modules`` again with its own default.
+    """
+
+    supported: ClassVar[tuple[str, ...]] = ()
+    """The layer types (torch.nn class names) the method really quantizes; others are refused."""
+    unsupported_reason: ClassVar[str] = ""
+    """Said after a refused layer type, e.g. `` (torch would leave it float)``."""
+
+    modules: list[str]
+    """Layer types (torch.nn class names) to quantize."""
+    exclude: list[str] = Field(default_factory=list)
+    """Layer name patterns (fnmatch, e.g. ``classifier``, ``stem.*``) left float."""
+
+    @field_validator("modules")
+    @classmethod
+    def _supported(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("name at least one layer type")
+        method = cls.model_fields["method"].default
+        for name in value:
+            layer_type(name)  # a typo is named as such, not as an unsupported type
+            if name not in cls.supported:
+                raise ValueError(f"{method} quantization cannot quantize {name}{cls.unsupported_reason}; "
+                                 f"supported: {', '.join(cls.supported)}")
+        return value
+
+    def _targets(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        return select_layers(model, self.modules, self.exclude)
+
+    def _check_targets(self, model: nn.Module) -> None:
+        if not self._targets(model):
+            minus = f" minus exclude {self.exclude}" if self.exclude else ""
+            raise StageError(self.label, f"modules {self.modules}{minus} matched no layer; the model has: {layer_census(model)}")
+
+
+def cpu_only_note(method: str) -> str:
+    """The caveat of torch.ao's quantized layers."""
+    return f"{method} quantization runs on the CPU only; quantized layers cannot be trained further"
+
+
+def engine_note(backend: str | None) -> list[str]:
+    """The caveat of a backend that switches torch's quantized engine for the whole process."""
+    if backend not in ("qnnpack", "onednn"):
+        return []
+    return [f"backend {backend}: torch's quantized engine (torch.backends.quantized.engine) is now "
+            f"{backend} for this process; loading the saved model sets it too"]

@@ -1,0 +1,71 @@
+"""``method: static``: int8 weights and activations, calibrated on the calibration data."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+from torch import nn
+
+from ...engine.errors import StageError
+from ...engine.stage import Context
+from .._quant_base import STATIC_TYPES, BackendError, Quantized, StaticBackend, StaticOptions, batch_inputs
+from .base import LayerQuantize, cpu_only_note, engine_note
+
+
+class StaticQuantize(LayerQuantize):
+    """Post-training static quantization: int8 weights and activations, the activations' scales
+    calibrated on the calibration data.
+
+    Conv and Linear layers are fused with their BatchNorm and ReLU neighbours; between int8
+    layers the activations stay int8, so whole convolutional networks run int8 kernels.
+    """
+
+    supported: ClassVar[tuple[str, ...]] = STATIC_TYPES
+
+    method: Literal["static"] = "static"
+    """``static``: int8 weights and activations, calibrated on the calibration data (Conv, Linear,
+    fused with their BatchNorm/ReLU)."""
+    modules: list[str] = Field(default_factory=lambda: list(STATIC_TYPES))
+    """Layer types (torch.nn class names) to quantize, by default all those supported: Linear, Conv1d, Conv2d, Conv3d."""
+    dtype: Literal["qint8"] = "qint8"
+    """Weight and activation type: ``qint8``."""
+    backend: Literal["x86", "qnnpack", "torchao"] = "x86"
+    """``x86`` or ``qnnpack`` (ARM) run torch's FX graph-mode quantization; ``torchao`` runs
+    torchao's PT2E flow with torch.compile (torchao must be installed)."""
+    calibration_batches: int = Field(default=32, ge=1)
+    """Batches of the calibration data run through the observers."""
+
+    def _quantize(self, model: nn.Module, ctx: Context) -> Quantized:
+        batches = batch_inputs(ctx.data["calibration"], self.calibration_batches)
+        return self._backend().quantize(model, ctx.example_inputs, batches, self._options())
+
+    def _restore(self, model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
+        try:
+            return self._backend().restore(model, self._options(), record)
+        except BackendError as exc:
+            raise StageError(self.label, f"{self._where()}: cannot rebuild the saved model: {exc}") from exc
+
+    def _options(self) -> StaticOptions:
+        return StaticOptions(self.backend, tuple(self.modules), tuple(self.exclude))
+
+    def _backend(self) -> StaticBackend:
+        if self.backend == "torchao":
+            from .._quant_torchao import TorchaoBackend
+
+            return TorchaoBackend()
+        from .._quant_ao import FxBackend
+
+        return FxBackend()
+
+    def _verb(self) -> str:
+        return f"quantized (int8 static, backend {self.backend})"
+
+    def _caveats(self) -> list[str]:
+        # torchao's flow leaves a compiled graph, not torch.ao's CPU-only quantized modules.
+        cpu_only = [] if self.backend == "torchao" else [cpu_only_note("static")]
+        return [*cpu_only, *engine_note(self.backend)]
+
+    def _where(self) -> str:
+        return f"method static, backend {self.backend}"
