@@ -1,9 +1,11 @@
-"""Shared fixtures: a fresh registry per test, and small recipes on the bundled digits."""
+"""Shared fixtures: a fresh registry per test, small recipes on the bundled digits, the CLI in-process."""
 
 from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +16,10 @@ from torch import nn
 
 from torchslim import Context, Registry
 from torchslim.engine.metrics import accuracy
+from torchslim.engine.registry import AUTOLOAD_ENV
 from torchslim.examples import digits
 
+ROOT = Path(__file__).resolve().parent.parent
 FAST_METRICS = {"warmup": 1, "runs": 2, "batch_size": 8}
 
 
@@ -73,3 +77,39 @@ def write_recipe(folder: Path, recipe: dict[str, Any], name: str = "recipe.yaml"
     path = folder / name
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+@dataclass
+class CliResult:
+    """What one ``torchslim`` command returned and printed (the fields of a CompletedProcess)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., CliResult]]:
+    """``torchslim ARGS`` run in this process by ``torchslim.engine.cli.main``, from the repository
+    root with plugin autoload off: its exit code and what it printed to stdout and stderr.
+
+    A subprocess would import torch again (seconds each); the few tests that need the real
+    console (argparse's exit, a signal, torchrun, an installed plugin) still start one.
+    """
+    from torchslim.engine.cli import main
+
+    monkeypatch.setenv(AUTOLOAD_ENV, "1")
+    monkeypatch.chdir(ROOT)
+    logger = logging.getLogger("torchslim")
+    handlers, level = logger.handlers[:], logger.level
+
+    def call(*args: str) -> CliResult:
+        capsys.readouterr()  # only what this command prints
+        logger.handlers.clear()  # main adds its stderr handler again, on the stderr captured now
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return CliResult(code, out, err)
+
+    yield call
+    logger.handlers[:] = handlers
+    logger.setLevel(level)

@@ -3,8 +3,9 @@
 Timings are noisy on a shared machine, so nothing here checks a target: only that every figure
 is there, finite and in range, that compressed models are smaller, and that the engine and the
 hand-written script end with the same accuracies. Cases whose wheels are missing are skipped
-with the reason. ``python -m bench --quick`` runs end to end too (in CI, where the heavy wheels
-are absent, it runs the digits and overhead cases and records why the others were skipped).
+with the reason. ``python -m bench --quick`` runs end to end too, as a slow test (CI runs it in
+its second step; there the heavy wheels are absent: it runs the digits and overhead cases and
+records why the others were skipped).
 """
 
 from __future__ import annotations
@@ -102,9 +103,10 @@ def test_merge_overrides(base: dict[str, Any], overrides: dict[str, Any], expect
     assert merge(base, overrides) == expected
 
 
+@pytest.mark.slow
 def test_quick_benchmark_runs_from_the_command_line(tmp_path: Path) -> None:
     # In CI the heavy cases' wheels are absent: they are skipped with the reason, and the quick
-    # mode takes about 20 s; with every wheel, about 70 s on 2 cores.
+    # mode takes 10 to 20 s; with every wheel, about 70 s on 2 cores.
     done = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -10,6 +10,10 @@ from .conftest import digits_recipe, write_recipe
 from .support.pip import install_into
 from .test_plugin_package import torchslim
 
+# pip, then torch imported by each subprocess: CI runs these in its second step. The registry's
+# handling of broken plugins is tested in this process by test_registry.py.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 PYPROJECT = """\

@@ -1,4 +1,9 @@
-"""The command line through subprocesses: output, files and exit codes, as a user sees them."""
+"""The command line: output, files and exit codes, as a user sees them.
+
+Most tests call the CLI's ``main`` in this process (the ``cli`` fixture: the same output and exit
+codes, without importing torch again); a few run the real ``python -m torchslim`` in a subprocess,
+for the exit codes and error output of the console itself.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +11,26 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from .conftest import digits_recipe, write_recipe
+from .conftest import ROOT, CliResult, digits_recipe, write_recipe
 
-ROOT = Path(__file__).resolve().parent.parent
+Cli = Callable[..., CliResult]
 
 
 def torchslim(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """``python -m torchslim ARGS`` in a subprocess, plugin autoload off."""
     env = {**os.environ, "TORCHSLIM_DISABLE_PLUGIN_AUTOLOAD": "1"}
     return subprocess.run([sys.executable, "-m", "torchslim", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=300)
 
 
-def test_quickstart_runs_and_writes_outputs(tmp_path: Path) -> None:
+def test_quickstart_runs_and_writes_outputs(tmp_path: Path, cli: Cli) -> None:
     out = tmp_path / "out"
-    result = torchslim("run", "recipes/quickstart.yaml", "--out", str(out))
+    result = cli("run", "recipes/quickstart.yaml", "--out", str(out))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split()[:2] == ["stage", "type"]
@@ -37,22 +44,22 @@ def test_quickstart_runs_and_writes_outputs(tmp_path: Path) -> None:
     assert base["accuracy"] - final["accuracy"] <= 2.0
 
 
-def test_run_refuses_non_empty_out(tmp_path: Path) -> None:
+def test_run_refuses_non_empty_out(tmp_path: Path, cli: Cli) -> None:
     (tmp_path / "notes.txt").write_text("mine")
-    result = torchslim("run", "recipes/quickstart.yaml", "--out", str(tmp_path))
+    result = cli("run", "recipes/quickstart.yaml", "--out", str(tmp_path))
     assert result.returncode == 2
     assert "directory is not empty" in result.stderr
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
-def test_validate_good() -> None:
-    result = torchslim("validate", "recipes/quickstart.yaml")
+def test_validate_good(cli: Cli) -> None:
+    result = cli("validate", "recipes/quickstart.yaml")
     assert result.returncode == 0
     assert "valid recipe 'digits-quickstart' with 3 stages" in result.stdout
 
 
-def test_validate_expands_a_sweep_and_names_every_variant() -> None:
-    result = torchslim("validate", "recipes/compare/sweep.yaml")
+def test_validate_expands_a_sweep_and_names_every_variant(cli: Cli) -> None:
+    result = cli("validate", "recipes/compare/sweep.yaml")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert "valid sweep recipe 'chain-sweep' with 6 variants, each valid" in lines[0]
@@ -60,12 +67,12 @@ def test_validate_expands_a_sweep_and_names_every_variant() -> None:
     assert len(lines) == 7
 
 
-def test_validate_refuses_a_sweep_value_a_variant_cannot_take(tmp_path: Path) -> None:
+def test_validate_refuses_a_sweep_value_a_variant_cannot_take(tmp_path: Path, cli: Cli) -> None:
     text = (ROOT / "recipes/compare/sweep.yaml").read_text().replace("stages.0.amount: [0.5, 0.7, 0.9]",
                                                                        "stages.0.amount: [0.5, 1.5]")
     path = tmp_path / "sweep.yaml"
     path.write_text(text)
-    result = torchslim("validate", "--no-import", str(path))
+    result = cli("validate", "--no-import", str(path))
     assert result.returncode == 2
     line = next(n for n, text in enumerate(text.splitlines(), start=1) if text.strip().startswith("stages.0.amount:"))
     assert f"{path}:{line}:" in result.stderr and "Input should be less than 1" in result.stderr
@@ -81,27 +88,27 @@ def test_validate_refuses_a_sweep_value_a_variant_cannot_take(tmp_path: Path) ->
     ],
     ids=["out-of-range", "unknown-type"],
 )
-def test_validate_bad_exits_2_without_traceback(tmp_path: Path, stage: dict, message: str) -> None:
+def test_validate_bad_exits_2_without_traceback(tmp_path: Path, stage: dict, message: str, cli: Cli) -> None:
     path = write_recipe(tmp_path, digits_recipe([stage]))
-    result = torchslim("validate", str(path))
+    result = cli("validate", str(path))
     assert result.returncode == 2
     assert result.stderr.startswith(f"torchslim: error: {path}:")
     assert message in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_python_tag_is_refused(tmp_path: Path) -> None:
+def test_python_tag_is_refused(tmp_path: Path, cli: Cli) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.yaml"
     path.write_text(f"name: !!python/object/apply:os.system ['touch {marker}']\n")
-    result = torchslim("validate", str(path))
+    result = cli("validate", str(path))
     assert result.returncode == 2
     assert "safe loader" in result.stderr
     assert not marker.exists()
 
 
-def test_missing_recipe_file(tmp_path: Path) -> None:
-    result = torchslim("run", str(tmp_path / "nope.yaml"))
+def test_missing_recipe_file(tmp_path: Path, cli: Cli) -> None:
+    result = cli("run", str(tmp_path / "nope.yaml"))
     assert result.returncode == 2
     assert "cannot read file" in result.stderr
 
@@ -114,23 +121,23 @@ def test_stage_failure_exits_1_naming_the_stage(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_debug_shows_traceback(tmp_path: Path) -> None:
+def test_debug_shows_traceback(tmp_path: Path, cli: Cli) -> None:
     recipe = digits_recipe([{"type": "prune", "amount": 0.5, "modules": ["Conv2d"]}])
-    result = torchslim("run", "--debug", str(write_recipe(tmp_path, recipe)))
+    result = cli("run", "--debug", str(write_recipe(tmp_path, recipe)))
     assert result.returncode == 1
     assert "Traceback" in result.stderr
 
 
-def test_plugins_lists_builtins() -> None:
-    result = torchslim("plugins")
+def test_plugins_lists_builtins(cli: Cli) -> None:
+    result = cli("plugins")
     assert result.returncode == 0
     for tag in ("prune", "quantize", "distill"):
         assert any(line.split()[:3] == [tag, "built-in", f"torchslim.plugins.{tag}:{tag.capitalize()}Stage"]
                    for line in result.stdout.splitlines()), result.stdout
 
 
-def test_schema_prints_json() -> None:
-    result = torchslim("schema")
+def test_schema_prints_json(cli: Cli) -> None:
+    result = cli("schema")
     assert result.returncode == 0
     schema = json.loads(result.stdout)
     assert schema["properties"]["stages"]["items"]["discriminator"]["propertyName"] == "type"

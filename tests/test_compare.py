@@ -153,7 +153,8 @@ def test_a_failed_variant_is_reported_and_the_others_run(registry: Registry) -> 
     recipe = sweep_recipe({"stages.0.exclude": [["0"], ["*"]]}, stages=CHAIN[:1])
     comparison = compare([recipe], registry=registry)
     ok, failed = comparison.entries
-    assert ok.report is not None and ok.fronts == ["size", "latency"]
+    # On the latency front only if not slower than the baseline: a coin toss for a dense prune, so not asserted.
+    assert ok.report is not None and ok.fronts[0] == "size"
     assert failed.report is None and failed.fronts == [] and comparison.exit_code == 1
     assert failed.error is not None and failed.error.startswith("stage prune: modules ['Linear', 'Conv2d'] (minus exclude ['*'])")
     row = comparison.table().splitlines()[-1].split()

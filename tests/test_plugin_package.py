@@ -2,7 +2,9 @@
 
 pip installs ``examples/plugin-example`` (without dependencies, with the hatchling of this
 environment) into a temporary folder; ``torchslim`` then runs in subprocesses that have the
-folder on ``PYTHONPATH``, exactly as it would with the plugin installed in site-packages.
+folder on ``PYTHONPATH``, exactly as it would with the plugin installed in site-packages. Those
+tests are slow (pip, then torch imported by each subprocess): CI runs them in its second step.
+The stage itself is tested in this process, imported from the example's folder.
 """
 
 from __future__ import annotations
@@ -59,12 +61,14 @@ def table_rows(output: str) -> list[list[str]]:
     return [re.split(r"\s{2,}", line.strip()) for line in output.splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_pip_installed_the_module_and_its_entry_point(site: Path) -> None:
     assert (site / "torchslim_scale.py").is_file()
     (info,) = site.glob("torchslim_plugin_example-0.1.0.dist-info")
     assert "[torchslim.stages]\nscale = torchslim_scale:ScaleStage" in (info / "entry_points.txt").read_text()
 
 
+@pytest.mark.slow
 def test_plugins_command_lists_installed_plugin(site: Path, tmp_path: Path) -> None:
     result = torchslim(site, "plugins", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -74,6 +78,7 @@ def test_plugins_command_lists_installed_plugin(site: Path, tmp_path: Path) -> N
         assert rows[tag][1] == "built-in" and rows[tag][3] == "ok"
 
 
+@pytest.mark.slow
 def test_env_variable_hides_installed_plugin(site: Path, tmp_path: Path) -> None:
     result = torchslim(site, "plugins", cwd=tmp_path, **{AUTOLOAD_ENV: "1"})
     assert result.returncode == 0, result.stderr
@@ -82,6 +87,7 @@ def test_env_variable_hides_installed_plugin(site: Path, tmp_path: Path) -> None
     assert {row[0] for row in table_rows(result.stdout)} >= {"prune", "quantize", "distill"}
 
 
+@pytest.mark.slow
 def test_run_recipe_with_plugin_stage(site: Path, tmp_path: Path) -> None:
     recipe = {
         "name": "scale-plugin",
@@ -104,6 +110,7 @@ def test_run_recipe_with_plugin_stage(site: Path, tmp_path: Path) -> None:
     assert report["recipe"]["stages"] == [{"type": "scale", "name": None, "factor": 0.5}]
 
 
+@pytest.mark.slow
 def test_validate_rejects_bad_plugin_option(site: Path, tmp_path: Path) -> None:
     path = write_recipe(tmp_path, digits_recipe([{"type": "scale", "factor": 0}]))
     result = torchslim(site, "validate", str(path), cwd=tmp_path)
@@ -112,9 +119,9 @@ def test_validate_rejects_bad_plugin_option(site: Path, tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def scale_module(site: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    """The installed ``torchslim_scale`` module, imported in this process."""
-    monkeypatch.syspath_prepend(str(site))
+def scale_module(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """The example's ``torchslim_scale`` module (the file pip installs), imported in this process."""
+    monkeypatch.syspath_prepend(str(PLUGIN))
     import torchslim_scale
 
     yield torchslim_scale

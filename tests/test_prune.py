@@ -96,7 +96,8 @@ def test_options_of_another_method_are_refused(registry: Registry, options: dict
     assert message in str(info.value)
 
 
-COMMON = {"type": "prune", "name": None, "exclude": [], "steps": 1, "finetune_epochs": None, "finetune_lr": None}
+COMMON = {"type": "prune", "name": None, "exclude": [], "steps": 1, "finetune_epochs": None, "finetune_lr": None,
+          "recalibrate_bn": True}
 RESOLVED = [
     ({"amount": 0.5}, {**COMMON, "method": "magnitude", "amount": 0.5, "scope": "global", "modules": ["Linear", "Conv2d"],
                        "max_layer_amount": None}),

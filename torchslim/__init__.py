@@ -13,6 +13,7 @@ from .engine.errors import (
     RecipeError,
     StageError,
     TorchslimError,
+    UserCodeError,
     UserInputError,
 )
 from .engine.recipe import RecipeBase as Recipe
@@ -21,7 +22,7 @@ from .engine.registry import Registry, StageEntry
 from .engine.report import Report, Row
 from .engine.runner import run
 from .engine.saving import load_model
-from .engine.specs import DataSpec, ModelSpec
+from .engine.specs import DataSpec, ModelSpec, weights_will_load
 from .engine.stage import Context, Stage
 from .engine.version import VERSION as __version__
 
@@ -41,10 +42,12 @@ __all__ = [
     "StageEntry",
     "StageError",
     "TorchslimError",
+    "UserCodeError",
     "UserInputError",
     "__version__",
     "compare",
     "load_model",
     "load_recipe",
     "run",
+    "weights_will_load",
 ]

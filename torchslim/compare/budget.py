@@ -12,7 +12,7 @@ from ..engine import names
 from ..engine.errors import RecipeError
 from ..engine.recipe import RecipeBase
 from ..engine.study_fields import Constraints
-from .pareto import best
+from .pareto import best, selection_key
 
 if TYPE_CHECKING:
     from .table import Comparison
@@ -92,3 +92,4 @@ def judge(comparison: Comparison, budget: Budget | None) -> None:
             entry.failures = budget.failures(entry.final, comparison.baselines[entry.group].metrics, metric)
     passing = [(e.name, e.final) for e in comparison.entries if e.failures == [] and e.final is not None]
     comparison.best = best(passing, metric)
+    comparison.chosen_on = "validation" if selection_key(passing, metric) != metric else "eval"

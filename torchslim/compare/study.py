@@ -3,9 +3,10 @@
 Each recipe is expanded into its variants and validated before anything runs. Variants that
 share the model, data, evaluate metric, metrics options and seed share one baseline, measured
 once. A variant whose report is already in the output directory under the same resolved recipe
-hash is not run again. Variants run one after another, or in parallel processes with the CPU's
-threads divided between them. Each variant is validated once in this process, and once more
-only in the spawned process that runs it under parallel jobs.
+hash, torch version, machine, CPU and thread count is not run again. Variants run one after
+another, or in parallel processes with the CPU's threads divided between them. Each variant is
+validated once in this process, and once more only in the spawned process that runs it under
+parallel jobs.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.checkpoints import CHECKPOINT_DIR, recipe_hash
+from ..engine.environment import environment
 from ..engine.errors import OutputError, UsageError
 from ..engine.metrics import measure
 from ..engine.prepare import prepare
@@ -132,11 +134,28 @@ def baseline_key(recipe: RecipeBase) -> str:
     return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()
 
 
-def finished_report(folder: Path, recipe: RecipeBase) -> Report | None:
-    """The report of a finished run of exactly ``recipe`` in ``folder`` (same recipe hash), or None."""
+#: Environment facts a reused report must share with this run: its figures (latency above all)
+#: hold only for the same torch, machine, CPU model and thread count.
+SAME_ENVIRONMENT = ("torch", "machine", "cpu", "threads")
+
+
+def environment_change(then: Mapping[str, Any], now: Mapping[str, Any]) -> str | None:
+    """What differs between a report's environment and this run's (``torch 2.12 -> 2.13``), or None."""
+    changed = [f"{key} {then.get(key)} -> {now.get(key)}" for key in SAME_ENVIRONMENT if then.get(key) != now.get(key)]
+    return ", ".join(changed) or None
+
+
+def finished_report(folder: Path, recipe: RecipeBase, log: logging.Logger | None = None) -> Report | None:
+    """The report of a finished run of exactly ``recipe`` in ``folder`` (same recipe hash) in this
+    environment (same torch version, machine, CPU and thread count), or None."""
     try:
         data = json.loads((folder / "report.json").read_text())
         if data["environment"]["recipe_hash"] != recipe_hash(recipe) or not (folder / MODEL_FILE).exists():
+            return None
+        change = environment_change(data["environment"], environment(recipe))
+        if change is not None:
+            (log or logging.getLogger("torchslim")).info("compare: %s ran under another environment (%s): running "
+                                                         "it again", folder.name, change)
             return None
         rows = [Row.from_dict(r) for r in data["rows"]]
         return Report(data["recipe"], data["metric"], rows, list(data["notes"]), data["environment"])
@@ -166,10 +185,11 @@ def _run_all(planned: list[Planned], out_dir: Path | None, mode: Mode, metric: s
 
 def _reuse_finished(entries: list[Entry], planned: list[Planned], out_dir: Path, log: logging.Logger) -> None:
     for entry, (_, recipe) in zip(entries, planned, strict=True):
-        report = finished_report(out_dir / entry.folder, recipe)
+        report = finished_report(out_dir / entry.folder, recipe, log)
         if report is not None:
             entry.report, entry.reused = report, True
-            log.info("compare: %s finished before with the same recipe hash; reusing %s", entry.name, out_dir / entry.folder)
+            log.info("compare: %s finished before with the same recipe hash and environment; reusing %s", entry.name,
+                     out_dir / entry.folder)
 
 
 def _job(planned: Planned, registry: Registry, out_dir: Path | None, baseline: Row, mode: Mode) -> Job:
@@ -198,7 +218,8 @@ def _baselines(planned: list[Planned], entries: list[Entry], keys: list[str], or
         recipe = planned[members[0]][1]
         log.info("compare: measuring the baseline of %s once, for %d variant(s)", entries[members[0]].name, len(members))
         ctx, model = prepare(recipe, log)
-        rows.append(Row("baseline", None, measure(model, ctx, recipe.metrics, seconds=0.0).to_dict()))
+        figures = {**measure(model, ctx, recipe.metrics, seconds=0.0).to_dict(), **ctx.validation_figures(model)}
+        rows.append(Row("baseline", None, figures))
         measured += 1
     return rows, measured
 
@@ -206,6 +227,7 @@ def _baselines(planned: list[Planned], entries: list[Entry], keys: list[str], or
 def _judge(comparison: Comparison, budget: Budget | None) -> None:
     """Mark the Pareto fronts, the budget's verdict per entry, and the best passing entry."""
     entries = comparison.entries
-    for entry, marks in zip(entries, fronts([e.final for e in entries], comparison.metric), strict=True):
+    baselines = [comparison.baselines[e.group].metrics for e in entries]
+    for entry, marks in zip(entries, fronts([e.final for e in entries], comparison.metric, baselines), strict=True):
         entry.fronts = marks
     judge(comparison, budget)

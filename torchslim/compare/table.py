@@ -84,6 +84,9 @@ class Comparison:
     mode: Mode
     constraints: Budget | None = None
     best: str | None = None
+    chosen_on: str | None = None
+    """Which data chose :attr:`best`: ``validation`` (every passing variant has a validation score) or
+    ``eval`` (the data the table reports: the choice and the figure are then not independent)."""
     baselines_measured: int = 0
     """Baselines measured in this run (the others came from reused reports)."""
     out: Path | None = None
@@ -139,7 +142,8 @@ class Comparison:
         lines.append(self._baseline_line())
         reused = [e.name for e in self.entries if e.reused]
         if reused:
-            lines.append(f"reused {len(reused)} finished variant(s) (same resolved recipe hash), not rerun: {', '.join(reused)}")
+            lines.append(f"reused {len(reused)} finished variant(s) (same resolved recipe hash and environment), "
+                         f"not rerun: {', '.join(reused)}")
         lines.append(self.mode.describe())
         return lines
 
@@ -158,6 +162,10 @@ class Comparison:
         lines = [f"budget ({limits}): {passing} of {len(self.entries)} variant(s) pass"]
         lines += [f"  {e.name} misses it: {'; '.join(e.failures)}" for e in self.entries if e.failures]
         lines.append(f"best within the budget: {self._describe_best()}" if self.best else "no variant meets the budget")
+        if self.best:
+            lines.append(f"  chosen on the validation data by validation_{self.metric}; the figures shown are on the eval "
+                         "data" if self.chosen_on == "validation" else
+                         "  chosen and reported on the same eval data (optimistic); a 'validation' loader separates them")
         return lines
 
     def _describe_best(self) -> str:
@@ -180,6 +188,7 @@ class Comparison:
                      "description": self.mode.describe()},
             "constraints": self.constraints.given() if self.constraints else None,
             "best": self.best,
+            "best_chosen_on": self.chosen_on,
             "baselines": [{"label": self.baseline_label(i), "variants": g, "metrics": dict(row.metrics)}
                           for i, (g, row) in enumerate(zip(self.groups, self.baselines, strict=True))],
             "baselines_measured": self.baselines_measured,

@@ -5,17 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import distributed
-from .errors import TorchslimError, UsageError
-from .prepare import located, metric_function
+from .checks import check_recipe_code
+from .errors import OutputError, TorchslimError, UsageError
 from .recipe import RecipeBase, load_recipe, recipe_model
 from .registry import Registry
 from .runner import run
-from .specs import import_target
+from .summary import summary
 from .version import VERSION
 
 
@@ -27,12 +28,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except TorchslimError as exc:
-        if getattr(args, "debug", False):
-            logging.getLogger("torchslim").exception("details")
-        print(f"torchslim: error: {exc}", file=sys.stderr)
-        if exc.log_path is not None and not getattr(args, "debug", False):
-            print(f"torchslim: the traceback is in {exc.log_path} (or rerun with --debug)", file=sys.stderr)
-        return exc.exit_code
+        return _report_error(exc, args)
+    except BrokenPipeError:
+        return _closed_pipe()
     except KeyboardInterrupt:
         print("torchslim: interrupted", file=sys.stderr)
         if getattr(args, "out", None) and args.command == "run":
@@ -44,13 +42,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _report_error(exc: TorchslimError, args: argparse.Namespace) -> int:
+    debug = getattr(args, "debug", False)
+    if debug:
+        logging.getLogger("torchslim").exception("details")
+    print(f"torchslim: error: {_cli_words(exc)}", file=sys.stderr)
+    if exc.log_path is not None and not debug:
+        print(f"torchslim: the traceback is in {exc.log_path} (or rerun with --debug)", file=sys.stderr)
+    elif exc.__cause__ is not None and not debug and hasattr(args, "debug"):
+        print("torchslim: rerun with --debug to see the traceback", file=sys.stderr)
+    return exc.exit_code
+
+
+def _cli_words(exc: TorchslimError) -> str:
+    # Library errors name the Python keywords (overwrite=True); on the command line they are flags.
+    if isinstance(exc, OutputError):
+        words = {"another out directory": "another --out", "overwrite=True": "--overwrite", "resume=True": "--resume"}
+        text = str(exc)
+        for python, flag in words.items():
+            text = text.replace(python, flag)
+        return text
+    return str(exc)
+
+
+def _closed_pipe() -> int:
+    """The reader of stdout went away (``torchslim run R | head``): end quietly, as Python's docs advise."""
+    try:
+        # Python flushes stdout again at exit; point it at devnull so that flush cannot fail too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (captured in tests)
+        pass
+    return 1
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchslim", description="Declarative network compression for PyTorch.")
     parser.add_argument("--version", action="version", version=f"torchslim {VERSION}")
     parser.add_argument("-q", "--quiet", action="store_true", help="print no progress lines")
+    # -q is accepted after the subcommand too (torchslim run -q R); SUPPRESS keeps the top-level value.
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="print no progress lines")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="run a recipe and print its stage-by-stage summary")
+    p = sub.add_parser("run", parents=[quiet], help="run a recipe and print its stage-by-stage summary")
     p.add_argument("recipe", type=Path, help="recipe YAML file")
     p.add_argument("--out", type=Path, help="write reports, the resolved recipe and the final model here")
     p.add_argument("--overwrite", action="store_true", help="allow --out to be a non-empty directory")
@@ -59,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     p.set_defaults(handler=_run)
 
-    p = sub.add_parser("compare", help="run several recipes (sweeps expanded) and compare them side by side")
+    p = sub.add_parser("compare", parents=[quiet], help="run several recipes (sweeps expanded) and compare them side by side")
     p.add_argument("recipes", type=Path, nargs="+", help="recipe YAML files; a recipe with sweep: gives one variant per value")
     p.add_argument("--out", type=Path, help="write comparison.{json,csv,md,html,png} and each variant's report directory here; "
                    "a repeated command reuses the variants that finished")
@@ -69,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     p.set_defaults(handler=_compare)
 
-    p = sub.add_parser("validate", help="check a recipe without running it")
+    p = sub.add_parser("validate", parents=[quiet], help="check a recipe without running it")
     p.add_argument("recipe", type=Path)
     p.add_argument("--no-import", action="store_true",
                    help="check the recipe's shape only: import nothing it names (model, data, metric code)")
@@ -99,7 +134,7 @@ def _run(args: argparse.Namespace) -> int:
     report = run(args.recipe, args.out, overwrite=args.overwrite, resume=args.resume)
     if not distributed.is_main():
         return 0
-    print(report.table())
+    print(summary(report))
     if args.out:
         print(f"\nwrote {args.out}/report.json, report.md, report.csv, recipe.yaml, model.pt "
               f"(load with torchslim.load_model('{args.out}'))")
@@ -120,11 +155,11 @@ def _compare(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     registry = Registry.load()
     recipe = load_recipe(args.recipe, registry)
-    checked = "" if args.no_import else "; its model, data and metric targets import"
+    checked = "" if args.no_import else "; its model, data and metric targets import and take their kwargs"
     if recipe.sweep:
         return _validate_sweep(args, recipe, registry, checked)
     if not args.no_import:
-        check_targets(recipe)
+        check_recipe_code(recipe)
     stages = ", ".join(f"{s.label} ({s.type})" for s in recipe.stage_list)
     print(f"{args.recipe}: valid recipe '{recipe.name}' with {len(recipe.stage_list)} stages: {stages}{checked}")
     return 0
@@ -138,20 +173,12 @@ def _validate_sweep(args: argparse.Namespace, recipe: RecipeBase, registry: Regi
     variants = expand(recipe.document or read_yaml(args.recipe), recipe, registry)
     if not args.no_import:
         for _, concrete in variants:
-            check_targets(concrete)
+            check_recipe_code(concrete)
     print(f"{args.recipe}: valid sweep recipe '{recipe.name}' with {len(variants)} variants, each valid{checked} "
           f"(run them with torchslim compare):")
     for variant, _ in variants:
         print(f"  {variant.name}")
     return 0
-
-
-def check_targets(recipe: RecipeBase) -> None:
-    """Import every ``module:callable`` the recipe names (without calling it); RecipeError with position if one fails."""
-    for path, target in ((("model", "target"), recipe.model.target), (("data", "target"), recipe.data.target)):
-        with located(recipe, path):
-            import_target(target, ".".join(path))
-    metric_function(recipe)
 
 
 def _plugins(args: argparse.Namespace) -> int:

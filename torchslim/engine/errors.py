@@ -49,9 +49,34 @@ class OutputError(UserInputError):
     """An output directory that cannot be written without losing the user's files."""
 
 
+class UserCodeError(RecipeError):
+    """The recipe's own code (its model, data or metric target) failed, or does not fit the data. Exit code 2.
+
+    The message names the recipe field (``path``, located by the caller when it knows the file),
+    the callable and the exception; the user's traceback is kept as ``__cause__`` (``--debug``).
+    """
+
+    def __init__(self, problems: list[str] | str, path: tuple[object, ...] = ()) -> None:
+        super().__init__(problems)
+        self.path = path
+
+
 class StageError(TorchslimError):
     """A stage that failed while running, or that would have changed nothing. Exit code 1."""
 
     def __init__(self, stage: str, message: str) -> None:
         self.stage = stage
+        self.message = message
+        self.position: str | None = None
+        """Where the stage is in the recipe, ``stages[2] (quantize) at recipe.yaml:14:5``, once the runner located it."""
         super().__init__(f"stage {stage}: {message}")
+
+    def locate(self, index: int, stage_type: str, where: str) -> None:
+        """Add the stage's index, type and recipe position (the runner knows them; the stage does not).
+
+        They follow the message, so that it still starts with the stage at fault: ``stage int8: ...
+        (stages[2] (quantize) at recipe.yaml:14:5)``.
+        """
+        if self.position is None:
+            self.position = f"stages[{index}] ({stage_type}) at {where}"
+            self.args = (f"stage {self.stage}: {self.message} ({self.position})",)

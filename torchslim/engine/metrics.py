@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import io
-import math
-import statistics
-import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -15,8 +11,13 @@ import torch
 from torch import nn
 
 from . import names
+from .macs import count_macs
 from .packed import packed_size_bytes
 from .stage import Batch, Context
+from .timing import Timing, time_forward, torch_threads
+
+__all__ = ["Measurement", "accuracy", "count_macs", "count_nonzero", "count_params", "fingerprint", "latency_batch",
+           "latency_ms", "measure", "model_device", "size_bytes", "torch_threads", "weight_tensors"]
 
 if TYPE_CHECKING:
     from .recipe import MetricsOptions
@@ -25,15 +26,26 @@ Evaluator = Callable[[nn.Module, Iterable[Batch]], float]
 
 
 def weight_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
-    """Every weight and bias of the model (detached), including those packed inside quantized modules."""
+    """Every weight and bias of the model (detached), including those packed inside quantized modules.
+
+    A module whose weights are neither parameters nor packed (an exported graph holds its int8
+    weights as plain constants) lists them itself with a ``counted_weights()`` method; its
+    submodules are then not searched again.
+    """
     with torch.no_grad():
         yield from _weights(model)
 
 
 def _weights(model: nn.Module) -> Iterator[torch.Tensor]:
+    counted = {id(m) for m in model.modules() if callable(getattr(m, "counted_weights", None))}
+    inside = {id(sub) for m in model.modules() if id(m) in counted for sub in m.modules() if sub is not m}
     for module in model.modules():
+        if id(module) in inside:
+            continue
         own = list(module.parameters(recurse=False))
-        if own:
+        if id(module) in counted:
+            yield from (t.detach() for t in module.counted_weights())  # type: ignore[operator]
+        elif own:
             yield from (p.detach() for p in own)
         elif _is_packed(module):
             yield from _packed_tensors(module)
@@ -69,84 +81,9 @@ def size_bytes(model: nn.Module) -> int:
     return buffer.getbuffer().nbytes
 
 
-def count_macs(model: nn.Module, example: torch.Tensor) -> int:
-    """Multiply-accumulates of Linear and Conv layers for one input sample (dense count)."""
-    total = 0
-
-    def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
-        nonlocal total
-        total += _layer_macs(module, output)
-
-    layers = [m for m in model.modules() if _is_layer(m)]
-    # A quantized Linear wraps a packed-params child; count each layer once, at its outermost module.
-    inner = {id(sub) for m in layers for sub in m.modules() if sub is not m}
-    handles = [m.register_forward_hook(hook) for m in layers if id(m) not in inner]
-    try:
-        with torch.inference_mode():
-            model(example.to(model_device(model)))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return total // max(1, example.shape[0])
-
-
-def _is_linear(module: nn.Module) -> bool:
-    return hasattr(module, "in_features") and hasattr(module, "out_features")
-
-
-def _is_conv(module: nn.Module) -> bool:
-    return all(hasattr(module, a) for a in ("in_channels", "groups", "kernel_size"))
-
-
-def _is_layer(module: nn.Module) -> bool:
-    return _is_linear(module) or _is_conv(module)
-
-
-def _layer_macs(module: nn.Module, output: Any) -> int:
-    if not isinstance(output, torch.Tensor):
-        return 0
-    if _is_linear(module):
-        return output.numel() * _attr(module, "in_features")
-    if _is_conv(module):
-        size: Any = getattr(module, "kernel_size")  # noqa: B009 (typed as Any: nn.Module's getattr says Tensor)
-        kernel = math.prod(size) if isinstance(size, tuple) else int(size)
-        return output.numel() * (_attr(module, "in_channels") // _attr(module, "groups")) * kernel
-    return 0
-
-
-def _attr(module: nn.Module, name: str) -> int:
-    value: Any = getattr(module, name)
-    return int(value)
-
-
-@contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run the block with ``threads`` torch threads, restoring the previous setting after."""
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def latency_ms(model: nn.Module, example: torch.Tensor, *, warmup: int, runs: int, threads: int | None) -> float:
-    """Median wall time of one forward pass on ``example``, in milliseconds."""
-    times = []
-    example = example.to(model_device(model))
-    # CUDA kernels run asynchronously: wait for them, or the clock measures only the launch.
-    sync = torch.cuda.synchronize if example.is_cuda else (lambda: None)
-    with torch_threads(threads), torch.inference_mode():
-        for _ in range(warmup):
-            model(example)
-        for _ in range(runs):
-            sync()
-            start = time.perf_counter()
-            model(example)
-            sync()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000.0
+    """Median wall time of one forward pass on ``example``, in milliseconds (:func:`time_forward` keeps the spread too)."""
+    return time_forward(model, example, warmup=warmup, runs=runs, threads=threads).median
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -205,7 +142,13 @@ class Measurement:
     size_bytes: int | None = None
     packed_bytes: int | None = None
     macs: int | None = None
-    latency_ms: float | None = None
+    timing: Timing | None = None
+    """The timed forward passes (None: latency not measured)."""
+
+    @property
+    def latency_ms(self) -> float | None:
+        """Median forward time of one batch, in milliseconds."""
+        return self.timing.median if self.timing else None
 
     @property
     def sparsity(self) -> float | None:
@@ -220,8 +163,13 @@ class Measurement:
             return {self.metric_name: self.metric, names.SECONDS: self.seconds}
         counted = {names.PARAMS: self.params, names.NONZERO: self.nonzero, names.SPARSITY: self.sparsity,
                    names.SIZE_BYTES: self.size_bytes, names.PACKED_BYTES: self.packed_bytes, names.MACS: self.macs,
-                   names.LATENCY_MS: self.latency_ms}
+                   names.LATENCY_MS: self.latency_ms, **self._spread()}
         return {**counted, self.metric_name: self.metric, names.SECONDS: self.seconds}
+
+    def _spread(self) -> dict[str, Any]:
+        if self.timing is None:
+            return {}
+        return {names.LATENCY_IQR_MS: self.timing.iqr, names.LATENCY_OTHERS: self.timing.others_running}
 
 
 def measure(model: nn.Module, ctx: Context, options: MetricsOptions, seconds: float) -> Measurement:
@@ -229,12 +177,12 @@ def measure(model: nn.Module, ctx: Context, options: MetricsOptions, seconds: fl
     model.eval()
     if not options.collect:
         return Measurement(ctx.metric_name, ctx.evaluate(model), seconds, collected=False)
-    latency = None
+    timing = None
     if options.latency:
         batch = latency_batch(ctx.example_inputs, options.batch_size)
-        latency = latency_ms(model, batch, warmup=options.warmup, runs=options.runs, threads=options.threads)
+        timing = time_forward(model, batch, warmup=options.warmup, runs=options.runs, threads=options.threads)
     return Measurement(
         ctx.metric_name, ctx.evaluate(model), seconds,
         params=count_params(model), nonzero=count_nonzero(model), size_bytes=size_bytes(model),
-        packed_bytes=packed_size_bytes(model), macs=count_macs(model, ctx.example_inputs[:1]), latency_ms=latency,
+        packed_bytes=packed_size_bytes(model), macs=count_macs(model, ctx.example_inputs[:1]), timing=timing,
     )

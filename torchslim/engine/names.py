@@ -16,11 +16,19 @@ SIZE_BYTES = "size_bytes"
 PACKED_BYTES = "packed_bytes"
 """Bytes of the state dict in the packed encoding (non-zero values plus a bitmask) where smaller."""
 MACS = "macs"
-"""Linear and Conv multiply-accumulates for one sample, dense."""
+"""Multiply-accumulates for one sample, dense: every matrix product torch's FLOP counter sees (Linear,
+Conv, attention's matmul/bmm/scaled_dot_product_attention) as FLOPs / 2, plus the quantized Linear and
+Conv layers it cannot see; None (not measured) where neither can see the layers (a compiled graph
+that does not count itself)."""
 LATENCY_MS = "latency_ms"
 """Median forward time of one batch, in milliseconds."""
+LATENCY_IQR_MS = "latency_iqr_ms"
+"""Interquartile range (75th minus 25th percentile) of the timed runs, in milliseconds."""
+LATENCY_OTHERS = "latency_others_running"
+"""Median number of other processes' runnable tasks seen between the timed runs (None off Linux): with
+the timing's threads, more than the CPUs means the timing waited for a core."""
 SECONDS = "seconds"
 """Wall time of the stage itself."""
 
 #: Every measured figure except the task metric, in the order reports show them.
-MEASURED = (PARAMS, NONZERO, SPARSITY, SIZE_BYTES, PACKED_BYTES, MACS, LATENCY_MS)
+MEASURED = (PARAMS, NONZERO, SPARSITY, SIZE_BYTES, PACKED_BYTES, MACS, LATENCY_MS, LATENCY_IQR_MS, LATENCY_OTHERS)

@@ -24,8 +24,9 @@ def prepare_output(out_dir: Path, reuse: bool, create: bool = True) -> Path:
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir}: exists and is not a directory")
     if out_dir.exists() and any(out_dir.iterdir()) and not reuse:
-        raise OutputError(f"{out_dir}: directory is not empty; choose another --out, pass --resume to continue "
-                          f"a run there, or --overwrite (which replaces only {', '.join(OUTPUT_FILES)})")
+        # Said in Python's words (torchslim.run's keywords); the CLI says its flags instead.
+        raise OutputError(f"{out_dir}: directory is not empty; choose another out directory, pass resume=True to "
+                          f"continue a run there, or overwrite=True (which replaces only {', '.join(OUTPUT_FILES)})")
     if create:
         out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir

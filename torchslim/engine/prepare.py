@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from . import distributed
-from .errors import RecipeError
+from .errors import RecipeError, UserCodeError
 from .metrics import accuracy
 from .recipe import RecipeBase
 from .specs import build_data, build_model, import_target
 from .stage import Context
+from .usercode import importable
 
 
 def prepare(recipe: RecipeBase, log: logging.Logger) -> tuple[Context, nn.Module]:
-    """Build the model and data (seeded) and the context the stages will share."""
+    """Build the model and data (seeded) and the context the stages will share, with the recipe's
+    directory importable (``torchslim compare`` measures its shared baseline through here, outside run)."""
+    with importable(recipe.base_dir):
+        return _prepare(recipe, log)
+
+
+def _prepare(recipe: RecipeBase, log: logging.Logger) -> tuple[Context, nn.Module]:
     device = _device(recipe)
     torch.manual_seed(recipe.seed)
     with located(recipe, ("model",)):
@@ -28,11 +36,13 @@ def prepare(recipe: RecipeBase, log: logging.Logger) -> tuple[Context, nn.Module
         data = build_data(recipe.data)
     evaluator = metric_function(recipe)
     inputs = _first_inputs(data["eval"], recipe).to(device)
+    _check_forward(model, inputs, recipe)
     ctx = Context(
         original=copy.deepcopy(model).eval(),
         data=data,
         example_inputs=inputs,
         evaluate=lambda m: _score(evaluator, m, data["eval"], recipe),
+        validate=_scorer(evaluator, data.get("validation"), recipe),
         metric_name=recipe.evaluate.label,
         device=device,
         seed=recipe.seed,
@@ -59,28 +69,74 @@ def _device(recipe: RecipeBase) -> torch.device:
 
 
 class located:
-    """Prefix RecipeErrors raised in the block with the recipe position of ``path``."""
+    """Prefix RecipeErrors raised in the block with the recipe position of ``path`` (or of the
+    finer path a UserCodeError names, e.g. the unknown key under ``model.kwargs``)."""
 
     def __init__(self, recipe: RecipeBase, path: tuple[str, ...]) -> None:
-        self.where = recipe.where(path)
+        self.recipe, self.where = recipe, recipe.where(path)
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> Literal[False]:
         if isinstance(exc, RecipeError) and not exc.problems[0].startswith(self.where):
-            raise RecipeError([f"{self.where}: {p}" for p in exc.problems]) from None
+            path = getattr(exc, "path", ())
+            where = self.recipe.where(path) if path else self.where
+            problems = [f"{where}: {p}" for p in exc.problems]
+            # A user's failure keeps its class and its cause: --debug shows the user's traceback.
+            if isinstance(exc, UserCodeError):
+                raise UserCodeError(problems, path) from exc.__cause__
+            raise RecipeError(problems) from None
         return False
 
 
 def _first_inputs(loader: Any, recipe: RecipeBase) -> torch.Tensor:
-    for batch in loader:
-        inputs = batch[0] if isinstance(batch, (tuple, list)) else None
-        if isinstance(inputs, torch.Tensor):
-            return inputs
-        break
+    with located(recipe, ("data", "target")):
+        batch = _first_batch(loader, recipe.data.target)
+    inputs = batch[0] if isinstance(batch, (tuple, list)) else None
+    if isinstance(inputs, torch.Tensor):
+        return inputs
     where = recipe.where(("data", "target"))
-    raise RecipeError(f"{where}: data.target: the eval loader must yield (inputs, targets) tensor batches")
+    raise RecipeError(f"{where}: data.target: the eval loader must yield (inputs, targets) tensor batches, "
+                      f"found {type(batch).__name__}")
+
+
+def _first_batch(loader: Any, target: str) -> Any:
+    try:
+        return next(iter(loader))
+    except StopIteration:
+        raise UserCodeError(f"data.target: {target}(): the eval loader yields no batch") from None
+    except Exception as exc:  # the user's dataset code
+        raise UserCodeError(f"data.target: {target}(): the eval loader raised {type(exc).__name__} "
+                            f"while yielding its first batch: {exc}") from exc
+
+
+def _check_forward(model: nn.Module, inputs: torch.Tensor, recipe: RecipeBase) -> None:
+    """One forward of the model on a batch of the data: inputs that do not fit it are named as such."""
+    try:
+        with torch.no_grad():
+            model.eval()(inputs)
+    except Exception as exc:  # the user's model on the user's data
+        where = recipe.where(("model", "target"))
+        raise UserCodeError(f"{where}: model.target: {recipe.model.target} fails on a batch of data.target "
+                            f"{recipe.data.target} (inputs of shape {list(inputs.shape)}, {inputs.dtype}): "
+                            f"{type(exc).__name__}: {exc}") from exc
+
+
+def baseline_failure(recipe: RecipeBase, exc: Exception) -> UserCodeError:
+    """The error for a measurement of the model before any stage that raised: the recipe's code failed."""
+    custom = recipe.evaluate.metric != "accuracy"
+    path = ("evaluate", "metric") if custom else ("model", "target")
+    parts = f"model {recipe.model.target}, data {recipe.data.target}" + (f", metric {recipe.evaluate.metric}" if custom else "")
+    return UserCodeError(f"{recipe.where(path)}: {'.'.join(path)}: measuring the model before any stage failed "
+                         f"({parts}): {type(exc).__name__}: {exc}", path)
+
+
+def _scorer(evaluator: Any, loader: Any, recipe: RecipeBase) -> Callable[[nn.Module], float] | None:
+    """The metric on ``loader`` (the validation data), or None when the data factory gave none."""
+    if loader is None:
+        return None
+    return lambda model: _score(evaluator, model, loader, recipe)
 
 
 def _score(evaluator: Any, model: nn.Module, loader: Any, recipe: RecipeBase) -> float:
@@ -88,5 +144,6 @@ def _score(evaluator: Any, model: nn.Module, loader: Any, recipe: RecipeBase) ->
     value = evaluator(model, loader)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         where = recipe.where(("evaluate", "metric"))
-        raise RecipeError(f"{where}: evaluate.metric: returned {type(value).__name__}, expected a float")
+        raise UserCodeError(f"{where}: evaluate.metric: returned {type(value).__name__}, expected a float",
+                            ("evaluate", "metric"))
     return float(value)

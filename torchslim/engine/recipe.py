@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Union
@@ -20,22 +21,39 @@ from pydantic import (
     field_validator,
 )
 
-from .errors import PluginError, RecipeError
+from .errors import RecipeError
+from .problems import format_path, tag_of, validation_problems
 from .registry import Registry
-from .specs import TARGET_PATTERN, DataSpec, ModelSpec, Spec
+from .specs import TARGET_PATTERN, DataSpec, ModelSpec, Spec, target_problem
 from .stage import Stage
 from .study_fields import Constraints, SweepMode, SweepValues, check_sweep, check_zip
 from .yamlio import Document, read_yaml
+
+# format_path and tag_of moved to problems.py with the messages; importable from here as before.
+
+__all__ = ["DataSpec", "EvaluateSpec", "MetricsOptions", "ModelSpec", "RecipeBase", "format_path", "load_recipe",
+           "recipe_model", "tag_of", "validate"]
+
+DEVICE_PATTERN = r"^(cpu|cuda(:\d+)?)$"
 
 
 class EvaluateSpec(Spec):
     """How the model is scored after every stage."""
 
-    metric: str = Field(default="accuracy", pattern=rf"^accuracy$|{TARGET_PATTERN}")
+    metric: str = Field(default="accuracy", json_schema_extra={"pattern": rf"^accuracy$|{TARGET_PATTERN}"})
     """``accuracy`` (percent of eval samples whose argmax is the label), or a ``module:callable``
     taking ``(model, loader)`` and returning a float."""
     name: str | None = None
     """Column name of the metric in reports (defaults to ``accuracy`` or the callable's name)."""
+
+    @field_validator("metric")
+    @classmethod
+    def _metric_form(cls, value: str) -> str:
+        problem = target_problem(value, "'accuracy' or a 'module:callable' taking (model, loader), e.g. mymetrics:f1",
+                                 names=("accuracy",))
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @property
     def label(self) -> str:
@@ -69,7 +87,7 @@ class RecipeBase(BaseModel):
     """Name of the recipe, used in reports."""
     seed: int = 0
     """Seed for torch's generators, set before the model, the data and each stage."""
-    device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    device: str = Field(default="cpu", json_schema_extra={"pattern": DEVICE_PATTERN})
     """Where the model runs and trains: ``cpu``, ``cuda`` or ``cuda:N`` (quantized models always run on the CPU)."""
     model: ModelSpec
     """The model to compress."""
@@ -91,6 +109,15 @@ class RecipeBase(BaseModel):
     """For ``torchslim compare``: the budget each variant passes or fails; the best passing one is named."""
 
     _document: Document | None = PrivateAttr(default=None)
+
+    @field_validator("device")
+    @classmethod
+    def _device_form(cls, value: str) -> str:
+        if re.match(DEVICE_PATTERN, value):
+            return value
+        guess = re.sub(r"^cuda(\d+)$", r"cuda:\1", value.strip().lower().replace("gpu", "cuda"))
+        hint = f"; did you mean '{guess}'?" if guess != value and re.match(DEVICE_PATTERN, guess) else ""
+        raise ValueError(f"expected cpu, cuda or cuda:N (a GPU by number, e.g. cuda:0), found '{value}'{hint}")
 
     @field_validator("sweep")
     @classmethod
@@ -153,11 +180,6 @@ def recipe_model(registry: Registry) -> type[RecipeBase]:
     return _MODELS[classes]
 
 
-def tag_of(cls: type[Stage], field: str) -> str:
-    """The literal default of a stage class's ``type`` or ``method`` field."""
-    return str(cls.model_fields[field].default)
-
-
 def _member(cls: type[Stage]) -> Any:
     if not cls.methods:
         return cls
@@ -195,110 +217,6 @@ def validate(document: Document, registry: Registry) -> RecipeBase:
     try:
         recipe = model.model_validate(document.data)
     except ValidationError as exc:
-        raise RecipeError(_problems(document, exc, registry)) from None
+        raise RecipeError(validation_problems(document, exc, registry, model)) from None
     recipe._document = document
     return recipe
-
-
-def _problems(document: Document, exc: ValidationError, registry: Registry) -> list[str]:
-    # A value that fits no member of a union (teacher: "original" or a model spec) gives one
-    # error per member at the same path: merge them into one line.
-    merged: dict[str, list[str]] = {}
-    for err in exc.errors():
-        where, message = _problem(document, err, registry)
-        if message not in merged.setdefault(where, []):
-            merged[where].append(message)
-    return [f"{where}: {'; or '.join(messages)}" for where, messages in merged.items()]
-
-
-def _problem(document: Document, err: Any, registry: Registry) -> tuple[str, str]:
-    path = _data_path(document.data, err["loc"], keep_last=err["type"] in ("missing", "extra_forbidden"))
-    stage_type = _stage_type(document.data, path)
-    message = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "union_tag_invalid" and err["ctx"]["discriminator"] == "method()":
-        message = _method_message(registry, stage_type, str(err["ctx"]["tag"]))
-        path = path + ("method",)
-    elif err["type"] == "union_tag_invalid":
-        message = registry.unknown_message(str(err["ctx"]["tag"]))
-        path = path + ("type",)
-    elif err["type"] == "union_tag_not_found":
-        message = f"missing 'type'; known types: {', '.join(registry.types())}"
-    elif err["type"] == "extra_forbidden":
-        message = _extra_message(document.data, path, registry)
-    elif err["type"] == "missing":
-        message = f"required field '{path[-1]}' is missing" if path else message
-    label = format_path(path) + (f" ({stage_type})" if stage_type else "")
-    return f"{document.where(path)}: {label or '<top level>'}", message
-
-
-def _data_path(data: Any, loc: tuple[Any, ...], keep_last: bool) -> tuple[Any, ...]:
-    # Pydantic inserts union members into loc ("stages", 2, "quantize", "dtype"); keep only
-    # the steps that exist in the data, plus the final key of a missing or unknown field.
-    path: list[Any] = []
-    node = data
-    for index, step in enumerate(loc):
-        if _has_step(node, step):
-            node = node[step]
-        elif not (keep_last and index == len(loc) - 1):
-            continue  # a union member, not a key of the data
-        path.append(step)
-    return tuple(path)
-
-
-def _has_step(node: Any, step: Any) -> bool:
-    if isinstance(node, Mapping):
-        return step in node
-    return isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node)
-
-
-def _stage_type(data: Any, path: tuple[Any, ...]) -> str | None:
-    if len(path) >= 2 and path[0] == "stages" and isinstance(data, Mapping):
-        stages = data.get("stages")
-        if isinstance(stages, list) and isinstance(path[1], int) and path[1] < len(stages):
-            stage = stages[path[1]]
-            if isinstance(stage, Mapping) and isinstance(stage.get("type"), str):
-                return str(stage["type"])
-    return None
-
-
-def _stage_class(data: Any, path: tuple[Any, ...], registry: Registry) -> type[Stage] | None:
-    """The class validating the stage at ``path`` (for a family, the method's), if it is known."""
-    stage_type = _stage_type(data, path)
-    if stage_type is None:
-        return None
-    try:
-        cls = registry.get(stage_type)
-    except PluginError:
-        return None
-    if not cls.methods:
-        return cls
-    method = data["stages"][path[1]].get("method", cls.default_method)
-    return next((m for m in cls.methods if tag_of(m, "method") == method), None)
-
-
-def _extra_message(data: Any, path: tuple[Any, ...], registry: Registry) -> str:
-    option = path[-1]
-    cls = _stage_class(data, path, registry) if len(path) == 3 else None
-    if cls is None:
-        return f"unknown field '{option}'"
-    family = registry.get(cls.model_fields["type"].default)
-    owners = [tag_of(m, "method") for m in family.methods if option in m.model_fields]
-    if owners:
-        return (f"'{option}' does not apply to method {tag_of(cls, 'method')}; it is an option of method "
-                f"{' and '.join(owners)}")
-    return f"unknown field '{option}'; {_stage_type(data, path)} accepts: {', '.join(cls.model_fields)}"
-
-
-def _method_message(registry: Registry, stage_type: str | None, tag: str) -> str:
-    family = registry.get(stage_type) if stage_type else None
-    tags = [repr(tag_of(m, "method")) for m in family.methods] if family else []
-    known = f"{', '.join(tags[:-1])} or {tags[-1]}" if len(tags) > 1 else "".join(tags)
-    return f"Input should be {known}"
-
-
-def format_path(path: tuple[Any, ...]) -> str:
-    """``("stages", 2, "amount")`` -> ``stages[2].amount``."""
-    text = ""
-    for step in path:
-        text += f"[{step}]" if isinstance(step, int) else (f".{step}" if text else str(step))
-    return text

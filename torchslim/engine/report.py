@@ -14,6 +14,7 @@ from tabulate import tabulate
 
 from . import names
 from .atomic import write_text
+from .noise import latency_noise, speedup_noise
 
 #: Columns of the printed table: (metric key, header, formatter kind).
 _COLUMNS = [
@@ -23,7 +24,7 @@ _COLUMNS = [
     (names.SIZE_BYTES, "size (x smaller)", "bytes"),
     (names.PACKED_BYTES, "packed", "bytes"),
     (names.MACS, "MACs (x fewer)", "count"),
-    (names.LATENCY_MS, "latency ms (x faster)", "float"),
+    (names.LATENCY_MS, "latency ms (x faster)", "ms"),
 ]
 _RATIO_COLUMNS = (names.SIZE_BYTES, names.MACS, names.LATENCY_MS)
 
@@ -59,6 +60,8 @@ class Report:
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
+    speedup: dict[str, Any] | None = None
+    """baseline / final latency, timed interleaved at the end of the run (:class:`~torchslim.engine.timing.Speedup`)."""
 
     def add_notes(self, notes: list[str]) -> None:
         """Add remarks printed under the table, each distinct text once, in order."""
@@ -82,6 +85,7 @@ class Report:
             "rows": [row.to_dict() for row in self.rows],
             "notes": list(self.notes),
             "environment": dict(self.environment),
+            **({"speedup": dict(self.speedup)} if self.speedup else {}),
         }
 
     def to_json(self) -> str:
@@ -119,10 +123,39 @@ class Report:
         for key, _, kind in _COLUMNS:
             ratio = key in _RATIO_COLUMNS and row is not self.baseline
             value = row.metrics.get(key)
-            cells.append(with_ratio(value, base.get(key), kind) if ratio else format_figure(value, kind))
+            noisy = key == names.LATENCY_MS and self._noisy(row, ratio)
+            cells.append(with_ratio(value, base.get(key), kind, noisy) if ratio else format_figure(value, kind, noisy))
         cells.append(with_delta(row.metrics.get(self.metric), base.get(self.metric), row is self.baseline))
         cells.append(format_figure(row.metrics.get(names.SECONDS), "float"))
         return cells
+
+    def _noisy(self, row: Row, against_baseline: bool) -> bool:
+        # A ratio is as noisy as the noisier of its two figures.
+        rows = (row, self.baseline) if against_baseline else (row,)
+        return any(latency_noise(r.metrics, self.environment) for r in rows if r.metrics.get(names.LATENCY_MS))
+
+    def measurement_notes(self) -> list[str]:
+        """The speed-up line and why figures marked ``~`` are noisy: derived from the figures, added by the runner at the end."""
+        lines = [self._speedup_line()] if self.speedup else []
+        noisy: dict[str, list[str]] = {}
+        for row in self.rows:
+            reason = latency_noise(row.metrics, self.environment) if row.metrics.get(names.LATENCY_MS) else None
+            if reason:
+                noisy.setdefault(reason, []).append(row.stage)
+        if noisy:
+            why = "; ".join(f"{', '.join(stages)}: {reason}" for reason, stages in noisy.items())
+            lines.append(f"~ marks a noisy latency, and every ratio to it: read it as noise, not as a measurement ({why})")
+        return lines
+
+    def _speedup_line(self) -> str:
+        s = self.speedup or {}
+        reason = speedup_noise(s, self.environment)
+        mark = "~" if reason else ""
+        text = (f"speed-up of the final model ({self.final.stage}) over the baseline, both timed interleaved at the end "
+                f"of the run: {ratio_text(s['ratio'])}x{mark} (interquartile {ratio_text(s['q1'])}x to "
+                f"{ratio_text(s['q3'])}x over {s['rounds']} rounds; baseline {format_figure(s['baseline_ms'], 'ms')} ms, "
+                f"final {format_figure(s['final_ms'], 'ms')} ms)")
+        return text + (f"; noisy: {reason}" if reason else "")
 
     def write(self, out_dir: Path) -> None:
         """Write report.json, report.csv and report.md into ``out_dir``, each atomically."""
@@ -138,17 +171,29 @@ def _metric_keys(rows: list[Row]) -> list[str]:
     return keys
 
 
-def format_figure(value: Any, kind: str) -> str:
-    """One figure as the tables show it: ``count`` (SI prefixes), ``bytes``, ``percent`` or ``float``; ``-`` if not measured."""
+def format_figure(value: Any, kind: str, noisy: bool = False) -> str:
+    """One figure as the tables show it: ``count`` (SI prefixes), ``bytes``, ``percent``, ``ms`` (3
+    significant digits), ``metric`` (4) or ``float``; ``-`` if not measured; ``~`` after a noisy one."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
+    mark = "~" if noisy else ""
     if kind == "count":
-        return _si(float(value))
+        return _si(float(value)) + mark
     if kind == "bytes":
-        return _si(float(value), "B", 1000.0)
+        return _si(float(value), "B", 1000.0) + mark
     if kind == "percent":
-        return f"{100 * value:.1f}%"
-    return f"{value:.2f}"
+        return f"{100 * value:.1f}%{mark}"
+    if kind in ("ms", "metric"):
+        return f"{value:.{_decimals(value, 3 if kind == 'ms' else 4)}f}{mark}"
+    return f"{value:.2f}{mark}"
+
+
+def _decimals(value: float, digits: int, least: int = 2) -> int:
+    """Decimals that show ``digits`` significant digits of ``value`` (and at least ``least``)."""
+    rounded = float(f"{value:.{digits}g}")  # 0.99996 has the digits of 1.00, not of 0.99996
+    if rounded == 0 or not math.isfinite(rounded):
+        return least
+    return max(least, digits - 1 - math.floor(math.log10(abs(rounded))))
 
 
 def _si(value: float, unit: str = "", step: float = 1000.0) -> str:
@@ -159,16 +204,29 @@ def _si(value: float, unit: str = "", step: float = 1000.0) -> str:
     return f"{value}"
 
 
-def with_ratio(value: Any, base: Any, kind: str) -> str:
-    """The figure followed by its ratio to the baseline, e.g. ``100.9kB (3.40x)``."""
+def ratio_text(ratio: float) -> str:
+    """A ratio with 3 significant digits and at least 2 decimals: ``3.40``, ``0.00256``, never ``0.00``."""
+    return f"{ratio:.{_decimals(ratio, 3)}f}"
+
+
+def with_ratio(value: Any, base: Any, kind: str, noisy: bool = False) -> str:
+    """The figure followed by its ratio to the baseline, e.g. ``100.9kB (3.40x)``; ``~`` marks a noisy one."""
     # The ratio is baseline / value: above 1 means smaller, fewer or faster than the baseline.
-    text = format_figure(value, kind)
-    return f"{text} ({base / value:.2f}x)" if value and base else text
+    text = format_figure(value, kind, noisy)
+    if not (value and base):
+        return text
+    return f"{text} ({ratio_text(base / value)}x{'~' if noisy else ''})"
 
 
 def with_delta(value: Any, base: Any, is_baseline: bool) -> str:
-    """The task metric followed by its change from the baseline, e.g. ``96.67 (+0.56)``."""
-    text = format_figure(value, "float")
-    if is_baseline or value is None or base is None:
+    """The task metric followed by its change from the baseline, e.g. ``96.67 (+0.56)`` or ``0.9440 (-0.0330)``.
+
+    The metric shows at least 4 significant digits (and 2 decimals); the change as many decimals as
+    the metric, more where a small change would otherwise read as zero.
+    """
+    text = format_figure(value, "metric")
+    if is_baseline or value is None or base is None or text == "-":
         return text
-    return f"{text} ({value - base:+.2f})"
+    change = value - base
+    decimals = max(_decimals(value, 4), _decimals(change, 2) if change else 0)
+    return f"{text} ({change:+.{decimals}f})"

@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +18,19 @@ from torch import nn
 from . import distributed, names
 from .checkpoints import reload_problem, resume, save_checkpoint
 from .environment import environment
+from .headline import close_report, compiled_note
 from .errors import StageError, TorchslimError
+from .labels import check_names, labelled
 from .metrics import fingerprint, measure
 from .outputs import clear_failure, prepare_output, record_failure
-from .prepare import prepare
+from .prepare import baseline_failure, prepare
 from .recipe import RecipeBase, load_recipe
 from .registry import Registry
 from .report import Report, Row
 from .saving import save_model
 from .stage import Context, Stage
 from .study_fields import refuse_sweep
+from .usercode import importable
 
 RecipeSource = str | os.PathLike[str] | Mapping[str, Any] | RecipeBase
 
@@ -41,8 +44,9 @@ def run(
     resume: bool = False,
     log: logging.Logger | None = None,
     baseline: Row | None = None,
-) -> Report:
-    """Run a recipe (a path, a mapping, or a validated recipe) and return its report.
+) -> RunReport:
+    """Run a recipe (a path, a mapping, or a validated recipe) and return its report; ``report.model``
+    is the compressed model (in memory only: not written to the report files, not pickled).
 
     With ``out``, also writes the reports, the resolved recipe and the final model there, and a
     checkpoint after every stage; ``resume`` reuses the checkpoints whose recipe prefix is unchanged.
@@ -51,6 +55,7 @@ def run(
     """
     recipe = load_recipe(recipe, registry)
     refuse_sweep(recipe)
+    check_names(recipe)
     # Under torchrun every process runs the recipe (a distill stage trains in parallel); only
     # rank 0 measures and writes. Outside torchrun this is a single main process.
     with distributed.session(distributed.device_for(recipe.device)):
@@ -60,7 +65,20 @@ def run(
             prepare_output(out_dir, overwrite or resume, create=main)
         distributed.barrier()
         run_ = _Run(recipe, out_dir if main else None, log or logging.getLogger("torchslim"))
-        return run_.execute(resume and out_dir is not None, baseline)
+        with importable(recipe.base_dir):  # a module next to the recipe imports as its target
+            return run_.execute(resume and out_dir is not None, baseline)
+
+
+@dataclass
+class RunReport(Report):
+    """The report of :func:`run`, holding the compressed model it produced as ``model``."""
+
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
+    """The model after the last stage, in eval mode; left out of the report files and of a pickled report
+    (``torchslim compare``'s worker processes send their reports back without it)."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "model": None}
 
 
 @dataclass
@@ -71,31 +89,46 @@ class _Run:
     writer: Path | None
     log: logging.Logger
 
-    def execute(self, resuming: bool, baseline: Row | None) -> Report:
+    def execute(self, resuming: bool, baseline: Row | None) -> RunReport:
         ctx, model = prepare(self.recipe, self.log)
-        report = Report(self.recipe.resolved(), metric=ctx.metric_name, environment=environment(self.recipe))
+        report = RunReport(self.recipe.resolved(), metric=ctx.metric_name, environment=environment(self.recipe))
         done = resume(self.writer, self.recipe, ctx, report) if resuming and self.writer is not None else None
         model, records = done or (model, [])
         if done is None:
-            report.rows.append(copy.deepcopy(baseline) if baseline else Row("baseline", None, self._measure(model, ctx, 0.0)))
+            report.rows.append(copy.deepcopy(baseline) if baseline else self._baseline(model, ctx))
         with self._failure_log():
             for index in range(len(records), len(self.recipe.stage_list)):
-                model = self._step(index, model, ctx, report, records)
+                with self._located(index):
+                    model = self._step(index, model, ctx, report, records)
+            if distributed.is_main():
+                close_report(report, ctx, model, self.recipe.metrics)
         if self.writer is not None:
             save_model(self.writer, self.recipe, model, records)
             report.write(self.writer)
             clear_failure(self.writer)
+        report.model = model.eval()
         return report
+
+    def _baseline(self, model: nn.Module, ctx: Context) -> Row:
+        try:
+            return Row("baseline", None, self._measure(model, ctx, 0.0))
+        except TorchslimError:
+            raise
+        except Exception as exc:  # before any stage ran, only the recipe's own code can have failed
+            raise baseline_failure(self.recipe, exc) from exc
 
     def _step(self, index: int, model: nn.Module, ctx: Context, report: Report, records: list[dict[str, Any]]) -> nn.Module:
         """Apply, measure and checkpoint stage ``index``; return the model after it."""
-        stage, total = self.recipe.stage_list[index], len(self.recipe.stage_list)
+        stage, total = labelled(self.recipe.stage_list)[index], len(self.recipe.stage_list)
         self.log.info("[%d/%d] %s: running", index + 1, total, stage.label)
         torch.manual_seed(self.recipe.seed + index + 1)
         reseed_loaders(ctx.data, self.recipe.seed + index + 1)
         own = ctx.for_stage()
         model, seconds = apply_stage(stage, model, own)
-        report.rows.append(self._row(stage, model, own, seconds, report.final))
+        for note in filter(None, [compiled_note(stage.label, model)]):
+            own.note(note)
+        with stage_failure(stage.label, "the model it returned fails in the measurement after the stage: "):
+            report.rows.append(self._row(stage, model, own, seconds, report.final))
         report.add_notes(own.notes)
         records.append(dict(own.restore_record))
         if self.writer is not None:
@@ -116,7 +149,8 @@ class _Run:
         # Other ranks of a torchrun launch only train: their rows carry the stage's time alone.
         if not distributed.is_main():
             return {names.SECONDS: seconds}
-        return measure(model, ctx, self.recipe.metrics, seconds).to_dict()
+        # The validation score (when there is validation data) is what compare chooses a variant by.
+        return {**measure(model, ctx, self.recipe.metrics, seconds).to_dict(), **ctx.validation_figures(model)}
 
     def _check_reload(self, writer: Path, index: int, stage: Stage, model: nn.Module, ctx: Context) -> None:
         problem = reload_problem(writer, index, self.recipe, model, ctx)
@@ -126,6 +160,16 @@ class _Run:
                              f"torchslim.load_model would ({problem}); a stage that changes the model's structure "
                              f"(swaps modules, removes channels) must record what it changed with "
                              f"ctx.record_for_restore(...) and redo it in restore(model, record)")
+
+    @contextmanager
+    def _located(self, index: int) -> Any:
+        """Add stage ``index``'s position in the recipe to a StageError raised in the block."""
+        try:
+            yield
+        except StageError as exc:
+            stage = self.recipe.stage_list[index]
+            exc.locate(index, stage.type, self.recipe.where(("stages", index)))
+            raise
 
     @contextmanager
     def _failure_log(self) -> Any:
@@ -144,6 +188,17 @@ def reseed_loaders(data: Mapping[str, Any], seed: int) -> None:
         generator = getattr(loader, "generator", None)
         if isinstance(generator, torch.Generator):
             generator.manual_seed(seed)
+
+
+@contextmanager
+def stage_failure(label: str, doing: str = "") -> Any:
+    """Any exception of the block (not a TorchslimError) becomes stage ``label``'s StageError."""
+    try:
+        yield
+    except TorchslimError:
+        raise
+    except Exception as exc:  # the stage's model, measured: its failure is the stage's
+        raise StageError(label, f"{doing}{type(exc).__name__}: {exc}") from exc
 
 
 def apply_stage(stage: Stage, model: nn.Module, ctx: Context) -> tuple[nn.Module, float]:

@@ -19,7 +19,8 @@ from .errors import CheckpointError
 from .packed import smallest_state, unpack_state_dict
 from .recipe import RecipeBase, load_recipe
 from .registry import Registry
-from .specs import build_model, load_state, safe_load
+from .specs import build_model, load_state, loading_weights, safe_load
+from .usercode import importable
 from .yamlio import dump_yaml
 
 FORMAT = "torchslim.model/1"
@@ -33,7 +34,9 @@ def save_model(out_dir: Path, recipe: RecipeBase, model: nn.Module, structure: l
     ``structure`` holds one record per completed stage (what it recorded with ``ctx.record_for_restore``).
     """
     # The packed form (non-zero values + bitmask) is used where it is smaller than dense.
-    payload = {"format": FORMAT, "structure": structure, "state_dict": smallest_state(model.state_dict())}
+    payload = {"format": FORMAT, "structure": structure, "state_dict": smallest_state(model.state_dict()),
+               # load_model imports the recipe's targets from here too, as the run did (a mynet.py beside it)
+               "recipe_dir": str(recipe.base_dir) if recipe.base_dir is not None else None}
 
     def write(handle: IO[bytes]) -> None:
         torch.save(payload, handle)
@@ -45,12 +48,21 @@ def save_model(out_dir: Path, recipe: RecipeBase, model: nn.Module, structure: l
 def load_model(path: str | os.PathLike[str], registry: Registry | None = None) -> nn.Module:
     """Load a model saved by ``torchslim run --out DIR``: ``torchslim.load_model(DIR)``.
 
-    Imports the model's code named in the recipe (as running the recipe would), never code
-    from the checkpoint. Returns the model in eval mode.
+    Imports the model's code named in the recipe (as running the recipe would, the directory of the
+    recipe that ran included, if it still exists), never code from the checkpoint. The model factory
+    is called with :func:`torchslim.weights_will_load` True (it may skip training). Returns the model
+    in eval mode.
     """
     folder = Path(path)
     recipe = load_recipe(folder / RECIPE_FILE, registry)
-    return rebuild(recipe, read_payload(folder / MODEL_FILE), folder / MODEL_FILE).eval()
+    payload = read_payload(folder / MODEL_FILE)
+    with importable(_recipe_dir(payload)):
+        return rebuild(recipe, payload, folder / MODEL_FILE).eval()
+
+
+def _recipe_dir(payload: dict[str, Any]) -> Path | None:
+    directory = payload.get("recipe_dir")
+    return Path(directory) if isinstance(directory, str) and Path(directory).is_dir() else None
 
 
 def read_payload(path: Path) -> dict[str, Any]:
@@ -67,8 +79,10 @@ def rebuild(recipe: RecipeBase, payload: dict[str, Any], path: Path, model: nn.M
     """The recipe's model (or a copy of it given as ``model``) with the saved stages' structure
     replayed and the saved tensors loaded."""
     if model is None:
-        # The saved state replaces every weight, so the original checkpoint is not needed (nor read).
-        model = build_model(recipe.model.model_copy(update={"checkpoint": None}), None)
+        # The saved state replaces every weight, so the original checkpoint is not needed (nor read),
+        # and a factory that trains may skip it (weights_will_load()).
+        with loading_weights():
+            model = build_model(recipe.model.model_copy(update={"checkpoint": None}), None)
     # A checkpoint taken after k stages holds k records: replay only those stages.
     for stage, record in zip(recipe.stage_list, payload["structure"], strict=False):
         model = stage.restore(model.eval(), record)

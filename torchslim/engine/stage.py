@@ -119,11 +119,14 @@ class Context:
     original: nn.Module
     """The model before the recipe's first stage (the default distillation teacher). Do not modify."""
     data: Mapping[str, Iterable[Batch]]
-    """Loaders: ``train``, ``calibration``, ``eval``."""
+    """Loaders: ``train``, ``calibration``, ``eval``, and ``validation`` when the data factory gives one."""
     example_inputs: torch.Tensor
     """One batch of inputs, for tracing and measuring."""
     evaluate: Callable[[nn.Module], float]
-    """The recipe's evaluate metric applied to the eval data."""
+    """The recipe's evaluate metric applied to the eval data: what the summary reports."""
+    validate: Callable[[nn.Module], float] | None = None
+    """The same metric on the ``validation`` data, when the data factory returns such a loader (else
+    None): what a stage chooses by (best epoch, early stopping), so that the eval data only reports."""
     metric_name: str = "accuracy"
     """The name of the evaluate metric in the summary."""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -138,6 +141,20 @@ class Context:
     restore_record: dict[str, Any] = field(default_factory=dict)
     """What this stage changed in the model's structure (:meth:`record_for_restore`), saved with the
     model and handed back to :meth:`Stage.restore`."""
+
+    @property
+    def selection_split(self) -> str:
+        """The data a stage chooses on: ``validation`` when there is such a loader, else ``eval``."""
+        return "validation" if self.validate is not None else "eval"
+
+    def select_score(self, model: nn.Module) -> float:
+        """The metric to choose by (an epoch, a variant): on the validation data when there is some,
+        else on the eval data (then choosing and reporting share one split: say so)."""
+        return self.validate(model) if self.validate is not None else self.evaluate(model)
+
+    def validation_figures(self, model: nn.Module) -> dict[str, float]:
+        """``{"validation_<metric>": score}`` for a summary row, or nothing without validation data."""
+        return {f"validation_{self.metric_name}": self.validate(model)} if self.validate is not None else {}
 
     def for_stage(self) -> Context:
         """A copy sharing the model, data and settings, with empty figures, notes and record."""

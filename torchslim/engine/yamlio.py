@@ -64,6 +64,7 @@ def parse_yaml(text: str, source: str = "<string>") -> Document:
         if node is None:
             raise RecipeError(f"{source}: the file is empty; expected a mapping of recipe fields")
         _check_expansion(node, source)
+        _check_duplicates(node, source)
         data = loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
         raise RecipeError(_yaml_message(exc, source)) from None
@@ -108,6 +109,38 @@ def _check_expansion(root: yaml.Node, source: str) -> None:
             f"{source}:{mark.line + 1}:{mark.column + 1}: the document expands to more than "
             f"{MAX_EXPANDED_NODES} values through anchors and aliases; refusing to load it"
         )
+
+
+def _check_duplicates(root: yaml.Node, source: str) -> None:
+    # PyYAML keeps the last of two equal keys in silence: a second "stages:" would drop the first list.
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:  # aliases share nodes; each is checked once
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            _duplicate_keys(node, source)
+            stack.extend(child for pair in node.value for child in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+
+
+def _duplicate_keys(node: yaml.MappingNode, source: str) -> None:
+    first: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        # A merge key (<<) may repeat, and keys it brings in may be overridden: YAML allows both.
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = _scalar_key(key_node)
+        if key in first:
+            was = first[key].start_mark
+            mark = key_node.start_mark
+            raise RecipeError(f"{source}:{mark.line + 1}:{mark.column + 1}: duplicate key '{key_node.value}' "
+                              f"(first at {source}:{was.line + 1}:{was.column + 1}); a mapping holds each key once, "
+                              "and YAML would keep only the last")
+        first[key] = key_node
 
 
 def _record(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], Position]) -> None:

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ..engine.specs import weights_will_load
+
 PIXELS = 64
 CLASSES = 10
 
@@ -30,21 +32,24 @@ def load_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     return values[:, :PIXELS].float() / 16.0, values[:, PIXELS]
 
 
-def split(eval_fraction: float = 0.2, seed: int = 0) -> dict[str, TensorDataset]:
-    """A fixed shuffled split into ``train`` and ``eval`` datasets."""
+def split(eval_fraction: float = 0.2, seed: int = 0, validation_fraction: float = 0.0) -> dict[str, TensorDataset]:
+    """A fixed shuffled split into ``train`` and ``eval`` datasets, and ``validation`` (taken from what
+    would be train: the eval split stays the same) when ``validation_fraction`` > 0."""
     images, labels = load_tensors()
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     cut = int(len(labels) * (1 - eval_fraction))
-    train, held_out = order[:cut], order[cut:]
-    return {
-        "train": TensorDataset(images[train], labels[train]),
-        "eval": TensorDataset(images[held_out], labels[held_out]),
-    }
+    valid = int(len(labels) * validation_fraction)
+    parts = {"train": order[valid:cut], "eval": order[cut:]}
+    if valid:
+        parts["validation"] = order[:valid]
+    return {name: TensorDataset(images[index], labels[index]) for name, index in parts.items()}
 
 
-def loaders(batch_size: int = 64, eval_fraction: float = 0.2, seed: int = 0, image: bool = False) -> dict[str, DataLoader]:
-    """Train, calibration and eval loaders; ``image=True`` shapes inputs as N x 1 x 8 x 8 for CNNs."""
-    parts = split(eval_fraction, seed)
+def loaders(batch_size: int = 64, eval_fraction: float = 0.2, seed: int = 0, image: bool = False,
+            validation_fraction: float = 0.0) -> dict[str, DataLoader]:
+    """Train, calibration and eval loaders, and a validation loader when ``validation_fraction`` > 0
+    (held out of the train split); ``image=True`` shapes inputs as N x 1 x 8 x 8 for CNNs."""
+    parts = split(eval_fraction, seed, validation_fraction)
     if image:
         parts = {k: TensorDataset(d.tensors[0].view(-1, 1, 8, 8), d.tensors[1]) for k, d in parts.items()}
     shuffle = torch.Generator().manual_seed(seed)
@@ -52,6 +57,7 @@ def loaders(batch_size: int = 64, eval_fraction: float = 0.2, seed: int = 0, ima
         "train": DataLoader(parts["train"], batch_size=batch_size, shuffle=True, generator=shuffle),
         "calibration": DataLoader(parts["train"], batch_size=batch_size),
         "eval": DataLoader(parts["eval"], batch_size=256),
+        **({"validation": DataLoader(parts["validation"], batch_size=256)} if "validation" in parts else {}),
     }
 
 
@@ -59,7 +65,8 @@ def mlp(hidden: int = 256, depth: int = 2, train_epochs: int = 0, seed: int = 0)
     """A ``64 -> hidden (x depth) -> 10`` ReLU network, trained for ``train_epochs`` on the train split.
 
     Training here (deterministic under ``seed``, about a second) keeps the quickstart free of
-    binary checkpoints; pass ``train_epochs=0`` for an untrained network.
+    binary checkpoints; pass ``train_epochs=0`` for an untrained network. No training happens when
+    torchslim loads saved weights over the model (:func:`torchslim.weights_will_load`).
     """
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
@@ -68,7 +75,7 @@ def mlp(hidden: int = 256, depth: int = 2, train_epochs: int = 0, seed: int = 0)
         layers += [nn.Linear(width, hidden), nn.ReLU()]
         width = hidden
     model = nn.Sequential(*layers, nn.Linear(width, CLASSES))
-    if train_epochs:
+    if _should_train(train_epochs):
         fit(model, loaders(seed=seed)["train"], train_epochs)
     return model.eval()
 
@@ -81,7 +88,7 @@ def cnn(channels: int = 8, train_epochs: int = 0, seed: int = 0) -> nn.Sequentia
         nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * channels, CLASSES),
     )
-    if train_epochs:
+    if _should_train(train_epochs):
         fit(model, loaders(seed=seed, image=True)["train"], train_epochs)
     return model.eval()
 
@@ -127,9 +134,14 @@ def resnet(width: int = 32, blocks: int = 2, train_epochs: int = 0, seed: int = 
     """A residual CNN (see :class:`ResNet`), trained for ``train_epochs`` on the train split (use ``loaders(image=True)``)."""
     torch.manual_seed(seed)
     model = ResNet(width, blocks)
-    if train_epochs:
+    if _should_train(train_epochs):
         fit(model, loaders(seed=seed, image=True)["train"], train_epochs)
     return model.eval()
+
+
+def _should_train(epochs: int) -> bool:
+    # Training is wasted when every weight is about to be replaced by saved ones (load_model, resume).
+    return epochs > 0 and not weights_will_load()
 
 
 def fit(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 1e-3) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from ..engine.errors import StageError
 
 
 def layer_type(name: str) -> type[nn.Module]:
@@ -29,13 +32,41 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
 def select_layers(
     model: nn.Module, types: Sequence[str], exclude: Sequence[str] = ()
 ) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every layer of one of ``types`` whose name matches no ``exclude`` pattern."""
+    """``(name, module)`` of every layer of one of ``types`` (or of a user's subclass of one) whose
+    name matches no ``exclude`` pattern."""
     wanted = tuple(layer_type(t) for t in types)
     return [
         (name, module)
         for name, module in model.named_modules()
-        if type(module) in wanted and not matches(name, exclude)
+        if is_layer_of(module, wanted) and not matches(name, exclude)
     ]
+
+
+def is_layer_of(module: nn.Module, types: tuple[type[nn.Module], ...]) -> bool:
+    """Whether ``module`` is one of ``types`` or a subclass of one defined outside torch (``class Head(nn.Linear)``).
+
+    torch's (and torchao's) own subclasses are other layers, not the user's: QAT and reference layers, and the
+    ``NonDynamicallyQuantizableLinear`` inside MultiheadAttention, which torch will not quantize.
+    """
+    kind = type(module)
+    return kind in types or (issubclass(kind, types) and not kind.__module__.startswith(("torch.", "torchao.")))
+
+
+def check_patterns(model: nn.Module, patterns: Sequence[str], option: str, stage: str) -> None:
+    """StageError (naming ``stage`` and ``option``) for the first name pattern that matches no module of
+    ``model``, with the close names; a pattern that matches nothing is almost always a typo."""
+    names = [name for name, _ in model.named_modules() if name]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise StageError(stage, f"{option}: pattern '{pattern}' matches no layer of the model; {_nearby(pattern, names)}")
+
+
+def _nearby(pattern: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
+    if close:
+        return "close names: " + ", ".join(close)
+    shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    return f"the layers are named like: {shown or 'none (the model has no submodules)'}"
 
 
 def layer_census(model: nn.Module) -> str:

@@ -1,4 +1,5 @@
-"""The only module that uses ``torch.ao.quantization``: dynamic quantization and FX graph-mode static PTQ.
+"""The only module that uses ``torch.ao.quantization``: dynamic quantization and static PTQ (FX graph
+mode, or eager mode layer by layer where FX fails).
 
 torch 2.13 marks ``torch.ao.quantization`` as deprecated (its successor is torchao); keeping
 every call here means one file to replace when it goes. Callers wrap these functions in
@@ -7,13 +8,16 @@ every call here means one file to replace when it goes. Callers wrap these funct
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._layers import matches
 from ._quant_base import (
     STATIC_TYPES,
     BackendError,
@@ -56,63 +60,187 @@ def _dynamic_qconfig(dtype: str, per_channel: bool) -> Any:
     return per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
 
 
-class FxBackend:
-    """Static int8 through FX graph mode (``prepare_fx`` / ``convert_fx``): needs no QuantStubs.
+class FxFailed(BackendError):
+    """FX graph mode could not quantize the model (tracing, calibration or the converted forward failed)."""
 
-    Conv/Linear are fused with their BatchNorm and ReLU neighbours by ``prepare_fx``; the
-    ``x86`` qconfig quantizes weights per output channel, ``qnnpack`` per tensor.
+
+class FxBackend:
+    """Static int8 through FX graph mode (``prepare_fx`` / ``convert_fx``), or layer by layer in eager
+    mode for a model FX cannot trace or whose converted graph does not run.
+
+    In FX mode Conv/Linear are fused with their BatchNorm and ReLU neighbours; the ``x86`` qconfig
+    quantizes weights per output channel, ``qnnpack`` per tensor.
     """
 
     def quantize(self, model: nn.Module, example: torch.Tensor, batches: Iterable[torch.Tensor],
                  options: StaticOptions) -> Quantized:
-        """Trace, fuse, insert observers, run the calibration batches, convert to int8 modules."""
+        """Trace, fuse, insert observers, run the calibration batches, convert to int8 modules; in eager
+        mode (with a note that says why) if FX fails. ``batches`` must be iterable twice."""
         before = module_types(model)
         example = example[:1]
-        prepared = self._prepare(copy.deepcopy(model), example, options)
-        with torch.no_grad():
-            seen = 0
-            for inputs in batches:
-                prepared(inputs)
-                seen += 1
-        if not seen:
-            raise BackendError("calibration: the calibration data yielded no batch")
-        converted = self._convert(prepared)
-        record = {"example_shape": list(example.shape), "example_dtype": str(example.dtype).removeprefix("torch.")}
+        record: dict[str, Any] = {"example_shape": list(example.shape),
+                                  "example_dtype": str(example.dtype).removeprefix("torch.")}
+        try:
+            converted = self._fx(copy.deepcopy(model), example, batches, options)
+        except FxFailed as exc:
+            converted = self._eager(copy.deepcopy(model), batches, options, exc)
+            record["mode"] = "eager"
+            census = take_census(before, converted, lambda m: isinstance(m, Int8Layer))
+            return Quantized(converted, record, census, [_eager_note(exc)])
         return Quantized(converted, record, take_census(before, converted, is_torch_quantized))
 
     def restore(self, model: nn.Module, options: StaticOptions, record: Mapping[str, Any]) -> nn.Module:
-        """Redo tracing, fusion and conversion without calibration: the saved state dict holds
-        every scale and zero point (modules' and the graph's own quantize nodes')."""
+        """Redo tracing (or wrapping), fusion and conversion without calibration: the saved state dict
+        holds every scale and zero point (modules' and the graph's own quantize nodes')."""
+        if record.get("mode") == "eager":
+            return _eager_convert(_eager_prepare(model, options))
         example = torch.zeros(record["example_shape"], dtype=getattr(torch, record["example_dtype"]))
         return self._convert(self._prepare(model, example, options))
 
+    def _fx(self, model: nn.Module, example: torch.Tensor, batches: Iterable[torch.Tensor],
+            options: StaticOptions) -> nn.Module:
+        prepared = self._prepare(model, example, options)
+        try:
+            # A failing GraphModule prints its generated code to stderr before raising; the failure
+            # is reported once, in the eager fallback's note or in the stage's error.
+            with contextlib.redirect_stderr(io.StringIO()):
+                _calibrate(prepared, batches)
+                converted = self._convert(prepared)
+                with torch.no_grad():
+                    converted(example)  # a converted graph can fail where the float one ran
+        except BackendError:
+            raise
+        except Exception as exc:  # the user's forward, replayed as a graph, can fail in any way
+            raise FxFailed(f"torch.fx's quantized graph failed ({type(exc).__name__}: {_first_line(exc)})") from exc
+        return converted
+
+    def _eager(self, model: nn.Module, batches: Iterable[torch.Tensor], options: StaticOptions,
+               fx_error: FxFailed) -> nn.Module:
+        try:
+            prepared = _eager_prepare(model, options)
+            _calibrate(prepared, batches)
+            return _eager_convert(prepared)
+        except BackendError:
+            raise
+        except Exception as exc:  # as in _fx: the user's forward
+            raise BackendError(f"{fx_error}; eager mode, layer by layer, failed too "
+                               f"({type(exc).__name__}: {_first_line(exc)})") from exc
+
     def _prepare(self, model: nn.Module, example: torch.Tensor, options: StaticOptions) -> nn.Module:
+        from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
         from torch.ao.quantization.quantize_fx import prepare_fx
 
         select_engine(options.backend)
+        # Tracing into a subclass layer left float would quantize its functional ops (see _qconfig_mapping).
+        custom = PrepareCustomConfig().set_non_traceable_module_names(list(options.keep_float))
         try:
-            prepared: nn.Module = prepare_fx(model.eval(), _qconfig_mapping(model, options), (example,))
+            prepared: nn.Module = prepare_fx(model.eval(), _qconfig_mapping(model, options), (example,), custom)
         except Exception as exc:  # symbolic tracing raises TraceError, TypeError, NotImplementedError...
-            raise BackendError(f"torch.fx could not trace the model ({type(exc).__name__}: {_first_line(exc)}); "
-                               "static quantization needs a forward without Python control flow on tensor values; "
-                               "use method dynamic, or make the forward traceable") from exc
+            raise FxFailed(f"torch.fx could not trace the model ({type(exc).__name__}: {_first_line(exc)})") from exc
         return prepared
 
     def _convert(self, prepared: nn.Module) -> nn.Module:
         from torch.ao.quantization.quantize_fx import convert_fx
 
-        converted: nn.Module = convert_fx(prepared)  # type: ignore[arg-type]
+        converted: torch.fx.GraphModule = convert_fx(prepared)  # type: ignore[arg-type]
+        _reshape_views(converted)
         return converted.eval()
 
 
+def _calibrate(prepared: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Run the calibration batches through the observers; BackendError if there is none."""
+    seen = 0
+    with torch.no_grad():
+        for inputs in batches:
+            prepared(inputs)
+            seen += 1
+    if not seen:
+        raise BackendError("calibration: the calibration data yielded no batch")
+
+
+def _reshape_views(graph: torch.fx.GraphModule) -> None:
+    """Turn the graph's ``x.view(shape)`` calls into ``x.reshape(shape)``.
+
+    int8 convolutions hand back channels-last tensors, on which the ``x.view(x.size(0), -1)`` that
+    follows so many CNNs' last pooling fails; ``reshape`` is the same view where one exists and a
+    copy where not. Views to another dtype have no reshape and are left alone.
+    """
+    changed = False
+    for node in graph.graph.nodes:
+        if node.op == "call_method" and node.target == "view" and not _dtype_view(node):
+            node.target = "reshape"
+            changed = True
+    if changed:
+        graph.recompile()
+
+
+def _dtype_view(node: torch.fx.Node) -> bool:
+    return any(isinstance(arg, torch.dtype) for arg in (*node.args[1:], *node.kwargs.values()))
+
+
+class Int8Layer(nn.Module):
+    """One layer quantized on its own (eager mode): its input quantized, its output dequantized."""
+
+    def __init__(self, layer: nn.Module, quant: nn.Module, dequant: nn.Module) -> None:
+        super().__init__()
+        self.quant = quant
+        self.layer = layer
+        self.dequant = dequant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output, float and contiguous as the float layer's was."""
+        out: torch.Tensor = self.dequant(self.layer(self.quant(x)))
+        # int8 convolutions hand back channels-last tensors; the user's forward may .view() the output.
+        return out.contiguous()
+
+
+def _eager_prepare(model: nn.Module, options: StaticOptions) -> nn.Module:
+    """Wrap each layer to quantize in an :class:`Int8Layer` and insert observers (eager mode)."""
+    from torch.ao.quantization import DeQuantStub, QuantStub, get_default_qconfig, prepare
+
+    select_engine(options.backend)
+    qconfig = get_default_qconfig(options.backend)
+    wanted = tuple(getattr(nn, name) for name in options.modules)
+    skipped = (*options.exclude, *options.keep_float)
+    names = [name for name, m in model.named_modules() if name and type(m) in wanted and not matches(name, skipped)]
+    for name in names:
+        wrapper = Int8Layer(model.get_submodule(name), QuantStub(qconfig), DeQuantStub(qconfig))
+        wrapper.qconfig = qconfig  # only the wrappers' layers are quantized: the rest has no qconfig
+        _replace(model, name, wrapper)
+    prepared: nn.Module = prepare(model.eval(), inplace=True)
+    return prepared
+
+
+def _eager_convert(prepared: nn.Module) -> nn.Module:
+    from torch.ao.quantization import convert
+
+    converted: nn.Module = convert(prepared, inplace=True)
+    return converted.eval()
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def _eager_note(why: FxFailed) -> str:
+    return (f"{why}, so it was quantized in eager mode, layer by layer: each int8 layer quantizes its input and "
+            "dequantizes its output (no fusion with BatchNorm/ReLU, float between layers), slower than a traced int8 graph")
+
+
 def _qconfig_mapping(model: nn.Module, options: StaticOptions) -> Any:
+    import torch.nn.functional as F
     from torch.ao.quantization import get_default_qconfig_mapping
 
     mapping = get_default_qconfig_mapping(options.backend)
     for name in STATIC_TYPES:
         if name not in options.modules:
             mapping.set_object_type(getattr(nn, name), None)
-    for name in excluded_names(model, options.exclude):
+    # A functional linear/conv's int8 weights become a packed ScriptObject attribute of the graph,
+    # which a weights_only state dict cannot hold: the saved model could not be loaded again.
+    for function in (F.linear, F.conv1d, F.conv2d, F.conv3d):
+        mapping.set_object_type(function, None)
+    for name in [*excluded_names(model, options.exclude), *options.keep_float]:
         mapping.set_module_name(name, None)
     return mapping
 

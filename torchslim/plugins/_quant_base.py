@@ -36,15 +36,20 @@ class StaticOptions:
     backend: str
     modules: tuple[str, ...]
     exclude: tuple[str, ...]
+    keep_float: tuple[str, ...] = ()
+    """Layers left float besides ``exclude``, opaque to tracing: the user's subclasses of the
+    ``modules`` types whose forward is not their base class's (see :mod:`._quant_subclass`)."""
 
 
 @dataclass
 class Quantized:
-    """A backend's result: the model, the record restore needs, and what was (not) quantized."""
+    """A backend's result: the model, the record restore needs, what was (not) quantized, and
+    notes on how (e.g. eager mode because FX could not trace the model)."""
 
     model: nn.Module
     record: dict[str, Any]
     census: Census
+    notes: list[str] = field(default_factory=list)
 
 
 class StaticBackend(Protocol):
@@ -98,6 +103,18 @@ def take_census(types_before: Mapping[str, str], model: nn.Module, is_quantized:
         elif any(p.is_floating_point() for p in module.parameters(recurse=False)):
             census.left_float[name] = type(module).__name__
     return census
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The inputs of the first ``limit`` batches of ``loader``, iterable more than once (a backend
+    that falls back from one mode to another calibrates again)."""
+
+    loader: Iterable[Any]
+    limit: int
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return batch_inputs(self.loader, self.limit)
 
 
 def excluded_names(model: nn.Module, patterns: Iterable[str]) -> list[str]:

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import copy
 import importlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..engine.macs import count_macs
+from ..engine.metrics import model_device
 from ._quant_base import BackendError, Census, Quantized, StaticOptions, excluded_names, module_types
 
 INSTALL = ("install it next to torch (torchao 0.18.0 matches torch 2.13): pip install --no-deps torchao==0.18.0; "
@@ -42,11 +44,12 @@ class TorchaoBackend:
         """Export, annotate, calibrate, convert, then compile (the first call compiles, here)."""
         pt2e = _torchao()
         before = module_types(model)
-        example = _two_rows(example)
+        device = model_device(model)  # with device: cuda the loaders' batches are still on the CPU
+        example = _two_rows(example).to(device)
         prepared = pt2e.prepare_pt2e(_export(copy.deepcopy(model), example), _quantizer(model, options))
         with torch.no_grad():
             for inputs in batches:
-                prepared(inputs)
+                prepared(inputs.to(device))
         converted = _drop_unused(pt2e.convert_pt2e(prepared))
         record = {"example_shape": list(example.shape), "example_dtype": str(example.dtype).removeprefix("torch."),
                   "activation_qparams": [list(n.args[1:3]) for n in _activation_nodes(converted)]}
@@ -158,6 +161,48 @@ class FrozenCompiled(nn.Module):
         with config.patch(freezing=True):
             return self.compiled(inputs)
 
+    @property
+    def graph_module(self) -> Any:
+        """The converted graph before compilation (its int8 weights are constants, not parameters)."""
+        return self.compiled._orig_mod
+
+    def counted_weights(self) -> Iterator[torch.Tensor]:
+        """The weights and biases of the graph's Linear and Conv ops, int8 weights dequantized: the
+        engine's counters find only the float biases among the parameters (82 of 5,122 on the digits
+        ResNet), so the graph lists them itself. BatchNorm is folded into the convs, as in backend x86."""
+        for node in _weighted_nodes(self.graph_module):
+            for arg in node.args[1:3]:
+                value = _constant(self.graph_module, arg)
+                if isinstance(value, torch.Tensor):
+                    yield value
+
+    def counted_macs(self, example: torch.Tensor) -> int | None:
+        """MACs per sample, counted by torch's FLOP counter on the graph before compilation (inductor's
+        kernels are invisible to it and to module hooks)."""
+        return count_macs(self.graph_module, _two_rows(example))
+
 
 def _compile(graph_module: nn.Module) -> nn.Module:
     return FrozenCompiled(graph_module)
+
+
+def _weighted_nodes(graph_module: Any) -> Iterator[Any]:
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and str(node.target).removeprefix("aten.").split(".")[0] in _WEIGHTED_OPS:
+            yield node
+
+
+def _constant(graph_module: Any, arg: Any) -> Any:
+    """The value of a graph argument computed from constants only (a weight, or its dequantization); None otherwise."""
+    if not isinstance(arg, torch.fx.Node):
+        return arg
+    if arg.op == "get_attr":
+        owner, _, name = str(arg.target).rpartition(".")
+        return getattr(graph_module.get_submodule(owner), name)
+    if arg.op != "call_function":
+        return None  # an input of the graph: not a weight
+    args = [_constant(graph_module, a) for a in arg.args]
+    if any(value is None for value in args):
+        return None
+    with torch.no_grad():
+        return arg.target(*args, **arg.kwargs)

@@ -46,6 +46,8 @@ class TrainPlan:
     weight_decay: float = 0.0
     schedule: Literal["constant", "cosine"] = "constant"
     """``cosine`` decays the rate to zero over the planned steps."""
+    warmup: float = 0.0
+    """Fraction of the planned steps over which the rate rises linearly from ``lr / ramp`` to ``lr``."""
     max_steps: int | None = None
     """Stop after this many optimizer steps in total."""
     grad_clip: float | None = None
@@ -60,8 +62,9 @@ class TrainPlan:
     """Evaluate after each epoch; False saves that pass (then keep is last and there is no patience)."""
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.lr <= 0:
-            raise ValueError(f"TrainPlan needs epochs >= 1 and lr > 0, not {self.epochs} and {self.lr}")
+        if self.epochs < 1 or self.lr <= 0 or not 0 <= self.warmup < 1:
+            raise ValueError(f"TrainPlan needs epochs >= 1, lr > 0 and 0 <= warmup < 1, not {self.epochs}, "
+                             f"{self.lr} and {self.warmup}")
         if not self.evaluate and (self.keep == "best" or self.patience is not None):
             raise ValueError("TrainPlan: keep best and patience choose by the eval metric, so they need evaluate")
 
@@ -122,13 +125,29 @@ def make_optimizer(plan: TrainPlan, params: list[nn.Parameter]) -> torch.optim.O
 
 
 def make_schedule(plan: TrainPlan, label: str, optimizer: torch.optim.Optimizer, total: int | None) -> Schedule | None:
-    """Cosine decay from ``lr`` to zero over ``total`` steps, or None for a constant rate."""
-    if plan.schedule == "constant":
+    """A linear warm-up over ``plan.warmup`` of ``total`` steps, then cosine decay to zero (or the
+    constant rate); None for a constant rate without warm-up."""
+    if plan.schedule == "constant" and not plan.warmup:
         return None
     if total is None:
-        raise StageError(label, "schedule: cosine needs the number of steps: the train loader has no "
-                         "length, so set max_steps")
-    return Schedule(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+        what = "schedule: cosine" if plan.schedule == "cosine" else "warmup"
+        raise StageError(label, f"{what} needs the number of steps: the train loader has no length, so set "
+                         "max_steps (or schedule: constant and warmup: 0)")
+    return Schedule(optimizer, _factor(plan, total))
+
+
+def _factor(plan: TrainPlan, total: int) -> Callable[[int], float]:
+    """The multiplier of ``lr`` at each step: the shape of the schedule."""
+    ramp = max(1, round(plan.warmup * total)) if plan.warmup else 0
+    span = max(1, total - ramp)
+
+    def factor(step: int) -> float:
+        if step < ramp:
+            return (step + 1) / ramp
+        if plan.schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(step - ramp, span) / span))
+    return factor
 
 
 def total_steps(plan: TrainPlan, per_epoch: int | None) -> int | None:
@@ -140,7 +159,8 @@ def total_steps(plan: TrainPlan, per_epoch: int | None) -> int | None:
 
 
 def fit(plan: TrainPlan, job: Job, ctx: Context | None = None) -> Outcome:
-    """Train ``job`` as ``plan`` says; after each epoch, evaluate ``job.model`` with ``ctx.evaluate``.
+    """Train ``job`` as ``plan`` says; after each epoch, score ``job.model`` with ``ctx.select_score``
+    (the validation data when there is some), which ``keep: best`` and ``patience`` choose by.
 
     Without ``ctx`` the run logs nothing and ``plan.evaluate`` must be False.
     """
@@ -231,12 +251,13 @@ def _mean(job: Job, value: float) -> float:
 
 
 def _evaluate(plan: TrainPlan, job: Job, ctx: Context | None) -> float:
-    """The eval metric, computed once on rank 0 and shared, so every process decides alike."""
+    """The metric to choose by (validation data when there is some, else eval), computed once on
+    rank 0 and shared, so every process decides alike."""
     if job.batches.shared:
         distributed.sync_buffers(job.model)  # the weights returned must agree, evaluated or not
     if not plan.evaluate or ctx is None:
         return math.nan
-    score = ctx.evaluate(job.model) if distributed.is_main() or not job.batches.shared else math.nan
+    score = ctx.select_score(job.model) if distributed.is_main() or not job.batches.shared else math.nan
     return distributed.broadcast_float(score, job.device) if job.batches.shared else score
 
 

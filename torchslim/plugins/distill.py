@@ -72,6 +72,8 @@ class DistillStage(Stage):
     """Weight decay of the optimizer."""
     schedule: Literal["constant", "cosine"] = "constant"
     """``constant`` keeps the learning rate; ``cosine`` decays it to zero over the planned steps."""
+    warmup: float = Field(default=0.0, ge=0, lt=1)
+    """Fraction of the planned steps over which the learning rate rises linearly to ``lr`` (0: none)."""
     grad_clip: float | None = Field(default=None, gt=0)
     """Clip the gradients' global L2 norm to this value (null: no clipping)."""
     temperature: float = Field(default=4.0, gt=0)
@@ -82,10 +84,12 @@ class DistillStage(Stage):
     features: list[FeaturePair] = Field(default_factory=list)
     """Feature-distillation pairs ``{student, teacher, weight, loss}``, taken by forward hooks."""
     keep: Literal["last", "best"] = "last"
-    """Weights returned: those of the last epoch, or of the epoch with the best eval metric (``best``
-    chooses on the eval data that the summary then reports, so its figure is optimistic)."""
+    """Weights returned: those of the last epoch, or of the epoch with the best metric on the
+    ``validation`` data (without validation data: on the eval data the summary then reports, so its
+    figure is optimistic; the notes say which)."""
     patience: int | None = Field(default=None, ge=1)
-    """Stop after this many epochs without a better eval metric (null: run every epoch)."""
+    """Stop after this many epochs without a better metric (on the validation data when there is
+    some, else the eval data; null: run every epoch)."""
     better: Literal["higher", "lower"] = "higher"
     """Whether a higher or a lower eval metric is better (``lower`` for a loss or an error rate)."""
 
@@ -187,10 +191,25 @@ class DistillStage(Stage):
         ctx.add_metric(f"best_{ctx.metric_name}", outcome.best_score)
         ctx.add_metric("best_epoch", outcome.best_epoch)
         ctx.add_metric("epochs_run", outcome.epochs_run)
+        self._selection_note(ctx)
         if distributed.is_main():
             kept = f"kept epoch {outcome.best_epoch}" if self.keep == "best" else "kept the last epoch"
             ctx.log.info("  %s: %d epochs, %d steps, best %s %.2f at epoch %d, %s", self.label, outcome.epochs_run,
                          outcome.steps, ctx.metric_name, outcome.best_score, outcome.best_epoch, kept)
+
+
+    def _selection_note(self, ctx: Context) -> None:
+        """Say which data chose the epoch (keep: best) or the stop (patience), and which reports."""
+        chosen = [what for what, on in (("keep: best", self.keep == "best"), ("patience", self.patience is not None)) if on]
+        if not chosen:
+            return
+        ctx.add_metric("selected_on", ctx.selection_split)
+        if ctx.validate is not None:
+            ctx.note(f"{self.label}: {' and '.join(chosen)} chose on the validation data; the summary reports the "
+                     f"eval data")
+        else:
+            ctx.note(f"{self.label}: {' and '.join(chosen)} chose on the eval data, the same data the summary "
+                     f"reports (an optimistic figure); a 'validation' loader from the data factory separates them")
 
 
 def _tap(stage: DistillStage, model: nn.Module, owner: Literal["student", "teacher"]) -> Taps:

@@ -44,6 +44,10 @@ class PruneStage(Stage):
     """Epochs of cross-entropy fine-tuning on the train data between steps (needs ``steps`` >= 2)."""
     finetune_lr: float | None = Field(default=None, gt=0)
     """Adam learning rate of the fine-tuning between steps (default 0.001; only with ``finetune_epochs``)."""
+    recalibrate_bn: bool = True
+    """After the last step, re-estimate the BatchNorm running statistics on the calibration data: the
+    pruned layers no longer produce the statistics the norms stored, and stale ones alone can leave a
+    pruned model near chance (false: keep the stored statistics)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -72,8 +76,12 @@ class PruneStage(Stage):
         return problems
 
     def _finetune(self, model: nn.Module, ctx: Context, step: int) -> None:
-        """Fine-tune after ``step`` unless it is the last, keeping every zero of the model at zero."""
-        if step == self.steps or self.finetune_epochs is None:
+        """Fine-tune after ``step`` unless it is the last, keeping every zero of the model at zero;
+        after the last, re-estimate the BatchNorm statistics (``recalibrate_bn``)."""
+        if step == self.steps:
+            self._recalibrate(model, ctx)
+            return
+        if self.finetune_epochs is None:
             return
         from .._masks import ZeroMasks
         from .._train import finetune
@@ -85,3 +93,16 @@ class PruneStage(Stage):
         ctx.log.info("  prune step %d/%d: fine-tuned, loss %.4f, %s %.2f", step, self.steps, loss,
                      ctx.metric_name, ctx.evaluate(model))
         ctx.add_metric("finetune_loss", loss)
+
+    def _recalibrate(self, model: nn.Module, ctx: Context) -> None:
+        """Re-estimate the BatchNorm statistics on the calibration data, and say so in the notes."""
+        from .._norms import recalibrate, tracking_norms
+
+        norms = len(tracking_norms(model))
+        if not self.recalibrate_bn or norms == 0:
+            return
+        used = recalibrate(model, ctx.data["calibration"])
+        ctx.add_metric("recalibrated_norms", norms if used else 0)
+        if used:
+            ctx.note(f"{self.label}: BatchNorm statistics of {norms} layers re-estimated on {used} calibration "
+                     f"batches after pruning (recalibrate_bn: false keeps the stored ones)")

@@ -10,6 +10,7 @@ from torch import nn
 
 from ...engine.errors import StageError
 from ...engine.stage import Context
+from .._layers import check_patterns
 from .._shapes import changes, replay, snapshot
 from .base import Fraction, PruneStage
 
@@ -54,6 +55,7 @@ class StructuredPrune(PruneStage):
 
     def _remove_channels(self, model: nn.Module, ctx: Context) -> ChannelState:
         _need_torch_pruning(self.label)
+        check_patterns(model, self.exclude, "exclude", self.label)
         from .._structured import ChannelOptions, ChannelState, prune_step
 
         options = ChannelOptions(scope=self.scope, norm=1 if self.importance == "l1" else 2, round_to=self.round_to,

@@ -10,7 +10,7 @@ from torch import nn
 
 from ...engine.errors import StageError
 from ...engine.stage import Context
-from .._layers import has_weight, layer_census, layer_type, select_layers, weight_of
+from .._layers import check_patterns, has_weight, layer_census, layer_type, select_layers, weight_of
 from .base import PruneStage
 
 
@@ -51,6 +51,7 @@ class ZeroingPrune(PruneStage):
 
     def _chosen(self, model: nn.Module) -> tuple[Layers, list[str]]:
         """The layers to prune, and the names of chosen layers left alone (none here)."""
+        check_patterns(model, self.exclude, "exclude", self.label)
         chosen = {name: layer for name, layer in select_layers(model, self.modules, self.exclude) if has_weight(layer)}
         if not chosen:
             raise StageError(self.label, f"modules {self.modules} (minus exclude {self.exclude}) matched no layer "

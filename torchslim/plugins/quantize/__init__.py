@@ -11,11 +11,17 @@ half precision). A new method is a module with a subclass of :class:`QuantizeSta
 from __future__ import annotations
 
 from .base import LayerQuantize, QuantizeStage
+from .binary import BinaryQuantize
 from .dynamic import DynamicQuantize
+from .float8 import Float8Quantize
 from .half import HalfQuantize
+from .kbit import KbitQuantize
 from .static import StaticQuantize
+from .ternary import TernaryQuantize
 from .weight_only import WeightOnlyQuantize
 
-QuantizeStage.methods = (DynamicQuantize, StaticQuantize, WeightOnlyQuantize, HalfQuantize)
+QuantizeStage.methods = (DynamicQuantize, StaticQuantize, WeightOnlyQuantize, HalfQuantize,
+                         BinaryQuantize, TernaryQuantize, KbitQuantize, Float8Quantize)
 
-__all__ = ["DynamicQuantize", "HalfQuantize", "LayerQuantize", "QuantizeStage", "StaticQuantize", "WeightOnlyQuantize"]
+__all__ = ["BinaryQuantize", "DynamicQuantize", "Float8Quantize", "HalfQuantize", "KbitQuantize", "LayerQuantize",
+           "QuantizeStage", "StaticQuantize", "TernaryQuantize", "WeightOnlyQuantize"]

@@ -8,16 +8,19 @@ A method class supplies the quantization itself, its restore, and the words of i
 
 from __future__ import annotations
 
+import re
 from abc import abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
+import torch
 from pydantic import Field, field_validator
 from torch import nn
 
 from ...engine.errors import StageError
+from ...engine.metrics import model_device
 from ...engine.stage import Context, Stage
-from .._layers import layer_census, layer_type, select_layers
+from .._layers import check_patterns, layer_census, layer_type, select_layers
 from .._quant_base import BackendError, Quantized, TorchWarnings, torch_warnings
 
 
@@ -39,6 +42,7 @@ class QuantizeStage(Stage):
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         """Return a quantized copy of ``model``; StageError if no layer was quantized."""
+        model = self._on_cpu_if_needed(model, ctx)
         self._check_targets(model)
         with torch_warnings() as seen:
             try:
@@ -88,10 +92,23 @@ class QuantizeStage(Stage):
         """How a backend's error names the stage's method: ``method static, backend x86``."""
         return f"method {self.method}"
 
+    def _cpu_only(self) -> bool:
+        """True for a method whose quantized layers run on the CPU only (its caveats carry :func:`cpu_only_note`)."""
+        return cpu_only_note(self.method) in self._caveats()
+
+    def _on_cpu_if_needed(self, model: nn.Module, ctx: Context) -> nn.Module:
+        """The model, moved to the CPU first (with a note) when this method runs on the CPU only and
+        the model is elsewhere (``device: cuda``): its calibration batches and kernels are CPU ones."""
+        device = model_device(model)
+        if device.type == "cpu" or not self._cpu_only():
+            return model
+        ctx.note(f"{self.label}: moved the model from {device} to the CPU before quantizing: {self.method} "
+                 f"quantization runs on the CPU only, so this row and every later one are measured on the CPU")
+        return model.to("cpu")
+
     def _report_warnings(self, seen: TorchWarnings, ctx: Context) -> None:
         if seen.deprecations:
-            ctx.note(f"torch warned (shown once): {seen.deprecations[0].strip()} torchslim keeps torch.ao.quantization "
-                     "in one backend module; static quantization can use torchao instead (backend: torchao)")
+            ctx.note(deprecation_note(seen.deprecations[0]))
         for text in seen.others:
             ctx.log.debug("%s: torch warned: %s", self.label, text)
 
@@ -129,9 +146,34 @@ class LayerQuantize(QuantizeStage):
         return select_layers(model, self.modules, self.exclude)
 
     def _check_targets(self, model: nn.Module) -> None:
+        check_patterns(model, self.exclude, "exclude", self.label)
         if not self._targets(model):
             minus = f" minus exclude {self.exclude}" if self.exclude else ""
             raise StageError(self.label, f"modules {self.modules}{minus} matched no layer; the model has: {layer_census(model)}")
+
+
+_REMOVAL = re.compile(r"\s*,?\s*(?:and )?(?:it )?will be removed in (?:torch |PyTorch |version )?(\d+)\.(\d+)\b\.?")
+
+
+def deprecation_note(text: str, version: str = torch.__version__) -> str:
+    """torch's deprecation warning as a note that is true for the installed torch.
+
+    torch 2.13 still says "torch.ao.quantization is deprecated and will be removed in 2.10": a
+    removal release already reached is not repeated as a future event; the note says what holds
+    (deprecated, still present in this version).
+    """
+    text = " ".join(text.split())
+    found = _REMOVAL.search(text)
+    installed = tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:2])
+    if found and installed >= (int(found[1]), int(found[2])):
+        removal = f"{found[1]}.{found[2]}"
+        text = (f"{text[:found.start()].rstrip(' .')} (its warning says it will be removed in {removal}, yet torch "
+                f"{version.split('+')[0]} still has it){text[found.end():].rstrip()}")
+    note = f"torch warned (shown once): {text.rstrip('.')}"
+    if "torch.ao.quantization" in text:
+        note += ("; torchslim keeps torch.ao.quantization in one backend module; static quantization can use "
+                 "torchao instead (backend: torchao)")
+    return note
 
 
 def cpu_only_note(method: str) -> str:

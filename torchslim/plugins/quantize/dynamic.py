@@ -10,7 +10,9 @@ from torch import nn
 
 from ...engine.errors import StageError
 from ...engine.stage import Context, option_errors
+from .._layers import layer_type
 from .._quant_base import BackendError, Quantized, batch_inputs, is_torch_quantized, module_types, take_census
+from .._quant_subclass import as_base_layers, swap_to_base
 from .base import LayerQuantize, cpu_only_note, engine_note
 
 #: Layer types torch's dynamic quantization really converts. It accepts others (Conv2d)
@@ -61,14 +63,19 @@ class DynamicQuantize(LayerQuantize):
         return self
 
     def _quantize(self, model: nn.Module, ctx: Context) -> Quantized:
-        before = module_types(model)
-        sensitive = self._most_sensitive(model, ctx) if self.skip_sensitive else []
-        quantized = self._convert(model, sensitive)
-        record = {"sensitive": sensitive} if sensitive else {}
+        base = as_base_layers(model, self.modules, self.exclude, ctx.example_inputs)
+        before = module_types(base.model)
+        sensitive = self._most_sensitive(base.model, ctx) if self.skip_sensitive else []
+        quantized = self._convert(base.model, sensitive)
+        record: dict[str, Any] = {"sensitive": sensitive} if sensitive else {}
+        if base.swapped:
+            record["as_base_class"] = list(base.swapped)
+        for note in base.notes():
+            ctx.note(f"{self.label}: {note}")
         return Quantized(quantized, record, take_census(before, quantized, is_torch_quantized))
 
     def _restore(self, model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
-        return self._convert(model, record.get("sensitive", []))
+        return self._convert(swap_to_base(model, record.get("as_base_class", [])), record.get("sensitive", []))
 
     def _convert(self, model: nn.Module, also_float: list[str] | None = None) -> nn.Module:
         """Dynamic quantization of ``model`` (a copy; the input is left as it was), leaving the
@@ -97,7 +104,7 @@ class DynamicQuantize(LayerQuantize):
         """The ``skip_sensitive`` layers whose int8 version alone changes the output most (noted with their errors)."""
         from .._sensitivity import rank_layers, ranking_note
 
-        names = [name for name, _ in self._targets(model)]
+        names = list(self._convertible(model))
         count = self.skip_sensitive or 0
         if count >= len(names):
             raise StageError(self.label, f"skip_sensitive {count} would leave all {len(names)} candidate layers float")
@@ -115,9 +122,16 @@ class DynamicQuantize(LayerQuantize):
 
         return quantize_dynamic_layer(model, name, self.dtype, self._per_channel)
 
+    def _convertible(self, model: nn.Module) -> list[str]:
+        """The targets torch converts: of exactly the ``modules`` types (a subclass left float is not)."""
+        exact = tuple(layer_type(name) for name in self.modules)
+        return [name for name, layer in self._targets(model) if type(layer) in exact]
+
     def _check_result(self, model: nn.Module, result: Quantized) -> None:
         # torch skips some layers silently (a type it has no kernel for): never report them as done.
-        wanted = {name for name, _ in self._targets(model)} - set(result.record.get("sensitive", []))
+        # The subclass layers turned into their base class count; those left float are in a note.
+        wanted = {*self._convertible(model), *result.record.get("as_base_class", [])}
+        wanted -= set(result.record.get("sensitive", []))
         stayed = [name for name in result.census.left_float if name in wanted]
         if stayed:
             raise StageError(self.label, f"these layers stayed float: {', '.join(stayed)}")

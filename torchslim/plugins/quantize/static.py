@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field
@@ -10,7 +10,8 @@ from torch import nn
 
 from ...engine.errors import StageError
 from ...engine.stage import Context
-from .._quant_base import STATIC_TYPES, BackendError, Quantized, StaticBackend, StaticOptions, batch_inputs
+from .._quant_base import STATIC_TYPES, BackendError, Calibration, Quantized, StaticBackend, StaticOptions
+from .._quant_subclass import as_base_layers, swap_to_base
 from .base import LayerQuantize, cpu_only_note, engine_note
 
 
@@ -19,7 +20,9 @@ class StaticQuantize(LayerQuantize):
     calibrated on the calibration data.
 
     Conv and Linear layers are fused with their BatchNorm and ReLU neighbours; between int8
-    layers the activations stay int8, so whole convolutional networks run int8 kernels.
+    layers the activations stay int8, so whole convolutional networks run int8 kernels. A model
+    torch.fx cannot trace is quantized layer by layer in eager mode instead (a note says so), and
+    the user's subclasses of these layers are quantized as their base class.
     """
 
     supported: ClassVar[tuple[str, ...]] = STATIC_TYPES
@@ -38,17 +41,36 @@ class StaticQuantize(LayerQuantize):
     """Batches of the calibration data run through the observers."""
 
     def _quantize(self, model: nn.Module, ctx: Context) -> Quantized:
-        batches = batch_inputs(ctx.data["calibration"], self.calibration_batches)
-        return self._backend().quantize(model, ctx.example_inputs, batches, self._options())
+        base = as_base_layers(model, self.modules, self.exclude, ctx.example_inputs)
+        batches = Calibration(ctx.data["calibration"], self.calibration_batches)
+        result = self._backend().quantize(base.model, ctx.example_inputs, batches, self._options(base.kept))
+        subclasses = {"as_base_class": list(base.swapped), "left_float_subclasses": list(base.kept)}
+        result.record.update({key: names for key, names in subclasses.items() if names})
+        for note in [*base.notes(), *result.notes]:
+            ctx.note(f"{self.label}: {note}")
+        return result
 
     def _restore(self, model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
+        model = swap_to_base(model, record.get("as_base_class", []))
         try:
-            return self._backend().restore(model, self._options(), record)
+            return self._backend().restore(model, self._options(record.get("left_float_subclasses", [])), record)
         except BackendError as exc:
             raise StageError(self.label, f"{self._where()}: cannot rebuild the saved model: {exc}") from exc
 
-    def _options(self) -> StaticOptions:
-        return StaticOptions(self.backend, tuple(self.modules), tuple(self.exclude))
+    def _options(self, keep_float: Iterable[str] = ()) -> StaticOptions:
+        return StaticOptions(self.backend, tuple(self.modules), tuple(self.exclude), tuple(keep_float))
+
+    def check_environment(self) -> None:
+        """Import the optional backend (torchao) now, as ``torchslim validate`` asks, not when the stage starts."""
+        if self.backend == "torchao":
+            import importlib
+
+            from .._quant_torchao import INSTALL
+
+            try:
+                importlib.import_module("torchao.quantization.pt2e.quantize_pt2e")
+            except ImportError as exc:
+                raise StageError(self.label, f"{self._where()}: torchao does not import ({exc}); {INSTALL}") from None
 
     def _backend(self) -> StaticBackend:
         if self.backend == "torchao":

@@ -1,0 +1,181 @@
+"""Zeros are an invariant: every built-in stage that trains keeps what an earlier prune removed.
+
+Each training path runs after a prune; every weight that was exactly zero when it began is still
+zero, no layer's zero count fell, and no removed channel came back (every shape is the same).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import torchslim
+from torchslim import Registry
+from torchslim.engine.stage import Context, Stage
+from torchslim.examples import digits
+from torchslim.plugins.distill import DistillStage, FeaturePair
+from torchslim.plugins.prune import MagnitudePrune, NMPrune, PruneStage, StructuredPrune, WandaPrune
+
+from .conftest import make_ctx
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread: the tiny models train faster so on a shared 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight (parameter of two or more dimensions) by name, detached copies."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.dim() > 1}
+
+
+def assert_zeros_kept(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
+    """Same layers and shapes; every zero of ``before`` still zero; no layer's zero count fell."""
+    assert {k: v.shape for k, v in after.items()} == {k: v.shape for k, v in before.items()}
+    for name, old in before.items():
+        regrown = int(((old == 0) & (after[name] != 0)).sum())
+        assert regrown == 0, f"{name}: {regrown} pruned weights moved away from zero"
+        assert int((after[name] == 0).sum()) >= int((old == 0).sum()), name
+
+
+def resnet() -> nn.Module:
+    """A small residual CNN with BatchNorm, briefly trained: shortcuts, norms, a classifier."""
+    return digits.resnet(width=8, blocks=1, train_epochs=1)
+
+
+#: Prunes that leave zeros (or fewer channels) for the training paths below to keep.
+PRUNES: dict[str, Callable[[], Stage]] = {
+    "magnitude": lambda: MagnitudePrune(amount=0.8, scope="layer"),
+    "structured+magnitude": lambda: MagnitudePrune(amount=0.6),  # after a structured prune: see setup
+}
+
+#: Training paths that begin after the prune: the distill stage in its forms, and every prune
+#: method's fine-tuning between steps (which must keep the earlier prune's zeros too).
+TRAINING: dict[str, Callable[[], Stage]] = {
+    "distill-defaults": lambda: DistillStage(epochs=1, max_steps=6),
+    "distill-sgd-decay-best": lambda: DistillStage(epochs=2, max_steps=6, optimizer="sgd", lr=0.1, weight_decay=0.01,
+                                                   keep="best"),
+    "distill-adamw-previous": lambda: DistillStage(epochs=1, max_steps=6, optimizer="adamw", weight_decay=0.1,
+                                                   teacher="previous"),
+    "distill-features": lambda: DistillStage(epochs=1, max_steps=6, features=[FeaturePair(student="stage1",
+                                                                                          teacher="stage1")]),
+    "distill-labels-only": lambda: DistillStage(epochs=1, max_steps=6, alpha=0.0, lr=0.05),
+    "magnitude-finetune": lambda: MagnitudePrune(amount=0.3, steps=2, finetune_epochs=1, finetune_lr=0.01),
+    "nm-finetune": lambda: NMPrune(steps=2, finetune_epochs=1, finetune_lr=0.01),
+    "structured-finetune": lambda: StructuredPrune(amount=0.3, steps=2, finetune_epochs=1, finetune_lr=0.01),
+}
+
+
+def pruned(kind: str, images: dict) -> tuple[nn.Module, Context]:
+    """The small resnet after ``kind`` of prune, and its context."""
+    model = resnet()
+    ctx = make_ctx(model, images)
+    if kind == "structured+magnitude":
+        model = StructuredPrune(amount=0.5).apply(model, ctx.for_stage())
+    torch.manual_seed(0)
+    return PRUNES[kind]().apply(model, ctx.for_stage()), ctx
+
+
+@pytest.fixture
+def checked_finetune(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Check every fine-tuning between prune steps: the zeros it starts with, it ends with."""
+    from torchslim.plugins import _train
+
+    original, calls = _train.finetune, []
+
+    def finetune(model: nn.Module, *args: Any, **kwargs: Any) -> float:
+        before = weights(model)
+        loss = original(model, *args, **kwargs)
+        assert_zeros_kept(before, weights(model))
+        calls.append(kwargs.get("label", "prune"))
+        return loss
+
+    monkeypatch.setattr(_train, "finetune", finetune)
+    return calls
+
+
+@pytest.mark.parametrize("prune", list(PRUNES), ids=list(PRUNES))
+@pytest.mark.parametrize("training", list(TRAINING), ids=list(TRAINING))
+def test_training_after_a_prune_keeps_its_zeros(images: dict, prune: str, training: str,
+                                                checked_finetune: list[str]) -> None:
+    model, ctx = pruned(prune, images)
+    stage = TRAINING[training]()
+    before = weights(model)
+    out = stage.apply(model, ctx.for_stage())
+    if isinstance(stage, PruneStage):
+        assert checked_finetune, "the prune did not fine-tune between its steps"
+    if not isinstance(stage, StructuredPrune):  # removing more channels changes shapes by design
+        assert_zeros_kept(before, weights(out))
+
+
+def test_wanda_finetune_keeps_an_earlier_prunes_zeros(trained_mlp: nn.Module, flat: dict,
+                                                      checked_finetune: list[str]) -> None:
+    model = copy.deepcopy(trained_mlp)
+    ctx = make_ctx(model, flat)
+    MagnitudePrune(amount=0.7, scope="layer").apply(model, ctx.for_stage())
+    before = weights(model)
+    out = WandaPrune(amount=0.3, steps=2, finetune_epochs=1, finetune_lr=0.01).apply(model, ctx.for_stage())
+    assert_zeros_kept(before, weights(out))
+
+
+def qat_method() -> type[Stage] | None:
+    """A quantize method that trains (has a ``qat`` option), if this build has one."""
+    from torchslim.plugins.quantize import QuantizeStage
+
+    return next((m for m in QuantizeStage.methods if "qat" in m.model_fields), None)
+
+
+def test_qat_after_a_prune_keeps_its_zeros(images: dict) -> None:
+    method = qat_method()
+    if method is None:
+        pytest.skip("no quantize method with quantization-aware training in this build")
+    model, ctx = pruned("magnitude", images)
+    zeros = {name: int((w == 0).sum()) for name, w in weights(model).items()}
+    stage = method.model_validate({"qat": {"epochs": 1, "max_steps": 4}})
+    out = stage.apply(model, ctx.for_stage())
+    after = {name: int((dense(module) == 0).sum()) for name, module in _weighted(out)}
+    for name, count in after.items():
+        assert count >= zeros.get(f"{name}.weight", 0), name
+
+
+def _weighted(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    return ((name, m) for name, m in model.named_modules() if dense(m) is not None)
+
+
+def dense(module: nn.Module) -> Any:
+    """A module's weight as a float tensor (dequantized if it is stored quantized), or None."""
+    weight = getattr(module, "weight", None)
+    weight = weight() if callable(weight) else weight
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+        return None
+    return weight.dequantize() if weight.is_quantized else weight.detach().float()
+
+
+#: The gradual example of docs/prune.md ("Gradual pruning"), on the digits residual CNN.
+GRADUAL = [
+    {"type": "prune", "method": "structured", "amount": 0.5, "steps": 4, "finetune_epochs": 1},
+    {"type": "prune", "amount": 0.9, "steps": 3, "finetune_epochs": 2, "finetune_lr": 0.0005},
+    {"type": "prune", "method": "nm", "steps": 2, "finetune_epochs": 1},
+]
+
+
+def test_the_docs_gradual_example_ends_at_the_sparsity_its_stages_asked_for() -> None:
+    recipe = {"name": "gradual", "seed": 0,
+              "model": {"target": "torchslim.examples.digits:resnet", "kwargs": {"train_epochs": 5}},
+              "data": {"target": "torchslim.examples.digits:loaders", "kwargs": {"image": True}},
+              "metrics": {"latency": False}, "stages": GRADUAL}
+    report = torchslim.run(recipe, registry=Registry.load(autoload=False))
+    structured, magnitude, nm = (row.metrics for row in report.rows[1:])
+    assert magnitude["pruned_sparsity"] == pytest.approx(0.9, abs=0.005)
+    # The nm stage fine-tunes between its steps: it must not give back any of the 90%.
+    assert nm["nonzero"] <= magnitude["nonzero"] and nm["sparsity"] >= magnitude["sparsity"] >= 0.88
+    assert nm["pruned_sparsity"] >= 0.9 - 0.005 and nm["params"] == structured["params"]

@@ -1,0 +1,122 @@
+"""Multiply-accumulates of one forward pass: every matrix product, attention's included.
+
+Two counters, one forward pass. torch's FLOP counter (``FlopCounterMode``) sees every matrix
+product dispatched as an aten op: Linear and Conv, and also attention's ``matmul``/``bmm`` and
+``scaled_dot_product_attention``, which hooks on Linear and Conv modules never see. It cannot
+see the kernels of quantized layers (``quantized::linear_dynamic``, packed convs), so a forward
+hook on each Linear- or Conv-like module counts the layers inside which the FLOP counter saw
+nothing. A model that cannot be counted this way (a compiled graph) may count itself: a module
+with a ``counted_macs(example)`` method is asked instead.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import flop_counter
+
+__all__ = ["count_macs"]
+
+
+def _sdpa_cpu_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None,
+                    **kwargs: Any) -> int:
+    # torch's FLOP table knows the CUDA attention kernels but not the CPU one (torch 2.13).
+    return int(flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape))
+
+
+_CUSTOM: dict[Any, Any] = {}
+if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+    _CUSTOM[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu_flops
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> int | None:
+    """Multiply-accumulates per input sample (dense: zeros count): FLOPs / 2 of every matrix product
+    torch's FLOP counter sees, plus the Linear and Conv layers whose kernels it cannot see.
+
+    None (not measured) when nothing was counted although the model holds weight matrices: its
+    layers ran where neither counter can look (e.g. a compiled graph), and 0 would be a lie.
+    """
+    own = getattr(model, "counted_macs", None)
+    if callable(own):
+        value = own(example)
+        return None if value is None else int(value)
+    example = example.to(_device(model))
+    try:
+        # With grad enabled, MultiheadAttention and TransformerEncoderLayer take their composite
+        # path (visible aten ops) instead of one fused inference kernel the counter cannot see.
+        total = _count(model, example, torch.enable_grad)
+    except RuntimeError:  # e.g. inference tensors that cannot take part in autograd
+        total = _count(model, example, torch.inference_mode)
+    if total == 0 and any(t.dim() >= 2 for t in model.parameters()):
+        return None
+    return total // max(1, example.shape[0])
+
+
+def _count(model: nn.Module, example: torch.Tensor, grad_mode: Any) -> int:
+    counter = flop_counter.FlopCounterMode(display=False, custom_mapping=_CUSTOM)
+    hooked = 0
+    starts: dict[int, int] = {}
+
+    def before(module: nn.Module, _inputs: Any) -> None:
+        starts[id(module)] = counter.get_total_flops()
+
+    def after(module: nn.Module, _inputs: Any, output: Any) -> None:
+        nonlocal hooked
+        if counter.get_total_flops() == starts.pop(id(module), -1):  # the FLOP counter saw none of it
+            hooked += 2 * _layer_macs(module, output)
+
+    handles = []
+    for layer in _outermost_layers(model):
+        handles += [layer.register_forward_pre_hook(before), layer.register_forward_hook(after)]
+    try:
+        with grad_mode(), counter:
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return (counter.get_total_flops() + hooked) // 2
+
+
+def _outermost_layers(model: nn.Module) -> list[nn.Module]:
+    layers = [m for m in model.modules() if _is_layer(m)]
+    # A quantized Linear wraps a packed-params child; count each layer once, at its outermost module.
+    inner = {id(sub) for m in layers for sub in m.modules() if sub is not m}
+    return [m for m in layers if id(m) not in inner]
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return hasattr(module, "in_features") and hasattr(module, "out_features")
+
+
+def _is_conv(module: nn.Module) -> bool:
+    return all(hasattr(module, a) for a in ("in_channels", "groups", "kernel_size"))
+
+
+def _is_layer(module: nn.Module) -> bool:
+    return _is_linear(module) or _is_conv(module)
+
+
+def _layer_macs(module: nn.Module, output: Any) -> int:
+    if not isinstance(output, torch.Tensor):
+        return 0
+    if _is_linear(module):
+        return output.numel() * _attr(module, "in_features")
+    if _is_conv(module):
+        size: Any = getattr(module, "kernel_size")  # noqa: B009 (typed as Any: nn.Module's getattr says Tensor)
+        kernel = math.prod(size) if isinstance(size, tuple) else int(size)
+        return output.numel() * (_attr(module, "in_channels") // _attr(module, "groups")) * kernel
+    return 0
+
+
+def _attr(module: nn.Module, name: str) -> int:
+    value: Any = getattr(module, name)
+    return int(value)
+
+
+def _device(model: nn.Module) -> torch.device:
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
