@@ -70,6 +70,7 @@ CANDIDATES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "adam 1e-2 cosine": ({"optimizer": "adam", "lr": 1e-2, "schedule": "cosine", "warmup": 0.0}, {}),
     "sgd 0.05 cosine": ({"optimizer": "sgd", "lr": 0.05, "schedule": "cosine", "warmup": 0.0}, {}),
     "sgd 0.05 cosine warmup 0.1": ({"optimizer": "sgd", "lr": 0.05, "schedule": "cosine", "warmup": 0.1}, {}),
+    "adam 1e-2 cosine warmup 0.1": ({"optimizer": "adam", "lr": 1e-2, "schedule": "cosine", "warmup": 0.1}, {}),
     "defaults": ({}, {}),
 }
 
@@ -109,12 +110,15 @@ def measure(case: str, seed: int, candidate: str, workdir: Path, quick: bool) ->
     """One run: unpruned, pruned and recovered accuracy, with the load and threads it ran under."""
     model = teacher(case, seed, workdir)
     before, start = load(), time.perf_counter()
-    report = torchslim.run(recipe(case, seed, model, candidate, quick), registry=Registry.load(autoload=False))
-    rows = [row.metrics for row in report.rows]
-    metric = report.metric
-    return {"case": case, "seed": seed, "candidate": candidate, "unpruned": rows[0][metric], "pruned": rows[1][metric],
-            "recovered": rows[2][metric], "seconds": time.perf_counter() - start, "load_before": before,
-            "load_after": load(), "threads": torch.get_num_threads()}
+    try:
+        report = torchslim.run(recipe(case, seed, model, candidate, quick), registry=Registry.load(autoload=False))
+    except torchslim.StageError as exc:  # a setting that diverges is a result: the worst one a default can give
+        figures = {"unpruned": None, "pruned": None, "recovered": None, "error": str(exc)}
+    else:
+        rows, metric = [row.metrics for row in report.rows], report.metric
+        figures = {"unpruned": rows[0][metric], "pruned": rows[1][metric], "recovered": rows[2][metric]}
+    return {"case": case, "seed": seed, "candidate": candidate, **figures, "seconds": time.perf_counter() - start,
+            "load_before": before, "load_after": load(), "threads": torch.get_num_threads()}
 
 
 def available(case: str) -> bool:
@@ -140,17 +144,30 @@ def summarise(results: list[dict[str, Any]]) -> list[list[Any]]:
         line: list[Any] = [candidate]
         for case in cases:
             rows = [r for r in results if r["case"] == case and r["candidate"] == candidate]
-            line.append(f"{statistics.fmean(r['recovered'] - r['unpruned'] for r in rows):+.2f} ({len(rows)})"
-                        if rows else "-")
+            line.append(_mean_change(rows))
         lines.append(line)
     return [["candidate", *(f"{c} (seeds)" for c in cases)], *lines]
 
 
+def _figures(run: dict[str, Any]) -> list[str]:
+    if "error" in run:
+        return ["-", "-", "diverged", "-"]
+    change = run["recovered"] - run["unpruned"]
+    return [f"{run['unpruned']:.2f}", f"{run['pruned']:.2f}", f"{run['recovered']:.2f}", f"{change:+.2f}"]
+
+
+def _mean_change(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "-"
+    if any("error" in r for r in rows):
+        return f"diverged ({sum('error' in r for r in rows)} of {len(rows)})"
+    return f"{statistics.fmean(r['recovered'] - r['unpruned'] for r in rows):+.2f} ({len(rows)})"
+
+
 def print_tables(results: list[dict[str, Any]]) -> None:
     """Every run, then the per-candidate summary."""
-    rows = [[r["case"], r["seed"], r["candidate"], f"{r['unpruned']:.2f}", f"{r['pruned']:.2f}", f"{r['recovered']:.2f}",
-             f"{r['recovered'] - r['unpruned']:+.2f}", f"{r['seconds']:.0f}", f"{r['load_before']:.1f}/{r['load_after']:.1f}",
-             r["threads"]] for r in results]
+    rows = [[r["case"], r["seed"], r["candidate"], *_figures(r), f"{r['seconds']:.0f}",
+             f"{r['load_before']:.1f}/{r['load_after']:.1f}", r["threads"]] for r in results]
     print(tabulate(rows, headers=["case", "seed", "candidate", "unpruned", "pruned", "recovered", "change", "s",
                                   "load", "threads"]))
     header, *lines = summarise(results)
@@ -178,8 +195,8 @@ def main() -> None:
             for seed in seeds if case != "mnist" else seeds[:1]:  # one pretrained MNIST model: one seed
                 for candidate in [c for c in args.candidates if (case, seed, c) not in done]:
                     results.append(measure(case, seed, candidate, Path(tmp), args.quick))
-                    print(f"  {case} seed {seed} {candidate}: {results[-1]['recovered']:.2f}", file=sys.stderr, flush=True)
                     _write(path, results, args.quick)
+                    print(f"  {case} seed {seed} {candidate}: {_figures(results[-1])[2]}", file=sys.stderr, flush=True)
     print_tables(results)
 
 

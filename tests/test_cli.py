@@ -84,7 +84,7 @@ def test_validate_refuses_a_sweep_value_a_variant_cannot_take(tmp_path: Path, cl
     ("stage", "message"),
     [
         ({"type": "prune", "amount": 1.5}, "stages[0].amount (prune): Input should be less than 1"),
-        ({"type": "magic"}, "unknown stage type 'magic'; known types: distill, prune, quantize"),
+        ({"type": "magic"}, "unknown stage type 'magic'; known types: deploy, distill, prune, quantize"),
     ],
     ids=["out-of-range", "unknown-type"],
 )

@@ -1,12 +1,15 @@
-"""Zeros are an invariant: every built-in stage that trains keeps what an earlier prune removed.
+"""What stages must keep and put right: zeros are an invariant, BatchNorm statistics follow a prune.
 
 Each training path runs after a prune; every weight that was exactly zero when it began is still
 zero, no layer's zero count fell, and no removed channel came back (every shape is the same).
+After a prune, the BatchNorm running statistics are re-estimated on the calibration data, weights
+untouched, and the notes say so.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -179,3 +182,43 @@ def test_the_docs_gradual_example_ends_at_the_sparsity_its_stages_asked_for() ->
     # The nm stage fine-tunes between its steps: it must not give back any of the 90%.
     assert nm["nonzero"] <= magnitude["nonzero"] and nm["sparsity"] >= magnitude["sparsity"] >= 0.88
     assert nm["pruned_sparsity"] >= 0.9 - 0.005 and nm["params"] == structured["params"]
+
+
+def norm_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Running statistics of every BatchNorm, by name."""
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+@pytest.mark.parametrize("recalibrate", [True, False], ids=["recalibrated", "kept"])
+def test_a_prune_re_estimates_batchnorm_statistics_on_the_calibration_data(images: dict, recalibrate: bool) -> None:
+    model = resnet()
+    ctx, stored = make_ctx(model, images).for_stage(), norm_state(model)
+    torch.manual_seed(0)
+    reference = MagnitudePrune(amount=0.8, scope="layer", recalibrate_bn=False).apply(copy.deepcopy(model), ctx.for_stage())
+    out = MagnitudePrune(amount=0.8, scope="layer", recalibrate_bn=recalibrate).apply(model, ctx)
+    assert weights(out).keys() == weights(reference).keys()
+    assert all(torch.equal(w, weights(reference)[k]) for k, w in weights(out).items())  # the weights are the prune's
+    after, batches = norm_state(out), len(images["calibration"])
+    norms = [m for m in out.modules() if isinstance(m, nn.BatchNorm2d)]
+    if recalibrate:
+        assert ctx.metrics["recalibrated_norms"] == len(norms) == 6
+        assert any(f"BatchNorm statistics of 6 layers re-estimated on {batches} calibration batches" in n for n in ctx.notes)
+        assert all(int(v) == batches for k, v in after.items() if "num_batches" in k)
+        assert not torch.equal(after["stem.1.running_var"], stored["stem.1.running_var"])
+        assert all(m.momentum == 0.1 and not m.training for m in norms)  # put back as they were
+    else:
+        assert all(torch.equal(v, stored[k]) for k, v in after.items())
+        assert "recalibrated_norms" not in ctx.metrics and not any("BatchNorm" in n for n in ctx.notes)
+
+
+def test_recalibration_is_the_exact_average_over_the_calibration_batches(images: dict) -> None:
+    from torchslim.plugins._norms import recalibrate
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+    assert recalibrate(model, images["calibration"], batches=2) == 2
+    inputs = torch.cat([x for x, _ in itertools.islice(iter(images["calibration"]), 2)])
+    with torch.no_grad():
+        features = model[0](inputs)
+    # Equal-sized batches: the cumulative average of the batch means is the mean over all inputs.
+    assert torch.allclose(model[1].running_mean, features.mean((0, 2, 3)), atol=1e-5)
+    assert recalibrate(nn.Sequential(nn.Linear(2, 2)), images["calibration"]) == 0  # no BatchNorm: nothing to do

@@ -23,7 +23,7 @@ from torchslim.engine import names
 from torchslim.engine.macs import count_macs
 from torchslim.engine.metrics import count_nonzero, count_params
 from torchslim.engine.noise import latency_noise
-from torchslim.engine.report import Report, Row, ratio_text, with_delta, with_ratio
+from torchslim.engine.report import Report, ratio_text, with_delta, with_ratio
 from torchslim.engine.timing import others_running, time_forward, usable_cpus
 from torchslim.examples import digits
 from torchslim.plugins.quantize import DynamicQuantize, StaticQuantize

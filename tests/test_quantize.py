@@ -194,7 +194,8 @@ BAD_OPTIONS = [  # (options, the option at fault, the message a recipe shows for
     ({"method": "dynamic", "modules": []}, "modules", "name at least one layer type"),
     ({"method": "static", "calibration_batches": 0}, "calibration_batches", "Input should be greater than or equal to 1"),
     ({"method": "int8"}, "method",
-     "Input should be 'dynamic', 'static', 'weight_only', 'half', 'binary', 'ternary', 'kbit' or 'float8'"),
+     "Input should be 'dynamic', 'static', 'weight_only', 'half', 'binary', 'ternary', 'kbit', 'float8', 'ort_static', "
+     "'ort_dynamic' or 'nncf'"),
 ]
 
 

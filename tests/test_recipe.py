@@ -38,9 +38,9 @@ BAD_STAGES = [
     ({"type": "quantize", "dtype": "int4"}, "stages[0].dtype (quantize): Input should be 'qint8' or 'float16'", "int4"),
     ({"type": "quantize", "modules": ["Conv2d"]}, "stages[0].modules (quantize): dynamic quantization cannot quantize Conv2d", "Conv2d"),
     ({"type": "prune", "amount": 0.5, "modules": ["Lienar"]}, "'Lienar' is not a layer type of torch.nn", "Lienar"),
-    ({"type": "sparsegpt"}, "stages[0].type (sparsegpt): unknown stage type 'sparsegpt'; known types: distill, prune, quantize",
+    ({"type": "sparsegpt"}, "stages[0].type (sparsegpt): unknown stage type 'sparsegpt'; known types: deploy, distill, prune, quantize",
      "sparsegpt"),
-    ({"amount": 0.5}, "stages[0]: missing 'type'; known types: distill, prune, quantize", "- amount"),
+    ({"amount": 0.5}, "stages[0]: missing 'type'; known types: deploy, distill, prune, quantize", "- amount"),
     ({"type": "prune", "amount": 0.5, "amout": 1}, "stages[0].amout (prune): unknown field 'amout'; did you mean 'amount'? prune accepts: type, name",
      "amout"),
     ({"type": "prune"}, "stages[0].amount (prune): required field 'amount' is missing", "- type: prune"),
@@ -117,6 +117,6 @@ def test_schema_is_a_discriminated_union_with_descriptions(registry: Registry) -
     schema = recipe_model(registry).model_json_schema()
     items = schema["properties"]["stages"]["items"]
     assert items["discriminator"]["propertyName"] == "type"
-    assert set(items["discriminator"]["mapping"]) == {"prune", "quantize", "distill"}
+    assert set(items["discriminator"]["mapping"]) == {"prune", "quantize", "distill", "deploy"}
     amount = schema["$defs"]["MagnitudePrune"]["properties"]["amount"]  # a family: one definition per method
     assert "Fraction of the chosen weights" in amount["description"]

@@ -19,13 +19,14 @@ from torch import nn
 
 from torchslim import Context, PluginError, RecipeError, Registry, Stage, StageEntry, load_recipe
 from torchslim.engine.registry import AUTOLOAD_ENV
+from torchslim.plugins.deploy import DeployStage
 from torchslim.plugins.distill import DistillStage
 from torchslim.plugins.prune import PruneStage
 from torchslim.plugins.quantize import QuantizeStage
 
 from .conftest import digits_recipe
 
-BUILTIN_CLASSES = {"prune": PruneStage, "quantize": QuantizeStage, "distill": DistillStage}
+BUILTIN_CLASSES = {"prune": PruneStage, "quantize": QuantizeStage, "distill": DistillStage, "deploy": DeployStage}
 
 STAGE_SOURCE = '''\
 """A plugin stage written for a test."""
@@ -127,9 +128,9 @@ def test_builtin_present_with_origin_builtin(site: PluginSite, tag: str) -> None
 
 def test_empty_site_has_exactly_the_builtins(site: PluginSite) -> None:
     registry = site.load()
-    assert [e.type for e in registry.entries] == ["prune", "quantize", "distill"]
-    assert registry.types() == ["distill", "prune", "quantize"]
-    assert registry.stage_classes() == [PruneStage, QuantizeStage, DistillStage]
+    assert [e.type for e in registry.entries] == ["prune", "quantize", "distill", "deploy"]
+    assert registry.types() == ["deploy", "distill", "prune", "quantize"]
+    assert registry.stage_classes() == [PruneStage, QuantizeStage, DistillStage, DeployStage]
 
 
 # --- a working plugin ------------------------------------------------------------------------
@@ -144,8 +145,8 @@ def test_working_plugin_is_registered_with_its_distribution(site: PluginSite) ->
     assert entry.ok and entry.error is None
     assert entry.origin == "acme-stages 1.2.3"
     assert entry.target == f"{module}:ShrinkStage"
-    assert registry.types() == ["distill", "prune", "quantize", "shrink"]
-    assert [e.type for e in registry.entries][:3] == ["prune", "quantize", "distill"]
+    assert registry.types() == ["deploy", "distill", "prune", "quantize", "shrink"]
+    assert [e.type for e in registry.entries][:4] == ["prune", "quantize", "distill", "deploy"]
 
     cls = registry.get("shrink")
     assert cls is sys.modules[module].ShrinkStage
@@ -172,7 +173,7 @@ def test_plugins_of_several_distributions_are_all_loaded(site: PluginSite) -> No
     registry = site.load()
     assert only_entry(registry, "alpha").origin == "acme-a 1.0"
     assert only_entry(registry, "beta").origin == "acme-b 2.0"
-    assert registry.types() == ["alpha", "beta", "distill", "prune", "quantize"]
+    assert registry.types() == ["alpha", "beta", "deploy", "distill", "prune", "quantize"]
 
 
 # --- broken plugins --------------------------------------------------------------------------
@@ -333,7 +334,7 @@ def test_plugin_reusing_builtin_tag_is_broken_and_builtin_kept(site: PluginSite)
     assert plugin.error == ("tag 'prune' is already provided by built-in (torchslim.plugins.prune:PruneStage)")
     assert registry.get("prune") is PruneStage
     assert registry.types().count("prune") == 1
-    assert registry.stage_classes() == [PruneStage, QuantizeStage, DistillStage]
+    assert registry.stage_classes() == [PruneStage, QuantizeStage, DistillStage, DeployStage]
 
 
 def test_two_plugins_with_one_tag_keep_the_first(site: PluginSite) -> None:
@@ -375,7 +376,7 @@ def test_env_variable_disables_plugins(site_with_plugin: PluginSite, monkeypatch
                                        value: str) -> None:
     monkeypatch.setenv(AUTOLOAD_ENV, value)
     registry = site_with_plugin.load()
-    assert [e.type for e in registry.entries] == ["prune", "quantize", "distill"]
+    assert [e.type for e in registry.entries] == ["prune", "quantize", "distill", "deploy"]
     assert all(e.origin == "built-in" for e in registry.entries)
     with pytest.raises(PluginError, match="unknown stage type 'shrink'"):
         registry.get("shrink")
@@ -390,8 +391,8 @@ def test_env_variable_other_values_keep_plugins(site_with_plugin: PluginSite, mo
 
 def test_autoload_false_loads_builtins_only(site_with_plugin: PluginSite) -> None:
     registry = site_with_plugin.load(autoload=False)
-    assert [e.type for e in registry.entries] == ["prune", "quantize", "distill"]
-    assert registry.types() == ["distill", "prune", "quantize"]
+    assert [e.type for e in registry.entries] == ["prune", "quantize", "distill", "deploy"]
+    assert registry.types() == ["deploy", "distill", "prune", "quantize"]
 
 
 def test_explicit_autoload_overrides_env_variable(site_with_plugin: PluginSite,
@@ -403,8 +404,8 @@ def test_explicit_autoload_overrides_env_variable(site_with_plugin: PluginSite,
 # --- messages and recipes --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("with_plugin", "known"), [(False, "distill, prune, quantize"),
-                                                    (True, "distill, prune, quantize, shrink")],
+@pytest.mark.parametrize(("with_plugin", "known"), [(False, "deploy, distill, prune, quantize"),
+                                                    (True, "deploy, distill, prune, quantize, shrink")],
                          ids=["builtins-only", "with-plugin"])
 def test_unknown_type_message_lists_known_types(site: PluginSite, with_plugin: bool, known: str) -> None:
     if with_plugin:
@@ -431,7 +432,7 @@ def test_recipe_can_use_plugin_stage(site_with_plugin: PluginSite) -> None:
 
 @pytest.mark.parametrize(("stage", "message"), [
     ({"type": "sparsegpt"},
-     "stages[0].type (sparsegpt): unknown stage type 'sparsegpt'; known types: distill, prune, quantize, shrink"),
+     "stages[0].type (sparsegpt): unknown stage type 'sparsegpt'; known types: deploy, distill, prune, quantize, shrink"),
     ({"type": "shrink", "levle": 2}, "unknown field 'levle'; shrink accepts: type, name, level"),
     ({"type": "shrink", "level": "high"}, "stages[0].level (shrink): Input should be a valid integer"),
 ], ids=["unknown-type", "unknown-plugin-field", "bad-plugin-value"])
@@ -455,5 +456,5 @@ def test_recipe_using_broken_plugin_names_the_breakage(site: PluginSite) -> None
 
 def test_recipe_plugin_type_unknown_without_autoload(site_with_plugin: PluginSite) -> None:
     registry = site_with_plugin.load(autoload=False)
-    with pytest.raises(RecipeError, match="unknown stage type 'shrink'; known types: distill, prune, quantize"):
+    with pytest.raises(RecipeError, match="unknown stage type 'shrink'; known types: deploy, distill, prune, quantize"):
         load_recipe(digits_recipe([{"type": "shrink"}]), registry)

@@ -15,6 +15,7 @@ import torch
 
 import torchslim
 from torchslim import CheckpointError, Registry
+from torchslim.engine import names
 from torchslim.engine.checkpoints import recipe_hash
 
 from .conftest import ROOT, CliResult, digits_recipe, write_recipe
@@ -32,7 +33,7 @@ def console(*args: str) -> subprocess.CompletedProcess[str]:
 
 def comparable(report: dict) -> list[dict]:
     """Rows without the figures that are timings."""
-    return [{k: v for k, v in row["metrics"].items() if k not in ("seconds", "latency_ms")} for row in report["rows"]]
+    return [{k: v for k, v in row["metrics"].items() if k not in names.TIMINGS} for row in report["rows"]]
 
 
 def no_temp_files(folder: Path) -> bool:

@@ -75,7 +75,11 @@ def count_nonzero(model: nn.Module) -> int:
 
 
 def size_bytes(model: nn.Module) -> int:
-    """Bytes of ``torch.save(model.state_dict())``: the dense file size on disk."""
+    """Bytes of ``torch.save(model.state_dict())``: the dense file size on disk; for a model deployed to
+    a runtime (a ``file_bytes()`` method), the bytes of the files the runtime loads."""
+    own = getattr(model, "file_bytes", None)
+    if callable(own):
+        return int(own())
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return buffer.getbuffer().nbytes

@@ -27,6 +27,7 @@ BUILTINS: dict[str, str] = {
     "prune": "torchslim.plugins.prune:PruneStage",
     "quantize": "torchslim.plugins.quantize:QuantizeStage",
     "distill": "torchslim.plugins.distill:DistillStage",
+    "deploy": "torchslim.plugins.deploy:DeployStage",
 }
 
 

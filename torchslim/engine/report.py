@@ -119,6 +119,8 @@ class Report:
     def _cells(self, row: Row) -> list[str]:
         base = self.baseline.metrics
         kind = row.type or "baseline"
+        # A row measured in a runtime other than torch (after a deploy stage) says which one.
+        kind += f" @{str(row.metrics[names.RUNTIME]).split()[0]}" if row.metrics.get(names.RUNTIME) else ""
         cells = [row.stage, f"{kind} (unchanged)" if row.unchanged else kind]
         for key, _, kind in _COLUMNS:
             ratio = key in _RATIO_COLUMNS and row is not self.baseline

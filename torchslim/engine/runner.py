@@ -18,8 +18,8 @@ from torch import nn
 from . import distributed, names
 from .checkpoints import reload_problem, resume, save_checkpoint
 from .environment import environment
-from .headline import close_report, compiled_note
 from .errors import StageError, TorchslimError
+from .headline import close_report, compiled_note
 from .labels import check_names, labelled
 from .metrics import fingerprint, measure
 from .outputs import clear_failure, prepare_output, record_failure

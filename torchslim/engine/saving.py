@@ -7,6 +7,7 @@ changes (:meth:`Stage.restore`), then loads the tensors with ``weights_only=True
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import IO, Any
@@ -26,6 +27,9 @@ from .yamlio import dump_yaml
 FORMAT = "torchslim.model/1"
 MODEL_FILE = "model.pt"
 RECIPE_FILE = "recipe.yaml"
+#: The files a model deployed to a runtime writes beside model.pt (runtime models only), and their description.
+DEPLOY_FILES = ("model.onnx", "model.xml", "model.bin")
+DEPLOY_INFO = "deploy.json"
 
 
 def save_model(out_dir: Path, recipe: RecipeBase, model: nn.Module, structure: list[dict[str, Any]]) -> None:
@@ -43,6 +47,23 @@ def save_model(out_dir: Path, recipe: RecipeBase, model: nn.Module, structure: l
 
     write_with(out_dir / MODEL_FILE, write)
     write_text(out_dir / RECIPE_FILE, dump_yaml(recipe.resolved()))
+    write_deploy_files(out_dir, recipe, model)
+
+
+def write_deploy_files(out_dir: Path, recipe: RecipeBase, model: nn.Module) -> None:
+    """For a model deployed to a runtime (a ``deploy_files()`` method): its files (model.onnx, or
+    model.xml + model.bin) and deploy.json beside model.pt; otherwise remove such files left by an
+    earlier run, so the folder never holds a deployable file of another model."""
+    files_of = getattr(model, "deploy_files", None)
+    files = files_of() if callable(files_of) else {}
+    for name, data in files.items():
+        write_with(out_dir / name, lambda handle, data=data: handle.write(data))  # type: ignore[misc]
+    if files:
+        info = {**model.deploy_info(), "metric": recipe.evaluate.metric}  # type: ignore[operator]
+        write_text(out_dir / DEPLOY_INFO, json.dumps(info, indent=2) + "\n")
+    stale = [name for name in DEPLOY_FILES if name not in files] + ([] if files else [DEPLOY_INFO])
+    for name in stale:
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def load_model(path: str | os.PathLike[str], registry: Registry | None = None) -> nn.Module:

@@ -133,12 +133,19 @@ def others_running() -> int | None:
     """Runnable tasks of other processes right now: the kernel's count (/proc/loadavg) minus this
     process's own running threads (torch's worker threads spin a while after each call). None off Linux."""
     try:
+        # Own threads counted before and after the kernel's total, the larger count taken: a worker
+        # thread that stops spinning in between must not be counted as another process's task.
+        before = _own_running()
         with open("/proc/loadavg", encoding="ascii") as file:
             total = int(file.read().split()[3].split("/")[0])
-        own = sum(_running(tid) for tid in os.listdir("/proc/self/task"))
+        own = max(before, _own_running())
     except (OSError, ValueError, IndexError):
         return None
     return max(0, total - own)
+
+
+def _own_running() -> int:
+    return sum(_running(tid) for tid in os.listdir("/proc/self/task"))
 
 
 def _running(tid: str) -> bool:

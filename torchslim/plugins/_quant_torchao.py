@@ -164,7 +164,8 @@ class FrozenCompiled(nn.Module):
     @property
     def graph_module(self) -> Any:
         """The converted graph before compilation (its int8 weights are constants, not parameters)."""
-        return self.compiled._orig_mod
+        compiled: Any = self.compiled
+        return compiled._orig_mod
 
     def counted_weights(self) -> Iterator[torch.Tensor]:
         """The weights and biases of the graph's Linear and Conv ops, int8 weights dequantized: the
@@ -204,5 +205,6 @@ def _constant(graph_module: Any, arg: Any) -> Any:
     args = [_constant(graph_module, a) for a in arg.args]
     if any(value is None for value in args):
         return None
+    target: Any = arg.target
     with torch.no_grad():
-        return arg.target(*args, **arg.kwargs)
+        return target(*args, **arg.kwargs)

@@ -16,12 +16,15 @@ from .dynamic import DynamicQuantize
 from .float8 import Float8Quantize
 from .half import HalfQuantize
 from .kbit import KbitQuantize
+from .nncf import NncfQuantize
+from .ort import OrtDynamicQuantize, OrtStaticQuantize
 from .static import StaticQuantize
 from .ternary import TernaryQuantize
 from .weight_only import WeightOnlyQuantize
 
 QuantizeStage.methods = (DynamicQuantize, StaticQuantize, WeightOnlyQuantize, HalfQuantize,
-                         BinaryQuantize, TernaryQuantize, KbitQuantize, Float8Quantize)
+                         BinaryQuantize, TernaryQuantize, KbitQuantize, Float8Quantize,
+                         OrtStaticQuantize, OrtDynamicQuantize, NncfQuantize)
 
 __all__ = ["BinaryQuantize", "DynamicQuantize", "Float8Quantize", "HalfQuantize", "KbitQuantize", "LayerQuantize",
            "QuantizeStage", "StaticQuantize", "TernaryQuantize", "WeightOnlyQuantize"]

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._layers import weight_of
 from .formats import Format, QWeight, dequantize, encode, quantize, scales
 
 
@@ -26,13 +27,13 @@ def gptq_round(model: nn.Module, formats: dict[str, Format], batches: Iterable[t
     result = {}
     for name, fmt in formats.items():
         layer = layers[name]
-        weight = layer.weight.detach().reshape(layer.weight.shape[0], -1).float()
+        weight = weight_of(layer).detach().reshape(weight_of(layer).shape[0], -1).float()
         if isinstance(layer, nn.Conv2d) and layer.groups != 1:
             result[name] = quantize(weight, fmt)  # grouped convolutions: nearest (one Hessian per group not done)
         else:
             result[name] = _layer(weight, hessian(model, layer, inputs), fmt, damp)
         with torch.no_grad():  # later layers see this layer's rounded outputs
-            layer.weight.copy_(dequantize(result[name], fmt).view_as(layer.weight))
+            weight_of(layer).copy_(dequantize(result[name], fmt).view_as(weight_of(layer)))
     return result
 
 
@@ -50,7 +51,7 @@ def hessian(model: nn.Module, layer: nn.Module, inputs: list[torch.Tensor]) -> t
     try:
         with torch.no_grad():
             for batch in inputs:
-                model(batch.to(layer.weight.device))
+                model(batch.to(weight_of(layer).device))
     finally:
         handle.remove()
     return 2 * torch.stack(total).sum(0) / max(count[0], 1)

@@ -3,8 +3,9 @@
 Only plain tensors are saved (uint8 bit streams, float8 values, float16 scales and biases, or float32
 where a value is outside float16's normal range), so a
 saved model loads with ``weights_only=True`` and its file is as small as the codes really are.
-On the measured CPU no low-bit kernel beat float32 at the sizes these layers have (see
-docs/quantize.md), so every call unpacks the codes and runs the float kernel.
+Every call unpacks the codes and runs torch's float kernel: on the measured CPU torch's int8 and
+float8 kernels were slower than float32, and its int4 kernel was faster only on large layers and with
+bfloat16 activations (docs/quantize.md); choosing it per layer is not done yet.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._layers import weight_of
 from .formats import Format, QWeight, dequantize
 from .packing import pack, packed_length, unpack
 
@@ -32,11 +34,13 @@ class LowBitLayer(nn.Module):
 
     codes: torch.Tensor
     scale: torch.Tensor
+    zero: torch.Tensor | None
+    bias: torch.Tensor | None
 
     def __init__(self, layer: nn.Module, fmt: Format) -> None:
         super().__init__()
         self.fmt = fmt
-        self.shape = tuple(layer.weight.shape)
+        self.shape = tuple(weight_of(layer).shape)
         self._copy_geometry(layer)
         out, features = self.shape[0], math.prod(self.shape[1:])
         groups = fmt.groups(features)
@@ -47,7 +51,7 @@ class LowBitLayer(nn.Module):
         stored = getattr(torch, fmt.storage)
         self.register_buffer("scale", torch.ones(out, groups, dtype=stored))
         self.register_buffer("zero", None if fmt.symmetric or fmt.kind != "int" else torch.zeros(out, groups, dtype=torch.uint8))
-        self.register_buffer("bias", None if layer.bias is None else torch.zeros(out, dtype=stored))
+        self.register_buffer("bias", None if getattr(layer, "bias", None) is None else torch.zeros(out, dtype=stored))
 
     def _copy_geometry(self, layer: nn.Module) -> None:
         # The attribute names of torch's layers: the MAC counter and users read them.
@@ -61,14 +65,14 @@ class LowBitLayer(nn.Module):
     @classmethod
     def convert(cls, layer: nn.Module, fmt: Format, q: QWeight) -> LowBitLayer:
         """``layer`` with its weight replaced by the quantized ``q`` (scales and bias stored as ``fmt.storage``)."""
-        new = cls(layer, fmt).to(layer.weight.device)
+        new = cls(layer, fmt).to(weight_of(layer).device)
         with torch.no_grad():
             new.codes.copy_(q.codes if fmt.kind == "float8" else pack(q.codes, fmt.bits))
             new.scale.copy_(q.scale)
             if new.zero is not None:
-                new.zero.copy_(q.zero)  # type: ignore[arg-type]
+                new.zero.copy_(q.zero)  # type: ignore[arg-type]  # a zero tensor whenever the layer has a zero buffer
             if new.bias is not None:
-                new.bias.copy_(layer.bias.detach())
+                new.bias.copy_(getattr(layer, "bias").detach())  # noqa: B009 (typed Any: nn.Module's getattr says Tensor | Module)
         return new
 
     def qweight(self) -> QWeight:

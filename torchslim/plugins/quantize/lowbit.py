@@ -8,16 +8,17 @@ as kbit's GPTQ option does). PTQ and QAT are one option apart: ``train: {epochs:
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, ClassVar, Literal
 
+import torch
 from pydantic import Field
 from torch import nn
 
 from ...engine.errors import StageError
 from ...engine.stage import Context
-from .._layers import select_layers
+from .._layers import select_layers, weight_of
 from .._quant_base import Quantized, module_types, take_census
 from .base import LayerQuantize
 from .formats import Format, QWeight, quantize, storage_for
@@ -58,7 +59,7 @@ class LowBitQuantize(LayerQuantize):
             ctx.add_metric(f"best_{ctx.metric_name}", outcome.best_score)
         weights = self._round(copied, formats, ctx)
         layers = dict(copied.named_modules())
-        formats = {n: replace(f, storage=storage_for(weights[n].scale, layers[n].bias)) for n, f in formats.items()}
+        formats = {n: replace(f, storage=storage_for(weights[n].scale, _bias(layers[n]))) for n, f in formats.items()}
         converted = _swap(copied, formats, weights)
         self._notes(copied, formats, ctx)
         census = take_census(module_types(model), converted, lambda m: isinstance(m, LowBitLayer))
@@ -78,7 +79,7 @@ class LowBitQuantize(LayerQuantize):
         ends = {"first": names[:1], "last": names[-1:], "both": [names[0], names[-1]], "none": []}[self.keep_ends]
         fmt = self.layer_format()
         for name, layer in self._targets(model):
-            features = layer.weight[0].numel()
+            features = weight_of(layer)[0].numel()
             if fmt.group_size and features % fmt.group_size:
                 raise StageError(self.label, f"group_size {fmt.group_size} does not divide the {features} input "
                                  f"features of layer '{name}' ({type(layer).__name__}); exclude it or pick a divisor")
@@ -87,7 +88,7 @@ class LowBitQuantize(LayerQuantize):
     def _round(self, model: nn.Module, formats: dict[str, Format], ctx: Context) -> dict[str, QWeight]:
         """Each layer's codes: round to nearest (a method may override, e.g. GPTQ)."""
         layers = dict(model.named_modules())
-        return {n: quantize(layers[n].weight.reshape(layers[n].weight.shape[0], -1), f) for n, f in formats.items()}
+        return {n: quantize(weight_of(layers[n]).flatten(1), f) for n, f in formats.items()}
 
     def _notes(self, model: nn.Module, formats: dict[str, Format], ctx: Context) -> None:
         ends = [n for n, f in formats.items() if replace(f, storage=INT8.storage) == INT8 != self.layer_format()]
@@ -115,6 +116,11 @@ def convertible(layer: nn.Module) -> str | None:
     if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
         return f"padding_mode {layer.padding_mode} is not supported"
     return None
+
+
+def _bias(layer: nn.Module) -> torch.Tensor | None:
+    bias = getattr(layer, "bias", None)
+    return bias if isinstance(bias, torch.Tensor) else None
 
 
 def _swap(model: nn.Module, formats: dict[str, Format], weights: Mapping[str, QWeight | None],

@@ -1,0 +1,101 @@
+"""The deploy stage and the runtime quantize methods: export, parity, quantization in ONNX Runtime and
+OpenVINO, the artifacts under --out and their reload, the runtime named in each row, missing extras."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import torchslim
+from torchslim import Registry, StageError
+from torchslim.engine import names
+
+from .conftest import digits_recipe
+
+_MISSING = {runtime: [m for m in modules if importlib.util.find_spec(m) is None]
+            for runtime, modules in {"onnxruntime": ("onnx", "onnxscript", "onnxruntime"),
+                                     "openvino": ("onnx", "onnxscript", "openvino", "nncf")}.items()}
+_EXTRA = {"onnxruntime": "onnx", "openvino": "openvino"}
+
+
+def _needs(runtime: str) -> Any:
+    missing = _MISSING[runtime]
+    hint = f"{', '.join(missing)} not installed: pip install 'torchslim[{_EXTRA[runtime]}]'"
+    return pytest.mark.skipif(bool(missing), reason=hint)
+
+
+def _recipe(model: str, stages: list[dict[str, Any]]) -> dict[str, Any]:
+    recipe = digits_recipe(stages)
+    if model == "cnn":
+        recipe["model"] = {"target": "torchslim.examples.digits:cnn", "kwargs": {"channels": 4, "train_epochs": 2}}
+        recipe["data"]["kwargs"]["image"] = True
+    return recipe
+
+
+#: (runtime, quantize method, files under --out)
+_CASES = [
+    pytest.param("onnxruntime", "ort_static", ("model.onnx",), marks=_needs("onnxruntime"), id="ort-static"),
+    pytest.param("openvino", "nncf", ("model.xml", "model.bin"), marks=_needs("openvino"), id="openvino-nncf"),
+]
+
+
+@pytest.mark.parametrize("model", ["mlp", pytest.param("cnn", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(("runtime", "method", "files"), _CASES)
+def test_deploy_quantize_and_reload(tmp_path: Path, registry: Registry, runtime: str, method: str,
+                                    files: tuple[str, ...], model: str) -> None:
+    stages = [{"type": "deploy", "runtime": runtime}, {"type": "quantize", "method": method, "calibration_batches": 2}]
+    report = torchslim.run(_recipe(model, stages), tmp_path, registry=registry)
+    deployed, quantized = report.rows[1], report.rows[2]
+    assert names.RUNTIME not in report.baseline.metrics
+    for row in (deployed, quantized):
+        assert row.metrics[names.RUNTIME].startswith(runtime + " ")
+        assert f"@{runtime}" in report.table().splitlines()[2 + report.rows.index(row)]
+    # The float export matches torch: same accuracy (the issue allows 0.05 points).
+    assert abs(deployed.metrics["accuracy"] - report.baseline.metrics["accuracy"]) <= 0.05
+    assert any("outputs match torch's" in note for note in report.notes)
+    assert quantized.metrics["quantized_layers"] >= 2 and quantized.metrics["float_layers"] == 0
+    assert quantized.metrics[names.SIZE_BYTES] == sum((tmp_path / f).stat().st_size for f in files)
+    info = json.loads((tmp_path / "deploy.json").read_text())
+    assert info["runtime"] == runtime and info["metric"] == "accuracy" and sorted(info["files"]) == sorted(files)
+    assert next(iter(info["inputs"].values()))[0] == "batch"
+    loaded = torchslim.load_model(tmp_path)
+    assert type(loaded) is type(report.model)
+    batch = torch.rand(5, *report.model.info["inputs"]["input"][1:])  # another batch size: the axis is dynamic
+    torch.testing.assert_close(loaded(batch), report.model(batch))
+
+
+@_needs("onnxruntime")
+def test_ort_dynamic_quantizes_matmuls(registry: Registry) -> None:
+    report = torchslim.run(_recipe("mlp", [{"type": "deploy", "runtime": "onnxruntime"},
+                                           {"type": "quantize", "method": "ort_dynamic"}]), registry=registry)
+    assert report.final.metrics["quantized_layers"] == 3
+    assert report.final.metrics[names.SIZE_BYTES] < 0.7 * report.rows[1].metrics[names.SIZE_BYTES]
+
+
+@_needs("onnxruntime")
+def test_parity_mismatch_is_a_stage_error(registry: Registry) -> None:
+    recipe = _recipe("mlp", [{"type": "deploy", "runtime": "onnxruntime", "tolerance": 1e-15}])
+    recipe["model"]["kwargs"]["train_epochs"] = 1
+    with pytest.raises(StageError, match="outputs differ from torch's"):
+        torchslim.run(recipe, registry=registry)
+
+
+@_needs("onnxruntime")
+def test_runtime_method_refuses_a_torch_model(registry: Registry) -> None:
+    with pytest.raises(StageError, match=r"put \{type: deploy, runtime: onnxruntime\} before"):
+        torchslim.run(_recipe("mlp", [{"type": "quantize", "method": "ort_static"}]), registry=registry)
+
+
+@pytest.mark.parametrize(("runtime", "module", "extra"), [("onnxruntime", "onnxruntime", "onnx"),
+                                                           ("openvino", "openvino", "openvino")])
+def test_missing_extra_names_it(registry: Registry, monkeypatch: pytest.MonkeyPatch, runtime: str, module: str,
+                                extra: str) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now fails, as if not installed
+    with pytest.raises(StageError, match=rf"pip install 'torchslim\[{extra}\]'"):
+        torchslim.run(_recipe("mlp", [{"type": "deploy", "runtime": runtime}]), registry=registry)

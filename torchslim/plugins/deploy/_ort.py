@@ -1,0 +1,43 @@
+"""ONNX Runtime as a deployment target: the ONNX file in a :class:`RuntimeModel`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .extras import require
+from .runtime import RuntimeModel, is_weight
+
+#: Inputs of these ops are quantization parameters (scale, zero point), not weights.
+_QUANT_OPS = ("DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear")
+
+
+class OnnxRuntimeModel(RuntimeModel):
+    """An ONNX model run by ONNX Runtime's CPU execution provider."""
+
+    runtime: ClassVar[str] = "onnxruntime"
+    suffixes: ClassVar[dict[str, str]] = {"onnx": "model.onnx"}
+
+    def _open(self, threads: int) -> Any:
+        ort = require("onnxruntime")
+        options = ort.SessionOptions()
+        # One op at a time, each on `threads` threads: what the engine's thread setting means for torch.
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        return ort.InferenceSession(self.file("onnx"), options, providers=["CPUExecutionProvider"])
+
+    def _run(self, session: Any, array: np.ndarray) -> list[np.ndarray]:
+        return list(session.run(None, {session.get_inputs()[0].name: array}))
+
+    def _constants(self) -> Iterator[np.ndarray]:
+        onnx = require("onnx")
+        from onnx import numpy_helper
+
+        graph = onnx.load_from_string(self.file("onnx")).graph
+        params = {name for node in graph.node if node.op_type in _QUANT_OPS for name in node.input[1:]}
+        for tensor in graph.initializer:
+            array = numpy_helper.to_array(tensor)
+            if tensor.name not in params and is_weight(array):
+                yield array

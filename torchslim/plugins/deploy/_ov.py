@@ -1,0 +1,62 @@
+"""OpenVINO as a deployment target: the IR (model.xml + model.bin) in a :class:`RuntimeModel`."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .extras import require
+from .runtime import RuntimeModel, is_weight
+
+#: Float models run in float32: OpenVINO's CPU plugin would otherwise pick bf16 on CPUs that have it,
+#: and the parity with torch (and the float row's accuracy) would measure that cast instead.
+PRECISION = {"INFERENCE_PRECISION_HINT": "f32"}
+
+
+class OpenVinoModel(RuntimeModel):
+    """An OpenVINO IR model run by OpenVINO's CPU plugin."""
+
+    runtime: ClassVar[str] = "openvino"
+    suffixes: ClassVar[dict[str, str]] = {"xml": "model.xml", "bin": "model.bin"}
+
+    def ov_model(self) -> Any:
+        """The IR as an ``openvino.Model`` (read from the buffers)."""
+        ov = require("openvino")
+        weights = ov.Tensor(self.get_buffer("bin").cpu().numpy().copy())
+        return ov.Core().read_model(self.file("xml").decode(), weights)
+
+    def _open(self, threads: int) -> Any:
+        ov = require("openvino")
+        config = {**PRECISION, "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1}
+        return ov.Core().compile_model(self.ov_model(), "CPU", config)
+
+    def _run(self, session: Any, array: np.ndarray) -> list[np.ndarray]:
+        result = session(array)
+        return [result[output] for output in session.outputs]
+
+    def _constants(self) -> Iterator[np.ndarray]:
+        for op in self.ov_model().get_ops():
+            if op.get_type_name() == "Constant":
+                array = op.get_data()
+                if is_weight(array):
+                    yield array
+
+
+def ir_files(model: Any) -> dict[str, bytes]:
+    """``{"xml": ..., "bin": ...}`` of an ``openvino.Model``, weights kept in their own precision
+    (``save_model`` would otherwise compress float32 weights to float16)."""
+    ov = require("openvino")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.xml"
+        ov.save_model(model, str(path), compress_to_fp16=False)
+        return {"xml": path.read_bytes(), "bin": path.with_suffix(".bin").read_bytes()}
+
+
+def from_onnx(onnx_bytes: bytes, info: dict[str, Any]) -> OpenVinoModel:
+    """The ONNX model converted to OpenVINO's IR."""
+    ov = require("openvino")
+    return OpenVinoModel(ir_files(ov.Core().read_model(onnx_bytes)), info)

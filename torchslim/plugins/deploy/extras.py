@@ -1,0 +1,47 @@
+"""The optional runtimes: imported only where used, with an install hint naming the extra when missing."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+#: Per runtime: the modules it needs and the extra that installs them.
+EXTRAS: dict[str, tuple[tuple[str, ...], str]] = {
+    "onnx": (("onnx",), "onnx"),
+    "onnxruntime": (("onnx", "onnxruntime"), "onnx"),
+    "openvino": (("onnx", "openvino"), "openvino"),
+    "onnxruntime.quantization": (("onnx", "onnxruntime", "onnxruntime.quantization"), "onnx"),
+    "nncf": (("openvino", "nncf"), "openvino"),
+    "export": (("onnx", "onnxscript"), "onnx"),
+}
+
+
+class MissingExtra(ImportError):
+    """An optional package a stage needs does not import; the message says which extra installs it."""
+
+
+def install_hint(extra: str) -> str:
+    """The command that installs ``extra``."""
+    return f"pip install 'torchslim[{extra}]'"
+
+
+def require(what: str) -> ModuleType:
+    """Import every module ``what`` needs (a key of :data:`EXTRAS`) and return the last one.
+
+    MissingExtra names the module that failed and the extra to install.
+    """
+    modules, extra = EXTRAS[what]
+    module = None
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:  # a module set to None in sys.modules raises ImportError too
+            raise MissingExtra(f"{what} needs the Python package '{name}', which does not import ({exc}); "
+                               f"install it with {install_hint(extra)}") from None
+    assert module is not None  # EXTRAS lists at least one module per key
+    return module
+
+
+def version(module: str) -> str:
+    """The installed version of ``module`` (its ``__version__``, without a build suffix: ``2026.4.1``)."""
+    return str(getattr(importlib.import_module(module), "__version__", "unknown")).split("-")[0]

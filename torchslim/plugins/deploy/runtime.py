@@ -1,0 +1,108 @@
+"""A deployed model as a torch module: the runtime's files held as uint8 buffers, run by the runtime.
+
+The engine measures, checkpoints and reloads nn.Modules; :class:`RuntimeModel` is one whose forward
+pass runs an ONNX Runtime or OpenVINO session. Its state dict is the deployable files themselves
+(uint8 tensors: weights_only-safe, written with model.pt and read back by ``load_model``), so the
+saved model is exactly what runs, and its size on disk is the files' bytes.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class RuntimeModel(nn.Module):
+    """An exported model run by a runtime, with the torch module interface the engine measures.
+
+    ``files`` maps a file name (``onnx``, or ``xml`` and ``bin``) to its bytes; ``info`` is plain data
+    (input and output names, the MACs counted in torch before export) recorded for ``restore``.
+    Sessions are built lazily, one per thread count (torch's thread setting at call time, so the
+    engine's ``metrics.threads`` governs the runtime too), and dropped when new files are loaded.
+    """
+
+    runtime: ClassVar[str] = ""
+    """The runtime's name, as a recipe's ``runtime`` option spells it."""
+    suffixes: ClassVar[dict[str, str]] = {}
+    """Buffer name -> the file written under ``--out`` (``{"onnx": "model.onnx"}``)."""
+
+    def __init__(self, files: Mapping[str, bytes | int], info: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.info = dict(info)
+        for name in self.suffixes:
+            content = files[name]
+            # An int is a size only: restore makes room, then load_state_dict fills in the bytes.
+            data = torch.empty(content, dtype=torch.uint8) if isinstance(content, int) else _as_tensor(content)
+            self.register_buffer(name, data)
+        self._sessions: dict[int, Any] = {}
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._sessions.clear())
+
+    def file(self, name: str) -> bytes:
+        """The bytes of file ``name`` (a buffer)."""
+        return self.get_buffer(name).cpu().numpy().tobytes()
+
+    def file_bytes(self) -> int:
+        """Size of the deployable files together: the size on disk of what runs."""
+        return sum(self.get_buffer(name).numel() for name in self.suffixes)
+
+    def deploy_files(self) -> dict[str, bytes]:
+        """The files ``--out`` writes next to model.pt: ``{"model.onnx": ...}`` or ``model.xml`` + ``model.bin``."""
+        return {file: self.file(name) for name, file in self.suffixes.items()}
+
+    def restore_record(self) -> dict[str, Any]:
+        """What :func:`from_record` needs to rebuild this module's shape (sizes, names), as plain data."""
+        sizes = {name: self.get_buffer(name).numel() for name in self.suffixes}
+        return {"runtime": self.runtime, "sizes": sizes, "info": dict(self.info)}
+
+    def counted_macs(self, example: torch.Tensor) -> int | None:
+        """MACs per sample, counted on the torch model before export (the graph computes the same products)."""
+        macs = self.info.get("macs")
+        return None if macs is None else int(macs)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Run the runtime on ``inputs`` (a float batch) and return its output(s) as torch tensors."""
+        array = inputs.detach().cpu().contiguous().numpy()
+        outputs = [torch.from_numpy(np.ascontiguousarray(out)) for out in self._run(self._session(), array)]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def _session(self) -> Any:
+        threads = torch.get_num_threads()
+        if threads not in self._sessions:
+            self._sessions[threads] = self._open(threads)
+        return self._sessions[threads]
+
+    def counted_weights(self) -> Iterator[torch.Tensor]:
+        """The graph's weight constants (for params, non-zeros and the engine's "changed nothing" check)."""
+        for array in self._constants():
+            yield torch.from_numpy(np.array(array, copy=True))
+
+    @abstractmethod
+    def _open(self, threads: int) -> Any:
+        """A session (or compiled model) of the runtime using ``threads`` threads."""
+
+    @abstractmethod
+    def _run(self, session: Any, array: np.ndarray) -> list[np.ndarray]:
+        """The outputs of one forward pass."""
+
+    @abstractmethod
+    def _constants(self) -> Iterator[np.ndarray]:
+        """The graph's weight constants, as numpy arrays."""
+
+    def deploy_info(self) -> dict[str, Any]:
+        """deploy.json: the runtime and its version, the files, inputs and outputs."""
+        return {"runtime": self.runtime, "version": self.info.get("version"), "files": sorted(self.deploy_files()),
+                "inputs": self.info.get("inputs"), "outputs": self.info.get("outputs"), "opset": self.info.get("opset")}
+
+
+def _as_tensor(content: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(content), dtype=torch.uint8)
+
+
+def is_weight(array: np.ndarray) -> bool:
+    """A constant that holds weights: at least one dimension, a float or 8-bit type (not a shape or an index)."""
+    return array.ndim >= 1 and array.size > 1 and array.dtype.kind in "fiu" and array.dtype != np.int64

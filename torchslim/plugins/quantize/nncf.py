@@ -1,0 +1,67 @@
+"""``method: nncf``: OpenVINO's post-training int8 quantization (NNCF) of a model deployed to OpenVINO
+(extra ``[openvino]``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+from torch import nn
+
+from ...engine.stage import Context
+from .._quant_base import Quantized
+from .runtime import RuntimeQuantize, calibration_arrays, census_of, quiet_library
+
+#: OpenVINO ops with a weight input (input 1).
+_WEIGHTED = ("Convolution", "GroupConvolution", "MatMul")
+#: Ops between a weight and its layer in a quantized IR (decompression and fake quantization).
+_PATH = ("Convert", "Subtract", "Multiply", "Reshape", "FakeQuantize", "Transpose")
+
+
+class NncfQuantize(RuntimeQuantize):
+    """NNCF post-training quantization: int8 weights and activations in OpenVINO, calibrated on the
+    calibration data (``nncf.quantize``, with its fast bias correction)."""
+
+    runtime: ClassVar[str] = "openvino"
+    requires: ClassVar[str] = "nncf"
+
+    method: Literal["nncf"] = "nncf"
+    """``nncf``: OpenVINO's NNCF post-training int8 (after ``deploy`` with ``runtime: openvino``)."""
+    preset: Literal["performance", "mixed"] = "performance"
+    """``performance``: symmetric weights and activations; ``mixed``: asymmetric activations (for
+    activations that are not centred on zero, e.g. after GELU)."""
+    calibration_batches: int = Field(default=32, ge=1)
+    """Batches of the calibration data run to find the activations' ranges."""
+
+    def _quantize(self, model: nn.Module, ctx: Context) -> Quantized:
+        import nncf
+
+        from ..deploy._ov import OpenVinoModel, ir_files
+
+        arrays = calibration_arrays(ctx, self.calibration_batches)
+        preset = nncf.QuantizationPreset.PERFORMANCE if self.preset == "performance" else nncf.QuantizationPreset.MIXED
+        with quiet_library():
+            ir = nncf.quantize(model.ov_model(), nncf.Dataset(arrays), preset=preset,  # type: ignore[operator]
+                               subset_size=len(arrays))
+        quantized = OpenVinoModel(ir_files(ir), model.info)  # type: ignore[arg-type]
+        self._report(quantized, ctx)
+        return Quantized(quantized, quantized.restore_record(), census_of(_layers(ir)))
+
+    def _verb(self) -> str:
+        return f"quantized (NNCF int8, preset {self.preset})"
+
+
+def _layers(ir: Any) -> Iterator[tuple[str, str, bool]]:
+    for op in ir.get_ordered_ops():
+        if op.get_type_name() in _WEIGHTED:
+            yield op.get_friendly_name(), op.get_type_name(), _is_int8(op.input_value(1).get_node())
+
+
+def _is_int8(node: Any) -> bool:
+    """True when the weight path holds a FakeQuantize or an 8-bit constant."""
+    while node.get_type_name() in _PATH:
+        if node.get_type_name() == "FakeQuantize":
+            return True
+        node = node.input_value(0).get_node()
+    return node.get_type_name() == "Constant" and str(node.get_element_type()) in ("<Type: 'int8_t'>", "<Type: 'uint8_t'>")

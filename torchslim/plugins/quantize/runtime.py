@@ -1,0 +1,85 @@
+"""What the quantize methods of a runtime share (``ort_static``, ``ort_dynamic``, ``nncf``): they take a
+model deployed by a ``deploy`` stage and quantize it in the runtime's own format, with its own library."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+from torch import nn
+
+from ...engine.errors import StageError
+from ...engine.stage import Context
+from .._quant_base import Census, batch_inputs
+from .base import QuantizeStage
+
+
+class RuntimeQuantize(QuantizeStage):
+    """A quantize method that runs inside a runtime: refuses any model but one deployed there."""
+
+    runtime: ClassVar[str] = ""
+    """The runtime whose deployed models this method quantizes (``deploy``'s ``runtime`` option)."""
+    requires: ClassVar[str] = ""
+    """The key of :data:`~torchslim.plugins.deploy.extras.EXTRAS` this method imports."""
+
+    def check_environment(self) -> None:
+        """Import the runtime's quantization library now (``torchslim validate`` asks)."""
+        from ..deploy.extras import MissingExtra, require
+
+        try:
+            require(self.requires)
+        except MissingExtra as exc:
+            raise StageError(self.label, f"method {self.method}: {exc}") from None
+
+    def _check_targets(self, model: nn.Module) -> None:
+        from ..deploy import RuntimeModel
+
+        if not isinstance(model, RuntimeModel) or model.runtime != self.runtime:
+            found = f"a model deployed to {model.runtime}" if isinstance(model, RuntimeModel) else "a torch model"
+            raise StageError(self.label, f"method {self.method} quantizes a model deployed to {self.runtime}, found "
+                             f"{found}: put {{type: deploy, runtime: {self.runtime}}} before this stage")
+        self.check_environment()
+
+    def _restore(self, model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
+        from ..deploy import from_record
+
+        return from_record(record)
+
+    def _report(self, deployed: nn.Module, ctx: Context) -> None:
+        """Name the runtime this row is measured in."""
+        from ..deploy import runtime_label
+
+        ctx.add_metric("runtime", runtime_label(deployed))  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def quiet_library() -> Iterator[None]:
+    """Keep the quantization libraries' advice and progress bars off the terminal: ONNX Runtime logs
+    warnings on the root logger, NNCF draws progress on stdout, where torchslim prints only its table."""
+    loggers = [logging.getLogger(), logging.getLogger("nncf")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def calibration_arrays(ctx: Context, batches: int) -> list[np.ndarray]:
+    """The inputs of the first ``batches`` calibration batches, as float32 numpy arrays."""
+    return [batch.detach().cpu().float().contiguous().numpy() for batch in batch_inputs(ctx.data["calibration"], batches)]
+
+
+def census_of(layers: Iterator[tuple[str, str, bool]]) -> Census:
+    """A census from ``(name, type, quantized)`` triples."""
+    census = Census()
+    for name, kind, quantized in layers:
+        (census.quantized if quantized else census.left_float)[name] = kind
+    return census
