@@ -9,6 +9,7 @@ from typing import Any
 from tabulate import tabulate
 
 from ..engine import names
+from ..engine.noise import latency_noise
 from ..engine.report import Report, Row, format_figure, with_delta, with_ratio
 from .budget import Budget
 
@@ -18,7 +19,7 @@ _COLUMNS = [
     (names.SIZE_BYTES, "size (x smaller)", "bytes", names.SIZE_BYTES),
     (names.PACKED_BYTES, "packed (x smaller)", "bytes", names.SIZE_BYTES),
     (names.MACS, "MACs (x fewer)", "count", names.MACS),
-    (names.LATENCY_MS, "latency ms (x faster)", "float", names.LATENCY_MS),
+    (names.LATENCY_MS, "latency ms (x faster)", "ms", names.LATENCY_MS),
 ]
 
 
@@ -117,15 +118,24 @@ class Comparison:
         return "baseline" if len(self.baselines) == 1 else f"baseline ({self.groups[group][0]})"
 
     def _baseline_cells(self, group: int, row: Row) -> list[str]:
-        cells = [self.baseline_label(group), *(format_figure(row.metrics.get(key), kind) for key, _, kind, _ in _COLUMNS)]
-        cells += [format_figure(row.metrics.get(self.metric), "float"), "-", "", *([""] if self.constraints else [])]
+        noisy = self._noisy(group, row.metrics)
+        cells = [self.baseline_label(group),
+                 *(format_figure(row.metrics.get(key), kind, noisy and key == names.LATENCY_MS) for key, _, kind, _ in _COLUMNS)]
+        cells += [format_figure(row.metrics.get(self.metric), "metric"), "-", "", *([""] if self.constraints else [])]
         return cells
+
+    def _noisy(self, group: int, *figures: dict[str, Any]) -> bool:
+        """Whether any of these latencies is noise, judged by the rules of a run's report (engine.noise)."""
+        environment = next((e.report.environment for e in self.entries if e.group == group and e.report), {})
+        return any(latency_noise(f, environment) for f in figures if f.get(names.LATENCY_MS))
 
     def _entry_cells(self, entry: Entry) -> list[str]:
         if entry.report is None:
             return [entry.name, *(["-"] * (len(_COLUMNS) + 2)), "", *(["failed"] if self.constraints else [])]
         final, base = entry.report.final.metrics, self.baselines[entry.group].metrics
-        cells = [entry.name, *(with_ratio(final.get(key), base.get(ref), kind) for key, _, kind, ref in _COLUMNS)]
+        noisy = self._noisy(entry.group, final, base)
+        cells = [entry.name, *(with_ratio(final.get(key), base.get(ref), kind, noisy and key == names.LATENCY_MS)
+                               for key, _, kind, ref in _COLUMNS)]
         cells += [with_delta(final.get(self.metric), base.get(self.metric), False), format_figure(entry.seconds, "float")]
         cells.append(" ".join(entry.fronts))
         if self.constraints is not None:
@@ -145,6 +155,9 @@ class Comparison:
             lines.append(f"reused {len(reused)} finished variant(s) (same resolved recipe hash and environment), "
                          f"not rerun: {', '.join(reused)}")
         lines.append(self.mode.describe())
+        if any(self._noisy(e.group, e.report.final.metrics, self.baselines[e.group].metrics) for e in self.entries if e.report):
+            lines.append("~ marks a noisy latency and its ratio (the machine was busy or the runs spread widely, "
+                         "as each variant's report.json notes say): read it as noise, not as a measurement")
         return lines
 
     def _baseline_line(self) -> str:

@@ -78,6 +78,11 @@ class Stage(BaseModel, ABC):
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         """Compress ``model`` and return the model the engine continues with."""
 
+    def check_environment(self) -> None:
+        """Raise (StageError, naming what to install) if something this stage needs beyond torch is
+        missing; ``torchslim validate`` calls it so that a recipe fails before anything runs. The
+        default needs nothing."""
+
     def restore(self, model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
         """Redo this stage's structural changes (module swaps, removed channels) on a fresh model.
 
