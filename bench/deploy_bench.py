@@ -40,7 +40,7 @@ OURS = ("torchslim 50% channels + distill, onnxruntime int8", "torchslim 50% cha
 
 def deployed(model: nn.Module, ctx: Context, runtime: str, method: str | None) -> nn.Module:
     """``model`` through a deploy stage and, with ``method``, a runtime quantize stage."""
-    result = DeployStage(runtime=runtime).apply(model, ctx.for_stage())  # type: ignore[arg-type]
+    result = DeployStage(runtime=runtime).apply(model, ctx.for_stage())
     if method is not None:
         stage = QuantizeStage.from_options(type="quantize", method=method, calibration_batches=32)
         result = stage.apply(result, ctx.for_stage())
@@ -85,7 +85,16 @@ def timings(models: dict[str, nn.Module], batch: torch.Tensor, threads: int, rou
     result = interleaved(list(models.values()), batch, warmup=10, runs=rounds, threads=threads)
     after = os.getloadavg()[0]
     medians = {name: statistics.median(t.samples) for name, t in zip(models, result, strict=True)}
-    return {"threads": threads, "load_before": round(before, 2), "load_after": round(after, 2), "median_ms": medians}
+    samples = {name: list(t.samples) for name, t in zip(models, result, strict=True)}
+    return {"threads": threads, "load_before": round(before, 2), "load_after": round(after, 2), "median_ms": medians,
+            "samples_ms": samples}
+
+
+def paired(run: dict[str, Any], slower: str, faster: str) -> float:
+    """Median over rounds of slower / faster, each round's pair timed back to back: steadier than a
+    ratio of medians when the machine's load changes during the run."""
+    pairs = zip(run["samples_ms"][slower], run["samples_ms"][faster], strict=True)
+    return float(statistics.median(s / f for s, f in pairs))
 
 
 def main() -> None:
@@ -115,6 +124,7 @@ def targets(scores: dict[str, float], sizes: dict[str, int], runs: list[dict[str
         ms = run["median_ms"]
         ours, peer = min(OURS, key=ms.__getitem__), min(PEERS, key=ms.__getitem__)
         out.append({"threads": run["threads"], "ours": ours, "best_peer": peer, "x_faster_than_peer": ms[peer] / ms[ours],
+                    "x_faster_than_peer_paired": paired(run, peer, ours), "load": [run["load_before"], run["load_after"]],
                     "x_faster_than_torch": ms["torch float32 eager"] / ms[ours],
                     "accuracy_change": scores[ours] - scores["torch float32 eager"], "size_kb": sizes[ours] / 1000})
     return out

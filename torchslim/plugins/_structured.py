@@ -10,7 +10,12 @@ stays inside this module.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +56,9 @@ class _Group:
     removable: int
     """Units that may still be removed in this step without passing the ceiling."""
     remove: int = 0
+    heads: Any = None
+    """The attention module whose heads are this group's units (``num_heads`` is updated), or None."""
+    head_dim: int = 0
 
 
 @dataclass
@@ -61,26 +69,132 @@ class ChannelState:
     """Output channels of each group's root layer (by name) before the first step."""
     protected: list[str] = field(default_factory=list)
     """Layers left alone: the model's output layers and the excluded ones."""
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Groups left whole (by root layer name) and why: Torch-Pruning's check refused them, scoring or
+    cutting them raised, or the pruned model's forward broke (the cut is undone)."""
+    heads: dict[str, int] = field(default_factory=dict)
+    """Attention modules pruned by whole heads: heads removed so far."""
 
 
-def prune_step(model: nn.Module, example: torch.Tensor, fraction: float, opts: ChannelOptions, state: ChannelState) -> None:
-    """Remove channels so that ``fraction`` of the original prunable channels are gone after this step."""
+class GraphTimeout(RuntimeError):
+    """Tracing the dependency graph took longer than the time limit."""
+
+
+def prune_step(model: nn.Module, example: torch.Tensor, fraction: float, opts: ChannelOptions, state: ChannelState,
+               log: logging.Logger | None = None, time_limit: float | None = None) -> None:
+    """Remove channels so that ``fraction`` of the original prunable channels are gone after this step.
+
+    A group that Torch-Pruning refuses (its check fails, scoring or cutting it raises) or whose cut
+    breaks the model's forward is left whole and named in ``state.skipped``; under global scope its
+    share of the budget goes to the other groups. Attention layers (a module with ``num_heads`` and
+    a ``qkv`` Linear, as in timm) are pruned by whole heads.
+    """
     import torch_pruning as tp
 
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    log = log or logging.getLogger("torchslim")
+    graph = _build_graph(model, example, log, time_limit)
     names = {module: name for name, module in model.named_modules()}
     protected = _protected(graph, names, opts.exclude)
     state.protected = sorted(names[m] for m in protected)
     scorer = tp.importance.GroupMagnitudeImportance(p=opts.norm, group_reduction="mean", normalizer="mean")
-    groups = [g for g in (_describe(graph, group, names, scorer, opts, state) for group in
-                          graph.get_all_groups(ignored_layers=protected, root_module_types=list(ROOT_TYPES))) if g]
+    groups = []
+    for group in _all_groups(graph, protected, state):
+        root = group[0].dep.target.module
+        name = names.get(root, type(root).__name__)
+        try:
+            described = _describe(graph, group, names, scorer, opts, state)
+        except Exception as exc:  # noqa: BLE001 - Torch-Pruning's own failure: this group stays whole
+            _skip(state, name, root, f"scoring raised {_first_line(exc)}")
+            continue
+        if described is None:
+            continue
+        problem = _precheck(graph, described)
+        if problem:
+            _skip(state, name, root, problem)
+            continue
+        groups.append(described)
+    modules = dict(model.named_modules())
     if opts.scope == "global":
-        _choose_global(groups, fraction, state)
+        _choose_global(groups, fraction, state, modules)
     else:
         _choose_per_layer(groups, fraction, state)
+    started = time.monotonic()
+    with torch.no_grad():
+        expected = _shapes_of(model(example))
     for group in groups:
         _round(group, opts.round_to)
-        _cut(graph, group)
+        _cut(model, graph, group, example, expected, state)
+    log.info("  structured: cut %d groups in %.1f s (%d left whole)", len(groups), time.monotonic() - started,
+             len(state.skipped))
+
+
+def _build_graph(model: nn.Module, example: torch.Tensor, log: logging.Logger, time_limit: float | None) -> Any:
+    import torch_pruning as tp
+
+    count = sum(1 for _ in model.modules())
+    log.info("  structured: tracing the dependency graph (%d modules)%s", count,
+             f", time limit {time_limit:g} s" if time_limit else "")
+    started = time.monotonic()
+    with _deadline(time_limit):
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+    log.info("  structured: dependency graph traced in %.1f s", time.monotonic() - started)
+    return graph
+
+
+@contextmanager
+def _deadline(seconds: float | None) -> Iterator[None]:
+    """Raise :class:`GraphTimeout` after ``seconds`` (main thread only, where signals can be used)."""
+    if not seconds or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise GraphTimeout(f"tracing the dependency graph took more than time_limit={seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _all_groups(graph: Any, protected: list[nn.Module], state: ChannelState) -> Iterator[Any]:
+    groups = graph.get_all_groups(ignored_layers=protected, root_module_types=list(ROOT_TYPES))
+    while True:
+        try:
+            group = next(groups)
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001 - Torch-Pruning failed to list the rest
+            state.skipped.setdefault("(remaining groups)", f"listing the groups raised {_first_line(exc)}")
+            return
+        yield group
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
+def _skip(state: ChannelState, name: str, root: nn.Module, reason: str) -> None:
+    state.skipped.setdefault(name, reason)
+    state.original.setdefault(name, _out_channels(root))
+
+
+def _precheck(graph: Any, group: _Group) -> str | None:
+    """Why Torch-Pruning cannot cut even the least important unit of this group (None: it can)."""
+    if group.removable <= 0:
+        return None
+    try:
+        plan = graph.get_pruning_group(group.root, graph.get_pruner_of_module(group.root).prune_out_channels,
+                                       _channels(group, 1))
+        if not graph.check_pruning_group(plan):
+            return "Torch-Pruning's check refused it (a coupled layer would lose all its channels)"
+    except Exception as exc:  # noqa: BLE001
+        return f"building its pruning plan raised {_first_line(exc)}"
+    return None
 
 
 def pruned_fraction(model: nn.Module, state: ChannelState) -> float:
@@ -132,9 +246,47 @@ def _describe(graph: Any, group: Any, names: dict[nn.Module, str], scorer: Any, 
     if per_unit > 1:
         importance = importance.view(per_unit, units).mean(dim=0)
     name = names[root]
+    attention = _attention_of(root, names)
+    if attention is not None and per_unit == 1:
+        return _describe_heads(name, root, attention, importance, opts, state)
     original = state.original.setdefault(name, units * per_unit) // per_unit
     removable = max(0, int(opts.ceiling * original) - (original - units))
     return _Group(name, root, importance.detach().float().cpu(), per_unit, units, min(removable, units - 1))
+
+
+def _attention_of(root: nn.Module, names: dict[nn.Module, str]) -> nn.Module | None:
+    """The attention module whose ``qkv`` Linear is ``root`` (timm's layout), if any."""
+    if not isinstance(root, nn.Linear):
+        return None
+    name = names.get(root, "")
+    if not name.endswith("qkv"):
+        return None
+    parent_name = name.rpartition(".")[0]
+    parent = next((m for m, n in names.items() if n == parent_name), None)
+    heads, head_dim = getattr(parent, "num_heads", None), getattr(parent, "head_dim", None)
+    if not isinstance(heads, int) or not isinstance(head_dim, int) or heads < 2:
+        return None
+    if root.out_features != 3 * heads * head_dim:
+        return None
+    return parent
+
+
+def _describe_heads(name: str, root: nn.Module, attention: nn.Module, importance: torch.Tensor,
+                    opts: ChannelOptions, state: ChannelState) -> _Group | None:
+    """A group whose units are whole heads: head h is the q/k/v channels h*head_dim ... (h+1)*head_dim-1."""
+    heads, head_dim = int(attention.num_heads), int(attention.head_dim)
+    scores = importance.detach().float().cpu().flatten()
+    if scores.numel() == 3 * heads * head_dim:
+        scores = scores.view(3, heads, head_dim).mean(dim=(0, 2))
+    elif scores.numel() == heads * head_dim:
+        scores = scores.view(heads, head_dim).mean(dim=1)
+    else:
+        return None
+    original_heads = (state.original.setdefault(name, heads * head_dim * 3)) // (3 * head_dim)
+    removable = max(0, int(opts.ceiling * original_heads) - (original_heads - heads))
+    # per_unit counts channels for the budget: one head is head_dim channels of q (k and v follow it)
+    return _Group(name, root, scores, 3 * head_dim, heads, min(removable, heads - 1), heads=attention,
+                  head_dim=head_dim)
 
 
 def _channel_groups(graph: Any, group: Any) -> int:
@@ -162,19 +314,40 @@ def _choose_per_layer(groups: list[_Group], fraction: float, state: ChannelState
         group.remove = max(0, min(target, group.removable))
 
 
-def _choose_global(groups: list[_Group], fraction: float, state: ChannelState) -> None:
-    """Rank every group's candidate units together; each group offers only the units its ceiling allows."""
-    original = sum(state.original[g.name] for g in groups)
-    current = sum(g.units * g.per_unit for g in groups)
+def _choose_global(groups: list[_Group], fraction: float, state: ChannelState,
+                   modules: dict[str, nn.Module]) -> None:
+    """Rank every group's candidate units together; each group offers only the units its ceiling allows.
+
+    The budget is ``fraction`` of all the prunable channels, those of the groups left whole included:
+    their share goes to the groups that can be pruned.
+    """
+    original = sum(state.original.values())
+    current = sum(_out_channels(modules[name]) for name in state.original if name in modules)
     budget = int(fraction * original + 0.5) - (original - current)
-    candidates = [(float(score), index) for index, g in enumerate(groups)
-                  for score in torch.sort(g.importance).values[: g.removable].tolist()]
+    # Attention heads are ranked within their layer (as Torch-Pruning's head pruning ratio does): a
+    # head's score averages 3 x head_dim weights and would rarely rank below single channels.
+    for group in groups:
+        if group.heads is not None:
+            heads = state.original[group.name] // group.per_unit
+            group.remove = max(0, min(int(fraction * heads + 0.5) - (heads - group.units), group.removable))
+            budget -= group.remove * group.per_unit
+    # Scores are standardized within each group: a group whose score averages many coupled layers (a
+    # residual stream) varies less than a single layer's and would otherwise never reach the bottom.
+    candidates = [(float(score), index) for index, g in enumerate(groups) if g.heads is None
+                  for score in torch.sort(_standardized(g.importance)).values[: g.removable].tolist()]
     for _, index in sorted(candidates):
         group = groups[index]
         if budget < group.per_unit:
             break
         group.remove += 1
         budget -= group.per_unit
+
+
+def _standardized(scores: torch.Tensor) -> torch.Tensor:
+    if scores.numel() < 2:
+        return scores - scores.mean()
+    spread = scores.std()
+    return (scores - scores.mean()) / (spread if spread > 0 else 1.0)
 
 
 def _round(group: _Group, round_to: int) -> None:
@@ -188,12 +361,89 @@ def _round(group: _Group, round_to: int) -> None:
     group.remove = group.units - min(max(kept, round_to), group.units)
 
 
-def _cut(graph: Any, group: _Group) -> None:
+def _channels(group: _Group, count: int) -> list[int]:
+    """Output channels of the root layer for the ``count`` least important units."""
+    units = torch.argsort(group.importance)[:count].tolist()
+    if group.heads is not None:  # q channels of whole heads; Torch-Pruning adds the k and v ones
+        return sorted(u * group.head_dim + d for u in units for d in range(group.head_dim))
+    return sorted(u + k * group.units for u in units for k in range(group.per_unit))
+
+
+def _cut(model: nn.Module, graph: Any, group: _Group, example: torch.Tensor, expected: Any,
+         state: ChannelState) -> None:
+    """Cut the chosen units; undo the cut (and leave the group whole) if the model's forward then fails."""
     if group.remove <= 0:
         return
-    units = torch.argsort(group.importance)[: group.remove].tolist()
-    channels = sorted(u + k * group.units for u in units for k in range(group.per_unit))
-    pruner = graph.get_pruner_of_module(group.root)
-    plan = graph.get_pruning_group(group.root, pruner.prune_out_channels, channels)
-    if graph.check_pruning_group(plan):
+    try:
+        plan = graph.get_pruning_group(group.root, graph.get_pruner_of_module(group.root).prune_out_channels,
+                                       _channels(group, group.remove))
+        if not graph.check_pruning_group(plan):
+            state.skipped.setdefault(group.name, "Torch-Pruning's check refused the cut (a coupled layer would "
+                                     "lose all its channels)")
+            return
+    except Exception as exc:  # noqa: BLE001
+        state.skipped.setdefault(group.name, f"building its pruning plan raised {_first_line(exc)}")
+        return
+    saved = _save(model)
+    try:
         plan.prune()
+        if group.heads is not None:
+            _drop_heads(group)
+        with torch.no_grad():
+            got = _shapes_of(model(example))
+        if got != expected:
+            raise RuntimeError(f"output shape changed from {expected} to {got}")
+    except Exception as exc:  # noqa: BLE001 - undo: the model is as before this group
+        _load(saved)
+        state.skipped.setdefault(group.name, f"the pruned forward failed ({_first_line(exc)}); cut undone")
+        return
+    if group.heads is not None:
+        state.heads[group.name.rpartition(".")[0]] = state.heads.get(group.name.rpartition(".")[0], 0) + group.remove
+
+
+def _shapes_of(output: Any) -> Any:
+    if isinstance(output, torch.Tensor):
+        return tuple(output.shape)
+    if isinstance(output, (list, tuple)):
+        return tuple(_shapes_of(o) for o in output)
+    if isinstance(output, dict):
+        return tuple((k, _shapes_of(v)) for k, v in output.items())
+    return None
+
+
+def _drop_heads(group: _Group) -> None:
+    """Update the attention module's head count, and slice its own per-head tensors (relative position biases)."""
+    attention, kept = group.heads, torch.sort(torch.argsort(group.importance)[group.remove:]).values
+    old = int(attention.num_heads)
+    attention.num_heads = old - group.remove
+    if isinstance(getattr(attention, "attn_dim", None), int):
+        attention.attn_dim = attention.num_heads * group.head_dim
+    for key, tensor in list(attention._parameters.items()) + list(attention._buffers.items()):
+        if tensor is None or tensor.dtype in (torch.long, torch.int) or old not in tensor.shape:
+            continue
+        dim = max(i for i, size in enumerate(tensor.shape) if size == old)
+        sliced = torch.index_select(tensor.data, dim, kept.to(tensor.device))
+        if key in attention._parameters:
+            attention._parameters[key] = nn.Parameter(sliced, requires_grad=tensor.requires_grad)
+        else:
+            attention._buffers[key] = sliced
+
+
+def _save(model: nn.Module) -> list[tuple[Any, ...]]:
+    """What a cut may change, by reference (no tensor is copied): module attributes and tensors."""
+    modules = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    data = [(p, p.data) for p in model.parameters()]
+    return [*modules, *[(p, d) for p, d in data]]
+
+
+def _load(saved: list[tuple[Any, ...]]) -> None:
+    for entry in saved:
+        if len(entry) == 4:
+            module, attributes, parameters, buffers = entry
+            module.__dict__.clear()
+            module.__dict__.update(attributes)
+            module.__dict__["_parameters"] = dict(parameters)
+            module.__dict__["_buffers"] = dict(buffers)
+    for entry in saved:
+        if len(entry) == 2:
+            entry[0].data = entry[1]

@@ -66,12 +66,15 @@ class DistillStage(Stage):
     """Stop after this many optimizer steps in total (null: no limit)."""
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     """``adam``, ``adamw`` (decoupled weight decay) or ``sgd`` (momentum 0.9)."""
-    lr: float = Field(default=1e-3, gt=0)
-    """Learning rate (the peak rate under ``cosine``)."""
+    lr: float = Field(default=1e-2, gt=0)
+    """Learning rate (the peak rate under ``cosine``). The default recovers pruned models best of the
+    settings bench/recovery_bench.py measured (docs/distill.md); lower it for large pretrained
+    networks (transformers fine-tune at 1e-4 or below)."""
     weight_decay: float = Field(default=0.0, ge=0)
     """Weight decay of the optimizer."""
-    schedule: Literal["constant", "cosine"] = "constant"
-    """``constant`` keeps the learning rate; ``cosine`` decays it to zero over the planned steps."""
+    schedule: Literal["constant", "cosine"] = "cosine"
+    """``cosine`` decays the learning rate to zero over the planned steps (a train loader without a
+    length then needs ``max_steps``); ``constant`` keeps it."""
     warmup: float = Field(default=0.0, ge=0, lt=1)
     """Fraction of the planned steps over which the learning rate rises linearly to ``lr`` (0: none)."""
     grad_clip: float | None = Field(default=None, gt=0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -47,8 +47,6 @@ class DeployStage(Stage):
     """``dynamo`` (torch.export, the default exporter) or ``torchscript`` (the older tracer, for models dynamo cannot export)."""
     tolerance: float = Field(default=1e-4, gt=0)
     """Largest allowed difference between the runtime's and torch's outputs, relative to the largest output (at least 1)."""
-
-    changes_model: ClassVar[bool] = True
 
     def check_environment(self) -> None:
         """Import the runtime and the exporter's packages now (``torchslim validate`` asks)."""

@@ -40,7 +40,11 @@ class RuntimeModel(nn.Module):
             data = torch.empty(content, dtype=torch.uint8) if isinstance(content, int) else _as_tensor(content)
             self.register_buffer(name, data)
         self._sessions: dict[int, Any] = {}
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._sessions.clear())
+        self.register_load_state_dict_post_hook(_drop_sessions)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Runtime sessions cannot be copied or pickled; a copy builds its own on first use.
+        return {**super().__getstate__(), "_sessions": {}}
 
     def file(self, name: str) -> bytes:
         """The bytes of file ``name`` (a buffer)."""
@@ -97,6 +101,11 @@ class RuntimeModel(nn.Module):
         """deploy.json: the runtime and its version, the files, inputs and outputs."""
         return {"runtime": self.runtime, "version": self.info.get("version"), "files": sorted(self.deploy_files()),
                 "inputs": self.info.get("inputs"), "outputs": self.info.get("outputs"), "opset": self.info.get("opset")}
+
+
+def _drop_sessions(module: RuntimeModel, _keys: Any) -> None:
+    """After new files are loaded, the sessions built from the old ones must go."""
+    module._sessions.clear()
 
 
 def _as_tensor(content: bytes) -> torch.Tensor:

@@ -36,6 +36,9 @@ class StructuredPrune(PruneStage):
     max_layer_amount: Fraction = 0.9
     """Most any one group may lose, as a fraction of its channels, so that global ranking cannot
     wipe out a small layer."""
+    time_limit: float | None = Field(default=None, gt=0)
+    """Seconds allowed for tracing the model's dependency graph (null: no limit); past it the stage fails
+    with a clear error instead of hanging."""
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         """Remove channels and return the smaller model; the new shapes are recorded for :meth:`restore`."""
@@ -56,13 +59,18 @@ class StructuredPrune(PruneStage):
     def _remove_channels(self, model: nn.Module, ctx: Context) -> ChannelState:
         _need_torch_pruning(self.label)
         check_patterns(model, self.exclude, "exclude", self.label)
-        from .._structured import ChannelOptions, ChannelState, prune_step
+        from .._structured import ChannelOptions, ChannelState, GraphTimeout, prune_step
 
         options = ChannelOptions(scope=self.scope, norm=1 if self.importance == "l1" else 2, round_to=self.round_to,
                                  ceiling=self.max_layer_amount, exclude=self.exclude)
         state, example = ChannelState(), ctx.example_inputs[:2]
         for step in range(1, self.steps + 1):
-            prune_step(model.eval(), example, self.amount * step / self.steps, options, state)
+            try:
+                prune_step(model.eval(), example, self.amount * step / self.steps, options, state, ctx.log,
+                           self.time_limit)
+            except GraphTimeout as exc:
+                raise StageError(self.label, f"{exc}; raise time_limit, or exclude the layers that make the "
+                                 "graph large") from exc
             self._finetune(model, ctx, step)
         return state
 
@@ -73,9 +81,31 @@ class StructuredPrune(PruneStage):
         ctx.add_metric("pruned_channels", removed)
         ctx.add_metric("pruned_layers", sum(1 for values in record["attributes"].values() if values))
         ctx.log.info("  %s: left alone (output or excluded): %s", self.label, ", ".join(state.protected) or "none")
+        if state.heads:
+            ctx.add_metric("pruned_heads", sum(state.heads.values()))
+            ctx.log.info("  %s: attention heads removed: %s", self.label,
+                         ", ".join(f"{name} -{count}" for name, count in state.heads.items()))
+        for name, reason in state.skipped.items():
+            ctx.log.info("  %s: left %s whole: %s", self.label, name, reason)
+        if state.skipped:
+            shown = "; ".join(f"{name}: {reason}" for name, reason in list(state.skipped.items())[:3])
+            more = f" (and {len(state.skipped) - 3} more, in the log)" if len(state.skipped) > 3 else ""
+            ctx.note(f"{self.label}: {len(state.skipped)} group(s) of coupled channels left whole, their share "
+                     f"given to the others: {shown}{more}")
         if removed < self.amount - 0.02:
-            ctx.note(f"{self.label}: removed {removed:.0%} of the prunable channels, not {self.amount:.0%}: the "
-                     f"per-layer ceiling (max_layer_amount) or round_to held some layers back")
+            ctx.note(f"{self.label}: removed {removed:.0%} of the prunable channels, not {self.amount:.0%}: "
+                     f"{_shortfall(self, state)}")
+
+
+def _shortfall(stage: StructuredPrune, state: ChannelState) -> str:
+    """The true reason less than the amount was removed."""
+    reasons = []
+    if state.skipped:
+        reasons.append(f"{len(state.skipped)} group(s) could not be pruned (named in the notes and the log) and "
+                       "the others could not take all of their share")
+    reasons.append(f"the per-layer ceiling (max_layer_amount={stage.max_layer_amount:g})"
+                   + (f" or round_to={stage.round_to}" if stage.round_to > 1 else "") + " held the other groups back")
+    return "; ".join(reasons)
 
 
 def _need_torch_pruning(label: str) -> None:
