@@ -164,13 +164,13 @@ def test_a_failed_variant_is_reported_and_the_others_run(registry: Registry) -> 
 
 def test_ready_comparison_recipes(registry: Registry) -> None:
     paths = sorted((ROOT / "recipes" / "compare").glob("*.yaml"))
-    assert [p.stem for p in paths] == ["bits-float8", "bits-half", "bits-int", "bits-ternary-binary", "chain", "distill",
-                                       "prune", "quantize", "sweep"]
+    bits = [f"bits-{kind}{model}" for kind in ("float8", "half", "int", "ternary-binary") for model in ("-cnn", "")]
+    assert [p.stem for p in paths] == [*bits, "chain", "distill", "prune", "quantize", "sweep"]
     documents = [read_yaml(p) for p in paths]
     recipes = [validate(d, registry) for d in documents]
     assert all(p.read_text().startswith("# yaml-language-server: $schema=../recipe.schema.json\n") for p in paths)
     assert len({r.constraints for r in recipes}) == 1  # one budget, so any subset of the folder compares
-    assert sum(len(expand(d, r, registry)) for d, r in zip(documents, recipes, strict=True)) == 10 + 16  # + bits study
+    assert sum(len(expand(d, r, registry)) for d, r in zip(documents, recipes, strict=True)) == 10 + 16 + 16  # + bits study, MLP and CNN
 
 
 @pytest.fixture(scope="module")

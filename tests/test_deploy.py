@@ -99,3 +99,29 @@ def test_missing_extra_names_it(registry: Registry, monkeypatch: pytest.MonkeyPa
     monkeypatch.setitem(sys.modules, module, None)  # `import module` now fails, as if not installed
     with pytest.raises(StageError, match=rf"pip install 'torchslim\[{extra}\]'"):
         torchslim.run(_recipe("mlp", [{"type": "deploy", "runtime": runtime}]), registry=registry)
+
+
+class _Text(torch.nn.Module):
+    """Token ids (batch x sequence) -> mean embedding -> 3 scores: a text model's shape in miniature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = torch.nn.Embedding(50, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids).mean(dim=1))
+
+
+@_needs("onnxruntime")
+def test_sequence_axis_can_be_dynamic() -> None:
+    from torchslim.plugins.deploy import DeployStage
+
+    from .conftest import make_ctx
+
+    model = _Text().eval()
+    ids = torch.randint(0, 50, (4, 7))
+    ctx = make_ctx(model, {"train": [(ids, ids[:, 0])], "eval": [(ids, ids[:, 0])]}, evaluate=lambda m: 0.0)
+    deployed = DeployStage(runtime="onnxruntime", dynamic_axes=[0, 1]).apply(model, ctx)
+    assert deployed.info["inputs"]["input"] == ["batch", "sequence"]
+    longer = torch.randint(0, 50, (2, 11))
+    torch.testing.assert_close(deployed(longer), model(longer), rtol=1e-4, atol=1e-5)

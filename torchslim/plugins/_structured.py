@@ -135,10 +135,72 @@ def _build_graph(model: nn.Module, example: torch.Tensor, log: logging.Logger, t
     log.info("  structured: tracing the dependency graph (%d modules)%s", count,
              f", time limit {time_limit:g} s" if time_limit else "")
     started = time.monotonic()
+    merging = {type(m): _MergingPruner() for m in model.modules() if _is_merging(m)}
     with _deadline(time_limit):
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
+                                                      customized_pruners=merging or None)
     log.info("  structured: dependency graph traced in %.1f s", time.monotonic() - started)
     return graph
+
+
+def _is_merging(module: nn.Module) -> bool:
+    """A patch-merging layer (Swin's): 2x2 neighbours' channels concatenated, normed, then a Linear.
+
+    Torch-Pruning maps channel indices through its reshape wrongly; it is pruned as one layer instead.
+    """
+    norm, reduction = getattr(module, "norm", None), getattr(module, "reduction", None)
+    return (type(module).__name__.endswith("PatchMerging") and isinstance(reduction, nn.Linear)
+            and isinstance(norm, nn.LayerNorm) and reduction.in_features % 4 == 0
+            and tuple(norm.normalized_shape) == (reduction.in_features,) and reduction.bias is None)
+
+
+def _merging_pruner_base() -> type:
+    import torch_pruning as tp
+
+    return tp.pruner.function.BasePruningFunc
+
+
+class _MergingPruner:
+    """Prunes a patch-merging layer: input channel c is the features k*C + c (k = 0..3) of norm and reduction."""
+
+    def __new__(cls) -> Any:
+        base = _merging_pruner_base()
+
+        class MergingPruner(base):  # type: ignore[misc, valid-type]
+            TARGET_MODULES = None
+
+            def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+                keep = [i for i in range(layer.reduction.out_features) if i not in set(idxs)]
+                layer.reduction.weight = nn.Parameter(layer.reduction.weight.data[keep].clone())
+                layer.reduction.out_features = len(keep)
+                if isinstance(getattr(layer, "out_dim", None), int):
+                    layer.out_dim = len(keep)
+                return layer
+
+            def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+                channels = layer.reduction.in_features // 4
+                gone = set(int(i) for i in idxs)
+                keep = [i for i in range(channels) if i not in gone]
+                full = torch.tensor([k * channels + c for k in range(4) for c in keep])
+                layer.reduction.weight = nn.Parameter(layer.reduction.weight.data[:, full].clone())
+                layer.reduction.in_features = len(full)
+                norm = layer.norm
+                if norm.weight is not None:
+                    norm.weight = nn.Parameter(norm.weight.data[full].clone())
+                if norm.bias is not None:
+                    norm.bias = nn.Parameter(norm.bias.data[full].clone())
+                norm.normalized_shape = (len(full),)
+                if isinstance(getattr(layer, "dim", None), int):
+                    layer.dim = len(keep)
+                return layer
+
+            def get_out_channels(self, layer: nn.Module) -> int:
+                return int(layer.reduction.out_features)
+
+            def get_in_channels(self, layer: nn.Module) -> int:
+                return int(layer.reduction.in_features) // 4
+
+        return MergingPruner()
 
 
 @contextmanager
@@ -188,8 +250,7 @@ def _precheck(graph: Any, group: _Group) -> str | None:
     if group.removable <= 0:
         return None
     try:
-        plan = graph.get_pruning_group(group.root, graph.get_pruner_of_module(group.root).prune_out_channels,
-                                       _channels(group, 1))
+        plan = _plan(graph, group, 1)
         if not graph.check_pruning_group(plan):
             return "Torch-Pruning's check refused it (a coupled layer would lose all its channels)"
     except Exception as exc:  # noqa: BLE001
@@ -263,10 +324,11 @@ def _attention_of(root: nn.Module, names: dict[nn.Module, str]) -> nn.Module | N
         return None
     parent_name = name.rpartition(".")[0]
     parent = next((m for m, n in names.items() if n == parent_name), None)
-    heads, head_dim = getattr(parent, "num_heads", None), getattr(parent, "head_dim", None)
-    if not isinstance(heads, int) or not isinstance(head_dim, int) or heads < 2:
+    heads = getattr(parent, "num_heads", None)
+    if not isinstance(heads, int) or heads < 2 or root.out_features % (3 * heads):
         return None
-    if root.out_features != 3 * heads * head_dim:
+    head_dim = getattr(parent, "head_dim", root.out_features // (3 * heads))
+    if not isinstance(head_dim, int) or root.out_features != 3 * heads * head_dim:
         return None
     return parent
 
@@ -274,7 +336,8 @@ def _attention_of(root: nn.Module, names: dict[nn.Module, str]) -> nn.Module | N
 def _describe_heads(name: str, root: nn.Module, attention: nn.Module, importance: torch.Tensor,
                     opts: ChannelOptions, state: ChannelState) -> _Group | None:
     """A group whose units are whole heads: head h is the q/k/v channels h*head_dim ... (h+1)*head_dim-1."""
-    heads, head_dim = int(attention.num_heads), int(attention.head_dim)
+    heads = int(attention.num_heads)
+    head_dim = root.out_features // (3 * heads)  # type: ignore[operator]
     scores = importance.detach().float().cpu().flatten()
     if scores.numel() == 3 * heads * head_dim:
         scores = scores.view(3, heads, head_dim).mean(dim=(0, 2))
@@ -369,14 +432,24 @@ def _channels(group: _Group, count: int) -> list[int]:
     return sorted(u + k * group.units for u in units for k in range(group.per_unit))
 
 
+def _plan(graph: Any, group: _Group, count: int) -> Any:
+    """Torch-Pruning's plan for cutting ``count`` units; for heads, without the attention's own per-head
+    tensors (relative position biases), which :func:`_drop_heads` slices by head, not by channel."""
+    plan = graph.get_pruning_group(group.root, graph.get_pruner_of_module(group.root).prune_out_channels,
+                                   _channels(group, count))
+    if group.heads is not None:
+        own = {id(t) for t in group.heads._parameters.values() if t is not None}
+        plan._group = [item for item in plan._group if id(item.dep.target.module) not in own]
+    return plan
+
+
 def _cut(model: nn.Module, graph: Any, group: _Group, example: torch.Tensor, expected: Any,
          state: ChannelState) -> None:
     """Cut the chosen units; undo the cut (and leave the group whole) if the model's forward then fails."""
     if group.remove <= 0:
         return
     try:
-        plan = graph.get_pruning_group(group.root, graph.get_pruner_of_module(group.root).prune_out_channels,
-                                       _channels(group, group.remove))
+        plan = _plan(graph, group, group.remove)
         if not graph.check_pruning_group(plan):
             state.skipped.setdefault(group.name, "Torch-Pruning's check refused the cut (a coupled layer would "
                                      "lose all its channels)")

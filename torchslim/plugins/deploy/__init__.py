@@ -21,7 +21,7 @@ from torch import nn
 from ...engine.errors import StageError
 from ...engine.macs import count_macs
 from ...engine.stage import Context, Stage
-from .export import graph_info, largest_difference, to_onnx
+from .export import axis_name, graph_info, largest_difference, to_onnx
 from .extras import MissingExtra, require, version
 from .runtime import RuntimeModel
 
@@ -29,7 +29,7 @@ __all__ = ["DeployStage", "RuntimeModel", "from_record", "runtime_label", "wrap"
 
 
 class DeployStage(Stage):
-    """Export the model to ONNX (dynamic batch axis) and run it in a runtime from here on.
+    """Export the model to ONNX (dynamic batch axis, more with ``dynamic_axes``) and run it in a runtime from here on.
 
     The runtime's outputs on the example inputs must match torch's within ``tolerance`` (relative
     to the largest output), or the stage fails. Later rows are measured in the runtime: latency at
@@ -45,6 +45,8 @@ class DeployStage(Stage):
     """ONNX opset of the export (the dynamo exporter implements 18 and up)."""
     exporter: Literal["dynamo", "torchscript"] = "dynamo"
     """``dynamo`` (torch.export, the default exporter) or ``torchscript`` (the older tracer, for models dynamo cannot export)."""
+    dynamic_axes: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    """Input dimensions left dynamic in the export: 0 is the batch; add 1 for a text model's sequence axis."""
     tolerance: float = Field(default=1e-4, gt=0)
     """Largest allowed difference between the runtime's and torch's outputs, relative to the largest output (at least 1)."""
 
@@ -64,7 +66,7 @@ class DeployStage(Stage):
         source = copy.deepcopy(model).cpu().eval()
         example = ctx.example_inputs.cpu()
         try:
-            onnx_bytes = to_onnx(source, example, self.opset, self.exporter)
+            onnx_bytes = to_onnx(source, example, self.opset, self.exporter, self._dims(example))
         except Exception as exc:  # the exporter fails in many ways; say which exporter and what to try
             raise StageError(self.label, f"export to ONNX ({self.exporter} exporter, opset {self.opset}) failed: "
                              f"{type(exc).__name__}: {_first_line(exc)}{_other_exporter(self.exporter)}") from exc
@@ -75,6 +77,12 @@ class DeployStage(Stage):
         ctx.add_metric("runtime", runtime_label(deployed))
         ctx.record_for_restore(**deployed.restore_record())
         return deployed
+
+    def _dims(self, example: torch.Tensor) -> tuple[int, ...]:
+        wrong = [d for d in self.dynamic_axes if not 0 <= d < example.dim()]
+        if wrong:
+            raise StageError(self.label, f"dynamic_axes: {wrong} not a dimension of the input (shape {tuple(example.shape)})")
+        return tuple(sorted(set(self.dynamic_axes)))
 
     def restore(self, model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
         """An empty :class:`RuntimeModel` of the saved files' sizes; the saved tensors fill it."""
@@ -90,8 +98,9 @@ class DeployStage(Stage):
         if not diff <= allowed:
             raise StageError(self.label, f"{self.runtime}'s outputs differ from torch's by up to {diff:.3g} on the example "
                              f"inputs (allowed: {allowed:.3g}, tolerance {self.tolerance} x the largest output {scale:.3g})")
-        ctx.note(f"{self.label}: exported to ONNX (opset {deployed.info['opset']}, {self.exporter} exporter, dynamic batch "
-                 f"axis) and run in {runtime_label(deployed)}; outputs match torch's on the example inputs within "
+        axes = ", ".join(axis_name(d) for d in sorted(set(self.dynamic_axes)))
+        ctx.note(f"{self.label}: exported to ONNX (opset {deployed.info['opset']}, {self.exporter} exporter, dynamic axes "
+                 f"{axes}) and run in {runtime_label(deployed)}; outputs match torch's on the example inputs within "
                  f"{allowed:.3g} (largest difference {diff:.3g}); this row and later ones are measured in {self.runtime} "
                  f"(latency at the recipe's thread count, size = the deployable files' bytes)")
 

@@ -14,18 +14,23 @@ from torch import nn
 from .extras import require
 
 
-def to_onnx(model: nn.Module, example: torch.Tensor, opset: int, exporter: str) -> bytes:
-    """The ONNX bytes of ``model`` traced on ``example``, the batch axis (dim 0) left dynamic."""
+def axis_name(dim: int) -> str:
+    """The name of a dynamic input axis: ``batch`` (0), ``sequence`` (1), ``dim2``..."""
+    return {0: "batch", 1: "sequence"}.get(dim, f"dim{dim}")
+
+
+def to_onnx(model: nn.Module, example: torch.Tensor, opset: int, exporter: str, dims: tuple[int, ...] = (0,)) -> bytes:
+    """The ONNX bytes of ``model`` traced on ``example``, the input's axes ``dims`` left dynamic."""
     require("export")
     with _quiet():
         if exporter == "dynamo":
-            return _dynamo(model, example, opset)
-        return _torchscript(model, example, opset)
+            return _dynamo(model, example, opset, dims)
+        return _torchscript(model, example, opset, dims)
 
 
-def _dynamo(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
-    batch = torch.export.Dim("batch")
-    program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, dynamic_shapes=({0: batch},),
+def _dynamo(model: nn.Module, example: torch.Tensor, opset: int, dims: tuple[int, ...]) -> bytes:
+    shapes = {dim: torch.export.Dim(axis_name(dim)) for dim in dims}
+    program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, dynamic_shapes=(shapes,),
                                 input_names=["input"], output_names=["output"], verbose=False)
     if program is None:  # only when asked to write a file instead
         raise RuntimeError("the dynamo exporter returned no program")
@@ -37,11 +42,12 @@ def _dynamo(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
     return bytes(proto.SerializeToString())
 
 
-def _torchscript(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
+def _torchscript(model: nn.Module, example: torch.Tensor, opset: int, dims: tuple[int, ...]) -> bytes:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
+        axes = {"input": {d: axis_name(d) for d in dims}, "output": {0: "batch"}}
         torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset, input_names=["input"],
-                          output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+                          output_names=["output"], dynamic_axes=axes)
         return path.read_bytes()
 
 

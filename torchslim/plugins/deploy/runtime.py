@@ -69,7 +69,7 @@ class RuntimeModel(nn.Module):
         return None if macs is None else int(macs)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """Run the runtime on ``inputs`` (a float batch) and return its output(s) as torch tensors."""
+        """Run the runtime on ``inputs`` (one batch: floats, or token ids) and return its output(s) as torch tensors."""
         array = inputs.detach().cpu().contiguous().numpy()
         outputs = [torch.from_numpy(np.ascontiguousarray(out)) for out in self._run(self._session(), array)]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
