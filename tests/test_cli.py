@@ -28,6 +28,7 @@ def torchslim(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
                           cwd=cwd, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_quickstart_runs_and_writes_outputs(tmp_path: Path, cli: Cli) -> None:
     out = tmp_path / "out"
     result = cli("run", "recipes/quickstart.yaml", "--out", str(out))
@@ -113,6 +114,7 @@ def test_missing_recipe_file(tmp_path: Path, cli: Cli) -> None:
     assert "cannot read file" in result.stderr
 
 
+@pytest.mark.slow
 def test_stage_failure_exits_1_naming_the_stage(tmp_path: Path) -> None:
     recipe = digits_recipe([{"type": "prune", "name": "convs", "amount": 0.5, "modules": ["Conv2d"]}])
     result = torchslim("run", str(write_recipe(tmp_path, recipe)))

@@ -262,6 +262,7 @@ def test_repeat_reuses_finished_variants(compared: tuple[Comparison, Path, list[
     assert "reused 3 finished variant(s)" in again.text()
 
 
+@pytest.mark.slow
 def test_jobs_2_through_the_cli(tmp_path: Path) -> None:
     source = write_recipe(tmp_path, sweep_recipe({"stages.0.amount": [0.3, 0.5]}, stages=CHAIN[:1]))
     # One thread in the parent too (see one_thread); the two workers set their own share.

@@ -155,6 +155,7 @@ def test_bad_options_fail_validation(registry: Registry, option: dict, message: 
     assert message in str(info.value)
 
 
+@pytest.mark.slow
 def test_student_from_spec_is_saved_and_loaded(registry: Registry, tmp_path: Path) -> None:
     student = {"target": "torchslim.examples.digits:mlp", "kwargs": {"hidden": 12}}
     recipe = digits_recipe([{"type": "distill", "student": student, "epochs": 2, "lr": 3e-2}], train_epochs=2)

@@ -429,3 +429,30 @@ def test_packed_bytes_of_a_pruned_model(trained_mlp: nn.Module, flat: dict) -> N
     MagnitudePrune(amount=0.7).apply(model, make_ctx(model, flat))
     assert packed_size_bytes(model) < 0.5 * dense_bytes
     assert unpack_state_dict(smallest_state(model.state_dict())).keys() == model.state_dict().keys()
+
+
+class _HardCoded(nn.Module):
+    """conv2's channel count is hard-coded in forward (a buffer of 16 gains): pruning it breaks the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.conv3 = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16, 10)
+        self.register_buffer("gain", torch.ones(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv2(torch.relu(self.conv1(x))) * self.gain.view(1, 16, 1, 1)
+        return self.head(torch.relu(self.conv3(x)).mean(dim=(2, 3)))
+
+
+def test_structured_leaves_a_group_whose_cut_breaks_the_forward_whole_and_spends_its_share_elsewhere() -> None:
+    from torchslim.plugins._structured import ChannelOptions, ChannelState, prune_step, pruned_fraction
+
+    torch.manual_seed(0)
+    model, state = _HardCoded().eval(), ChannelState()
+    prune_step(model, torch.randn(2, 3, 8, 8), 0.3, ChannelOptions("global", 1, 1, 0.9, []), state)
+    assert model.conv2.out_channels == 16 and "forward failed" in state.skipped["conv2"]
+    assert model.conv1.out_channels + model.conv3.out_channels <= 32 - 14  # conv2's share went to the others
+    assert pruned_fraction(model, state) == pytest.approx(0.3, abs=0.03)
+    assert model(torch.randn(1, 3, 8, 8)).shape == (1, 10)

@@ -27,7 +27,8 @@ def test_defaults_are_filled_in_resolved_recipe(registry: Registry) -> None:
     stage = recipe.resolved()["stages"][0]
     assert stage == {"type": "prune", "name": None, "method": "magnitude", "amount": 0.5,
                      "scope": "global", "modules": ["Linear", "Conv2d"], "exclude": [],
-                     "max_layer_amount": None, "steps": 1, "finetune_epochs": None, "finetune_lr": None}
+                     "max_layer_amount": None, "steps": 1, "finetune_epochs": None, "finetune_lr": None,
+                     "recalibrate_bn": True}
     assert recipe.resolved()["metrics"]["threads"] == 2
 
 

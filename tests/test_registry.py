@@ -433,7 +433,7 @@ def test_recipe_can_use_plugin_stage(site_with_plugin: PluginSite) -> None:
 @pytest.mark.parametrize(("stage", "message"), [
     ({"type": "sparsegpt"},
      "stages[0].type (sparsegpt): unknown stage type 'sparsegpt'; known types: deploy, distill, prune, quantize, shrink"),
-    ({"type": "shrink", "levle": 2}, "unknown field 'levle'; shrink accepts: type, name, level"),
+    ({"type": "shrink", "levle": 2}, "unknown field 'levle'; did you mean 'level'? shrink accepts: type, name, level"),
     ({"type": "shrink", "level": "high"}, "stages[0].level (shrink): Input should be a valid integer"),
 ], ids=["unknown-type", "unknown-plugin-field", "bad-plugin-value"])
 def test_recipe_with_bad_stage_fails_with_recipe_error(site_with_plugin: PluginSite, stage: dict[str, object],

@@ -99,6 +99,7 @@ def test_table_has_ratios(chain_run: tuple[torchslim.Report, Path]) -> None:
     assert "note: unstructured pruning" in table
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(registry: Registry) -> None:
     recipe = digits_recipe([{"type": "prune", "amount": 0.5}, {"type": "distill", "epochs": 1}])
     recipe["metrics"]["latency"] = False
