@@ -62,7 +62,7 @@ ZOO: dict[str, dict[str, Any]] = {
     "edgenext_xx_small": {},
     "fastvit_t8": {},
     "mobilevit_xxs": {},
-    "efficientformer_l1": {"kwargs": {"img_size": 64}},
+    "efficientformer_l1": {"size": 224},  # its attention biases are built for 224 (7x7 tokens)
     "efficientformerv2_s0": {"kwargs": {"img_size": 64}},
     "levit_128s": {"kwargs": {"img_size": 64}},
     "vit_tiny_patch16_224": {"kwargs": {"img_size": 64}},
@@ -75,12 +75,14 @@ QUICK = ["resnet18", "mobilenetv2_050", "regnetx_002", "vit_tiny_patch16_224"]
 ATTENTION = ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "mobilevit_xxs"]
 
 AMOUNT = 0.3
+GRAPH_SECONDS = 90  # time_limit of the dependency graph's tracing: a clear stage error instead of the model's timeout
+STRUCTURED = {"type": "prune", "name": "structured", "method": "structured", "amount": AMOUNT,
+              "time_limit": GRAPH_SECONDS}
 RECIPES: dict[str, list[dict[str, Any]]] = {
-    "structured": [{"type": "prune", "name": "structured", "method": "structured", "amount": AMOUNT}],
+    "structured": [STRUCTURED],
     "static": [{"type": "quantize", "name": "static", "method": "static"}],
     "dynamic": [{"type": "quantize", "name": "dynamic", "method": "dynamic"}],
-    "struct+static": [{"type": "prune", "name": "structured", "method": "structured", "amount": AMOUNT},
-                      {"type": "quantize", "name": "static", "method": "static"}],
+    "struct+static": [STRUCTURED, {"type": "quantize", "name": "static", "method": "static"}],
 }
 ALL_RECIPES = [*RECIPES, "tp-alone"]
 
@@ -152,7 +154,7 @@ def run_recipe(name: str, key: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         try:
             report = torchslim.run(recipe(name, key), out, log=logging.getLogger("zoo.quiet"))
-        except Exception as exc:  # noqa: BLE001 - the table shows the first line
+        except Exception as exc:
             return {"ok": False, "error": _first_line(exc)}
     base, last = report.rows[0].metrics, report.rows[-1].metrics
     pruned = next((row.metrics.get("pruned_channels") for row in report.rows if row.type == "prune"), None)
@@ -174,7 +176,7 @@ def run_tp_alone(name: str) -> dict[str, Any]:
     loader = data(name)["eval"]
     try:
         base_macs, _ = tp.utils.count_ops_and_params(model, example)
-        ignored = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 10]
+        ignored: list[torch.nn.Module] = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 10]
         ignored += [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.out_channels == 10]
         before = sum(getattr(m, "out_channels", 0) or getattr(m, "out_features", 0) for m in model.modules()
                      if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m not in ignored)
@@ -186,7 +188,7 @@ def run_tp_alone(name: str) -> dict[str, Any]:
         macs, _ = tp.utils.count_ops_and_params(model, example)
         with torch.no_grad():
             agree = 100.0 * sum(int((model(x).argmax(1) == y).sum()) for x, y in loader) / SAMPLES
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return {"ok": False, "error": _first_line(exc)}
     return {"ok": True, "macs": _ratio(base_macs, macs), "agreement": agree, "pruned": 1 - after / before,
             "reload": "-"}
@@ -227,7 +229,7 @@ def run_model(name: str, keys: list[str], timeout: float) -> list[dict[str, Any]
 
 def cell(result: dict[str, Any]) -> str:
     if not result["ok"]:
-        return "ERR " + result["error"]
+        return "ERR " + str(result["error"])
     parts = []
     if result.get("macs"):
         parts.append(f"{result['macs']:.2f}x")
@@ -267,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", default=",".join(ALL_RECIPES), help=f"comma-separated: {', '.join(ALL_RECIPES)}")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per model (all its recipes)")
     parser.add_argument("--json", help="also write the results here (one JSON list)")
+    parser.add_argument("--from-json", nargs="+", help="print the table of earlier --json results (later files win)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -276,6 +279,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown recipe(s) {unknown}; choose from {ALL_RECIPES}")
     if args.child:
         child(args.child, keys, args.result)
+        return 0
+    if args.from_json:
+        merged: dict[tuple[str, str], dict[str, Any]] = {}
+        for path in args.from_json:
+            merged.update({(r["model"], r["recipe"]): r for r in json.loads(Path(path).read_text())})
+        order = {name: i for i, name in enumerate(ZOO)}
+        found = sorted(merged.values(), key=lambda r: order.get(r["model"], len(order)))
+        print(table(found, [k for k in keys if any(r["recipe"] == k for r in found)]))
+        print()
+        print(counts(found))
         return 0
     try:
         _timm()

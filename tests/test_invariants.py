@@ -153,7 +153,7 @@ def test_qat_after_a_prune_keeps_its_zeros(images: dict, monkeypatch: pytest.Mon
 
 #: The gradual example of docs/prune.md ("Gradual pruning"), on the digits residual CNN.
 GRADUAL = [
-    {"type": "prune", "method": "structured", "amount": 0.5, "steps": 4, "finetune_epochs": 1},
+    {"type": "prune", "method": "structured", "amount": 0.5, "steps": 4, "finetune_epochs": 1, "round_to": 4},
     {"type": "prune", "amount": 0.9, "steps": 3, "finetune_epochs": 2, "finetune_lr": 0.0005},
     {"type": "prune", "method": "nm", "steps": 2, "finetune_epochs": 1},
 ]

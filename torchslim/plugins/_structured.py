@@ -89,9 +89,40 @@ def prune_step(model: nn.Module, example: torch.Tensor, fraction: float, opts: C
     share of the budget goes to the other groups. Attention layers (a module with ``num_heads`` and
     a ``qkv`` Linear, as in timm) are pruned by whole heads.
     """
+    log = log or logging.getLogger("torchslim")
+    for _ in range(3):  # a cut undone after the choice: trace again and give its share to the others
+        undone = _prune_pass(model, example, fraction, opts, state, log, time_limit)
+        if not undone or opts.scope != "global":
+            return
+        log.info("  structured: %d cut(s) undone; giving their share to the other groups", undone)
+
+
+def _prune_pass(model: nn.Module, example: torch.Tensor, fraction: float, opts: ChannelOptions, state: ChannelState,
+                log: logging.Logger, time_limit: float | None) -> int:
+    """One trace, choice and cut; returns how many chosen cuts were refused or undone."""
+    with _deadline(time_limit):  # Torch-Pruning can spend minutes both tracing and listing the groups
+        graph, groups = _graph_and_groups(model, example, opts, state, log, time_limit)
+    modules = dict(model.named_modules())
+    if opts.scope == "global":
+        _choose_global(groups, fraction, state, modules)
+    else:
+        _choose_per_layer(groups, fraction, state)
+    started = time.monotonic()
+    with torch.no_grad():
+        expected = _shapes_of(model(example))
+    before = len(state.skipped)
+    for group in groups:
+        _round(group, opts.round_to)
+        _cut(model, graph, group, example, expected, state)
+    log.info("  structured: cut %d groups in %.1f s (%d left whole)", len(groups), time.monotonic() - started,
+             len(state.skipped))
+    return len(state.skipped) - before
+
+
+def _graph_and_groups(model: nn.Module, example: torch.Tensor, opts: ChannelOptions, state: ChannelState,
+                      log: logging.Logger, time_limit: float | None) -> tuple[Any, list[_Group]]:
     import torch_pruning as tp
 
-    log = log or logging.getLogger("torchslim")
     graph = _build_graph(model, example, log, time_limit)
     names = {module: name for name, module in model.named_modules()}
     protected = _protected(graph, names, opts.exclude)
@@ -101,9 +132,13 @@ def prune_step(model: nn.Module, example: torch.Tensor, fraction: float, opts: C
     for group in _all_groups(graph, protected, state):
         root = group[0].dep.target.module
         name = names.get(root, type(root).__name__)
+        if name in state.skipped:
+            continue
         try:
             described = _describe(graph, group, names, scorer, opts, state)
-        except Exception as exc:  # noqa: BLE001 - Torch-Pruning's own failure: this group stays whole
+        except GraphTimeout:
+            raise
+        except Exception as exc:
             _skip(state, name, root, f"scoring raised {_first_line(exc)}")
             continue
         if described is None:
@@ -113,19 +148,8 @@ def prune_step(model: nn.Module, example: torch.Tensor, fraction: float, opts: C
             _skip(state, name, root, problem)
             continue
         groups.append(described)
-    modules = dict(model.named_modules())
-    if opts.scope == "global":
-        _choose_global(groups, fraction, state, modules)
-    else:
-        _choose_per_layer(groups, fraction, state)
-    started = time.monotonic()
-    with torch.no_grad():
-        expected = _shapes_of(model(example))
-    for group in groups:
-        _round(group, opts.round_to)
-        _cut(model, graph, group, example, expected, state)
-    log.info("  structured: cut %d groups in %.1f s (%d left whole)", len(groups), time.monotonic() - started,
-             len(state.skipped))
+    log.info("  structured: %d groups listed and scored", len(groups))
+    return graph, groups
 
 
 def _build_graph(model: nn.Module, example: torch.Tensor, log: logging.Logger, time_limit: float | None) -> Any:
@@ -136,9 +160,8 @@ def _build_graph(model: nn.Module, example: torch.Tensor, log: logging.Logger, t
              f", time limit {time_limit:g} s" if time_limit else "")
     started = time.monotonic()
     merging = {type(m): _MergingPruner() for m in model.modules() if _is_merging(m)}
-    with _deadline(time_limit):
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
-                                                      customized_pruners=merging or None)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
+                                                  customized_pruners=merging or None)
     log.info("  structured: dependency graph traced in %.1f s", time.monotonic() - started)
     return graph
 
@@ -154,7 +177,7 @@ def _is_merging(module: nn.Module) -> bool:
             and tuple(norm.normalized_shape) == (reduction.in_features,) and reduction.bias is None)
 
 
-def _merging_pruner_base() -> type:
+def _merging_pruner_base() -> Any:
     import torch_pruning as tp
 
     return tp.pruner.function.BasePruningFunc
@@ -169,7 +192,7 @@ class _MergingPruner:
         class MergingPruner(base):  # type: ignore[misc, valid-type]
             TARGET_MODULES = None
 
-            def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+            def prune_out_channels(self, layer: Any, idxs: Sequence[int]) -> Any:
                 keep = [i for i in range(layer.reduction.out_features) if i not in set(idxs)]
                 layer.reduction.weight = nn.Parameter(layer.reduction.weight.data[keep].clone())
                 layer.reduction.out_features = len(keep)
@@ -177,7 +200,7 @@ class _MergingPruner:
                     layer.out_dim = len(keep)
                 return layer
 
-            def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+            def prune_in_channels(self, layer: Any, idxs: Sequence[int]) -> Any:
                 channels = layer.reduction.in_features // 4
                 gone = set(int(i) for i in idxs)
                 keep = [i for i in range(channels) if i not in gone]
@@ -194,10 +217,10 @@ class _MergingPruner:
                     layer.dim = len(keep)
                 return layer
 
-            def get_out_channels(self, layer: nn.Module) -> int:
+            def get_out_channels(self, layer: Any) -> int:
                 return int(layer.reduction.out_features)
 
-            def get_in_channels(self, layer: nn.Module) -> int:
+            def get_in_channels(self, layer: Any) -> int:
                 return int(layer.reduction.in_features) // 4
 
         return MergingPruner()
@@ -211,7 +234,8 @@ def _deadline(seconds: float | None) -> Iterator[None]:
         return
 
     def expire(signum: int, frame: Any) -> None:
-        raise GraphTimeout(f"tracing the dependency graph took more than time_limit={seconds:g} s")
+        raise GraphTimeout(f"tracing the dependency graph and listing its groups took more than "
+                           f"time_limit={seconds:g} s")
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
@@ -229,7 +253,9 @@ def _all_groups(graph: Any, protected: list[nn.Module], state: ChannelState) -> 
             group = next(groups)
         except StopIteration:
             return
-        except Exception as exc:  # noqa: BLE001 - Torch-Pruning failed to list the rest
+        except GraphTimeout:
+            raise
+        except Exception as exc:
             state.skipped.setdefault("(remaining groups)", f"listing the groups raised {_first_line(exc)}")
             return
         yield group
@@ -253,7 +279,9 @@ def _precheck(graph: Any, group: _Group) -> str | None:
         plan = _plan(graph, group, 1)
         if not graph.check_pruning_group(plan):
             return "Torch-Pruning's check refused it (a coupled layer would lose all its channels)"
-    except Exception as exc:  # noqa: BLE001
+    except GraphTimeout:
+        raise
+    except Exception as exc:
         return f"building its pruning plan raised {_first_line(exc)}"
     return None
 
@@ -333,11 +361,11 @@ def _attention_of(root: nn.Module, names: dict[nn.Module, str]) -> nn.Module | N
     return parent
 
 
-def _describe_heads(name: str, root: nn.Module, attention: nn.Module, importance: torch.Tensor,
+def _describe_heads(name: str, root: Any, attention: Any, importance: torch.Tensor,
                     opts: ChannelOptions, state: ChannelState) -> _Group | None:
     """A group whose units are whole heads: head h is the q/k/v channels h*head_dim ... (h+1)*head_dim-1."""
     heads = int(attention.num_heads)
-    head_dim = root.out_features // (3 * heads)  # type: ignore[operator]
+    head_dim = int(root.out_features) // (3 * heads)
     scores = importance.detach().float().cpu().flatten()
     if scores.numel() == 3 * heads * head_dim:
         scores = scores.view(3, heads, head_dim).mean(dim=(0, 2))
@@ -394,10 +422,13 @@ def _choose_global(groups: list[_Group], fraction: float, state: ChannelState,
             heads = state.original[group.name] // group.per_unit
             group.remove = max(0, min(int(fraction * heads + 0.5) - (heads - group.units), group.removable))
             budget -= group.remove * group.per_unit
-    # Scores are standardized within each group: a group whose score averages many coupled layers (a
-    # residual stream) varies less than a single layer's and would otherwise never reach the bottom.
+    # A group whose score averages many coupled layers (a residual stream) varies less than a single
+    # layer's and would never reach the bottom of the ranking: a channel ranks by the lower of its
+    # score relative to its group's mean and its standing in its group scaled to a typical group's spread.
+    ranked = [g for g in groups if g.heads is None]
+    typical = _typical_spread(ranked)
     candidates = [(float(score), index) for index, g in enumerate(groups) if g.heads is None
-                  for score in torch.sort(_standardized(g.importance)).values[: g.removable].tolist()]
+                  for score in torch.sort(_comparable(g.importance, typical)).values[: g.removable].tolist()]
     for _, index in sorted(candidates):
         group = groups[index]
         if budget < group.per_unit:
@@ -406,11 +437,24 @@ def _choose_global(groups: list[_Group], fraction: float, state: ChannelState,
         budget -= group.per_unit
 
 
-def _standardized(scores: torch.Tensor) -> torch.Tensor:
-    if scores.numel() < 2:
-        return scores - scores.mean()
-    spread = scores.std()
-    return (scores - scores.mean()) / (spread if spread > 0 else 1.0)
+def _relative(scores: torch.Tensor) -> torch.Tensor:
+    mean = scores.mean()
+    return scores / mean if mean > 0 else scores
+
+
+def _typical_spread(groups: list[_Group]) -> float:
+    spreads = [float(_relative(g.importance).std()) for g in groups if g.importance.numel() > 1]
+    return float(torch.tensor(spreads).median()) if spreads else 0.0
+
+
+def _comparable(scores: torch.Tensor, typical: float) -> torch.Tensor:
+    relative = _relative(scores)
+    if relative.numel() < 2 or not typical:
+        return relative
+    spread = float(relative.std())
+    if spread <= 0:
+        return relative
+    return torch.minimum(relative, 1.0 + (relative - relative.mean()) / spread * typical)
 
 
 def _round(group: _Group, round_to: int) -> None:
@@ -454,7 +498,7 @@ def _cut(model: nn.Module, graph: Any, group: _Group, example: torch.Tensor, exp
             state.skipped.setdefault(group.name, "Torch-Pruning's check refused the cut (a coupled layer would "
                                      "lose all its channels)")
             return
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         state.skipped.setdefault(group.name, f"building its pruning plan raised {_first_line(exc)}")
         return
     saved = _save(model)
@@ -466,7 +510,7 @@ def _cut(model: nn.Module, graph: Any, group: _Group, example: torch.Tensor, exp
             got = _shapes_of(model(example))
         if got != expected:
             raise RuntimeError(f"output shape changed from {expected} to {got}")
-    except Exception as exc:  # noqa: BLE001 - undo: the model is as before this group
+    except Exception as exc:
         _load(saved)
         state.skipped.setdefault(group.name, f"the pruned forward failed ({_first_line(exc)}); cut undone")
         return

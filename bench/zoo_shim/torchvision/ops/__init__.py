@@ -1,4 +1,4 @@
-from . import misc  # noqa: F401
 from .._stub import module_getattr
+from . import misc  # noqa: F401
 
 __getattr__ = module_getattr("torchvision.ops")
