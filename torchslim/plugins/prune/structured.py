@@ -59,7 +59,8 @@ class StructuredPrune(PruneStage):
     def _remove_channels(self, model: nn.Module, ctx: Context) -> ChannelState:
         _need_torch_pruning(self.label)
         check_patterns(model, self.exclude, "exclude", self.label)
-        from .._structured import ChannelOptions, ChannelState, GraphTimeout, prune_step
+        from .._structured import ChannelOptions, ChannelState, prune_step
+        from .._structured_graph import GraphTimeout
 
         options = ChannelOptions(scope=self.scope, norm=1 if self.importance == "l1" else 2, round_to=self.round_to,
                                  ceiling=self.max_layer_amount, exclude=self.exclude)
