@@ -75,7 +75,6 @@ def test_pruned_mnist_has_fewer_macs_and_every_amount_twice(tmp_path: Path) -> N
     assert pruned["size_bytes"] == distilled["size_bytes"] < base["size_bytes"] / 2
 
 
-@pytest.mark.slow
 def test_engine_matches_hand_written_script(tmp_path: Path) -> None:
     _, data = run_smoke("overhead", tmp_path)
     hand, engine = data["rows"]

@@ -28,7 +28,6 @@ def torchslim(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
                           cwd=cwd, env=env, timeout=300)
 
 
-@pytest.mark.slow
 def test_quickstart_runs_and_writes_outputs(tmp_path: Path, cli: Cli) -> None:
     out = tmp_path / "out"
     result = cli("run", "recipes/quickstart.yaml", "--out", str(out))

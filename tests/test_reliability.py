@@ -79,7 +79,6 @@ def test_killed_run_resumes_with_the_same_report(tmp_path: Path, uninterrupted: 
     assert report["recipe"] == uninterrupted["recipe"]
 
 
-@pytest.mark.slow
 def test_resume_ignores_checkpoints_of_a_changed_recipe(tmp_path: Path, registry: Registry, cli: Cli) -> None:
     out = tmp_path / "out"
     torchslim.run(digits_recipe(CHAIN[:1]), out, registry=registry)
