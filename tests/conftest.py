@@ -30,6 +30,16 @@ def registry() -> Registry:
 
 
 @pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a whole test module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    the tiny models train faster so on a shared 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
 def images() -> dict:
     """The bundled digits as 1 x 8 x 8 images (for CNNs), shared by a test module."""
     return digits.loaders(batch_size=64, image=True)

@@ -80,22 +80,24 @@ def test_plain_messages(tmp_path: Path, registry: Registry, change: dict[str, An
     assert "pattern" not in str(info.value)
 
 
-def test_file_name_as_target(tmp_path: Path, cli: Callable[..., CliResult]) -> None:
+def validate_model_target(tmp_path: Path, cli: Callable[..., CliResult], target: str) -> CliResult:
+    """``torchslim validate`` on a small prune recipe whose model target is ``target``."""
     recipe = digits_recipe([{"type": "prune", "amount": 0.5}])
-    recipe["model"]["target"] = "models/mynet.py:build"
-    result = cli("validate", str(write_recipe(tmp_path, recipe)))
+    recipe["model"]["target"] = target
+    return cli("validate", str(write_recipe(tmp_path, recipe)))
+
+
+def test_file_name_as_target(tmp_path: Path, cli: Callable[..., CliResult]) -> None:
+    result = validate_model_target(tmp_path, cli, "models/mynet.py:build")
     assert result.returncode == 2
     assert "found 'models/mynet.py:build'; did you mean 'models.mynet:build'?" in result.stderr
-    recipe["model"]["target"] = "mynet.py:build"
-    result = cli("validate", str(write_recipe(tmp_path, recipe)))
+    result = validate_model_target(tmp_path, cli, "mynet.py:build")
     assert "model.target: cannot import module 'mynet.py': ModuleNotFoundError" in result.stderr
     assert "did you mean 'mynet:build'?" in result.stderr
 
 
 def test_attribute_typo_gets_a_close_name(tmp_path: Path, cli: Callable[..., CliResult]) -> None:
-    recipe = digits_recipe([{"type": "prune", "amount": 0.5}])
-    recipe["model"]["target"] = "torchslim.examples.digits:mpl"
-    result = cli("validate", str(write_recipe(tmp_path, recipe)))
+    result = validate_model_target(tmp_path, cli, "torchslim.examples.digits:mpl")
     assert result.returncode == 2
     assert "model.target: module 'torchslim.examples.digits' has no attribute 'mpl'; did you mean 'mlp'?" in result.stderr
 

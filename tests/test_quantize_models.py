@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import torch
@@ -24,6 +24,7 @@ from torchslim.plugins._layers import select_layers
 from .conftest import FAST_METRICS
 
 SIDE = 28
+M = TypeVar("M", bound=nn.Module)
 
 
 def loaders(batch_size: int = 64) -> dict[str, DataLoader[Any]]:
@@ -104,13 +105,19 @@ class Subclassed(nn.Module):
         return self.head(F.relu(self.hidden(torch.flatten(x, 1))))
 
 
-def subclassed(doubled: bool = False) -> Subclassed:
-    """A trained :class:`Subclassed` (model factory)."""
+def _trained_on_digits(build: Callable[[], M]) -> M:
+    """``build()`` under seed 0, trained 2 epochs on the 8 x 8 digits unless a checkpoint will replace
+    its weights, in eval mode: the body of a recipe's model factory."""
     torch.manual_seed(0)
-    model = Subclassed(doubled)
+    model = build()
     if not torchslim.weights_will_load():
         digits.fit(model, digits.loaders(image=True)["train"], 2)
     return model.eval()
+
+
+def subclassed(doubled: bool = False) -> Subclassed:
+    """A trained :class:`Subclassed` (model factory)."""
+    return _trained_on_digits(lambda: Subclassed(doubled))
 
 
 class Branchy(nn.Module):
@@ -132,11 +139,7 @@ class Branchy(nn.Module):
 
 def branchy() -> Branchy:
     """A trained :class:`Branchy` (model factory)."""
-    torch.manual_seed(0)
-    model = Branchy()
-    if not torchslim.weights_will_load():
-        digits.fit(model, digits.loaders(image=True)["train"], 2)
-    return model.eval()
+    return _trained_on_digits(Branchy)
 
 
 class Functional(nn.Module):

@@ -5,7 +5,9 @@ BatchNorm, the convs joined by a residual addition, a depthwise conv and the lay
 squeeze-excite gate and the features it scales, concatenations). This module ranks the groups'
 channels itself, so that a per-layer ceiling, ``round_to`` and global or per-layer ranking behave
 as torchslim documents them, and asks torch-pruning only to cut the chosen channels. Its API
-stays inside this module.
+stays inside this module and the three beside it: ``_structured_graph`` (the dependency graph and its
+groups), ``_structured_choice`` (how many channels each group gives up), ``_structured_cut`` (the
+cut, undone if the forward breaks).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from ._structured_choice import _choose_global, _choose_per_layer, _out_channels, _round
+from ._structured_cut import _cut, _precheck, _shapes_of
 from ._structured_graph import (
     GraphTimeout,
     _all_groups,
@@ -79,8 +82,6 @@ class ChannelState:
     cutting them raised, or the pruned model's forward broke (the cut is undone)."""
     heads: dict[str, int] = field(default_factory=dict)
     """Attention modules pruned by whole heads: heads removed so far."""
-
-
 
 
 def prune_step(model: nn.Module, example: torch.Tensor, fraction: float, opts: ChannelOptions, state: ChannelState,
@@ -155,38 +156,9 @@ def _graph_and_groups(model: nn.Module, example: torch.Tensor, opts: ChannelOpti
     return graph, groups
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def _skip(state: ChannelState, name: str, root: nn.Module, reason: str) -> None:
     state.skipped.setdefault(name, reason)
     state.original.setdefault(name, _out_channels(root))
-
-
-def _precheck(graph: Any, group: _Group) -> str | None:
-    """Why Torch-Pruning cannot cut even the least important unit of this group (None: it can)."""
-    if group.removable <= 0:
-        return None
-    try:
-        plan = _plan(graph, group, 1)
-        if not graph.check_pruning_group(plan):
-            return "Torch-Pruning's check refused it (a coupled layer would lose all its channels)"
-    except GraphTimeout:
-        raise
-    except Exception as exc:
-        return f"building its pruning plan raised {_first_line(exc)}"
-    return None
 
 
 def pruned_fraction(model: nn.Module, state: ChannelState) -> float:
@@ -197,10 +169,16 @@ def pruned_fraction(model: nn.Module, state: ChannelState) -> float:
     return 1.0 - after / before if before else 0.0
 
 
-
-
-
-
+def nothing_removed(state: ChannelState) -> str:
+    """Why a structured prune removed no channel at all: the groups left whole and why (a cut that broke
+    the model's forward names the exception's first line), and the output or excluded layers left alone."""
+    left_alone = ", ".join(state.protected) or "none"
+    if not state.skipped:
+        return (f"no channel could be removed: every prunable layer is an output layer or excluded "
+                f"(left alone: {left_alone})")
+    whole = "; ".join(f"{name}: {reason}" for name, reason in state.skipped.items())
+    return (f"no channel could be removed: {len(state.skipped)} group(s) of coupled channels left whole ({whole}); "
+            f"output or excluded layers left alone: {left_alone}")
 
 
 def _describe(graph: Any, group: Any, names: dict[nn.Module, str], scorer: Any, opts: ChannelOptions,
@@ -222,8 +200,6 @@ def _describe(graph: Any, group: Any, names: dict[nn.Module, str], scorer: Any, 
     return _Group(name, root, importance.detach().float().cpu(), per_unit, units, min(removable, units - 1))
 
 
-
-
 def _describe_heads(name: str, root: Any, attention: Any, importance: torch.Tensor,
                     opts: ChannelOptions, state: ChannelState) -> _Group | None:
     """A group whose units are whole heads: head h is the q/k/v channels h*head_dim ... (h+1)*head_dim-1."""
@@ -241,115 +217,3 @@ def _describe_heads(name: str, root: Any, attention: Any, importance: torch.Tens
     # per_unit counts channels for the budget: one head is head_dim channels of q (k and v follow it)
     return _Group(name, root, scores, 3 * head_dim, heads, min(removable, heads - 1), heads=attention,
                   head_dim=head_dim)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-def _channels(group: _Group, count: int) -> list[int]:
-    """Output channels of the root layer for the ``count`` least important units."""
-    units = torch.argsort(group.importance)[:count].tolist()
-    if group.heads is not None:  # q channels of whole heads; Torch-Pruning adds the k and v ones
-        return sorted(u * group.head_dim + d for u in units for d in range(group.head_dim))
-    return sorted(u + k * group.units for u in units for k in range(group.per_unit))
-
-
-def _plan(graph: Any, group: _Group, count: int) -> Any:
-    """Torch-Pruning's plan for cutting ``count`` units; for heads, without the attention's own per-head
-    tensors (relative position biases), which :func:`_drop_heads` slices by head, not by channel."""
-    plan = graph.get_pruning_group(group.root, graph.get_pruner_of_module(group.root).prune_out_channels,
-                                   _channels(group, count))
-    if group.heads is not None:
-        own = {id(t) for t in group.heads._parameters.values() if t is not None}
-        plan._group = [item for item in plan._group if id(item.dep.target.module) not in own]
-    return plan
-
-
-def _cut(model: nn.Module, graph: Any, group: _Group, example: torch.Tensor, expected: Any,
-         state: ChannelState) -> None:
-    """Cut the chosen units; undo the cut (and leave the group whole) if the model's forward then fails."""
-    if group.remove <= 0:
-        return
-    try:
-        plan = _plan(graph, group, group.remove)
-        if not graph.check_pruning_group(plan):
-            state.skipped.setdefault(group.name, "Torch-Pruning's check refused the cut (a coupled layer would "
-                                     "lose all its channels)")
-            return
-    except Exception as exc:
-        state.skipped.setdefault(group.name, f"building its pruning plan raised {_first_line(exc)}")
-        return
-    saved = _save(model)
-    try:
-        plan.prune()
-        if group.heads is not None:
-            _drop_heads(group)
-        with torch.no_grad():
-            got = _shapes_of(model(example))
-        if got != expected:
-            raise RuntimeError(f"output shape changed from {expected} to {got}")
-    except Exception as exc:
-        _load(saved)
-        state.skipped.setdefault(group.name, f"the pruned forward failed ({_first_line(exc)}); cut undone")
-        return
-    if group.heads is not None:
-        state.heads[group.name.rpartition(".")[0]] = state.heads.get(group.name.rpartition(".")[0], 0) + group.remove
-
-
-def _shapes_of(output: Any) -> Any:
-    if isinstance(output, torch.Tensor):
-        return tuple(output.shape)
-    if isinstance(output, (list, tuple)):
-        return tuple(_shapes_of(o) for o in output)
-    if isinstance(output, dict):
-        return tuple((k, _shapes_of(v)) for k, v in output.items())
-    return None
-
-
-def _drop_heads(group: _Group) -> None:
-    """Update the attention module's head count, and slice its own per-head tensors (relative position biases)."""
-    attention, kept = group.heads, torch.sort(torch.argsort(group.importance)[group.remove:]).values
-    old = int(attention.num_heads)
-    attention.num_heads = old - group.remove
-    if isinstance(getattr(attention, "attn_dim", None), int):
-        attention.attn_dim = attention.num_heads * group.head_dim
-    for key, tensor in list(attention._parameters.items()) + list(attention._buffers.items()):
-        if tensor is None or tensor.dtype in (torch.long, torch.int) or old not in tensor.shape:
-            continue
-        dim = max(i for i, size in enumerate(tensor.shape) if size == old)
-        sliced = torch.index_select(tensor.data, dim, kept.to(tensor.device))
-        if key in attention._parameters:
-            attention._parameters[key] = nn.Parameter(sliced, requires_grad=tensor.requires_grad)
-        else:
-            attention._buffers[key] = sliced
-
-
-def _save(model: nn.Module) -> list[tuple[Any, ...]]:
-    """What a cut may change, by reference (no tensor is copied): module attributes and tensors."""
-    modules = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in model.modules()]
-    data = [(p, p.data) for p in model.parameters()]
-    return [*modules, *[(p, d) for p, d in data]]
-
-
-def _load(saved: list[tuple[Any, ...]]) -> None:
-    for entry in saved:
-        if len(entry) == 4:
-            module, attributes, parameters, buffers = entry
-            module.__dict__.clear()
-            module.__dict__.update(attributes)
-            module.__dict__["_parameters"] = dict(parameters)
-            module.__dict__["_buffers"] = dict(buffers)
-    for entry in saved:
-        if len(entry) == 2:
-            entry[0].data = entry[1]

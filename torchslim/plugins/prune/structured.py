@@ -46,8 +46,9 @@ class StructuredPrune(PruneStage):
         state = self._remove_channels(model, ctx)
         record = changes(before, model)
         if not record["tensors"]:
-            raise StageError(self.label, f"no channel could be removed: every prunable layer is an output layer or "
-                             f"excluded (left alone: {', '.join(state.protected) or 'none'})")
+            from .._structured import nothing_removed
+
+            raise StageError(self.label, nothing_removed(state))
         ctx.record_for_restore(**record)
         self._report(model, state, record, ctx)
         return model.eval()
