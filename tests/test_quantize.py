@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import warnings
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from torchslim.engine.metrics import accuracy, size_bytes
 from torchslim.examples import digits
 from torchslim.plugins._quant_modules import Int8Embedding
 from torchslim.plugins.quantize import DynamicQuantize, HalfQuantize, QuantizeStage, StaticQuantize, WeightOnlyQuantize
+from torchslim.plugins.quantize.base import has_vnni
 
 from .conftest import FAST_METRICS, digits_recipe, make_ctx
 
@@ -192,6 +194,8 @@ BAD_OPTIONS = [  # (options, the option at fault, the message a recipe shows for
     ({"method": "weight_only", "modules": ["Linear"]}, "modules",
      "weight_only quantization cannot quantize Linear; supported: Embedding"),
     ({"method": "dynamic", "modules": []}, "modules", "name at least one layer type"),
+    ({"method": "dynamic", "dtype": "float16", "reduce_range": False}, "reduce_range",
+     "reduce_range applies to dtype qint8 only, not float16"),
     ({"method": "static", "calibration_batches": 0}, "calibration_batches", "Input should be greater than or equal to 1"),
     ({"method": "int8"}, "method",
      "Input should be 'dynamic', 'static', 'weight_only', 'half', 'binary', 'ternary', 'kbit', 'float8', 'ort_static', "
@@ -212,7 +216,7 @@ def test_options_that_do_not_apply_are_rejected(registry: Registry, options: dic
 
 @pytest.mark.parametrize(("method", "options"), [
     ("dynamic", {"modules": ["Linear"], "exclude": [], "dtype": "qint8", "backend": None, "skip_sensitive": None,
-                 "calibration_batches": None, "granularity": None}),
+                 "calibration_batches": None, "granularity": None, "reduce_range": None}),
     ("static", {"modules": ["Linear", "Conv1d", "Conv2d", "Conv3d"], "exclude": [], "dtype": "qint8", "backend": "x86",
                 "calibration_batches": 32}),
     ("weight_only", {"modules": ["Embedding"], "exclude": [], "dtype": "qint8"}),
@@ -311,7 +315,8 @@ def test_minilm_int8_linear_and_embeddings(tmp_path: Path) -> None:
     report = torchslim.run(recipe, tmp_path, registry=registry)
     base, final = report.baseline.metrics, report.final.metrics
     assert base["cosine"] == pytest.approx(1.0, abs=1e-6)
-    assert final["cosine"] >= 0.94
+    # 8-bit activations where the CPU has VNNI (issue 16's target: 0.99); torch's 7 bits gave 0.977.
+    assert final["cosine"] >= (0.99 if has_vnni() else 0.97)
     assert base["size_bytes"] / final["size_bytes"] >= 3
     assert [row.metrics["quantized_layers"] for row in report.rows[1:]] == [36, 3]
     loaded = torchslim.load_model(tmp_path, registry=registry)
@@ -343,7 +348,28 @@ def test_dynamic_weights_have_a_scale_per_channel_by_default(trained_mlp: nn.Mod
     assert layer[0].weight().qscheme() == torch.per_tensor_affine
     # A row's own scale is never coarser than the layer's: the rounding error can only shrink.
     assert _weight_error(channel, trained_mlp) < _weight_error(layer, trained_mlp)
-    assert any("quantized (int8 weights per channel, dynamic activations) Linear x3" in n for n in ctx.notes)
+    bits = 8 if has_vnni() else 7
+    assert any(f"quantized (int8 weights per channel, dynamic {bits}-bit activations) Linear x3" in n for n in ctx.notes)
+
+
+def _output_error(quantized: nn.Module, original: nn.Module, data: dict) -> float:
+    inputs = torch.cat([x for x, _ in data["eval"]])
+    with torch.inference_mode():
+        return float((quantized(inputs) - original(inputs)).abs().mean())
+
+
+def test_dynamic_full_range_activations_are_closer_to_float_and_reload(trained_mlp: nn.Module, flat: dict) -> None:
+    ctx = make_ctx(trained_mlp, flat)
+    full = DynamicQuantize(reduce_range=False).apply(trained_mlp, ctx)
+    reduced = DynamicQuantize(reduce_range=True).apply(trained_mlp, make_ctx(trained_mlp, flat))
+    assert type(full[0]).__name__ == "FullRangeDynamicLinear" and type(reduced[0]).__name__ == "Linear"
+    # One more bit per activation: the outputs move less from the float model's.
+    assert _output_error(full, trained_mlp, flat) < _output_error(reduced, trained_mlp, flat)
+    assert ctx.restore_record["reduce_range"] is False  # the choice is saved, not re-decided on the loading CPU
+    rebuilt = DynamicQuantize().restore(copy.deepcopy(trained_mlp), ctx.restore_record)
+    rebuilt.load_state_dict(full.state_dict())
+    assert type(rebuilt[0]) is type(full[0])
+    assert _output_error(rebuilt, full, flat) == 0
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])

@@ -129,8 +129,9 @@ def module_types(model: nn.Module) -> dict[str, str]:
 
 
 def is_torch_quantized(module: nn.Module) -> bool:
-    """True for torch's quantized layers (static, dynamic, fused), whatever their torch version path."""
-    return type(module).__module__.startswith(TORCH_QUANTIZED)
+    """True for torch's quantized layers (static, dynamic, fused), whatever their torch version path,
+    and torchslim's subclasses of them."""
+    return any(cls.__module__.startswith(TORCH_QUANTIZED) for cls in type(module).__mro__)
 
 
 def batch_inputs(batches: Iterable[Any], limit: int) -> Iterator[torch.Tensor]:

@@ -187,3 +187,9 @@ def engine_note(backend: str | None) -> list[str]:
         return []
     return [f"backend {backend}: torch's quantized engine (torch.backends.quantized.engine) is now "
             f"{backend} for this process; loading the saved model sets it too"]
+
+
+def has_vnni() -> bool:
+    """Whether this CPU has VNNI int8 dot products (AVX512-VNNI or AVX-VNNI), by torch's own CPU check."""
+    check = getattr(torch.cpu, "_is_vnni_supported", None)  # private in torch 2.13: absent means unknown
+    return bool(check()) if check is not None else False

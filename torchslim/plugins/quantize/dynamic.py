@@ -13,7 +13,7 @@ from ...engine.stage import Context, option_errors
 from .._layers import layer_type
 from .._quant_base import BackendError, Quantized, batch_inputs, is_torch_quantized, module_types, take_census
 from .._quant_subclass import as_base_layers, swap_to_base
-from .base import LayerQuantize, cpu_only_note, engine_note
+from .base import LayerQuantize, cpu_only_note, engine_note, has_vnni
 
 #: Layer types torch's dynamic quantization really converts. It accepts others (Conv2d)
 #: and silently leaves them float, so anything else is refused at validation.
@@ -50,6 +50,11 @@ class DynamicQuantize(LayerQuantize):
     granularity: Literal["per_channel", "per_tensor"] | None = None
     """dtype qint8 only (default ``per_channel``): one weight scale per output channel, or one per
     layer (torch's own default). Same kernels and speed; per channel is more accurate."""
+    reduce_range: bool | None = None
+    """dtype qint8 only: quantize the Linear layers' activations to 7 bits (``true``, what torch's module
+    always does) or to 8 (``false``). Default: 8 bits on CPUs with VNNI int8 dot products, whose
+    kernels accumulate in 32 bits, 7 elsewhere (the AVX2 kernels' 16-bit pair sums could saturate).
+    all-MiniLM-L6-v2: cosine 0.977 with 7 bits, 0.993 with 8."""
 
     @model_validator(mode="after")
     def _options_fit(self) -> DynamicQuantize:
@@ -58,6 +63,8 @@ class DynamicQuantize(LayerQuantize):
             problems.append(("calibration_batches", "calibration_batches applies to method dynamic only with skip_sensitive"))
         if self.granularity is not None and self.dtype != "qint8":
             problems.append(("granularity", f"granularity applies to dtype qint8 only, not {self.dtype}"))
+        if self.reduce_range is not None and self.dtype != "qint8":
+            problems.append(("reduce_range", f"reduce_range applies to dtype qint8 only, not {self.dtype}"))
         if problems:
             raise option_errors(self, problems)
         return self
@@ -66,8 +73,10 @@ class DynamicQuantize(LayerQuantize):
         base = as_base_layers(model, self.modules, self.exclude, ctx.example_inputs)
         before = module_types(base.model)
         sensitive = self._most_sensitive(base.model, ctx) if self.skip_sensitive else []
-        quantized = self._convert(base.model, sensitive)
+        quantized = self._convert(base.model, sensitive, self._reduce_range)
         record: dict[str, Any] = {"sensitive": sensitive} if sensitive else {}
+        if self.dtype == "qint8":
+            record["reduce_range"] = self._reduce_range  # decided on this CPU: a reload elsewhere keeps it
         if base.swapped:
             record["as_base_class"] = list(base.swapped)
         for note in base.notes():
@@ -75,20 +84,26 @@ class DynamicQuantize(LayerQuantize):
         return Quantized(quantized, record, take_census(before, quantized, is_torch_quantized))
 
     def _restore(self, model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
-        return self._convert(swap_to_base(model, record.get("as_base_class", [])), record.get("sensitive", []))
+        model = swap_to_base(model, record.get("as_base_class", []))
+        # Runs saved before the option existed were 7-bit: torch's own behaviour.
+        return self._convert(model, record.get("sensitive", []), bool(record.get("reduce_range", True)))
 
-    def _convert(self, model: nn.Module, also_float: list[str] | None = None) -> nn.Module:
+    def _convert(self, model: nn.Module, also_float: list[str], reduce_range: bool) -> nn.Module:
         """Dynamic quantization of ``model`` (a copy; the input is left as it was), leaving the
         ``exclude`` patterns and the layers named in ``also_float`` float."""
         from .._quant_ao import quantize_dynamic
 
         self._select_engine()
-        exclude = [*self.exclude, *(also_float or [])]
-        return quantize_dynamic(model, self.modules, self.dtype, exclude, self._per_channel)
+        exclude = [*self.exclude, *also_float]
+        return quantize_dynamic(model, self.modules, self.dtype, exclude, self._per_channel, reduce_range)
 
     @property
     def _per_channel(self) -> bool:
         return (self.granularity or "per_channel") == "per_channel"
+
+    @property
+    def _reduce_range(self) -> bool:
+        return self.reduce_range if self.reduce_range is not None else not has_vnni()
 
     def _select_engine(self) -> None:
         from .._quant_ao import DEFAULT_ENGINE, select_engine
@@ -120,7 +135,7 @@ class DynamicQuantize(LayerQuantize):
     def _quantize_one(self, model: nn.Module, name: str) -> nn.Module:
         from .._quant_ao import quantize_dynamic_layer
 
-        return quantize_dynamic_layer(model, name, self.dtype, self._per_channel)
+        return quantize_dynamic_layer(model, name, self.dtype, self._per_channel, self._reduce_range)
 
     def _convertible(self, model: nn.Module) -> list[str]:
         """The targets torch converts: of exactly the ``modules`` types (a subclass left float is not)."""
@@ -141,7 +156,8 @@ class DynamicQuantize(LayerQuantize):
             return "quantized (float16 weights, dynamic activations)"
         engine = f", engine {self.backend}" if self.backend else ""
         scales = (self.granularity or "per_channel").replace("_", " ")
-        return f"quantized (int8 weights {scales}, dynamic activations{engine})"
+        bits = 7 if self._reduce_range else 8
+        return f"quantized (int8 weights {scales}, dynamic {bits}-bit activations{engine})"
 
     def _caveats(self) -> list[str]:
         return [cpu_only_note("dynamic"), *engine_note(self.backend)]
