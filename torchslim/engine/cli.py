@@ -105,6 +105,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     p.set_defaults(handler=_compare)
 
+    p = sub.add_parser("export", parents=[quiet], help="export a finished float run to ONNX or OpenVINO, beside its model.pt")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the --out directory of a finished torchslim run")
+    p.add_argument("--to", required=True, choices=["onnx", "openvino"],
+                   help="onnx: RUN_DIR/model.onnx (checked in ONNX Runtime); openvino: RUN_DIR/model.xml + model.bin")
+    p.add_argument("--opset", type=int, help="ONNX opset of the export (default 18, at least 17)")
+    p.add_argument("--exporter", choices=["dynamo", "torchscript"], help="torch's ONNX exporter (default dynamo)")
+    p.add_argument("--dynamic-axes", metavar="DIMS",
+                   help="input dimensions left dynamic, comma-separated (default 0, the batch; 0,1 for a text model)")
+    p.add_argument("--tolerance", type=float,
+                   help="largest allowed difference from torch's outputs, relative to the largest output (default 1e-4)")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a failure")
+    p.set_defaults(handler=_export)
+
     p = sub.add_parser("validate", parents=[quiet], help="check a recipe without running it")
     p.add_argument("recipe", type=Path)
     p.add_argument("--no-import", action="store_true",
@@ -151,6 +165,25 @@ def _compare(args: argparse.Namespace) -> int:
     if args.out:
         print(f"\n{written_line(comparison)}")
     return comparison.exit_code
+
+
+def _export(args: argparse.Namespace) -> int:
+    # Imported here: the engine (and this command line) work without the deploy extras installed.
+    from ..plugins.deploy import export_run
+
+    options = {key: value for key, value in (("opset", args.opset), ("exporter", args.exporter),
+                                            ("tolerance", args.tolerance)) if value is not None}
+    if args.dynamic_axes is not None:
+        options["dynamic_axes"] = _dims(args.dynamic_axes)
+    print(export_run(args.run_dir, args.to, overwrite=args.overwrite, **options).line())
+    return 0
+
+
+def _dims(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--dynamic-axes: expected input dimensions separated by commas (0 or 0,1), found '{text}'") from None
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -35,7 +35,7 @@ def _prepare(recipe: RecipeBase, log: logging.Logger) -> tuple[Context, nn.Modul
     with located(recipe, ("data",)):
         data = build_data(recipe.data)
     evaluator = metric_function(recipe)
-    inputs = _first_inputs(data["eval"], recipe).to(device)
+    inputs = first_inputs(data["eval"], recipe).to(device)
     _check_forward(model, inputs, recipe)
     ctx = Context(
         original=copy.deepcopy(model).eval(),
@@ -90,7 +90,8 @@ class located:
         return False
 
 
-def _first_inputs(loader: Any, recipe: RecipeBase) -> torch.Tensor:
+def first_inputs(loader: Any, recipe: RecipeBase) -> torch.Tensor:
+    """The inputs of ``loader``'s first batch: the example inputs a run traces and times (errors located at data.target)."""
     with located(recipe, ("data", "target")):
         batch = _first_batch(loader, recipe.data.target)
     inputs = batch[0] if isinstance(batch, (tuple, list)) else None

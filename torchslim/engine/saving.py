@@ -77,11 +77,12 @@ def load_model(path: str | os.PathLike[str], registry: Registry | None = None) -
     folder = Path(path)
     recipe = load_recipe(folder / RECIPE_FILE, registry)
     payload = read_payload(folder / MODEL_FILE)
-    with importable(_recipe_dir(payload)):
+    with importable(recipe_dir(payload)):
         return rebuild(recipe, payload, folder / MODEL_FILE).eval()
 
 
-def _recipe_dir(payload: dict[str, Any]) -> Path | None:
+def recipe_dir(payload: dict[str, Any]) -> Path | None:
+    """The folder of the recipe a saved model came from (importable when it is rebuilt), if it still exists."""
     directory = payload.get("recipe_dir")
     return Path(directory) if isinstance(directory, str) and Path(directory).is_dir() else None
 

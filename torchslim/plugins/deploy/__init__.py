@@ -14,18 +14,17 @@ import copy
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import torch
 from pydantic import Field
 from torch import nn
 
 from ...engine.errors import StageError
-from ...engine.macs import count_macs
 from ...engine.stage import Context, Stage
-from .export import axis_name, graph_info, largest_difference, to_onnx
-from .extras import MissingExtra, require, version
-from .runtime import RuntimeModel
+from .export import ExportFailed, axis_name, check_parity, dynamic_dims, export, wrap
+from .extras import MissingExtra, require_runtime
+from .finished import Exported, export_run
+from .runtime import RuntimeModel, runtime_label
 
-__all__ = ["DeployStage", "RuntimeModel", "from_record", "runtime_label", "wrap"]
+__all__ = ["DeployStage", "Exported", "RuntimeModel", "export_run", "from_record", "runtime_label", "wrap"]
 
 
 class DeployStage(Stage):
@@ -53,8 +52,7 @@ class DeployStage(Stage):
     def check_environment(self) -> None:
         """Import the runtime and the exporter's packages now (``torchslim validate`` asks)."""
         try:
-            require("export")
-            require(self.runtime)
+            require_runtime(self.runtime)
         except MissingExtra as exc:
             raise StageError(self.label, f"runtime {self.runtime}: {exc}") from None
 
@@ -66,54 +64,23 @@ class DeployStage(Stage):
         source = copy.deepcopy(model).cpu().eval()
         example = ctx.example_inputs.cpu()
         try:
-            onnx_bytes = to_onnx(source, example, self.opset, self.exporter, self._dims(example))
-        except Exception as exc:  # the exporter fails in many ways; say which exporter and what to try
-            raise StageError(self.label, f"export to ONNX ({self.exporter} exporter, opset {self.opset}) failed: "
-                             f"{type(exc).__name__}: {_first_line(exc)}{_other_exporter(self.exporter)}") from exc
-        info = {**graph_info(onnx_bytes), "macs": count_macs(source, example[:1]), "version": version(self.runtime),
-                "exporter": self.exporter}
-        deployed = wrap(self.runtime, onnx_bytes, info)
-        self._check_parity(source, deployed, example, ctx)
-        ctx.add_metric("runtime", runtime_label(deployed))
-        ctx.record_for_restore(**deployed.restore_record())
-        return deployed
-
-    def _dims(self, example: torch.Tensor) -> tuple[int, ...]:
-        wrong = [d for d in self.dynamic_axes if not 0 <= d < example.dim()]
-        if wrong:
-            raise StageError(self.label, f"dynamic_axes: {wrong} not a dimension of the input (shape {tuple(example.shape)})")
-        return tuple(sorted(set(self.dynamic_axes)))
-
-    def restore(self, model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
-        """An empty :class:`RuntimeModel` of the saved files' sizes; the saved tensors fill it."""
-        return from_record(record)
-
-    def _check_parity(self, source: nn.Module, deployed: RuntimeModel, example: torch.Tensor, ctx: Context) -> None:
-        with torch.inference_mode():
-            expected, got = source(example), deployed(example)
-        if [tuple(t.shape) for t in _outputs(expected)] != [tuple(t.shape) for t in _outputs(got)]:
-            raise StageError(self.label, f"{self.runtime} returns outputs of shapes {_shapes(got)}, torch {_shapes(expected)}")
-        diff, scale = largest_difference(expected, got)
-        allowed = self.tolerance * max(1.0, scale)
-        if not diff <= allowed:
-            raise StageError(self.label, f"{self.runtime}'s outputs differ from torch's by up to {diff:.3g} on the example "
-                             f"inputs (allowed: {allowed:.3g}, tolerance {self.tolerance} x the largest output {scale:.3g})")
+            deployed = export(source, example, self.runtime, self.opset, self.exporter, dynamic_dims(self.dynamic_axes, example))
+            diff, allowed = check_parity(source, deployed, example, self.tolerance)
+        except ExportFailed as exc:
+            hint = f"; try exporter: {exc.other_exporter}" if exc.other_exporter else ""
+            raise StageError(self.label, f"{exc}{hint}") from exc.__cause__
         axes = ", ".join(axis_name(d) for d in sorted(set(self.dynamic_axes)))
         ctx.note(f"{self.label}: exported to ONNX (opset {deployed.info['opset']}, {self.exporter} exporter, dynamic axes "
                  f"{axes}) and run in {runtime_label(deployed)}; outputs match torch's on the example inputs within "
                  f"{allowed:.3g} (largest difference {diff:.3g}); this row and later ones are measured in {self.runtime} "
                  f"(latency at the recipe's thread count, size = the deployable files' bytes)")
+        ctx.add_metric("runtime", runtime_label(deployed))
+        ctx.record_for_restore(**deployed.restore_record())
+        return deployed
 
-
-def wrap(runtime: str, onnx_bytes: bytes, info: Mapping[str, Any]) -> RuntimeModel:
-    """The ONNX model in a :class:`RuntimeModel` of ``runtime`` (converted to OpenVINO's IR for ``openvino``)."""
-    if runtime == "openvino":
-        from ._ov import from_onnx
-
-        return from_onnx(onnx_bytes, dict(info))
-    from ._ort import OnnxRuntimeModel
-
-    return OnnxRuntimeModel({"onnx": onnx_bytes}, info)
+    def restore(self, model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
+        """An empty :class:`RuntimeModel` of the saved files' sizes; the saved tensors fill it."""
+        return from_record(record)
 
 
 def from_record(record: Mapping[str, Any]) -> RuntimeModel:
@@ -123,25 +90,3 @@ def from_record(record: Mapping[str, Any]) -> RuntimeModel:
     else:
         from ._ort import OnnxRuntimeModel as cls  # type: ignore[assignment]
     return cls({name: int(size) for name, size in record["sizes"].items()}, record.get("info", {}))
-
-
-def runtime_label(model: RuntimeModel) -> str:
-    """``onnxruntime 1.32.0``: the runtime a row was measured in, and its version."""
-    return f"{model.runtime} {model.info.get('version', '')}".strip()
-
-
-def _outputs(output: Any) -> list[torch.Tensor]:
-    return [output] if isinstance(output, torch.Tensor) else [t for o in output for t in _outputs(o)]
-
-
-def _shapes(output: Any) -> list[tuple[int, ...]]:
-    return [tuple(t.shape) for t in _outputs(output)]
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:300]
-
-
-def _other_exporter(exporter: str) -> str:
-    return "; try exporter: torchscript" if exporter == "dynamo" else "; try exporter: dynamo"
-

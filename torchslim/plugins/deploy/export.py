@@ -1,17 +1,20 @@
-"""Export a float torch model to ONNX (dynamic batch axis), and check a runtime against torch."""
+"""Export a float torch model to ONNX (dynamic batch axis), wrap it in a runtime, and check the runtime against torch."""
 
 from __future__ import annotations
 
 import logging
 import tempfile
 import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .extras import require
+from ...engine.macs import count_macs
+from .extras import require, version
+from .runtime import RuntimeModel
 
 
 def axis_name(dim: int) -> str:
@@ -96,3 +99,70 @@ def _flat(output: Any) -> list[torch.Tensor]:
     if isinstance(output, torch.Tensor):
         return [output.detach().cpu()]
     return [t for value in output for t in _flat(value)]
+
+
+class ExportFailed(Exception):
+    """An export or a parity check that failed: the message says what, the caller says where (a stage,
+    a run directory). ``other_exporter`` is the exporter to suggest when the exporter itself failed."""
+
+    def __init__(self, message: str, other_exporter: str | None = None) -> None:
+        super().__init__(message)
+        self.other_exporter = other_exporter
+
+
+def dynamic_dims(axes: Iterable[int], example: torch.Tensor) -> tuple[int, ...]:
+    """The input dimensions ``axes`` (sorted, once each); ExportFailed if one is not a dimension of ``example``."""
+    axes = list(axes)
+    wrong = [d for d in axes if not 0 <= d < example.dim()]
+    if wrong:
+        raise ExportFailed(f"dynamic_axes: {wrong} not a dimension of the input (shape {tuple(example.shape)})")
+    return tuple(sorted(set(axes)))
+
+
+def export(source: nn.Module, example: torch.Tensor, runtime: str, opset: int, exporter: str,
+           dims: tuple[int, ...]) -> RuntimeModel:
+    """The float model ``source`` (on the CPU, in eval mode) exported to ONNX on ``example``, its input
+    axes ``dims`` dynamic, in a :class:`RuntimeModel` of ``runtime`` (parity not checked: :func:`check_parity`)."""
+    try:
+        onnx_bytes = to_onnx(source, example, opset, exporter, dims)
+    except Exception as exc:  # the exporter fails in many ways; say which exporter and what to try
+        raise ExportFailed(f"export to ONNX ({exporter} exporter, opset {opset}) failed: {type(exc).__name__}: "
+                           f"{_first_line(exc)}", "torchscript" if exporter == "dynamo" else "dynamo") from exc
+    info = {**graph_info(onnx_bytes), "macs": count_macs(source, example[:1]), "version": version(runtime),
+            "exporter": exporter}
+    return wrap(runtime, onnx_bytes, info)
+
+
+def check_parity(source: nn.Module, deployed: RuntimeModel, example: torch.Tensor, tolerance: float) -> tuple[float, float]:
+    """(largest difference, allowed difference) between ``deployed``'s and ``source``'s outputs on ``example``;
+    ExportFailed when the shapes differ or the difference exceeds ``tolerance`` x the largest output (at least 1)."""
+    runtime = deployed.runtime
+    with torch.inference_mode():
+        expected, got = source(example), deployed(example)
+    if _shapes(expected) != _shapes(got):
+        raise ExportFailed(f"{runtime} returns outputs of shapes {_shapes(got)}, torch {_shapes(expected)}")
+    diff, scale = largest_difference(expected, got)
+    allowed = tolerance * max(1.0, scale)
+    if not diff <= allowed:
+        raise ExportFailed(f"{runtime}'s outputs differ from torch's by up to {diff:.3g} on the example "
+                           f"inputs (allowed: {allowed:.3g}, tolerance {tolerance} x the largest output {scale:.3g})")
+    return diff, allowed
+
+
+def wrap(runtime: str, onnx_bytes: bytes, info: Mapping[str, Any]) -> RuntimeModel:
+    """The ONNX model in a :class:`RuntimeModel` of ``runtime`` (converted to OpenVINO's IR for ``openvino``)."""
+    if runtime == "openvino":
+        from ._ov import from_onnx
+
+        return from_onnx(onnx_bytes, dict(info))
+    from ._ort import OnnxRuntimeModel
+
+    return OnnxRuntimeModel({"onnx": onnx_bytes}, info)
+
+
+def _shapes(output: Any) -> list[tuple[int, ...]]:
+    return [tuple(t.shape) for t in _flat(output)]
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:300]

@@ -42,6 +42,12 @@ def require(what: str) -> ModuleType:
     return module
 
 
+def require_runtime(runtime: str) -> None:
+    """Import the exporter's packages and ``runtime``'s (``onnxruntime`` or ``openvino``); MissingExtra names the extra."""
+    require("export")
+    require(runtime)
+
+
 def version(module: str) -> str:
     """The installed version of ``module`` (its ``__version__``, without a build suffix: ``2026.4.1``)."""
     return str(getattr(importlib.import_module(module), "__version__", "unknown")).split("-")[0]

@@ -103,6 +103,11 @@ class RuntimeModel(nn.Module):
                 "inputs": self.info.get("inputs"), "outputs": self.info.get("outputs"), "opset": self.info.get("opset")}
 
 
+def runtime_label(model: RuntimeModel) -> str:
+    """``onnxruntime 1.32.0``: the runtime a row was measured in, and its version."""
+    return f"{model.runtime} {model.info.get('version', '')}".strip()
+
+
 def _drop_sessions(module: RuntimeModel, _keys: Any) -> None:
     """After new files are loaded, the sessions built from the old ones must go."""
     module._sessions.clear()
