@@ -65,11 +65,29 @@ class OrtStaticQuantize(OrtQuantize):
         name = next(iter(model.info["inputs"]))  # type: ignore[index]
         reader = _Reader([{name: array} for array in arrays])
         activation = q.QuantType.QUInt8 if self.activations == "uint8" else q.QuantType.QInt8
+        nodes = _weight_layers_of_transformer(source.read_bytes())
+        if nodes:
+            ctx.note(f"{self.label}: a Softmax in the graph (attention): only the {len(nodes)} layers with weights are "
+                     "quantized (all-MiniLM-L6-v2 cosine 0.40 with every op, 0.94 so; ort_dynamic gives 0.993)")
         q.quantize_static(str(source), str(target), reader, quant_format=q.QuantFormat.QDQ, per_channel=self.per_channel,
-                          activation_type=activation, weight_type=q.QuantType.QInt8)
+                          activation_type=activation, weight_type=q.QuantType.QInt8, nodes_to_quantize=nodes or None)
 
     def _verb(self) -> str:
         return f"quantized (ONNX Runtime static QDQ, int8 weights, {self.activations} activations)"
+
+
+def _weight_layers_of_transformer(onnx_bytes: bytes) -> list[str]:
+    """The names of the Conv/Gemm/MatMul nodes with a weight, when the graph has a Softmax; else none.
+
+    Quantizing every op of an attention block (softmax, layer norm inputs, the score products) with
+    static ranges ruins it; its weighted layers quantize well."""
+    import onnx
+
+    graph = onnx.load_from_string(onnx_bytes).graph
+    if not any(node.op_type == "Softmax" for node in graph.node):
+        return []
+    weights = {init.name for init in graph.initializer}
+    return [node.name for node in graph.node if node.op_type in _WEIGHTED and len(node.input) > 1 and node.input[1] in weights]
 
 
 class OrtDynamicQuantize(OrtQuantize):

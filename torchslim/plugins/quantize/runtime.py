@@ -10,6 +10,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from torch import nn
 
 from ...engine.errors import StageError
@@ -73,8 +74,15 @@ def quiet_library() -> Iterator[None]:
 
 
 def calibration_arrays(ctx: Context, batches: int) -> list[np.ndarray]:
-    """The inputs of the first ``batches`` calibration batches, as float32 numpy arrays."""
-    return [batch.detach().cpu().float().contiguous().numpy() for batch in batch_inputs(ctx.data["calibration"], batches)]
+    """The inputs of the first ``batches`` calibration batches as numpy arrays: floats as float32, token ids
+    kept integers (the exported graph's input type)."""
+    return [_as_array(batch) for batch in batch_inputs(ctx.data["calibration"], batches)]
+
+
+def _as_array(batch: torch.Tensor) -> np.ndarray:
+    batch = batch.detach().cpu()
+    array: np.ndarray = (batch.float() if batch.is_floating_point() else batch).contiguous().numpy()
+    return array
 
 
 def census_of(layers: Iterator[tuple[str, str, bool]]) -> Census:
