@@ -43,12 +43,18 @@ THREADS = 1
 #: (label, stage options, max accuracy drop, min x smaller, Brevitas variant or None).
 CASES: list[tuple[str, dict[str, Any], float, float, str | None]] = [
     ("4-bit PTQ", {"method": "kbit", "bits": 4}, 1.0, 6.0, "int4"),
-    ("4-bit GPTQ g32", {"method": "kbit", "bits": 4, "group_size": 32, "rounding": "gptq"}, 1.0, 6.0, None),
+    ("4-bit GPTQ g32", {"method": "kbit", "bits": 4, "group_size": 32, "rounding": "gptq"},
+     1.0, 6.0, None),
     ("float8 e4m3 PTQ", {"method": "float8"}, 0.5, 3.5, "float8"),
     ("2-bit QAT", {"method": "kbit", "bits": 2, "train": "QAT"}, math.inf, 0, "int2"),
     ("ternary QAT", {"method": "ternary", "train": "QAT"}, 1.5, 12.0, "ternary"),
     ("binary QAT", {"method": "binary", "train": "QAT"}, 3.0, 20.0, "binary"),
     ("binary QAT, last at int8", {"method": "binary", "keep_ends": "last", "train": "QAT"}, 3.0, 20.0, None),
+    # Binary weights and activations (XNOR-Net): no target in the issue; a train dict overrides the QAT settings.
+    ("binary W+A QAT", {"method": "binary", "activations": "binary", "train": "QAT"}, math.inf, 0, None),
+    ("binary W+A QAT, lr 0.01", {"method": "binary", "activations": "binary", "train": {"lr": 0.01}}, math.inf, 0, None),
+    ("binary W+A QAT, first at int8, lr 0.01", {"method": "binary", "activations": "binary", "keep_ends": "first",
+                                                "train": {"lr": 0.01}}, math.inf, 0, None),
 ]
 
 
@@ -71,7 +77,8 @@ def recipe(stage: dict[str, Any], seed: int = 0, case: dict[str, Any] = DIGITS) 
 
 def run_torchslim(options: dict[str, Any], qat: dict[str, Any], seeds: int, case: dict[str, Any] = DIGITS) -> dict[str, Any]:
     """torchslim runs (one per seed with QAT): baseline and quantized accuracy (mean over seeds) and size."""
-    stage = {**options, "train": qat} if "train" in options else options
+    own = options.get("train")
+    stage = {**options, "train": {**qat, **own} if isinstance(own, dict) else qat} if "train" in options else options
     start = time.perf_counter()
     reports = [torchslim.run(recipe(stage, seed, case)) for seed in range(seeds if "train" in options else 1)]
     base, last = reports[0].rows[0].metrics, reports[0].rows[-1].metrics
@@ -144,11 +151,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seeds", type=int, default=3, help="QAT runs (training orders) averaged per case")
     parser.add_argument("--mnist", action="store_true", help="the pretrained MNIST CNN instead of the digits MLP")
+    parser.add_argument("--only", action="append", metavar="CASE",
+                        help="run only this case (repeatable); its rows replace those of the same case in the JSON")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     qat = {"epochs": args.epochs, "lr": args.lr}
     results = []
     case, cases = (MNIST, MNIST_CASES) if args.mnist else (DIGITS, CASES)
+    cases = [c for c in cases if not args.only or c[0] in args.only]
     for label, options, drop, ratio, brevitas in cases:
         load = Path("/proc/loadavg").read_text().split()[:3]
         row = {"case": label, "options": options, **run_torchslim(options, qat, args.seeds, case),
@@ -161,7 +171,20 @@ def main() -> None:
         results.append(row)
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     out = RESULTS.with_name("lowbit-mnist.json") if args.mnist else RESULTS
-    out.write_text(json.dumps({"torch": torch.__version__, "qat": qat, "seeds": args.seeds, "results": results}, indent=1))
+    write(out, {"torch": torch.__version__, "qat": qat, "seeds": args.seeds, "results": results}, bool(args.only))
+
+
+def write(out: Path, result: dict[str, Any], merge: bool) -> None:
+    """Write ``result``; with ``merge``, into the existing file: its rows of the same cases replaced, the rest kept
+    (refused if the file's QAT settings or seeds differ: its rows would not compare)."""
+    if merge and out.exists():
+        old = json.loads(out.read_text())
+        if (old["qat"], old["seeds"]) != (result["qat"], result["seeds"]):
+            raise SystemExit(f"{out} holds qat {old['qat']}, seeds {old['seeds']}: rerun every case, or use those settings")
+        new = {row["case"]: row for row in result["results"]}
+        rows = [new.pop(row["case"], row) for row in old["results"]]
+        result = {**result, "results": rows + list(new.values())}
+    out.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Low-bit CPU kernels of torch against float32 and against dequantize-on-the-fly + ``F.linear``.
 
-    python bench/lowbit_kernels.py [--rounds 9] [--runs 30]
+    python -m bench.lowbit_kernels [--rounds 9] [--runs 30]
 
 For each Linear shape and batch size, every variant is timed in interleaved rounds (a round times
 each variant ``--runs`` times after warm-up and keeps the median; the figure is the median over
@@ -14,6 +14,9 @@ rounds), at 1 and at 2 torch threads; the load average is recorded before and af
   ``_convert_weight_to_int4pack_for_cpu`` (groups of 32; float32 and bfloat16 activations).
 - ``float8 scaled_mm``: ``torch._scaled_mm`` with float8_e4m3fn weights AND activations (the only
   form the CPU kernel takes: the activations are quantized per call too).
+- ``layer dequantize`` / ``layer int4pack``: torchslim's own 4-bit layer (``kbit``, asymmetric, groups of
+  32) computing the Linear both ways ``kernel: auto`` chooses between: unpacking its bit stream at every
+  call, or torch's int4 kernel with the inputs cast to bfloat16 and the output back to float32.
 
 Writes ``bench/results/lowbit_kernels.json``; the table is in docs/quantize.md.
 """
@@ -30,9 +33,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from torchslim.plugins.quantize.formats import Format, quantize
+from torchslim.plugins.quantize.layers import LowBitLayer
+
 RESULTS = Path(__file__).resolve().parent / "results" / "lowbit_kernels.json"
-#: (batch, in_features, out_features): a large LLM-style layer at batch 1 and 32, and the digits MLP's hidden layer.
-SHAPES = ((1, 1024, 4096), (32, 1024, 4096), (64, 256, 256))
+#: (batch, in_features, out_features): a large LLM-style layer at batch 1 and 32, and the digits MLP's hidden
+#: layer at batch 64 and at 32 (metrics.batch_size's default).
+SHAPES = ((1, 1024, 4096), (32, 1024, 4096), (64, 256, 256), (32, 256, 256))
 GROUP = 32
 
 
@@ -52,7 +59,17 @@ def variants(batch: int, k: int, n: int) -> dict[str, Callable[[], torch.Tensor]
              "int8pack": lambda: torch.ops.aten._weight_int8pack_mm(x, q8, scale)}
     calls.update(_int4(x, w))
     calls.update(_float8(x, w))
+    calls.update(_layer(x, w))
     return calls
+
+
+def _layer(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
+    fmt = Format("int", 4, symmetric=False, group_size=GROUP)
+    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+    layer = LowBitLayer.convert(linear, fmt, quantize(w, fmt))
+    return {"layer dequantize": lambda: layer.run(x, "dequantize"), "layer int4pack": lambda: layer.run(x, "int4pack")}
 
 
 def _int4(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:

@@ -160,7 +160,6 @@ def test_run_then_load_model_gives_identical_outputs(tmp_path: Path, registry: R
 BAD = [
     ({"method": "kbit", "bits": 1}, "bits", "bits must be 2..8, not 1"),
     ({"method": "kbit", "bits": 9}, "bits", "bits must be 2..8, not 9"),
-    ({"method": "binary", "activations": "binary"}, "activations", "binary activations are not supported yet"),
     ({"method": "kbit", "damp": 0.1}, "damp", "damp applies to rounding gptq only"),
     ({"method": "ternary", "bits": 2}, "bits", "'bits' does not apply to method ternary"),
 ]

@@ -48,6 +48,8 @@ def _prepare(recipe: RecipeBase, log: logging.Logger) -> tuple[Context, nn.Modul
         seed=recipe.seed,
         base_dir=recipe.base_dir,
         log=log,
+        latency_batch=recipe.metrics.batch_size,
+        threads=recipe.metrics.threads,
     )
     return ctx, model
 

@@ -139,6 +139,11 @@ class Context:
     base_dir: Path | None = None
     """Directory of the recipe file: relative paths in stage options are resolved against it."""
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("torchslim"))
+    latency_batch: int = 32
+    """The batch size latency is measured at (the recipe's ``metrics.batch_size``): what a stage that
+    chooses kernels by timing them should time."""
+    threads: int | None = 2
+    """The torch threads latency is measured with (``metrics.threads``; None: torch's own setting)."""
     metrics: dict[str, Any] = field(default_factory=dict)
     """This stage's own figures (:meth:`add_metric`), shown in its row of the summary and report."""
     notes: list[str] = field(default_factory=list)

@@ -1,13 +1,22 @@
-"""``method: binary``: 1-bit weights, ``sign(w) * mean|w|`` per output channel (XNOR-Net), packed 8 per byte."""
+"""``method: binary``: 1-bit weights, ``sign(w) * mean|w|`` per output channel (XNOR-Net), packed 8 per byte;
+optionally binary activations too (XNOR-Net's ``sign(x) * K`` inputs, :mod:`.activations`)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import field_validator
+from torch import nn
 
+from ...engine.errors import StageError
+from ...engine.stage import Context
+from .._quant_base import Quantized
+from .activations import fed_by_model_input
 from .formats import Format
 from .lowbit import LowBitQuantize
+
+#: Said when binary activations are on: what runs, honestly (docs/quantize.md).
+FLOAT_SIGN = ("computed as a float sign(x) * K and torch's float kernel: no XNOR/popcount kernel on this CPU, "
+              "smaller, not faster")
 
 
 class BinaryQuantize(LowBitQuantize):
@@ -15,21 +24,54 @@ class BinaryQuantize(LowBitQuantize):
 
     Post-training binarization destroys most networks; use ``train`` (quantization-aware training)
     and usually ``keep_ends``. A weight that is exactly zero (pruned) becomes +scale: 1 bit has no zero.
+    With ``activations: binary`` the inputs of every layer stored binary are binarized as well.
     """
 
     method: Literal["binary"] = "binary"
     """``binary``: 1-bit weights times a float scale per output channel."""
     activations: Literal["float", "binary"] = "float"
-    """``float`` (weights only). ``binary`` activations (XNOR-Net's sign of the inputs) are not supported yet."""
-
-    @field_validator("activations")
-    @classmethod
-    def _weights_only(cls, value: str) -> str:
-        if value == "binary":
-            raise ValueError("binary activations are not supported yet: torchslim binarizes weights only "
-                             "(the layers keep float inputs); use activations: float")
-        return value
+    """``float``: the layers keep float inputs (weights only). ``binary``: every layer stored binary gets
+    ``sign(x) * mean|x|`` (per sample) as its input (XNOR-Net); layers kept at int8 by ``keep_ends`` (with
+    ``first`` or ``both``, the first layer, which takes the raw data) and layers left float keep float inputs.
+    At least one binarized layer must take another layer's activations."""
 
     def layer_format(self) -> Format:
-        """1 bit per weight, scale per output channel."""
-        return Format("binary", 1)
+        """1 bit per weight, scale per output channel; binary inputs with ``activations: binary``."""
+        return Format("binary", 1, activations=self.activations)
+
+    def _quantize(self, model: nn.Module, ctx: Context) -> Quantized:
+        if self.activations == "binary":
+            self._check_activations(model, ctx)  # before any training: a refusal costs nothing
+        return super()._quantize(model, ctx)
+
+    def _check_activations(self, model: nn.Module, ctx: Context) -> None:
+        """StageError unless a binarized layer takes another layer's activations (what "supported" means)."""
+        names, raw = _binarized(model, self._formats(model), ctx)
+        if any(raw.get(n) is False for n in names):
+            return
+        fix = "use activations: float"
+        if not names:
+            detail, fix = f"every chosen layer is kept at int8 (keep_ends {self.keep_ends})", f"{fix} or keep_ends none"
+        elif any(raw.values()):
+            detail = f"the binarized layers take only the model's input ({', '.join(n for n in names if raw.get(n))})"
+        else:
+            detail = f"the binarized layers ({', '.join(names)}) did not run on the example inputs"
+        raise StageError(self.label, "activations: binary activations need a binarized Linear or Conv2d that takes "
+                         f"another layer's activations; {detail}; {fix}")
+
+    def _notes(self, model: nn.Module, formats: dict[str, Format], ctx: Context) -> None:
+        super()._notes(model, formats, ctx)
+        if self.activations != "binary":
+            return
+        names, raw = _binarized(model, formats, ctx)
+        first = [n for n in names if raw.get(n)]
+        kept = [n for n in formats if n not in names]
+        ctx.note(f"{self.label}: binary activations (sign(x) * mean|x| per sample) into {', '.join(names)}"
+                 + (f" ({', '.join(first)}: the model's input)" if first else "")
+                 + (f"; float inputs: {', '.join(kept)} (kept at int8)" if kept else "") + f"; {FLOAT_SIGN}")
+
+
+def _binarized(model: nn.Module, formats: dict[str, Format], ctx: Context) -> tuple[list[str], dict[str, bool]]:
+    """The layers given binary inputs, and for those that run, whether they take the model's input."""
+    names = [n for n, f in formats.items() if f.activations == "binary"]
+    return names, fed_by_model_input(model, names, ctx.example_inputs)

@@ -15,13 +15,14 @@ from typing import Any, Literal
 import torch
 
 Kind = Literal["binary", "ternary", "int", "float8"]
+Kernel = Literal["dequantize", "int4pack"]
 #: Threshold of ternary weight networks (Li & Liu 2016): 0.7 * mean |w| approximates the optimum.
 TWN_THRESHOLD = 0.7
 
 
 @dataclass(frozen=True)
 class Format:
-    """One layer's weight format; plain data, saved in the restore record."""
+    """One layer's weight format and how the layer runs; plain data, saved in the restore record."""
 
     kind: Kind
     bits: int
@@ -30,6 +31,10 @@ class Format:
     float8: str = "float8_e4m3fn"
     storage: str = "float32"
     """dtype of the saved scales and bias: float16 where every value is a normal float16, else float32."""
+    activations: Literal["float", "binary"] = "float"
+    """The layer's inputs: ``float`` as given, or ``binary``: sign(x) times the sample's mean |x| (XNOR-Net)."""
+    kernel: Kernel = "dequantize"
+    """How a Linear computes: dequantize its weight at each call, or torch's int4 kernel (bfloat16 inputs)."""
 
     @classmethod
     def of(cls, record: dict[str, Any]) -> Format:
@@ -45,7 +50,8 @@ class Format:
         if self.kind == "float8":
             return f"{self.float8}, scale per channel"
         if self.kind != "int":
-            return f"{self.kind}, scale per channel"
+            inputs = ", binary activations" if self.activations == "binary" else ""
+            return f"{self.kind}, scale per channel{inputs}"
         scales = f"groups of {self.group_size}" if self.group_size else "per channel"
         return f"int{self.bits} {'symmetric' if self.symmetric else 'asymmetric'}, {scales}"
 

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from ...engine.errors import StageError
+from ...engine.metrics import latency_batch
 from ...engine.stage import Context, option_errors
 from .._quant_base import batch_inputs
+from . import kernels
 from .formats import Format, QWeight
+from .int4pack import KERNEL_GROUPS
 from .lowbit import LowBitQuantize
 
 
@@ -18,6 +23,7 @@ class KbitQuantize(LowBitQuantize):
     per group of ``group_size`` input features; rounded to nearest, or GPTQ-style on calibration data.
 
     The codes are a bit stream of exactly ``bits`` bits per weight (3-bit codes are not padded to 4).
+    4-bit Linear layers run torch's int4 kernel where it is faster (``kernel``, :mod:`.kernels`).
     """
 
     method: Literal["kbit"] = "kbit"
@@ -35,6 +41,9 @@ class KbitQuantize(LowBitQuantize):
     """With ``rounding: gptq`` (default 8): calibration batches the layers' input statistics come from."""
     damp: float | None = Field(default=None, gt=0, lt=1)
     """With ``rounding: gptq`` (default 0.01): dampening added to the Hessian's diagonal, relative to its mean."""
+    kernel: Literal["auto", "int4pack", "dequantize"] = "auto"
+    """How 4-bit Linear layers compute: ``auto`` runs torch's int4 kernel (bfloat16 inputs) in the layers where
+    it is measured faster than dequantizing, ``int4pack`` wherever the kernel can run, ``dequantize`` nowhere."""
 
     @field_validator("bits")
     @classmethod
@@ -51,6 +60,18 @@ class KbitQuantize(LowBitQuantize):
             raise option_errors(self, problems)
         return self
 
+    @model_validator(mode="after")
+    def _kernel_options(self) -> KbitQuantize:
+        problems = []
+        if self.kernel == "int4pack" and self.bits != 4:
+            problems.append(("kernel", f"kernel int4pack is torch's 4-bit kernel: it needs bits 4, not {self.bits}"))
+        elif self.kernel == "int4pack" and self.group_size not in (None, *KERNEL_GROUPS):
+            problems.append(("kernel", f"kernel int4pack takes group_size {', '.join(map(str, KERNEL_GROUPS))} or "
+                             f"null (per channel), not {self.group_size}"))
+        if problems:
+            raise option_errors(self, problems)
+        return self
+
     def layer_format(self) -> Format:
         """``bits``-bit integer codes with this method's scales."""
         return Format("int", self.bits, self.symmetric, self.group_size)
@@ -62,6 +83,20 @@ class KbitQuantize(LowBitQuantize):
 
         batches = batch_inputs(ctx.data["calibration"], self.calibration_batches or 8)
         return gptq_round(model.eval(), formats, batches, self.damp or 0.01)
+
+    def _kernels(self, model: nn.Module, formats: dict[str, Format], ctx: Context) -> dict[str, Format]:
+        if self.kernel == "dequantize" or self.bits != 4:
+            return formats
+        # Timed as the run measures latency: the recipe's metrics.batch_size and metrics.threads.
+        batch, threads = ctx.latency_batch, ctx.threads or torch.get_num_threads()
+        decisions = kernels.decide(model, formats, self.kernel, latency_batch(ctx.example_inputs, batch), threads)
+        if self.kernel == "int4pack" and not any(d.kernel == "int4pack" for d in decisions.values()):
+            why = "; ".join(f"{n}: {d.why}" for n, d in decisions.items())
+            raise StageError(self.label, f"kernel: int4pack: no chosen layer can run torch's int4 kernel ({why}); "
+                             "use kernel: auto or dequantize")
+        how = "forced" if self.kernel == "int4pack" else f"auto, timed per layer shape at batch {batch}, {threads} thread(s)"
+        ctx.note(kernels.note(self.label, decisions, how))
+        return kernels.apply(model, formats, decisions)
 
     def _verb(self) -> str:
         return super()._verb().replace("PTQ", "GPTQ") if self.rounding == "gptq" else super()._verb()

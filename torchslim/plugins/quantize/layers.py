@@ -3,9 +3,10 @@
 Only plain tensors are saved (uint8 bit streams, float8 values, float16 scales and biases, or float32
 where a value is outside float16's normal range), so a
 saved model loads with ``weights_only=True`` and its file is as small as the codes really are.
-Every call unpacks the codes and runs torch's float kernel: on the measured CPU torch's int8 and
-float8 kernels were slower than float32, and its int4 kernel was faster only on large layers and with
-bfloat16 activations (docs/quantize.md); choosing it per layer is not done yet.
+A call unpacks the codes and runs torch's float kernel (on the measured CPU torch's int8 and float8
+kernels were slower than float32), except in a 4-bit Linear whose format says ``kernel: int4pack``:
+that one runs torch's int4 kernel on bfloat16 inputs (:mod:`.int4pack`; chosen per layer by ``kbit``).
+With ``activations: binary`` the inputs are binarized first (:mod:`.activations`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._layers import weight_of
+from .activations import binarize, input_dims
 from .formats import Format, QWeight, dequantize
+from .int4pack import Int4Weight
 from .packing import pack, packed_length, unpack
 
 #: The constructor arguments of F.conv2d a converted Conv2d keeps.
@@ -52,6 +55,8 @@ class LowBitLayer(nn.Module):
         self.register_buffer("scale", torch.ones(out, groups, dtype=stored))
         self.register_buffer("zero", None if fmt.symmetric or fmt.kind != "int" else torch.zeros(out, groups, dtype=torch.uint8))
         self.register_buffer("bias", None if getattr(layer, "bias", None) is None else torch.zeros(out, dtype=stored))
+        self._int4: Int4Weight | None = None  # the int4 kernel's layout, built from the buffers when first used
+        self.register_load_state_dict_post_hook(_forget_int4)
 
     def _copy_geometry(self, layer: nn.Module) -> None:
         # The attribute names of torch's layers: the MAC counter and users read them.
@@ -87,15 +92,33 @@ class LowBitLayer(nn.Module):
         return dequantize(self.qweight(), self.fmt).view(self.shape)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """The float layer's function on the dequantized weight."""
+        """The float layer's function on the stored weight (and binarized inputs, if the format says so)."""
+        if self.fmt.activations == "binary":
+            inputs = binarize(inputs, input_dims(self))
+        return self.run(inputs, self.fmt.kernel)
+
+    def run(self, inputs: torch.Tensor, kernel: str) -> torch.Tensor:
+        """The layer's function computed by ``kernel``: ``dequantize`` (the weight unpacked to float32, then
+        torch's float kernel) or ``int4pack`` (a 4-bit Linear on the CPU; inputs that need a gradient,
+        which the int4 kernel has not, or live on another device are computed by ``dequantize``)."""
         bias = self.bias.float() if self.bias is not None else None
-        if hasattr(self, "in_features"):
-            return F.linear(inputs, self.weight(), bias)
-        return F.conv2d(inputs, self.weight(), bias, **self.conv)
+        if not hasattr(self, "in_features"):
+            return F.conv2d(inputs, self.weight(), bias, **self.conv)
+        if kernel == "int4pack" and inputs.device.type == "cpu" and not inputs.requires_grad:
+            if self._int4 is None:
+                self._int4 = Int4Weight.of(self.qweight(), self.fmt)
+            return self._int4.linear(inputs, bias)
+        return F.linear(inputs, self.weight(), bias)
 
     def extra_repr(self) -> str:
         """Shown by ``print(model)``."""
-        return f"{'x'.join(str(d) for d in self.shape)}, {self.fmt.describe()}"
+        kernel = ", int4 kernel" if self.fmt.kernel == "int4pack" else ""
+        return f"{'x'.join(str(d) for d in self.shape)}, {self.fmt.describe()}{kernel}"
+
+
+def _forget_int4(layer: Any, _keys: Any) -> None:
+    # New codes or scales were loaded: the kernel's layout is rebuilt from them when next used.
+    layer._int4 = None
 
 
 #: The fixed zero point of each symmetric format (asymmetric int formats store theirs).

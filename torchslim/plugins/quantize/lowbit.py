@@ -61,6 +61,7 @@ class LowBitQuantize(LayerQuantize):
         layers = dict(copied.named_modules())
         formats = {n: replace(f, storage=storage_for(weights[n].scale, _bias(layers[n]))) for n, f in formats.items()}
         converted = _swap(copied, formats, weights)
+        formats = self._kernels(converted, formats, ctx)
         self._notes(copied, formats, ctx)
         census = take_census(module_types(model), converted, lambda m: isinstance(m, LowBitLayer))
         return Quantized(converted, {"layers": {n: f.record() for n, f in formats.items()}}, census)
@@ -90,6 +91,11 @@ class LowBitQuantize(LayerQuantize):
         layers = dict(model.named_modules())
         return {n: quantize(weight_of(layers[n]).flatten(1), f) for n, f in formats.items()}
 
+    def _kernels(self, model: nn.Module, formats: dict[str, Format], ctx: Context) -> dict[str, Format]:
+        """The formats with the kernel each converted layer runs (set on the layers too): dequantize unless a
+        method chooses otherwise (kbit: torch's int4 kernel where it is faster)."""
+        return formats
+
     def _notes(self, model: nn.Module, formats: dict[str, Format], ctx: Context) -> None:
         ends = [n for n, f in formats.items() if replace(f, storage=INT8.storage) == INT8 != self.layer_format()]
         if ends:
@@ -98,8 +104,11 @@ class LowBitQuantize(LayerQuantize):
             reason = convertible(layer) if name not in formats else None
             if reason:
                 ctx.note(f"{self.label}: {name} stays float: {reason}")
-        trained = f"trained {self.train.epochs} epoch(s) with fake quantization, " if self.train else ""
-        ctx.note(f"{self.label}: {trained}{NOT_FASTER}")
+        said = [f"trained {self.train.epochs} epoch(s) with fake quantization"] if self.train else []
+        if all(f.kernel == "dequantize" for f in formats.values()):  # else the kernel choice has its own note
+            said.append(NOT_FASTER)
+        if said:
+            ctx.note(f"{self.label}: {', '.join(said)}")
 
     def _verb(self) -> str:
         how = "QAT" if self.train else "PTQ"

@@ -1,7 +1,8 @@
 """Quantization-aware training of the low-bit methods: fake quantization with a straight-through estimator.
 
 The chosen layers' weights are rounded to their format in every forward pass (a parametrization
-of ``weight``) while the gradient passes through unchanged to the float weights, which the one
+of ``weight``; binary activations: their inputs binarized by a forward pre-hook, :mod:`.activations`)
+while the gradient passes through unchanged to the float weights, which the one
 training loop (:func:`.._train.fit`) updates, distilling from the float model by default. Weights
 that are exactly zero when training starts (pruned) stay zero. The trained float weights are then
 converted like post-training quantization would convert them.
@@ -23,6 +24,7 @@ from .._kd import hinton_loss
 from .._masks import ZeroMasks
 from .._shard import TrainBatches
 from .._train import Job, Outcome, TrainPlan, fit
+from .activations import binary_inputs
 from .formats import Format, fake_quantize
 
 
@@ -78,8 +80,10 @@ def train(label: str, options: QatOptions, model: nn.Module, formats: dict[str, 
     for name, fmt in formats.items():
         parametrize.register_parametrization(layers[name], "weight", _FakeQuant(fmt))
     masks = ZeroMasks.of(model)  # after the parametrizations: the masks name the trained float tensors
+    binarized = [layers[n] for n, f in formats.items() if f.activations == "binary"]
     try:
-        return fit(TrainPlan.of(options), _job(label, options, model, teacher, masks, seed, ctx), ctx)
+        with binary_inputs(binarized):
+            return fit(TrainPlan.of(options), _job(label, options, model, teacher, masks, seed, ctx), ctx)
     finally:
         for name in formats:
             parametrize.remove_parametrizations(layers[name], "weight", leave_parametrized=False)
