@@ -5,9 +5,9 @@ BatchNorm, the convs joined by a residual addition, a depthwise conv and the lay
 squeeze-excite gate and the features it scales, concatenations). This module ranks the groups'
 channels itself, so that a per-layer ceiling, ``round_to`` and global or per-layer ranking behave
 as torchslim documents them, and asks torch-pruning only to cut the chosen channels. Its API
-stays inside this module and the three beside it: ``_structured_graph`` (the dependency graph and its
+stays inside this module and the four beside it: ``_structured_graph`` (the dependency graph and its
 groups), ``_structured_choice`` (how many channels each group gives up), ``_structured_cut`` (the
-cut, undone if the forward breaks).
+cut, undone if the forward breaks), ``_structured_heads`` (attention pruned by whole heads).
 """
 
 from __future__ import annotations
@@ -21,18 +21,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._structured_choice import _choose_global, _choose_per_layer, _out_channels, _round
+from ._structured_choice import _choose_global, _choose_heads, _choose_per_layer, _out_channels, _round
 from ._structured_cut import _cut, _precheck, _shapes_of
 from ._structured_graph import (
     GraphTimeout,
     _all_groups,
-    _attention_of,
     _build_graph,
     _channel_groups,
     _deadline,
     _first_line,
     _protected,
 )
+from ._structured_heads import Heads, head_scores, heads_of
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,8 @@ class _Group:
     removable: int
     """Units that may still be removed in this step without passing the ceiling."""
     remove: int = 0
-    heads: Any = None
-    """The attention module whose heads are this group's units (``num_heads`` is updated), or None."""
-    head_dim: int = 0
+    heads: Heads | None = None
+    """The attention module whose heads are this group's units (its head count is updated), or None."""
 
 
 @dataclass
@@ -74,7 +73,10 @@ class ChannelState:
     """What a multi-step structured prune remembers between steps."""
 
     original: dict[str, int] = field(default_factory=dict)
-    """Output channels of each group's root layer (by name) before the first step."""
+    """Output channels of each group's root layer (by name) before the first step; attention groups
+    pruned by whole heads are counted in ``original_heads`` instead."""
+    original_heads: dict[str, int] = field(default_factory=dict)
+    """Heads of each attention module pruned by whole heads (by its name) before the first step."""
     protected: list[str] = field(default_factory=list)
     """Layers left alone: the model's output layers and the excluded ones."""
     skipped: dict[str, str] = field(default_factory=dict)
@@ -85,32 +87,36 @@ class ChannelState:
 
 
 def prune_step(model: nn.Module, example: torch.Tensor, fraction: float, opts: ChannelOptions, state: ChannelState,
-               log: logging.Logger | None = None, time_limit: float | None = None) -> None:
+               log: logging.Logger | None = None, time_limit: float | None = None,
+               heads: float | None = None) -> None:
     """Remove channels so that ``fraction`` of the original prunable channels are gone after this step.
 
     A group that Torch-Pruning refuses (its check fails, scoring or cutting it raises) or whose cut
     breaks the model's forward is left whole and named in ``state.skipped``; under global scope its
-    share of the budget goes to the other groups. Attention layers (a module with ``num_heads`` and
-    a ``qkv`` Linear, as in timm) are pruned by whole heads.
+    share of the budget goes to the other groups. Attention layers (timm's ``qkv``, Hugging Face
+    BERT's ``query``/``key``/``value``: see ``_structured_heads``) are pruned by whole heads, ``heads``
+    of each layer's original heads gone after this step (None: ``fraction``), outside that budget.
     """
     log = log or logging.getLogger("torchslim")
+    head_fraction = fraction if heads is None else heads
     for _ in range(3):  # a cut undone after the choice: trace again and give its share to the others
-        undone = _prune_pass(model, example, fraction, opts, state, log, time_limit)
+        undone = _prune_pass(model, example, (fraction, head_fraction), opts, state, log, time_limit)
         if not undone or opts.scope != "global":
             return
         log.info("  structured: %d cut(s) undone; giving their share to the other groups", undone)
 
 
-def _prune_pass(model: nn.Module, example: torch.Tensor, fraction: float, opts: ChannelOptions, state: ChannelState,
-                log: logging.Logger, time_limit: float | None) -> int:
-    """One trace, choice and cut; returns how many chosen cuts were refused or undone."""
+def _prune_pass(model: nn.Module, example: torch.Tensor, fractions: tuple[float, float], opts: ChannelOptions,
+                state: ChannelState, log: logging.Logger, time_limit: float | None) -> int:
+    """One trace, choice and cut of (channel, head) ``fractions``; returns how many chosen cuts were refused or undone."""
     with _deadline(time_limit):  # Torch-Pruning can spend minutes both tracing and listing the groups
         graph, groups = _graph_and_groups(model, example, opts, state, log, time_limit)
     modules = dict(model.named_modules())
+    _choose_heads(groups, fractions[1], state)
     if opts.scope == "global":
-        _choose_global(groups, fraction, state, modules)
+        _choose_global(groups, fractions[0], state, modules)
     else:
-        _choose_per_layer(groups, fraction, state)
+        _choose_per_layer(groups, fractions[0], state)
     started = time.monotonic()
     with torch.no_grad():
         expected = _shapes_of(model(example))
@@ -143,22 +149,23 @@ def _graph_and_groups(model: nn.Module, example: torch.Tensor, opts: ChannelOpti
         except GraphTimeout:
             raise
         except Exception as exc:
-            _skip(state, name, root, f"scoring raised {_first_line(exc)}")
+            _skip(state, name, root, f"scoring raised {_first_line(exc)}", names)
             continue
         if described is None:
             continue
         problem = _precheck(graph, described)
         if problem:
-            _skip(state, name, root, problem)
+            _skip(state, name, root, problem, names)
             continue
         groups.append(described)
     log.info("  structured: %d groups listed and scored", len(groups))
     return graph, groups
 
 
-def _skip(state: ChannelState, name: str, root: nn.Module, reason: str) -> None:
+def _skip(state: ChannelState, name: str, root: nn.Module, reason: str, names: dict[nn.Module, str]) -> None:
     state.skipped.setdefault(name, reason)
-    state.original.setdefault(name, _out_channels(root))
+    if heads_of(root, names) is None:  # heads are outside the channel budget, skipped or not
+        state.original.setdefault(name, _out_channels(root))
 
 
 def pruned_fraction(model: nn.Module, state: ChannelState) -> float:
@@ -192,28 +199,22 @@ def _describe(graph: Any, group: Any, names: dict[nn.Module, str], scorer: Any, 
     if per_unit > 1:
         importance = importance.view(per_unit, units).mean(dim=0)
     name = names[root]
-    attention = _attention_of(root, names)
-    if attention is not None and per_unit == 1:
-        return _describe_heads(name, root, attention, importance, opts, state)
+    heads = heads_of(root, names)
+    if heads is not None and per_unit == 1:
+        return _describe_heads(name, root, heads, importance, opts, state)
     original = state.original.setdefault(name, units * per_unit) // per_unit
     removable = max(0, int(opts.ceiling * original) - (original - units))
     return _Group(name, root, importance.detach().float().cpu(), per_unit, units, min(removable, units - 1))
 
 
-def _describe_heads(name: str, root: Any, attention: Any, importance: torch.Tensor,
+def _describe_heads(name: str, root: nn.Module, heads: Heads, importance: torch.Tensor,
                     opts: ChannelOptions, state: ChannelState) -> _Group | None:
-    """A group whose units are whole heads: head h is the q/k/v channels h*head_dim ... (h+1)*head_dim-1."""
-    heads = int(attention.num_heads)
-    head_dim = int(root.out_features) // (3 * heads)
-    scores = importance.detach().float().cpu().flatten()
-    if scores.numel() == 3 * heads * head_dim:
-        scores = scores.view(3, heads, head_dim).mean(dim=(0, 2))
-    elif scores.numel() == heads * head_dim:
-        scores = scores.view(heads, head_dim).mean(dim=1)
-    else:
+    """A group whose units are whole heads, each scored by the mean importance of its channels."""
+    scores = head_scores(heads, importance)
+    if scores is None:
         return None
-    original_heads = (state.original.setdefault(name, heads * head_dim * 3)) // (3 * head_dim)
-    removable = max(0, int(opts.ceiling * original_heads) - (original_heads - heads))
-    # per_unit counts channels for the budget: one head is head_dim channels of q (k and v follow it)
-    return _Group(name, root, scores, 3 * head_dim, heads, min(removable, heads - 1), heads=attention,
-                  head_dim=head_dim)
+    original = state.original_heads.setdefault(heads.name, heads.count)
+    removable = max(0, int(opts.ceiling * original) - (original - heads.count))
+    # per_unit: the root's channels per head (q, k and v for a fused qkv); never fewer than one head left
+    return _Group(name, root, scores, heads.fused * heads.head_dim, heads.count, min(removable, heads.count - 1),
+                  heads=heads)

@@ -12,8 +12,20 @@ if TYPE_CHECKING:
     from ._structured import ChannelState, _Group
 
 
+def _choose_heads(groups: list[_Group], fraction: float, state: ChannelState) -> None:
+    """Heads are ranked within their layer under either scope (as Torch-Pruning's head pruning ratio does):
+    a head's score averages many weights and would rarely rank below single channels globally."""
+    for group in groups:
+        if group.heads is not None:
+            original = state.original_heads[group.heads.name]
+            target = int(fraction * original + 0.5) - (original - group.units)
+            group.remove = max(0, min(target, group.removable))
+
+
 def _choose_per_layer(groups: list[_Group], fraction: float, state: ChannelState) -> None:
     for group in groups:
+        if group.heads is not None:
+            continue
         original = state.original[group.name] // group.per_unit
         target = int(fraction * original + 0.5) - (original - group.units)
         group.remove = max(0, min(target, group.removable))
@@ -24,18 +36,12 @@ def _choose_global(groups: list[_Group], fraction: float, state: ChannelState,
     """Rank every group's candidate units together; each group offers only the units its ceiling allows.
 
     The budget is ``fraction`` of all the prunable channels, those of the groups left whole included:
-    their share goes to the groups that can be pruned.
+    their share goes to the groups that can be pruned. Attention groups pruned by whole heads are
+    outside it (:func:`_choose_heads`).
     """
     original = sum(state.original.values())
     current = sum(_out_channels(modules[name]) for name in state.original if name in modules)
     budget = int(fraction * original + 0.5) - (original - current)
-    # Attention heads are ranked within their layer (as Torch-Pruning's head pruning ratio does): a
-    # head's score averages 3 x head_dim weights and would rarely rank below single channels.
-    for group in groups:
-        if group.heads is not None:
-            heads = state.original[group.name] // group.per_unit
-            group.remove = max(0, min(int(fraction * heads + 0.5) - (heads - group.units), group.removable))
-            budget -= group.remove * group.per_unit
     # A group whose score averages many coupled layers (a residual stream) varies less than a single
     # layer's and would never reach the bottom of the ranking: a channel ranks by the lower of its
     # score relative to its group's mean and its standing in its group scaled to a typical group's spread.
@@ -73,7 +79,7 @@ def _comparable(scores: torch.Tensor, typical: float) -> torch.Tensor:
 
 def _round(group: _Group, round_to: int) -> None:
     """Move the channel count left to the nearest multiple of ``round_to``, within the ceiling."""
-    if round_to <= 1 or group.per_unit > 1 or group.units <= round_to:
+    if round_to <= 1 or group.per_unit > 1 or group.heads is not None or group.units <= round_to:
         return
     least = group.units - group.removable
     kept = int((group.units - group.remove) / round_to + 0.5) * round_to

@@ -1,6 +1,6 @@
 """Structured pruning, the cut side: Torch-Pruning's plan for a group's chosen channels (checked before
-the choice and again before the cut), the cut itself, undone when the model's forward then fails,
-and the head count of an attention layer pruned by whole heads."""
+the choice and again before the cut), the cut itself, undone when the model's forward then fails;
+an attention layer pruned by whole heads gets its new head count (``_structured_heads``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ._structured_graph import GraphTimeout, _first_line
+from ._structured_heads import drop_heads
 
 if TYPE_CHECKING:
     from ._structured import ChannelState, _Group
@@ -33,18 +34,19 @@ def _precheck(graph: Any, group: _Group) -> str | None:
 def _channels(group: _Group, count: int) -> list[int]:
     """Output channels of the root layer for the ``count`` least important units."""
     units = torch.argsort(group.importance)[:count].tolist()
-    if group.heads is not None:  # q channels of whole heads; Torch-Pruning adds the k and v ones
-        return sorted(u * group.head_dim + d for u in units for d in range(group.head_dim))
+    if group.heads is not None:  # the root's channels of whole heads (q of a fused qkv); the graph adds the rest
+        size = group.heads.head_dim
+        return sorted(u * size + d for u in units for d in range(size))
     return sorted(u + k * group.units for u in units for k in range(group.per_unit))
 
 
 def _plan(graph: Any, group: _Group, count: int) -> Any:
     """Torch-Pruning's plan for cutting ``count`` units; for heads, without the attention's own per-head
-    tensors (relative position biases), which :func:`_drop_heads` slices by head, not by channel."""
+    tensors (relative position biases), which ``drop_heads`` slices by head, not by channel."""
     plan = graph.get_pruning_group(group.root, graph.get_pruner_of_module(group.root).prune_out_channels,
                                    _channels(group, count))
     if group.heads is not None:
-        own = {id(t) for t in group.heads._parameters.values() if t is not None}
+        own = {id(t) for t in group.heads.module._parameters.values() if t is not None}
         plan._group = [item for item in plan._group if id(item.dep.target.module) not in own]
     return plan
 
@@ -67,7 +69,7 @@ def _cut(model: nn.Module, graph: Any, group: _Group, example: torch.Tensor, exp
     try:
         plan.prune()
         if group.heads is not None:
-            _drop_heads(group)
+            drop_heads(group.heads, torch.sort(torch.argsort(group.importance)[group.remove:]).values)
         with torch.no_grad():
             got = _shapes_of(model(example))
         if got != expected:
@@ -77,7 +79,7 @@ def _cut(model: nn.Module, graph: Any, group: _Group, example: torch.Tensor, exp
         state.skipped.setdefault(group.name, f"the pruned forward failed ({_first_line(exc)}); cut undone")
         return
     if group.heads is not None:
-        state.heads[group.name.rpartition(".")[0]] = state.heads.get(group.name.rpartition(".")[0], 0) + group.remove
+        state.heads[group.heads.name] = state.heads.get(group.heads.name, 0) + group.remove
 
 
 def _shapes_of(output: Any) -> Any:
@@ -88,24 +90,6 @@ def _shapes_of(output: Any) -> Any:
     if isinstance(output, dict):
         return tuple((k, _shapes_of(v)) for k, v in output.items())
     return None
-
-
-def _drop_heads(group: _Group) -> None:
-    """Update the attention module's head count, and slice its own per-head tensors (relative position biases)."""
-    attention, kept = group.heads, torch.sort(torch.argsort(group.importance)[group.remove:]).values
-    old = int(attention.num_heads)
-    attention.num_heads = old - group.remove
-    if isinstance(getattr(attention, "attn_dim", None), int):
-        attention.attn_dim = attention.num_heads * group.head_dim
-    for key, tensor in list(attention._parameters.items()) + list(attention._buffers.items()):
-        if tensor is None or tensor.dtype in (torch.long, torch.int) or old not in tensor.shape:
-            continue
-        dim = max(i for i, size in enumerate(tensor.shape) if size == old)
-        sliced = torch.index_select(tensor.data, dim, kept.to(tensor.device))
-        if key in attention._parameters:
-            attention._parameters[key] = nn.Parameter(sliced, requires_grad=tensor.requires_grad)
-        else:
-            attention._buffers[key] = sliced
 
 
 def _save(model: nn.Module) -> list[tuple[Any, ...]]:

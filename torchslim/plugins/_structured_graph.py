@@ -1,6 +1,6 @@
 """Structured pruning, the graph side: Torch-Pruning's dependency graph built under a time limit,
 its groups listed one by one (a group that cannot be listed is skipped and named), and which
-layers feed the output or hold attention heads."""
+layers feed the output."""
 
 from __future__ import annotations
 
@@ -183,20 +183,3 @@ def _channel_groups(graph: Any, group: Any) -> int:
             counts.append(int(pruner.get_in_channel_groups(module)))
     return max(counts)
 
-
-def _attention_of(root: nn.Module, names: dict[nn.Module, str]) -> nn.Module | None:
-    """The attention module whose ``qkv`` Linear is ``root`` (timm's layout), if any."""
-    if not isinstance(root, nn.Linear):
-        return None
-    name = names.get(root, "")
-    if not name.endswith("qkv"):
-        return None
-    parent_name = name.rpartition(".")[0]
-    parent = next((m for m, n in names.items() if n == parent_name), None)
-    heads = getattr(parent, "num_heads", None)
-    if not isinstance(heads, int) or heads < 2 or root.out_features % (3 * heads):
-        return None
-    head_dim = getattr(parent, "head_dim", root.out_features // (3 * heads))
-    if not isinstance(head_dim, int) or root.out_features != 3 * heads * head_dim:
-        return None
-    return parent

@@ -20,12 +20,17 @@ if TYPE_CHECKING:
 
 class StructuredPrune(PruneStage):
     """Remove whole output channels and neurons, with the layers coupled to them (BatchNorms,
-    residual shortcuts, depthwise convs, concatenations), traced by torch-pruning."""
+    residual shortcuts, depthwise convs, concatenations), traced by torch-pruning; attention
+    (timm's ``qkv``, Hugging Face BERT's ``query``/``key``/``value``) loses whole heads."""
 
     method: Literal["structured"] = "structured"
     """``structured``: remove whole output channels / neurons (with the layers coupled to them)."""
     amount: Fraction
-    """Fraction of the prunable channels removed, between 0 and 1 (exclusive)."""
+    """Fraction of the prunable channels removed, between 0 and 1 (exclusive); attention heads are
+    counted apart (``head_amount``)."""
+    head_amount: float | None = Field(default=None, ge=0, lt=1)
+    """Fraction of each attention layer's heads removed, whole heads ranked within the layer, between 0
+    (keep every head) and 1 (exclusive); at least one head is always left. Null: ``amount``."""
     scope: Literal["global", "layer"] = "global"
     """``global`` ranks the channels of all groups together; ``layer`` removes ``amount`` of each
     group of coupled channels."""
@@ -39,6 +44,15 @@ class StructuredPrune(PruneStage):
     time_limit: float | None = Field(default=None, gt=0)
     """Seconds allowed for tracing the model's dependency graph (null: no limit); past it the stage fails
     with a clear error instead of hanging."""
+
+    def _problems(self) -> list[tuple[str, str]]:
+        """The family's checks, and a head_amount that the per-layer ceiling would cut short."""
+        problems = super()._problems()
+        if self.head_amount is not None and self.head_amount > self.max_layer_amount:
+            problems.append(("head_amount", f"head_amount {self.head_amount:g} is more than max_layer_amount "
+                                            f"{self.max_layer_amount:g}, the most any layer may lose; raise "
+                                            "max_layer_amount too"))
+        return problems
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         """Remove channels and return the smaller model; the new shapes are recorded for :meth:`restore`."""
@@ -54,7 +68,7 @@ class StructuredPrune(PruneStage):
         return model.eval()
 
     def restore(self, model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
-        """Give a freshly built model the channel counts this prune left (the weights are loaded after)."""
+        """Give a freshly built model the channel and head counts this prune left (the weights are loaded after)."""
         return replay(model, record)
 
     def _remove_channels(self, model: nn.Module, ctx: Context) -> ChannelState:
@@ -67,9 +81,10 @@ class StructuredPrune(PruneStage):
                                  ceiling=self.max_layer_amount, exclude=self.exclude)
         state, example = ChannelState(), ctx.example_inputs[:2]
         for step in range(1, self.steps + 1):
+            heads = None if self.head_amount is None else self.head_amount * step / self.steps
             try:
                 prune_step(model.eval(), example, self.amount * step / self.steps, options, state, ctx.log,
-                           self.time_limit)
+                           self.time_limit, heads)
             except GraphTimeout as exc:
                 raise StageError(self.label, f"{exc}; raise time_limit, or exclude the layers that make the "
                                  "graph large") from exc
@@ -83,10 +98,7 @@ class StructuredPrune(PruneStage):
         ctx.add_metric("pruned_channels", removed)
         ctx.add_metric("pruned_layers", sum(1 for values in record["attributes"].values() if values))
         ctx.log.info("  %s: left alone (output or excluded): %s", self.label, ", ".join(state.protected) or "none")
-        if state.heads:
-            ctx.add_metric("pruned_heads", sum(state.heads.values()))
-            ctx.log.info("  %s: attention heads removed: %s", self.label,
-                         ", ".join(f"{name} -{count}" for name, count in state.heads.items()))
+        self._report_heads(state, ctx)
         for name, reason in state.skipped.items():
             ctx.log.info("  %s: left %s whole: %s", self.label, name, reason)
         if state.skipped:
@@ -94,9 +106,20 @@ class StructuredPrune(PruneStage):
             more = f" (and {len(state.skipped) - 3} more, in the log)" if len(state.skipped) > 3 else ""
             ctx.note(f"{self.label}: {len(state.skipped)} group(s) of coupled channels left whole, their share "
                      f"given to the others: {shown}{more}")
-        if removed < self.amount - 0.02:
+        if state.original and removed < self.amount - 0.02:
             ctx.note(f"{self.label}: removed {removed:.0%} of the prunable channels, not {self.amount:.0%}: "
                      f"{_shortfall(self, state)}")
+
+    def _report_heads(self, state: ChannelState, ctx: Context) -> None:
+        """Heads removed (a figure and the log, per attention module), or a note when head_amount found no heads."""
+        if state.heads:
+            ctx.add_metric("pruned_heads", sum(state.heads.values()))
+            ctx.log.info("  %s: attention heads removed: %s", self.label,
+                         ", ".join(f"{name} -{count}" for name, count in state.heads.items()))
+        elif self.head_amount and not state.original_heads:
+            ctx.note(f"{self.label}: head_amount={self.head_amount:g} removed no head: no attention layer "
+                     "pruned by whole heads was found (timm's qkv with num_heads, or query/key/value with "
+                     "num_attention_heads), or the excluded patterns cover them")
 
 
 def _shortfall(stage: StructuredPrune, state: ChannelState) -> str:
