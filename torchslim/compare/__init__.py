@@ -6,11 +6,12 @@ give, the best passing variant. The engine (:mod:`torchslim.engine`) runs one re
 imports this package; this package builds on it.
 
 - :mod:`.study`: the orchestration (:func:`compare`), baselines and reuse of finished variants
+- :mod:`.runtimes`: the float32 baseline in each runtime a variant is deployed to
 - :mod:`.sweep`: sweep expansion into variants
 - :mod:`.jobs`: running variants here or in parallel processes
 - :mod:`.budget`: the comparison's one budget and the checks against it
 - :mod:`.pareto`: Pareto fronts and the best variant
-- :mod:`.table`: the result, its table and summary lines
+- :mod:`.entries`, :mod:`.table`: the result, its table and summary lines
 - :mod:`.export`, :mod:`.plot`: the files (JSON, CSV, Markdown, HTML, PNG)
 """
 

@@ -65,24 +65,35 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 
 def to_csv(comparison: Comparison) -> str:
-    """One line per baseline and per variant: raw figures, ratios to the baseline, fronts, budget."""
+    """One line per baseline (torch, then each runtime's float32) and per variant: raw figures, ratios to
+    the torch baseline, fronts, budget, and for a deployed variant its ratios to its runtime's baseline."""
     metric = comparison.metric
     keys = [names.SIZE_BYTES, names.PACKED_BYTES, names.MACS, names.LATENCY_MS, metric]
     ratio_keys = [names.SIZE_BYTES, names.PACKED_BYTES, names.MACS, names.LATENCY_MS, f"{metric}_change"]
+    runtime_keys = [names.SIZE_BYTES, names.LATENCY_MS, f"{metric}_change"]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["variant", "recipe", "status", "baseline", "values", *keys, "seconds",
-                     *(f"ratio_{k}" for k in ratio_keys), "pareto_size", "pareto_latency", "passes", "budget_misses"])
-    for baseline in comparison.to_dict()["baselines"]:
+                     *(f"ratio_{k}" for k in ratio_keys), "pareto_size", "pareto_latency", "passes", "budget_misses",
+                     names.RUNTIME, "runtime_baseline", *(f"runtime_ratio_{k}" for k in runtime_keys)])
+    data = comparison.to_dict()
+    for baseline in data["baselines"]:
         writer.writerow([baseline["label"], "", "baseline", "", "", *(_cell(baseline["metrics"].get(k)) for k in keys),
-                         *([""] * (len(ratio_keys) + 5))])
-    for item in comparison.to_dict()["variants"]:
+                         *([""] * (len(ratio_keys) + 5 + 2 + len(runtime_keys)))])
+    for item in data["runtime_baselines"]:
         figures, ratios = item["metrics"] or {}, item["ratios"] or {}
+        status = "baseline" if item["metrics"] else "baseline not measured"
+        writer.writerow([item["label"], "", status, item["baseline"], "", *(_cell(figures.get(k)) for k in keys), "",
+                         *(_cell(ratios.get(k)) for k in ratio_keys), *([""] * 4),
+                         _cell(figures.get(names.RUNTIME)), *([""] * (1 + len(runtime_keys)))])
+    for item in data["variants"]:
+        figures, ratios, runtime = item["metrics"] or {}, item["ratios"] or {}, item["runtime_ratios"] or {}
         writer.writerow([item["name"], item["recipe"], item["status"], item["baseline"], json.dumps(item["values"]),
                          *(_cell(figures.get(k)) for k in keys), _cell(item[names.SECONDS]),
                          *(_cell(ratios.get(k)) for k in ratio_keys),
                          "size" in item["pareto"], "latency" in item["pareto"], _cell(item["passes"]),
-                         "; ".join(item["budget_misses"] or [])])
+                         "; ".join(item["budget_misses"] or []), _cell(figures.get(names.RUNTIME)),
+                         _cell(item["runtime_baseline"]), *(_cell(runtime.get(k)) for k in runtime_keys)])
     return out.getvalue()
 
 
@@ -114,7 +125,8 @@ def to_html(comparison: Comparison, png: bytes | None) -> str:
 
 
 def _row_classes(comparison: Comparison) -> list[str]:
-    return ["baseline"] * len(comparison.baselines) + [_entry_class(e, comparison.best) for e in comparison.entries]
+    baselines = len(comparison.baselines) + len(comparison.runtime_baselines)
+    return ["baseline"] * baselines + [_entry_class(e, comparison.best) for e in comparison.entries]
 
 
 def _entry_class(entry: Entry, best: str | None) -> str:

@@ -103,5 +103,6 @@ def _worker(job: Job, level: int) -> Outcome:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(f"torchslim: {job.name}: %(message)s"))
         log.addHandler(handler)
+    log.propagate = False  # as in the CLI: a library's root handler must not repeat the lines
     log.setLevel(level)
     return execute(job, log)

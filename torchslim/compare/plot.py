@@ -20,6 +20,7 @@ PLOT_HINT = "pip install 'torchslim[plot]'"
 #: Panels: (metric key, x-axis label, scale of the value on the axis).
 _PANELS = [(names.SIZE_BYTES, "size on disk (kB)", 1e-3), (names.LATENCY_MS, "latency (ms, median)", 1.0)]
 _FRONT, _OFF = "tab:blue", "tab:gray"
+_RUNTIME_COLOURS = ("tab:orange", "tab:green", "tab:purple")
 
 
 def plot_png(comparison: Comparison) -> bytes | None:
@@ -73,6 +74,13 @@ def _baselines(axes: Any, comparison: Comparison, key: str, scale: float) -> Non
             axes.scatter([x], [y], marker="*", s=140, color="black", zorder=4, label="baseline" if index == 0 else None)
             if len(comparison.baselines) > 1:
                 axes.annotate(f"B{index + 1}", (x, y), textcoords="offset points", xytext=(6, -10), fontsize=8)
+    # Each runtime's float32 baseline as a hollow star: the variants deployed there are measured against it too.
+    for index, baseline in enumerate(comparison.runtime_baselines):
+        metrics = baseline.row.metrics if baseline.row is not None else None
+        if metrics is not None and _has(metrics, key, comparison.metric):
+            colour = _RUNTIME_COLOURS[index % len(_RUNTIME_COLOURS)]
+            axes.scatter([metrics[key] * scale], [metrics[comparison.metric]], marker="*", s=140, facecolors="none",
+                         edgecolors=colour, zorder=4, label=f"float32 in {baseline.runtime}")
 
 
 def _limits(axes: Any, comparison: Comparison, key: str) -> None:

@@ -2,11 +2,12 @@
 
 Each recipe is expanded into its variants and validated before anything runs. Variants that
 share the model, data, evaluate metric, metrics options and seed share one baseline, measured
-once. A variant whose report is already in the output directory under the same resolved recipe
-hash, torch version, machine, CPU and thread count is not run again. Variants run one after
-another, or in parallel processes with the CPU's threads divided between them. Each variant is
-validated once in this process, and once more only in the spawned process that runs it under
-parallel jobs.
+once; variants deployed to a runtime also share the original model deployed there in float32
+(:mod:`.runtimes`), measured once per runtime. A variant whose report is already in the output
+directory under the same resolved recipe hash, torch version, machine, CPU and thread count is
+not run again. Variants run one after another, or in parallel processes with the CPU's threads
+divided between them. Each variant is validated once in this process, and once more only in the
+spawned process that runs it under parallel jobs.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .budget import Budget, judge, merge
 from .export import EXPORT_FILES, write_outputs
 from .jobs import Job, Outcome, execute, run_parallel
 from .pareto import fronts
+from .runtimes import FOLDER_PREFIX, RuntimeBaseline, measure_all, plan
 from .sweep import Variant, expand, rebind
 from .table import Comparison, Entry, Mode
 
@@ -45,13 +47,15 @@ Planned = tuple[Variant, RecipeBase]
 
 def compare(sources: Sequence[Source], out: str | os.PathLike[str] | None = None, *, jobs: int = 1,
             registry: Registry | None = None, log: logging.Logger | None = None) -> Comparison:
-    """Run every recipe of ``sources`` (paths or mappings; sweeps expanded) and compare them.
+    """Run every recipe of ``sources`` (paths, folders of ``*.yaml`` recipes, or mappings; sweeps expanded)
+    and compare them.
 
     With ``out``, each variant's report directory and the comparison files (JSON, CSV,
     Markdown, HTML, PNG) are written there, and finished variants are reused on a repeat.
     """
     if jobs < 1:
         raise UsageError(f"--jobs {jobs}: give at least 1")
+    sources = [file for source in sources for file in _recipe_files(source)]
     if not sources:
         raise UsageError("compare needs at least one recipe")
     registry, log = registry or Registry.load(), log or logging.getLogger("torchslim")
@@ -69,6 +73,16 @@ def compare(sources: Sequence[Source], out: str | os.PathLike[str] | None = None
     if out_dir is not None:
         write_outputs(comparison, out_dir)
     return comparison
+
+
+def _recipe_files(source: Source) -> list[Source]:
+    """A folder stands for its ``*.yaml`` recipes, in name order (``torchslim compare recipes/compare/runtimes/``)."""
+    if isinstance(source, Mapping) or not Path(source).is_dir():
+        return [source]
+    files: list[Source] = [*sorted(Path(source).glob("*.yaml"))]
+    if not files:
+        raise UsageError(f"{source}: a folder without any .yaml recipe")
+    return files
 
 
 def _document(source: Source) -> Document:
@@ -119,7 +133,8 @@ def _prepare_out(out: Path, planned: list[Planned]) -> Path:
         raise OutputError(f"{out}: exists and is not a directory")
     own = set(EXPORT_FILES) | {variant.folder for variant, _ in planned}
     for path in out.iterdir() if out.exists() else []:
-        ours = path.name in own or path.name.startswith(".") or (path / "report.json").exists() or (path / "recipe.yaml").exists()
+        ours = (path.name in own or path.name.startswith((".", FOLDER_PREFIX)) or (path / "report.json").exists()
+                or (path / "recipe.yaml").exists())
         if not ours:
             raise OutputError(f"{out}: holds {path.name}, which is not from a torchslim comparison; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -171,6 +186,7 @@ def _run_all(planned: list[Planned], out_dir: Path | None, mode: Mode, metric: s
     if out_dir is not None:
         _reuse_finished(entries, planned, out_dir, log)
     baselines, measured = _baselines(planned, entries, keys, order, log)
+    runtimes, runtimes_measured = _runtime_baselines(planned, entries, baselines, out_dir, registry, log)
     pending = [(e, p) for e, p in zip(entries, planned, strict=True) if not e.reused]
     jobs = [_job(p, registry, out_dir, baselines[e.group], mode) for e, p in pending]
     if mode.jobs > 1:
@@ -180,7 +196,20 @@ def _run_all(planned: list[Planned], out_dir: Path | None, mode: Mode, metric: s
     for (entry, _), outcome in zip(pending, outcomes, strict=True):
         entry.report, entry.error, entry.exit_code = outcome.report, outcome.error, outcome.exit_code
     groups = [[e.name for e in entries if e.group == g] for g in range(len(order))]
-    return Comparison(metric, entries, baselines, groups, mode, baselines_measured=measured, out=out_dir)
+    return Comparison(metric, entries, baselines, groups, mode, baselines_measured=measured, out=out_dir,
+                      runtime_baselines=runtimes, runtime_baselines_measured=runtimes_measured)
+
+
+def _runtime_baselines(planned: list[Planned], entries: list[Entry], baselines: list[Row], out_dir: Path | None,
+                       registry: Registry, log: logging.Logger) -> tuple[list[RuntimeBaseline], int]:
+    """The float32 baseline in each runtime a variant deploys to, and how many were measured here.
+
+    Measured before the variants, like the torch baseline, with the metrics settings of the variants they serve.
+    """
+    runtimes, indices = plan(planned, [e.group for e in entries], registry)
+    for entry, index in zip(entries, indices, strict=True):
+        entry.runtime_base = index
+    return runtimes, measure_all(runtimes, baselines, out_dir, registry, log, finished_report)
 
 
 def _reuse_finished(entries: list[Entry], planned: list[Planned], out_dir: Path, log: logging.Logger) -> None:

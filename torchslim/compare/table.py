@@ -1,4 +1,8 @@
-"""What a comparison produced, and its table: one row per recipe or sweep variant, ratios to the baseline."""
+"""What a comparison produced, and its table: one row per recipe or sweep variant, ratios to the baseline.
+
+Variants deployed to a runtime get a second ratio, to the original model deployed to the same
+runtime in float32 (:mod:`.runtimes`): the table shows that baseline's row and a column of those ratios.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,12 @@ from tabulate import tabulate
 
 from ..engine import names
 from ..engine.noise import latency_noise
-from ..engine.report import Report, Row, format_figure, with_delta, with_ratio
+from ..engine.report import Row, format_figure, ratio_text, with_delta, with_ratio
 from .budget import Budget
+from .entries import Entry, Mode
+from .runtimes import NOT_MEASURED, RuntimeBaseline, version_lines
+
+__all__ = ["Comparison", "Entry", "Mode"]
 
 #: Columns with a ratio to the baseline: (metric key, header, formatter kind, baseline key of the ratio).
 #: A packed file is compared with the baseline's dense file: the one a user would ship uncompressed.
@@ -21,56 +29,8 @@ _COLUMNS = [
     (names.MACS, "MACs (x fewer)", "count", names.MACS),
     (names.LATENCY_MS, "latency ms (x faster)", "ms", names.LATENCY_MS),
 ]
-
-
-@dataclass
-class Entry:
-    """One compared recipe or sweep variant, and how it came out."""
-
-    name: str
-    folder: str
-    source: str
-    values: dict[str, Any]
-    group: int
-    """Index of its baseline in :attr:`Comparison.baselines`."""
-    report: Report | None = None
-    error: str | None = None
-    """Why it failed (it is then left out of the fronts and the budget)."""
-    exit_code: int = 0
-    reused: bool = False
-    """Its report was read from a previous run of the same resolved recipe."""
-    fronts: list[str] = field(default_factory=list)
-    failures: list[str] | None = None
-    """Budget misses (empty: passes); None without constraints or when it failed."""
-
-    @property
-    def final(self) -> dict[str, Any] | None:
-        """Metrics after the last stage (None for a failed variant)."""
-        return self.report.final.metrics if self.report is not None else None
-
-    @property
-    def seconds(self) -> float | None:
-        """Total time of its stages (model building and the baseline aside)."""
-        if self.report is None:
-            return None
-        return float(sum(row.metrics.get(names.SECONDS) or 0.0 for row in self.report.rows[1:]))
-
-
-@dataclass
-class Mode:
-    """How the variants were run: in one process, or in parallel jobs with threads divided."""
-
-    jobs: int
-    cores: int
-    threads: int | None
-    """Torch threads per job under parallel jobs (None: each recipe's own setting)."""
-
-    def describe(self) -> str:
-        """One line for the printed output and the reports."""
-        if self.jobs == 1:
-            return "mode: sequential, one variant at a time (torch threads as each recipe's metrics.threads)"
-        return (f"mode: {self.jobs} parallel jobs on {self.cores} cores, {self.threads} torch thread(s) each; "
-                f"the latency of variants run in parallel is disturbed by the jobs beside them (use --jobs 1 to time cleanly)")
+#: The column of ratios to the runtime's float32 baseline, shown when a variant is deployed.
+_RUNTIME_HEADER = "vs runtime fp32 (x smaller, x faster)"
 
 
 @dataclass
@@ -93,6 +53,10 @@ class Comparison:
     out: Path | None = None
     plot: str | None = None
     """What became of the plot: the PNG's path, or how to get it."""
+    runtime_baselines: list[RuntimeBaseline] = field(default_factory=list)
+    """The original model in float32 in each runtime a variant is deployed to."""
+    runtime_baselines_measured: int = 0
+    """Runtime baselines measured in this run (the others came from reused reports, or failed)."""
 
     @property
     def exit_code(self) -> int:
@@ -102,11 +66,13 @@ class Comparison:
     def headers(self) -> list[str]:
         """Column titles of the table."""
         budget = ["budget"] if self.constraints is not None else []
-        return ["variant", *(h for _, h, _, _ in _COLUMNS), f"{self.metric} (change)", "seconds", "Pareto", *budget]
+        runtime = [_RUNTIME_HEADER] if self.runtime_baselines else []
+        return ["variant", *(h for _, h, _, _ in _COLUMNS), *runtime, f"{self.metric} (change)", "seconds", "Pareto", *budget]
 
     def cells(self) -> list[list[str]]:
-        """The table's body: the baselines, then one line per entry."""
+        """The table's body: the baselines (torch, then each runtime's), then one line per entry."""
         lines = [self._baseline_cells(i, row) for i, row in enumerate(self.baselines)]
+        lines += [self._runtime_baseline_cells(b) for b in self.runtime_baselines]
         return lines + [self._entry_cells(entry) for entry in self.entries]
 
     def table(self, fmt: str = "simple") -> str:
@@ -121,8 +87,35 @@ class Comparison:
         noisy = self._noisy(group, row.metrics)
         cells = [self.baseline_label(group),
                  *(format_figure(row.metrics.get(key), kind, noisy and key == names.LATENCY_MS) for key, _, kind, _ in _COLUMNS)]
-        cells += [format_figure(row.metrics.get(self.metric), "metric"), "-", "", *([""] if self.constraints else [])]
+        cells += [*self._runtime_column("-"), format_figure(row.metrics.get(self.metric), "metric"), "-", "",
+                  *([""] if self.constraints else [])]
         return cells
+
+    def _runtime_baseline_cells(self, baseline: RuntimeBaseline) -> list[str]:
+        """Its figures with their ratios to the torch baseline: what the runtime alone gains."""
+        budget = [""] if self.constraints else []
+        if baseline.row is None:
+            return [baseline.label, *(["-"] * len(_COLUMNS)), NOT_MEASURED, "-", "-", "", *budget]
+        final, base = baseline.row.metrics, self.baselines[baseline.group].metrics
+        noisy = baseline.noisy() or self._noisy(baseline.group, base)
+        return [baseline.label, *self._ratio_cells(final, base, noisy), "-",
+                with_delta(final.get(self.metric), base.get(self.metric), False), "-", "", *budget]
+
+    def _runtime_column(self, cell: str) -> list[str]:
+        return [cell] if self.runtime_baselines else []
+
+    def _runtime_cell(self, entry: Entry, final: dict[str, Any]) -> str:
+        """``3.78x, 1.67x~``: size and latency ratios to its runtime's float32 baseline; ``-`` for a torch variant."""
+        if entry.runtime_base is None:
+            return "-"
+        baseline = self.runtime_baselines[entry.runtime_base]
+        if baseline.row is None:
+            return NOT_MEASURED  # never a ratio of 0: the reason is under the table
+        ratios = _ratios(final, baseline.row.metrics, self.metric)
+        mark = "~" if baseline.noisy() or self._noisy(entry.group, final) else ""
+        size, latency = ratios[names.SIZE_BYTES], ratios[names.LATENCY_MS]
+        return (f"{'-' if size is None else ratio_text(size) + 'x'}, "
+                f"{'-' if latency is None else ratio_text(latency) + 'x' + mark}")
 
     def _noisy(self, group: int, *figures: dict[str, Any]) -> bool:
         """Whether any of these latencies is noise, judged by the rules of a run's report (engine.noise)."""
@@ -131,16 +124,20 @@ class Comparison:
 
     def _entry_cells(self, entry: Entry) -> list[str]:
         if entry.report is None:
-            return [entry.name, *(["-"] * (len(_COLUMNS) + 2)), "", *(["failed"] if self.constraints else [])]
+            dashes = len(_COLUMNS) + 2 + len(self._runtime_column("-"))
+            return [entry.name, *(["-"] * dashes), "", *(["failed"] if self.constraints else [])]
         final, base = entry.report.final.metrics, self.baselines[entry.group].metrics
         noisy = self._noisy(entry.group, final, base)
-        cells = [entry.name, *(with_ratio(final.get(key), base.get(ref), kind, noisy and key == names.LATENCY_MS)
-                               for key, _, kind, ref in _COLUMNS)]
+        cells = [entry.name, *self._ratio_cells(final, base, noisy), *self._runtime_column(self._runtime_cell(entry, final))]
         cells += [with_delta(final.get(self.metric), base.get(self.metric), False), format_figure(entry.seconds, "float")]
         cells.append(" ".join(entry.fronts))
         if self.constraints is not None:
             cells.append("pass" if not entry.failures else "fail")
         return cells
+
+    def _ratio_cells(self, final: dict[str, Any], base: dict[str, Any], noisy: bool) -> list[str]:
+        return [with_ratio(final.get(key), base.get(ref), kind, noisy and key == names.LATENCY_MS)
+                for key, _, kind, ref in _COLUMNS]
 
     def summary_lines(self) -> list[str]:
         """The lines printed under the table: failures, fronts, budget and best, sharing, reuse, mode."""
@@ -150,12 +147,15 @@ class Comparison:
             lines.append(f"Pareto front, {self.metric} vs {cost}: {', '.join(names) or 'none'}")
         lines += self._budget_lines()
         lines.append(self._baseline_line())
+        lines += [baseline.describe() for baseline in self.runtime_baselines]
+        lines += version_lines(self.runtime_baselines, {e.name: e.final for e in self.entries if e.final is not None})
         reused = [e.name for e in self.entries if e.reused]
         if reused:
             lines.append(f"reused {len(reused)} finished variant(s) (same resolved recipe hash and environment), "
                          f"not rerun: {', '.join(reused)}")
         lines.append(self.mode.describe())
-        if any(self._noisy(e.group, e.report.final.metrics, self.baselines[e.group].metrics) for e in self.entries if e.report):
+        if (any(self._noisy(e.group, e.report.final.metrics, self.baselines[e.group].metrics) for e in self.entries if e.report)
+                or any(b.noisy() for b in self.runtime_baselines)):
             lines.append("~ marks a noisy latency and its ratio (the machine was busy or the runs spread widely, "
                          "as each variant's report.json notes say): read it as noise, not as a measurement")
         return lines
@@ -205,12 +205,24 @@ class Comparison:
             "baselines": [{"label": self.baseline_label(i), "variants": g, "metrics": dict(row.metrics)}
                           for i, (g, row) in enumerate(zip(self.groups, self.baselines, strict=True))],
             "baselines_measured": self.baselines_measured,
+            "runtime_baselines": [self._runtime_baseline_dict(b) for b in self.runtime_baselines],
+            "runtime_baselines_measured": self.runtime_baselines_measured,
             "variants": [self._entry_dict(e) for e in self.entries],
         }
+
+    def _runtime_baseline_dict(self, baseline: RuntimeBaseline) -> dict[str, Any]:
+        metrics = baseline.row.metrics if baseline.row is not None else None
+        return {"label": baseline.label, "runtime": baseline.runtime, "deploy": baseline.options,
+                "variants": baseline.variants, "status": baseline.status, "error": baseline.error,
+                "report_dir": baseline.folder if self.out is not None else None,
+                "baseline": self.baseline_label(baseline.group), "metrics": dict(metrics) if metrics else None,
+                "ratios": _ratios(metrics, self.baselines[baseline.group].metrics, self.metric) if metrics else None,
+                "interleaved_speedup_over_torch": baseline.speedup}
 
     def _entry_dict(self, entry: Entry) -> dict[str, Any]:
         base = self.baselines[entry.group].metrics
         final = entry.final
+        runtime = self.runtime_baselines[entry.runtime_base] if entry.runtime_base is not None else None
         return {
             "name": entry.name,
             "recipe": entry.source,
@@ -221,6 +233,8 @@ class Comparison:
             "error": entry.error,
             "metrics": dict(final) if final is not None else None,
             "ratios": _ratios(final, base, self.metric) if final is not None else None,
+            "runtime_baseline": runtime.label if runtime is not None else None,
+            "runtime_ratios": _ratios(final, runtime.row.metrics, self.metric) if final and runtime and runtime.row else None,
             "seconds": entry.seconds,
             "pareto": entry.fronts,
             "passes": None if entry.failures is None else not entry.failures,

@@ -139,6 +139,9 @@ def _configure_logging(quiet: bool) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("torchslim: %(message)s"))
         logger.addHandler(handler)
+    # Its own handler prints the lines: a root handler that a library sets up on import (NNCF's) must
+    # not print each one again as "INFO:torchslim:...".
+    logger.propagate = False
     # Under torchrun only rank 0 reports progress; the others would repeat every line.
     logger.setLevel(logging.WARNING if quiet or not distributed.is_main() else logging.INFO)
 
