@@ -67,7 +67,7 @@ def _quantized(model: nn.Module, data: dict[str, Any], runtime: str, method: str
 
 @pytest.mark.parametrize(("runtime", "method", "says"), [
     pytest.param("onnxruntime", "ort_static", "only the 4 layers with weights are quantized", marks=_needs("onnxruntime")),
-    pytest.param("openvino", "nncf", "transformer scheme (a Softmax in the graph)", marks=_needs("openvino")),
+    pytest.param("openvino", "nncf", "transformer scheme (attention in the graph)", marks=_needs("openvino")),
 ])
 def test_attention_model_quantizes_in_runtime_with_token_ids(attention: nn.Module, tokens: dict, runtime: str,
                                                              method: str, says: str) -> None:

@@ -110,7 +110,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, choices=["onnx", "openvino"],
                    help="onnx: RUN_DIR/model.onnx (checked in ONNX Runtime); openvino: RUN_DIR/model.xml + model.bin")
     p.add_argument("--opset", type=int, help="ONNX opset of the export (default 18, at least 17)")
-    p.add_argument("--exporter", choices=["dynamo", "torchscript"], help="torch's ONNX exporter (default dynamo)")
+    p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript", "openvino"],
+                   help="dynamo or torchscript (torch's ONNX exporters), openvino (OpenVINO's converter, --to openvino); "
+                        "default auto: openvino for --to openvino, dynamo for onnx")
     p.add_argument("--dynamic-axes", metavar="DIMS",
                    help="input dimensions left dynamic, comma-separated (default 0, the batch; 0,1 for a text model)")
     p.add_argument("--tolerance", type=float,

@@ -42,8 +42,11 @@ class DeployStage(Stage):
     """Where the model runs from here on: ``onnxruntime`` (extra ``[onnx]``) or ``openvino`` (extra ``[openvino]``)."""
     opset: int = Field(default=18, ge=17)
     """ONNX opset of the export (the dynamo exporter implements 18 and up)."""
-    exporter: Literal["dynamo", "torchscript"] = "dynamo"
-    """``dynamo`` (torch.export, the default exporter) or ``torchscript`` (the older tracer, for models dynamo cannot export)."""
+    exporter: Literal["auto", "dynamo", "torchscript", "openvino"] = "auto"
+    """``dynamo`` (torch.export to ONNX), ``torchscript`` (the older ONNX tracer, for models dynamo cannot export)
+    or ``openvino`` (OpenVINO's own converter, ``ov.convert_model``, straight to its IR; runtime openvino only).
+    ``auto``: openvino for runtime openvino (all-MiniLM-L6-v2 with NNCF int8: 8% faster and cosine 0.998
+    against 0.9975 through ONNX), dynamo for onnxruntime."""
     dynamic_axes: list[int] = Field(default_factory=lambda: [0], min_length=1)
     """Input dimensions left dynamic in the export: 0 is the batch; add 1 for a text model's sequence axis."""
     tolerance: float = Field(default=1e-4, gt=0)
@@ -70,7 +73,10 @@ class DeployStage(Stage):
             hint = f"; try exporter: {exc.other_exporter}" if exc.other_exporter else ""
             raise StageError(self.label, f"{exc}{hint}") from exc.__cause__
         axes = ", ".join(axis_name(d) for d in sorted(set(self.dynamic_axes)))
-        ctx.note(f"{self.label}: exported to ONNX (opset {deployed.info['opset']}, {self.exporter} exporter, dynamic axes "
+        exporter = deployed.info["exporter"]
+        how = ("converted by OpenVINO's converter" if exporter == "openvino"
+               else f"exported to ONNX (opset {deployed.info['opset']}, {exporter} exporter")
+        ctx.note(f"{self.label}: {how}{', ' if exporter != 'openvino' else ' ('}dynamic axes "
                  f"{axes}) and run in {runtime_label(deployed)}; outputs match torch's on the example inputs within "
                  f"{allowed:.3g} (largest difference {diff:.3g}); this row and later ones are measured in {self.runtime} "
                  f"(latency at the recipe's thread count, size = the deployable files' bytes)")

@@ -56,6 +56,27 @@ def ir_files(model: Any) -> dict[str, bytes]:
         return {"xml": path.read_bytes(), "bin": path.with_suffix(".bin").read_bytes()}
 
 
+def convert(model: Any, example: Any, dims: tuple[int, ...]) -> OpenVinoModel:
+    """``model`` converted by OpenVINO's PyTorch frontend (``ov.convert_model``, traced on ``example``), the
+    input's axes ``dims`` dynamic and the others fixed; input and output named ``input`` and ``output``."""
+    ov = require("openvino")
+    converted = ov.convert_model(model, example_input=example)
+    shape = [-1 if d in dims else int(n) for d, n in enumerate(example.shape)]
+    converted.reshape({converted.inputs[0]: ov.PartialShape(shape)})
+    converted.inputs[0].get_tensor().set_names({"input"})
+    converted.outputs[0].get_tensor().set_names({"output"})
+    info = {"inputs": {"input": _named(converted.inputs[0], dims)}, "outputs": {"output": _named(converted.outputs[0], (0,))},
+            "opset": None}
+    return OpenVinoModel(ir_files(converted), info)
+
+
+def _named(port: Any, dims: tuple[int, ...]) -> list[Any]:
+    """A port's shape as deploy.json writes it: a dynamic axis by its name (``batch``, ``sequence``)."""
+    from .export import axis_name
+
+    return [axis_name(d) if dim.is_dynamic else dim.get_length() for d, dim in enumerate(port.get_partial_shape())]
+
+
 def from_onnx(onnx_bytes: bytes, info: dict[str, Any]) -> OpenVinoModel:
     """The ONNX model converted to OpenVINO's IR."""
     ov = require("openvino")

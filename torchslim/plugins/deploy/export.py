@@ -119,10 +119,21 @@ def dynamic_dims(axes: Iterable[int], example: torch.Tensor) -> tuple[int, ...]:
     return tuple(sorted(set(axes)))
 
 
+def exporter_for(runtime: str, exporter: str) -> str:
+    """The exporter ``auto`` stands for: OpenVINO's own converter for ``openvino``, dynamo for ONNX Runtime."""
+    if exporter != "auto":
+        return exporter
+    return "openvino" if runtime == "openvino" else "dynamo"
+
+
 def export(source: nn.Module, example: torch.Tensor, runtime: str, opset: int, exporter: str,
            dims: tuple[int, ...]) -> RuntimeModel:
-    """The float model ``source`` (on the CPU, in eval mode) exported to ONNX on ``example``, its input
-    axes ``dims`` dynamic, in a :class:`RuntimeModel` of ``runtime`` (parity not checked: :func:`check_parity`)."""
+    """The float model ``source`` (on the CPU, in eval mode) exported on ``example`` (to ONNX, or with
+    ``exporter`` openvino straight to OpenVINO's IR), its input axes ``dims`` dynamic, in a
+    :class:`RuntimeModel` of ``runtime`` (parity not checked: :func:`check_parity`)."""
+    exporter = exporter_for(runtime, exporter)
+    if exporter == "openvino":
+        return _converted(source, example, dims, runtime)
     try:
         onnx_bytes = to_onnx(source, example, opset, exporter, dims)
     except Exception as exc:  # the exporter fails in many ways; say which exporter and what to try
@@ -131,6 +142,21 @@ def export(source: nn.Module, example: torch.Tensor, runtime: str, opset: int, e
     info = {**graph_info(onnx_bytes), "macs": count_macs(source, example[:1]), "version": version(runtime),
             "exporter": exporter}
     return wrap(runtime, onnx_bytes, info)
+
+
+def _converted(source: nn.Module, example: torch.Tensor, dims: tuple[int, ...], runtime: str) -> RuntimeModel:
+    if runtime != "openvino":
+        raise ExportFailed(f"exporter openvino converts to OpenVINO's IR: it needs runtime openvino, not {runtime}")
+    from ._ov import convert
+
+    try:
+        with _quiet():
+            deployed = convert(source, example, dims)
+    except Exception as exc:  # the converter fails in many ways; the ONNX route may work
+        raise ExportFailed(f"OpenVINO's converter (ov.convert_model) failed: {type(exc).__name__}: "
+                           f"{_first_line(exc)}", "dynamo") from exc
+    deployed.info.update(macs=count_macs(source, example[:1]), version=version(runtime), exporter="openvino")
+    return deployed
 
 
 def check_parity(source: nn.Module, deployed: RuntimeModel, example: torch.Tensor, tolerance: float) -> tuple[float, float]:

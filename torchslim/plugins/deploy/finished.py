@@ -34,7 +34,7 @@ from ...engine.registry import Registry
 from ...engine.saving import DEPLOY_FILES, DEPLOY_INFO, MODEL_FILE, RECIPE_FILE, read_payload, rebuild, recipe_dir
 from ...engine.specs import build_data
 from ...engine.usercode import importable
-from .export import ExportFailed, check_parity, dynamic_dims, export
+from .export import ExportFailed, check_parity, dynamic_dims, export, exporter_for
 from .extras import MissingExtra, require_runtime
 from .runtime import RuntimeModel, runtime_label
 
@@ -68,7 +68,7 @@ class Exported:
                 f"inputs within {self.allowed:.3g}, largest difference {self.largest_difference:.3g})")
 
 
-def export_run(run_dir: str | os.PathLike[str], to: str, *, opset: int = 18, exporter: str = "dynamo",
+def export_run(run_dir: str | os.PathLike[str], to: str, *, opset: int = 18, exporter: str = "auto",
                dynamic_axes: Iterable[int] = (0,), tolerance: float = 1e-4, overwrite: bool = False,
                example: torch.Tensor | None = None, registry: Registry | None = None) -> Exported:
     """Export the float model of a finished run (``torchslim run RECIPE --out RUN_DIR``) for a runtime.
@@ -105,8 +105,8 @@ def export_run(run_dir: str | os.PathLike[str], to: str, *, opset: int = 18, exp
     source = model.cpu()
     try:
         dims = dynamic_dims(options.dynamic_axes, inputs)
-        logging.getLogger("torchslim").info("export: %s to ONNX (%s exporter, opset %d), traced on inputs of shape %s",
-                                            folder / MODEL_FILE, options.exporter, options.opset, list(inputs.shape))
+        logging.getLogger("torchslim").info("export: %s to %s (%s exporter), traced on inputs of shape %s", folder / MODEL_FILE,
+                                            to, exporter_for(options.runtime, options.exporter), list(inputs.shape))
         deployed = export(source, inputs, options.runtime, options.opset, options.exporter, dims)
         diff, allowed = check_parity(source, deployed, inputs, options.tolerance)
     except ExportFailed as exc:
