@@ -93,7 +93,7 @@ def _batches(teacher: torch.nn.Module, sentences: list[str], size: int, max_leng
     batches = []
     for start in range(0, len(ordered), size):
         ids = minilm.tokenize(ordered[start:start + size], max_length)
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: the targets enter the distillation loss, under autograd
             batches.append((ids, teacher(ids)))
     return batches
 
