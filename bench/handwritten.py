@@ -81,8 +81,21 @@ def run(plan: Plan) -> tuple[nn.Module, list[float]]:
         # One weight scale per output channel, as torchslim's dynamic int8 does by default.
         per_channel = torch.ao.quantization.per_channel_dynamic_qconfig
         model = torch.ao.quantization.quantize_dynamic(model.eval(), {nn.Linear: per_channel}, dtype=torch.qint8)
+    if torch.cpu._is_vnni_supported():
+        full_range_activations(model)  # as torchslim does on a VNNI CPU
     scores.append(accuracy(model, data["eval"]))
     return model, scores
+
+
+def full_range_activations(model: nn.Module) -> None:
+    """Each dynamic int8 Linear quantizes its inputs to 8 bits, not the 7 torch's module asks for."""
+    def forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = torch.ops.quantized.linear_dynamic(x, module._packed_params._packed_params, reduce_range=False)
+        return out.to(x.dtype)
+
+    for module in model.modules():
+        if type(module) is torch.ao.nn.quantized.dynamic.Linear:
+            module.forward = forward.__get__(module)  # type: ignore[method-assign]
 
 
 def distil(model: nn.Module, teacher: nn.Module, data: dict[str, DataLoader[Any]], plan: Plan) -> None:

@@ -53,8 +53,9 @@ def test_quantize_dynamic_swaps_every_linear(trained_mlp: nn.Module, flat: dict,
     model = copy.deepcopy(trained_mlp)
     ctx = make_ctx(model, flat)
     out = DynamicQuantize(dtype=dtype).apply(model, ctx)
-    kinds = {type(m).__module__ for m in out.modules() if type(m).__name__ == "Linear"}
-    assert kinds == {"torch.ao.nn.quantized.dynamic.modules.linear"}
+    # torch's dynamic Linear, or torchslim's 8-bit-activation subclass of it (qint8 on a VNNI CPU).
+    linears = [m for m in out.modules() if "Linear" in type(m).__name__ and not type(m).__name__.endswith("Params")]
+    assert len(linears) == 3 and all(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in linears)
     assert ctx.metrics["quantized_layers"] == 3
     x = ctx.example_inputs
     agreement = float((out(x).argmax(1) == trained_mlp(x).argmax(1)).float().mean())
@@ -63,8 +64,9 @@ def test_quantize_dynamic_swaps_every_linear(trained_mlp: nn.Module, flat: dict,
 
 def test_quantize_restore_rebuilds_the_same_structure(trained_mlp: nn.Module, flat: dict) -> None:
     stage = DynamicQuantize()
-    out = stage.apply(copy.deepcopy(trained_mlp), make_ctx(trained_mlp, flat))
-    fresh = stage.restore(digits.mlp(hidden=32), {})
+    ctx = make_ctx(trained_mlp, flat)
+    out = stage.apply(copy.deepcopy(trained_mlp), ctx)
+    fresh = stage.restore(digits.mlp(hidden=32), ctx.restore_record)
     fresh.load_state_dict(out.state_dict())
     x = next(iter(flat["eval"]))[0]
     assert torch.equal(fresh(x), out(x))
