@@ -96,7 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_run)
 
     p = sub.add_parser("compare", parents=[quiet], help="run several recipes (sweeps expanded) and compare them side by side")
-    p.add_argument("recipes", type=Path, nargs="+", help="recipe YAML files; a recipe with sweep: gives one variant per value")
+    p.add_argument("recipes", type=Path, nargs="+",
+                   help="recipe YAML files, or folders of them (each *.yaml); a recipe with sweep: gives one variant per value")
     p.add_argument("--out", type=Path, help="write comparison.{json,csv,md,html,png} and each variant's report directory here; "
                    "a repeated command reuses the variants that finished")
     p.add_argument("--jobs", type=int, default=1,
