@@ -90,6 +90,12 @@ def timings(models: dict[str, nn.Module], batch: torch.Tensor, threads: int, rou
             "samples_ms": samples}
 
 
+def scored(models: dict[str, nn.Module], ctx: Context) -> tuple[dict[str, float], dict[str, int]]:
+    """Each variant's metric on the eval data and its size in bytes (the deployable files for a runtime)."""
+    return ({name: ctx.evaluate(model) for name, model in models.items()},
+            {name: size_bytes(model) for name, model in models.items()})
+
+
 def paired(run: dict[str, Any], slower: str, faster: str) -> float:
     """Median over rounds of slower / faster, each round's pair timed back to back: steadier than a
     ratio of medians when the machine's load changes during the run."""
@@ -107,8 +113,7 @@ def main() -> None:
     args = parser.parse_args()
     start = time.time()
     models, ctx = variants(args.train_size)
-    scores = {name: ctx.evaluate(model) for name, model in models.items()}
-    sizes = {name: size_bytes(model) for name, model in models.items()}
+    scores, sizes = scored(models, ctx)
     batch = latency_batch(ctx.example_inputs, BATCH)
     runs = [timings(models, batch, threads, args.rounds) for threads in (1, 2)]
     result = {"scores": scores, "size_bytes": sizes, "timings": runs, "rounds": args.rounds, "batch": BATCH,
@@ -138,13 +143,21 @@ def table(result: dict[str, Any]) -> str:
     lines = [head, "|" + "---|" * (3 + 3 * len(runs))]
     for name, score in result["scores"].items():
         cells = [name, f"{result['size_bytes'][name] / 1000:.1f}", f"{score:.2f}"]
-        for run in runs:
-            ms = run["median_ms"]
-            peer = min(ms[p] for p in PEERS)
-            cells += [f"{ms[name]:.3f}", f"{ms['torch float32 eager'] / ms[name]:.2f}", f"{peer / ms[name]:.2f}"]
+        cells += [cell for run in runs for cell in latency_cells(run, name, "torch float32 eager", PEERS, 3)]
         lines.append("| " + " | ".join(cells) + " |")
-    loads = "; ".join(f"{r['threads']} thread(s): load {r['load_before']} -> {r['load_after']}" for r in runs)
-    return "\n".join(lines) + f"\n\n{loads}; {result['rounds']} interleaved rounds, batch {result['batch']}"
+    return "\n".join(lines) + f"\n\n{load_line(runs)}; {result['rounds']} interleaved rounds, batch {result['batch']}"
+
+
+def latency_cells(run: dict[str, Any], name: str, torch_name: str, peers: tuple[str, ...], digits: int) -> list[str]:
+    """A variant's cells for one timing run: median ms, x faster than torch, x faster than the best peer."""
+    ms = run["median_ms"]
+    peer = min(ms[p] for p in peers)
+    return [f"{ms[name]:.{digits}f}", f"{ms[torch_name] / ms[name]:.2f}", f"{peer / ms[name]:.2f}"]
+
+
+def load_line(runs: list[dict[str, Any]]) -> str:
+    """The load average before and after each timing run."""
+    return "; ".join(f"{r['threads']} thread(s): load {r['load_before']} -> {r['load_after']}" for r in runs)
 
 
 if __name__ == "__main__":

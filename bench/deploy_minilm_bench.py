@@ -28,9 +28,8 @@ from torch import nn
 
 import torchslim
 from bench import peers
-from bench.deploy_bench import paired, timings
+from bench.deploy_bench import latency_cells, load_line, paired, scored, timings
 from bench.harness import RECIPES, load_bench_recipe
-from torchslim.engine.metrics import size_bytes
 from torchslim.engine.stage import Context
 from torchslim.plugins.deploy import DeployStage
 from torchslim.plugins.quantize import QuantizeStage
@@ -113,13 +112,9 @@ def table(result: dict[str, Any]) -> str:
         lines = [f"batch {batch}:", "", head, "|" + "---|" * (3 + 3 * len(runs))]
         for name, score in result["scores"].items():
             cells = [name, f"{result['size_bytes'][name] / 1e6:.1f}", f"{score:.4f}"]
-            for run in runs:
-                ms = run["median_ms"]
-                peer = min(ms[p] for p in PEERS)
-                cells += [f"{ms[name]:.2f}", f"{ms[TORCH] / ms[name]:.2f}", f"{peer / ms[name]:.2f}"]
+            cells += [cell for run in runs for cell in latency_cells(run, name, TORCH, PEERS, 2)]
             lines.append("| " + " | ".join(cells) + " |")
-        loads = "; ".join(f"{r['threads']} thread(s): load {r['load_before']} -> {r['load_after']}" for r in runs)
-        blocks.append("\n".join(lines) + f"\n\n{loads}; {result['rounds']} interleaved rounds")
+        blocks.append("\n".join(lines) + f"\n\n{load_line(runs)}; {result['rounds']} interleaved rounds")
     return "\n\n".join(blocks)
 
 
@@ -132,8 +127,7 @@ def main() -> None:
     args = parser.parse_args()
     start = time.time()
     models, ctx = variants(args.pruned)
-    scores = {name: ctx.evaluate(model) for name, model in models.items()}
-    sizes = {name: size_bytes(model) for name, model in models.items()}
+    scores, sizes = scored(models, ctx)
     runs = []
     for batch in (ctx.example_inputs, ctx.example_inputs[:1]):
         for threads in (1, 2):
