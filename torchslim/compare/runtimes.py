@@ -166,11 +166,13 @@ def _run(baseline: RuntimeBaseline, recipe: RecipeBase, torch_row: Row, folder: 
 
 def _same_runtime(report: Report, runtime: str, log: logging.Logger) -> bool:
     """Whether a finished report was measured in the runtime version installed now (its upgrade changes latency)."""
-    from ..plugins.deploy.extras import version  # the runtimes are optional extras: import only when one is used
+    # The runtimes are optional extras: import only when one is used.
+    from ..plugins.deploy.extras import version
+    from ..plugins.deploy.runtime import runtime_text
 
     then = report.final.metrics.get(names.RUNTIME)
     try:
-        now = f"{runtime} {version(runtime)}"
+        now = runtime_text(runtime, version(runtime))
     except ImportError:
         now = None
     if then != now:

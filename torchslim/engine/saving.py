@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -47,23 +48,27 @@ def save_model(out_dir: Path, recipe: RecipeBase, model: nn.Module, structure: l
 
     write_with(out_dir / MODEL_FILE, write)
     write_text(out_dir / RECIPE_FILE, dump_yaml(recipe.resolved()))
-    write_deploy_files(out_dir, recipe, model)
+    write_deploy_files(out_dir, model, {"metric": recipe.evaluate.metric})
 
 
-def write_deploy_files(out_dir: Path, recipe: RecipeBase, model: nn.Module) -> None:
+def write_deploy_files(out_dir: Path, model: nn.Module, info: Mapping[str, Any]) -> tuple[str, ...]:
     """For a model deployed to a runtime (a ``deploy_files()`` method): its files (model.onnx, or
-    model.xml + model.bin) and deploy.json beside model.pt; otherwise remove such files left by an
-    earlier run, so the folder never holds a deployable file of another model."""
+    model.xml + model.bin) and deploy.json (its ``deploy_info()`` and ``info``) beside model.pt; the
+    names written. deploy.json is removed first and written last, so it is present only beside complete
+    files. Deployable files of another model (an earlier run's or export's) are removed, so the folder
+    never holds one that deploy.json does not describe."""
     files_of = getattr(model, "deploy_files", None)
     files = files_of() if callable(files_of) else {}
+    (out_dir / DEPLOY_INFO).unlink(missing_ok=True)
     for name, data in files.items():
         write_with(out_dir / name, lambda handle, data=data: handle.write(data))  # type: ignore[misc]
-    if files:
-        info = {**model.deploy_info(), "metric": recipe.evaluate.metric}  # type: ignore[operator]
-        write_text(out_dir / DEPLOY_INFO, json.dumps(info, indent=2) + "\n")
-    stale = [name for name in DEPLOY_FILES if name not in files] + ([] if files else [DEPLOY_INFO])
-    for name in stale:
-        (out_dir / name).unlink(missing_ok=True)
+    for name in DEPLOY_FILES:
+        if name not in files:
+            (out_dir / name).unlink(missing_ok=True)
+    if not files:
+        return ()
+    write_text(out_dir / DEPLOY_INFO, json.dumps({**model.deploy_info(), **info}, indent=2) + "\n")  # type: ignore[operator]
+    return (*files, DEPLOY_INFO)
 
 
 def load_model(path: str | os.PathLike[str], registry: Registry | None = None) -> nn.Module:

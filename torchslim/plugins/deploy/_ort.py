@@ -26,10 +26,12 @@ class OnnxRuntimeModel(RuntimeModel):
         # One op at a time, each on `threads` threads: what the engine's thread setting means for torch.
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        return ort.InferenceSession(self.file("onnx"), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(self.file("onnx"), options, providers=["CPUExecutionProvider"])
+        return session, session.get_inputs()[0].name  # the input's name read once, not on every call
 
     def _run(self, session: Any, array: np.ndarray) -> list[np.ndarray]:
-        return list(session.run(None, {session.get_inputs()[0].name: array}))
+        runner, name = session
+        return list(runner.run(None, {name: array}))
 
     def _constants(self) -> Iterator[np.ndarray]:
         onnx = require("onnx")

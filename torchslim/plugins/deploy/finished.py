@@ -24,14 +24,22 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from ...engine.atomic import write_text, write_with
 from ...engine.checkpoints import PROGRESS_FILE, checkpoint_dir
 from ...engine.errors import CheckpointError, OutputError, UsageError, UserInputError
 from ...engine.labels import labelled
 from ...engine.prepare import first_inputs, located
 from ...engine.recipe import RecipeBase, load_recipe
 from ...engine.registry import Registry
-from ...engine.saving import DEPLOY_FILES, DEPLOY_INFO, MODEL_FILE, RECIPE_FILE, read_payload, rebuild, recipe_dir
+from ...engine.saving import (
+    DEPLOY_FILES,
+    DEPLOY_INFO,
+    MODEL_FILE,
+    RECIPE_FILE,
+    read_payload,
+    rebuild,
+    recipe_dir,
+    write_deploy_files,
+)
 from ...engine.specs import build_data
 from ...engine.usercode import importable
 from .export import ExportFailed, check_parity, dynamic_dims, export, exporter_for
@@ -114,7 +122,8 @@ def export_run(run_dir: str | os.PathLike[str], to: str, *, opset: int = 18, exp
         raise UserInputError(f"{folder}: {exc}{hint}") from exc.__cause__
     info = {**deployed.deploy_info(), "metric": recipe.evaluate.metric, **_measured(folder, recipe.evaluate.label),
             "parity": {"largest_difference": diff, "allowed": allowed}}
-    written = _write(folder, deployed, info)
+    # The other runtime's files of an earlier export go too, so deploy.json describes every deployable file.
+    written = write_deploy_files(folder, deployed, info)
     return Exported(folder, written, runtime_label(deployed), diff, allowed, info)
 
 
@@ -199,17 +208,3 @@ def _measured(folder: Path, metric: str) -> dict[str, Any]:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return {"metric_value": value}
     return {}
-
-
-def _write(folder: Path, deployed: RuntimeModel, info: dict[str, Any]) -> tuple[str, ...]:
-    """The runtime's files, then deploy.json (removed first, written last: present only beside complete files);
-    an earlier export's files of the other runtime go, so deploy.json describes every deployable file there."""
-    files = deployed.deploy_files()
-    (folder / DEPLOY_INFO).unlink(missing_ok=True)
-    for name, data in files.items():
-        write_with(folder / name, lambda handle, data=data: handle.write(data))  # type: ignore[misc]
-    for name in DEPLOY_FILES:
-        if name not in files:
-            (folder / name).unlink(missing_ok=True)
-    write_text(folder / DEPLOY_INFO, json.dumps(info, indent=2) + "\n")
-    return (*files, DEPLOY_INFO)

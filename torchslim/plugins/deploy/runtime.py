@@ -40,11 +40,12 @@ class RuntimeModel(nn.Module):
             data = torch.empty(content, dtype=torch.uint8) if isinstance(content, int) else _as_tensor(content)
             self.register_buffer(name, data)
         self._sessions: dict[int, Any] = {}
+        self._weights: list[torch.Tensor] | None = None  # the graph's weights, parsed once per set of files
         self.register_load_state_dict_post_hook(_drop_sessions)
 
     def __getstate__(self) -> dict[str, Any]:
         # Runtime sessions cannot be copied or pickled; a copy builds its own on first use.
-        return {**super().__getstate__(), "_sessions": {}}
+        return {**super().__getstate__(), "_sessions": {}, "_weights": None}
 
     def file(self, name: str) -> bytes:
         """The bytes of file ``name`` (a buffer)."""
@@ -81,9 +82,13 @@ class RuntimeModel(nn.Module):
         return self._sessions[threads]
 
     def counted_weights(self) -> Iterator[torch.Tensor]:
-        """The graph's weight constants (for params, non-zeros and the engine's "changed nothing" check)."""
-        for array in self._constants():
-            yield torch.from_numpy(np.array(array, copy=True))
+        """The graph's weight constants (for params, non-zeros and the engine's "changed nothing" check).
+
+        The engine counts them several times per row; parsing the files each time would copy and read the
+        whole model again, so they are kept until new files are loaded."""
+        if self._weights is None:
+            self._weights = [torch.from_numpy(np.array(array, copy=True)) for array in self._constants()]
+        yield from self._weights
 
     @abstractmethod
     def _open(self, threads: int) -> Any:
@@ -99,18 +104,24 @@ class RuntimeModel(nn.Module):
 
     def deploy_info(self) -> dict[str, Any]:
         """deploy.json: the runtime and its version, the files, inputs and outputs."""
-        return {"runtime": self.runtime, "version": self.info.get("version"), "files": sorted(self.deploy_files()),
+        return {"runtime": self.runtime, "version": self.info.get("version"), "files": sorted(self.suffixes.values()),
                 "inputs": self.info.get("inputs"), "outputs": self.info.get("outputs"), "opset": self.info.get("opset")}
 
 
 def runtime_label(model: RuntimeModel) -> str:
     """``onnxruntime 1.32.0``: the runtime a row was measured in, and its version."""
-    return f"{model.runtime} {model.info.get('version', '')}".strip()
+    return runtime_text(model.runtime, model.info.get("version"))
+
+
+def runtime_text(runtime: str, version: str | None) -> str:
+    """A runtime and its version as rows and reports name them (``openvino 2026.4.1``)."""
+    return f"{runtime} {version or ''}".strip()
 
 
 def _drop_sessions(module: RuntimeModel, _keys: Any) -> None:
-    """After new files are loaded, the sessions built from the old ones must go."""
+    """After new files are loaded, the sessions and weights read from the old ones must go."""
     module._sessions.clear()
+    module._weights = None
 
 
 def _as_tensor(content: bytes) -> torch.Tensor:
