@@ -43,15 +43,17 @@ def quantize_dynamic(model: nn.Module, types: Iterable[str], dtype: str, exclude
     qconfig = _dynamic_qconfig(dtype, per_channel)
     spec: dict[Any, Any] = {getattr(nn, name): qconfig for name in types}
     spec.update({name: None for name in excluded_names(model, exclude)})
-    quantized: nn.Module = torch.ao.quantization.quantize_dynamic(model.eval(), spec, dtype=getattr(torch, dtype))
-    return quantized if reduce_range else full_range(quantized)
+    return _dynamic(model, spec, dtype, reduce_range)
 
 
 def quantize_dynamic_layer(model: nn.Module, name: str, dtype: str, per_channel: bool = True,
                            reduce_range: bool = True) -> nn.Module:
     """A copy of ``model`` with only the layer called ``name`` dynamically quantized."""
-    spec = {name: _dynamic_qconfig(dtype, per_channel)}
-    quantized: nn.Module = torch.ao.quantization.quantize_dynamic(model.eval(), spec, dtype=getattr(torch, dtype))
+    return _dynamic(model, {name: _dynamic_qconfig(dtype, per_channel)}, dtype, reduce_range)
+
+
+def _dynamic(model: nn.Module, spec: Mapping[Any, Any], dtype: str, reduce_range: bool) -> nn.Module:
+    quantized: nn.Module = torch.ao.quantization.quantize_dynamic(model.eval(), dict(spec), dtype=getattr(torch, dtype))
     return quantized if reduce_range else full_range(quantized)
 
 

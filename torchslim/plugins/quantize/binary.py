@@ -40,13 +40,18 @@ class BinaryQuantize(LowBitQuantize):
         return Format("binary", 1, activations=self.activations)
 
     def _quantize(self, model: nn.Module, ctx: Context) -> Quantized:
-        if self.activations == "binary":
-            self._check_activations(model, ctx)  # before any training: a refusal costs nothing
-        return super()._quantize(model, ctx)
+        if self.activations != "binary":
+            return super()._quantize(model, ctx)
+        formats = self._formats(model)
+        # Which layers take the model's input is structure: one forward pass serves the check and the note.
+        names, raw = _binarized(model, formats, ctx)
+        self._check_activations(names, raw)  # before any training: a refusal costs nothing
+        result = super()._quantize(model, ctx)
+        self._note_activations(names, raw, formats, ctx)
+        return result
 
-    def _check_activations(self, model: nn.Module, ctx: Context) -> None:
+    def _check_activations(self, names: list[str], raw: dict[str, bool]) -> None:
         """StageError unless a binarized layer takes another layer's activations (what "supported" means)."""
-        names, raw = _binarized(model, self._formats(model), ctx)
         if any(raw.get(n) is False for n in names):
             return
         fix = "use activations: float"
@@ -59,11 +64,7 @@ class BinaryQuantize(LowBitQuantize):
         raise StageError(self.label, "activations: binary activations need a binarized Linear or Conv2d that takes "
                          f"another layer's activations; {detail}; {fix}")
 
-    def _notes(self, model: nn.Module, formats: dict[str, Format], ctx: Context) -> None:
-        super()._notes(model, formats, ctx)
-        if self.activations != "binary":
-            return
-        names, raw = _binarized(model, formats, ctx)
+    def _note_activations(self, names: list[str], raw: dict[str, bool], formats: dict[str, Format], ctx: Context) -> None:
         first = [n for n in names if raw.get(n)]
         kept = [n for n in formats if n not in names]
         ctx.note(f"{self.label}: binary activations (sign(x) * mean|x| per sample) into {', '.join(names)}"

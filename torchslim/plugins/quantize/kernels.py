@@ -76,6 +76,8 @@ def apply(model: nn.Module, formats: dict[str, Format], decisions: dict[str, Dec
         layer = layers[name]
         if isinstance(layer, LowBitLayer):
             layer.fmt = fmt
+            if fmt.kernel != "int4pack":
+                layer._int4 = None  # packed while being timed; a layer that dequantizes never reads it
     return chosen
 
 
