@@ -20,15 +20,20 @@ def _precheck(graph: Any, group: _Group) -> str | None:
     """Why Torch-Pruning cannot cut even the least important unit of this group (None: it can)."""
     if group.removable <= 0:
         return None
+    return _checked_plan(graph, group, 1, "it")[1]
+
+
+def _checked_plan(graph: Any, group: _Group, count: int, what: str) -> tuple[Any, str | None]:
+    """Torch-Pruning's plan for cutting ``count`` units and None, or None and why there is no such plan."""
     try:
-        plan = _plan(graph, group, 1)
+        plan = _plan(graph, group, count)
         if not graph.check_pruning_group(plan):
-            return "Torch-Pruning's check refused it (a coupled layer would lose all its channels)"
+            return None, f"Torch-Pruning's check refused {what} (a coupled layer would lose all its channels)"
     except GraphTimeout:
         raise
     except Exception as exc:
-        return f"building its pruning plan raised {_first_line(exc)}"
-    return None
+        return None, f"building its pruning plan raised {_first_line(exc)}"
+    return plan, None
 
 
 def _channels(group: _Group, count: int) -> list[int]:
@@ -56,14 +61,9 @@ def _cut(model: nn.Module, graph: Any, group: _Group, example: torch.Tensor, exp
     """Cut the chosen units; undo the cut (and leave the group whole) if the model's forward then fails."""
     if group.remove <= 0:
         return
-    try:
-        plan = _plan(graph, group, group.remove)
-        if not graph.check_pruning_group(plan):
-            state.skipped.setdefault(group.name, "Torch-Pruning's check refused the cut (a coupled layer would "
-                                     "lose all its channels)")
-            return
-    except Exception as exc:
-        state.skipped.setdefault(group.name, f"building its pruning plan raised {_first_line(exc)}")
+    plan, problem = _checked_plan(graph, group, group.remove, "the cut")
+    if problem is not None:
+        state.skipped.setdefault(group.name, problem)
         return
     saved = _save(model)
     try:
@@ -92,21 +92,19 @@ def _shapes_of(output: Any) -> Any:
     return None
 
 
-def _save(model: nn.Module) -> list[tuple[Any, ...]]:
-    """What a cut may change, by reference (no tensor is copied): module attributes and tensors."""
+Saved = tuple[list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any]]], list[tuple[Any, torch.Tensor]]]
+
+
+def _save(model: nn.Module) -> Saved:
+    """What a cut may change, by reference (no tensor is copied): module attributes, and parameters' data."""
     modules = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in model.modules()]
-    data = [(p, p.data) for p in model.parameters()]
-    return [*modules, *[(p, d) for p, d in data]]
+    return modules, [(p, p.data) for p in model.parameters()]
 
 
-def _load(saved: list[tuple[Any, ...]]) -> None:
-    for entry in saved:
-        if len(entry) == 4:
-            module, attributes, parameters, buffers = entry
-            module.__dict__.clear()
-            module.__dict__.update(attributes)
-            module.__dict__["_parameters"] = dict(parameters)
-            module.__dict__["_buffers"] = dict(buffers)
-    for entry in saved:
-        if len(entry) == 2:
-            entry[0].data = entry[1]
+def _load(saved: Saved) -> None:
+    modules, data = saved
+    for module, attributes, parameters, buffers in modules:
+        module.__dict__.clear()
+        module.__dict__.update(attributes, _parameters=dict(parameters), _buffers=dict(buffers))
+    for parameter, tensor in data:
+        parameter.data = tensor
