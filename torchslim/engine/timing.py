@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -86,20 +87,26 @@ def interleaved(models: Sequence[nn.Module], example: torch.Tensor, *, warmup: i
                 threads: int | None) -> list[Timing]:
     """Time each model ``runs`` times, taking turns round by round (the order reversed every other
     round), so that a change in the machine's load affects every model alike."""
-    samples: list[list[float]] = [[] for _ in models]
-    others: list[int] = []
     inputs = [example.to(_device(model)) for model in models]
     with torch_threads(threads), torch.inference_mode():
         for model, batch in zip(models, inputs, strict=True):
             for _ in range(warmup):
                 model(batch)
-        for round_ in range(runs):
-            order = range(len(models)) if round_ % 2 == 0 else reversed(range(len(models)))
-            for i in order:
-                samples[i].append(_time_once(models[i], inputs[i]))
-            seen = others_running()
-            if seen is not None:
-                others.append(seen)
+        return in_turns([partial(_time_once, model, batch) for model, batch in zip(models, inputs, strict=True)], runs)
+
+
+def in_turns(calls: Sequence[Callable[[], float]], runs: int) -> list[Timing]:
+    """``runs`` rounds in which each call (returning the milliseconds it measured) takes its turn, the
+    order reversed every other round, with the other runnable tasks counted after each round."""
+    samples: list[list[float]] = [[] for _ in calls]
+    others: list[int] = []
+    for round_ in range(runs):
+        order = range(len(calls)) if round_ % 2 == 0 else reversed(range(len(calls)))
+        for i in order:
+            samples[i].append(calls[i]())
+        seen = others_running()
+        if seen is not None:
+            others.append(seen)
     busy = statistics.median(others) if others else None
     return [Timing(tuple(s), busy) for s in samples]
 

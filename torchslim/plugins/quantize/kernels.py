@@ -13,10 +13,10 @@ a reloaded model runs the same kernels without timing again.
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, cast
 
 import torch
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...engine.metrics import torch_threads
+from ...engine.timing import in_turns
 from .formats import Format, Kernel
 from .int4pack import unsupported
 from .layers import LowBitLayer
@@ -130,14 +131,15 @@ def _time_layer(layer: LowBitLayer, rows: int) -> dict[str, float]:
 
 def _medians(calls: dict[str, Callable[[], torch.Tensor]]) -> dict[str, float]:
     repeats = {name: _repeats(call) for name, call in calls.items()}  # also the warm-up (builds the int4 layout)
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    for index in range(ROUNDS):
-        for name in (list(calls) if index % 2 == 0 else list(reversed(calls))):
-            start = time.perf_counter()
-            for _ in range(repeats[name]):
-                calls[name]()
-            samples[name].append((time.perf_counter() - start) * 1e3 / repeats[name])
-    return {name: statistics.median(times) for name, times in samples.items()}
+    timed = [partial(_ms_per_call, call, repeats[name]) for name, call in calls.items()]
+    return {name: timing.median for name, timing in zip(calls, in_turns(timed, ROUNDS), strict=True)}
+
+
+def _ms_per_call(call: Callable[[], torch.Tensor], repeats: int) -> float:
+    start = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    return (time.perf_counter() - start) * 1e3 / repeats
 
 
 def _repeats(call: Callable[[], torch.Tensor]) -> int:
