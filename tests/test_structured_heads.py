@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import torchslim
 from torchslim import Registry
+from torchslim.examples import minilm
 from torchslim.examples.minilm import SentenceEncoder
 from torchslim.plugins.prune import StructuredPrune
 
@@ -138,14 +139,17 @@ def test_head_amount_without_attention_says_so(trained_mlp: nn.Module, flat: dic
     assert any("removed no head: no attention layer" in note for note in ctx.notes)
 
 
+def heads_recipe(options: dict) -> dict:
+    """A recipe that prunes the tiny BERT with a structured stage of ``options``, scored by cosine."""
+    return {"name": "heads", "seed": 0, "model": {"target": "tests.test_structured_heads:tiny_bert"},
+            "data": {"target": "tests.test_structured_heads:tiny_loaders"},
+            "evaluate": {"metric": "torchslim.examples.minilm:cosine", "name": "cosine"},
+            "metrics": dict(FAST_METRICS), "stages": [{"type": "prune", "method": "structured", **options}]}
+
+
 def test_saved_model_reloads_with_its_head_counts(tmp_path: Path) -> None:
-    stage = {"type": "prune", "method": "structured", "amount": 0.5, "head_amount": 0.5}
-    recipe = {"name": "heads", "seed": 0, "model": {"target": "tests.test_structured_heads:tiny_bert"},
-              "data": {"target": "tests.test_structured_heads:tiny_loaders"},
-              "evaluate": {"metric": "torchslim.examples.minilm:cosine", "name": "cosine"},
-              "metrics": dict(FAST_METRICS), "stages": [stage]}
     registry = Registry.load(autoload=False)
-    report = torchslim.run(recipe, tmp_path, registry=registry)
+    report = torchslim.run(heads_recipe({"amount": 0.5, "head_amount": 0.5}), tmp_path, registry=registry)
     loaded = torchslim.load_model(tmp_path, registry)
     assert [(b.self.num_attention_heads, b.self.all_head_size) for b in attentions(loaded)] == [(2, 16)] * LAYERS
     _, expected, _ = pruned({"amount": 0.5, "head_amount": 0.5})
@@ -165,3 +169,18 @@ def test_pruned_model_exports_to_onnx_with_dynamic_batch_and_sequence(tmp_path: 
     ids = token_ids(3, 11, seed=5)
     got = session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
     assert torch.allclose(torch.from_numpy(got), model(ids).detach(), atol=1e-5)
+
+
+def test_heads_and_neurons_chosen_by_activation_and_refit_reload(tmp_path: Path) -> None:
+    """Data-aware choice and the least-squares refit on attention: the output projections and feed-forward
+    outputs are refit (four layers), the embeddings come closer to the original's, and the run reloads."""
+    options = {"amount": 0.5, "head_amount": 0.5, "importance": "activation", "exclude": ["*embeddings*"]}
+    registry = Registry.load(autoload=False)
+    report = torchslim.run(heads_recipe({**options, "refit": True}), tmp_path, registry=registry)
+    assert report.final.metrics["refit_layers"] == 2 * LAYERS
+    _, plain, _ = pruned(options)
+    loaders = tiny_loaders()
+    assert report.final.metrics["cosine"] > minilm.cosine(plain, loaders["eval"])
+    loaded = torchslim.load_model(tmp_path, registry)
+    ids = token_ids(5, 7, seed=4)
+    assert torch.equal(loaded(ids), report.model(ids))

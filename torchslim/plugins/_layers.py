@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,3 +90,26 @@ def weight_of(module: nn.Module) -> torch.Tensor:
 def has_weight(module: nn.Module) -> bool:
     """Whether the layer holds a plain ``weight`` tensor (quantized layers keep theirs packed)."""
     return isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
+def feed_inputs(model: nn.Module, layers: Iterable[nn.Module], batches: Iterable[torch.Tensor],
+                take: Callable[[nn.Module, torch.Tensor], None]) -> None:
+    """Run the batches through ``model`` (no gradients) with ``take(layer, its first input)`` called at
+    every forward of each of ``layers``. Raises ValueError if no batch came."""
+    def hook(layer: nn.Module, inputs: tuple[Any, ...], _: Any) -> None:
+        if inputs and isinstance(inputs[0], torch.Tensor):
+            take(layer, inputs[0].detach())
+
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    device = next(model.parameters()).device
+    seen = 0
+    try:
+        with torch.no_grad():
+            for inputs in batches:
+                model(inputs.to(device))
+                seen += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not seen:
+        raise ValueError("the calibration data yielded no batch")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ from torch import nn
 
 from ._structured_choice import _choose_global, _choose_heads, _choose_per_layer, _out_channels, _round
 from ._structured_cut import _cut, _precheck, _shapes_of
+from ._structured_data import ActivationImportance, Lost, RefitResult, input_energy, refit, snapshot
 from ._structured_graph import (
     GraphTimeout,
     _all_groups,
@@ -49,6 +50,12 @@ class ChannelOptions:
     """At most this fraction of any group's original channels is removed."""
     exclude: Sequence[str]
     """Layer name patterns whose channels stay."""
+    activation: bool = False
+    """Rank channels by the energy they send to the layers reading them on ``batches`` (``_structured_data``)."""
+    refit: bool = False
+    """After each pass's cuts, refit the Linear layers that lost inputs to the pass's starting model on ``batches``."""
+    batches: Iterable[torch.Tensor] | None = None
+    """Calibration inputs, iterable more than once; needed by ``activation`` and ``refit``."""
 
 
 @dataclass
@@ -84,6 +91,8 @@ class ChannelState:
     cutting them raised, or the pruned model's forward broke (the cut is undone)."""
     heads: dict[str, int] = field(default_factory=dict)
     """Attention modules pruned by whole heads: heads removed so far."""
+    refits: list[RefitResult] = field(default_factory=list)
+    """One per pass with ``refit``: the Linear layers refit and their output errors."""
 
 
 def prune_step(model: nn.Module, example: torch.Tensor, fraction: float, opts: ChannelOptions, state: ChannelState,
@@ -121,11 +130,17 @@ def _prune_pass(model: nn.Module, example: torch.Tensor, fractions: tuple[float,
     with torch.no_grad():
         expected = _shapes_of(model(example))
     before = len(state.skipped)
+    teacher = snapshot(model) if opts.refit else None
+    lost: dict[nn.Module, Lost] = {}
     for group in groups:
         _round(group, opts.round_to)
-        _cut(model, graph, group, example, expected, state)
+        _cut(model, graph, group, example, expected, state, lost)
     log.info("  structured: cut %d groups in %.1f s (%d left whole)", len(groups), time.monotonic() - started,
              len(state.skipped))
+    if teacher is not None and opts.batches is not None:
+        state.refits.append(refit(model, teacher, lost, opts.batches))
+        log.info("  structured: refit %d Linear layer(s) on the calibration data: relative output error %.4f -> %.4f",
+                 len(state.refits[-1].layers), state.refits[-1].error_cut, state.refits[-1].error_refit)
     return len(state.skipped) - before
 
 
@@ -137,7 +152,9 @@ def _graph_and_groups(model: nn.Module, example: torch.Tensor, opts: ChannelOpti
     names = {module: name for name, module in model.named_modules()}
     protected = _protected(graph, names, opts.exclude)
     state.protected = sorted(names[m] for m in protected)
-    scorer = tp.importance.GroupMagnitudeImportance(p=opts.norm, group_reduction="mean", normalizer="mean")
+    scorer: Any = tp.importance.GroupMagnitudeImportance(p=opts.norm, group_reduction="mean", normalizer="mean")
+    if opts.activation and opts.batches is not None:
+        scorer = ActivationImportance(input_energy(model, opts.batches), scorer)
     groups = []
     for group in _all_groups(graph, protected, state):
         root = group[0].dep.target.module

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ._structured_data import Lost, record_cut, removed_by
 from ._structured_graph import GraphTimeout, _first_line
 from ._structured_heads import drop_heads
 
@@ -57,15 +58,16 @@ def _plan(graph: Any, group: _Group, count: int) -> Any:
 
 
 def _cut(model: nn.Module, graph: Any, group: _Group, example: torch.Tensor, expected: Any,
-         state: ChannelState) -> None:
-    """Cut the chosen units; undo the cut (and leave the group whole) if the model's forward then fails."""
+         state: ChannelState, lost: dict[nn.Module, Lost]) -> None:
+    """Cut the chosen units; undo the cut (and leave the group whole) if the model's forward then fails.
+    What a successful cut took from Linear layers is folded into ``lost`` (for the refit)."""
     if group.remove <= 0:
         return
     plan, problem = _checked_plan(graph, group, group.remove, "the cut")
     if problem is not None:
         state.skipped.setdefault(group.name, problem)
         return
-    saved = _save(model)
+    saved, removed = _save(model), removed_by(plan)
     try:
         plan.prune()
         if group.heads is not None:
@@ -78,6 +80,7 @@ def _cut(model: nn.Module, graph: Any, group: _Group, example: torch.Tensor, exp
         _load(saved)
         state.skipped.setdefault(group.name, f"the pruned forward failed ({_first_line(exc)}); cut undone")
         return
+    record_cut(lost, removed)
     if group.heads is not None:
         state.heads[group.heads.name] = state.heads.get(group.heads.name, 0) + group.remove
 

@@ -9,12 +9,12 @@ lowest-scoring fraction. Magnitude alone prunes small weights that multiply larg
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 
-from ._layers import weight_of
+from ._layers import feed_inputs, weight_of
 
 
 def input_norms(model: nn.Module, layers: Mapping[str, nn.Module], batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -23,26 +23,13 @@ def input_norms(model: nn.Module, layers: Mapping[str, nn.Module], batches: Iter
     Raises ValueError naming the layers that never ran (or if no batch came).
     """
     sums: dict[str, torch.Tensor] = {}
+    names = {layer: name for name, layer in layers.items()}
 
-    def hook_for(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
-        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            rows = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            sums[name] = sums.get(name, 0) + (rows**2).sum(dim=0)
-        return hook
+    def take(layer: nn.Module, inputs: torch.Tensor) -> None:
+        rows = inputs.reshape(-1, inputs.shape[-1]).float()
+        sums[names[layer]] = sums.get(names[layer], 0) + (rows**2).sum(dim=0)
 
-    hooks = [layer.register_forward_hook(hook_for(name)) for name, layer in layers.items()]
-    device = next(model.parameters()).device
-    seen = 0
-    try:
-        with torch.no_grad():
-            for inputs in batches:
-                model(inputs.to(device))
-                seen += 1
-    finally:
-        for handle in hooks:
-            handle.remove()
-    if not seen:
-        raise ValueError("the calibration data yielded no batch")
+    feed_inputs(model, layers.values(), batches, take)
     idle = [name for name in layers if name not in sums]
     if idle:
         raise ValueError(f"these layers never ran in the forward pass, so their inputs cannot be scored: {', '.join(idle)}")

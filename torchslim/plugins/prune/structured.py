@@ -11,6 +11,7 @@ from torch import nn
 from ...engine.errors import StageError
 from ...engine.stage import Context
 from .._layers import check_patterns
+from .._quant_base import Calibration
 from .._shapes import changes, replay, snapshot
 from .base import Fraction, PruneStage
 
@@ -34,8 +35,17 @@ class StructuredPrune(PruneStage):
     scope: Literal["global", "layer"] = "global"
     """``global`` ranks the channels of all groups together; ``layer`` removes ``amount`` of each
     group of coupled channels."""
-    importance: Literal["l1", "l2"] = "l1"
-    """Channel importance: the L1 or L2 norm of its weights, averaged over the coupled layers."""
+    importance: Literal["l1", "l2", "activation"] = "l1"
+    """Channel importance: the L1 or L2 norm of its weights, averaged over the coupled layers; or
+    ``activation``: the energy the channel sends to the layers that read it on the calibration data
+    (the sum over readers of its weight column's squared norm times its input's mean square; Linear and
+    ungrouped Conv2d readers; a group with no such reader is ranked by L2)."""
+    refit: bool = False
+    """After the cut, refit each Linear layer that lost inputs by least squares on the calibration data,
+    so that its outputs match the unpruned model's (its bias absorbs the removed inputs' mean). Convolutions
+    are not refit."""
+    calibration_batches: int = Field(default=16, ge=1)
+    """Batches of the calibration data that ``importance: activation`` and ``refit`` measure on."""
     round_to: int = Field(default=1, ge=1)
     """Leave channel counts that are multiples of this (e.g. 8), for kernel-friendly shapes (1: no rounding)."""
     max_layer_amount: Fraction = 0.9
@@ -78,7 +88,9 @@ class StructuredPrune(PruneStage):
         from .._structured_graph import GraphTimeout
 
         options = ChannelOptions(scope=self.scope, norm=1 if self.importance == "l1" else 2, round_to=self.round_to,
-                                 ceiling=self.max_layer_amount, exclude=self.exclude)
+                                 ceiling=self.max_layer_amount, exclude=self.exclude,
+                                 activation=self.importance == "activation", refit=self.refit,
+                                 batches=self._calibration(ctx))
         state, example = ChannelState(), ctx.example_inputs[:2]
         for step in range(1, self.steps + 1):
             heads = None if self.head_amount is None else self.head_amount * step / self.steps
@@ -91,6 +103,12 @@ class StructuredPrune(PruneStage):
             self._finetune(model, ctx, step)
         return state
 
+    def _calibration(self, ctx: Context) -> Calibration | None:
+        """The calibration inputs, when the importance or the refit measures on them."""
+        if self.importance != "activation" and not self.refit:
+            return None
+        return Calibration(ctx.data["calibration"], self.calibration_batches)
+
     def _report(self, model: nn.Module, state: ChannelState, record: Mapping[str, Any], ctx: Context) -> None:
         from .._structured import pruned_fraction
 
@@ -99,6 +117,7 @@ class StructuredPrune(PruneStage):
         ctx.add_metric("pruned_layers", sum(1 for values in record["attributes"].values() if values))
         ctx.log.info("  %s: left alone (output or excluded): %s", self.label, ", ".join(state.protected) or "none")
         self._report_heads(state, ctx)
+        self._report_refit(state, ctx)
         for name, reason in state.skipped.items():
             ctx.log.info("  %s: left %s whole: %s", self.label, name, reason)
         if state.skipped:
@@ -120,6 +139,21 @@ class StructuredPrune(PruneStage):
             ctx.note(f"{self.label}: head_amount={self.head_amount:g} removed no head: no attention layer "
                      "pruned by whole heads was found (timm's qkv with num_heads, or query/key/value with "
                      "num_attention_heads), or the excluded patterns cover them")
+
+
+    def _report_refit(self, state: ChannelState, ctx: Context) -> None:
+        """The layers refit and how much closer to the unpruned outputs they came, or why none was."""
+        if not self.refit:
+            return
+        layers = sorted({name for result in state.refits for name in result.layers})
+        if not layers:
+            ctx.note(f"{self.label}: refit changed nothing: no Linear layer lost inputs (convolutions are not refit)")
+            return
+        ctx.add_metric("refit_layers", len(layers))
+        done = [r for r in state.refits if r.layers]
+        cut, after = (sum(getattr(r, k) for r in done) / len(done) for k in ("error_cut", "error_refit"))
+        ctx.note(f"{self.label}: refit {len(layers)} Linear layer(s) on the calibration data: relative output error "
+                 f"{cut:.4g} after the cut, {after:.4g} after the refit (mean over layers)")
 
 
 def _shortfall(stage: StructuredPrune, state: ChannelState) -> str:
