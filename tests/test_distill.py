@@ -298,3 +298,39 @@ def test_torchrun_two_processes_run_a_recipe(tmp_path: Path) -> None:
     scores = {line.split()[0]: float(re.findall(r"([\d.]+) \([+-][\d.]+\)", line)[0])
               for line in result.stdout.splitlines() if line.startswith(("prune ", "distill "))}
     assert scores["distill"] > scores["prune"] + 10
+
+
+def _output_targets(model: nn.Module, data: dict) -> dict:
+    """The digits with the model's own outputs as labels (a regression / embedding task)."""
+    out = {}
+    for split in ("train", "calibration", "eval"):
+        x = torch.cat([batch[0] for batch in data[split]])
+        with torch.no_grad():
+            out[split] = DataLoader(TensorDataset(x, model(x)), batch_size=64)
+    return out
+
+
+def _output_error(model: nn.Module, loader: Any, kind: str = "mse") -> float:
+    """Mean squared error, or mean 1 - cosine similarity, of the model's outputs to the labels."""
+    with torch.no_grad():
+        pairs = [(model(x), y) for x, y in loader]
+    if kind == "cosine":
+        return float(torch.cat([1 - torch.cosine_similarity(a, b, dim=1) for a, b in pairs]).mean())
+    return float(sum(((a - b) ** 2).sum() for a, b in pairs) / sum(b.numel() for _, b in pairs))
+
+
+@pytest.mark.parametrize(("kind", "alpha"), [("mse", 1.0), ("cosine", 1.0), ("mse", 0.5)])
+def test_output_loss_for_outputs_that_are_not_logits(teacher: nn.Module, flat: dict, kind: str, alpha: float) -> None:
+    data = _output_targets(teacher, flat)
+    ctx = make_ctx(teacher, data, evaluate=lambda m: -_output_error(m, data["eval"]))
+    model = copy.deepcopy(teacher)
+    MagnitudePrune(amount=0.8, scope="layer").apply(model, ctx)
+    before = _output_error(model, data["eval"], kind)
+    out = DistillStage(epochs=3, lr=3e-3, output_loss=kind, alpha=alpha).apply(model, ctx)
+    assert _output_error(out, data["eval"], kind) < 0.5 * before
+
+
+def test_output_loss_with_class_labels_says_what_to_change(teacher: nn.Module, flat: dict) -> None:
+    ctx = make_ctx(teacher, flat)
+    with pytest.raises(StageError, match=r"labels' shape \(64,\) is not the outputs' \(64, 10\): set alpha: 1"):
+        DistillStage(epochs=1, output_loss="mse", alpha=0.5).apply(copy.deepcopy(teacher), ctx)

@@ -79,10 +79,15 @@ class DistillStage(Stage):
     """Fraction of the planned steps over which the learning rate rises linearly to ``lr`` (0: none)."""
     grad_clip: float | None = Field(default=None, gt=0)
     """Clip the gradients' global L2 norm to this value (null: no clipping)."""
+    output_loss: Literal["kl", "mse", "cosine"] = "kl"
+    """How the student's outputs are compared with the teacher's: ``kl`` (soft targets at ``temperature``,
+    for class logits), or ``mse`` / ``cosine`` (1 - cosine similarity per sample), for outputs that are not
+    logits (embeddings, regression); with these the ``1 - alpha`` term compares the outputs with the
+    labels the same way, so the labels must have the outputs' shape."""
     temperature: float = Field(default=4.0, gt=0)
-    """Softmax temperature of the soft-target term."""
+    """Softmax temperature of the soft-target term (``output_loss: kl``)."""
     alpha: float = Field(default=0.5, ge=0, le=1)
-    """Weight of the soft-target term; ``1 - alpha`` weights cross-entropy on the true labels
+    """Weight of the teacher term; ``1 - alpha`` weights the labels' term (cross-entropy for ``kl``)
     (``alpha: 0`` with no ``features`` is plain fine-tuning on the labels: no teacher is run)."""
     features: list[FeaturePair] = Field(default_factory=list)
     """Feature-distillation pairs ``{student, teacher, weight, loss}``, taken by forward hooks."""
@@ -97,8 +102,21 @@ class DistillStage(Stage):
     """Whether a higher or a lower eval metric is better (``lower`` for a loss or an error rate)."""
 
     def loss(self, student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
-        """Soft-target KL at temperature T (scaled by T^2) mixed with hard-label cross-entropy."""
-        return hinton_loss(student, teacher, labels, self.temperature, self.alpha)
+        """The output term: soft-target KL at temperature T (scaled by T^2) mixed with hard-label
+        cross-entropy, or (``output_loss`` mse / cosine) the distance to the teacher's outputs mixed with
+        the distance to the labels."""
+        if self.output_loss == "kl":
+            return hinton_loss(student, teacher, labels, self.temperature, self.alpha)
+        total = student.new_zeros(())
+        if self.alpha > 0 and teacher is not None:
+            total = total + self.alpha * feature_loss(self.output_loss, student, teacher)
+        if self.alpha < 1:
+            if labels.shape != student.shape:
+                raise StageError(self.label, f"output_loss {self.output_loss} with alpha < 1 compares the outputs with "
+                                 f"the labels, but the labels' shape {tuple(labels.shape)} is not the outputs' "
+                                 f"{tuple(student.shape)}: set alpha: 1, or output_loss: kl for class labels")
+            total = total + (1 - self.alpha) * feature_loss(self.output_loss, student, labels.to(student.dtype))
+        return total
 
     @property
     def needs_teacher(self) -> bool:
