@@ -65,12 +65,36 @@ def _with_dead_neurons(model: nn.Module, count: int) -> nn.Module:
     return dead
 
 
-@pytest.mark.parametrize(("importance", "dead_left"), [("activation", 0), ("l2", 8)])
+@pytest.mark.parametrize(("importance", "dead_left"), [("activation", 0), ("obs", 0), ("l2", 8)])
 def test_activation_importance_removes_neurons_that_never_fire(trained_mlp: nn.Module, flat: dict,
                                                                 importance: str, dead_left: int) -> None:
     dead = _with_dead_neurons(trained_mlp, 8)
     pruned, _ = _prune(dead, flat, amount=0.25, scope="layer", importance=importance, exclude=["2"])
     assert pruned[0].out_features == 24
     assert int((pruned[0].bias < -100).sum()) == dead_left
-    if importance == "activation":  # only silent neurons went: the function is unchanged
+    if importance != "l2":  # only silent neurons went: the function is unchanged
         assert _logit_error(pruned, dead, flat) < 1e-10
+
+
+class _WithTwin(nn.Module):
+    """A Linear layer reading the digits' 64 pixels plus a copy of pixel 36 (a feature another can replace)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(65, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.cat([x, x[:, 36:37]], dim=1))
+
+
+def test_obs_scale_is_what_a_refit_cannot_recover(flat: dict) -> None:
+    from torchslim.plugins._structured_data import input_scales
+
+    model = _WithTwin()
+    batches = [x for x, _ in flat["calibration"]]
+    energy = input_scales(model, batches)[model.linear]
+    compensated = input_scales(model, batches, compensated=True)[model.linear]
+    assert energy[36] > 0.5 and energy[64] == energy[36]  # a bright pixel and its copy
+    assert compensated[36] < 1e-2 * energy[36] and compensated[64] < 1e-2 * energy[64]  # either can go: the other takes over
+    assert energy[0] == 0 and compensated[0] == 0  # pixel 0 is always dark: free to remove under both
+    assert bool((compensated <= energy + 1e-6).all())

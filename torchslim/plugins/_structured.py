@@ -23,7 +23,7 @@ from torch import nn
 
 from ._structured_choice import _choose_global, _choose_heads, _choose_per_layer, _out_channels, _round
 from ._structured_cut import _cut, _precheck, _shapes_of
-from ._structured_data import ActivationImportance, Lost, RefitResult, input_energy, refit, snapshot
+from ._structured_data import ActivationImportance, Lost, RefitResult, input_scales, refit, snapshot
 from ._structured_graph import (
     GraphTimeout,
     _all_groups,
@@ -50,8 +50,9 @@ class ChannelOptions:
     """At most this fraction of any group's original channels is removed."""
     exclude: Sequence[str]
     """Layer name patterns whose channels stay."""
-    activation: bool = False
-    """Rank channels by the energy they send to the layers reading them on ``batches`` (``_structured_data``)."""
+    activation: str | None = None
+    """Rank channels on ``batches`` (``_structured_data``): ``energy`` (what they send to the layers reading
+    them) or ``compensated`` (what of it a refit could not recover); None: by weight norm."""
     refit: bool = False
     """After each pass's cuts, refit the Linear layers that lost inputs to the pass's starting model on ``batches``."""
     batches: Iterable[torch.Tensor] | None = None
@@ -153,8 +154,8 @@ def _graph_and_groups(model: nn.Module, example: torch.Tensor, opts: ChannelOpti
     protected = _protected(graph, names, opts.exclude)
     state.protected = sorted(names[m] for m in protected)
     scorer: Any = tp.importance.GroupMagnitudeImportance(p=opts.norm, group_reduction="mean", normalizer="mean")
-    if opts.activation and opts.batches is not None:
-        scorer = ActivationImportance(input_energy(model, opts.batches), scorer)
+    if opts.activation is not None and opts.batches is not None:
+        scorer = ActivationImportance(input_scales(model, opts.batches, opts.activation == "compensated"), scorer)
     groups = []
     for group in _all_groups(graph, protected, state):
         root = group[0].dep.target.module

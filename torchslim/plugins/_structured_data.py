@@ -27,7 +27,8 @@ from torch import nn
 from ._layers import feed_inputs
 
 RIDGE = 1e-3
-"""The ridge term of the refit, as a fraction of the mean diagonal of the kept inputs' Gram matrix."""
+"""The ridge term of the refit and of the compensated scale, as a fraction of the mean diagonal of the
+inputs' Gram matrix."""
 
 
 def _rows(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor | None:
@@ -48,26 +49,57 @@ def _as_rows(add: Callable[[nn.Module, torch.Tensor], None]) -> Callable[[nn.Mod
     return take
 
 
-def input_energy(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[nn.Module, torch.Tensor]:
-    """Mean square of each input feature of every Linear and ungrouped Conv2d of ``model`` on the batches."""
+def input_scales(model: nn.Module, batches: Iterable[torch.Tensor], compensated: bool = False) -> dict[nn.Module, torch.Tensor]:
+    """Per input feature of every Linear and ungrouped Conv2d of ``model``, on the batches: the mean square
+    ``E[x_j^2]`` (what removing feature j costs the layer's output per unit of squared weight), or, with
+    ``compensated``, for Linear layers, ``1 / [(E[x x^T] + ridge)^-1]_jj`` (the same cost once the other
+    inputs and the bias have been refit to take over: Optimal Brain Surgeon's saliency; Hassibi and Stork,
+    1993). The second needs each Linear layer's ``in_features^2`` second-moment matrix in memory."""
     layers = [m for m in model.modules() if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)]
     sums: dict[nn.Module, list[Any]] = {}
 
     def add(layer: nn.Module, rows: torch.Tensor) -> None:
         total = sums.setdefault(layer, [0.0, 0])
-        total[0] = total[0] + rows.float().pow(2).sum(dim=0).cpu()
+        if compensated and isinstance(layer, nn.Linear):
+            rows = _with_ones(rows, layer)
+            total[0] = total[0] + rows.T @ rows
+        else:
+            total[0] = total[0] + rows.float().pow(2).sum(dim=0).cpu()
         total[1] += rows.shape[0]
 
     feed_inputs(model, layers, batches, _as_rows(add))
-    return {layer: total / max(count, 1) for layer, (total, count) in sums.items()}
+    return {layer: _scale(layer, total / max(count, 1)) for layer, (total, count) in sums.items()}
+
+
+def _with_ones(rows: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """The rows in float64, with a column of ones when the layer has a bias (the bias is fit with the weights)."""
+    rows = rows.double().cpu()
+    return torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=torch.float64)], dim=1) if layer.bias is not None else rows
+
+
+def _ridge(gram: torch.Tensor) -> torch.Tensor:
+    return RIDGE * float(gram.diagonal().mean()) * torch.eye(gram.shape[0], dtype=gram.dtype)
+
+
+def _scale(layer: nn.Module, moment: torch.Tensor) -> torch.Tensor:
+    """Per-feature scale from a mean square (a vector) or a second-moment matrix (see :func:`input_scales`)."""
+    if moment.dim() == 1:
+        return moment
+    inverse: torch.Tensor = torch.linalg.inv(moment + _ridge(moment)).diagonal()
+    assert isinstance(layer, nn.Linear)
+    # A refit never costs more than no refit: without the min, the ridge would give an input that is
+    # always 0 (a dead neuron) a cost above zero.
+    plain = moment.diagonal()[: layer.in_features]
+    return torch.minimum(1.0 / inverse[: layer.in_features], plain).float()
 
 
 class ActivationImportance:
-    """A Torch-Pruning group scorer: each channel's energy sent to the layers reading it (see the module
-    docstring), relative to the group's mean; a group with no measured reader is scored by ``fallback``."""
+    """A Torch-Pruning group scorer: for each channel, the sum over the layers reading it of its weight
+    column's squared norm times that input's scale (:func:`input_scales`), relative to the group's mean;
+    a group with no measured reader is scored by ``fallback``."""
 
-    def __init__(self, energy: dict[nn.Module, torch.Tensor], fallback: Any) -> None:
-        self.energy, self.fallback = energy, fallback
+    def __init__(self, scales: dict[nn.Module, torch.Tensor], fallback: Any) -> None:
+        self.scales, self.fallback = scales, fallback
 
     @torch.no_grad()
     def __call__(self, group: Any) -> torch.Tensor | None:
@@ -77,10 +109,10 @@ class ActivationImportance:
         total: torch.Tensor | None = None
         for i, (dep, idxs) in enumerate(group):
             layer, root = dep.layer, group[i].root_idxs
-            if dep.pruning_fn not in readers or layer not in self.energy or any(r is None for r in root):
+            if dep.pruning_fn not in readers or layer not in self.scales or any(r is None for r in root):
                 continue
             columns = layer.weight.detach().transpose(0, 1).flatten(1).pow(2).sum(dim=1).float().cpu()
-            local = (columns * self.energy[layer])[list(idxs)]
+            local = (columns * self.scales[layer])[list(idxs)]
             total = torch.zeros(len(group[0].root_idxs)) if total is None else total
             total.scatter_add_(0, torch.tensor(root), local)
         if total is None:
@@ -150,7 +182,8 @@ def refit(model: nn.Module, teacher: nn.Module, lost: dict[nn.Module, Lost], bat
     grams: dict[nn.Module, torch.Tensor] = {}
 
     def add(layer: nn.Module, rows: torch.Tensor) -> None:
-        rows = torch.cat([rows.double().cpu(), torch.ones(rows.shape[0], 1, dtype=torch.float64)], dim=1)
+        assert isinstance(layer, nn.Linear)
+        rows = _with_ones(rows, layer)
         grams[layer] = grams.get(layer, 0) + rows.T @ rows
 
     feed_inputs(teacher, todo, batches, _as_rows(add))
@@ -164,14 +197,13 @@ def _solve(original: nn.Module, layer: nn.Module, entry: Lost, gram: torch.Tenso
     """Write the least-squares weights into ``layer``; its relative output error before and after."""
     assert isinstance(original, nn.Linear) and isinstance(layer, nn.Linear)
     weight = original.weight.detach().double().cpu()
-    rows = weight.shape[0]
-    bias = torch.zeros(rows, dtype=torch.float64) if original.bias is None else original.bias.detach().double().cpu()
-    full = torch.cat([weight, bias[:, None]], dim=1)[entry.kept_out]
-    # Without a bias the layer cannot absorb the removed inputs' mean: the ones column stays out.
-    kept = entry.kept_in + ([weight.shape[1]] if layer.bias is not None else [])
+    # The gram has a ones column when the layer has a bias (the bias absorbs the removed inputs' mean);
+    # without one, the weights alone are fit.
+    full = weight if original.bias is None else torch.cat([weight, original.bias.detach().double().cpu()[:, None]], dim=1)
+    full = full[entry.kept_out]
+    kept = entry.kept_in + ([weight.shape[1]] if original.bias is not None else [])
     sub = gram[kept][:, kept]
-    ridge = RIDGE * float(sub.diagonal().mean()) * torch.eye(len(kept), dtype=torch.float64)
-    solved = torch.linalg.solve(sub + ridge, (full @ gram[:, kept]).T).T
+    solved = torch.linalg.solve(sub + _ridge(sub), (full @ gram[:, kept]).T).T
     energy = float(((full @ gram) * full).sum())
 
     def error(new: torch.Tensor) -> float:

@@ -35,11 +35,13 @@ class StructuredPrune(PruneStage):
     scope: Literal["global", "layer"] = "global"
     """``global`` ranks the channels of all groups together; ``layer`` removes ``amount`` of each
     group of coupled channels."""
-    importance: Literal["l1", "l2", "activation"] = "l1"
-    """Channel importance: the L1 or L2 norm of its weights, averaged over the coupled layers; or
-    ``activation``: the energy the channel sends to the layers that read it on the calibration data
-    (the sum over readers of its weight column's squared norm times its input's mean square; Linear and
-    ungrouped Conv2d readers; a group with no such reader is ranked by L2)."""
+    importance: Literal["l1", "l2", "activation", "obs"] = "l1"
+    """Channel importance: the L1 or L2 norm of its weights, averaged over the coupled layers; or, measured
+    on the calibration data, ``activation``: the energy the channel sends to the layers that read it (the
+    sum over readers of its weight column's squared norm times its input's mean square; Linear and
+    ungrouped Conv2d readers; a group with no such reader is ranked by L2); ``obs``: the part of that
+    energy a least-squares refit of the Linear readers could not recover (Optimal Brain Surgeon's
+    saliency; keeps each Linear layer's in_features^2 input second moments in memory; pairs with ``refit``)."""
     refit: bool = False
     """After the cut, refit each Linear layer that lost inputs by least squares on the calibration data,
     so that its outputs match the unpruned model's (its bias absorbs the removed inputs' mean). Convolutions
@@ -89,7 +91,7 @@ class StructuredPrune(PruneStage):
 
         options = ChannelOptions(scope=self.scope, norm=1 if self.importance == "l1" else 2, round_to=self.round_to,
                                  ceiling=self.max_layer_amount, exclude=self.exclude,
-                                 activation=self.importance == "activation", refit=self.refit,
+                                 activation=_MEASURED.get(self.importance), refit=self.refit,
                                  batches=self._calibration(ctx))
         state, example = ChannelState(), ctx.example_inputs[:2]
         for step in range(1, self.steps + 1):
@@ -105,7 +107,7 @@ class StructuredPrune(PruneStage):
 
     def _calibration(self, ctx: Context) -> Calibration | None:
         """The calibration inputs, when the importance or the refit measures on them."""
-        if self.importance != "activation" and not self.refit:
+        if self.importance not in _MEASURED and not self.refit:
             return None
         return Calibration(ctx.data["calibration"], self.calibration_batches)
 
@@ -154,6 +156,10 @@ class StructuredPrune(PruneStage):
         cut, after = (sum(getattr(r, k) for r in done) / len(done) for k in ("error_cut", "error_refit"))
         ctx.note(f"{self.label}: refit {len(layers)} Linear layer(s) on the calibration data: relative output error "
                  f"{cut:.4g} after the cut, {after:.4g} after the refit (mean over layers)")
+
+
+_MEASURED = {"activation": "energy", "obs": "compensated"}
+"""The importances measured on the calibration data, and the scale each ranks by (``_structured_data``)."""
 
 
 def _shortfall(stage: StructuredPrune, state: ChannelState) -> str:
