@@ -1,11 +1,13 @@
 """Structured pruning with calibration data: channels ranked by what their loss would cost the layers
-that read them (``importance: activation``), and Linear layers that lost inputs refit by least squares
+that read them (``importance: activation`` and ``obs``), and Linear layers that lost inputs refit by least squares
 to the unpruned model's outputs (``refit``).
 
 Magnitude ranks a channel by its weights alone. A channel whose weights are large but whose activation
 is nearly always small (or the reverse) is ranked wrongly; in a trained transformer the spread of
 activations between features is wide. ``activation`` scores channel ``j`` by the energy it sends
-downstream, ``sum over readers of ||W[:, j]||^2 * E[x_j^2]``, measured on the calibration data.
+downstream, ``sum over readers of ||W[:, j]||^2 * E[x_j^2]``, measured on the calibration data;
+``obs`` by the part of it a refit of the Linear readers could not recover (``E[x_j^2]`` replaced by
+``1 / [E[x x^T]^-1]_jj``): a channel that others can stand in for ranks low however much it carries.
 
 A cut leaves the readers' remaining weights as they were, tuned to inputs that included the removed
 channels. ``refit`` solves, per Linear reader, ``min ||X_kept W'^T + b' - (X W^T + b)||^2`` over the
