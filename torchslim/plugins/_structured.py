@@ -51,13 +51,13 @@ class ChannelOptions:
     """At most this fraction of any group's original channels is removed."""
     exclude: Sequence[str]
     """Layer name patterns whose channels stay."""
-    activation: str | None = None
+    measured: str | None = None
     """Rank channels on ``batches`` (``_structured_data``): ``energy`` (what they send to the layers reading
     them) or ``compensated`` (what of it a refit could not recover); None: by weight norm."""
     refit: bool = False
     """After each pass's cuts, refit the Linear layers that lost inputs to the pass's starting model on ``batches``."""
     batches: Iterable[torch.Tensor] | None = None
-    """Calibration inputs, iterable more than once; needed by ``activation`` and ``refit``."""
+    """Calibration inputs, iterable more than once; needed by ``measured`` and ``refit``."""
 
 
 @dataclass
@@ -155,8 +155,8 @@ def _graph_and_groups(model: nn.Module, example: torch.Tensor, opts: ChannelOpti
     protected = _protected(graph, names, opts.exclude)
     state.protected = sorted(names[m] for m in protected)
     scorer: Any = tp.importance.GroupMagnitudeImportance(p=opts.norm, group_reduction="mean", normalizer="mean")
-    if opts.activation is not None and opts.batches is not None:
-        scorer = ActivationImportance(input_scales(model, opts.batches, opts.activation == "compensated"), scorer)
+    if opts.measured is not None and opts.batches is not None:
+        scorer = ActivationImportance(input_scales(model, opts.batches, opts.measured == "compensated"), scorer)
     groups = []
     for group in _all_groups(graph, protected, state):
         root = group[0].dep.target.module

@@ -47,7 +47,8 @@ class StructuredPrune(PruneStage):
     so that its outputs match the unpruned model's (its bias absorbs the removed inputs' mean). Convolutions
     are not refit."""
     calibration_batches: int = Field(default=16, ge=1)
-    """Batches of the calibration data that ``importance: activation`` and ``refit`` measure on."""
+    """Batches of the calibration data that the measured importances (``activation``, ``obs``) and ``refit``
+    run on."""
     round_to: int = Field(default=1, ge=1)
     """Leave channel counts that are multiples of this (e.g. 8), for kernel-friendly shapes (1: no rounding)."""
     max_layer_amount: Fraction = 0.9
@@ -91,7 +92,7 @@ class StructuredPrune(PruneStage):
 
         options = ChannelOptions(scope=self.scope, norm=1 if self.importance == "l1" else 2, round_to=self.round_to,
                                  ceiling=self.max_layer_amount, exclude=self.exclude,
-                                 activation=_MEASURED.get(self.importance), refit=self.refit,
+                                 measured=_MEASURED.get(self.importance), refit=self.refit,
                                  batches=self._calibration(ctx))
         state, example = ChannelState(), ctx.example_inputs[:2]
         for step in range(1, self.steps + 1):
