@@ -78,8 +78,12 @@ AMOUNT = 0.3
 GRAPH_SECONDS = 90  # time_limit of the dependency graph's tracing: a clear stage error instead of the model's timeout
 STRUCTURED = {"type": "prune", "name": "structured", "method": "structured", "amount": AMOUNT,
               "time_limit": GRAPH_SECONDS}
+# The same amount chosen and repaired on the calibration data (random inputs here: this checks that every
+# architecture takes the measured importance and the least-squares refit, not what they buy).
+MEASURED = {**STRUCTURED, "name": "obs-refit", "scope": "layer", "importance": "obs", "refit": True}
 RECIPES: dict[str, list[dict[str, Any]]] = {
     "structured": [STRUCTURED],
+    "obs-refit": [MEASURED],
     "static": [{"type": "quantize", "name": "static", "method": "static"}],
     "dynamic": [{"type": "quantize", "name": "dynamic", "method": "dynamic"}],
     "struct+static": [STRUCTURED, {"type": "quantize", "name": "static", "method": "static"}],

@@ -98,3 +98,19 @@ def test_obs_scale_is_what_a_refit_cannot_recover(flat: dict) -> None:
     assert compensated[36] < 1e-2 * energy[36] and compensated[64] < 1e-2 * energy[64]  # either can go: the other takes over
     assert energy[0] == 0 and compensated[0] == 0  # pixel 0 is always dark: free to remove under both
     assert bool((compensated <= energy + 1e-6).all())
+
+
+class _Caching(nn.Sequential):
+    """An MLP that keeps a tensor computed in its forward as an attribute (as timm's LeViT keeps its
+    attention biases): after a forward with gradients on, the attribute carries autograd history."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not getattr(self, "cache", None):  # filled once, by the first forward
+            self.cache = {"scale": self[0].weight.abs().mean()}
+        return super().forward(x)
+
+
+def test_refit_copes_with_tensors_a_forward_cached(trained_mlp: nn.Module, flat: dict) -> None:
+    model = _Caching(*copy.deepcopy(trained_mlp))  # the stage's traced forward fills the cache
+    pruned, ctx = _prune(model, flat, amount=0.5, scope="layer", refit=True)
+    assert ctx.metrics["refit_layers"] == 2 and pruned[0].out_features == 16

@@ -223,5 +223,16 @@ def _solve(original: nn.Module, layer: nn.Module, entry: Lost, gram: torch.Tenso
 
 
 def snapshot(model: nn.Module) -> nn.Module:
-    """The model as it is before a pass's cuts: what the refit layers are fit to."""
-    return copy.deepcopy(model)
+    """The model as it is before a pass's cuts: what the refit layers are fit to.
+
+    Some models cache tensors computed in a forward pass as plain attributes (timm's LeViT and
+    EfficientFormer keep their attention biases so); after the graph's traced forward those carry
+    autograd history, which ``copy.deepcopy`` refuses. The copy takes them detached."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in module.__dict__.values():
+            items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
+            for item in items:
+                if isinstance(item, torch.Tensor) and item.grad_fn is not None:
+                    memo[id(item)] = item.detach().clone()
+    return copy.deepcopy(model, memo)
