@@ -1,9 +1,11 @@
 """Sentences to distil MiniLM on that are not the sentences it is scored on.
 
 The bundled sentences (``torchslim/examples/data/sentences.txt``, everyday English) are the
-eval set. Distillation trains on other text: sentences of Python's own reference documentation
-(``pydoc_data.topics``, shipped with CPython), so a pruned model is not scored on what it was
-trained on. The targets are the float model's embeddings, as in ``torchslim.examples.minilm``.
+eval set. Distillation trains on other text, so a pruned model is not scored on what it was trained
+on: sentences of Python's own reference documentation (``pydoc_data.topics``, shipped with CPython)
+and docstrings, or general-English sentences generated from a Markov chain of Wikipedia text (the
+``essential-generators`` wheel, in the ``bench`` extra), nearer the eval's kind of text. The targets are
+the float model's embeddings, as in ``torchslim.examples.minilm``.
 """
 
 from __future__ import annotations
