@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import itertools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -101,12 +102,13 @@ def feed_inputs(model: nn.Module, layers: Iterable[nn.Module], batches: Iterable
             take(layer, inputs[0].detach())
 
     handles = [layer.register_forward_hook(hook) for layer in layers]
-    device = next(model.parameters()).device
+    # a model of packed low-bit layers holds buffers only
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
     seen = 0
     try:
         with torch.no_grad():
             for inputs in batches:
-                model(inputs.to(device))
+                model(inputs if tensor is None else inputs.to(tensor.device))
                 seen += 1
     finally:
         for handle in handles:

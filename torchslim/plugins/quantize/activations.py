@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._layers import feed_inputs
+
 
 class _SignSTE(torch.autograd.Function):
     """sign(x) forward; the clipped identity (1 where |x| <= 1) backward."""
@@ -67,22 +69,15 @@ def fed_by_model_input(model: nn.Module, names: list[str], example: torch.Tensor
     """For each of ``names`` that runs on ``example``: whether its input is the model's input itself
     (the raw data, possibly reshaped: same storage) rather than another layer's activations."""
     layers = dict(model.named_modules())
-    seen: dict[str, bool] = {}
+    named, seen = {layers[n]: n for n in names}, {}
     storage = example.untyped_storage().data_ptr()
 
-    def hook_for(name: str) -> Any:
-        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]
-            seen[name] = isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() == storage
-        return hook
+    def take(layer: nn.Module, x: torch.Tensor) -> None:
+        seen[named[layer]] = x.untyped_storage().data_ptr() == storage
 
-    handles = [layers[n].register_forward_pre_hook(hook_for(n)) for n in names]
     training = model.training
     try:
-        with torch.no_grad():
-            model.eval()(example)
+        feed_inputs(model.eval(), named, [example], take)
     finally:
         model.train(training)
-        for handle in handles:
-            handle.remove()
     return seen

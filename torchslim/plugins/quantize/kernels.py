@@ -25,6 +25,7 @@ from torch import nn
 
 from ...engine.metrics import torch_threads
 from ...engine.timing import in_turns
+from .._layers import feed_inputs
 from .formats import Format, Kernel
 from .int4pack import unsupported
 from .layers import LowBitLayer
@@ -103,20 +104,13 @@ def _why_not(layer: nn.Module, fmt: Format) -> str | None:
 
 def _input_rows(model: nn.Module, names: list[str], batch: torch.Tensor) -> dict[str, int]:
     """Rows (samples x positions) each of ``names`` multiplies in a forward pass of ``batch``."""
-    layers, rows = dict(model.named_modules()), {}
+    layers = dict(model.named_modules())
+    named, rows = {layers[n]: n for n in names}, {}
 
-    def hook_for(name: str) -> Callable[..., None]:
-        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            rows[name] = args[0].numel() // args[0].shape[-1]
-        return hook
+    def take(layer: nn.Module, x: torch.Tensor) -> None:
+        rows[named[layer]] = x.numel() // x.shape[-1]
 
-    handles = [layers[n].register_forward_pre_hook(hook_for(n)) for n in names]
-    try:
-        with torch.no_grad():
-            model.eval()(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    feed_inputs(model.eval(), named, [batch], take)
     return rows
 
 
