@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import tempfile
-import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import torch
 from torch import nn
 
 from ...engine.macs import count_macs
-from .extras import require, version
+from .extras import quiet, require, version
 from .runtime import RuntimeModel
 
 
@@ -54,23 +53,10 @@ def _torchscript(model: nn.Module, example: torch.Tensor, opset: int, dims: tupl
         return path.read_bytes()
 
 
-class _quiet:
+def _quiet() -> contextlib.AbstractContextManager[None]:
     """Silence the exporter's progress lines and warnings (torchvision ops skipped, opset conversion):
     they say nothing about this model, and a failure raises anyway."""
-
-    def __enter__(self) -> None:
-        self._warnings = warnings.catch_warnings()
-        self._warnings.__enter__()
-        warnings.simplefilter("ignore")
-        self._loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript")]
-        self._levels = [logger.level for logger in self._loggers]
-        for logger in self._loggers:
-            logger.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc: Any) -> None:
-        for logger, level in zip(self._loggers, self._levels, strict=True):
-            logger.setLevel(level)
-        self._warnings.__exit__(*exc)
+    return quiet(["torch.onnx", "torch.export", "onnxscript"], silence_warnings=True)
 
 
 def graph_info(onnx_bytes: bytes) -> dict[str, Any]:

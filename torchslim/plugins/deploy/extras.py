@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
 from types import ModuleType
 
 #: Per runtime: the modules it needs and the extra that installs them.
@@ -51,3 +56,22 @@ def require_runtime(runtime: str) -> None:
 def version(module: str) -> str:
     """The installed version of ``module`` (its ``__version__``, without a build suffix: ``2026.4.1``)."""
     return str(getattr(importlib.import_module(module), "__version__", "unknown")).split("-")[0]
+
+
+@contextlib.contextmanager
+def quiet(loggers: Sequence[str], stdout: bool = False, silence_warnings: bool = False) -> Iterator[None]:
+    """Keep a library's progress lines and advice off the terminal, where torchslim prints its own: the
+    named loggers (``""``: the root) at ERROR, with ``stdout`` what it prints there, with
+    ``silence_warnings`` its warnings; all restored after. A failure still raises."""
+    named = [logging.getLogger(name or None) for name in loggers]
+    levels = [logger.level for logger in named]
+    for logger in named:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()) if stdout else contextlib.nullcontext():
+            if silence_warnings:
+                warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(named, levels, strict=True):
+            logger.setLevel(level)

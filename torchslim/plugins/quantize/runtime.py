@@ -4,8 +4,6 @@ model deployed by a ``deploy`` stage and quantize it in the runtime's own format
 from __future__ import annotations
 
 import contextlib
-import io
-import logging
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
@@ -16,6 +14,7 @@ from torch import nn
 from ...engine.errors import StageError
 from ...engine.stage import Context
 from .._quant_base import Census, batch_inputs
+from ..deploy.extras import quiet
 from .base import QuantizeStage
 
 
@@ -57,20 +56,10 @@ class RuntimeQuantize(QuantizeStage):
         ctx.add_metric("runtime", runtime_label(deployed))  # type: ignore[arg-type]
 
 
-@contextlib.contextmanager
-def quiet_library() -> Iterator[None]:
+def quiet_library() -> contextlib.AbstractContextManager[None]:
     """Keep the quantization libraries' advice and progress bars off the terminal: ONNX Runtime logs
     warnings on the root logger, NNCF draws progress on stdout, where torchslim prints only its table."""
-    loggers = [logging.getLogger(), logging.getLogger("nncf")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+    return quiet(["", "nncf"], stdout=True)
 
 
 def calibration_arrays(ctx: Context, batches: int) -> list[np.ndarray]:
