@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from torchslim.engine.errors import first_line
+
 ROOT = Path(__file__).resolve().parent.parent
 SHIM = Path(__file__).resolve().parent / "zoo_shim"
 SITE = os.environ.get("ZOO_SITE", "/tmp/zoo-site")
@@ -145,11 +147,6 @@ def recipe(name: str, key: str) -> dict[str, Any]:
     }
 
 
-def _first_line(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
-    return text[0][:160] if text else type(exc).__name__
-
-
 def run_recipe(name: str, key: str) -> dict[str, Any]:
     import logging
 
@@ -159,7 +156,7 @@ def run_recipe(name: str, key: str) -> dict[str, Any]:
         try:
             report = torchslim.run(recipe(name, key), out, log=logging.getLogger("zoo.quiet"))
         except Exception as exc:
-            return {"ok": False, "error": _first_line(exc)}
+            return {"ok": False, "error": first_line(exc, typed=True, limit=160)}
     base, last = report.rows[0].metrics, report.rows[-1].metrics
     pruned = next((row.metrics.get("pruned_channels") for row in report.rows if row.type == "prune"), None)
     return {"ok": True, "macs": _ratio(base.get("macs"), last.get("macs")), "agreement": last.get("agreement"),
@@ -193,7 +190,7 @@ def run_tp_alone(name: str) -> dict[str, Any]:
         with torch.no_grad():
             agree = 100.0 * sum(int((model(x).argmax(1) == y).sum()) for x, y in loader) / SAMPLES
     except Exception as exc:
-        return {"ok": False, "error": _first_line(exc)}
+        return {"ok": False, "error": first_line(exc, typed=True, limit=160)}
     return {"ok": True, "macs": _ratio(base_macs, macs), "agreement": agree, "pruned": 1 - after / before,
             "reload": "-"}
 

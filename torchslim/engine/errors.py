@@ -80,3 +80,11 @@ class StageError(TorchslimError):
         if self.position is None:
             self.position = f"stages[{index}] ({stage_type}) at {where}"
             self.args = (f"stage {self.stage}: {self.message} ({self.position})",)
+
+
+def first_line(exc: BaseException, typed: bool = False, limit: int = 300) -> str:
+    """The first line of an exception's message (after its type name with ``typed``), at most ``limit``
+    characters: what a one-line note or error shows of a library's failure."""
+    text = f"{type(exc).__name__}: {exc}" if typed else str(exc)
+    lines = text.strip().splitlines()
+    return (lines[0] if lines else (type(exc).__name__ if typed else ""))[:limit]

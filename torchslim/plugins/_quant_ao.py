@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine.errors import first_line
 from ._layers import matches
 from ._quant_base import (
     STATIC_TYPES,
@@ -138,7 +139,7 @@ class FxBackend:
         except BackendError:
             raise
         except Exception as exc:  # the user's forward, replayed as a graph, can fail in any way
-            raise FxFailed(f"torch.fx's quantized graph failed ({type(exc).__name__}: {_first_line(exc)})") from exc
+            raise FxFailed(f"torch.fx's quantized graph failed ({type(exc).__name__}: {first_line(exc)})") from exc
         return converted
 
     def _eager(self, model: nn.Module, batches: Iterable[torch.Tensor], options: StaticOptions,
@@ -151,7 +152,7 @@ class FxBackend:
             raise
         except Exception as exc:  # as in _fx: the user's forward
             raise BackendError(f"{fx_error}; eager mode, layer by layer, failed too "
-                               f"({type(exc).__name__}: {_first_line(exc)})") from exc
+                               f"({type(exc).__name__}: {first_line(exc)})") from exc
 
     def _prepare(self, model: nn.Module, example: torch.Tensor, options: StaticOptions) -> nn.Module:
         from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
@@ -163,7 +164,7 @@ class FxBackend:
         try:
             prepared: nn.Module = prepare_fx(model.eval(), _qconfig_mapping(model, options), (example,), custom)
         except Exception as exc:  # symbolic tracing raises TraceError, TypeError, NotImplementedError...
-            raise FxFailed(f"torch.fx could not trace the model ({type(exc).__name__}: {_first_line(exc)})") from exc
+            raise FxFailed(f"torch.fx could not trace the model ({type(exc).__name__}: {first_line(exc)})") from exc
         return prepared
 
     def _convert(self, prepared: nn.Module) -> nn.Module:
@@ -283,8 +284,3 @@ def select_engine(backend: str) -> None:
     if backend not in engines:
         raise BackendError(f"this torch build has no '{backend}' quantized engine (it has: {', '.join(engines)})")
     torch.backends.quantized.engine = backend
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""

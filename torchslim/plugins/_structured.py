@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine.errors import first_line
 from ._structured_choice import _choose_global, _choose_heads, _choose_per_layer, _out_channels, _round
 from ._structured_cut import _cut, _precheck, _shapes_of
 from ._structured_data import ActivationImportance, Lost, RefitResult, input_scales, refit, snapshot
@@ -31,7 +32,6 @@ from ._structured_graph import (
     _build_graph,
     _channel_groups,
     _deadline,
-    _first_line,
     _protected,
 )
 from ._structured_heads import Heads, head_scores, heads_of
@@ -168,7 +168,7 @@ def _graph_and_groups(model: nn.Module, example: torch.Tensor, opts: ChannelOpti
         except GraphTimeout:
             raise
         except Exception as exc:
-            _skip(state, name, root, f"scoring raised {_first_line(exc)}", names)
+            _skip(state, name, root, f"scoring raised {first_line(exc, typed=True, limit=200)}", names)
             continue
         if described is None:
             continue

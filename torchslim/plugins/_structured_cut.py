@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..engine.errors import first_line
 from ._structured_data import Lost, record_cut, removed_by
-from ._structured_graph import GraphTimeout, _first_line
+from ._structured_graph import GraphTimeout
 from ._structured_heads import drop_heads
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ def _checked_plan(graph: Any, group: _Group, count: int, what: str) -> tuple[Any
     except GraphTimeout:
         raise
     except Exception as exc:
-        return None, f"building its pruning plan raised {_first_line(exc)}"
+        return None, f"building its pruning plan raised {first_line(exc, typed=True, limit=200)}"
     return plan, None
 
 
@@ -78,7 +79,7 @@ def _cut(model: nn.Module, graph: Any, group: _Group, example: torch.Tensor, exp
             raise RuntimeError(f"output shape changed from {expected} to {got}")
     except Exception as exc:
         _load(saved)
-        state.skipped.setdefault(group.name, f"the pruned forward failed ({_first_line(exc)}); cut undone")
+        state.skipped.setdefault(group.name, f"the pruned forward failed ({first_line(exc, typed=True, limit=200)}); cut undone")
         return
     record_cut(lost, removed)
     if group.heads is not None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..engine.errors import first_line
 from ._layers import matches
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -131,14 +132,9 @@ def _all_groups(graph: Any, protected: list[nn.Module], state: ChannelState) -> 
         except GraphTimeout:
             raise
         except Exception as exc:
-            state.skipped.setdefault("(remaining groups)", f"listing the groups raised {_first_line(exc)}")
+            state.skipped.setdefault("(remaining groups)", f"listing the groups raised {first_line(exc, typed=True, limit=200)}")
             return
         yield group
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = f"{type(exc).__name__}: {exc}".strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:200]
 
 
 def _protected(graph: Any, names: dict[nn.Module, str], exclude: Sequence[str]) -> list[nn.Module]:
@@ -182,4 +178,3 @@ def _channel_groups(graph: Any, group: Any) -> int:
         elif graph.is_in_channel_pruning_fn(handler):
             counts.append(int(pruner.get_in_channel_groups(module)))
     return max(counts)
-

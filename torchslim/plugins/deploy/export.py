@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...engine.errors import first_line
 from ...engine.macs import count_macs
 from .extras import quiet, require, version
 from .runtime import RuntimeModel
@@ -124,7 +125,7 @@ def export(source: nn.Module, example: torch.Tensor, runtime: str, opset: int, e
         onnx_bytes = to_onnx(source, example, opset, exporter, dims)
     except Exception as exc:  # the exporter fails in many ways; say which exporter and what to try
         raise ExportFailed(f"export to ONNX ({exporter} exporter, opset {opset}) failed: {type(exc).__name__}: "
-                           f"{_first_line(exc)}", "torchscript" if exporter == "dynamo" else "dynamo") from exc
+                           f"{first_line(exc)}", "torchscript" if exporter == "dynamo" else "dynamo") from exc
     info = {**graph_info(onnx_bytes), "macs": count_macs(source, example[:1]), "version": version(runtime),
             "exporter": exporter}
     return wrap(runtime, onnx_bytes, info)
@@ -140,7 +141,7 @@ def _converted(source: nn.Module, example: torch.Tensor, dims: tuple[int, ...], 
             deployed = convert(source, example, dims)
     except Exception as exc:  # the converter fails in many ways; the ONNX route may work
         raise ExportFailed(f"OpenVINO's converter (ov.convert_model) failed: {type(exc).__name__}: "
-                           f"{_first_line(exc)}", "dynamo") from exc
+                           f"{first_line(exc)}", "dynamo") from exc
     deployed.info.update(macs=count_macs(source, example[:1]), version=version(runtime), exporter="openvino")
     return deployed
 
@@ -174,7 +175,3 @@ def wrap(runtime: str, onnx_bytes: bytes, info: Mapping[str, Any]) -> RuntimeMod
 
 def _shapes(output: Any) -> list[tuple[int, ...]]:
     return [tuple(t.shape) for t in _flat(output)]
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:300]
