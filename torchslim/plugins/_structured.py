@@ -27,7 +27,6 @@ from ._structured_choice import _choose_global, _choose_heads, _choose_per_layer
 from ._structured_cut import _cut, _precheck, _shapes_of
 from ._structured_data import ActivationImportance, Lost, RefitResult, input_scales, refit, snapshot
 from ._structured_graph import (
-    GraphTimeout,
     _all_groups,
     _build_graph,
     _channel_groups,
@@ -165,8 +164,6 @@ def _graph_and_groups(model: nn.Module, example: torch.Tensor, opts: ChannelOpti
             continue
         try:
             described = _describe(graph, group, names, scorer, opts, state)
-        except GraphTimeout:
-            raise
         except Exception as exc:
             _skip(state, name, root, f"scoring raised {first_line(exc, typed=True, limit=200)}", names)
             continue

@@ -11,7 +11,6 @@ from torch import nn
 
 from ..engine.errors import first_line
 from ._structured_data import Lost, record_cut, removed_by
-from ._structured_graph import GraphTimeout
 from ._structured_heads import drop_heads
 
 if TYPE_CHECKING:
@@ -31,8 +30,6 @@ def _checked_plan(graph: Any, group: _Group, count: int, what: str) -> tuple[Any
         plan = _plan(graph, group, count)
         if not graph.check_pruning_group(plan):
             return None, f"Torch-Pruning's check refused {what} (a coupled layer would lose all its channels)"
-    except GraphTimeout:
-        raise
     except Exception as exc:
         return None, f"building its pruning plan raised {first_line(exc, typed=True, limit=200)}"
     return plan, None

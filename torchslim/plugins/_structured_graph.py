@@ -24,8 +24,12 @@ if TYPE_CHECKING:
     from ._structured import ChannelState
 
 
-class GraphTimeout(RuntimeError):
-    """Tracing the dependency graph took longer than the time limit."""
+class GraphTimeout(BaseException):
+    """Tracing the dependency graph took longer than the time limit.
+
+    An interrupt, raised from a signal handler anywhere in Torch-Pruning's code: a BaseException (as
+    KeyboardInterrupt is) so that no ``except Exception`` on its way, the library's or torchslim's own
+    "leave this group whole" handlers, swallows it; the stage turns it into its error."""
 
 
 def _build_graph(model: nn.Module, example: torch.Tensor, log: logging.Logger, time_limit: float | None) -> Any:
@@ -129,8 +133,6 @@ def _all_groups(graph: Any, protected: list[nn.Module], state: ChannelState) -> 
             group = next(groups)
         except StopIteration:
             return
-        except GraphTimeout:
-            raise
         except Exception as exc:
             state.skipped.setdefault("(remaining groups)", f"listing the groups raised {first_line(exc, typed=True, limit=200)}")
             return
