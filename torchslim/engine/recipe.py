@@ -27,6 +27,7 @@ from .registry import Registry
 from .specs import TARGET_PATTERN, DataSpec, ModelSpec, Spec, target_problem
 from .stage import Stage
 from .study_fields import Constraints, SweepMode, SweepValues, check_sweep, check_zip
+from .timing import LATENCY_BATCH, LATENCY_THREADS
 from .yamlio import Document, read_yaml
 
 # format_path and tag_of moved to problems.py with the messages; importable from here as before.
@@ -68,13 +69,13 @@ class MetricsOptions(Spec):
     """Measure size, sparsity, MACs and latency after every stage; off, only the task metric and time."""
     latency: bool = True
     """Measure latency (turn off to save time)."""
-    batch_size: int = Field(default=32, ge=1)
+    batch_size: int = Field(default=LATENCY_BATCH, ge=1)
     """Batch size of the latency measurement."""
     warmup: int = Field(default=5, ge=0)
     """Untimed forward passes before timing."""
     runs: int = Field(default=30, ge=1)
     """Timed forward passes; the median is reported."""
-    threads: int | None = Field(default=2, ge=1)
+    threads: int | None = Field(default=LATENCY_THREADS, ge=1)
     """torch threads while timing (fixed so that figures compare); null leaves torch's setting."""
 
 

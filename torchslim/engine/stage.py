@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 from torch import nn
 
+from .timing import LATENCY_BATCH, LATENCY_THREADS
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -139,10 +141,10 @@ class Context:
     base_dir: Path | None = None
     """Directory of the recipe file: relative paths in stage options are resolved against it."""
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("torchslim"))
-    latency_batch: int = 32
+    latency_batch: int = LATENCY_BATCH
     """The batch size latency is measured at (the recipe's ``metrics.batch_size``): what a stage that
     chooses kernels by timing them should time."""
-    threads: int | None = 2
+    threads: int | None = LATENCY_THREADS
     """The torch threads latency is measured with (``metrics.threads``; None: torch's own setting)."""
     metrics: dict[str, Any] = field(default_factory=dict)
     """This stage's own figures (:meth:`add_metric`), shown in its row of the summary and report."""

@@ -20,6 +20,12 @@ from functools import partial
 import torch
 from torch import nn
 
+LATENCY_BATCH = 32
+"""Batch size latency is measured at unless a recipe says otherwise (``metrics.batch_size``)."""
+LATENCY_THREADS = 2
+"""torch threads latency is measured with unless a recipe says otherwise (``metrics.threads``): fixed,
+so that figures compare between machines with other core counts."""
+
 
 @dataclass(frozen=True)
 class Timing:
