@@ -119,8 +119,9 @@ def prune_step(model: nn.Module, example: torch.Tensor, fraction: float, opts: C
 def _prune_pass(model: nn.Module, example: torch.Tensor, fractions: tuple[float, float], opts: ChannelOptions,
                 state: ChannelState, log: logging.Logger, time_limit: float | None) -> int:
     """One trace, choice and cut of (channel, head) ``fractions``; returns how many chosen cuts were refused or undone."""
+    moments: dict[nn.Module, torch.Tensor] = {}  # obs's input second moments, reused by the refit
     with _deadline(time_limit):  # Torch-Pruning can spend minutes both tracing and listing the groups
-        graph, groups = _graph_and_groups(model, example, opts, state, log, time_limit)
+        graph, groups = _graph_and_groups(model, example, opts, state, log, time_limit, moments)
     modules = dict(model.named_modules())
     _choose_heads(groups, fractions[1], state)
     if opts.scope == "global":
@@ -139,14 +140,15 @@ def _prune_pass(model: nn.Module, example: torch.Tensor, fractions: tuple[float,
     log.info("  structured: cut %d groups in %.1f s (%d left whole)", len(groups), time.monotonic() - started,
              len(state.skipped))
     if teacher is not None and opts.batches is not None:
-        state.refits.append(refit(model, teacher, lost, opts.batches))
+        state.refits.append(refit(model, teacher, lost, opts.batches, moments))
         log.info("  structured: refit %d Linear layer(s) on the calibration data: relative output error %.4f -> %.4f",
                  len(state.refits[-1].layers), state.refits[-1].error_cut, state.refits[-1].error_refit)
     return len(state.skipped) - before
 
 
 def _graph_and_groups(model: nn.Module, example: torch.Tensor, opts: ChannelOptions, state: ChannelState,
-                      log: logging.Logger, time_limit: float | None) -> tuple[Any, list[_Group]]:
+                      log: logging.Logger, time_limit: float | None,
+                      moments: dict[nn.Module, torch.Tensor]) -> tuple[Any, list[_Group]]:
     import torch_pruning as tp
 
     graph = _build_graph(model, example, log, time_limit)
@@ -155,7 +157,7 @@ def _graph_and_groups(model: nn.Module, example: torch.Tensor, opts: ChannelOpti
     state.protected = sorted(names[m] for m in protected)
     scorer: Any = tp.importance.GroupMagnitudeImportance(p=opts.norm, group_reduction="mean", normalizer="mean")
     if opts.measured is not None and opts.batches is not None:
-        scorer = ActivationImportance(input_scales(model, opts.batches, opts.measured == "compensated"), scorer)
+        scorer = ActivationImportance(input_scales(model, opts.batches, opts.measured == "compensated", moments), scorer)
     groups = []
     for group in _all_groups(graph, protected, state):
         root = group[0].dep.target.module

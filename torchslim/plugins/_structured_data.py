@@ -51,12 +51,14 @@ def _as_rows(add: Callable[[nn.Module, torch.Tensor], None]) -> Callable[[nn.Mod
     return take
 
 
-def input_scales(model: nn.Module, batches: Iterable[torch.Tensor], compensated: bool = False) -> dict[nn.Module, torch.Tensor]:
+def input_scales(model: nn.Module, batches: Iterable[torch.Tensor], compensated: bool = False,
+                 moments: dict[nn.Module, torch.Tensor] | None = None) -> dict[nn.Module, torch.Tensor]:
     """Per input feature of every Linear and ungrouped Conv2d of ``model``, on the batches: the mean square
     ``E[x_j^2]`` (what removing feature j costs the layer's output per unit of squared weight), or, with
     ``compensated``, for Linear layers, ``1 / [(E[x x^T] + ridge)^-1]_jj`` (the same cost once the other
     inputs and the bias have been refit to take over: Optimal Brain Surgeon's saliency; Hassibi and Stork,
-    1993). The second needs each Linear layer's ``in_features^2`` second-moment matrix in memory."""
+    1993). The second needs each Linear layer's ``in_features^2`` second-moment matrix in memory; given
+    ``moments``, those matrices are left in it (the refit of the same pass fits to them)."""
     layers = [m for m in model.modules() if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)]
     sums: dict[nn.Module, list[Any]] = {}
 
@@ -70,7 +72,10 @@ def input_scales(model: nn.Module, batches: Iterable[torch.Tensor], compensated:
         total[1] += rows.shape[0]
 
     feed_inputs(model, layers, batches, _as_rows(add))
-    return {layer: _scale(layer, total / max(count, 1)) for layer, (total, count) in sums.items()}
+    means = {layer: total / max(count, 1) for layer, (total, count) in sums.items()}
+    if moments is not None:
+        moments.update((layer, mean) for layer, mean in means.items() if mean.dim() == 2)
+    return {layer: _scale(layer, mean) for layer, mean in means.items()}
 
 
 def _with_ones(rows: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
@@ -172,9 +177,12 @@ class RefitResult:
     error_refit: float
 
 
-def refit(model: nn.Module, teacher: nn.Module, lost: dict[nn.Module, Lost], batches: Iterable[torch.Tensor]) -> RefitResult:
+def refit(model: nn.Module, teacher: nn.Module, lost: dict[nn.Module, Lost], batches: Iterable[torch.Tensor],
+          moments: dict[nn.Module, torch.Tensor] | None = None) -> RefitResult:
     """Refit every Linear layer of ``model`` that lost inputs in this pass to the outputs ``teacher`` (the
-    model before the pass) gives on the batches; returns the layers and their mean relative errors."""
+    model before the pass) gives on the batches; returns the layers and their mean relative errors.
+    ``moments`` (by ``model``'s layers, measured before the cut on the same batches: ``importance: obs``)
+    spares the pass over the batches for the layers it holds."""
     names = {module: name for name, module in model.named_modules()}
     in_teacher = dict(teacher.named_modules())
     todo = {in_teacher[names[layer]]: (layer, entry) for layer, entry in lost.items()
@@ -188,7 +196,12 @@ def refit(model: nn.Module, teacher: nn.Module, lost: dict[nn.Module, Lost], bat
         rows = _with_ones(rows, layer)
         grams[layer] = grams.get(layer, 0) + rows.T @ rows
 
-    feed_inputs(teacher, todo, batches, _as_rows(add))
+    for original, (layer, _) in todo.items():
+        if moments and layer in moments:
+            grams[original] = moments[layer]
+    missing = [original for original in todo if original not in grams]
+    if missing:
+        feed_inputs(teacher, missing, batches, _as_rows(add))
     errors = [_solve(original, *todo[original], grams[original]) for original in todo if original in grams]
     cut = sum(e[0] for e in errors) / max(len(errors), 1)
     after = sum(e[1] for e in errors) / max(len(errors), 1)
