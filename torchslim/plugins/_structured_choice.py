@@ -17,18 +17,14 @@ def _choose_heads(groups: list[_Group], fraction: float, state: ChannelState) ->
     a head's score averages many weights and would rarely rank below single channels globally."""
     for group in groups:
         if group.heads is not None:
-            original = state.original_heads[group.heads.name]
-            target = int(fraction * original + 0.5) - (original - group.units)
-            group.remove = max(0, min(target, group.removable))
+            group.remove = _clamped(group, _due(fraction, state.original_heads[group.heads.name], group.units))
 
 
 def _choose_per_layer(groups: list[_Group], fraction: float, state: ChannelState) -> None:
     for group in groups:
         if group.heads is not None:
             continue
-        original = state.original[group.name] // group.per_unit
-        target = int(fraction * original + 0.5) - (original - group.units)
-        group.remove = max(0, min(target, group.removable))
+        group.remove = _clamped(group, _due(fraction, state.original[group.name] // group.per_unit, group.units))
 
 
 def _choose_global(groups: list[_Group], fraction: float, state: ChannelState,
@@ -41,7 +37,7 @@ def _choose_global(groups: list[_Group], fraction: float, state: ChannelState,
     """
     original = sum(state.original.values())
     current = sum(_out_channels(modules[name]) for name in state.original if name in modules)
-    budget = int(fraction * original + 0.5) - (original - current)
+    budget = _due(fraction, original, current)
     # A group whose score averages many coupled layers (a residual stream) varies less than a single
     # layer's and would never reach the bottom of the ranking: a channel ranks by the lower of its
     # score relative to its group's mean and its standing in its group scaled to a typical group's spread.
@@ -55,6 +51,17 @@ def _choose_global(groups: list[_Group], fraction: float, state: ChannelState,
             break
         group.remove += 1
         budget -= group.per_unit
+
+
+def _due(fraction: float, original: int, current: int) -> int:
+    """Units still to remove for ``fraction`` of ``original`` to be gone when ``current`` are left (an
+    iterative prune's earlier steps removed the difference)."""
+    return int(fraction * original + 0.5) - (original - current)
+
+
+def _clamped(group: _Group, due: int) -> int:
+    """``due`` within what the group may give up."""
+    return max(0, min(due, group.removable))
 
 
 def _relative(scores: torch.Tensor) -> torch.Tensor:
