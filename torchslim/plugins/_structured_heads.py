@@ -79,11 +79,9 @@ def _separate(parent: nn.Module, name: str) -> Heads | None:
 def head_scores(heads: Heads, importance: torch.Tensor) -> torch.Tensor | None:
     """One score per head: the mean importance of its channels (of q, k and v where the root fuses them)."""
     scores = importance.detach().float().cpu().flatten()
-    if scores.numel() == heads.fused * heads.count * heads.head_dim:
-        return scores.view(heads.fused, heads.count, heads.head_dim).mean(dim=(0, 2))
-    if scores.numel() == heads.count * heads.head_dim:
-        return scores.view(heads.count, heads.head_dim).mean(dim=1)
-    return None
+    if scores.numel() != heads.fused * heads.count * heads.head_dim:
+        return None  # not one score per row of the root: the group is left whole
+    return scores.view(heads.fused, heads.count, heads.head_dim).mean(dim=(0, 2))
 
 
 def drop_heads(heads: Heads, kept: torch.Tensor) -> None:
