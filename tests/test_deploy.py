@@ -125,3 +125,26 @@ def test_sequence_axis_can_be_dynamic() -> None:
     assert deployed.info["inputs"]["input"] == ["batch", "sequence"]
     longer = torch.randint(0, 50, (2, 11))
     torch.testing.assert_close(deployed(longer), model(longer), rtol=1e-4, atol=1e-5)
+
+
+
+@_needs("onnxruntime")
+def test_interleaved_timing_waits_out_onnxruntime_spinning_threads() -> None:
+    """ONNX Runtime's idle threads spin on after a run and slowed the next model timed 2.2x at 2 threads
+    (measured): the interleaved timing waits them out, untimed, after each run of an ONNX Runtime model."""
+    import time
+
+    from torchslim.engine.timing import interleaved
+    from torchslim.plugins.deploy import DeployStage
+
+    from .conftest import make_ctx
+
+    model = _Text().eval()
+    ids = torch.randint(0, 50, (4, 7))
+    ctx = make_ctx(model, {"train": [(ids, ids[:, 0])], "eval": [(ids, ids[:, 0])]}, evaluate=lambda m: 0.0)
+    deployed = DeployStage(runtime="onnxruntime").apply(model, ctx)
+    start = time.perf_counter()
+    timing, torch_timing = interleaved([deployed, model], ids, warmup=0, runs=3, threads=1)
+    assert time.perf_counter() - start >= 3 * deployed.settle_seconds > 0
+    assert sum(timing.samples) < 1000 * 3 * deployed.settle_seconds  # the wait is not in the figure
+    assert len(torch_timing.samples) == 3

@@ -133,7 +133,11 @@ def _time_once(model: nn.Module, batch: torch.Tensor) -> float:
     start = time.perf_counter()
     model(batch)
     sync()
-    return (time.perf_counter() - start) * 1000.0
+    elapsed = (time.perf_counter() - start) * 1000.0
+    # A runtime whose idle threads keep spinning after a run (ONNX Runtime's) would slow whatever is timed
+    # next: wait for them, untimed (RuntimeModel.settle_seconds).
+    time.sleep(getattr(model, "settle_seconds", 0.0))
+    return elapsed
 
 
 def _device(model: nn.Module) -> torch.device:

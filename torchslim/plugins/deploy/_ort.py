@@ -19,6 +19,10 @@ class OnnxRuntimeModel(RuntimeModel):
 
     runtime: ClassVar[str] = "onnxruntime"
     suffixes: ClassVar[dict[str, str]] = {"onnx": "model.onnx"}
+    # ONNX Runtime's idle workers spin for 30-60 ms after a run (its default, kept: without it its own batch-1
+    # latency at 2 threads went from 2.49 to 3.84 ms on MiniLM); a torch model timed right after one ran
+    # 2.2x slower at 2 threads (30.3 vs 13.9 ms), after a 60 ms wait as fast as alone (measured 2026-11-29).
+    settle_seconds: ClassVar[float] = 0.1
 
     def _open(self, threads: int) -> Any:
         ort = require("onnxruntime")

@@ -30,6 +30,9 @@ class RuntimeModel(nn.Module):
     """The runtime's name, as a recipe's ``runtime`` option spells it."""
     suffixes: ClassVar[dict[str, str]] = {}
     """Buffer name -> the file written under ``--out`` (``{"onnx": "model.onnx"}``)."""
+    settle_seconds: ClassVar[float] = 0.0
+    """How long the runtime keeps a core busy after a run returns: the engine's interleaved timing waits
+    this long (untimed) before timing the next model, so that model is not charged for it."""
 
     def __init__(self, files: Mapping[str, bytes | int], info: Mapping[str, Any]) -> None:
         super().__init__()
