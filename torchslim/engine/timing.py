@@ -92,7 +92,9 @@ def time_forward(model: nn.Module, example: torch.Tensor, *, warmup: int, runs: 
 def interleaved(models: Sequence[nn.Module], example: torch.Tensor, *, warmup: int, runs: int,
                 threads: int | None) -> list[Timing]:
     """Time each model ``runs`` times, taking turns round by round (the order reversed every other
-    round), so that a change in the machine's load affects every model alike."""
+    round), so that a change in the machine's load affects every model alike. Each timed run follows an
+    untimed one of the same model, and a runtime that keeps a core busy after it returns is waited out
+    (``settle_seconds``): no model is charged for the one before it."""
     inputs = [example.to(_device(model)) for model in models]
     with torch_threads(threads), torch.inference_mode():
         for model, batch in zip(models, inputs, strict=True):
@@ -129,6 +131,9 @@ def speedup(baseline: nn.Module, final: nn.Module, example: torch.Tensor, *, war
 def _time_once(model: nn.Module, batch: torch.Tensor) -> float:
     # CUDA kernels run asynchronously: wait for them, or the clock measures only the launch.
     sync: Callable[[], None] = torch.cuda.synchronize if batch.is_cuda else (lambda: None)
+    # One untimed run first: the timed one then starts warm (caches, a core not idle), whatever model ran
+    # before it in the round (measured: after another model or a pause, a 1 ms CNN ran up to 40% slower).
+    model(batch)
     sync()
     start = time.perf_counter()
     model(batch)
