@@ -132,7 +132,7 @@ def _time_once(model: nn.Module, batch: torch.Tensor) -> float:
     # CUDA kernels run asynchronously: wait for them, or the clock measures only the launch.
     sync: Callable[[], None] = torch.cuda.synchronize if batch.is_cuda else (lambda: None)
     # One untimed run first: the timed one then starts warm (caches, a core not idle), whatever model ran
-    # before it in the round (measured: after another model or a pause, a 1 ms CNN ran up to 40% slower).
+    # before it in the round (measured: after a pause or another model, a 0.7 ms CNN in OpenVINO took 1.2 ms).
     model(batch)
     sync()
     start = time.perf_counter()
