@@ -88,6 +88,12 @@ def weight_of(module: nn.Module) -> torch.Tensor:
     return value
 
 
+def bias_of(module: nn.Module) -> torch.Tensor | None:
+    """The layer's ``bias`` tensor, or None when it has none (``bias=False``, or no such attribute)."""
+    value = getattr(module, "bias", None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
 def has_weight(module: nn.Module) -> bool:
     """Whether the layer holds a plain ``weight`` tensor (quantized layers keep theirs packed)."""
     return isinstance(getattr(module, "weight", None), torch.Tensor)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._layers import weight_of
+from .._layers import bias_of, weight_of
 from .activations import binarize, input_dims
 from .formats import Format, QWeight, dequantize
 from .int4pack import Int4Weight
@@ -54,7 +54,7 @@ class LowBitLayer(nn.Module):
         stored = getattr(torch, fmt.storage)
         self.register_buffer("scale", torch.ones(out, groups, dtype=stored))
         self.register_buffer("zero", None if fmt.symmetric or fmt.kind != "int" else torch.zeros(out, groups, dtype=torch.uint8))
-        self.register_buffer("bias", None if getattr(layer, "bias", None) is None else torch.zeros(out, dtype=stored))
+        self.register_buffer("bias", None if bias_of(layer) is None else torch.zeros(out, dtype=stored))
         self._int4: Int4Weight | None = None  # the int4 kernel's layout, built from the buffers when first used
         self.register_load_state_dict_post_hook(_forget_int4)
 
@@ -76,8 +76,9 @@ class LowBitLayer(nn.Module):
             new.scale.copy_(q.scale)
             if new.zero is not None:
                 new.zero.copy_(q.zero)  # type: ignore[arg-type]  # a zero tensor whenever the layer has a zero buffer
-            if new.bias is not None:
-                new.bias.copy_(getattr(layer, "bias").detach())  # noqa: B009 (typed Any: nn.Module's getattr says Tensor | Module)
+            bias = bias_of(layer)
+            if new.bias is not None and bias is not None:
+                new.bias.copy_(bias.detach())
         return new
 
     def qweight(self) -> QWeight:

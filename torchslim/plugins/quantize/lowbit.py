@@ -12,13 +12,12 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, ClassVar, Literal
 
-import torch
 from pydantic import Field
 from torch import nn
 
 from ...engine.errors import StageError
 from ...engine.stage import Context
-from .._layers import select_layers, weight_of
+from .._layers import bias_of, select_layers, weight_of
 from .._quant_base import Quantized, module_types, take_census
 from .base import LayerQuantize
 from .formats import Format, QWeight, quantize, storage_for
@@ -59,7 +58,7 @@ class LowBitQuantize(LayerQuantize):
             ctx.add_metric(f"best_{ctx.metric_name}", outcome.best_score)
         weights = self._round(copied, formats, ctx)
         layers = dict(copied.named_modules())
-        formats = {n: replace(f, storage=storage_for(weights[n].scale, _bias(layers[n]))) for n, f in formats.items()}
+        formats = {n: replace(f, storage=storage_for(weights[n].scale, bias_of(layers[n]))) for n, f in formats.items()}
         converted = _swap(copied, formats, weights)
         formats = self._kernels(converted, formats, ctx)
         self._notes(copied, formats, ctx)
@@ -125,11 +124,6 @@ def convertible(layer: nn.Module) -> str | None:
     if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
         return f"padding_mode {layer.padding_mode} is not supported"
     return None
-
-
-def _bias(layer: nn.Module) -> torch.Tensor | None:
-    bias = getattr(layer, "bias", None)
-    return bias if isinstance(bias, torch.Tensor) else None
 
 
 def _swap(model: nn.Module, formats: dict[str, Format], weights: Mapping[str, QWeight | None],
