@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -79,11 +81,28 @@ def load_model(path: str | os.PathLike[str], registry: Registry | None = None) -
     is called with :func:`torchslim.weights_will_load` True (it may skip training). Returns the model
     in eval mode.
     """
+    with opened_run(path, registry) as run:
+        return run.model
+
+
+@dataclass(frozen=True)
+class SavedRun:
+    """A saved run read back: its recipe, the model file's payload and the rebuilt model (eval mode)."""
+
+    recipe: RecipeBase
+    payload: dict[str, Any]
+    model: nn.Module
+
+
+@contextmanager
+def opened_run(path: str | os.PathLike[str], registry: Registry | None = None) -> Iterator[SavedRun]:
+    """The run saved in ``path``, rebuilt as :func:`load_model` does; inside the block the recipe's own
+    modules stay importable (its data factory, say, can be called as it was in the run)."""
     folder = Path(path)
     recipe = load_recipe(folder / RECIPE_FILE, registry)
     payload = read_payload(folder / MODEL_FILE)
     with importable(recipe_dir(payload)):
-        return rebuild(recipe, payload, folder / MODEL_FILE).eval()
+        yield SavedRun(recipe, payload, rebuild(recipe, payload, folder / MODEL_FILE).eval())
 
 
 def recipe_dir(payload: dict[str, Any]) -> Path | None:

@@ -28,20 +28,17 @@ from ...engine.checkpoints import PROGRESS_FILE, checkpoint_dir
 from ...engine.errors import CheckpointError, OutputError, UsageError, UserInputError
 from ...engine.labels import labelled
 from ...engine.prepare import first_inputs, located
-from ...engine.recipe import RecipeBase, load_recipe
+from ...engine.recipe import RecipeBase
 from ...engine.registry import Registry
 from ...engine.saving import (
     DEPLOY_FILES,
     DEPLOY_INFO,
     MODEL_FILE,
     RECIPE_FILE,
-    read_payload,
-    rebuild,
-    recipe_dir,
+    opened_run,
     write_deploy_files,
 )
 from ...engine.specs import build_data
-from ...engine.usercode import importable
 from .export import ExportFailed, check_parity, dynamic_dims, export, exporter_for
 from .extras import MissingExtra, require_runtime
 from .runtime import RuntimeModel, runtime_label
@@ -99,11 +96,9 @@ def export_run(run_dir: str | os.PathLike[str], to: str, *, opset: int = 18, exp
     folder = Path(run_dir)
     options = _options(to, opset=opset, exporter=exporter, dynamic_axes=list(dynamic_axes), tolerance=tolerance)
     _check_run_dir(folder)
-    recipe = load_recipe(folder / RECIPE_FILE, registry)
-    payload = read_payload(folder / MODEL_FILE)
-    with importable(recipe_dir(payload)):  # the recipe's own modules import as they did in the run
-        model = rebuild(recipe, payload, folder / MODEL_FILE).eval()
-        _refuse_unexportable(folder, model, recipe.stage_list[: len(payload["structure"])], options.runtime)
+    with opened_run(folder, registry) as run:  # the recipe's own modules import as they did in the run
+        recipe, model = run.recipe, run.model
+        _refuse_unexportable(folder, model, recipe.stage_list[: len(run.payload["structure"])], options.runtime)
         try:
             require_runtime(options.runtime)
         except MissingExtra as exc:
