@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -102,3 +103,17 @@ def test_bad_kernel_options_point_at_the_recipe(registry: Registry, options: dic
     with pytest.raises(torchslim.RecipeError) as info:
         load_recipe(digits_recipe([{"type": "quantize", "method": "kbit", **options}]), registry)
     assert f"stages[0].{option} (quantize): {message}" in str(info.value)
+
+
+def test_forced_int4pack_is_refused_before_gptq_and_training(flat: dict) -> None:
+    """The refusal comes before the calibration data and the train data are read, not after."""
+
+    class Unread:
+        def __iter__(self) -> Any:
+            raise AssertionError("the data was read before the kernel was refused")
+
+    model = nn.Sequential(nn.Linear(64, 10))
+    data = {**flat, "train": Unread(), "calibration": Unread()}
+    stage = KbitQuantize(bits=4, kernel="int4pack", rounding="gptq", train={"epochs": 1})
+    with pytest.raises(StageError, match=r"kernel: int4pack: no chosen layer can run torch's int4 kernel \(0: out_"):
+        stage.apply(model, make_ctx(model, data))

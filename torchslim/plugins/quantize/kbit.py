@@ -90,13 +90,24 @@ class KbitQuantize(LowBitQuantize):
         # Timed as the run measures latency: the recipe's metrics.batch_size and metrics.threads.
         batch, threads = ctx.latency_batch, ctx.threads or torch.get_num_threads()
         decisions = kernels.decide(model, formats, self.kernel, latency_batch(ctx.example_inputs, batch), threads)
-        if self.kernel == "int4pack" and not any(d.kernel == "int4pack" for d in decisions.values()):
-            why = "; ".join(f"{n}: {d.why}" for n, d in decisions.items())
-            raise StageError(self.label, f"kernel: int4pack: no chosen layer can run torch's int4 kernel ({why}); "
-                             "use kernel: auto or dequantize")
+        if self.kernel == "int4pack":
+            self._refuse_if_none_runs({n: None if d.kernel == "int4pack" else d.why for n, d in decisions.items()})
         how = "forced" if self.kernel == "int4pack" else f"auto, timed per layer shape at batch {batch}, {threads} thread(s)"
         ctx.note(kernels.note(self.label, decisions, how))
         return kernels.apply(model, formats, decisions)
+
+    def _precheck(self, model: nn.Module, formats: dict[str, Format]) -> None:
+        """A forced ``int4pack`` that no chosen layer can run is refused before GPTQ or training, not after."""
+        if self.kernel == "int4pack":
+            layers = dict(model.named_modules())
+            self._refuse_if_none_runs({n: kernels.why_not_float(layers[n], f) for n, f in formats.items()})
+
+    def _refuse_if_none_runs(self, reasons: dict[str, str | None]) -> None:
+        """StageError when every chosen layer has a reason (not None) the int4 kernel cannot run it."""
+        if reasons and all(why is not None for why in reasons.values()):
+            listed = "; ".join(f"{n}: {why}" for n, why in reasons.items())
+            raise StageError(self.label, f"kernel: int4pack: no chosen layer can run torch's int4 kernel ({listed}); "
+                             "use kernel: auto or dequantize")
 
     def _verb(self) -> str:
         return super()._verb().replace("PTQ", "GPTQ") if self.rounding == "gptq" else super()._verb()

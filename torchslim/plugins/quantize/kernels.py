@@ -25,7 +25,7 @@ from torch import nn
 
 from ...engine.metrics import torch_threads
 from ...engine.timing import in_turns
-from .._layers import feed_inputs
+from .._layers import feed_inputs, weight_of
 from .formats import Format, Kernel
 from .int4pack import unsupported
 from .layers import LowBitLayer
@@ -98,8 +98,16 @@ def note(label: str, decisions: dict[str, Decision], how: str) -> str:
 def _why_not(layer: nn.Module, fmt: Format) -> str | None:
     if not isinstance(layer, LowBitLayer):
         return "not a packed layer"
-    device = layer.codes.device
-    return f"on {device}: the int4 kernel is a CPU one" if device.type != "cpu" else unsupported(layer, fmt)
+    return _on_cpu(layer.codes.device) or unsupported(layer, fmt)
+
+
+def why_not_float(layer: nn.Module, fmt: Format) -> str | None:
+    """Why the int4 kernel could not run the float ``layer`` once it is converted to ``fmt``, or None."""
+    return _on_cpu(weight_of(layer).device) or unsupported(layer, fmt)
+
+
+def _on_cpu(device: torch.device) -> str | None:
+    return f"on {device}: the int4 kernel is a CPU one" if device.type != "cpu" else None
 
 
 def _input_rows(model: nn.Module, names: list[str], batch: torch.Tensor) -> dict[str, int]:

@@ -52,6 +52,7 @@ class LowBitQuantize(LayerQuantize):
     def _quantize(self, model: nn.Module, ctx: Context) -> Quantized:
         copied = copy.deepcopy(model)
         formats = self._formats(copied)
+        self._precheck(copied, formats)
         if self.train is not None:
             outcome = train(self.label, self.train, copied, formats, ctx)
             ctx.add_metric("train_loss", outcome.train_loss)
@@ -64,6 +65,9 @@ class LowBitQuantize(LayerQuantize):
         self._notes(copied, formats, ctx)
         census = take_census(module_types(model), converted, lambda m: isinstance(m, LowBitLayer))
         return Quantized(converted, {"layers": {n: f.record() for n, f in formats.items()}}, census)
+
+    def _precheck(self, model: nn.Module, formats: dict[str, Format]) -> None:
+        """Refuse now what the conversion would refuse after the rounding and training (nothing here)."""
 
     def _restore(self, model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
         formats = {name: Format.of(fmt) for name, fmt in record["layers"].items()}
