@@ -71,29 +71,34 @@ def to_csv(comparison: Comparison) -> str:
     keys = [names.SIZE_BYTES, names.PACKED_BYTES, names.MACS, names.LATENCY_MS, metric]
     ratio_keys = [names.SIZE_BYTES, names.PACKED_BYTES, names.MACS, names.LATENCY_MS, f"{metric}_change"]
     runtime_keys = [names.SIZE_BYTES, names.LATENCY_MS, f"{metric}_change"]
+    ratio_columns = {f"ratio_{k}": k for k in ratio_keys}
+    runtime_columns = {f"runtime_ratio_{k}": k for k in runtime_keys}
+    header = ["variant", "recipe", "status", "baseline", "values", *keys, "seconds", *ratio_columns, "pareto_size",
+              "pareto_latency", "passes", "budget_misses", names.RUNTIME, "runtime_baseline", *runtime_columns]
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["variant", "recipe", "status", "baseline", "values", *keys, "seconds",
-                     *(f"ratio_{k}" for k in ratio_keys), "pareto_size", "pareto_latency", "passes", "budget_misses",
-                     names.RUNTIME, "runtime_baseline", *(f"runtime_ratio_{k}" for k in runtime_keys)])
+    # A row names its cells; the ones it does not have (a baseline has no ratios) are written empty.
+    writer = csv.DictWriter(out, fieldnames=header, restval="", lineterminator="\n")
+    writer.writeheader()
     data = comparison.to_dict()
     for baseline in data["baselines"]:
-        writer.writerow([baseline["label"], "", "baseline", "", "", *(_cell(baseline["metrics"].get(k)) for k in keys),
-                         *([""] * (len(ratio_keys) + 5 + 2 + len(runtime_keys)))])
+        writer.writerow({"variant": baseline["label"], "status": "baseline",
+                         **{k: _cell(baseline["metrics"].get(k)) for k in keys}})
     for item in data["runtime_baselines"]:
         figures, ratios = item["metrics"] or {}, item["ratios"] or {}
-        status = "baseline" if item["metrics"] else "baseline not measured"
-        writer.writerow([item["label"], "", status, item["baseline"], "", *(_cell(figures.get(k)) for k in keys), "",
-                         *(_cell(ratios.get(k)) for k in ratio_keys), *([""] * 4),
-                         _cell(figures.get(names.RUNTIME)), *([""] * (1 + len(runtime_keys)))])
+        writer.writerow({"variant": item["label"], "status": "baseline" if item["metrics"] else "baseline not measured",
+                         "baseline": item["baseline"], **{k: _cell(figures.get(k)) for k in keys},
+                         **{c: _cell(ratios.get(k)) for c, k in ratio_columns.items()},
+                         names.RUNTIME: _cell(figures.get(names.RUNTIME))})
     for item in data["variants"]:
         figures, ratios, runtime = item["metrics"] or {}, item["ratios"] or {}, item["runtime_ratios"] or {}
-        writer.writerow([item["name"], item["recipe"], item["status"], item["baseline"], json.dumps(item["values"]),
-                         *(_cell(figures.get(k)) for k in keys), _cell(item[names.SECONDS]),
-                         *(_cell(ratios.get(k)) for k in ratio_keys),
-                         "size" in item["pareto"], "latency" in item["pareto"], _cell(item["passes"]),
-                         "; ".join(item["budget_misses"] or []), _cell(figures.get(names.RUNTIME)),
-                         _cell(item["runtime_baseline"]), *(_cell(runtime.get(k)) for k in runtime_keys)])
+        writer.writerow({"variant": item["name"], "recipe": item["recipe"], "status": item["status"],
+                         "baseline": item["baseline"], "values": json.dumps(item["values"]),
+                         **{k: _cell(figures.get(k)) for k in keys}, "seconds": _cell(item[names.SECONDS]),
+                         **{c: _cell(ratios.get(k)) for c, k in ratio_columns.items()},
+                         "pareto_size": "size" in item["pareto"], "pareto_latency": "latency" in item["pareto"],
+                         "passes": _cell(item["passes"]), "budget_misses": "; ".join(item["budget_misses"] or []),
+                         names.RUNTIME: _cell(figures.get(names.RUNTIME)), "runtime_baseline": _cell(item["runtime_baseline"]),
+                         **{c: _cell(runtime.get(k)) for c, k in runtime_columns.items()}})
     return out.getvalue()
 
 
