@@ -139,7 +139,7 @@ class FxBackend:
         except BackendError:
             raise
         except Exception as exc:  # the user's forward, replayed as a graph, can fail in any way
-            raise FxFailed(f"torch.fx's quantized graph failed ({type(exc).__name__}: {first_line(exc)})") from exc
+            raise FxFailed(f"torch.fx's quantized graph failed ({first_line(exc, typed=True)})") from exc
         return converted
 
     def _eager(self, model: nn.Module, batches: Iterable[torch.Tensor], options: StaticOptions,
@@ -152,7 +152,7 @@ class FxBackend:
             raise
         except Exception as exc:  # as in _fx: the user's forward
             raise BackendError(f"{fx_error}; eager mode, layer by layer, failed too "
-                               f"({type(exc).__name__}: {first_line(exc)})") from exc
+                               f"({first_line(exc, typed=True)})") from exc
 
     def _prepare(self, model: nn.Module, example: torch.Tensor, options: StaticOptions) -> nn.Module:
         from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
@@ -164,7 +164,7 @@ class FxBackend:
         try:
             prepared: nn.Module = prepare_fx(model.eval(), _qconfig_mapping(model, options), (example,), custom)
         except Exception as exc:  # symbolic tracing raises TraceError, TypeError, NotImplementedError...
-            raise FxFailed(f"torch.fx could not trace the model ({type(exc).__name__}: {first_line(exc)})") from exc
+            raise FxFailed(f"torch.fx could not trace the model ({first_line(exc, typed=True)})") from exc
         return prepared
 
     def _convert(self, prepared: nn.Module) -> nn.Module:

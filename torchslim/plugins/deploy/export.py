@@ -124,8 +124,8 @@ def export(source: nn.Module, example: torch.Tensor, runtime: str, opset: int, e
     try:
         onnx_bytes = to_onnx(source, example, opset, exporter, dims)
     except Exception as exc:  # the exporter fails in many ways; say which exporter and what to try
-        raise ExportFailed(f"export to ONNX ({exporter} exporter, opset {opset}) failed: {type(exc).__name__}: "
-                           f"{first_line(exc)}", "torchscript" if exporter == "dynamo" else "dynamo") from exc
+        raise ExportFailed(f"export to ONNX ({exporter} exporter, opset {opset}) failed: "
+                           f"{first_line(exc, typed=True)}", "torchscript" if exporter == "dynamo" else "dynamo") from exc
     info = {**graph_info(onnx_bytes), "macs": count_macs(source, example[:1]), "version": version(runtime),
             "exporter": exporter}
     return wrap(runtime, onnx_bytes, info)
@@ -140,8 +140,8 @@ def _converted(source: nn.Module, example: torch.Tensor, dims: tuple[int, ...], 
         with _quiet():
             deployed = convert(source, example, dims)
     except Exception as exc:  # the converter fails in many ways; the ONNX route may work
-        raise ExportFailed(f"OpenVINO's converter (ov.convert_model) failed: {type(exc).__name__}: "
-                           f"{first_line(exc)}", "dynamo") from exc
+        raise ExportFailed(f"OpenVINO's converter (ov.convert_model) failed: "
+                           f"{first_line(exc, typed=True)}", "dynamo") from exc
     deployed.info.update(macs=count_macs(source, example[:1]), version=version(runtime), exporter="openvino")
     return deployed
 

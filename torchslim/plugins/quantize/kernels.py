@@ -98,15 +98,16 @@ def note(label: str, decisions: dict[str, Decision], how: str) -> str:
 def _why_not(layer: nn.Module, fmt: Format) -> str | None:
     if not isinstance(layer, LowBitLayer):
         return "not a packed layer"
-    return _on_cpu(layer.codes.device) or unsupported(layer, fmt)
+    return _off_cpu(layer.codes.device) or unsupported(layer, fmt)
 
 
 def why_not_float(layer: nn.Module, fmt: Format) -> str | None:
     """Why the int4 kernel could not run the float ``layer`` once it is converted to ``fmt``, or None."""
-    return _on_cpu(weight_of(layer).device) or unsupported(layer, fmt)
+    return _off_cpu(weight_of(layer).device) or unsupported(layer, fmt)
 
 
-def _on_cpu(device: torch.device) -> str | None:
+def _off_cpu(device: torch.device) -> str | None:
+    """Why a layer on ``device`` cannot run the int4 kernel (it is not on the CPU), or None."""
     return f"on {device}: the int4 kernel is a CPU one" if device.type != "cpu" else None
 
 
