@@ -38,9 +38,10 @@ PEERS = ("onnxruntime int8 (static QDQ)", "openvino + nncf int8")
 OURS = ("torchslim 50% channels + distill, onnxruntime int8", "torchslim 50% channels + distill, openvino nncf int8")
 
 
-def deployed(model: nn.Module, ctx: Context, runtime: str, method: str | None) -> nn.Module:
-    """``model`` through a deploy stage and, with ``method``, a runtime quantize stage."""
-    result = DeployStage(runtime=runtime).apply(model, ctx.for_stage())
+def deployed(model: nn.Module, ctx: Context, runtime: str, method: str | None, peer: bool = False) -> nn.Module:
+    """``model`` through a deploy stage and, with ``method``, a runtime quantize stage; a ``peer`` keeps the
+    runtime's one session for every input shape (``static_shapes: 0``)."""
+    result = DeployStage(runtime=runtime, **({"static_shapes": 0} if peer else {})).apply(model, ctx.for_stage())
     if method is not None:
         stage = QuantizeStage.from_options(type="quantize", method=method, calibration_batches=32)
         result = stage.apply(result, ctx.for_stage())
@@ -69,10 +70,10 @@ def variants(train_size: int | None) -> tuple[dict[str, nn.Module], Context]:
                   evaluate=lambda m: accuracy(m, loaders["eval"]), log=logging.getLogger("bench"))
     pruned = pruned_model(train_size).eval()
     models = {"torch float32 eager": original,
-              "onnxruntime float32": deployed(original, ctx, "onnxruntime", None),
-              PEERS[0]: deployed(original, ctx, "onnxruntime", "ort_static"),
-              "openvino float32": deployed(original, ctx, "openvino", None),
-              PEERS[1]: deployed(original, ctx, "openvino", "nncf"),
+              "onnxruntime float32": deployed(original, ctx, "onnxruntime", None, peer=True),
+              PEERS[0]: deployed(original, ctx, "onnxruntime", "ort_static", peer=True),
+              "openvino float32": deployed(original, ctx, "openvino", None, peer=True),
+              PEERS[1]: deployed(original, ctx, "openvino", "nncf", peer=True),
               "torchslim 50% channels + distill, torch float32": pruned,
               OURS[0]: deployed(pruned, ctx, "onnxruntime", "ort_static"),
               OURS[1]: deployed(pruned, ctx, "openvino", "nncf")}

@@ -1,5 +1,6 @@
 """The peers as a user would run them without torchslim: each runtime's own export and int8 quantization,
-written from their documentation, with the runtime's default settings (only the thread count set).
+written from their documentation, with the runtime's default settings (only the thread count set): one
+session for every input shape.
 
 The results are wrapped in torchslim's runtime modules so that every variant is timed by the same loop;
 the OpenVINO one keeps OpenVINO's default inference precision (bf16 for unquantized ops on CPUs with
@@ -23,14 +24,17 @@ from torchslim.plugins.deploy._ov import OpenVinoModel, ir_files
 class DefaultOpenVino(OpenVinoModel):
     """An OpenVINO model compiled with OpenVINO's defaults, one stream and ``threads`` threads."""
 
-    def _open(self, threads: int) -> Any:
+    def _open(self, threads: int, shape: tuple[int, ...] | None) -> Any:
         import openvino as ov
 
-        return ov.Core().compile_model(self.ov_model(), "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1})
+        config = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1}
+        return ov.Core().compile_model(self.ov_model(shape), "CPU", config)
 
 
 def _info(example: torch.Tensor) -> dict[str, Any]:
-    return {"inputs": {"input": ["batch", "sequence"][: example.dim()]}, "outputs": {"output": ["batch"]}, "opset": 18}
+    # static_shapes 0: the peers run every shape in the session of their dynamic axes, as the runtimes do.
+    return {"inputs": {"input": ["batch", "sequence"][: example.dim()]}, "outputs": {"output": ["batch"]}, "opset": 18,
+            "static_shapes": 0}
 
 
 def ort_dynamic_int8(model: nn.Module, example: torch.Tensor) -> nn.Module:

@@ -110,7 +110,8 @@ def test_runtime_baseline_is_measured_once_for_two_variants(compared: tuple[Comp
     saved = json.loads((out / "baseline@onnxruntime" / "report.json").read_text())
     assert saved["rows"][0]["metrics"] == comparison.baselines[0].metrics
     assert saved["recipe"]["stages"] == [{"type": "deploy", "name": None, "runtime": ORT, "opset": 18,
-                                          "exporter": "torchscript", "dynamic_axes": [0], "tolerance": 0.0001}]
+                                          "exporter": "torchscript", "dynamic_axes": [0], "static_shapes": 4,
+                                          "tolerance": 0.0001}]
     assert (out / "baseline@onnxruntime" / "model.onnx").is_file()
 
 

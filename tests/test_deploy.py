@@ -3,6 +3,7 @@ OpenVINO, the artifacts under --out and their reload, the runtime named in each 
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import sys
@@ -148,3 +149,34 @@ def test_interleaved_timing_waits_out_onnxruntime_spinning_threads() -> None:
     assert time.perf_counter() - start >= 3 * deployed.settle_seconds > 0
     assert sum(timing.samples) < 1000 * 3 * deployed.settle_seconds  # the wait is not in the figure
     assert len(torch_timing.samples) == 3
+
+
+@pytest.mark.parametrize("runtime", [pytest.param("onnxruntime", marks=_needs("onnxruntime")),
+                                     pytest.param("openvino", marks=_needs("openvino"))])
+def test_first_input_shapes_get_sessions_of_their_own(runtime: str) -> None:
+    """``static_shapes: 1``: the first shape runs in a session compiled for that shape alone, a later shape in
+    the session of the dynamic axes; both give torch's outputs."""
+    from torchslim.plugins.deploy import DeployStage
+
+    from .conftest import make_ctx
+
+    model = _Text().eval()
+    ids = torch.randint(0, 50, (4, 7))
+    ctx = make_ctx(model, {"train": [(ids, ids[:, 0])], "eval": [(ids, ids[:, 0])]}, evaluate=lambda m: 0.0)
+    deployed = DeployStage(runtime=runtime, dynamic_axes=[0, 1], static_shapes=1).apply(model, ctx)
+    longer = torch.randint(0, 50, (2, 11))
+    for batch in (ids, longer, ids):
+        torch.testing.assert_close(deployed(batch), model(batch), rtol=1e-4, atol=1e-5)
+    threads = torch.get_num_threads()
+    assert set(deployed._sessions) == {(threads, (4, 7)), (threads, None)}
+    assert _input_shape(deployed._sessions[threads, (4, 7)]) == [4, 7]
+    assert _input_shape(deployed._sessions[threads, None]) == ["batch", "sequence"]
+    assert not copy.deepcopy(deployed)._sessions  # a copy compiles its own
+
+
+def _input_shape(session: Any) -> list[Any]:
+    """The input shape a session was built for, a dynamic axis by its name."""
+    if isinstance(session, tuple):  # ONNX Runtime: (session, input name); fixed axes read as their sizes
+        return list(session[0].get_inputs()[0].shape)
+    dims = session.inputs[0].get_partial_shape()
+    return [d.get_length() if d.is_static else ["batch", "sequence"][i] for i, d in enumerate(dims)]

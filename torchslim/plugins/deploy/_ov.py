@@ -23,16 +23,19 @@ class OpenVinoModel(RuntimeModel):
     runtime: ClassVar[str] = "openvino"
     suffixes: ClassVar[dict[str, str]] = {"xml": "model.xml", "bin": "model.bin"}
 
-    def ov_model(self) -> Any:
-        """The IR as an ``openvino.Model`` (read from the buffers)."""
+    def ov_model(self, shape: tuple[int, ...] | None = None) -> Any:
+        """The IR as an ``openvino.Model`` (read from the buffers), its input reshaped to ``shape`` if given."""
         ov = require("openvino")
         weights = ov.Tensor(self.get_buffer("bin").cpu().numpy().copy())
-        return ov.Core().read_model(self.file("xml").decode(), weights)
+        model = ov.Core().read_model(self.file("xml").decode(), weights)
+        if shape is not None:
+            model.reshape({model.inputs[0]: ov.PartialShape(list(shape))})
+        return model
 
-    def _open(self, threads: int) -> Any:
+    def _open(self, threads: int, shape: tuple[int, ...] | None) -> Any:
         ov = require("openvino")
         config = {**PRECISION, "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1}
-        return ov.Core().compile_model(self.ov_model(), "CPU", config)
+        return ov.Core().compile_model(self.ov_model(shape), "CPU", config)
 
     def _run(self, session: Any, array: np.ndarray) -> list[np.ndarray]:
         result = session(array)

@@ -16,6 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
+#: How many distinct input shapes get a session of their own, compiled for that shape alone (``deploy``'s
+#: ``static_shapes``; models saved before the option existed get it too: it changes how they run, not what).
+STATIC_SHAPES = 4
+
 
 class RuntimeModel(nn.Module):
     """An exported model run by a runtime, with the torch module interface the engine measures.
@@ -23,7 +27,9 @@ class RuntimeModel(nn.Module):
     ``files`` maps a file name (``onnx``, or ``xml`` and ``bin``) to its bytes; ``info`` is plain data
     (input and output names, the MACs counted in torch before export) recorded for ``restore``.
     Sessions are built lazily, one per thread count (torch's thread setting at call time, so the
-    engine's ``metrics.threads`` governs the runtime too), and dropped when new files are loaded.
+    engine's ``metrics.threads`` governs the runtime too) and input shape: the first ``info["static_shapes"]``
+    distinct shapes get a session compiled for that shape alone, later ones share the session of the
+    dynamic axes. Sessions are dropped when new files are loaded.
     """
 
     runtime: ClassVar[str] = ""
@@ -42,13 +48,14 @@ class RuntimeModel(nn.Module):
             # An int is a size only: restore makes room, then load_state_dict fills in the bytes.
             data = torch.empty(content, dtype=torch.uint8) if isinstance(content, int) else _as_tensor(content)
             self.register_buffer(name, data)
-        self._sessions: dict[int, Any] = {}
+        self._sessions: dict[tuple[int, tuple[int, ...] | None], Any] = {}
+        self._static: set[tuple[int, ...]] = set()  # the input shapes that have (or get) a session of their own
         self._weights: list[torch.Tensor] | None = None  # the graph's weights, parsed once per set of files
         self.register_load_state_dict_post_hook(_drop_sessions)
 
     def __getstate__(self) -> dict[str, Any]:
         # Runtime sessions cannot be copied or pickled; a copy builds its own on first use.
-        return {**super().__getstate__(), "_sessions": {}, "_weights": None}
+        return {**super().__getstate__(), "_sessions": {}, "_static": set(), "_weights": None}
 
     def file(self, name: str) -> bytes:
         """The bytes of file ``name`` (a buffer)."""
@@ -75,14 +82,20 @@ class RuntimeModel(nn.Module):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Run the runtime on ``inputs`` (one batch: floats, or token ids) and return its output(s) as torch tensors."""
         array = inputs.detach().cpu().contiguous().numpy()
-        outputs = [torch.from_numpy(np.ascontiguousarray(out)) for out in self._run(self._session(), array)]
+        outputs = [torch.from_numpy(np.ascontiguousarray(out)) for out in self._run(self._session(array.shape), array)]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
-    def _session(self) -> Any:
-        threads = torch.get_num_threads()
-        if threads not in self._sessions:
-            self._sessions[threads] = self._open(threads)
-        return self._sessions[threads]
+    def _session(self, shape: tuple[int, ...]) -> Any:
+        key = (torch.get_num_threads(), self._static_shape(tuple(shape)))
+        if key not in self._sessions:
+            self._sessions[key] = self._open(*key)
+        return self._sessions[key]
+
+    def _static_shape(self, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        """``shape`` if it has a session of its own or there is room for one; None: the dynamic session."""
+        if shape not in self._static and len(self._static) < int(self.info.get("static_shapes", STATIC_SHAPES)):
+            self._static.add(shape)
+        return shape if shape in self._static else None
 
     def counted_weights(self) -> Iterator[torch.Tensor]:
         """The graph's weight constants (for params, non-zeros and the engine's "changed nothing" check).
@@ -94,8 +107,9 @@ class RuntimeModel(nn.Module):
         yield from self._weights
 
     @abstractmethod
-    def _open(self, threads: int) -> Any:
-        """A session (or compiled model) of the runtime using ``threads`` threads."""
+    def _open(self, threads: int, shape: tuple[int, ...] | None) -> Any:
+        """A session (or compiled model) of the runtime using ``threads`` threads, for inputs of ``shape``
+        only (the runtime plans memory and picks kernels for it) or, with None, of any shape the file allows."""
 
     @abstractmethod
     def _run(self, session: Any, array: np.ndarray) -> list[np.ndarray]:
@@ -124,6 +138,7 @@ def runtime_text(runtime: str, version: str | None) -> str:
 def _drop_sessions(module: RuntimeModel, _keys: Any) -> None:
     """After new files are loaded, the sessions and weights read from the old ones must go."""
     module._sessions.clear()
+    module._static.clear()
     module._weights = None
 
 
