@@ -10,7 +10,8 @@ and point ``ZOO_SITE`` at that directory (default ``/tmp/zoo-site``). timm impor
 at import time; ``bench/zoo_shim`` stands in for those names only (they raise if used), and is put on
 ``sys.path`` by this script alone.
 
-Every model runs in its own subprocess (all its recipes, one after the other) under a timeout. Each
+Every model runs in its own subprocess (all its recipes, one after the other) under a timeout of
+``--timeout`` seconds per recipe asked (so five recipes get five times as long as one). Each
 recipe runs through :func:`torchslim.run` with ``--out`` in a temporary directory, so the engine's
 reload check runs. The metric is top-1 agreement with the uncompressed model on a fixed random batch
 set (the data factory labels the inputs with the uncompressed model's predictions, so ``accuracy``
@@ -209,6 +210,8 @@ def child(name: str, keys: list[str], result_file: str) -> None:
 
 
 def run_model(name: str, keys: list[str], timeout: float) -> list[dict[str, Any]]:
+    """The results of ``keys`` on model ``name``, run in a subprocess given ``timeout`` seconds per recipe."""
+    timeout *= len(keys)
     with tempfile.NamedTemporaryFile("r", suffix=".jsonl", delete=False) as handle:
         result_file = handle.name
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -219,7 +222,7 @@ def run_model(name: str, keys: list[str], timeout: float) -> list[dict[str, Any]
         if done.returncode != 0:
             error = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1][:160]
     except subprocess.TimeoutExpired:
-        error = f"timeout after {timeout:.0f} s"
+        error = f"timeout after {timeout:.0f} s for {len(keys)} recipe(s)"
     results = [json.loads(line) for line in Path(result_file).read_text().splitlines() if line.strip()]
     os.unlink(result_file)
     seen = {r["recipe"] for r in results}
@@ -268,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     parser.add_argument("--models", help="comma-separated timm names (default: the whole zoo)")
     parser.add_argument("--recipes", default=",".join(ALL_RECIPES), help=f"comma-separated: {', '.join(ALL_RECIPES)}")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per model (all its recipes)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per model and recipe: a model's subprocess, "
+                        "which runs all its recipes, gets this times their number")
     parser.add_argument("--json", help="also write the results here (one JSON list)")
     parser.add_argument("--from-json", nargs="+", help="print the table of earlier --json results (later files win)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
