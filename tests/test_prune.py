@@ -198,6 +198,12 @@ def test_structured_round_to_leaves_multiples(trained_resnet: nn.Module, images:
     assert max(widths) < 16
 
 
+def test_structured_time_limit_says_how_far_it_got(trained_resnet: nn.Module, images: dict) -> None:
+    model, ctx = copy.deepcopy(trained_resnet), make_ctx(trained_resnet, images)
+    with pytest.raises(StageError, match=r"more than time_limit=1e-09 s \(no group listed yet\); raise time_limit"):
+        StructuredPrune(amount=0.5, time_limit=1e-9).apply(model, ctx)
+
+
 def test_structured_exclude_keeps_the_coupled_channels(trained_resnet: nn.Module, images: dict) -> None:
     model, ctx = copy.deepcopy(trained_resnet), make_ctx(trained_resnet, images)
     out = StructuredPrune(amount=0.5, exclude=["stage1.0.conv1"]).apply(model, ctx)

@@ -94,6 +94,8 @@ class ChannelState:
     """Attention modules pruned by whole heads: heads removed so far."""
     refits: list[RefitResult] = field(default_factory=list)
     """One per pass with ``refit``: the Linear layers refit and their output errors."""
+    listed: list[str] = field(default_factory=list)
+    """Root layers of the groups listed so far in this pass: where a pass that ran out of time got to."""
 
 
 def prune_step(model: nn.Module, example: torch.Tensor, fraction: float, opts: ChannelOptions, state: ChannelState,
@@ -151,6 +153,7 @@ def _graph_and_groups(model: nn.Module, example: torch.Tensor, opts: ChannelOpti
                       moments: dict[nn.Module, torch.Tensor]) -> tuple[Any, list[_Group]]:
     import torch_pruning as tp
 
+    state.listed = []  # before tracing: a pass that runs out of time there has listed nothing
     graph = _build_graph(model, example, log, time_limit)
     names = {module: name for name, module in model.named_modules()}
     protected = _protected(graph, names, opts.exclude)
@@ -162,6 +165,7 @@ def _graph_and_groups(model: nn.Module, example: torch.Tensor, opts: ChannelOpti
     for group in _all_groups(graph, protected, state):
         root = group[0].dep.target.module
         name = names.get(root, type(root).__name__)
+        state.listed.append(name)
         if name in state.skipped:
             continue
         try:

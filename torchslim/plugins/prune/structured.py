@@ -101,8 +101,10 @@ class StructuredPrune(PruneStage):
                 prune_step(model.eval(), example, self.amount * step / self.steps, options, state, ctx.log,
                            self.time_limit, heads)
             except GraphTimeout as exc:
-                raise StageError(self.label, f"{exc}; raise time_limit, or exclude the layers that make the "
-                                 "graph large") from exc
+                raise StageError(self.label, f"{exc} ({_progress(state.listed)}); raise time_limit, or exclude the "
+                                 "layers that make the graph large: a layer whose output is reshaped across its "
+                                 "channel axis (attention's query, key and value, often) makes Torch-Pruning map "
+                                 "each channel to many indices") from exc
             self._finetune(model, ctx, step)
         return state
 
@@ -181,3 +183,10 @@ def _need_torch_pruning(label: str) -> None:
     except ImportError as exc:
         raise StageError(label, f"method structured needs torch-pruning ({exc}); "
                          "pip install 'torch-pruning>=1.6,<2'") from exc
+
+
+def _progress(listed: list[str]) -> str:
+    """How far listing the groups got before the time limit."""
+    if not listed:
+        return "no group listed yet"
+    return f"{len(listed)} group(s) listed, the last rooted at {listed[-1]}"
