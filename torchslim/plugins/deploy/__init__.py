@@ -31,7 +31,8 @@ class DeployStage(Stage):
     """Export the model to ONNX (dynamic batch axis, more with ``dynamic_axes``) and run it in a runtime from here on.
 
     The runtime's outputs on the example inputs must match torch's within ``tolerance`` (relative
-    to the largest output), or the stage fails. Later rows are measured in the runtime: latency at
+    to the largest output), both in the session compiled for their shape and in the one of the dynamic
+    axes, or the stage fails. Later rows are measured in the runtime: latency at
     the recipe's thread count, size as the bytes of the deployable files. Only float models export:
     put ``prune`` and ``distill`` stages before this one, and quantize after it with a runtime method.
     """
@@ -86,8 +87,9 @@ class DeployStage(Stage):
                else f"exported to ONNX (opset {deployed.info['opset']}, {exporter} exporter")
         ctx.note(f"{self.label}: {how}{', ' if exporter != 'openvino' else ' ('}dynamic axes {axes}"
                  f"{_static_note(self.static_shapes)}) and run in {runtime_label(deployed)}; outputs match torch's on the "
-                 f"example inputs within {allowed:.3g} (largest difference {diff:.3g}); this row and later ones are "
-                 f"measured in {self.runtime} (latency at the recipe's thread count, size = the deployable files' bytes)")
+                 f"example inputs (in each session) within {allowed:.3g} (largest difference {diff:.3g}); this row and "
+                 f"later ones are measured in {self.runtime} (latency at the recipe's thread count, size = the "
+                 "deployable files' bytes)")
         ctx.add_metric("runtime", runtime_label(deployed))
         ctx.record_for_restore(**deployed.restore_record())
         return deployed

@@ -81,12 +81,23 @@ class RuntimeModel(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Run the runtime on ``inputs`` (one batch: floats, or token ids) and return its output(s) as torch tensors."""
+        return self._forward(inputs, self._static_shape(tuple(inputs.shape)))
+
+    def each_session(self, inputs: torch.Tensor) -> dict[str, torch.Tensor | tuple[torch.Tensor, ...]]:
+        """The outputs of every session that can run ``inputs``, by a description of the session: the one
+        compiled for their shape (when the shape gets one) and the one of the dynamic axes. The parity check
+        runs both: shapes beyond ``static_shapes`` run in the second."""
+        shape = self._static_shape(tuple(inputs.shape))
+        return {"the session of the dynamic axes" if key is None else f"the session compiled for shape {list(key)}":
+                self._forward(inputs, key) for key in dict.fromkeys((shape, None))}
+
+    def _forward(self, inputs: torch.Tensor, shape: tuple[int, ...] | None) -> torch.Tensor | tuple[torch.Tensor, ...]:
         array = inputs.detach().cpu().contiguous().numpy()
-        outputs = [torch.from_numpy(np.ascontiguousarray(out)) for out in self._run(self._session(array.shape), array)]
+        outputs = [torch.from_numpy(np.ascontiguousarray(out)) for out in self._run(self._session(shape), array)]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
-    def _session(self, shape: tuple[int, ...]) -> Any:
-        key = (torch.get_num_threads(), self._static_shape(tuple(shape)))
+    def _session(self, shape: tuple[int, ...] | None) -> Any:
+        key = (torch.get_num_threads(), shape)
         if key not in self._sessions:
             self._sessions[key] = self._open(*key)
         return self._sessions[key]
