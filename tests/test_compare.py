@@ -149,6 +149,15 @@ def test_recipes_must_agree_on_the_budget(tmp_path: Path, registry: Registry) ->
         compare(paths, jobs=0, registry=registry)
 
 
+def test_duplicate_stage_names_are_refused_before_any_variant_runs(tmp_path: Path, registry: Registry) -> None:
+    twice = digits_recipe([{"type": "prune", "name": "cut", "amount": 0.3}, {"type": "prune", "name": "cut", "amount": 0.5}])
+    twice["name"] = "twice"
+    paths = [write_recipe(tmp_path, digits_recipe(CHAIN), "a.yaml"), write_recipe(tmp_path, twice, "b.yaml")]
+    with pytest.raises(RecipeError, match=r"b.yaml:\d+:\d+: stages\[1\].name \(prune\): 'cut' is already the name"):
+        compare(paths, tmp_path / "out", registry=registry)
+    assert not (tmp_path / "out").exists()  # validated with the others, before anything ran or was written
+
+
 def test_a_failed_variant_is_reported_and_the_others_run(registry: Registry) -> None:
     recipe = sweep_recipe({"stages.0.exclude": [["0"], ["*"]]}, stages=CHAIN[:1])
     comparison = compare([recipe], registry=registry)

@@ -13,7 +13,6 @@ from pathlib import Path
 from . import distributed
 from .checks import check_recipe_code
 from .errors import OutputError, TorchslimError, UsageError
-from .labels import check_names
 from .recipe import RecipeBase, load_recipe, recipe_model
 from .registry import Registry
 from .runner import run
@@ -195,7 +194,6 @@ def _dims(text: str) -> list[int]:
 def _validate(args: argparse.Namespace) -> int:
     registry = Registry.load()
     recipe = load_recipe(args.recipe, registry)
-    check_names(recipe)
     checked = "" if args.no_import else "; its model, data and metric targets import and take their kwargs"
     if recipe.sweep:
         return _validate_sweep(args, recipe, registry, checked)

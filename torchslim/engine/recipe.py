@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from .errors import RecipeError
+from .labels import check_names
 from .problems import format_path, tag_of, validation_problems
 from .registry import Registry
 from .specs import TARGET_PATTERN, DataSpec, ModelSpec, Spec, target_problem
@@ -220,4 +221,5 @@ def validate(document: Document, registry: Registry) -> RecipeBase:
     except ValidationError as exc:
         raise RecipeError(validation_problems(document, exc, registry, model)) from None
     recipe._document = document
+    check_names(recipe)  # after the fields: it names the lines of both stages, which needs the document
     return recipe

@@ -20,7 +20,7 @@ from .checkpoints import reload_problem, resume, save_checkpoint
 from .environment import environment
 from .errors import StageError, TorchslimError
 from .headline import close_report, compiled_note
-from .labels import check_names, labelled
+from .labels import labelled
 from .metrics import fingerprint, measure
 from .outputs import clear_failure, prepare_output, record_failure
 from .prepare import baseline_failure, prepare
@@ -55,7 +55,6 @@ def run(
     """
     recipe = load_recipe(recipe, registry)
     refuse_sweep(recipe)
-    check_names(recipe)
     # Under torchrun every process runs the recipe (a distill stage trains in parallel); only
     # rank 0 measures and writes. Outside torchrun this is a single main process.
     with distributed.session(distributed.device_for(recipe.device)):
