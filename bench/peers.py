@@ -18,17 +18,14 @@ import torch
 from torch import nn
 
 from torchslim.plugins.deploy._ort import OnnxRuntimeModel
-from torchslim.plugins.deploy._ov import OpenVinoModel, ir_files
+from torchslim.plugins.deploy._ov import OpenVinoModel, compiled, ir_files
 
 
 class DefaultOpenVino(OpenVinoModel):
     """An OpenVINO model compiled with OpenVINO's defaults, one stream and ``threads`` threads."""
 
     def _open(self, threads: int, shape: tuple[int, ...] | None) -> Any:
-        import openvino as ov
-
-        config = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1}
-        return ov.Core().compile_model(self.ov_model(shape), "CPU", config)
+        return compiled(self.ov_model(shape), {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1})
 
 
 def _info(example: torch.Tensor) -> dict[str, Any]:

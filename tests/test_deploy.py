@@ -181,3 +181,52 @@ def _input_shape(session: Any) -> list[Any]:
         return list(session[0].get_inputs()[0].shape)
     dims = session.inputs[0].get_partial_shape()
     return [d.get_length() if d.is_static else ["batch", "sequence"][i] for i, d in enumerate(dims)]
+
+
+SIGNAL_AFTER_SESSIONS = """
+import gc, logging, signal
+import torch
+from torch import nn
+from torchslim.engine.stage import Context
+from torchslim.plugins.deploy import DeployStage
+
+model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+x = torch.randn(4, 8)
+ctx = Context(original=model, data={"eval": [(x, x[:, 0])]}, example_inputs=x, evaluate=lambda m: 0.0,
+              log=logging.getLogger("test"))
+deployed = DeployStage(runtime="openvino", static_shapes=1).apply(model, ctx)  # two sessions: parity ran both
+del deployed  # destroyed in the order they were compiled
+gc.collect()
+
+
+class Alarm(BaseException):
+    pass
+
+
+def ring(*_):
+    raise Alarm
+
+
+signal.signal(signal.SIGALRM, ring)
+signal.setitimer(signal.ITIMER_REAL, 0.01)
+try:
+    while True:
+        pass
+except Alarm:
+    print("handled")
+"""
+
+
+@_needs("openvino")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the alternate signal stack is kept on Linux")
+def test_a_signal_after_openvino_sessions_are_gone_is_handled(tmp_path: Path) -> None:
+    """OpenVINO's compiled models each put back, when destroyed, the signal stack they found; destroyed in the
+    order they were made they left the thread on a freed one, and the next signal Python handled (an alarm here,
+    Ctrl-C for a user) crashed the process with SIGSEGV."""
+    import subprocess
+
+    script = tmp_path / "signal_after_sessions.py"
+    script.write_text(SIGNAL_AFTER_SESSIONS)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and "handled" in done.stdout, (done.returncode, done.stderr[-2000:])

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,9 +36,7 @@ class OpenVinoModel(RuntimeModel):
         return model
 
     def _open(self, threads: int, shape: tuple[int, ...] | None) -> Any:
-        ov = require("openvino")
-        config = {**PRECISION, "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1}
-        return ov.Core().compile_model(self.ov_model(shape), "CPU", config)
+        return compiled(self.ov_model(shape), {**PRECISION, "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1})
 
     def _run(self, session: Any, array: np.ndarray) -> list[np.ndarray]:
         result = session(array)
@@ -47,6 +48,43 @@ class OpenVinoModel(RuntimeModel):
                 array = op.get_data()
                 if is_weight(array):
                     yield array
+
+
+def compiled(model: Any, config: Mapping[str, Any]) -> Any:
+    """``model`` (an ``openvino.Model``) compiled for OpenVINO's CPU plugin with ``config``, the calling
+    thread's alternate signal stack left as it was (:func:`kept_signal_stack`)."""
+    ov = require("openvino")
+    with kept_signal_stack():
+        return ov.Core().compile_model(model, "CPU", dict(config))
+
+
+class _SignalStack(ctypes.Structure):
+    """Linux's ``stack_t`` (the field order differs on other systems)."""
+
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextmanager
+def kept_signal_stack() -> Iterator[None]:
+    """Put the calling thread's alternate signal stack back as it was on leaving (Linux; elsewhere nothing).
+
+    OpenVINO's CPU plugin (2026.4) gives the thread that compiles a model an alternate signal stack of its
+    own, and when that compiled model is destroyed puts back the one it found and frees its own. Compiled
+    models destroyed in another order than they were made (a RuntimeModel's sessions, models the garbage
+    collector drops) left the thread on a freed stack, and the next signal Python handles there, which it
+    handles on that stack (Ctrl-C; structured pruning's ``time_limit`` alarm), crashed the process with
+    SIGSEGV (measured). With the stack put back after each compile, what each compiled model puts back is
+    a stack that is still there."""
+    libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+    if libc is None:
+        yield
+        return
+    saved = _SignalStack()
+    libc.sigaltstack(None, ctypes.byref(saved))
+    try:
+        yield
+    finally:
+        libc.sigaltstack(ctypes.byref(saved), None)
 
 
 def ir_files(model: Any) -> dict[str, bytes]:
