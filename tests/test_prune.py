@@ -204,6 +204,20 @@ def test_structured_time_limit_says_how_far_it_got(trained_resnet: nn.Module, im
         StructuredPrune(amount=0.5, time_limit=1e-9).apply(model, ctx)
 
 
+def test_structured_time_limit_outside_the_main_thread_is_said_not_kept(trained_resnet: nn.Module, images: dict,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    import threading
+
+    model, ctx = copy.deepcopy(trained_resnet), make_ctx(trained_resnet, images)
+    result: list[nn.Module] = []
+    worker = threading.Thread(target=lambda: result.append(StructuredPrune(amount=0.5, time_limit=1e-9).apply(model, ctx)))
+    with caplog.at_level("WARNING"):
+        worker.start()
+        worker.join()
+    assert result and result[0].stem[0].out_channels < trained_resnet.stem[0].out_channels  # pruned, not stopped
+    assert "time_limit=1e-09 s is not enforced here (not in the main thread)" in caplog.text
+
+
 def test_structured_exclude_keeps_the_coupled_channels(trained_resnet: nn.Module, images: dict) -> None:
     model, ctx = copy.deepcopy(trained_resnet), make_ctx(trained_resnet, images)
     out = StructuredPrune(amount=0.5, exclude=["stage1.0.conv1"]).apply(model, ctx)

@@ -122,7 +122,7 @@ def _prune_pass(model: nn.Module, example: torch.Tensor, fractions: tuple[float,
                 state: ChannelState, log: logging.Logger, time_limit: float | None) -> int:
     """One trace, choice and cut of (channel, head) ``fractions``; returns how many chosen cuts were refused or undone."""
     moments: dict[nn.Module, torch.Tensor] = {}  # obs's input second moments, reused by the refit
-    with _deadline(time_limit):  # Torch-Pruning can spend minutes both tracing and listing the groups
+    with _deadline(time_limit, log):  # Torch-Pruning can spend minutes both tracing and listing the groups
         graph, groups = _graph_and_groups(model, example, opts, state, log, time_limit, moments)
     modules = dict(model.named_modules())
     _choose_heads(groups, fractions[1], state)

@@ -107,9 +107,17 @@ class _MergingPruner:
 
 
 @contextmanager
-def _deadline(seconds: float | None) -> Iterator[None]:
-    """Raise :class:`GraphTimeout` after ``seconds`` (main thread only, where signals can be used)."""
-    if not seconds or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+def _deadline(seconds: float | None, log: logging.Logger) -> Iterator[None]:
+    """Raise :class:`GraphTimeout` after ``seconds``: in the main thread of a system with timer signals,
+    the only place a signal can interrupt the library's loops; elsewhere the limit is logged as not kept."""
+    if not seconds:
+        yield
+        return
+    unable = ("no timer signal on this system" if not hasattr(signal, "setitimer")
+              else "not in the main thread" if threading.current_thread() is not threading.main_thread() else None)
+    if unable:
+        log.warning("  structured: time_limit=%g s is not enforced here (%s): the stage runs as long as it takes",
+                    seconds, unable)
         yield
         return
 
