@@ -49,13 +49,12 @@ class RuntimeModel(nn.Module):
             data = torch.empty(content, dtype=torch.uint8) if isinstance(content, int) else _as_tensor(content)
             self.register_buffer(name, data)
         self._sessions: dict[tuple[int, tuple[int, ...] | None], Any] = {}
-        self._static: set[tuple[int, ...]] = set()  # the input shapes that have (or get) a session of their own
         self._weights: list[torch.Tensor] | None = None  # the graph's weights, parsed once per set of files
         self.register_load_state_dict_post_hook(_drop_sessions)
 
     def __getstate__(self) -> dict[str, Any]:
         # Runtime sessions cannot be copied or pickled; a copy builds its own on first use.
-        return {**super().__getstate__(), "_sessions": {}, "_static": set(), "_weights": None}
+        return {**super().__getstate__(), "_sessions": {}, "_weights": None}
 
     def file(self, name: str) -> bytes:
         """The bytes of file ``name`` (a buffer)."""
@@ -103,10 +102,11 @@ class RuntimeModel(nn.Module):
         return self._sessions[key]
 
     def _static_shape(self, shape: tuple[int, ...]) -> tuple[int, ...] | None:
-        """``shape`` if it has a session of its own or there is room for one; None: the dynamic session."""
-        if shape not in self._static and len(self._static) < int(self.info.get("static_shapes", STATIC_SHAPES)):
-            self._static.add(shape)
-        return shape if shape in self._static else None
+        """``shape`` if it has a session of its own (at some thread count) or there is room for one; None: the
+        session of the dynamic axes."""
+        fixed = {key[1] for key in self._sessions if key[1] is not None}
+        room = len(fixed) < int(self.info.get("static_shapes", STATIC_SHAPES))
+        return shape if shape in fixed or room else None
 
     def counted_weights(self) -> Iterator[torch.Tensor]:
         """The graph's weight constants (for params, non-zeros and the engine's "changed nothing" check).
@@ -149,7 +149,6 @@ def runtime_text(runtime: str, version: str | None) -> str:
 def _drop_sessions(module: RuntimeModel, _keys: Any) -> None:
     """After new files are loaded, the sessions and weights read from the old ones must go."""
     module._sessions.clear()
-    module._static.clear()
     module._weights = None
 
 
