@@ -30,12 +30,14 @@ def install_hint(extra: str) -> str:
     return f"pip install 'torchslim[{extra}]'"
 
 
-def require(what: str) -> ModuleType:
+def require(what: str, extra: str | None = None) -> ModuleType:
     """Import every module ``what`` needs (a key of :data:`EXTRAS`) and return the last one.
 
-    MissingExtra names the module that failed and the extra to install.
+    MissingExtra names the module that failed and the extra to install: ``extra`` where the caller
+    knows which one the user chose (every runtime's extra brings the exporter), else ``what``'s own.
     """
-    modules, extra = EXTRAS[what]
+    modules, own = EXTRAS[what]
+    extra = extra or own
     module = None
     for name in modules:
         try:
@@ -48,9 +50,11 @@ def require(what: str) -> ModuleType:
 
 
 def require_runtime(runtime: str) -> None:
-    """Import the exporter's packages and ``runtime``'s (``onnxruntime`` or ``openvino``); MissingExtra names the extra."""
-    require("export")
-    require(runtime)
+    """Import the exporter's packages and ``runtime``'s (``onnxruntime`` or ``openvino``); MissingExtra names
+    the runtime's extra, which installs the exporter too (an OpenVINO user needs ``torchslim[openvino]``)."""
+    extra = EXTRAS[runtime][1]
+    require("export", extra)
+    require(runtime, extra)
 
 
 def version(module: str) -> str:
