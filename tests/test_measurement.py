@@ -23,7 +23,7 @@ from torchslim.engine import names
 from torchslim.engine.macs import count_macs
 from torchslim.engine.metrics import count_nonzero, count_params
 from torchslim.engine.noise import latency_noise
-from torchslim.engine.report import Report, ratio_text, with_delta, with_ratio
+from torchslim.engine.report import Report, Row, ratio_text, with_delta, with_ratio
 from torchslim.engine.timing import others_running, time_forward, usable_cpus
 from torchslim.examples import digits
 from torchslim.plugins.quantize import DynamicQuantize, StaticQuantize
@@ -304,3 +304,18 @@ def test_cpu_only_methods_move_the_model_to_the_cpu_first(stage: Stage, moved: b
     assert model.moves == (["cpu"] if moved else [])
     note = f"{stage.label}: moved the model from cuda:0 to the CPU before quantizing"
     assert any(n.startswith(note) for n in ctx.notes) == moved
+
+
+@pytest.mark.parametrize(("ratio", "baseline_ms", "final_ms", "plainly"), [
+    (0.969, 0.220, 0.114, True),   # the issue's figures: per-round median slower, medians' ratio faster
+    (1.93, 0.220, 0.114, False),   # both faster: one figure
+    (0.8, 0.100, 0.125, False),    # both slower: one figure
+], ids=["opposed", "both-faster", "both-slower"])
+def test_speedup_whose_two_figures_disagree_is_said_plainly(ratio: float, baseline_ms: float, final_ms: float,
+                                                            plainly: bool) -> None:
+    report = Report(recipe={}, rows=[Row("baseline", None, {}), Row("prune", "prune", {})])
+    report.speedup = {"ratio": ratio, "q1": 0.771, "q3": 101.9, "rounds": 30, "baseline_ms": baseline_ms,
+                      "final_ms": final_ms}
+    line = report.measurement_notes()[0]
+    assert ("not measured: the median of the per-round ratios is" in line) is plainly, line
+    assert (f"of the run: {ratio_text(ratio)}x" in line) is not plainly, line

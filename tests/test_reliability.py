@@ -89,29 +89,42 @@ def test_resume_ignores_checkpoints_of_a_changed_recipe(tmp_path: Path, registry
     assert json.loads((out / "report.json").read_text())["rows"][1]["metrics"]["sparsity"] == pytest.approx(0.6, abs=0.02)
 
 
-@pytest.mark.slow  # a subprocess interrupted by SIGINT
-def test_ctrl_c_leaves_checkpoints_and_no_half_files(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    recipe = write_recipe(tmp_path, digits_recipe([CHAIN[0], {"type": "distill", "epochs": 30}, CHAIN[2]]))
+def _interrupted(tmp_path: Path, stages: list[dict], at: str) -> str:
+    """Run ``stages`` with --out, press Ctrl-C when stderr prints ``at``; returns stderr."""
+    recipe = write_recipe(tmp_path, digits_recipe(stages))
     env = {**os.environ, "TORCHSLIM_DISABLE_PLUGIN_AUTOLOAD": "1"}
     # A shell that starts the test suite in the background makes children ignore SIGINT, and
     # Python keeps an inherited "ignore": give the child the default disposition, as a terminal would.
-    proc = subprocess.Popen([sys.executable, "-m", "torchslim", "run", str(recipe), "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "torchslim", "run", str(recipe), "--out", str(tmp_path / "out")],
                             cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stderr is not None
     for line in proc.stderr:
-        if "[2/3] distill: running" in line:  # stage 1 is done and checkpointed
+        if at in line:
             proc.send_signal(signal.SIGINT)
             break
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert "rerun with --resume" in err
+    return err
+
+
+@pytest.mark.slow  # a subprocess interrupted by SIGINT
+def test_ctrl_c_leaves_checkpoints_and_no_half_files(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    # At "[2/3] distill: running", stage 1 is done and checkpointed.
+    err = _interrupted(tmp_path, [CHAIN[0], {"type": "distill", "epochs": 30}, CHAIN[2]], "[2/3] distill: running")
+    assert "1 completed stage checkpointed in" in err and "rerun with --resume" in err
     assert (out / "checkpoints" / "stage-01" / "progress.json").exists()
     assert not (out / "checkpoints" / "stage-02").exists()
     assert not (out / "report.json").exists()
     assert "KeyboardInterrupt" in (out / "torchslim.log").read_text()
     assert no_temp_files(out)
+
+
+@pytest.mark.slow  # a subprocess interrupted by SIGINT
+def test_ctrl_c_in_the_first_stage_says_nothing_was_checkpointed(tmp_path: Path) -> None:
+    err = _interrupted(tmp_path, [{"type": "distill", "epochs": 30}, CHAIN[2]], "[1/2] distill: running")
+    assert "no stage had completed, so nothing is checkpointed in" in err and "--resume" not in err
 
 
 def test_failing_stage_logs_traceback_to_file(tmp_path: Path, cli: Cli) -> None:

@@ -51,6 +51,17 @@ def score(model, loader):
     raise KeyError("labels")
 
 
+def digits_targets(form: str = "one_hot"):
+    """The bundled digits with their targets as one-hot floats, or as a 5-wide float vector (fits nothing)."""
+    from torchslim.examples import digits
+
+    def recoded(loader):
+        width = 10 if form == "one_hot" else 5
+        return [(x, torch.nn.functional.one_hot(y % width, width).float()) for x, y in loader]
+
+    return {split: recoded(loader) for split, loader in digits.loaders(batch_size=64).items()}
+
+
 def text_score(model, loader):
     return "high"
 '''
@@ -141,6 +152,31 @@ def test_metric_failures(tmp_path: Path, user_module: str, cli: Callable[..., Cl
     result = cli("run", str(path))
     assert_located(result, path, f"{user_module}:{metric}")
     assert message.format(m=user_module) in result.stderr
+
+
+def test_one_hot_targets_score_as_their_class(tmp_path: Path, user_module: str, registry: Registry) -> None:
+    one_hot = torchslim.run(user_recipe(tmp_path, user_module, data={"target": f"{user_module}:digits_targets"}),
+                            registry=registry)
+    labels = torchslim.run(user_recipe(tmp_path, user_module), registry=registry)
+    assert one_hot.baseline.metrics["accuracy"] == labels.baseline.metrics["accuracy"]
+
+
+def test_targets_that_fit_no_accuracy_name_the_metric(tmp_path: Path, user_module: str, cli: Callable[..., CliResult]) -> None:
+    data = {"target": f"{user_module}:digits_targets", "kwargs": {"form": "five"}}
+    path = user_recipe(tmp_path, user_module, data=data)
+    result = cli("run", str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert (f"evaluate.metric: accuracy on data.target {user_module}:digits_targets: the built-in accuracy compares the "
+            "highest of the model's scores (outputs of shape [256, 10]) with class indices of shape [256] or one-hot "
+            "targets of the outputs' shape; the eval loader's targets are [256, 5], torch.float32") in result.stderr
+
+
+def test_name_defaults_to_the_file_stem(tmp_path: Path, cli: Callable[..., CliResult]) -> None:
+    recipe = digits_recipe([{"type": "quantize"}])
+    del recipe["name"]
+    result = cli("validate", str(write_recipe(tmp_path, recipe, "my-first.yaml")), "--no-import")
+    assert result.returncode == 0, result.stderr
+    assert "valid recipe 'my-first' with 1 stage: quantize (quantize)" in result.stdout
 
 
 class BreakStage(Stage):

@@ -81,6 +81,12 @@ def find_resumable(out_dir: Path, recipe: RecipeBase, original: nn.Module) -> Re
     return None
 
 
+def checkpointed_stages(out_dir: Path) -> int:
+    """How many stage checkpoints in ``out_dir`` are complete (their progress.json written)."""
+    folders = sorted((out_dir / CHECKPOINT_DIR).glob("stage-*"))
+    return sum(_read_progress(folder) is not None for folder in folders)
+
+
 def _read_progress(folder: Path) -> dict[str, Any] | None:
     try:
         data = json.loads((folder / PROGRESS_FILE).read_text())

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import distributed
+from .checkpoints import checkpointed_stages
 from .checks import check_recipe_code
 from .errors import OutputError, TorchslimError, UsageError
 from .recipe import RecipeBase, load_recipe, recipe_model
@@ -18,6 +19,7 @@ from .registry import Registry
 from .runner import run
 from .summary import summary
 from .version import VERSION
+from .words import plural
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,12 +36,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("torchslim: interrupted", file=sys.stderr)
         if getattr(args, "out", None) and args.command == "run":
-            print(f"torchslim: completed stages are checkpointed in {args.out}; rerun with --resume to continue",
-                  file=sys.stderr)
+            print(f"torchslim: {_checkpoint_words(Path(args.out))}", file=sys.stderr)
         elif getattr(args, "out", None):
             print(f"torchslim: finished variants are kept in {args.out}; rerun the same command to continue",
                   file=sys.stderr)
         return 130
+
+
+def _checkpoint_words(out: Path) -> str:
+    done = checkpointed_stages(out)
+    if not done:
+        return f"no stage had completed, so nothing is checkpointed in {out}"
+    return f"{plural(done, 'completed stage')} checkpointed in {out}; rerun with --resume to continue from there"
 
 
 def _report_error(exc: TorchslimError, args: argparse.Namespace) -> int:
@@ -200,7 +208,7 @@ def _validate(args: argparse.Namespace) -> int:
     if not args.no_import:
         check_recipe_code(recipe)
     stages = ", ".join(f"{s.label} ({s.type})" for s in recipe.stage_list)
-    print(f"{args.recipe}: valid recipe '{recipe.name}' with {len(recipe.stage_list)} stages: {stages}{checked}")
+    print(f"{args.recipe}: valid recipe '{recipe.name}' with {plural(len(recipe.stage_list), 'stage')}: {stages}{checked}")
     return 0
 
 

@@ -97,16 +97,35 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+class TargetMismatch(ValueError):
+    """The eval data's targets do not fit the built-in accuracy (the fault is the data or the metric, not the model)."""
+
+
 def accuracy(model: nn.Module, loader: Iterable[Batch]) -> float:
-    """Percent of samples whose highest-scoring class is the label."""
+    """Percent of samples whose highest-scoring class is the label: a class index, or a one-hot or
+    probability vector of the scores' shape (its highest entry is the class)."""
     correct = total = 0
     device = model_device(model)
     with torch.inference_mode():
         for inputs, targets in loader:
-            inputs, targets = inputs.to(device), targets.to(device)
-            correct += int((model(inputs).argmax(dim=1) == targets).sum())
-            total += int(targets.numel())
+            scores = model(inputs.to(device))
+            labels = class_labels(scores, targets.to(device))
+            correct += int((scores.argmax(dim=1) == labels).sum())
+            total += int(labels.numel())
     return 100.0 * correct / total if total else float("nan")
+
+
+def class_labels(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Class indices from ``targets``; TargetMismatch, in words, when they fit neither accepted form."""
+    if targets.is_floating_point() and targets.shape == scores.shape:
+        return targets.argmax(dim=1)
+    if targets.shape == scores.shape[:1] + scores.shape[2:] and not targets.is_floating_point():
+        return targets
+    raise TargetMismatch(f"the built-in accuracy compares the highest of the model's scores (outputs of shape "
+                         f"{list(scores.shape)}) with class indices of shape {list(scores.shape[:1] + scores.shape[2:])} "
+                         f"or one-hot targets of the outputs' shape; the eval loader's targets are "
+                         f"{list(targets.shape)}, {targets.dtype}. Give targets of either form, or a metric "
+                         f"of your own (evaluate.metric: module:callable)")
 
 
 def latency_batch(example: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ from torch import nn
 
 from . import distributed
 from .errors import RecipeError, UserCodeError
-from .metrics import accuracy
+from .metrics import TargetMismatch, accuracy
 from .recipe import RecipeBase
 from .specs import build_data, build_model, import_target
 from .stage import Context
@@ -129,6 +129,9 @@ def _check_forward(model: nn.Module, inputs: torch.Tensor, recipe: RecipeBase) -
 def baseline_failure(recipe: RecipeBase, exc: Exception) -> UserCodeError:
     """The error for a measurement of the model before any stage that raised: the recipe's code failed."""
     custom = recipe.evaluate.metric != "accuracy"
+    if isinstance(exc, TargetMismatch):  # the data does not fit the built-in metric: say that, not "the model failed"
+        path = ("evaluate", "metric")
+        return UserCodeError(f"{recipe.where(path)}: evaluate.metric: accuracy on data.target {recipe.data.target}: {exc}", path)
     path = ("evaluate", "metric") if custom else ("model", "target")
     parts = f"model {recipe.model.target}, data {recipe.data.target}" + (f", metric {recipe.evaluate.metric}" if custom else "")
     return UserCodeError(f"{recipe.where(path)}: {'.'.join(path)}: measuring the model before any stage failed "

@@ -13,8 +13,8 @@ from pydantic import BaseModel, ValidationError
 
 from .errors import PluginError
 from .registry import Registry
-from .specs import close_name
 from .stage import Stage
+from .words import close_name, one_of
 from .yamlio import Document
 
 
@@ -51,8 +51,18 @@ def _problem(document: Document, err: Any, registry: Registry, model: type[BaseM
         message = _extra_message(document.data, path, registry, model)
     elif err["type"] == "missing":
         message = f"required field '{path[-1]}' is missing" if path else message
+    elif err["type"] in ("less_than", "less_than_equal"):
+        message += _percent_hint(err)
     label = format_path(path) + (f" ({stage_type})" if stage_type else "")
     return f"{document.where(path)}: {label or '<top level>'}", message
+
+
+def _percent_hint(err: Any) -> str:
+    """``amount: 70`` where a fraction is expected: most likely a percentage."""
+    bound, value = err["ctx"].get("lt", err["ctx"].get("le")), err.get("input")
+    if bound == 1 and isinstance(value, int | float) and 1 < value <= 100:
+        return f" (a fraction of 1, not a percentage: {value / 100:g}?)"
+    return ""
 
 
 def _data_path(data: Any, loc: tuple[Any, ...], keep_last: bool) -> tuple[Any, ...]:
@@ -108,8 +118,8 @@ def _extra_message(data: Any, path: tuple[Any, ...], registry: Registry, model: 
     family = registry.get(cls.model_fields["type"].default)
     owners = [tag_of(m, "method") for m in family.methods if option in m.model_fields]
     if owners:
-        return (f"'{option}' does not apply to method {tag_of(cls, 'method')}; it is an option of method "
-                f"{' and '.join(owners)}")
+        return (f"'{option}' does not apply to method {tag_of(cls, 'method')}; it is an option of "
+                f"{'method' if len(owners) == 1 else 'methods'} {one_of(owners)}")
     hint = close_name(str(option), list(cls.model_fields)) or ";"
     return f"unknown field '{option}'{hint} {_stage_type(data, path)} accepts: {', '.join(cls.model_fields)}"
 
@@ -126,8 +136,7 @@ def _known_fields(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
 def _method_message(registry: Registry, stage_type: str | None, tag: str) -> str:
     family = registry.get(stage_type) if stage_type else None
     tags = [repr(tag_of(m, "method")) for m in family.methods] if family else []
-    known = f"{', '.join(tags[:-1])} or {tags[-1]}" if len(tags) > 1 else "".join(tags)
-    return f"Input should be {known}"
+    return f"Input should be {one_of(tags)}"
 
 
 def format_path(path: tuple[Any, ...]) -> str:

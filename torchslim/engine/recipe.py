@@ -85,8 +85,8 @@ class RecipeBase(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
-    name: str
-    """Name of the recipe, used in reports."""
+    name: str = "recipe"
+    """Name of the recipe, used in reports; defaults to the recipe file's name without ``.yaml``."""
     seed: int = 0
     """Seed for torch's generators, set before the model, the data and each stage."""
     device: str = Field(default="cpu", json_schema_extra={"pattern": DEVICE_PATTERN})
@@ -211,13 +211,20 @@ def load_recipe(
     return validate(document, registry)
 
 
+def _named(document: Document) -> Mapping[str, Any]:
+    """The recipe's fields, ``name`` defaulting to the file's stem (``my-study.yaml``: ``my-study``)."""
+    if "name" in document.data or document.source.startswith("<"):
+        return document.data  # type: ignore[no-any-return]
+    return {"name": Path(document.source).stem, **document.data}
+
+
 def validate(document: Document, registry: Registry) -> RecipeBase:
     """Validate parsed YAML against the recipe model; RecipeError with positions on failure."""
     if not isinstance(document.data, Mapping):
         raise RecipeError(f"{document.where(())}: expected a mapping of recipe fields, found {type(document.data).__name__}")
     model = recipe_model(registry)
     try:
-        recipe = model.model_validate(document.data)
+        recipe = model.model_validate(_named(document))
     except ValidationError as exc:
         raise RecipeError(validation_problems(document, exc, registry, model)) from None
     recipe._document = document

@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import PluginError
 from .stage import Stage
+from .words import close_name
 
 GROUP = "torchslim.stages"
 AUTOLOAD_ENV = "TORCHSLIM_DISABLE_PLUGIN_AUTOLOAD"
@@ -109,7 +110,8 @@ class Registry:
         broken = [e for e in self._entries if e.type == tag and not e.ok]
         if broken:
             return f"stage type '{tag}' comes from a plugin that is broken ({broken[0].origin}): {broken[0].error}"
-        return f"unknown stage type '{tag}'; known types: {', '.join(self.types())}"
+        guess = close_name(tag, self.types()).removeprefix("; ")
+        return f"unknown stage type '{tag}'{f' ({guess})' if guess else ''}; known types: {', '.join(self.types())}"
 
 
 def _entry_points(path: Sequence[str] | None) -> list[Any]:

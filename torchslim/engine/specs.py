@@ -19,6 +19,7 @@ from torch import nn
 
 from .errors import CheckpointError, RecipeError
 from .usercode import call_target
+from .words import close_name
 
 TARGET_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
 
@@ -75,12 +76,6 @@ def _check_target(value: str) -> str:
 
 Target = Annotated[str, AfterValidator(_check_target), Field(json_schema_extra={"pattern": TARGET_PATTERN})]
 """A ``module:callable`` string; a mistake is answered in words, with an example and a guess."""
-
-
-def close_name(name: str, known: list[str]) -> str:
-    """``; did you mean 'x'?`` when a known name is close to ``name``, else empty."""
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 class Spec(BaseModel):
