@@ -14,11 +14,12 @@ import pytest
 import torch
 
 import torchslim
-from torchslim import RecipeError, Registry
+from torchslim import RecipeError, Registry, load_recipe
 from torchslim.compare import compare
 from torchslim.compare.budget import Budget as Constraints
 from torchslim.compare.export import write_outputs
 from torchslim.compare.pareto import best, front, fronts
+from torchslim.compare.study import baseline_key
 from torchslim.compare.sweep import expand
 from torchslim.compare.table import Comparison
 from torchslim.engine.errors import UsageError
@@ -288,3 +289,12 @@ def test_jobs_2_through_the_cli(tmp_path: Path) -> None:
         assert variant["status"] == "ran"
         report = json.loads((tmp_path / "out" / variant["report_dir"] / "report.json").read_text())
         assert report["recipe"]["metrics"]["threads"] == threads
+
+
+def test_baseline_sameness_is_decided_on_resolved_kwargs(registry: Registry) -> None:
+    spelled = [digits_recipe(CHAIN[:1]) for _ in range(3)]
+    spelled[1]["model"]["kwargs"].update(depth=2, seed=0)  # digits.mlp's defaults, written out
+    spelled[1]["data"]["kwargs"].update(eval_fraction=0.2)  # digits.loaders' default
+    spelled[2]["model"]["kwargs"].update(depth=3)  # another model
+    keys = [baseline_key(load_recipe(recipe, registry)) for recipe in spelled]
+    assert keys[0] == keys[1] != keys[2]

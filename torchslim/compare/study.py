@@ -32,6 +32,7 @@ from ..engine.recipe import RecipeBase, validate
 from ..engine.registry import Registry
 from ..engine.report import Report, Row
 from ..engine.saving import MODEL_FILE
+from ..engine.specs import resolved_kwargs
 from ..engine.yamlio import Document, read_yaml
 from .budget import Budget, judge, merge
 from .export import EXPORT_FILES, write_outputs
@@ -145,8 +146,12 @@ def baseline_key(recipe: RecipeBase) -> str:
     """What a baseline depends on: recipes with the same key measure the same unchanged model."""
     data = recipe.resolved()
     shared = {k: data.get(k) for k in ("model", "data", "evaluate", "metrics", "seed", "device")}
+    for part in ("model", "data"):  # the same call however it is spelled: an explicit default is no change
+        spec = getattr(recipe, part)
+        shared[part] = {**shared[part], "kwargs": resolved_kwargs(spec.target, spec.kwargs, recipe.base_dir)}
     shared["base_dir"] = str(recipe.base_dir)  # a relative model checkpoint depends on it
-    return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()
+    # repr for a default that JSON cannot write (a tuple is a list to JSON already; an object by its repr)
+    return hashlib.sha256(json.dumps(shared, sort_keys=True, default=repr).encode()).hexdigest()
 
 
 #: Environment facts a reused report must share with this run: its figures (latency above all)

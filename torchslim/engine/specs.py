@@ -6,6 +6,7 @@ import contextlib
 import contextvars
 import difflib
 import importlib
+import inspect
 import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -18,7 +19,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from torch import nn
 
 from .errors import CheckpointError, RecipeError
-from .usercode import call_target
+from .usercode import call_target, importable
 from .words import close_name
 
 TARGET_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
@@ -122,6 +123,24 @@ def import_target(target: str, field: str) -> Callable[..., Any]:
     if not callable(obj):
         raise RecipeError(f"{field}: '{target}' is not callable")
     return obj  # type: ignore[no-any-return]
+
+
+def resolved_kwargs(target: str, kwargs: Mapping[str, Any], base_dir: Path | None) -> dict[str, Any]:
+    """``kwargs`` with the factory's defaults filled in: ``{hidden: 32}`` and ``{}`` are the same call when
+    ``hidden`` defaults to 32. As given where the target does not import or the kwargs do not bind (the run
+    itself reports that)."""
+    try:
+        with importable(base_dir):
+            signature = inspect.signature(import_target(target, "target"))
+        bound = signature.bind(**kwargs)
+    except (RecipeError, TypeError, ValueError):
+        return dict(kwargs)
+    bound.apply_defaults()
+    resolved = dict(bound.arguments)
+    for name, parameter in signature.parameters.items():  # **options: its keys, not one argument named options
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            resolved.update(resolved.pop(name, {}))
+    return resolved
 
 
 def _search_hint(exc: Exception, target: str) -> str:
