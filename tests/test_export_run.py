@@ -96,6 +96,8 @@ def test_export_to_openvino_replaces_an_onnx_export(run_dir: Path) -> None:
     assert exported.files == ("model.xml", "model.bin", "deploy.json")
     _check_deploy_json(run_dir, "openvino", ["model.xml", "model.bin"])
     assert not (run_dir / "model.onnx").exists()  # deploy.json describes every deployable file in the folder
+    assert exported.removed == ("model.onnx",)
+    assert exported.line().endswith("; removed the earlier export's model.onnx, which deploy.json no longer describes")
     model, batch = _torch_and_batch(run_dir)
     compiled = openvino.Core().compile_model(str(run_dir / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     got = compiled(batch.numpy())[compiled.outputs[0]]
@@ -106,7 +108,7 @@ def test_export_to_openvino_replaces_an_onnx_export(run_dir: Path) -> None:
 def test_cli_exports_and_refuses_to_overwrite(run_dir: Path, cli: Callable[..., CliResult]) -> None:
     done = cli("export", str(run_dir), "--to", "onnx", "--exporter", _QUICK, "--dynamic-axes", "0", "--tolerance", "1e-3")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith(f"wrote {run_dir}/model.onnx, deploy.json (onnxruntime ")
+    assert done.stdout.startswith(f"wrote {run_dir}/model.onnx and {run_dir}/deploy.json (onnxruntime ")
     assert "largest difference" in done.stdout
     again = cli("export", str(run_dir), "--to", "onnx")
     assert again.returncode == 2 and "already there" in again.stderr and "--overwrite" in again.stderr

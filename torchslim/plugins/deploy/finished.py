@@ -39,6 +39,7 @@ from ...engine.saving import (
     write_deploy_files,
 )
 from ...engine.specs import build_data
+from ...engine.words import one_of
 from .export import ExportFailed, check_parity, dynamic_dims, export, exporter_for
 from .extras import MissingExtra, require_runtime
 from .runtime import RuntimeModel, runtime_label
@@ -66,11 +67,16 @@ class Exported:
     allowed: float
     info: dict[str, Any] = field(default_factory=dict)
     """The content of ``deploy.json``."""
+    removed: tuple[str, ...] = ()
+    """An earlier export's files for the other runtime, removed (with ``overwrite``): deploy.json describes one runtime's."""
 
     def line(self) -> str:
-        """One line for the terminal: the files, the runtime and the parity found."""
-        return (f"wrote {self.run_dir}/{', '.join(self.files)} ({self.runtime}: outputs match torch's on the example "
-                f"inputs within {self.allowed:.3g}, largest difference {self.largest_difference:.3g})")
+        """One line for the terminal: the files, the runtime and the parity found, and what was removed."""
+        removed = (f"; removed the earlier export's {one_of(self.removed, 'and')}, which deploy.json no longer describes"
+                   if self.removed else "")
+        return (f"wrote {one_of([str(self.run_dir / name) for name in self.files], 'and')} ({self.runtime}: outputs "
+                f"match torch's on the example inputs within {self.allowed:.3g}, largest difference "
+                f"{self.largest_difference:.3g}){removed}")
 
 
 def export_run(run_dir: str | os.PathLike[str], to: str, *, opset: int = 18, exporter: str = "auto",
@@ -118,8 +124,10 @@ def export_run(run_dir: str | os.PathLike[str], to: str, *, opset: int = 18, exp
     info = {**deployed.deploy_info(), "metric": recipe.evaluate.metric, **_measured(folder, recipe.evaluate.label),
             "parity": {"largest_difference": diff, "allowed": allowed}}
     # The other runtime's files of an earlier export go too, so deploy.json describes every deployable file.
+    before = {name for name in DEPLOY_FILES if (folder / name).exists()}
     written = write_deploy_files(folder, deployed, info)
-    return Exported(folder, written, runtime_label(deployed), diff, allowed, info)
+    removed = tuple(name for name in DEPLOY_FILES if name in before and name not in written)
+    return Exported(folder, written, runtime_label(deployed), diff, allowed, info, removed)
 
 
 def first_eval_batch(recipe: RecipeBase) -> torch.Tensor:
@@ -189,7 +197,8 @@ def _check_outputs(folder: Path, overwrite: bool) -> None:
     existing = [name for name in (*DEPLOY_FILES, DEPLOY_INFO) if (folder / name).exists()]
     if existing and not overwrite:
         raise OutputError(f"{folder}: {', '.join(existing)} already there (from an earlier export); pass overwrite=True "
-                          f"to replace them (export writes only {', '.join(DEPLOY_FILES)}, {DEPLOY_INFO})")
+                          f"to replace them (export writes only {', '.join(DEPLOY_FILES)}, {DEPLOY_INFO}; the other runtime's "
+                          f"files go too, since {DEPLOY_INFO} describes one runtime's)")
 
 
 def _measured(folder: Path, metric: str) -> dict[str, Any]:
