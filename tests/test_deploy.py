@@ -62,6 +62,8 @@ def test_deploy_quantize_and_reload(tmp_path: Path, registry: Registry, runtime:
     assert any("outputs match torch's" in note for note in report.notes)
     assert quantized.metrics["quantized_layers"] >= 2 and quantized.metrics["float_layers"] == 0
     assert quantized.metrics[names.SIZE_BYTES] == sum((tmp_path / f).stat().st_size for f in files)
+    for row in (deployed, quantized):  # what a deployed model saves is the runtime's files: packing does not apply
+        assert row.metrics[names.PACKED_BYTES] == row.metrics[names.SIZE_BYTES]
     info = json.loads((tmp_path / "deploy.json").read_text())
     assert info["runtime"] == runtime and info["metric"] == "accuracy" and sorted(info["files"]) == sorted(files)
     assert next(iter(info["inputs"].values()))[0] == "batch"

@@ -85,6 +85,13 @@ def size_bytes(model: nn.Module) -> int:
     return buffer.getbuffer().nbytes
 
 
+def packed_file_bytes(model: nn.Module) -> int:
+    """:func:`packed_size_bytes` of a torch model; for a model deployed to a runtime, the bytes of the files
+    the runtime loads (its ``size``): they are what is saved, and torchslim's packing of a state dict does not
+    apply to them (packing the wrapper's state would count the exported graph again)."""
+    return size_bytes(model) if callable(getattr(model, "file_bytes", None)) else packed_size_bytes(model)
+
+
 def latency_ms(model: nn.Module, example: torch.Tensor, *, warmup: int, runs: int, threads: int | None) -> float:
     """Median wall time of one forward pass on ``example``, in milliseconds (:func:`time_forward` keeps the spread too)."""
     return time_forward(model, example, warmup=warmup, runs=runs, threads=threads).median
@@ -207,5 +214,5 @@ def measure(model: nn.Module, ctx: Context, options: MetricsOptions, seconds: fl
     return Measurement(
         ctx.metric_name, ctx.evaluate(model), seconds,
         params=count_params(model), nonzero=count_nonzero(model), size_bytes=size_bytes(model),
-        packed_bytes=packed_size_bytes(model), macs=count_macs(model, ctx.example_inputs[:1]), timing=timing,
+        packed_bytes=packed_file_bytes(model), macs=count_macs(model, ctx.example_inputs[:1]), timing=timing,
     )
