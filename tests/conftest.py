@@ -100,13 +100,13 @@ class CliResult:
 
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., CliResult]]:
-    """``torchslim ARGS`` run in this process by ``torchslim.engine.cli.main``, from the repository
+    """``torchslim ARGS`` run in this process by ``torchslim.cli.main``, from the repository
     root with plugin autoload off: its exit code and what it printed to stdout and stderr.
 
     A subprocess would import torch again (seconds each); the few tests that need the real
     console (argparse's exit, a signal, torchrun, an installed plugin) still start one.
     """
-    from torchslim.engine.cli import main
+    from torchslim.cli import main
 
     monkeypatch.setenv(AUTOLOAD_ENV, "1")
     monkeypatch.chdir(ROOT)

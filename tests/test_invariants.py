@@ -194,7 +194,7 @@ def test_a_prune_re_estimates_batchnorm_statistics_on_the_calibration_data(image
 
 
 def test_recalibration_is_the_exact_average_over_the_calibration_batches(images: dict) -> None:
-    from torchslim.plugins._norms import recalibrate
+    from torchslim.plugins.prune._norms import recalibrate
 
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
     assert recalibrate(model, images["calibration"], batches=2) == 2

@@ -19,7 +19,7 @@ from torchslim.engine.metrics import accuracy, count_macs
 from torchslim.engine.packed import pack_state_dict, packed_size_bytes, saved_bytes, smallest_state, unpack_state_dict
 from torchslim.examples import digits, mobile
 from torchslim.plugins._masks import ZeroMasks
-from torchslim.plugins._nm import follows_pattern
+from torchslim.plugins.prune._nm import follows_pattern
 from torchslim.plugins._train import finetune
 from torchslim.plugins.prune import MagnitudePrune, NMPrune, PruneStage, StructuredPrune, WandaPrune
 
@@ -468,7 +468,7 @@ class _HardCoded(nn.Module):
 
 
 def test_structured_leaves_a_group_whose_cut_breaks_the_forward_whole_and_spends_its_share_elsewhere() -> None:
-    from torchslim.plugins._structured import ChannelOptions, ChannelState, prune_step, pruned_fraction
+    from torchslim.plugins.prune._structured import ChannelOptions, ChannelState, prune_step, pruned_fraction
 
     torch.manual_seed(0)
     model, state = _HardCoded().eval(), ChannelState()

@@ -18,7 +18,7 @@ import torchslim
 from torchslim import Registry, StageError, load_recipe
 from torchslim.engine.metrics import accuracy, size_bytes
 from torchslim.examples import digits
-from torchslim.plugins._quant_modules import Int8Embedding
+from torchslim.plugins.quantize._modules import Int8Embedding
 from torchslim.plugins.quantize import DynamicQuantize, HalfQuantize, QuantizeStage, StaticQuantize, WeightOnlyQuantize
 from torchslim.plugins.quantize.base import has_vnni
 
@@ -410,7 +410,7 @@ def test_skip_sensitive_refuses_to_leave_every_layer_float(trained_mlp: nn.Modul
 
 
 def test_dynamic_without_backend_does_not_inherit_an_earlier_engine(trained_mlp: nn.Module, flat: dict) -> None:
-    from torchslim.plugins._quant_ao import DEFAULT_ENGINE
+    from torchslim.plugins.quantize._ao import DEFAULT_ENGINE
 
     DynamicQuantize(backend="onednn").apply(trained_mlp, make_ctx(trained_mlp, flat))
     assert torch.backends.quantized.engine == "onednn"

@@ -88,7 +88,7 @@ class _WithTwin(nn.Module):
 
 
 def test_obs_scale_is_what_a_refit_cannot_recover(flat: dict) -> None:
-    from torchslim.plugins._structured_data import input_scales
+    from torchslim.plugins.prune._structured_data import input_scales
 
     model = _WithTwin()
     batches = [x for x, _ in flat["calibration"]]

@@ -25,11 +25,13 @@ from .engine.saving import load_model
 from .engine.specs import DataSpec, ModelSpec, weights_will_load
 from .engine.stage import Context, Stage
 from .engine.version import VERSION as __version__
+from .export import Exported, export_run
 
 __all__ = [
     "CheckpointError",
     "Context",
     "DataSpec",
+    "Exported",
     "ModelSpec",
     "OutputError",
     "PluginError",
@@ -46,6 +48,7 @@ __all__ = [
     "UserInputError",
     "__version__",
     "compare",
+    "export_run",
     "load_model",
     "load_recipe",
     "run",

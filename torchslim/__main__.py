@@ -1,5 +1,5 @@
 """``python -m torchslim``: the same as the ``torchslim`` command."""
 
-from .engine.cli import main
+from .cli import main
 
 raise SystemExit(main())

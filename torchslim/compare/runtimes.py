@@ -21,6 +21,7 @@ from typing import Any
 
 from ..engine import names
 from ..engine.errors import RecipeError, TorchslimError
+from ..engine.hooks import RuntimeStage
 from ..engine.noise import latency_noise
 from ..engine.recipe import RecipeBase, validate
 from ..engine.registry import Registry
@@ -106,8 +107,9 @@ def plan(planned: Sequence[tuple[Variant, RecipeBase]], groups: Sequence[int],
 
 
 def deploy_position(recipe: RecipeBase) -> int | None:
-    """Index of the recipe's deploy stage, or None when its model stays in torch."""
-    return next((i for i, stage in enumerate(recipe.stage_list) if stage.type == "deploy"), None)
+    """Index of the recipe's stage that moves the model into a runtime (a :class:`RuntimeStage`: ``deploy``, or
+    a plugin's), or None when its model stays in torch."""
+    return next((i for i, stage in enumerate(recipe.stage_list) if isinstance(stage, RuntimeStage)), None)
 
 
 def _prepare(baseline: RuntimeBaseline, document: Document, position: int, registry: Registry) -> None:
@@ -142,13 +144,13 @@ def measure_all(baselines: list[RuntimeBaseline], torch_rows: list[Row], out_dir
             continue
         folder = out_dir / baseline.folder if out_dir is not None else None
         report = finished(folder, baseline.recipe, log) if folder is not None else None
-        if report is not None and _same_runtime(report, baseline.runtime, log):
+        if report is not None and _same_runtime(report, baseline.recipe.stage_list[0], log):
             baseline.reused = True
         else:
             report = _run(baseline, baseline.recipe, torch_rows[baseline.group], folder, registry, log)
             measured += report is not None
         if report is not None:
-            baseline.row = Row(baseline.label, "deploy", dict(report.final.metrics))
+            baseline.row = Row(baseline.label, baseline.recipe.stage_list[0].type, dict(report.final.metrics))
             baseline.environment, baseline.speedup = dict(report.environment), report.speedup
     return measured
 
@@ -164,19 +166,11 @@ def _run(baseline: RuntimeBaseline, recipe: RecipeBase, torch_row: Row, folder: 
         return None
 
 
-def _same_runtime(report: Report, runtime: str, log: logging.Logger) -> bool:
+def _same_runtime(report: Report, stage: RuntimeStage, log: logging.Logger) -> bool:
     """Whether a finished report was measured in the runtime version installed now (its upgrade changes latency)."""
-    # The runtimes are optional extras: import only when one is used.
-    from ..plugins.deploy.extras import version
-    from ..plugins.deploy.runtime import runtime_text
-
-    then = report.final.metrics.get(names.RUNTIME)
-    try:
-        now = runtime_text(runtime, version(runtime))
-    except ImportError:
-        now = None
+    then, now = report.final.metrics.get(names.RUNTIME), stage.installed_runtime()
     if then != now:
-        log.info("compare: the float32 baseline in %s was measured in %s, now %s: measuring it again", runtime, then, now)
+        log.info("compare: the float32 baseline in %s was measured in %s, now %s: measuring it again", stage.runtime, then, now)
     return then == now
 
 

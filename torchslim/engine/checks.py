@@ -57,10 +57,7 @@ def _check_spec(recipe: RecipeBase, path: tuple[Any, ...], spec: ModelSpec | Dat
 def _check_stage(recipe: RecipeBase, index: int, stage: Any) -> None:
     # A stage may say whether what it needs beyond torch is there (a backend that is an optional
     # package); the run would only find out when the stage starts.
-    check = getattr(stage, "check_environment", None)
-    if not callable(check):
-        return
     try:
-        check()
+        stage.check_environment()
     except Exception as exc:  # the plugin's check says what is missing in its message
         raise RecipeError(f"{recipe.where(('stages', index))}: stages[{index}] ({stage.type}): {exc}") from None

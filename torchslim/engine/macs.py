@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.utils import flop_counter
 
+from .hooks import CountsMacs
+
 __all__ = ["count_macs"]
 
 
@@ -39,9 +41,8 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int | None:
     None (not measured) when nothing was counted although the model holds weight matrices: its
     layers ran where neither counter can look (e.g. a compiled graph), and 0 would be a lie.
     """
-    own = getattr(model, "counted_macs", None)
-    if callable(own):
-        value = own(example)
+    if isinstance(model, CountsMacs):
+        value = model.counted_macs(example)
         return None if value is None else int(value)
     example = example.to(_device(model))
     try:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import names
+from .hooks import CountsWeights, Deployed
 from .macs import count_macs
 from .packed import packed_size_bytes
 from .stage import Batch, Context
@@ -37,14 +38,14 @@ def weight_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
 
 
 def _weights(model: nn.Module) -> Iterator[torch.Tensor]:
-    counted = {id(m) for m in model.modules() if callable(getattr(m, "counted_weights", None))}
+    counted = {id(m) for m in model.modules() if isinstance(m, CountsWeights)}
     inside = {id(sub) for m in model.modules() if id(m) in counted for sub in m.modules() if sub is not m}
     for module in model.modules():
         if id(module) in inside:
             continue
         own = list(module.parameters(recurse=False))
         if id(module) in counted:
-            yield from (t.detach() for t in module.counted_weights())  # type: ignore[operator]
+            yield from (t.detach() for t in module.counted_weights())  # type: ignore[union-attr]
         elif own:
             yield from (p.detach() for p in own)
         elif _is_packed(module):
@@ -77,9 +78,8 @@ def count_nonzero(model: nn.Module) -> int:
 def size_bytes(model: nn.Module) -> int:
     """Bytes of ``torch.save(model.state_dict())``: the dense file size on disk; for a model deployed to
     a runtime (a ``file_bytes()`` method), the bytes of the files the runtime loads."""
-    own = getattr(model, "file_bytes", None)
-    if callable(own):
-        return int(own())
+    if isinstance(model, Deployed):
+        return int(model.file_bytes())
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return buffer.getbuffer().nbytes
@@ -89,7 +89,7 @@ def packed_file_bytes(model: nn.Module) -> int:
     """:func:`packed_size_bytes` of a torch model; for a model deployed to a runtime, the bytes of the files
     the runtime loads (its ``size``): they are what is saved, and torchslim's packing of a state dict does not
     apply to them (packing the wrapper's state would count the exported graph again)."""
-    return size_bytes(model) if callable(getattr(model, "file_bytes", None)) else packed_size_bytes(model)
+    return size_bytes(model) if isinstance(model, Deployed) else packed_size_bytes(model)
 
 
 def latency_ms(model: nn.Module, example: torch.Tensor, *, warmup: int, runs: int, threads: int | None) -> float:

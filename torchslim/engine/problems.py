@@ -60,7 +60,7 @@ def _problem(document: Document, err: Any, registry: Registry, model: type[BaseM
 def _percent_hint(err: Any) -> str:
     """``amount: 70`` where a fraction is expected: most likely a percentage."""
     bound, value = err["ctx"].get("lt", err["ctx"].get("le")), err.get("input")
-    if bound == 1 and isinstance(value, int | float) and 1 < value <= 100:
+    if bound == 1 and isinstance(value, int | float) and 2 <= value <= 100:  # 1.5 is a slip, not a percentage
         return f" (a fraction of 1, not a percentage: {value / 100:g}?)"
     return ""
 

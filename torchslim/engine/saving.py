@@ -20,6 +20,7 @@ from torch import nn
 
 from .atomic import write_text, write_with
 from .errors import CheckpointError
+from .hooks import Deployed
 from .packed import smallest_state, unpack_state_dict
 from .recipe import RecipeBase, load_recipe
 from .registry import Registry
@@ -59,8 +60,7 @@ def write_deploy_files(out_dir: Path, model: nn.Module, info: Mapping[str, Any])
     names written. deploy.json is removed first and written last, so it is present only beside complete
     files. Deployable files of another model (an earlier run's or export's) are removed, so the folder
     never holds one that deploy.json does not describe."""
-    files_of = getattr(model, "deploy_files", None)
-    files = files_of() if callable(files_of) else {}
+    files = model.deploy_files() if isinstance(model, Deployed) else {}
     (out_dir / DEPLOY_INFO).unlink(missing_ok=True)
     for name, data in files.items():
         write_with(out_dir / name, lambda handle, data=data: handle.write(data))  # type: ignore[misc]
@@ -69,7 +69,7 @@ def write_deploy_files(out_dir: Path, model: nn.Module, info: Mapping[str, Any])
             (out_dir / name).unlink(missing_ok=True)
     if not files:
         return ()
-    write_text(out_dir / DEPLOY_INFO, json.dumps({**model.deploy_info(), **info}, indent=2) + "\n")  # type: ignore[operator]
+    write_text(out_dir / DEPLOY_INFO, json.dumps({**model.deploy_info(), **info}, indent=2) + "\n")  # type: ignore[union-attr]
     return (*files, DEPLOY_INFO)
 
 

@@ -20,6 +20,8 @@ from functools import partial
 import torch
 from torch import nn
 
+from .hooks import settle_seconds
+
 LATENCY_BATCH = 32
 """Batch size latency is measured at unless a recipe says otherwise (``metrics.batch_size``)."""
 LATENCY_THREADS = 2
@@ -141,7 +143,7 @@ def _time_once(model: nn.Module, batch: torch.Tensor) -> float:
     elapsed = (time.perf_counter() - start) * 1000.0
     # A runtime whose idle threads keep spinning after a run (ONNX Runtime's) would slow whatever is timed
     # next: wait for them, untimed (RuntimeModel.settle_seconds).
-    time.sleep(getattr(model, "settle_seconds", 0.0))
+    time.sleep(settle_seconds(model))
     return elapsed
 
 

@@ -19,12 +19,32 @@ from torch import nn
 
 from ...engine.errors import StageError
 from ...engine.stage import Context, Stage
-from .export import ExportFailed, axis_name, check_parity, dynamic_dims, export, wrap
-from .extras import MissingExtra, require_runtime
-from .finished import Exported, export_run
-from .runtime import STATIC_SHAPES, RuntimeModel, runtime_label
+from ._ov import OpenVinoModel, ir_files, kept_signal_stack
+from .export import ExportFailed, axis_name, check_parity, dynamic_dims, export, exporter_for, wrap
+from .extras import MissingExtra, quiet, require, require_runtime, version
+from .runtime import STATIC_SHAPES, RuntimeModel, runtime_label, runtime_text
 
-__all__ = ["DeployStage", "Exported", "RuntimeModel", "export_run", "from_record", "runtime_label", "wrap"]
+# The one interface to the runtimes for the rest of torchslim (quantize's runtime methods, torchslim export,
+# the benches): nothing outside this package imports its modules.
+__all__ = ["DeployStage", "ExportFailed", "MissingExtra", "OpenVinoModel", "RuntimeModel", "check_parity", "dynamic_dims",
+           "export", "exporter_for", "from_record", "ir_files", "kept_signal_stack", "quiet", "require", "require_runtime",
+           "runtime_label", "runtime_text", "version", "wrap"]
+
+#: Names that moved to :mod:`torchslim.export` (``torchslim export`` is a command, not part of a stage);
+#: importing them from here still works, with a DeprecationWarning, for one release.
+_MOVED = ("Exported", "export_run")
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import warnings
+
+    from ... import export
+
+    warnings.warn(f"torchslim.plugins.deploy.{name} moved to torchslim.export.{name} (also torchslim.{name}); "
+                  "the old name goes in the next release", DeprecationWarning, stacklevel=2)
+    return getattr(export, name)
 
 
 class DeployStage(Stage):
@@ -59,6 +79,13 @@ class DeployStage(Stage):
     runtimes do by default."""
     tolerance: float = Field(default=1e-4, gt=0)
     """Largest allowed difference between the runtime's and torch's outputs, relative to the largest output (at least 1)."""
+
+    def installed_runtime(self) -> str | None:
+        """The runtime and its installed version as rows name it (``openvino 2026.4.1``); None if it does not import."""
+        try:
+            return runtime_text(self.runtime, version(self.runtime))
+        except ImportError:
+            return None
 
     def check_environment(self) -> None:
         """Import the runtime and the exporter's packages now (``torchslim validate`` asks)."""

@@ -96,7 +96,7 @@ class PruneStage(Stage):
 
     def _recalibrate(self, model: nn.Module, ctx: Context) -> None:
         """Re-estimate the BatchNorm statistics on the calibration data, and say so in the notes."""
-        from .._norms import recalibrate, tracking_norms
+        from ._norms import recalibrate, tracking_norms
 
         norms = len(tracking_norms(model))
         if not self.recalibrate_bn or norms == 0:

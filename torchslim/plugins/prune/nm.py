@@ -11,7 +11,7 @@ from torch import nn
 from ...engine.errors import StageError
 from ...engine.stage import Context
 from .._layers import weight_of
-from .._nm import fits, nm_mask
+from ._nm import fits, nm_mask
 from .zeroing import Layers, LayerTypes, ZeroingPrune
 
 

@@ -11,12 +11,12 @@ from torch import nn
 from ...engine.errors import StageError
 from ...engine.stage import Context
 from .._layers import check_patterns
-from .._quant_base import Calibration
 from .._shapes import changes, replay, snapshot
+from ..quantize._backends import Calibration
 from .base import Fraction, PruneStage
 
 if TYPE_CHECKING:
-    from .._structured import ChannelState
+    from ._structured import ChannelState
 
 
 class StructuredPrune(PruneStage):
@@ -73,7 +73,7 @@ class StructuredPrune(PruneStage):
         state = self._remove_channels(model, ctx)
         record = changes(before, model)
         if not record["tensors"]:
-            from .._structured import nothing_removed
+            from ._structured import nothing_removed
 
             raise StageError(self.label, nothing_removed(state))
         ctx.record_for_restore(**record)
@@ -87,8 +87,8 @@ class StructuredPrune(PruneStage):
     def _remove_channels(self, model: nn.Module, ctx: Context) -> ChannelState:
         _need_torch_pruning(self.label)
         check_patterns(model, self.exclude, "exclude", self.label)
-        from .._structured import ChannelOptions, ChannelState, prune_step
-        from .._structured_graph import GraphTimeout
+        from ._structured import ChannelOptions, ChannelState, prune_step
+        from ._structured_graph import GraphTimeout
 
         options = ChannelOptions(scope=self.scope, norm=1 if self.importance == "l1" else 2, round_to=self.round_to,
                                  ceiling=self.max_layer_amount, exclude=self.exclude,
@@ -115,7 +115,7 @@ class StructuredPrune(PruneStage):
         return Calibration(ctx.data["calibration"], self.calibration_batches)
 
     def _report(self, model: nn.Module, state: ChannelState, record: Mapping[str, Any], ctx: Context) -> None:
-        from .._structured import pruned_fraction
+        from ._structured import pruned_fraction
 
         removed = pruned_fraction(model, state)
         ctx.add_metric("pruned_channels", removed)

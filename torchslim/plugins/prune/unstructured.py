@@ -9,7 +9,7 @@ from torch import nn
 
 from ...engine.errors import StageError
 from ...engine.stage import Context
-from .._unstructured import capped_magnitude, torch_magnitude
+from ._unstructured import capped_magnitude, torch_magnitude
 from .base import Fraction
 from .zeroing import Layers, LayerTypes, ZeroingPrune
 
@@ -68,8 +68,8 @@ class WandaPrune(ZeroingPrune):
 
     def _step(self, model: nn.Module, layers: Layers, step: int, ctx: Context) -> None:
         # Norms are measured again before each step: the earlier steps changed what later layers see.
-        from .._quant_base import batch_inputs
-        from .._wanda import input_norms, prune_rows
+        from ..quantize._backends import batch_inputs
+        from ._wanda import input_norms, prune_rows
 
         batches = batch_inputs(ctx.data["calibration"], self.calibration_batches)
         try:

@@ -21,15 +21,16 @@ from ...engine.errors import StageError
 from ...engine.metrics import model_device
 from ...engine.stage import Context, Stage
 from .._layers import check_patterns, layer_census, layer_type, select_layers
-from .._quant_base import BackendError, Quantized, TorchWarnings, torch_warnings
+from ._backends import BackendError, Quantized, TorchWarnings, torch_warnings
 
 
 class QuantizeStage(Stage):
     """Replace float layers by ones with real low-precision kernels (never simulated int8).
 
-    A family: each method is a class of its own (:class:`DynamicQuantize`, :class:`StaticQuantize`,
-    :class:`WeightOnlyQuantize`, :class:`HalfQuantize`) holding only its own options, so an option
-    of another method is an unknown field. Every method reports which layers it quantized and which
+    A family: each method is a class of its own holding only its own options (``QuantizeStage.methods``
+    lists the eleven: dynamic, static, weight_only, half, binary, ternary, kbit, float8, ort_static,
+    ort_dynamic, nncf; :mod:`torchslim.plugins.quantize` says what each does), so an option of
+    another method is an unknown field. Every method reports which layers it quantized and which
     it left float, and records what a saved model needs to be loaded again.
     """
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from ...engine.errors import StageError
 from ...engine.stage import Context
-from .._quant_base import Quantized
+from ._backends import Quantized
 from .activations import fed_by_model_input
 from .formats import Format
 from .lowbit import LowBitQuantize

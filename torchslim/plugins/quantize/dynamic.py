@@ -11,8 +11,8 @@ from torch import nn
 from ...engine.errors import StageError
 from ...engine.stage import Context, option_errors
 from .._layers import layer_type
-from .._quant_base import BackendError, Quantized, batch_inputs, is_torch_quantized, module_types, take_census
-from .._quant_subclass import as_base_layers, swap_to_base
+from ._backends import BackendError, Quantized, batch_inputs, is_torch_quantized, module_types, take_census
+from ._subclass import as_base_layers, swap_to_base
 from .base import LayerQuantize, cpu_only_note, engine_note, has_vnni
 
 #: Layer types torch's dynamic quantization really converts. It accepts others (Conv2d)
@@ -91,7 +91,7 @@ class DynamicQuantize(LayerQuantize):
     def _convert(self, model: nn.Module, also_float: list[str], reduce_range: bool) -> nn.Module:
         """Dynamic quantization of ``model`` (a copy; the input is left as it was), leaving the
         ``exclude`` patterns and the layers named in ``also_float`` float."""
-        from .._quant_ao import quantize_dynamic
+        from ._ao import quantize_dynamic
 
         self._select_engine()
         exclude = [*self.exclude, *also_float]
@@ -106,7 +106,7 @@ class DynamicQuantize(LayerQuantize):
         return self.reduce_range if self.reduce_range is not None else not has_vnni()
 
     def _select_engine(self) -> None:
-        from .._quant_ao import DEFAULT_ENGINE, select_engine
+        from ._ao import DEFAULT_ENGINE, select_engine
 
         # Always select: an engine left by an earlier stage or recipe in this process (onednn has
         # no float16 kernels) must not decide how this stage packs its weights.
@@ -117,7 +117,7 @@ class DynamicQuantize(LayerQuantize):
 
     def _most_sensitive(self, model: nn.Module, ctx: Context) -> list[str]:
         """The ``skip_sensitive`` layers whose int8 version alone changes the output most (noted with their errors)."""
-        from .._sensitivity import rank_layers, ranking_note
+        from ._sensitivity import rank_layers, ranking_note
 
         names = list(self._convertible(model))
         count = self.skip_sensitive or 0
@@ -133,7 +133,7 @@ class DynamicQuantize(LayerQuantize):
         return [s.name for s in ranked[:count]]
 
     def _quantize_one(self, model: nn.Module, name: str) -> nn.Module:
-        from .._quant_ao import quantize_dynamic_layer
+        from ._ao import quantize_dynamic_layer
 
         return quantize_dynamic_layer(model, name, self.dtype, self._per_channel, self._reduce_range)
 

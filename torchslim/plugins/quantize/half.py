@@ -11,7 +11,7 @@ from torch import nn
 
 from ...engine.errors import StageError
 from ...engine.stage import Context
-from .._quant_base import Quantized, module_types, take_census
+from ._backends import Quantized, module_types, take_census
 from .base import QuantizeStage
 
 
@@ -49,7 +49,7 @@ class HalfQuantize(QuantizeStage):
 
 
 def _half(model: nn.Module, dtype: str) -> nn.Module:
-    from .._quant_modules import HalfPrecision
+    from ._modules import HalfPrecision
 
     return HalfPrecision(model, getattr(torch, dtype))
 

@@ -11,8 +11,8 @@ from torch import nn
 from ...engine.errors import StageError
 from ...engine.metrics import latency_batch
 from ...engine.stage import Context, option_errors
-from .._quant_base import batch_inputs
 from . import kernels
+from ._backends import batch_inputs
 from .formats import Format, QWeight
 from .int4pack import KERNEL_GROUPS
 from .lowbit import LowBitQuantize

@@ -18,7 +18,7 @@ from torch import nn
 from ...engine.errors import StageError
 from ...engine.stage import Context
 from .._layers import bias_of, select_layers, weight_of
-from .._quant_base import Quantized, module_types, take_census
+from ._backends import Quantized, module_types, take_census
 from .base import LayerQuantize
 from .formats import Format, QWeight, quantize, storage_for
 from .layers import LowBitLayer

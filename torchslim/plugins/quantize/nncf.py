@@ -10,7 +10,7 @@ from pydantic import Field, PrivateAttr
 from torch import nn
 
 from ...engine.stage import Context
-from .._quant_base import Quantized
+from ._backends import Quantized
 from .runtime import RuntimeQuantize, calibration_arrays, census_of, quiet_library
 
 #: OpenVINO ops with a weight input (input 1).
@@ -47,7 +47,7 @@ class NncfQuantize(RuntimeQuantize):
     def _quantize(self, model: nn.Module, ctx: Context) -> Quantized:
         import nncf
 
-        from ..deploy._ov import OpenVinoModel, ir_files
+        from ..deploy import OpenVinoModel, ir_files
 
         arrays = calibration_arrays(ctx, self.calibration_batches)
         source = model.ov_model()  # type: ignore[operator]

@@ -12,7 +12,7 @@ from pydantic import Field
 from torch import nn
 
 from ...engine.stage import Context
-from .._quant_base import Census, Quantized
+from ._backends import Census, Quantized
 from .runtime import RuntimeQuantize, calibration_arrays, census_of, quiet_library
 
 #: ONNX ops with a weight matrix (input 1) that ONNX Runtime quantizes.

@@ -13,8 +13,8 @@ from torch import nn
 
 from ...engine.errors import StageError
 from ...engine.stage import Context
-from .._quant_base import Census, batch_inputs
-from ..deploy.extras import quiet
+from ..deploy import quiet
+from ._backends import Census, batch_inputs
 from .base import QuantizeStage
 
 
@@ -28,7 +28,7 @@ class RuntimeQuantize(QuantizeStage):
 
     def check_environment(self) -> None:
         """Import the runtime's quantization library now (``torchslim validate`` asks)."""
-        from ..deploy.extras import MissingExtra, require
+        from ..deploy import MissingExtra, require
 
         try:
             require(self.requires)

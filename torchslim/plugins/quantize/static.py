@@ -10,8 +10,8 @@ from torch import nn
 
 from ...engine.errors import StageError
 from ...engine.stage import Context
-from .._quant_base import STATIC_TYPES, BackendError, Calibration, Quantized, StaticBackend, StaticOptions
-from .._quant_subclass import as_base_layers, swap_to_base
+from ._backends import STATIC_TYPES, BackendError, Calibration, Quantized, StaticBackend, StaticOptions
+from ._subclass import as_base_layers, swap_to_base
 from .base import LayerQuantize, cpu_only_note, engine_note
 
 
@@ -65,7 +65,7 @@ class StaticQuantize(LayerQuantize):
         if self.backend == "torchao":
             import importlib
 
-            from .._quant_torchao import INSTALL
+            from ._torchao import INSTALL
 
             try:
                 importlib.import_module("torchao.quantization.pt2e.quantize_pt2e")
@@ -74,10 +74,10 @@ class StaticQuantize(LayerQuantize):
 
     def _backend(self) -> StaticBackend:
         if self.backend == "torchao":
-            from .._quant_torchao import TorchaoBackend
+            from ._torchao import TorchaoBackend
 
             return TorchaoBackend()
-        from .._quant_ao import FxBackend
+        from ._ao import FxBackend
 
         return FxBackend()
 

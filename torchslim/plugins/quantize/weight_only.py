@@ -10,7 +10,7 @@ from pydantic import Field
 from torch import nn
 
 from ...engine.stage import Context
-from .._quant_base import Quantized, module_types, take_census
+from ._backends import Quantized, module_types, take_census
 from .base import LayerQuantize
 
 #: Layer types weight-only quantization swaps for an int8 version.
@@ -33,7 +33,7 @@ class WeightOnlyQuantize(LayerQuantize):
     """Weight type: ``qint8``."""
 
     def _quantize(self, model: nn.Module, ctx: Context) -> Quantized:
-        from .._quant_modules import Int8Embedding, embedding_refusal
+        from ._modules import Int8Embedding, embedding_refusal
 
         names = []
         for name, module in self._targets(model):
@@ -55,7 +55,7 @@ class WeightOnlyQuantize(LayerQuantize):
 
 
 def _swap_embeddings(model: nn.Module, names: list[str]) -> nn.Module:
-    from .._quant_modules import Int8Embedding
+    from ._modules import Int8Embedding
 
     for name in names:
         parent_name, _, attr = name.rpartition(".")

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.macs import count_macs
-from ..engine.metrics import model_device
-from ._quant_base import BackendError, Census, Quantized, StaticOptions, excluded_names, module_types
+from ...engine.macs import count_macs
+from ...engine.metrics import model_device
+from ._backends import BackendError, Census, Quantized, StaticOptions, excluded_names, module_types
 
 INSTALL = ("install it next to torch (torchao 0.18.0 matches torch 2.13): pip install --no-deps torchao==0.18.0; "
            "or use backend x86")

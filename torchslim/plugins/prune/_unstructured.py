@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._layers import weight_of
+from .._layers import weight_of
 
 
 def torch_magnitude(layers: list[nn.Module], amount: float, global_scope: bool) -> None:

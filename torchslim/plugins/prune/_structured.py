@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.errors import first_line
+from ...engine.errors import first_line
 from ._structured_choice import _choose_global, _choose_heads, _choose_per_layer, _out_channels, _round
 from ._structured_cut import _cut, _precheck, _shapes_of
 from ._structured_data import ActivationImportance, Lost, RefitResult, input_scales, refit, snapshot

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..engine.errors import first_line
+from ...engine.errors import first_line
 from ._structured_data import Lost, record_cut, removed_by
 from ._structured_heads import drop_heads
 

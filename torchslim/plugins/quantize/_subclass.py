@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._layers import layer_type, select_layers
-from ._quant_base import BackendError
+from .._layers import layer_type, select_layers
+from ._backends import BackendError
 
 #: What a subclass that never ran on the example inputs is told (its forward could not be compared).
 NOT_RUN = "it did not run on the example inputs"

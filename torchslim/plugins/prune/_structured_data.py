@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._layers import feed_inputs
+from .._layers import feed_inputs
 
 RIDGE = 1e-3
 """The ridge term of the refit and of the compensated scale, as a fraction of the mean diagonal of the

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from ._layers import feed_inputs, weight_of
+from .._layers import feed_inputs, weight_of
 
 
 def input_norms(model: nn.Module, layers: Mapping[str, nn.Module], batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:

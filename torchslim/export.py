@@ -24,13 +24,13 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from ...engine.checkpoints import PROGRESS_FILE, checkpoint_dir
-from ...engine.errors import CheckpointError, OutputError, UsageError, UserInputError
-from ...engine.labels import labelled
-from ...engine.prepare import first_inputs, located
-from ...engine.recipe import RecipeBase
-from ...engine.registry import Registry
-from ...engine.saving import (
+from .engine.checkpoints import PROGRESS_FILE, checkpoint_dir
+from .engine.errors import CheckpointError, OutputError, UsageError, UserInputError
+from .engine.labels import labelled
+from .engine.prepare import first_inputs, located
+from .engine.recipe import RecipeBase
+from .engine.registry import Registry
+from .engine.saving import (
     DEPLOY_FILES,
     DEPLOY_INFO,
     MODEL_FILE,
@@ -38,14 +38,22 @@ from ...engine.saving import (
     opened_run,
     write_deploy_files,
 )
-from ...engine.specs import build_data
-from ...engine.words import one_of
-from .export import ExportFailed, check_parity, dynamic_dims, export, exporter_for
-from .extras import MissingExtra, require_runtime
-from .runtime import RuntimeModel, runtime_label
+from .engine.specs import build_data
+from .engine.words import one_of
+from .plugins.deploy import (
+    ExportFailed,
+    MissingExtra,
+    RuntimeModel,
+    check_parity,
+    dynamic_dims,
+    export,
+    exporter_for,
+    require_runtime,
+    runtime_label,
+)
 
 if TYPE_CHECKING:
-    from . import DeployStage
+    from .plugins.deploy import DeployStage
 
 #: ``--to`` -> the runtime that checks parity and whose files are written.
 TARGETS = {"onnx": "onnxruntime", "openvino": "openvino"}
@@ -142,7 +150,7 @@ def first_eval_batch(recipe: RecipeBase) -> torch.Tensor:
 
 def _options(to: str, **options: Any) -> DeployStage:
     """The export options, validated as the deploy stage's (same names, defaults and limits)."""
-    from . import DeployStage
+    from .plugins.deploy import DeployStage
 
     if to not in TARGETS:
         raise UsageError(f"to: '{to}' is not a target; choose {' or '.join(TARGETS)}")
@@ -186,10 +194,9 @@ def _refuse_unexportable(folder: Path, model: nn.Module, stages: list[Any], runt
 
 
 def _quantized_layer(module: nn.Module) -> bool:
-    from .._quant_base import is_torch_quantized
-    from ..quantize.layers import LowBitLayer
+    from .plugins.quantize import is_quantized_layer
 
-    return is_torch_quantized(module) or isinstance(module, LowBitLayer)
+    return is_quantized_layer(module)
 
 
 def _check_outputs(folder: Path, overwrite: bool) -> None:

@@ -3,7 +3,7 @@ mode, or eager mode layer by layer where FX fails).
 
 torch 2.13 marks ``torch.ao.quantization`` as deprecated (its successor is torchao); keeping
 every call here means one file to replace when it goes. Callers wrap these functions in
-:func:`torchslim.plugins._quant_base.torch_warnings`, which reports torch's warnings once.
+:func:`torchslim.plugins.quantize._backends.torch_warnings`, which reports torch's warnings once.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.errors import first_line
-from ._layers import matches
-from ._quant_base import (
+from ...engine.errors import first_line
+from .._layers import matches
+from ._backends import (
     STATIC_TYPES,
     BackendError,
     Quantized,

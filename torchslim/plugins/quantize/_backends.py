@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ._layers import matches
+from .._layers import matches
 
 #: Layer types with weights that static quantization (FX and torchao alike) converts to int8 kernels.
 STATIC_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")

@@ -10,16 +10,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import distributed
-from .checkpoints import checkpointed_stages
-from .checks import check_recipe_code
-from .errors import OutputError, TorchslimError, UsageError
-from .recipe import RecipeBase, load_recipe, recipe_model
-from .registry import Registry
-from .runner import run
-from .summary import summary
-from .version import VERSION
-from .words import plural
+from .engine import distributed
+from .engine.checkpoints import checkpointed_stages
+from .engine.checks import check_recipe_code
+from .engine.errors import OutputError, TorchslimError, UsageError
+from .engine.recipe import RecipeBase, load_recipe, recipe_model
+from .engine.registry import Registry
+from .engine.runner import run
+from .engine.summary import summary
+from .engine.version import VERSION
+from .engine.words import plural
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -170,8 +170,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from ..compare import compare
-    from ..compare.export import written_line
+    from .compare import compare
+    from .compare.export import written_line
 
     comparison = compare(args.recipes, args.out, jobs=args.jobs)
     print(comparison.text())
@@ -182,7 +182,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     # Imported here: the engine (and this command line) work without the deploy extras installed.
-    from ..plugins.deploy import export_run
+    from .plugins.deploy import export_run
 
     options = {key: value for key, value in (("opset", args.opset), ("exporter", args.exporter),
                                             ("tolerance", args.tolerance)) if value is not None}
@@ -214,8 +214,8 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _validate_sweep(args: argparse.Namespace, recipe: RecipeBase, registry: Registry, checked: str) -> int:
     """Every variant of a sweep validated (and its targets imported) as ``compare`` would run it."""
-    from ..compare.sweep import expand
-    from .yamlio import read_yaml
+    from .compare.sweep import expand
+    from .engine.yamlio import read_yaml
 
     variants = expand(recipe.document or read_yaml(args.recipe), recipe, registry)
     if not args.no_import:

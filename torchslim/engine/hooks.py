@@ -1,0 +1,76 @@
+"""What the engine asks of a model or a stage beyond ``apply``/``restore``: each hook a ``typing.Protocol``.
+
+A plugin opts in by having the method or attribute (no base class to inherit); the engine checks with
+``isinstance(obj, Hook)``. docs/plugins.md lists them for plugin authors, with an example of each;
+tests/test_hooks.py has a plugin that uses every one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class CountsWeights(Protocol):
+    """A module whose weights are neither parameters nor torch's packed quantized ones (an exported graph
+    holding int8 constants, a packed low-bit layer): it lists them for the params / non-zero columns,
+    and its submodules are not searched again."""
+
+    def counted_weights(self) -> Iterable[torch.Tensor]:
+        """The weight and bias tensors of the module (any dtype)."""
+        ...
+
+
+@runtime_checkable
+class CountsMacs(Protocol):
+    """A model whose multiply-accumulates torch's FLOP counter cannot see (it runs outside torch)."""
+
+    def counted_macs(self, example: torch.Tensor) -> int | None:
+        """MACs for one sample shaped like ``example``; None where they cannot be known (never a guessed 0)."""
+        ...
+
+
+@runtime_checkable
+class Deployed(Protocol):
+    """A model that runs in a runtime from files of its own: size is their bytes, and ``--out`` writes
+    them beside ``model.pt`` with ``deploy.json``."""
+
+    def file_bytes(self) -> int:
+        """Bytes of the files the runtime loads."""
+        ...
+
+    def deploy_files(self) -> Mapping[str, bytes]:
+        """``{file name: content}`` to write under ``--out`` (``model.onnx``, or ``model.xml`` + ``model.bin``)."""
+        ...
+
+    def deploy_info(self) -> dict[str, Any]:
+        """The description of those files written as ``deploy.json`` (runtime, version, inputs, outputs, ...)."""
+        ...
+
+
+@runtime_checkable
+class Settles(Protocol):
+    """A model whose runtime keeps threads spinning after a call: the timing loop waits this long, untimed,
+    after each timed call, so that the next model timed is not charged for them."""
+
+    settle_seconds: float
+
+
+@runtime_checkable
+class RuntimeStage(Protocol):
+    """A stage after which the model runs in a runtime (``deploy``): ``torchslim compare`` measures the
+    original model through the same stage, as the variants' float baseline in that runtime."""
+
+    runtime: str
+
+    def installed_runtime(self) -> str | None:
+        """The runtime and its installed version as rows name it (``openvino 2026.4.1``); None if it does not import."""
+        ...
+
+
+def settle_seconds(model: object) -> float:
+    """:class:`Settles`'s wait for ``model``, 0 for any other."""
+    return float(model.settle_seconds) if isinstance(model, Settles) else 0.0
