@@ -83,11 +83,12 @@ def test_recurrent_layer_macs_follow_the_formula(kind: str, layers: int, bidirec
 
 @pytest.mark.parametrize("dtype", ["qint8", "float16"])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
-def test_dynamic_quantized_recurrent_layers_keep_their_macs(kind: str, dtype: str) -> None:
+def test_dynamic_quantized_recurrent_layers_keep_their_macs_and_params(kind: str, dtype: str) -> None:
     model = nn.Sequential(nn.Embedding(20, 6), getattr(nn, kind)(6, 8, num_layers=2, bidirectional=True, batch_first=True))
     quantized = DynamicQuantize(modules=[kind], dtype=dtype)._convert(model, [], reduce_range=True)
     tokens = torch.randint(0, 20, (2, 5))
     assert count_macs(quantized, tokens) == count_macs(model, tokens) == 5 * recurrent_macs(kind, 6, 8, 2, 2)
+    assert count_params(quantized) == count_params(model)  # the packed weights count as the float ones did
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
@@ -97,6 +98,7 @@ def test_recurrent_cells_and_packed_sequences_are_counted(kind: str) -> None:
     per_step = recurrent_macs(kind, 6, 8)
     quantized = DynamicQuantize(modules=[f"{kind}Cell"])._convert(cell, [], reduce_range=True)
     assert count_macs(cell, x) == count_macs(quantized, x) == per_step
+    assert count_params(quantized) == count_params(cell)
     # Two sequences of 5 and 3 steps: 8 steps in all, not the padded 10.
     assert count_macs(PackedRun(getattr(nn, kind)(6, 8, batch_first=True)), torch.randn(2, 5, 6)) == 8 * per_step // 2
 
