@@ -19,9 +19,9 @@ from torchslim.engine.metrics import accuracy, count_macs
 from torchslim.engine.packed import pack_state_dict, packed_size_bytes, saved_bytes, smallest_state, unpack_state_dict
 from torchslim.examples import digits, mobile
 from torchslim.plugins._masks import ZeroMasks
-from torchslim.plugins.prune._nm import follows_pattern
 from torchslim.plugins._train import finetune
 from torchslim.plugins.prune import MagnitudePrune, NMPrune, PruneStage, StructuredPrune, WandaPrune
+from torchslim.plugins.prune._nm import follows_pattern
 
 from .conftest import FAST_METRICS, digits_recipe, make_ctx
 

@@ -18,8 +18,8 @@ import torchslim
 from torchslim import Registry, StageError, load_recipe
 from torchslim.engine.metrics import accuracy, size_bytes
 from torchslim.examples import digits
-from torchslim.plugins.quantize._modules import Int8Embedding
 from torchslim.plugins.quantize import DynamicQuantize, HalfQuantize, QuantizeStage, StaticQuantize, WeightOnlyQuantize
+from torchslim.plugins.quantize._modules import Int8Embedding
 from torchslim.plugins.quantize.base import has_vnni
 
 from .conftest import FAST_METRICS, digits_recipe, make_ctx
@@ -48,6 +48,28 @@ def pixel_model(train_epochs: int = 0) -> PixelEmbedding:
     if train_epochs:
         digits.fit(model, digits.loaders()["train"], train_epochs, lr=1e-2)
     return model.eval()
+
+
+class PixelSequence(nn.Module):
+    """Digits read as a sequence: 64 pixel intensities (0..16) through an embedding and a recurrent layer
+    (``rows``: the 8 rows of 8 pixels, no embedding), then a linear head on the last step."""
+
+    def __init__(self, kind: str, layers: int, bidirectional: bool, rows: bool) -> None:
+        super().__init__()
+        self.table = None if rows else nn.Embedding(17, 8)
+        self.rnn = getattr(nn, kind)(8, 16, num_layers=layers, bidirectional=bidirectional, batch_first=True)
+        self.head = nn.Linear(16 * (2 if bidirectional else 1), digits.CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        steps = x.reshape(len(x), 8, 8) if self.table is None else self.table((x.reshape(len(x), -1) * 16).round().long())
+        out, _ = self.rnn(steps)
+        return self.head(out[:, -1])
+
+
+def sequence_model(kind: str = "LSTM", layers: int = 1, bidirectional: bool = False, rows: bool = False) -> PixelSequence:
+    """An untrained :class:`PixelSequence` (a model factory for recipes)."""
+    torch.manual_seed(0)
+    return PixelSequence(kind, layers, bidirectional, rows).eval()
 
 
 class Branchy(nn.Module):
@@ -271,10 +293,17 @@ ROUND_TRIPS = [
     ({"target": "tests.test_quantize:pixel_model", "kwargs": {"train_epochs": 1}}, False, {"method": "weight_only"}),
     ({"target": "torchslim.examples.digits:mlp", "kwargs": {"hidden": 16, "train_epochs": 2}}, False,
      {"method": "half", "dtype": "bfloat16"}),
+    # torch keeps recurrent layers' packed weights as TorchScript objects, which weights_only loading refuses.
+    ({"target": "tests.test_quantize:sequence_model"}, False, {"method": "dynamic", "modules": ["Linear", "LSTM"]}),
+    ({"target": "tests.test_quantize:sequence_model", "kwargs": {"kind": "GRU", "layers": 2, "bidirectional": True, "rows": True}},
+     False, {"method": "dynamic", "modules": ["Linear", "GRU"]}),
+    ({"target": "tests.test_quantize:sequence_model", "kwargs": {"layers": 2, "bidirectional": True, "rows": True}},
+     False, {"method": "dynamic", "modules": ["LSTM"], "dtype": "float16"}),
 ]
 
 
-@pytest.mark.parametrize(("model", "image", "stage"), ROUND_TRIPS, ids=["dynamic", "static", "weight_only", "half"])
+@pytest.mark.parametrize(("model", "image", "stage"), ROUND_TRIPS,
+                         ids=["dynamic", "static", "weight_only", "half", "lstm", "gru-bidirectional", "lstm-float16"])
 def test_saved_model_loads_with_identical_outputs(tmp_path: Path, model: dict, image: bool, stage: dict) -> None:
     registry = Registry.load(autoload=False)
     report = torchslim.run(_recipe(model, image, {"type": "quantize", **stage}), tmp_path, registry=registry)
@@ -383,6 +412,25 @@ def test_dynamic_per_channel_quantizes_recurrent_layers(kind: str) -> None:
     assert out[0]._get_name() == f"DynamicQuantized{kind}"
     assert torch.backends.quantized.engine == "onednn"
     assert torch.allclose(out(inputs)[0], model(inputs)[0], atol=0.05)
+
+
+@pytest.mark.parametrize("dtype", ["qint8", "float16"])
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_dynamic_recurrent_cells_save_plain_tensors_and_reload(kind: str, dtype: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(getattr(nn, kind)(8, 16))
+    inputs = torch.randn(4, 8)
+    stage = DynamicQuantize(modules=[kind], dtype=dtype)
+    ctx = make_ctx(model, {"eval": [(inputs, None)]}, evaluate=lambda m: 0.0)
+    out = stage.apply(model, ctx)
+    assert out[0]._get_name() == f"DynamicQuantized{kind}"
+    torch.save(out.state_dict(), tmp_path / "cell.pt")
+    state = torch.load(tmp_path / "cell.pt", weights_only=True)  # torch's packed objects would be refused
+    torch.manual_seed(1)
+    rebuilt = stage.restore(nn.Sequential(getattr(nn, kind)(8, 16)), ctx.restore_record)
+    rebuilt.load_state_dict(state)
+    expected, got = out(inputs), rebuilt(inputs)
+    assert torch.equal(expected[0] if kind == "LSTMCell" else expected, got[0] if kind == "LSTMCell" else got)
 
 
 def test_skip_sensitive_leaves_the_layer_int8_hurts_most_float(trained_mlp: nn.Module, flat: dict) -> None:

@@ -117,20 +117,38 @@ def resume(out_dir: Path, recipe: RecipeBase, ctx: Context, report: Report) -> t
     return resumed.model, resumed.structure
 
 
-def reload_problem(out_dir: Path, index: int, recipe: RecipeBase, model: nn.Module, ctx: Context) -> str | None:
+@dataclass(frozen=True)
+class ReloadProblem:
+    """Why a checkpoint does not give back the model the stage returned."""
+
+    text: str
+    """What went wrong, one line."""
+    unreadable: bool = False
+    """True when the saved file could not be read back at all (its state dict holds something
+    ``torch.load(..., weights_only=True)`` refuses); False when it was read but rebuilt differently."""
+    cause: BaseException | None = None
+    """The exception behind it, if any (the failure log shows its traceback)."""
+
+
+def reload_problem(out_dir: Path, index: int, recipe: RecipeBase, model: nn.Module, ctx: Context) -> ReloadProblem | None:
     """Rebuild the checkpoint just written after stage ``index`` as :func:`torchslim.load_model` would
     (fresh model, each stage's ``restore``, saved tensors) and compare its outputs with ``model``'s
     on the example inputs; returns what is wrong, or None."""
     path = checkpoint_dir(out_dir, index) / MODEL_FILE
     try:
-        rebuilt = rebuild(recipe, read_payload(path), path, copy.deepcopy(ctx.original)).eval()
+        payload = read_payload(path)
     except TorchslimError as exc:
-        return str(exc)
+        return ReloadProblem(str(exc), unreadable=True, cause=exc)
+    try:
+        rebuilt = rebuild(recipe, payload, path, copy.deepcopy(ctx.original)).eval()
+    except TorchslimError as exc:
+        return ReloadProblem(str(exc), cause=exc)
     except Exception as exc:  # a plugin's restore can fail in any way
-        return f"{type(exc).__name__}: {exc}"
+        return ReloadProblem(f"{type(exc).__name__}: {exc}", cause=exc)
     with torch.inference_mode():
         expected, got = _tensors(model.eval()(ctx.example_inputs)), _tensors(rebuilt(ctx.example_inputs))
-    return _difference(expected, got)
+    difference = _difference(expected, got)
+    return None if difference is None else ReloadProblem(difference)
 
 
 def _tensors(output: Any) -> list[torch.Tensor]:

@@ -6,6 +6,11 @@ never prints. Every message starts with the thing at fault (file position, stage
 
 from __future__ import annotations
 
+import re
+
+#: Terminal control sequences (colour, bold): torch's weights_only refusal bolds a phrase with them.
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
 
 class TorchslimError(Exception):
     """Base class of every error torchslim raises on purpose."""
@@ -82,9 +87,15 @@ class StageError(TorchslimError):
             self.args = (f"stage {self.stage}: {self.message} ({self.position})",)
 
 
+def plain_text(text: str) -> str:
+    """``text`` without terminal control sequences: a library's message may carry them, and in an error
+    message, a log file or a report they show as raw escape codes."""
+    return _ANSI.sub("", text)
+
+
 def first_line(exc: BaseException, typed: bool = False, limit: int = 300) -> str:
     """The first line of an exception's message (after its type name with ``typed``), at most ``limit``
-    characters: what a one-line note or error shows of a library's failure."""
-    text = f"{type(exc).__name__}: {exc}" if typed else str(exc)
+    characters, without terminal control sequences: what a one-line note or error shows of a library's failure."""
+    text = plain_text(f"{type(exc).__name__}: {exc}" if typed else str(exc))
     lines = text.strip().splitlines()
     return (lines[0] if lines else (type(exc).__name__ if typed else ""))[:limit]

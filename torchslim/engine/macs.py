@@ -5,8 +5,10 @@ product dispatched as an aten op: Linear and Conv, and also attention's ``matmul
 ``scaled_dot_product_attention``, which hooks on Linear and Conv modules never see. It cannot
 see the kernels of quantized layers (``quantized::linear_dynamic``, packed convs), so a forward
 hook on each Linear- or Conv-like module counts the layers inside which the FLOP counter saw
-nothing. A model that cannot be counted this way (a compiled graph) may count itself: a module
-with a ``counted_macs(example)`` method is asked instead.
+nothing. Recurrent layers (LSTM, GRU, RNN and their cells, float or torch.ao's dynamic int8) are
+counted by their formula, whatever the FLOP counter saw of them: it sees GRU's and RNN's matrix
+products but not CPU LSTM's oneDNN kernel nor any quantized one. A model that cannot be counted this
+way (a compiled graph) may count itself: a module with a ``counted_macs(example)`` method is asked instead.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ def _sdpa_cpu_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: A
 
 
 _CUSTOM: dict[Any, Any] = {}
+#: Gates of torch's recurrent layers by their ``mode`` (nn.RNNBase's, and torch.ao's dynamic LSTM/GRU):
+#: each gate is one input and one hidden matrix product per time step.
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
     _CUSTOM[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu_flops
 
@@ -66,7 +71,13 @@ def _count(model: nn.Module, example: torch.Tensor, grad_mode: Any) -> int:
 
     def after(module: nn.Module, _inputs: Any, output: Any) -> None:
         nonlocal hooked
-        if counter.get_total_flops() == starts.pop(id(module), -1):  # the FLOP counter saw none of it
+        start = starts.pop(id(module), None)
+        if start is None:
+            return
+        seen = counter.get_total_flops() - start
+        if _is_recurrent(module):  # its formula replaces the part of it the FLOP counter saw
+            hooked += 2 * _recurrent_macs(module, output) - seen
+        elif seen == 0:  # the FLOP counter saw none of it
             hooked += 2 * _layer_macs(module, output)
 
     handles = []
@@ -96,8 +107,51 @@ def _is_conv(module: nn.Module) -> bool:
     return all(hasattr(module, a) for a in ("in_channels", "groups", "kernel_size"))
 
 
+def _is_recurrent(module: nn.Module) -> bool:
+    # torch's float layers and cells (nn.RNNBase, nn.RNNCellBase) and torch.ao's dynamic ones, under
+    # whatever torch path they live; a user's module with the same attributes keeps being counted op by op.
+    bases = [cls for cls in type(module).__mro__ if cls.__module__.startswith("torch.")]
+    return any(cls.__name__ in ("RNNBase", "RNNCellBase") for cls in bases) and _gates(module) > 0
+
+
 def _is_layer(module: nn.Module) -> bool:
-    return _is_linear(module) or _is_conv(module)
+    return _is_linear(module) or _is_conv(module) or _is_recurrent(module)
+
+
+def _gates(module: nn.Module) -> int:
+    """4 for an LSTM (cell), 3 for a GRU, 1 for a plain RNN, 0 for anything else."""
+    mode = getattr(module, "mode", None)
+    if isinstance(mode, str):
+        return _GATES.get(mode, 0)
+    # A cell has no mode: its input weight holds one block of rows per gate (torch.ao's packs it).
+    weight = getattr(module, "weight_ih", None)
+    if weight is None and callable(getattr(module, "get_weight", None)):
+        weights = module.get_weight()  # type: ignore[operator]
+        weight = weights.get("weight_ih") if isinstance(weights, dict) else None
+    return int(weight.shape[0]) // _attr(module, "hidden_size") if isinstance(weight, torch.Tensor) else 0
+
+
+def _recurrent_macs(module: nn.Module, output: Any) -> int:
+    """Per time step, layer and direction: gates x hidden x (layer input + hidden state) [+ hidden x proj_size].
+
+    A cell is one layer, one direction, one step per call."""
+    hidden, proj = _attr(module, "hidden_size"), int(getattr(module, "proj_size", 0) or 0)
+    state = proj or hidden  # an LSTM with proj_size feeds back (and outputs) the projected state
+    gates, directions = _gates(module), 2 if getattr(module, "bidirectional", False) else 1
+    width = _attr(module, "input_size")
+    per_step = 0
+    for _ in range(int(getattr(module, "num_layers", 1))):
+        per_step += directions * (gates * hidden * (width + state) + hidden * proj)
+        width = state * directions
+    return _steps(output, state * directions) * per_step
+
+
+def _steps(output: Any, width: int) -> int:
+    """Time steps times sequences the layer ran (one per sequence for a cell): its output's elements over
+    the output's ``width``, the last layer's state times its directions."""
+    out = output[0] if isinstance(output, tuple) else output  # a layer's (output, state), an LSTM cell's (h, c)
+    data = getattr(out, "data", out)  # a PackedSequence holds its steps of all sequences in .data
+    return data.numel() // width if isinstance(data, torch.Tensor) else 0
 
 
 def _layer_macs(module: nn.Module, output: Any) -> int:

@@ -50,11 +50,26 @@ def _weights(model: nn.Module) -> Iterator[torch.Tensor]:
             yield from (p.detach() for p in own)
         elif _is_packed(module):
             yield from _packed_tensors(module)
+        elif _is_packed_recurrent(module):
+            yield from _packed_recurrent_tensors(module)
 
 
 def _is_packed(module: nn.Module) -> bool:
     # Quantized modules keep weights in packed C++ objects and expose them as methods.
     return callable(getattr(module, "weight", None)) and not isinstance(module.weight, torch.Tensor)
+
+
+def _is_packed_recurrent(module: nn.Module) -> bool:
+    # torch.ao's dynamic LSTM/GRU and cells list their packed weights and biases by name instead.
+    return callable(getattr(module, "get_weight", None)) and callable(getattr(module, "get_bias", None))
+
+
+def _packed_recurrent_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    for name in ("get_weight", "get_bias"):
+        values: Any = getattr(module, name)()
+        for value in values.values() if isinstance(values, dict) else ():
+            if isinstance(value, torch.Tensor):
+                yield value.dequantize() if value.is_quantized else value.detach()
 
 
 def _packed_tensors(module: nn.Module) -> Iterator[torch.Tensor]:

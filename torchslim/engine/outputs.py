@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .atomic import write_text
 from .checkpoints import CHECKPOINT_DIR
-from .errors import OutputError, TorchslimError
+from .errors import OutputError, TorchslimError, plain_text
 from .saving import DEPLOY_FILES, DEPLOY_INFO, MODEL_FILE, RECIPE_FILE
 
 FAILURE_LOG = "torchslim.log"
@@ -36,7 +36,8 @@ def prepare_output(out_dir: Path, reuse: bool, create: bool = True) -> Path:
 def record_failure(out_dir: Path, exc: BaseException) -> None:
     """Write the traceback of ``exc`` to the failure log and point the error at it."""
     path = out_dir / FAILURE_LOG
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    # A library's message may colour a phrase (torch's weights_only refusal does): the log is a plain file.
+    text = plain_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     write_text(path, text)
     if isinstance(exc, TorchslimError):
         exc.log_path = path

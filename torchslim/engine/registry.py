@@ -32,6 +32,14 @@ BUILTINS: dict[str, str] = {
 }
 
 
+def is_builtin(stage_class: builtins.type[Any]) -> bool:
+    """True for the classes of torchslim's own stages (a family's method classes included), which come
+    from the modules named in :data:`BUILTINS`: a failure of theirs is torchslim's, not a plugin author's."""
+    module = stage_class.__module__
+    packages = {target.partition(":")[0] for target in BUILTINS.values()}
+    return any(module == package or module.startswith(package + ".") for package in packages)
+
+
 @dataclass(frozen=True)
 class StageEntry:
     """One registered stage type: where it comes from and its class, or why it is broken."""

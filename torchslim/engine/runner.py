@@ -16,16 +16,16 @@ import torch
 from torch import nn
 
 from . import distributed, names
-from .checkpoints import reload_problem, resume, save_checkpoint
+from .checkpoints import ReloadProblem, reload_problem, resume, save_checkpoint
 from .environment import environment
-from .errors import StageError, TorchslimError
+from .errors import StageError, TorchslimError, plain_text
 from .headline import close_report, compiled_note
 from .labels import labelled
 from .metrics import fingerprint, measure
 from .outputs import clear_failure, prepare_output, record_failure
 from .prepare import baseline_failure, prepare
 from .recipe import RecipeBase, load_recipe
-from .registry import Registry
+from .registry import Registry, is_builtin
 from .report import Report, Row
 from .saving import save_model
 from .stage import Context, Stage
@@ -154,11 +154,7 @@ class _Run:
     def _check_reload(self, writer: Path, index: int, stage: Stage, model: nn.Module, ctx: Context) -> None:
         problem = reload_problem(writer, index, self.recipe, model, ctx)
         if problem is not None:
-            problem = " ".join(problem.split())  # torch's load_state_dict message spans lines
-            raise StageError(stage.label, f"the model it returned cannot be rebuilt from its checkpoint as "
-                             f"torchslim.load_model would ({problem}); a stage that changes the model's structure "
-                             f"(swaps modules, removes channels) must record what it changed with "
-                             f"ctx.record_for_restore(...) and redo it in restore(model, record)")
+            raise StageError(stage.label, reload_message(stage, problem)) from problem.cause
 
     @contextmanager
     def _located(self, index: int) -> Any:
@@ -178,6 +174,27 @@ class _Run:
             if self.writer is not None:
                 record_failure(self.writer, exc)
             raise
+
+
+def reload_message(stage: Stage, problem: ReloadProblem) -> str:
+    """The error of a stage whose checkpoint does not load back as the model it returned: what happened, in
+    a user's words; then, for a plugin's stage, what its author must do (a built-in's failure is torchslim's)."""
+    text = " ".join(plain_text(problem.text).split())  # torch's load_state_dict message spans lines
+    if problem.unreadable:
+        what = f"the model it returned cannot be saved so that it loads again ({text})"
+        kept = "a model that torchslim.load_model cannot load"
+        author = ("everything in the model's state dict must load with torch.load(weights_only=True): tensors "
+                  "and plain Python values, no other objects")
+    else:
+        what = f"the model it returned cannot be rebuilt from its checkpoint as torchslim.load_model would ({text})"
+        kept = "a model that would not load back as it was"
+        author = ("a stage that changes the model's structure (swaps modules, removes channels) must record what it "
+                  "changed with ctx.record_for_restore(...) and redo it in restore(model, record)")
+    stopped = (f"{what}. The run stopped here rather than leave in --out {kept}; without --out nothing is saved "
+               f"and this check does not run.")
+    if is_builtin(type(stage)):
+        return f"{stopped} This is a torchslim bug in the {stage.type} stage: please report it with the recipe."
+    return f"{stopped} For the stage's author: {author}."
 
 
 def reseed_loaders(data: Mapping[str, Any], seed: int) -> None:

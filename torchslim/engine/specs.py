@@ -18,7 +18,7 @@ import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from torch import nn
 
-from .errors import CheckpointError, RecipeError
+from .errors import CheckpointError, RecipeError, first_line, plain_text
 from .usercode import call_target, importable
 from .words import close_name
 
@@ -169,6 +169,10 @@ def build_model(spec: ModelSpec, base_dir: Path | None, field: str = "model") ->
     return model
 
 
+#: How torch's weights_only refusal introduces the reason (torch 2.6 to 2.13).
+_UNPICKLER = "WeightsUnpickler error:"
+
+
 def safe_load(path: Path) -> Any:
     """``torch.load`` with ``weights_only=True``: a pickle that would run code is refused."""
     try:
@@ -180,10 +184,20 @@ def safe_load(path: Path) -> Any:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint file not found") from None
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... on unsafe or bad files
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # torch's full message stays as the cause (the log's traceback shows it); the error says what it refused.
         raise CheckpointError(
-            f"{path}: refused to load: not a plain tensor checkpoint loadable with weights_only=True ({first_line})"
-        ) from None
+            f"{path}: refused to load: not a plain tensor checkpoint loadable with weights_only=True ({_refusal(exc)})"
+        ) from exc
+
+
+def _refusal(exc: Exception) -> str:
+    """What torch's refusal says the file holds: its weights_only message opens with advice on loading it
+    anyway (unsafe here) and names the offending object on a later ``WeightsUnpickler error:`` line."""
+    for line in plain_text(str(exc)).splitlines():
+        if line.strip().startswith(_UNPICKLER):
+            reason = line.strip().removeprefix(_UNPICKLER).strip()
+            return reason.split(". ")[0]  # its next sentence advises allowlisting the object
+    return first_line(exc) or type(exc).__name__
 
 
 def load_state(model: nn.Module, state: Any, source: str) -> None:

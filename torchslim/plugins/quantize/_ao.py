@@ -54,7 +54,11 @@ def quantize_dynamic_layer(model: nn.Module, name: str, dtype: str, per_channel:
 
 
 def _dynamic(model: nn.Module, spec: Mapping[Any, Any], dtype: str, reduce_range: bool) -> nn.Module:
+    from ._ao_rnn import savable
+
     quantized: nn.Module = torch.ao.quantization.quantize_dynamic(model.eval(), dict(spec), dtype=getattr(torch, dtype))
+    # torch's recurrent layers put TorchScript objects in the state dict, which a weights_only load refuses.
+    savable(quantized)
     return quantized if reduce_range else full_range(quantized)
 
 
