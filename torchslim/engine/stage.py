@@ -150,6 +150,9 @@ class Context:
     """This stage's own figures (:meth:`add_metric`), shown in its row of the summary and report."""
     notes: list[str] = field(default_factory=list)
     """This stage's remarks (:meth:`note`), printed under the summary table."""
+    shared: dict[str, Any] = field(default_factory=dict)
+    """What several stages read and the run keeps once (the calibration inputs: ``plugins/_calibration.py``);
+    the same dict for every stage of a run (:meth:`for_stage` keeps it), keyed by what it holds."""
     restore_record: dict[str, Any] = field(default_factory=dict)
     """What this stage changed in the model's structure (:meth:`record_for_restore`), saved with the
     model and handed back to :meth:`Stage.restore`."""

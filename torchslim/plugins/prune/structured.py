@@ -10,9 +10,9 @@ from torch import nn
 
 from ...engine.errors import StageError
 from ...engine.stage import Context
+from .._calibration import Calibration
 from .._layers import check_patterns
 from .._shapes import changes, replay, snapshot
-from ..quantize._backends import Calibration
 from .base import Fraction, PruneStage
 
 if TYPE_CHECKING:
@@ -112,7 +112,7 @@ class StructuredPrune(PruneStage):
         """The calibration inputs, when the importance or the refit measures on them."""
         if self.importance not in _MEASURED and not self.refit:
             return None
-        return Calibration(ctx.data["calibration"], self.calibration_batches)
+        return Calibration.of(ctx, self.calibration_batches)
 
     def _report(self, model: nn.Module, state: ChannelState, record: Mapping[str, Any], ctx: Context) -> None:
         from ._structured import pruned_fraction

@@ -68,10 +68,10 @@ class WandaPrune(ZeroingPrune):
 
     def _step(self, model: nn.Module, layers: Layers, step: int, ctx: Context) -> None:
         # Norms are measured again before each step: the earlier steps changed what later layers see.
-        from ..quantize._backends import batch_inputs
+        from .._calibration import calibration_inputs
         from ._wanda import input_norms, prune_rows
 
-        batches = batch_inputs(ctx.data["calibration"], self.calibration_batches)
+        batches = calibration_inputs(ctx, self.calibration_batches)
         try:
             norms = input_norms(model.eval(), layers, batches)
         except ValueError as exc:

@@ -7,7 +7,6 @@ record ``quantize`` returned (``restore``), so that the saved state dict fits it
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -105,18 +104,6 @@ def take_census(types_before: Mapping[str, str], model: nn.Module, is_quantized:
     return census
 
 
-@dataclass(frozen=True)
-class Calibration:
-    """The inputs of the first ``limit`` batches of ``loader``, iterable more than once (a backend
-    that falls back from one mode to another calibrates again)."""
-
-    loader: Iterable[Any]
-    limit: int
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        return batch_inputs(self.loader, self.limit)
-
-
 def excluded_names(model: nn.Module, patterns: Iterable[str]) -> list[str]:
     """Names of ``model``'s modules that match one of the fnmatch ``patterns`` (a backend's exclusions)."""
     patterns = tuple(patterns)
@@ -132,12 +119,6 @@ def is_torch_quantized(module: nn.Module) -> bool:
     """True for torch's quantized layers (static, dynamic, fused), whatever their torch version path,
     and torchslim's subclasses of them."""
     return any(cls.__module__.startswith(TORCH_QUANTIZED) for cls in type(module).__mro__)
-
-
-def batch_inputs(batches: Iterable[Any], limit: int) -> Iterator[torch.Tensor]:
-    """The inputs of the first ``limit`` ``(inputs, targets)`` batches."""
-    for batch in itertools.islice(batches, limit):  # islice: never pull a batch beyond the limit
-        yield batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 @dataclass

@@ -10,8 +10,9 @@ from torch import nn
 
 from ...engine.errors import StageError
 from ...engine.stage import Context, option_errors
+from .._calibration import calibration_inputs
 from .._layers import layer_type
-from ._backends import BackendError, Quantized, batch_inputs, is_torch_quantized, module_types, take_census
+from ._backends import BackendError, Quantized, is_torch_quantized, module_types, take_census
 from ._subclass import as_base_layers, swap_to_base
 from .base import LayerQuantize, cpu_only_note, engine_note, has_vnni
 
@@ -124,7 +125,7 @@ class DynamicQuantize(LayerQuantize):
         if count >= len(names):
             raise StageError(self.label, f"skip_sensitive {count} would leave all {len(names)} candidate layers float")
         self._select_engine()
-        batches = list(batch_inputs(ctx.data["calibration"], self.calibration_batches or SENSITIVITY_BATCHES))
+        batches = calibration_inputs(ctx, self.calibration_batches or SENSITIVITY_BATCHES)
         try:
             ranked = rank_layers(model.eval(), names, self._quantize_one, batches)
         except ValueError as exc:

@@ -11,8 +11,8 @@ from torch import nn
 from ...engine.errors import StageError
 from ...engine.metrics import latency_batch
 from ...engine.stage import Context, option_errors
+from .._calibration import calibration_inputs
 from . import kernels
-from ._backends import batch_inputs
 from .formats import Format, QWeight
 from .int4pack import KERNEL_GROUPS
 from .lowbit import LowBitQuantize
@@ -81,7 +81,7 @@ class KbitQuantize(LowBitQuantize):
             return super()._round(model, formats, ctx)
         from .gptq import gptq_round
 
-        batches = batch_inputs(ctx.data["calibration"], self.calibration_batches or 8)
+        batches = calibration_inputs(ctx, self.calibration_batches or 8)
         return gptq_round(model.eval(), formats, batches, self.damp or 0.01)
 
     def _kernels(self, model: nn.Module, formats: dict[str, Format], ctx: Context) -> dict[str, Format]:

@@ -13,8 +13,9 @@ from torch import nn
 
 from ...engine.errors import StageError
 from ...engine.stage import Context
+from .._calibration import calibration_inputs
 from ..deploy import quiet
-from ._backends import Census, batch_inputs
+from ._backends import Census
 from .base import QuantizeStage
 
 
@@ -65,7 +66,7 @@ def quiet_library() -> contextlib.AbstractContextManager[None]:
 def calibration_arrays(ctx: Context, batches: int) -> list[np.ndarray]:
     """The inputs of the first ``batches`` calibration batches as numpy arrays: floats as float32, token ids
     kept integers (the exported graph's input type)."""
-    return [_as_array(batch) for batch in batch_inputs(ctx.data["calibration"], batches)]
+    return [_as_array(batch) for batch in calibration_inputs(ctx, batches)]
 
 
 def _as_array(batch: torch.Tensor) -> np.ndarray:

@@ -10,7 +10,8 @@ from torch import nn
 
 from ...engine.errors import StageError
 from ...engine.stage import Context
-from ._backends import STATIC_TYPES, BackendError, Calibration, Quantized, StaticBackend, StaticOptions
+from .._calibration import Calibration
+from ._backends import STATIC_TYPES, BackendError, Quantized, StaticBackend, StaticOptions
 from ._subclass import as_base_layers, swap_to_base
 from .base import LayerQuantize, cpu_only_note, engine_note
 
@@ -42,7 +43,7 @@ class StaticQuantize(LayerQuantize):
 
     def _quantize(self, model: nn.Module, ctx: Context) -> Quantized:
         base = as_base_layers(model, self.modules, self.exclude, ctx.example_inputs)
-        batches = Calibration(ctx.data["calibration"], self.calibration_batches)
+        batches = Calibration.of(ctx, self.calibration_batches)
         result = self._backend().quantize(base.model, ctx.example_inputs, batches, self._options(base.kept))
         subclasses = {"as_base_class": list(base.swapped), "left_float_subclasses": list(base.kept)}
         result.record.update({key: names for key, names in subclasses.items() if names})
