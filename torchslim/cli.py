@@ -182,7 +182,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     # Imported here: the engine (and this command line) work without the deploy extras installed.
-    from .plugins.deploy import export_run
+    from .export import export_run
 
     options = {key: value for key, value in (("opset", args.opset), ("exporter", args.exporter),
                                             ("tolerance", args.tolerance)) if value is not None}

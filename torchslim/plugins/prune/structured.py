@@ -12,7 +12,7 @@ from ...engine.errors import StageError
 from ...engine.stage import Context
 from .._calibration import Calibration
 from .._layers import check_patterns
-from .._shapes import changes, replay, snapshot
+from ._shapes import changes, replay, snapshot
 from .base import Fraction, PruneStage
 
 if TYPE_CHECKING:

@@ -150,4 +150,4 @@ def torch_warnings() -> Iterator[TorchWarnings]:
 def _from_torch(filename: str) -> bool:
     # torch's deprecation warnings point (stacklevel) at the line that called torch: this package's backends.
     path = filename.replace("\\", "/")
-    return any(part in path for part in ("/torch/", "/torchao/", "/torchslim/plugins/_quant_"))
+    return any(part in path for part in ("/torch/", "/torchao/", "/torchslim/plugins/quantize/_"))
