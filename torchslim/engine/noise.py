@@ -32,8 +32,21 @@ def latency_noise(metrics: Mapping[str, Any], environment: Mapping[str, Any]) ->
     return _loaded(environment)
 
 
+def opposed_directions(speedup: Mapping[str, Any]) -> str | None:
+    """Where the median of the per-round ratios and the ratio of the median times disagree on which model is
+    faster (one above 1, the other below), the two figures in words; else None."""
+    ratio, base, final = speedup.get("ratio"), speedup.get("baseline_ms"), speedup.get("final_ms")
+    if not ratio or not base or not final or (ratio - 1) * (base / final - 1) >= 0:
+        return None
+    return (f"the median of the per-round ratios is {ratio:.3g}x ({'faster' if ratio > 1 else 'slower'}) but the ratio "
+            f"of the median times is {base / final:.3g}x ({'faster' if base > final else 'slower'})")
+
+
 def speedup_noise(speedup: Mapping[str, Any], environment: Mapping[str, Any]) -> str | None:
     """Why the run's interleaved speed-up is noisy, or None."""
+    opposed = opposed_directions(speedup)
+    if opposed:
+        return opposed
     busy = _busy(speedup.get("others_running"), environment)
     if busy:
         return busy

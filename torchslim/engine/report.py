@@ -14,7 +14,7 @@ from tabulate import tabulate
 
 from . import names
 from .atomic import write_text
-from .noise import latency_noise, speedup_noise
+from .noise import latency_noise, opposed_directions, speedup_noise
 
 #: Columns of the printed table: (metric key, header, formatter kind).
 _COLUMNS = [
@@ -153,10 +153,14 @@ class Report:
         s = self.speedup or {}
         reason = speedup_noise(s, self.environment)
         mark = "~" if reason else ""
-        text = (f"speed-up of the final model ({self.final.stage}) over the baseline, both timed interleaved at the end "
-                f"of the run: {ratio_text(s['ratio'])}x{mark} (interquartile {ratio_text(s['q1'])}x to "
-                f"{ratio_text(s['q3'])}x over {s['rounds']} rounds; baseline {format_figure(s['baseline_ms'], 'ms')} ms, "
-                f"final {format_figure(s['final_ms'], 'ms')} ms)")
+        what = (f"speed-up of the final model ({self.final.stage}) over the baseline, both timed interleaved at the end "
+                f"of the run: ")
+        spread = (f"interquartile {ratio_text(s['q1'])}x to {ratio_text(s['q3'])}x over {s['rounds']} rounds; "
+                  f"baseline {format_figure(s['baseline_ms'], 'ms')} ms, final {format_figure(s['final_ms'], 'ms')} ms")
+        opposed = opposed_directions(s)
+        if opposed:  # one figure would claim a direction the other contradicts
+            return f"{what}not measured: {opposed}, so the rounds do not say which is faster ({spread})"
+        text = f"{what}{ratio_text(s['ratio'])}x{mark} ({spread})"
         return text + (f"; noisy: {reason}" if reason else "")
 
     def write(self, out_dir: Path) -> None:
