@@ -19,7 +19,7 @@ from torchslim.compare import compare
 from torchslim.compare.budget import Budget as Constraints
 from torchslim.compare.export import write_outputs
 from torchslim.compare.pareto import best, front, fronts
-from torchslim.compare.study import baseline_key
+from torchslim.compare.finished import baseline_key
 from torchslim.compare.sweep import expand
 from torchslim.compare.table import Comparison
 from torchslim.engine.errors import UsageError

@@ -19,7 +19,8 @@ from torchslim import Registry
 from torchslim.compare import compare, runtimes
 from torchslim.compare.entries import Entry, Mode
 from torchslim.compare.export import to_csv
-from torchslim.compare.study import _recipe_files, baseline_key
+from torchslim.compare.finished import baseline_key
+from torchslim.compare.plan import _recipe_files
 from torchslim.compare.table import Comparison
 from torchslim.engine.errors import StageError, UsageError
 from torchslim.engine.recipe import validate

@@ -30,6 +30,7 @@ from .engine.labels import labelled
 from .engine.prepare import first_inputs, located
 from .engine.recipe import RecipeBase
 from .engine.registry import Registry
+from .engine.report import REPORT_JSON
 from .engine.saving import (
     DEPLOY_FILES,
     DEPLOY_INFO,
@@ -59,7 +60,6 @@ if TYPE_CHECKING:
 TARGETS = {"onnx": "onnxruntime", "openvino": "openvino"}
 #: The quantize methods that run inside each runtime (what to put after a deploy stage instead).
 RUNTIME_METHODS = {"onnxruntime": "ort_static or ort_dynamic", "openvino": "nncf"}
-REPORT_FILE = "report.json"
 
 
 @dataclass(frozen=True)
@@ -211,7 +211,7 @@ def _check_outputs(folder: Path, overwrite: bool) -> None:
 def _measured(folder: Path, metric: str) -> dict[str, Any]:
     """``{"metric_value": ...}``: the last row's ``metric`` (measured in torch by the run) in the run's report.json,
     or in progress.json for a checkpoint folder; empty when neither has it."""
-    for name in (REPORT_FILE, PROGRESS_FILE):
+    for name in (REPORT_JSON, PROGRESS_FILE):
         try:
             value = json.loads((folder / name).read_text(encoding="utf-8"))["rows"][-1]["metrics"][metric]
         except (OSError, ValueError, LookupError, TypeError):  # absent, or not a file torchslim wrote

@@ -5,9 +5,12 @@ and judges them: Pareto fronts of the metric against size and latency, the budge
 give, the best passing variant. The engine (:mod:`torchslim.engine`) runs one recipe and never
 imports this package; this package builds on it.
 
-- :mod:`.study`: the orchestration (:func:`compare`), baselines and reuse of finished variants
+In the order a comparison walks them:
+
+- :mod:`.study`: the orchestration (:func:`compare`): plan, baselines, variants, judge, write
+- :mod:`.plan`: sources -> validated variants (with :mod:`.sweep`: sweep expansion), the output folder made safe
+- :mod:`.finished`: reuse of finished variants, and which variants share a baseline
 - :mod:`.runtimes`: the float32 baseline in each runtime a variant is deployed to
-- :mod:`.sweep`: sweep expansion into variants
 - :mod:`.jobs`: running variants here or in parallel processes
 - :mod:`.budget`: the comparison's one budget and the checks against it
 - :mod:`.pareto`: Pareto fronts and the best variant

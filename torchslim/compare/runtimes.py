@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,13 +28,13 @@ from ..engine.registry import Registry
 from ..engine.report import Report, Row
 from ..engine.runner import run
 from ..engine.yamlio import Document
+from .finished import finished_report
 from .sweep import Variant
 
 #: Report directories of runtime baselines start with it; no variant's folder can (``@`` becomes ``_`` there).
 FOLDER_PREFIX = "baseline@"
 NOT_MEASURED = "not measured"
 
-Finished = Callable[[Path, RecipeBase, logging.Logger], Report | None]
 
 
 @dataclass
@@ -84,7 +84,7 @@ class RuntimeBaseline:
         return f"{what}; measured once, for {len(self.variants)} variant(s), with their metrics settings"
 
 
-def plan(planned: Sequence[tuple[Variant, RecipeBase]], groups: Sequence[int],
+def plan_runtimes(planned: Sequence[tuple[Variant, RecipeBase]], groups: Sequence[int],
          registry: Registry) -> tuple[list[RuntimeBaseline], list[int | None]]:
     """The runtime baselines the variants need, and for each variant the index of its own (None: torch only)."""
     found: dict[str, RuntimeBaseline] = {}
@@ -133,7 +133,7 @@ def _name(baselines: list[RuntimeBaseline]) -> None:
 
 
 def measure_all(baselines: list[RuntimeBaseline], torch_rows: list[Row], out_dir: Path | None, registry: Registry,
-                log: logging.Logger, finished: Finished) -> int:
+                log: logging.Logger) -> int:
     """Measure (or reuse) each runtime baseline once; return how many were measured here.
 
     ``torch_rows`` are the torch baselines, given to each run so the torch model is not measured again.
@@ -143,7 +143,7 @@ def measure_all(baselines: list[RuntimeBaseline], torch_rows: list[Row], out_dir
         if baseline.recipe is None:
             continue
         folder = out_dir / baseline.folder if out_dir is not None else None
-        report = finished(folder, baseline.recipe, log) if folder is not None else None
+        report = finished_report(folder, baseline.recipe, log) if folder is not None else None
         if report is not None and _same_runtime(report, baseline.recipe.stage_list[0], log):
             baseline.reused = True
         else:

@@ -8,11 +8,12 @@ from pathlib import Path
 from .atomic import write_text
 from .checkpoints import CHECKPOINT_DIR
 from .errors import OutputError, TorchslimError, plain_text
+from .report import REPORT_FILES
 from .saving import DEPLOY_FILES, DEPLOY_INFO, MODEL_FILE, RECIPE_FILE
 
 FAILURE_LOG = "torchslim.log"
 #: Every file and folder a run writes; --overwrite replaces these and nothing else.
-OUTPUT_FILES = ("report.json", "report.csv", "report.md", RECIPE_FILE, MODEL_FILE, *DEPLOY_FILES, DEPLOY_INFO,
+OUTPUT_FILES = (*REPORT_FILES, RECIPE_FILE, MODEL_FILE, *DEPLOY_FILES, DEPLOY_INFO,
                 CHECKPOINT_DIR, FAILURE_LOG)
 
 

@@ -51,6 +51,11 @@ class Row:
         return cls(data["stage"], data["type"], dict(data["metrics"]), bool(data.get("unchanged", False)))
 
 
+#: The files :meth:`Report.write` writes; ``report.json`` is the one read back (:meth:`Report.read`).
+REPORT_JSON, REPORT_CSV, REPORT_MD = "report.json", "report.csv", "report.md"
+REPORT_FILES = (REPORT_JSON, REPORT_CSV, REPORT_MD)
+
+
 @dataclass
 class Report:
     """What a run produced: the resolved recipe, one row per stage after the baseline, and notes."""
@@ -165,9 +170,17 @@ class Report:
 
     def write(self, out_dir: Path) -> None:
         """Write report.json, report.csv and report.md into ``out_dir``, each atomically."""
-        write_text(out_dir / "report.json", self.to_json())
-        write_text(out_dir / "report.csv", self.to_csv())
-        write_text(out_dir / "report.md", self.to_markdown())
+        write_text(out_dir / REPORT_JSON, self.to_json())
+        write_text(out_dir / REPORT_CSV, self.to_csv())
+        write_text(out_dir / REPORT_MD, self.to_markdown())
+
+    @classmethod
+    def read(cls, folder: Path) -> Report:
+        """The report :meth:`write` wrote into ``folder`` (OSError, ValueError, KeyError or TypeError when it
+        is missing, half-written by hand, or of another format)."""
+        data = json.loads((folder / REPORT_JSON).read_text(encoding="utf-8"))
+        rows = [Row.from_dict(r) for r in data["rows"]]
+        return cls(data["recipe"], data["metric"], rows, list(data["notes"]), data["environment"])
 
 
 def _metric_keys(rows: list[Row]) -> list[str]:

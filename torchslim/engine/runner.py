@@ -24,7 +24,7 @@ from .labels import labelled
 from .metrics import fingerprint, measure
 from .outputs import clear_failure, prepare_output, record_failure
 from .prepare import baseline_failure, prepare
-from .recipe import RecipeBase, load_recipe
+from .recipe import MetricsOptions, RecipeBase, load_recipe
 from .registry import Registry, is_builtin
 from .report import Report, Row
 from .saving import save_model
@@ -148,8 +148,7 @@ class _Run:
         # Other ranks of a torchrun launch only train: their rows carry the stage's time alone.
         if not distributed.is_main():
             return {names.SECONDS: seconds}
-        # The validation score (when there is validation data) is what compare chooses a variant by.
-        return {**measure(model, ctx, self.recipe.metrics, seconds).to_dict(), **ctx.validation_figures(model)}
+        return measured_figures(model, ctx, self.recipe.metrics, seconds)
 
     def _check_reload(self, writer: Path, index: int, stage: Stage, model: nn.Module, ctx: Context) -> None:
         problem = reload_problem(writer, index, self.recipe, model, ctx)
@@ -174,6 +173,17 @@ class _Run:
             if self.writer is not None:
                 record_failure(self.writer, exc)
             raise
+
+
+def measured_figures(model: nn.Module, ctx: Context, options: MetricsOptions, seconds: float) -> dict[str, Any]:
+    """A row's measured figures: :func:`~.metrics.measure`'s, plus the score on the validation data when there is
+    some (what compare chooses a variant by)."""
+    return {**measure(model, ctx, options, seconds).to_dict(), **ctx.validation_figures(model)}
+
+
+def baseline_row(model: nn.Module, ctx: Context, options: MetricsOptions) -> Row:
+    """The row of the model before any stage: a run's first, and the one ``torchslim compare`` shares."""
+    return Row("baseline", None, measured_figures(model, ctx, options, 0.0))
 
 
 def reload_message(stage: Stage, problem: ReloadProblem) -> str:
