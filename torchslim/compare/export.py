@@ -79,25 +79,26 @@ def to_csv(comparison: Comparison) -> str:
     # A row names its cells; the ones it does not have (a baseline has no ratios) are written empty.
     writer = csv.DictWriter(out, fieldnames=header, restval="", lineterminator="\n")
     writer.writeheader()
-    data = comparison.to_dict()
-    for baseline in data["baselines"]:
-        writer.writerow({"variant": baseline["label"], "status": "baseline",
-                         **{k: _cell(baseline["metrics"].get(k)) for k in keys}})
-    for item in data["runtime_baselines"]:
-        figures, ratios = item["metrics"] or {}, item["ratios"] or {}
-        writer.writerow({"variant": item["label"], "status": "baseline" if item["metrics"] else "baseline not measured",
-                         "baseline": item["baseline"], **{k: _cell(figures.get(k)) for k in keys},
+    for group, row in enumerate(comparison.baselines):
+        writer.writerow({"variant": comparison.baseline_label(group), "status": "baseline",
+                         **{k: _cell(row.metrics.get(k)) for k in keys}})
+    for baseline in comparison.runtime_baselines:
+        figures, ratios = baseline.row.metrics if baseline.row else {}, comparison.baseline_ratios(baseline) or {}
+        writer.writerow({"variant": baseline.label, "status": "baseline" if baseline.row else "baseline not measured",
+                         "baseline": comparison.baseline_label(baseline.group), **{k: _cell(figures.get(k)) for k in keys},
                          **{c: _cell(ratios.get(k)) for c, k in ratio_columns.items()},
                          names.RUNTIME: _cell(figures.get(names.RUNTIME))})
-    for item in data["variants"]:
-        figures, ratios, runtime = item["metrics"] or {}, item["ratios"] or {}, item["runtime_ratios"] or {}
-        writer.writerow({"variant": item["name"], "recipe": item["recipe"], "status": item["status"],
-                         "baseline": item["baseline"], "values": json.dumps(item["values"]),
-                         **{k: _cell(figures.get(k)) for k in keys}, "seconds": _cell(item[names.SECONDS]),
+    for entry in comparison.entries:
+        figures, ratios, runtime = entry.final or {}, comparison.ratios(entry) or {}, comparison.runtime_ratios(entry) or {}
+        runtime_base = comparison.runtime_of(entry)
+        writer.writerow({"variant": entry.name, "recipe": entry.source, "status": comparison.status(entry),
+                         "baseline": comparison.baseline_label(entry.group), "values": json.dumps(entry.values),
+                         **{k: _cell(figures.get(k)) for k in keys}, "seconds": _cell(entry.seconds),
                          **{c: _cell(ratios.get(k)) for c, k in ratio_columns.items()},
-                         "pareto_size": "size" in item["pareto"], "pareto_latency": "latency" in item["pareto"],
-                         "passes": _cell(item["passes"]), "budget_misses": "; ".join(item["budget_misses"] or []),
-                         names.RUNTIME: _cell(figures.get(names.RUNTIME)), "runtime_baseline": _cell(item["runtime_baseline"]),
+                         "pareto_size": "size" in entry.fronts, "pareto_latency": "latency" in entry.fronts,
+                         "passes": _cell(None if entry.failures is None else not entry.failures),
+                         "budget_misses": "; ".join(entry.failures or []), names.RUNTIME: _cell(figures.get(names.RUNTIME)),
+                         "runtime_baseline": _cell(runtime_base.label if runtime_base else None),
                          **{c: _cell(runtime.get(k)) for c, k in runtime_columns.items()}})
     return out.getvalue()
 

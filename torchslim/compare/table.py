@@ -210,31 +210,53 @@ class Comparison:
             "variants": [self._entry_dict(e) for e in self.entries],
         }
 
+    def status(self, entry: Entry) -> str:
+        """``failed``, ``reused`` (read from a finished run) or ``ran``."""
+        return "failed" if entry.error else ("reused" if entry.reused else "ran")
+
+    def ratios(self, entry: Entry) -> dict[str, float | None] | None:
+        """The entry's ratios to its torch baseline (None for a failed entry)."""
+        final = entry.final
+        return _ratios(final, self.baselines[entry.group].metrics, self.metric) if final is not None else None
+
+    def runtime_of(self, entry: Entry) -> RuntimeBaseline | None:
+        """The float32 baseline in the entry's runtime (None: not deployed)."""
+        return self.runtime_baselines[entry.runtime_base] if entry.runtime_base is not None else None
+
+    def runtime_ratios(self, entry: Entry) -> dict[str, float | None] | None:
+        """The entry's ratios to its runtime's float32 baseline (None: not deployed, failed, or that baseline failed)."""
+        runtime, final = self.runtime_of(entry), entry.final
+        return _ratios(final, runtime.row.metrics, self.metric) if final and runtime and runtime.row else None
+
+    def baseline_ratios(self, baseline: RuntimeBaseline) -> dict[str, float | None] | None:
+        """A runtime's float32 baseline against the torch baseline (None when it was not measured)."""
+        if baseline.row is None:
+            return None
+        return _ratios(baseline.row.metrics, self.baselines[baseline.group].metrics, self.metric)
+
     def _runtime_baseline_dict(self, baseline: RuntimeBaseline) -> dict[str, Any]:
         metrics = baseline.row.metrics if baseline.row is not None else None
         return {"label": baseline.label, "runtime": baseline.runtime, "deploy": baseline.options,
                 "variants": baseline.variants, "status": baseline.status, "error": baseline.error,
                 "report_dir": baseline.folder if self.out is not None else None,
                 "baseline": self.baseline_label(baseline.group), "metrics": dict(metrics) if metrics else None,
-                "ratios": _ratios(metrics, self.baselines[baseline.group].metrics, self.metric) if metrics else None,
+                "ratios": self.baseline_ratios(baseline),
                 "interleaved_speedup_over_torch": baseline.speedup}
 
     def _entry_dict(self, entry: Entry) -> dict[str, Any]:
-        base = self.baselines[entry.group].metrics
-        final = entry.final
-        runtime = self.runtime_baselines[entry.runtime_base] if entry.runtime_base is not None else None
+        final, runtime = entry.final, self.runtime_of(entry)
         return {
             "name": entry.name,
             "recipe": entry.source,
             "values": entry.values,
             "report_dir": entry.folder if self.out is not None else None,
             "baseline": self.baseline_label(entry.group),
-            "status": "failed" if entry.error else ("reused" if entry.reused else "ran"),
+            "status": self.status(entry),
             "error": entry.error,
             "metrics": dict(final) if final is not None else None,
-            "ratios": _ratios(final, base, self.metric) if final is not None else None,
+            "ratios": self.ratios(entry),
             "runtime_baseline": runtime.label if runtime is not None else None,
-            "runtime_ratios": _ratios(final, runtime.row.metrics, self.metric) if final and runtime and runtime.row else None,
+            "runtime_ratios": self.runtime_ratios(entry),
             "seconds": entry.seconds,
             "pareto": entry.fronts,
             "passes": None if entry.failures is None else not entry.failures,
