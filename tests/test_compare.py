@@ -18,8 +18,8 @@ from torchslim import RecipeError, Registry, load_recipe
 from torchslim.compare import compare
 from torchslim.compare.budget import Budget as Constraints
 from torchslim.compare.export import write_outputs
-from torchslim.compare.pareto import best, front, fronts
 from torchslim.compare.finished import baseline_key
+from torchslim.compare.pareto import best, front, fronts
 from torchslim.compare.sweep import expand
 from torchslim.compare.table import Comparison
 from torchslim.engine.errors import UsageError

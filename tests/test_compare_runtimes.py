@@ -17,11 +17,10 @@ import torch
 
 from torchslim import Registry
 from torchslim.compare import compare, runtimes
-from torchslim.compare.entries import Entry, Mode
 from torchslim.compare.export import to_csv
 from torchslim.compare.finished import baseline_key
 from torchslim.compare.plan import _recipe_files
-from torchslim.compare.table import Comparison
+from torchslim.compare.table import Comparison, Entry, Mode
 from torchslim.engine.errors import StageError, UsageError
 from torchslim.engine.recipe import validate
 from torchslim.engine.report import Report, Row

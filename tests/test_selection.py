@@ -14,8 +14,8 @@ from torch import nn
 
 import torchslim
 from torchslim import RecipeError, Registry
-from torchslim.compare.pareto import best, fronts, selection_key
 from torchslim.compare.finished import environment_change, finished_report
+from torchslim.compare.pareto import best, fronts, selection_key
 from torchslim.engine.environment import environment
 from torchslim.engine.recipe import validate
 from torchslim.engine.saving import MODEL_FILE

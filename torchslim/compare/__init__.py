@@ -14,7 +14,7 @@ In the order a comparison walks them:
 - :mod:`.jobs`: running variants here or in parallel processes
 - :mod:`.budget`: the comparison's one budget and the checks against it
 - :mod:`.pareto`: Pareto fronts and the best variant
-- :mod:`.entries`, :mod:`.table`: the result, its table and summary lines
+- :mod:`.table`: the result (entries, mode, the comparison), its table and summary lines
 - :mod:`.export`, :mod:`.plot`: the files (JSON, CSV, Markdown, HTML, PNG)
 """
 

@@ -36,18 +36,19 @@ img { max-width: 100%; margin-top: 1em; border: 1px solid #ddd; }
 
 
 def write_outputs(comparison: Comparison, out_dir: Path) -> None:
-    """Write the plot (when matplotlib is installed), then every file naming it, into ``out_dir``."""
+    """Write the plot (when matplotlib is installed), then every file naming it, into ``out_dir``: all made
+    from the comparison first, then written one after another."""
     png = plot_png(comparison)
+    comparison.plot = PNG if png is not None else f"no plot: matplotlib is not installed; {PLOT_HINT} for {PNG}"
+    texts = {"comparison.json": json.dumps({**comparison.to_dict(), "plot": comparison.plot}, indent=2) + "\n",
+             "comparison.csv": to_csv(comparison), "comparison.md": to_markdown(comparison),
+             "comparison.html": to_html(comparison, png)}
     if png is not None:
         _write_bytes(out_dir / PNG, png)
-        comparison.plot = PNG
     else:
         (out_dir / PNG).unlink(missing_ok=True)  # an old plot would no longer match the table
-        comparison.plot = f"no plot: matplotlib is not installed; {PLOT_HINT} for {PNG}"
-    write_text(out_dir / "comparison.json", json.dumps({**comparison.to_dict(), "plot": comparison.plot}, indent=2) + "\n")
-    write_text(out_dir / "comparison.csv", to_csv(comparison))
-    write_text(out_dir / "comparison.md", to_markdown(comparison))
-    write_text(out_dir / "comparison.html", to_html(comparison, png))
+    for name, text in texts.items():
+        write_text(out_dir / name, text)
 
 
 def written_line(comparison: Comparison) -> str:

@@ -19,10 +19,10 @@ from ..engine.report import REPORT_JSON
 from ..engine.saving import RECIPE_FILE
 from ..engine.yamlio import Document, read_yaml
 from .budget import Budget, merge
-from .entries import Mode
 from .export import EXPORT_FILES
 from .runtimes import FOLDER_PREFIX
 from .sweep import Variant, expand, rebind
+from .table import Mode
 
 Source = str | os.PathLike[str] | Mapping[str, Any]
 Planned = tuple[Variant, RecipeBase]

@@ -1,4 +1,5 @@
-"""What a comparison produced, and its table: one row per recipe or sweep variant, ratios to the baseline.
+"""What a comparison produced (its entries, how they ran, the comparison), and its table: one row per
+recipe or sweep variant, ratios to the baseline.
 
 Variants deployed to a runtime get a second ratio, to the original model deployed to the same
 runtime in float32 (:mod:`.runtimes`): the table shows that baseline's row and a column of those ratios.
@@ -14,9 +15,8 @@ from tabulate import tabulate
 
 from ..engine import names
 from ..engine.noise import latency_noise
-from ..engine.report import Row, format_figure, ratio_text, with_delta, with_ratio
+from ..engine.report import Report, Row, format_figure, ratio_text, with_delta, with_ratio
 from .budget import Budget
-from .entries import Entry, Mode
 from .runtimes import NOT_MEASURED, RuntimeBaseline, version_lines
 
 __all__ = ["Comparison", "Entry", "Mode"]
@@ -31,6 +31,58 @@ _COLUMNS = [
 ]
 #: The column of ratios to the runtime's float32 baseline, shown when a variant is deployed.
 _RUNTIME_HEADER = "vs runtime fp32 (x smaller, x faster)"
+
+
+@dataclass
+class Entry:
+    """One compared recipe or sweep variant, and how it came out."""
+
+    name: str
+    folder: str
+    source: str
+    values: dict[str, Any]
+    group: int
+    """Index of its baseline in :attr:`Comparison.baselines`."""
+    runtime_base: int | None = None
+    """Index of its float32 baseline in its runtime in :attr:`Comparison.runtime_baselines` (None: not deployed)."""
+    report: Report | None = None
+    error: str | None = None
+    """Why it failed (it is then left out of the fronts and the budget)."""
+    exit_code: int = 0
+    reused: bool = False
+    """Its report was read from a previous run of the same resolved recipe."""
+    fronts: list[str] = field(default_factory=list)
+    failures: list[str] | None = None
+    """Budget misses (empty: passes); None without constraints or when it failed."""
+
+    @property
+    def final(self) -> dict[str, Any] | None:
+        """Metrics after the last stage (None for a failed variant)."""
+        return self.report.final.metrics if self.report is not None else None
+
+    @property
+    def seconds(self) -> float | None:
+        """Total time of its stages (model building and the baseline aside)."""
+        if self.report is None:
+            return None
+        return float(sum(row.metrics.get(names.SECONDS) or 0.0 for row in self.report.rows[1:]))
+
+
+@dataclass
+class Mode:
+    """How the variants were run: in one process, or in parallel jobs with threads divided."""
+
+    jobs: int
+    cores: int
+    threads: int | None
+    """Torch threads per job under parallel jobs (None: each recipe's own setting)."""
+
+    def describe(self) -> str:
+        """One line for the printed output and the reports."""
+        if self.jobs == 1:
+            return "mode: sequential, one variant at a time (torch threads as each recipe's metrics.threads)"
+        return (f"mode: {self.jobs} parallel jobs on {self.cores} cores, {self.threads} torch thread(s) each; "
+                f"the latency of variants run in parallel is disturbed by the jobs beside them (use --jobs 1 to time cleanly)")
 
 
 @dataclass
