@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,9 +22,6 @@ __all__ = ["Measurement", "accuracy", "count_macs", "count_nonzero", "count_para
 
 if TYPE_CHECKING:
     from .recipe import MetricsOptions
-
-Evaluator = Callable[[nn.Module, Iterable[Batch]], float]
-
 
 def weight_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
     """Every weight and bias of the model (detached), including those packed inside quantized modules.
