@@ -13,7 +13,7 @@ from ...engine.stage import Context, option_errors
 from .._layers import layer_type
 from ._backends import BackendError, Quantized, batch_inputs, is_torch_quantized, module_types, take_census
 from ._subclass import as_base_layers, swap_to_base
-from .base import LayerQuantize, cpu_only_note, engine_note, has_vnni
+from .base import LayerQuantize, engine_note, has_vnni
 
 #: Layer types torch's dynamic quantization really converts. It accepts others (Conv2d)
 #: and silently leaves them float, so anything else is refused at validation.
@@ -159,8 +159,11 @@ class DynamicQuantize(LayerQuantize):
         bits = 7 if self._reduce_range else 8
         return f"quantized (int8 weights {scales}, dynamic {bits}-bit activations{engine})"
 
+    def _cpu_only(self) -> bool:
+        return True
+
     def _caveats(self) -> list[str]:
-        return [cpu_only_note("dynamic"), *engine_note(self.backend)]
+        return engine_note(self.backend)
 
     def _where(self) -> str:
         return f"method dynamic, backend {self.backend}" if self.backend else "method dynamic"
