@@ -289,9 +289,16 @@ class Placed(nn.Sequential):
         return self
 
 
+class QuietDynamic(DynamicQuantize):
+    """Dynamic int8 with notes of its own: where its layers run must not depend on what its notes say."""
+
+    def _caveats(self) -> list[str]:
+        return []
+
+
 @pytest.mark.parametrize(("stage", "moved"), [(DynamicQuantize(), True), (StaticQuantize(), True),
-                                               (StaticQuantize(backend="torchao"), False)],
-                         ids=["dynamic", "static-x86", "static-torchao"])
+                                               (StaticQuantize(backend="torchao"), False), (QuietDynamic(), True)],
+                         ids=["dynamic", "static-x86", "static-torchao", "dynamic-own-notes"])
 def test_cpu_only_methods_move_the_model_to_the_cpu_first(stage: Stage, moved: bool, flat: dict,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     model = Placed(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
@@ -304,6 +311,14 @@ def test_cpu_only_methods_move_the_model_to_the_cpu_first(stage: Stage, moved: b
     assert model.moves == (["cpu"] if moved else [])
     note = f"{stage.label}: moved the model from cuda:0 to the CPU before quantizing"
     assert any(n.startswith(note) for n in ctx.notes) == moved
+
+
+@pytest.mark.parametrize("stage", [DynamicQuantize(), QuietDynamic()], ids=["dynamic", "dynamic-own-notes"])
+def test_cpu_only_method_says_so_under_the_summary(stage: Stage, flat: dict) -> None:
+    model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    ctx = make_ctx(model, flat)
+    stage.apply(model, ctx)
+    assert "dynamic quantization runs on the CPU only; quantized layers cannot be trained further" in ctx.notes
 
 
 @pytest.mark.parametrize(("ratio", "baseline_ms", "final_ms", "plainly"), [

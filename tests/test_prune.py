@@ -21,7 +21,6 @@ from torchslim.examples import digits, mobile
 from torchslim.plugins._masks import ZeroMasks
 from torchslim.plugins._train import finetune
 from torchslim.plugins.prune import MagnitudePrune, NMPrune, PruneStage, StructuredPrune, WandaPrune
-from torchslim.plugins.prune._nm import follows_pattern
 
 from .conftest import FAST_METRICS, digits_recipe, make_ctx
 
@@ -284,6 +283,13 @@ def test_structured_saved_model_reloads_identically(tmp_path: Path, trained_resn
 
 
 # --- N:M and magnitude ------------------------------------------------------------------------
+
+
+def follows_pattern(weight: torch.Tensor, n: int, m: int) -> bool:
+    """Whether every group of ``m`` weights along the input dimension (at each kernel position) has at most ``n`` non-zeros."""
+    groups = (weight.detach().movedim(1, -1) != 0).reshape(-1, m)
+    return bool((groups.sum(dim=1) <= n).all())
+
 
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (2, 8)], ids=["2:4", "1:4", "2:8"])
 def test_nm_pattern_on_linear_layers(trained_mlp: nn.Module, flat: dict, n: int, m: int) -> None:

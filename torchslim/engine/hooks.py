@@ -71,6 +71,54 @@ class RuntimeStage(Protocol):
         ...
 
 
+# torch's own layer interfaces, which the engine reads on any module: a plugin's layer that offers them is
+# measured as torch's layers are (the built-in low-bit layers do).
+
+
+@runtime_checkable
+class LinearShaped(Protocol):
+    """A layer computing a Linear's product, with torch's attribute names: where torch's FLOP counter sees
+    none of its work (a packed kernel, one outside torch), its MACs are output elements x ``in_features``."""
+
+    in_features: int
+    out_features: int
+
+
+@runtime_checkable
+class ConvShaped(Protocol):
+    """A layer computing a convolution, with torch's attribute names: where the FLOP counter sees none of its
+    work, its MACs are output elements x ``in_channels / groups`` x the kernel's elements."""
+
+    in_channels: int
+    groups: int
+    kernel_size: int | tuple[int, ...]
+
+
+@runtime_checkable
+class PackedWeight(Protocol):
+    """A layer without parameters of its own that keeps its weight packed (torch.ao's quantized Linear and
+    Conv, the built-in low-bit layers): ``weight()`` returns it as a tensor (a quantized one is dequantized),
+    ``bias`` is a tensor, a method returning one, or None. The params and non-zero columns count them."""
+
+    def weight(self) -> torch.Tensor:
+        """The layer's weight as a tensor."""
+        ...
+
+
+@runtime_checkable
+class PackedRecurrent(Protocol):
+    """A recurrent layer without parameters of its own (torch.ao's dynamic LSTM, GRU and cells): its packed
+    weights and biases by name, counted like :class:`PackedWeight`'s."""
+
+    def get_weight(self) -> Mapping[str, torch.Tensor]:
+        """``{name: weight}``."""
+        ...
+
+    def get_bias(self) -> Mapping[str, torch.Tensor]:
+        """``{name: bias}``."""
+        ...
+
+
 def settle_seconds(model: object) -> float:
     """:class:`Settles`'s wait for ``model``, 0 for any other."""
     return float(model.settle_seconds) if isinstance(model, Settles) else 0.0

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils import flop_counter
 
-from .hooks import CountsMacs
+from .hooks import ConvShaped, CountsMacs, LinearShaped, PackedRecurrent
 
 __all__ = ["count_macs"]
 
@@ -100,11 +100,11 @@ def _outermost_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return hasattr(module, "in_features") and hasattr(module, "out_features")
+    return isinstance(module, LinearShaped)
 
 
 def _is_conv(module: nn.Module) -> bool:
-    return all(hasattr(module, a) for a in ("in_channels", "groups", "kernel_size"))
+    return isinstance(module, ConvShaped)
 
 
 def _is_recurrent(module: nn.Module) -> bool:
@@ -125,8 +125,8 @@ def _gates(module: nn.Module) -> int:
         return _GATES.get(mode, 0)
     # A cell has no mode: its input weight holds one block of rows per gate (torch.ao's packs it).
     weight = getattr(module, "weight_ih", None)
-    if weight is None and callable(getattr(module, "get_weight", None)):
-        weights = module.get_weight()  # type: ignore[operator]
+    if weight is None and isinstance(module, PackedRecurrent):
+        weights = module.get_weight()
         weight = weights.get("weight_ih") if isinstance(weights, dict) else None
     return int(weight.shape[0]) // _attr(module, "hidden_size") if isinstance(weight, torch.Tensor) else 0
 

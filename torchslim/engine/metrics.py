@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import names
-from .hooks import CountsWeights, Deployed
+from .hooks import CountsWeights, Deployed, PackedRecurrent, PackedWeight
 from .macs import count_macs
 from .packed import packed_size_bytes
 from .stage import Batch, Context
@@ -22,9 +22,6 @@ __all__ = ["Measurement", "accuracy", "count_macs", "count_nonzero", "count_para
 
 if TYPE_CHECKING:
     from .recipe import MetricsOptions
-
-Evaluator = Callable[[nn.Module, Iterable[Batch]], float]
-
 
 def weight_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
     """Every weight and bias of the model (detached), including those packed inside quantized modules.
@@ -38,14 +35,13 @@ def weight_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
 
 
 def _weights(model: nn.Module) -> Iterator[torch.Tensor]:
-    counted = {id(m) for m in model.modules() if isinstance(m, CountsWeights)}
-    inside = {id(sub) for m in model.modules() if id(m) in counted for sub in m.modules() if sub is not m}
+    inside = {id(sub) for m in model.modules() if isinstance(m, CountsWeights) for sub in m.modules() if sub is not m}
     for module in model.modules():
         if id(module) in inside:
             continue
         own = list(module.parameters(recurse=False))
-        if id(module) in counted:
-            yield from (t.detach() for t in module.counted_weights())  # type: ignore[union-attr]
+        if isinstance(module, CountsWeights):
+            yield from (t.detach() for t in module.counted_weights())
         elif own:
             yield from (p.detach() for p in own)
         elif _is_packed(module):
@@ -55,13 +51,14 @@ def _weights(model: nn.Module) -> Iterator[torch.Tensor]:
 
 
 def _is_packed(module: nn.Module) -> bool:
-    # Quantized modules keep weights in packed C++ objects and expose them as methods.
-    return callable(getattr(module, "weight", None)) and not isinstance(module.weight, torch.Tensor)
+    # Quantized modules keep weights in packed C++ objects and expose them as methods. The protocol check
+    # sees an attribute only: a weight held as a tensor (a buffer) is not this hook.
+    return isinstance(module, PackedWeight) and callable(module.weight)
 
 
 def _is_packed_recurrent(module: nn.Module) -> bool:
     # torch.ao's dynamic LSTM/GRU and cells list their packed weights and biases by name instead.
-    return callable(getattr(module, "get_weight", None)) and callable(getattr(module, "get_bias", None))
+    return isinstance(module, PackedRecurrent)
 
 
 def _packed_recurrent_tensors(module: nn.Module) -> Iterator[torch.Tensor]:

@@ -32,8 +32,5 @@ SECONDS = "seconds"
 RUNTIME = "runtime"
 """Where the row's model ran when measured, after a deploy stage (``onnxruntime 1.32.0``); absent: torch."""
 
-#: The figures that are timings: they differ between two runs of the same recipe, whatever the seed.
-TIMINGS = (SECONDS, LATENCY_MS, LATENCY_IQR_MS, LATENCY_OTHERS)
-
 #: Every measured figure except the task metric, in the order reports show them.
 MEASURED = (PARAMS, NONZERO, SPARSITY, SIZE_BYTES, PACKED_BYTES, MACS, LATENCY_MS, LATENCY_IQR_MS, LATENCY_OTHERS)

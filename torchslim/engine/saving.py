@@ -60,16 +60,17 @@ def write_deploy_files(out_dir: Path, model: nn.Module, info: Mapping[str, Any])
     names written. deploy.json is removed first and written last, so it is present only beside complete
     files. Deployable files of another model (an earlier run's or export's) are removed, so the folder
     never holds one that deploy.json does not describe."""
-    files = model.deploy_files() if isinstance(model, Deployed) else {}
+    deployed = model if isinstance(model, Deployed) else None
+    files = deployed.deploy_files() if deployed is not None else {}
     (out_dir / DEPLOY_INFO).unlink(missing_ok=True)
     for name, data in files.items():
         write_with(out_dir / name, lambda handle, data=data: handle.write(data))  # type: ignore[misc]
     for name in DEPLOY_FILES:
         if name not in files:
             (out_dir / name).unlink(missing_ok=True)
-    if not files:
+    if deployed is None or not files:
         return ()
-    write_text(out_dir / DEPLOY_INFO, json.dumps({**model.deploy_info(), **info}, indent=2) + "\n")  # type: ignore[union-attr]
+    write_text(out_dir / DEPLOY_INFO, json.dumps({**deployed.deploy_info(), **info}, indent=2) + "\n")
     return (*files, DEPLOY_INFO)
 
 

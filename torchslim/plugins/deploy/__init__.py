@@ -66,17 +66,16 @@ class DeployStage(Stage):
     exporter: Literal["auto", "dynamo", "torchscript", "openvino"] = "auto"
     """``dynamo`` (torch.export to ONNX), ``torchscript`` (the older ONNX tracer, for models dynamo cannot export)
     or ``openvino`` (OpenVINO's own converter, ``ov.convert_model``, straight to its IR; runtime openvino only).
-    ``auto``: openvino for runtime openvino (all-MiniLM-L6-v2 with NNCF int8: 8% faster and cosine 0.998
-    against 0.9975 through ONNX), dynamo for onnxruntime."""
+    ``auto``: openvino for runtime openvino (it fuses attention into one op: faster and closer to torch
+    after int8 than through ONNX, docs/deploy.md), dynamo for onnxruntime."""
     dynamic_axes: list[int] = Field(default_factory=lambda: [0], min_length=1)
     """Input dimensions left dynamic in the export: 0 is the batch; add 1 for a text model's sequence axis."""
     static_shapes: int = Field(default=STATIC_SHAPES, ge=0)
     """How many distinct input shapes get a runtime session compiled for that shape alone (the first ones seen;
     one such session per thread count); later shapes run the session of the dynamic axes. A runtime plans
-    memory and picks kernels better for a fixed shape (all-MiniLM-L6-v2 int8: OpenVINO 6% faster at batch 32,
-    17-20% at batch 1; ONNX Runtime 2-12%; CNNs 0-9%), at the cost of a compile per shape (0.4 s for MiniLM)
-    and a copy of the weights in memory each. ``0``: one session of the dynamic axes for every shape, as the
-    runtimes do by default."""
+    memory and picks kernels better for a fixed shape (docs/deploy.md, "Sessions per shape", has the
+    measurements), at the cost of a compile per shape and a copy of the weights in memory each. ``0``: one
+    session of the dynamic axes for every shape, as the runtimes do by default."""
     tolerance: float = Field(default=1e-4, gt=0)
     """Largest allowed difference between the runtime's and torch's outputs, relative to the largest output (at least 1)."""
 

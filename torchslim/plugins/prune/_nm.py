@@ -23,9 +23,3 @@ def nm_mask(weight: torch.Tensor, keep: int, m: int) -> torch.Tensor:
     top = torch.topk(groups, keep, dim=1).indices
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, top, True)
     return mask.reshape(moved.shape).movedim(-1, 1)
-
-
-def follows_pattern(weight: torch.Tensor, n: int, m: int) -> bool:
-    """Whether every group of ``m`` along the input dimension has at most ``n`` non-zeros."""
-    groups = (weight.detach().movedim(1, -1) != 0).reshape(-1, m)
-    return bool((groups.sum(dim=1) <= n).all())

@@ -58,7 +58,7 @@ class QuantizeStage(Stage):
         ctx.add_metric("float_layers", len(result.census.left_float))
         ctx.note(f"{self.label}: {result.census.summary(self._verb())}")
         ctx.record_for_restore(**result.record)
-        for note in self._caveats():
+        for note in ([cpu_only_note(self.method)] if self._cpu_only() else []) + self._caveats():
             ctx.note(note)
         return result.model
 
@@ -86,7 +86,8 @@ class QuantizeStage(Stage):
         """StageError if the result is not what was asked for (beyond quantizing no layer at all)."""
 
     def _caveats(self) -> list[str]:
-        """Notes on what the method's result cannot do, added under the summary."""
+        """Notes on what the method's result cannot do, added under the summary (the CPU-only one aside:
+        :meth:`_cpu_only` adds it)."""
         return []
 
     def _where(self) -> str:
@@ -94,8 +95,9 @@ class QuantizeStage(Stage):
         return f"method {self.method}"
 
     def _cpu_only(self) -> bool:
-        """True for a method whose quantized layers run on the CPU only (its caveats carry :func:`cpu_only_note`)."""
-        return cpu_only_note(self.method) in self._caveats()
+        """True for a method whose quantized layers run on the CPU only (torch.ao's): the model is moved to the
+        CPU before quantizing, and the note of :func:`cpu_only_note` says so under the summary."""
+        return False
 
     def _on_cpu_if_needed(self, model: nn.Module, ctx: Context) -> nn.Module:
         """The model, moved to the CPU first (with a note) when this method runs on the CPU only and

@@ -34,15 +34,15 @@ class NncfQuantize(RuntimeQuantize):
     preset: Literal["auto", "performance", "mixed"] = "auto"
     """``performance``: symmetric weights and activations; ``mixed``: asymmetric activations (for
     activations that are not centred on zero, e.g. after GELU). ``auto``: NNCF's own choice, mixed for
-    the transformer scheme and performance otherwise (all-MiniLM-L6-v2 converted by OpenVINO: cosine
-    0.998 with mixed, 0.64 with performance)."""
+    the transformer scheme and performance otherwise (performance loses much of a transformer's accuracy:
+    docs/deploy.md)."""
     calibration_batches: int = Field(default=32, ge=1)
     """Batches of the calibration data run to find the activations' ranges."""
     model_type: Literal["auto", "transformer", "default"] = "auto"
     """``transformer`` uses NNCF's transformer scheme (``ModelType.TRANSFORMER``: softmax, layer norms and
     the attention's activation-by-activation products left float, SmoothQuant); ``default`` quantizes
     every supported op. ``auto``: transformer when the graph has attention (a Softmax, or OpenVINO's fused
-    attention op); all-MiniLM-L6-v2's cosine was 0.30 with the default scheme."""
+    attention op): the default scheme ruins an attention model's accuracy (docs/deploy.md, Transformers)."""
 
     def _quantize(self, model: nn.Module, ctx: Context) -> Quantized:
         import nncf

@@ -13,7 +13,7 @@ from ...engine.stage import Context
 from .._calibration import Calibration
 from ._backends import STATIC_TYPES, BackendError, Quantized, StaticBackend, StaticOptions
 from ._subclass import as_base_layers, swap_to_base
-from .base import LayerQuantize, cpu_only_note, engine_note
+from .base import LayerQuantize, engine_note
 
 
 class StaticQuantize(LayerQuantize):
@@ -85,10 +85,12 @@ class StaticQuantize(LayerQuantize):
     def _verb(self) -> str:
         return f"quantized (int8 static, backend {self.backend})"
 
-    def _caveats(self) -> list[str]:
+    def _cpu_only(self) -> bool:
         # torchao's flow leaves a compiled graph, not torch.ao's CPU-only quantized modules.
-        cpu_only = [] if self.backend == "torchao" else [cpu_only_note("static")]
-        return [*cpu_only, *engine_note(self.backend)]
+        return self.backend != "torchao"
+
+    def _caveats(self) -> list[str]:
+        return engine_note(self.backend)
 
     def _where(self) -> str:
         return f"method static, backend {self.backend}"
