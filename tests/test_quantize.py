@@ -190,19 +190,19 @@ def test_half_casts_weights_and_keeps_float32_interface(trained_mlp: nn.Module, 
     assert size_bytes(out) < 0.6 * size_bytes(trained_mlp)
 
 
-LAYER_METHODS = "it is an option of method dynamic and static and weight_only"
+LAYER_METHODS = "it is an option of methods dynamic, static, weight_only, binary, ternary, kbit or float8"
 BAD_OPTIONS = [  # (options, the option at fault, the message a recipe shows for it)
     ({"method": "dynamic", "calibration_batches": 8}, "calibration_batches",
      "calibration_batches applies to method dynamic only with skip_sensitive"),
     ({"method": "half", "calibration_batches": 8}, "calibration_batches",
-     "'calibration_batches' does not apply to method half; it is an option of method dynamic and static"),
+     "'calibration_batches' does not apply to method half; it is an option of methods dynamic, static, kbit, ort_static or nncf"),
     ({"method": "static", "skip_sensitive": 2}, "skip_sensitive",
      "'skip_sensitive' does not apply to method static; it is an option of method dynamic"),
     ({"method": "dynamic", "dtype": "bfloat16"}, "dtype", "Input should be 'qint8' or 'float16'"),
     ({"method": "static", "dtype": "float16"}, "dtype", "Input should be 'qint8'"),
     ({"method": "half", "dtype": "qint8"}, "dtype", "Input should be 'float16' or 'bfloat16'"),
     ({"method": "weight_only", "backend": "x86"}, "backend",
-     "'backend' does not apply to method weight_only; it is an option of method dynamic and static"),
+     "'backend' does not apply to method weight_only; it is an option of methods dynamic or static"),
     ({"method": "static", "backend": "onednn"}, "backend", "Input should be 'x86', 'qnnpack' or 'torchao'"),
     ({"method": "dynamic", "backend": "torchao"}, "backend", "Input should be 'x86', 'onednn' or 'qnnpack'"),
     ({"method": "static", "granularity": "per_tensor"}, "granularity",
