@@ -83,8 +83,10 @@ def test_ort_dynamic_quantizes_matmuls(registry: Registry) -> None:
 
 @_needs("onnxruntime")
 def test_parity_mismatch_is_a_stage_error(registry: Registry) -> None:
-    recipe = _recipe("mlp", [{"type": "deploy", "runtime": "onnxruntime", "tolerance": 1e-15}])
-    recipe["model"]["kwargs"]["train_epochs"] = 1
+    # A model whose exported graph really differs (by 0.1%): a tiny tolerance alone cannot fail where the
+    # runtime matches torch to the last bit, as ONNX Runtime does on the plain MLP on some CPUs.
+    recipe = _recipe("mlp", [{"type": "deploy", "runtime": "onnxruntime"}])
+    recipe["model"] = {"target": "tests.support.drift:mlp"}
     with pytest.raises(StageError, match=r"outputs differ from torch's by up to .* in the session compiled for shape \["):
         torchslim.run(recipe, registry=registry)
 

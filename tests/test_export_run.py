@@ -117,8 +117,15 @@ def test_cli_exports_and_refuses_to_overwrite(run_dir: Path, cli: Callable[..., 
 
 
 @_needs("onnxruntime")
-def test_parity_mismatch_is_an_error_and_writes_nothing(run_dir: Path, cli: Callable[..., CliResult]) -> None:
-    result = cli("export", str(run_dir), "--to", "onnx", "--exporter", _QUICK, "--tolerance", "1e-15")
+def test_parity_mismatch_is_an_error_and_writes_nothing(tmp_path: Path, cli: Callable[..., CliResult]) -> None:
+    # A model whose exported graph really differs (by 0.1%; tests/support/drift.py): a tiny tolerance alone
+    # cannot fail where ONNX Runtime matches torch to the last bit, as it does on the plain MLP on some CPUs.
+    recipe = digits_recipe([{"type": "prune", "method": "magnitude", "amount": 0.5}])
+    recipe["model"] = {"target": "tests.support.drift:mlp"}
+    recipe["metrics"].update(collect=False, latency=False)
+    run_dir = tmp_path / "run"
+    torchslim.run(recipe, run_dir, registry=Registry.load(autoload=False))
+    result = cli("export", str(run_dir), "--to", "onnx", "--exporter", _QUICK)
     assert result.returncode == 2 and "onnxruntime's outputs differ from torch's" in result.stderr
     assert not (run_dir / "model.onnx").exists() and not (run_dir / "deploy.json").exists()
 
