@@ -22,6 +22,7 @@ from torchslim.plugins.quantize.packing import pack, unpack
 from .conftest import digits_recipe, make_ctx
 
 FORMATS = [Format("binary", 1), Format("ternary", 2), *(Format("int", b) for b in range(2, 9)),
+           *(Format("int", b, grid=g) for b in (2, 3) for g in ("midrise", "skewed")),
            Format("int", 3, symmetric=False, group_size=8), Format("float8", 8),
            Format("float8", 8, float8="float8_e5m2")]
 
@@ -53,6 +54,62 @@ def test_saved_layer_reloads_with_identical_codes_and_outputs(fmt: Format, kind:
     assert torch.equal(loaded.qweight().codes.view(torch.uint8), q.codes.view(torch.uint8))
     x = torch.randn(3, 16) if kind == "linear" else torch.randn(3, 2, 5, 5)
     assert torch.equal(loaded(x), packed(x))
+
+
+def _old_grid(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    # kbit's only grid before issue 23, written out: codes -2**(b-1)..2**(b-1)-1 times 2 max|w| / (2**b - 1).
+    step = 2 * weight.abs().amax(1, keepdim=True) / (2**bits - 1)
+    return (weight / step).round().clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * step
+
+
+def _rounded(weight: torch.Tensor, fmt: Format) -> torch.Tensor:
+    return LowBitLayer.convert(nn.Linear(weight.shape[1], weight.shape[0]), fmt, quantize(weight, fmt)).weight()
+
+
+@pytest.mark.parametrize("bits", [2, 3], ids=lambda b: f"{b}bit")
+def test_kbit_default_grid_rounds_low_bit_weights_closer_than_the_old_grid(bits: int) -> None:
+    # Issue 23: at 2 bits the old grid stored +max as 2/3 max, -max as -4/3 max, and most weights as 0.
+    torch.manual_seed(0)
+    weight = torch.distributions.Laplace(0.0, 0.05).sample((16, 256))  # heavy-tailed, like trained weights
+    weight[:, :8] = 0  # pruned weights stay zero
+    rounded = _rounded(weight, KbitQuantize(bits=bits).layer_format())
+    old = _old_grid(weight, bits)
+    assert (rounded - weight).square().sum() < 0.7 * (old - weight).square().sum()
+    assert bool((rounded[:, :8] == 0).all())
+
+
+@pytest.mark.parametrize("grid", ["narrow", "midrise"])
+@pytest.mark.parametrize("bits", [2, 3, 4], ids=lambda b: f"{b}bit")
+def test_narrow_and_midrise_grids_keep_both_extremes_of_every_group(grid: str, bits: int) -> None:
+    weight = torch.tensor([[0.5, -0.5, 0.1, 0.0, 2.0, -2.0, 0.3, 1.0], [-3.0, 3.0, 1.0, 0.0, 0.7, 0.0, 0.0, -0.7]])
+    rounded = _rounded(weight, KbitQuantize(bits=bits, grid=grid, group_size=4).layer_format())
+    groups = weight.view(2, 2, 4)
+    extremes = groups.abs() == groups.abs().amax(2, keepdim=True)
+    assert torch.allclose(rounded.view_as(groups)[extremes], groups[extremes], rtol=1e-3)
+
+
+@pytest.mark.parametrize("grid", ["narrow", "midrise", "skewed", "mse"])
+def test_each_grid_has_its_documented_levels_at_2_bits(grid: str) -> None:
+    weight = torch.linspace(-1, 1, 201).view(1, -1)
+    levels = torch.unique(_rounded(weight, KbitQuantize(bits=2, grid=grid).layer_format()))
+    if grid == "mse":  # four levels -2..1 times one step, no wider than skewed's
+        step = levels[-1]
+        assert len(levels) == 4 and 0 < step <= 2 / 3 and torch.allclose(levels, torch.arange(-2.0, 2.0) * step)
+        return
+    expected = {"narrow": [-1, 0, 1], "midrise": [-1, -1 / 3, 1 / 3, 1], "skewed": [-4 / 3, -2 / 3, 0, 2 / 3]}[grid]
+    assert torch.allclose(levels, torch.tensor(expected, dtype=torch.float32), atol=1e-3)
+
+
+def test_kbit_default_grid_is_mse_post_training_and_skewed_with_training() -> None:
+    assert KbitQuantize(bits=2).layer_format().grid == "mse"
+    assert KbitQuantize(bits=2, train={"epochs": 1}).layer_format().grid == "skewed"
+    assert KbitQuantize(bits=2, grid="narrow", train={"epochs": 1}).layer_format().grid == "narrow"
+
+
+def test_grid_applies_to_symmetric_formats_only(registry: Registry) -> None:
+    with pytest.raises(torchslim.RecipeError, match=r"stages\[0\]\.grid \(quantize\): grid applies to symmetric: true"):
+        load_recipe(digits_recipe([{"type": "quantize", "method": "kbit", "symmetric": False, "grid": "narrow"}]),
+                    registry)
 
 
 def test_binary_weights_are_sign_times_channel_mean() -> None:
@@ -155,6 +212,21 @@ def test_run_then_load_model_gives_identical_outputs(tmp_path: Path, registry: R
     saved, again = report.model.state_dict(), loaded.state_dict()
     assert all(torch.equal(saved[k].view(torch.uint8) if saved[k].dtype.itemsize == 1 else saved[k], again[k].view(
         torch.uint8) if again[k].dtype.itemsize == 1 else again[k]) for k in saved)
+
+
+def test_a_save_from_before_grids_reloads_on_the_grid_it_was_made_with(tmp_path: Path, registry: Registry) -> None:
+    stage = {"type": "quantize", "method": "kbit", "bits": 2, "grid": "skewed"}
+    report = torchslim.run(digits_recipe([stage], train_epochs=2), tmp_path / "out", registry=registry)
+    saved = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
+    layers = saved["structure"][0]["layers"]
+    assert {f["grid"] for f in layers.values()} == {"skewed"}  # a new record names its grid
+    for fmt in layers.values():
+        del fmt["grid"]  # as every record written before grids were an option
+    torch.save(saved, tmp_path / "out" / "model.pt")
+    loaded = torchslim.load_model(tmp_path / "out", registry)
+    assert [m.fmt.grid for m in loaded.modules() if isinstance(m, LowBitLayer)] == ["skewed"] * 3
+    x = torch.rand(5, 64)
+    assert torch.equal(loaded(x), report.model(x))
 
 
 BAD = [

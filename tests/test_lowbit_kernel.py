@@ -25,7 +25,8 @@ from .conftest import digits_recipe, make_ctx
 
 pytestmark = pytest.mark.skipif(not available(), reason="this torch has no int4 CPU kernel")
 
-FORMATS = [Format("int", 4), Format("int", 4, symmetric=False, group_size=32), Format("int", 4, group_size=64)]
+FORMATS = [Format("int", 4), Format("int", 4, symmetric=False, group_size=32), Format("int", 4, group_size=64),
+           Format("int", 4, grid="midrise"), Format("int", 4, grid="skewed", group_size=32)]
 
 
 def _packed(fmt: Format, kernel: str = "int4pack") -> LowBitLayer:

@@ -1,10 +1,11 @@
 """Low-bit weight formats: how a float weight becomes codes and scales, and back.
 
 Every integer format is affine per output channel (or per group of ``group_size`` input features):
-``w = (code - zero) * scale`` with codes in ``[0, 2**bits)``. Binary is ``code in {0, 1}``, zero
-0.5 and scale twice mean |w| (so ``w = sign * mean|w|``, XNOR-Net); ternary is ``code in {0, 1, 2}``,
-zero 1 (ternary weight networks: threshold 0.7 * mean |w|, scale the mean |w| above it). float8
-codes are float8 values times a per-channel scale.
+``w = (code - zero) * scale`` with codes in ``[0, 2**bits)``: a symmetric format's fixed zero and its scales
+follow its :data:`Grid`, an asymmetric one stores a zero per group and spans the group's min..max. Binary is
+``code in {0, 1}``, zero 0.5 and scale twice mean |w| (so ``w = sign * mean|w|``, XNOR-Net); ternary is
+``code in {0, 1, 2}``, zero 1 (ternary weight networks: threshold 0.7 * mean |w|, scale the mean |w| above
+it). float8 codes are float8 values times a per-channel scale.
 """
 
 from __future__ import annotations
@@ -16,6 +17,18 @@ import torch
 
 Kind = Literal["binary", "ternary", "int", "float8"]
 Kernel = Literal["dequantize", "int4pack"]
+#: Where a symmetric integer format puts its levels, ``m`` being a group's largest |w| (docs/quantize.md has the
+#: measurements): ``skewed``: codes ``-2**(b-1) .. 2**(b-1) - 1`` times ``2m / (2**b - 1)`` (2 bits: ``{-4m/3, -2m/3,
+#: 0, 2m/3}``, ``+m`` clipped, ``-m`` overshot), torchslim's only grid before issue 23; ``mse``: the same codes with
+#: each group's step chosen among :data:`MSE_FRACTIONS` of skewed's to leave the least squared rounding error
+#: (clipping the largest weights where finer steps pay more); ``narrow``: ``-(2**(b-1) - 1) .. 2**(b-1) - 1`` times
+#: ``m / (2**(b-1) - 1)``, zero and both extremes exact, one code unused (2 bits: ``{-m, 0, m}``); ``midrise``: all
+#: ``2**b`` levels evenly from ``-m`` to ``m``, no zero (2 bits: ``{-m, -m/3, m/3, m}``).
+Grid = Literal["mse", "skewed", "narrow", "midrise"]
+#: The grid of a saved format record that names none: every record written before grids were an option.
+LEGACY_GRID: Grid = "skewed"
+#: The steps the ``mse`` grid tries, as fractions of the skewed grid's: 1 (skewed's own) down to 0.05.
+MSE_FRACTIONS = tuple((20 - i) / 20 for i in range(20))
 #: Threshold of ternary weight networks (Li & Liu 2016): 0.7 * mean |w| approximates the optimum.
 TWN_THRESHOLD = 0.7
 
@@ -35,11 +48,13 @@ class Format:
     """The layer's inputs: ``float`` as given, or ``binary``: sign(x) times the sample's mean |x| (XNOR-Net)."""
     kernel: Kernel = "dequantize"
     """How a Linear computes: dequantize its weight at each call, or torch's int4 kernel (bfloat16 inputs)."""
+    grid: Grid = "mse"
+    """Where a symmetric ``int`` format's levels lie (:data:`Grid`); unused by the other formats."""
 
     @classmethod
     def of(cls, record: dict[str, Any]) -> Format:
-        """The format :meth:`record` wrote."""
-        return cls(**record)
+        """The format :meth:`record` wrote (a record without ``grid`` predates it: :data:`LEGACY_GRID`)."""
+        return cls(**{"grid": LEGACY_GRID, **record})
 
     def record(self) -> dict[str, Any]:
         """As plain data."""
@@ -53,7 +68,7 @@ class Format:
             inputs = ", binary activations" if self.activations == "binary" else ""
             return f"{self.kind}, scale per channel{inputs}"
         scales = f"groups of {self.group_size}" if self.group_size else "per channel"
-        return f"int{self.bits} {'symmetric' if self.symmetric else 'asymmetric'}, {scales}"
+        return f"int{self.bits} {f'symmetric {self.grid}' if self.symmetric else 'asymmetric'}, {scales}"
 
     def groups(self, features: int) -> int:
         """Scale groups along ``features`` input features."""
@@ -99,10 +114,36 @@ def scales(grouped: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tens
         return _nonzero(absw.amax(2) / torch.finfo(getattr(torch, fmt.float8)).max), 0.0
     levels = 2**fmt.bits - 1
     if fmt.symmetric:
-        return _nonzero(2 * absw.amax(2) / levels), float(2 ** (fmt.bits - 1))
+        return _symmetric_scale(grouped, absw.amax(2), fmt), symmetric_zero(fmt)
     low, high = grouped.amin(2).clamp(max=0), grouped.amax(2).clamp(min=0)
     scale = _nonzero((high - low) / levels)
     return scale, torch.round(-low / scale).clamp(0, levels)
+
+
+def _symmetric_scale(grouped: torch.Tensor, absmax: torch.Tensor, fmt: Format) -> torch.Tensor:
+    if fmt.grid == "narrow":
+        return _nonzero(absmax / (2 ** (fmt.bits - 1) - 1))
+    widest = _nonzero(2 * absmax / (2**fmt.bits - 1))  # skewed and midrise: 2**b - 1 steps span 2m
+    return _least_error(grouped, widest, fmt) if fmt.grid == "mse" else widest
+
+
+def _least_error(grouped: torch.Tensor, widest: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Per group, the step among :data:`MSE_FRACTIONS` of ``widest`` that rounds ``grouped`` with the least
+    squared error (on a tie the wider: a group of zeros keeps ``widest``)."""
+    zero = symmetric_zero(fmt)
+    best, least = widest, torch.full_like(widest, torch.inf)
+    for fraction in MSE_FRACTIONS:
+        scale = widest * fraction
+        error = ((encode(grouped, scale, zero, fmt).float() - zero) * scale[..., None] - grouped).square().sum(2)
+        better = error < least
+        best, least = torch.where(better, scale, best), torch.where(better, error, least)
+    return best
+
+
+def symmetric_zero(fmt: Format) -> float:
+    """The fixed zero point of a symmetric ``int`` format: ``(2**bits - 1) / 2`` (no code is zero) on the midrise
+    grid, else ``2**(bits - 1)``."""
+    return (2**fmt.bits - 1) / 2 if fmt.grid == "midrise" else float(2 ** (fmt.bits - 1))
 
 
 def _nonzero(scale: torch.Tensor) -> torch.Tensor:
@@ -121,7 +162,10 @@ def encode(grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | floa
     if fmt.kind == "ternary":
         keep = grouped.abs() > TWN_THRESHOLD * grouped.abs().mean(2, keepdim=True)
         return (torch.sign(grouped) * keep + 1).to(torch.uint8)
-    return (torch.round(grouped / s) + z).clamp(0, 2**fmt.bits - 1).to(torch.uint8)
+    midrise = fmt.symmetric and fmt.grid == "midrise"  # levels halfway between integers: the floor's is the nearest
+    codes = torch.floor(grouped / s) + (z + 0.5) if midrise else torch.round(grouped / s) + z
+    lowest = 1 if fmt.symmetric and fmt.grid == "narrow" else 0  # narrow: code 0 (-2**(b-1)) is not a level
+    return codes.clamp(lowest, 2**fmt.bits - 1).to(torch.uint8)
 
 
 def dequantize(q: QWeight, fmt: Format, shape: tuple[int, int] | None = None) -> torch.Tensor:

@@ -13,7 +13,7 @@ from ...engine.metrics import latency_batch
 from ...engine.stage import Context, option_errors
 from .._calibration import calibration_inputs
 from . import kernels
-from .formats import Format, QWeight
+from .formats import Format, Grid, QWeight
 from .int4pack import KERNEL_GROUPS
 from .lowbit import LowBitQuantize
 
@@ -32,6 +32,14 @@ class KbitQuantize(LowBitQuantize):
     """Bits per weight, 2..8 (1 bit is method binary; {-1, 0, 1} is method ternary)."""
     symmetric: bool = True
     """Symmetric levels around zero (no zero point stored); false stores a zero point per group."""
+    grid: Grid | None = None
+    """With ``symmetric: true``, where the levels lie (``m``: a group's largest |w|); null: ``mse`` without
+    ``train``, ``skewed`` with it. ``mse``: codes ``-2**(bits-1) .. 2**(bits-1) - 1`` (zero kept), each group's step
+    the one among 20 (``2m / (2**bits - 1)`` times 1, 0.95, ... 0.05) that leaves the least squared rounding error,
+    so outliers may be clipped; ``skewed``: the same codes at the widest of those steps (the only grid before this
+    option: at 2 bits {-4m/3, -2m/3, 0, 2m/3}); ``narrow``: zero and both ``+m`` and ``-m`` exact, one code unused
+    (2 bits: {-m, 0, m}); ``midrise``: ``2**bits`` levels evenly over ``-m..m``, no zero (2 bits:
+    {-m, -m/3, m/3, m}; pruned zeros become nonzero)."""
     group_size: int | None = Field(default=None, ge=1)
     """Input features per scale (e.g. 32 or 128); null: one scale per output channel. Must divide every
     chosen layer's input features (in_channels x kernel size for a convolution)."""
@@ -61,6 +69,13 @@ class KbitQuantize(LowBitQuantize):
         return self
 
     @model_validator(mode="after")
+    def _grid_option(self) -> KbitQuantize:
+        if self.grid is not None and not self.symmetric:
+            raise option_errors(self, [("grid", "grid applies to symmetric: true only (asymmetric levels span each "
+                                                "group's min..max with a zero point)")])
+        return self
+
+    @model_validator(mode="after")
     def _kernel_options(self) -> KbitQuantize:
         problems = []
         if self.kernel == "int4pack" and self.bits != 4:
@@ -73,8 +88,10 @@ class KbitQuantize(LowBitQuantize):
         return self
 
     def layer_format(self) -> Format:
-        """``bits``-bit integer codes with this method's scales."""
-        return Format("int", self.bits, self.symmetric, self.group_size)
+        """``bits``-bit integer codes on this method's grid."""
+        # mse re-chooses its steps at every QAT forward pass, and trained worse there than skewed (docs/quantize.md)
+        grid = self.grid or ("skewed" if self.train else "mse")
+        return Format("int", self.bits, self.symmetric, self.group_size, grid=grid)
 
     def _round(self, model: nn.Module, formats: dict[str, Format], ctx: Context) -> dict[str, QWeight]:
         if self.rounding == "nearest":

@@ -20,7 +20,7 @@ from torch import nn
 
 from .._layers import bias_of, weight_of
 from .activations import binarize, input_dims
-from .formats import Format, QWeight, dequantize
+from .formats import Format, QWeight, dequantize, symmetric_zero
 from .int4pack import Int4Weight
 from .packing import pack, packed_length, unpack
 
@@ -123,5 +123,4 @@ def _forget_int4(layer: Any, _keys: Any) -> None:
 
 
 #: The fixed zero point of each symmetric format (asymmetric int formats store theirs).
-_ZEROS: dict[str, Any] = {"binary": lambda f: 0.5, "ternary": lambda f: 1.0, "float8": lambda f: 0.0,
-                          "int": lambda f: float(2 ** (f.bits - 1))}
+_ZEROS: dict[str, Any] = {"binary": lambda f: 0.5, "ternary": lambda f: 1.0, "float8": lambda f: 0.0, "int": symmetric_zero}
