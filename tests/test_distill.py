@@ -186,7 +186,7 @@ def test_same_seed_same_weights_other_seed_other_order(teacher: nn.Module, flat:
 
 @pytest.mark.parametrize(("keep", "kept"), [("best", 2), ("last", 4)], ids=["best", "last"])
 def test_keep_and_patience(teacher: nn.Module, flat: dict, keep: str, kept: int) -> None:
-    scores = iter([50.0, 70.0, 60.0, 65.0, 99.0])
+    scores = iter([40.0, 50.0, 70.0, 60.0, 65.0, 99.0])  # the first: the model as the stage received it
     snapshots: list[dict[str, torch.Tensor]] = []
 
     def scripted(model: nn.Module) -> float:
@@ -199,8 +199,33 @@ def test_keep_and_patience(teacher: nn.Module, flat: dict, keep: str, kept: int)
     state = stage.apply(copy.deepcopy(teacher), ctx).state_dict()
     assert ctx.metrics["epochs_run"] == 4  # epochs 3 and 4 did not beat epoch 2
     assert ctx.metrics["best_epoch"] == 2 and ctx.metrics["best_accuracy"] == 70.0
-    for epoch, snapshot in enumerate(snapshots, start=1):
+    for epoch, snapshot in enumerate(snapshots):
         assert all(torch.equal(state[k], snapshot[k]) for k in state) == (epoch == kept)
+
+
+@pytest.mark.parametrize("keep", ["best", "last"], ids=["best", "last"])
+def test_a_stage_that_makes_its_input_worse_says_so_and_keep_best_returns_the_input(
+        teacher: nn.Module, flat: dict, keep: str) -> None:
+    # Issue 23: a pretrained CRNN went from 40% to 0% at lr 0.01 and the stage kept the last epoch, silently.
+    ctx = make_ctx(teacher, flat)
+    received = ctx.evaluate(teacher)
+    out = DistillStage(epochs=2, lr=1.0, keep=keep).apply(copy.deepcopy(teacher), ctx)  # an lr that wrecks it
+    after = ctx.evaluate(out)
+    same = all(torch.equal(a, b) for a, b in zip(out.state_dict().values(), teacher.state_dict().values(), strict=True))
+    if keep == "best":
+        assert same and after == received and ctx.metrics["best_epoch"] == 0
+        assert any("kept the model it received (keep: best)" in note and f"{received:.2f}" in note for note in ctx.notes)
+    else:
+        assert not same and after < received - 20
+        assert any(f"worse than the {received:.2f} of the model it received" in note for note in ctx.notes)
+
+
+def test_a_stage_that_improves_its_input_says_nothing_about_it(teacher: nn.Module, flat: dict) -> None:
+    model = copy.deepcopy(teacher)
+    MagnitudePrune(amount=0.8, scope="layer").apply(model, make_ctx(teacher, flat))
+    ctx = make_ctx(teacher, flat)
+    DistillStage(epochs=2, lr=1e-2, keep="best").apply(model, ctx)
+    assert ctx.metrics["best_epoch"] > 0 and not any("model it received" in note for note in ctx.notes)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"], ids=["adam", "adamw", "sgd"])

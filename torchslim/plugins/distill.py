@@ -206,18 +206,38 @@ class DistillStage(Stage):
         return fit(TrainPlan.of(self), job, ctx)
 
     def _report(self, outcome: Outcome, ctx: Context) -> None:
-        ctx.add_metric("train_loss", outcome.train_loss)
+        ctx.add_metric("train_loss", outcome.train_loss)  # NaN (not measured) when the input was kept
         if self.features:
             ctx.add_metric("feature_loss", outcome.feature_loss)
         ctx.add_metric(f"best_{ctx.metric_name}", outcome.best_score)
         ctx.add_metric("best_epoch", outcome.best_epoch)
         ctx.add_metric("epochs_run", outcome.epochs_run)
         self._selection_note(ctx)
+        self._kept_note(outcome, ctx)
         if distributed.is_main():
             kept = f"kept epoch {outcome.best_epoch}" if self.keep == "best" else "kept the last epoch"
-            ctx.log.info("  %s: %d epochs, %d steps, best %s %.2f at epoch %d, %s", self.label, outcome.epochs_run,
-                         outcome.steps, ctx.metric_name, outcome.best_score, outcome.best_epoch, kept)
+            ctx.log.info("  %s: %d epochs, %d steps, best %s %.2f at epoch %d (0: as received), %s", self.label,
+                         outcome.epochs_run, outcome.steps, ctx.metric_name, outcome.best_score, outcome.best_epoch,
+                         kept)
 
+    def _kept_note(self, outcome: Outcome, ctx: Context) -> None:
+        """Say so when the stage returns the model it received (keep: best), or one that scores worse (keep: last)."""
+        metric, split = ctx.metric_name, ctx.selection_split
+        given = "the model it received" if self.student == "current" else "the student as built (untrained)"
+        if self.keep == "best" and outcome.kept_input:
+            ctx.keep_input()
+            text = (f"{self.label}: kept {given} (keep: best): no epoch beat its {metric} of "
+                    f"{outcome.start_score:.2f} on the {split} data (last epoch: {outcome.last_score:.2f}); "
+                    "a lower lr may help")
+        elif self.keep == "last" and _worse(self, outcome.last_score, outcome.start_score):
+            text = (f"{self.label}: returned the last epoch (keep: last), whose {metric} of {outcome.last_score:.2f} "
+                    f"on the {split} data is worse than the {outcome.start_score:.2f} of {given} "
+                    "(keep: best would have returned that one); a lower lr may help")
+        else:
+            return
+        ctx.note(text)
+        if distributed.is_main():
+            ctx.log.warning("%s", text)
 
     def _selection_note(self, ctx: Context) -> None:
         """Say which data chose the epoch (keep: best) or the stop (patience), and which reports."""
@@ -231,6 +251,11 @@ class DistillStage(Stage):
         else:
             ctx.note(f"{self.label}: {' and '.join(chosen)} chose on the eval data, the same data the summary "
                      f"reports (an optimistic figure); a 'validation' loader from the data factory separates them")
+
+
+def _worse(stage: DistillStage, score: float, other: float) -> bool:
+    """Whether ``score`` is strictly worse than ``other`` by the stage's ``better`` (False if either is NaN)."""
+    return score < other if stage.better == "higher" else score > other
 
 
 def _tap(stage: DistillStage, model: nn.Module, owner: Literal["student", "teacher"]) -> Taps:
