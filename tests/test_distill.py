@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import torchslim
 from torchslim import RecipeError, Registry, StageError
 from torchslim.examples import digits
-from torchslim.plugins._kd import projection
+from torchslim.plugins._kd import hinton_loss, projection
 from torchslim.plugins._shard import TrainBatches
 from torchslim.plugins.distill import DistillStage
 from torchslim.plugins.prune import MagnitudePrune
@@ -201,6 +201,36 @@ def test_keep_and_patience(teacher: nn.Module, flat: dict, keep: str, kept: int)
     assert ctx.metrics["best_epoch"] == 2 and ctx.metrics["best_accuracy"] == 70.0
     for epoch, snapshot in enumerate(snapshots):
         assert all(torch.equal(state[k], snapshot[k]) for k in state) == (epoch == kept)
+
+
+def test_hinton_loss_is_the_papers_soft_term_scaled_by_t_squared_plus_the_labels() -> None:
+    # Issue 23 asked whether the KD loss was why distillation lost to labels: it is the paper's.
+    torch.manual_seed(0)
+    student, teacher, labels = torch.randn(8, 10), 3 * torch.randn(8, 10), torch.randint(10, (8,))
+    t, alpha = 20.0, 0.9
+    p_t, log_p_s = torch.softmax(teacher / t, 1), torch.log_softmax(student / t, 1)
+    soft = (p_t * (p_t.log() - log_p_s)).sum(1).mean()  # KL(teacher || student), summed over classes
+    hard = torch.nn.functional.cross_entropy(student, labels)
+    expected = alpha * t * t * soft + (1 - alpha) * hard
+    assert torch.allclose(hinton_loss(student, teacher, labels, t, alpha), expected)
+    assert hinton_loss(teacher, teacher, labels, t, 1.0).abs() < 1e-4  # float rounding times T^2 = 400
+    # At a high T the soft term's gradient is logit matching: (s - t) / classes per sample, centred.
+    s = student.clone().requires_grad_()
+    hinton_loss(s, teacher, labels, 100.0, 1.0).backward()
+    centred = (student - student.mean(1, keepdim=True)) - (teacher - teacher.mean(1, keepdim=True))
+    matching = centred / 10 / len(student)
+    assert float((s.grad - matching).norm() / matching.norm()) < 0.05
+
+
+def test_the_teacher_runs_in_eval_mode_while_the_student_trains(flat: dict) -> None:
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 10))
+    modes: list[bool] = []
+    ctx = make_ctx(teacher, {**flat, "train": list(itertools.islice(flat["train"], 3))})
+    ctx.original[2].register_forward_hook(lambda module, _i, _o: modes.append(module.training))
+    student = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    DistillStage(epochs=1, alpha=0.9, temperature=20.0).apply(student, ctx)
+    assert len(modes) == 3 and not any(modes)  # dropout off: the soft targets are the teacher's own
 
 
 @pytest.mark.parametrize("keep", ["best", "last"], ids=["best", "last"])
