@@ -233,6 +233,17 @@ def test_the_teacher_runs_in_eval_mode_while_the_student_trains(flat: dict) -> N
     assert len(modes) == 3 and not any(modes)  # dropout off: the soft targets are the teacher's own
 
 
+@pytest.mark.parametrize(("width", "lr"), [(32, 1e-2), (1000, 3e-4)], ids=["small", "million"])
+def test_the_default_lr_follows_the_students_size(flat: dict, width: int, lr: float) -> None:
+    # Issue 23: 0.01 (chosen on small models) wrecked a pretrained 9.2M-parameter CRNN and MiniLM.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+    ctx = make_ctx(model, flat)
+    DistillStage(epochs=1, max_steps=2).apply(model, ctx)
+    assert ctx.metrics["lr"] == lr
+    assert DistillStage(epochs=1, max_steps=2, lr=0.05).apply(model, ctx) is model and ctx.metrics["lr"] == 0.05
+
+
 @pytest.mark.parametrize("keep", ["best", "last"], ids=["best", "last"])
 def test_a_stage_that_makes_its_input_worse_says_so_and_keep_best_returns_the_input(
         teacher: nn.Module, flat: dict, keep: str) -> None:

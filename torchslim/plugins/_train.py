@@ -69,9 +69,11 @@ class TrainPlan:
             raise ValueError("TrainPlan: keep best and patience choose by the eval metric, so they need evaluate")
 
     @classmethod
-    def of(cls, options: object) -> TrainPlan:
-        """The plan from a stage config's fields of the same names (distill's); the others keep their defaults."""
-        return cls(**{f.name: getattr(options, f.name) for f in fields(cls) if hasattr(options, f.name)})
+    def of(cls, options: object, lr: float | None = None) -> TrainPlan:
+        """The plan from a stage config's fields of the same names (distill's), with ``lr`` instead of the
+        config's when given (a rate the stage resolved); the others keep their defaults."""
+        found = {f.name: getattr(options, f.name) for f in fields(cls) if hasattr(options, f.name)}
+        return cls(**{**found, "lr": lr} if lr is not None else found)
 
 
 @dataclass(frozen=True, eq=False)
