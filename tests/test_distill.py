@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import torchslim
 from torchslim import RecipeError, Registry, StageError
 from torchslim.examples import digits
-from torchslim.plugins._kd import projection
+from torchslim.plugins._kd import hinton_loss, projection
 from torchslim.plugins._shard import TrainBatches
 from torchslim.plugins.distill import DistillStage
 from torchslim.plugins.prune import MagnitudePrune
@@ -186,7 +186,7 @@ def test_same_seed_same_weights_other_seed_other_order(teacher: nn.Module, flat:
 
 @pytest.mark.parametrize(("keep", "kept"), [("best", 2), ("last", 4)], ids=["best", "last"])
 def test_keep_and_patience(teacher: nn.Module, flat: dict, keep: str, kept: int) -> None:
-    scores = iter([50.0, 70.0, 60.0, 65.0, 99.0])
+    scores = iter([40.0, 50.0, 70.0, 60.0, 65.0, 99.0])  # the first: the model as the stage received it
     snapshots: list[dict[str, torch.Tensor]] = []
 
     def scripted(model: nn.Module) -> float:
@@ -199,8 +199,74 @@ def test_keep_and_patience(teacher: nn.Module, flat: dict, keep: str, kept: int)
     state = stage.apply(copy.deepcopy(teacher), ctx).state_dict()
     assert ctx.metrics["epochs_run"] == 4  # epochs 3 and 4 did not beat epoch 2
     assert ctx.metrics["best_epoch"] == 2 and ctx.metrics["best_accuracy"] == 70.0
-    for epoch, snapshot in enumerate(snapshots, start=1):
+    for epoch, snapshot in enumerate(snapshots):
         assert all(torch.equal(state[k], snapshot[k]) for k in state) == (epoch == kept)
+
+
+def test_hinton_loss_is_the_papers_soft_term_scaled_by_t_squared_plus_the_labels() -> None:
+    # Issue 23 asked whether the KD loss was why distillation lost to labels: it is the paper's.
+    torch.manual_seed(0)
+    student, teacher, labels = torch.randn(8, 10), 3 * torch.randn(8, 10), torch.randint(10, (8,))
+    t, alpha = 20.0, 0.9
+    p_t, log_p_s = torch.softmax(teacher / t, 1), torch.log_softmax(student / t, 1)
+    soft = (p_t * (p_t.log() - log_p_s)).sum(1).mean()  # KL(teacher || student), summed over classes
+    hard = torch.nn.functional.cross_entropy(student, labels)
+    expected = alpha * t * t * soft + (1 - alpha) * hard
+    assert torch.allclose(hinton_loss(student, teacher, labels, t, alpha), expected)
+    assert hinton_loss(teacher, teacher, labels, t, 1.0).abs() < 1e-4  # float rounding times T^2 = 400
+    # At a high T the soft term's gradient is logit matching: (s - t) / classes per sample, centred.
+    s = student.clone().requires_grad_()
+    hinton_loss(s, teacher, labels, 100.0, 1.0).backward()
+    centred = (student - student.mean(1, keepdim=True)) - (teacher - teacher.mean(1, keepdim=True))
+    matching = centred / 10 / len(student)
+    assert float((s.grad - matching).norm() / matching.norm()) < 0.05
+
+
+def test_the_teacher_runs_in_eval_mode_while_the_student_trains(flat: dict) -> None:
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 10))
+    modes: list[bool] = []
+    ctx = make_ctx(teacher, {**flat, "train": list(itertools.islice(flat["train"], 3))})
+    ctx.original[2].register_forward_hook(lambda module, _i, _o: modes.append(module.training))
+    student = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    DistillStage(epochs=1, alpha=0.9, temperature=20.0).apply(student, ctx)
+    assert len(modes) == 3 and not any(modes)  # dropout off: the soft targets are the teacher's own
+
+
+@pytest.mark.parametrize(("width", "lr"), [(32, 1e-2), (1000, 3e-4)], ids=["small", "million"])
+def test_the_default_lr_follows_the_students_size(flat: dict, width: int, lr: float) -> None:
+    # Issue 23: 0.01 (chosen on small models) wrecked a pretrained 9.2M-parameter CRNN and MiniLM.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+    ctx = make_ctx(model, flat)
+    DistillStage(epochs=1, max_steps=2).apply(model, ctx)
+    assert ctx.metrics["lr"] == lr
+    assert DistillStage(epochs=1, max_steps=2, lr=0.05).apply(model, ctx) is model and ctx.metrics["lr"] == 0.05
+
+
+@pytest.mark.parametrize("keep", ["best", "last"], ids=["best", "last"])
+def test_a_stage_that_makes_its_input_worse_says_so_and_keep_best_returns_the_input(
+        teacher: nn.Module, flat: dict, keep: str) -> None:
+    # Issue 23: a pretrained CRNN went from 40% to 0% at lr 0.01 and the stage kept the last epoch, silently.
+    ctx = make_ctx(teacher, flat)
+    received = ctx.evaluate(teacher)
+    out = DistillStage(epochs=2, lr=1.0, keep=keep).apply(copy.deepcopy(teacher), ctx)  # an lr that wrecks it
+    after = ctx.evaluate(out)
+    same = all(torch.equal(a, b) for a, b in zip(out.state_dict().values(), teacher.state_dict().values(), strict=True))
+    if keep == "best":
+        assert same and after == received and ctx.metrics["best_epoch"] == 0
+        assert any("kept the model it received (keep: best)" in note and f"{received:.2f}" in note for note in ctx.notes)
+    else:
+        assert not same and after < received - 20
+        assert any(f"worse than the {received:.2f} of the model it received" in note for note in ctx.notes)
+
+
+def test_a_stage_that_improves_its_input_says_nothing_about_it(teacher: nn.Module, flat: dict) -> None:
+    model = copy.deepcopy(teacher)
+    MagnitudePrune(amount=0.8, scope="layer").apply(model, make_ctx(teacher, flat))
+    ctx = make_ctx(teacher, flat)
+    DistillStage(epochs=2, lr=1e-2, keep="best").apply(model, ctx)
+    assert ctx.metrics["best_epoch"] > 0 and not any("model it received" in note for note in ctx.notes)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"], ids=["adam", "adamw", "sgd"])

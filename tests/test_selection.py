@@ -67,20 +67,20 @@ def scripted_ctx(model: nn.Module, flat: dict, eval_scores: list[float], validat
 
 
 @pytest.mark.parametrize(("validation", "best_epoch", "split", "says"), [
-    ([90.0, 80.0, 70.0], 1, "validation", "chose on the validation data; the summary reports the eval data"),
+    ([60.0, 90.0, 80.0, 70.0], 1, "validation", "chose on the validation data; the summary reports the eval data"),
     (None, 3, "eval", "chose on the eval data, the same data the summary reports"),
 ], ids=["validation-chooses", "eval-chooses"])
 def test_keep_best_chooses_on_validation_when_there_is_some(trained_mlp: nn.Module, flat: dict, validation: Any,
                                                            best_epoch: int, split: str, says: str) -> None:
     # The eval scores rise while the validation scores fall: the two splits pick different epochs.
-    ctx = scripted_ctx(trained_mlp, flat, [70.0, 80.0, 90.0], validation)
+    ctx = scripted_ctx(trained_mlp, flat, [60.0, 70.0, 80.0, 90.0], validation)
     DistillStage(epochs=3, keep="best").apply(copy.deepcopy(trained_mlp), ctx)
     assert ctx.metrics["best_epoch"] == best_epoch and ctx.metrics["selected_on"] == split
     assert any(says in note for note in ctx.notes)
 
 
 def test_patience_stops_on_validation_not_on_eval(trained_mlp: nn.Module, flat: dict) -> None:
-    ctx = scripted_ctx(trained_mlp, flat, [70.0, 80.0, 90.0, 95.0], [90.0, 80.0, 70.0, 60.0])
+    ctx = scripted_ctx(trained_mlp, flat, [60.0, 70.0, 80.0, 90.0, 95.0], [50.0, 90.0, 80.0, 70.0, 60.0])
     DistillStage(epochs=4, patience=2).apply(copy.deepcopy(trained_mlp), ctx)
     assert ctx.metrics["epochs_run"] == 3  # validation got worse twice after epoch 1; eval kept rising
     assert any("patience chose on the validation data" in note for note in ctx.notes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import math
 from typing import Any
 
 import pytest
@@ -72,7 +73,7 @@ def test_cosine_schedule_decays_to_zero_over_the_planned_steps() -> None:
 
 @pytest.mark.parametrize(("keep", "kept"), [("best", 2), ("last", 3)], ids=["best", "last"])
 def test_keep_restores_the_chosen_epoch(flat: dict, keep: str, kept: int) -> None:
-    scores = iter([50.0, 80.0, 60.0])
+    scores = iter([40.0, 50.0, 80.0, 60.0])  # the first: the model before training (epoch 0)
     snapshots: list[dict[str, torch.Tensor]] = []
 
     def scripted(model: nn.Module) -> float:
@@ -85,8 +86,22 @@ def test_keep_restores_the_chosen_epoch(flat: dict, keep: str, kept: int) -> Non
     outcome = fit(TrainPlan(epochs=3, lr=1e-2, keep=keep), labels_job(model, few), make_ctx(model, flat, scripted))
     assert (outcome.best_epoch, outcome.best_score, outcome.epochs_run) == (2, 80.0, 3)
     state = model.state_dict()
-    for epoch, snapshot in enumerate(snapshots, start=1):
+    for epoch, snapshot in enumerate(snapshots):
         assert all(torch.equal(state[k], snapshot[k]) for k in state) == (epoch == kept)
+
+
+def test_keep_best_returns_the_untrained_model_when_no_epoch_beats_it(flat: dict) -> None:
+    # The model before training is epoch 0: a candidate, and the one patience counts from.
+    scores = iter([90.0, 50.0, 60.0, 95.0])
+    torch.manual_seed(0)
+    model = digits.mlp(hidden=16)
+    before = copy.deepcopy(model.state_dict())
+    few = list(itertools.islice(flat["train"], 3))
+    ctx = make_ctx(model, flat, lambda _m: next(scores))
+    outcome = fit(TrainPlan(epochs=4, lr=1e-2, keep="best", patience=2), labels_job(model, few), ctx)
+    assert (outcome.best_epoch, outcome.best_score, outcome.epochs_run) == (0, 90.0, 2) and outcome.kept_input
+    assert (outcome.start_score, outcome.last_score) == (90.0, 60.0) and math.isnan(outcome.train_loss)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_finetune_keeps_zeros_of_layers_the_stage_did_not_prune(trained_mlp: nn.Module, flat: dict) -> None:

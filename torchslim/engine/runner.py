@@ -229,7 +229,8 @@ def stage_failure(label: str, doing: str = "") -> Any:
 
 def apply_stage(stage: Stage, model: nn.Module, ctx: Context) -> tuple[nn.Module, float]:
     """Run one stage; StageError if it fails, returns something else than a module, or changes nothing
-    (or, for a stage declaring ``changes_model = False``, changes something)."""
+    without saying so with :meth:`Context.keep_input` (or, for a stage declaring ``changes_model = False``,
+    changes something)."""
     before = fingerprint(model)
     start = time.perf_counter()
     try:
@@ -242,7 +243,7 @@ def apply_stage(stage: Stage, model: nn.Module, ctx: Context) -> tuple[nn.Module
     if not isinstance(result, nn.Module):
         raise StageError(stage.label, f"apply() returned {type(result).__name__}, expected an nn.Module")
     unchanged = fingerprint(result) == before
-    if unchanged and stage.changes_model:
+    if unchanged and stage.changes_model and not ctx.kept_input:
         raise StageError(stage.label, "the stage changed nothing in the model (same modules, same weights)")
     if not unchanged and not stage.changes_model:
         raise StageError(stage.label, f"{type(stage).__name__} declares changes_model = False, but the model it "

@@ -156,6 +156,8 @@ class Context:
     restore_record: dict[str, Any] = field(default_factory=dict)
     """What this stage changed in the model's structure (:meth:`record_for_restore`), saved with the
     model and handed back to :meth:`Stage.restore`."""
+    kept_input: bool = False
+    """Set by :meth:`keep_input`: this stage returns the model it received on purpose."""
 
     @property
     def selection_split(self) -> str:
@@ -173,7 +175,13 @@ class Context:
 
     def for_stage(self) -> Context:
         """A copy sharing the model, data and settings, with empty figures, notes and record."""
-        return dataclasses.replace(self, metrics={}, notes=[], restore_record={})
+        return dataclasses.replace(self, metrics={}, notes=[], restore_record={}, kept_input=False)
+
+    def keep_input(self) -> None:
+        """Declare that this run of the stage returns the model it received unchanged on purpose (a
+        training stage whose epochs all scored worse), so the engine accepts it instead of failing as
+        it does for a stage that changed nothing. Say why in a :meth:`note`."""
+        self.kept_input = True
 
     def add_metric(self, name: str, value: Any) -> None:
         """Add a figure to this stage's row: ``rows[i].metrics`` of report.json and a column of

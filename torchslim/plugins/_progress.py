@@ -84,7 +84,11 @@ def _is_terminal(stream: TextIO) -> bool:
 
 @dataclass
 class Keeper:
-    """Tracks the eval score epoch by epoch: the best weights (``keep: best``) and early stopping."""
+    """Tracks the eval score epoch by epoch: the best weights (``keep: best``) and early stopping.
+
+    The model as training received it is epoch 0 (:meth:`start`): a candidate like any epoch, so
+    ``keep: best`` never returns weights that score worse than those it was given.
+    """
 
     keep: Literal["best", "last"]
     higher: bool
@@ -94,10 +98,21 @@ class Keeper:
     losses: dict[int, EpochLoss] = field(default_factory=dict)
     state: dict[str, torch.Tensor] | None = None
     stale: int = 0
+    start_score: float = math.nan
+    """The score of the model before training (NaN: not evaluated)."""
+    last_score: float = math.nan
+    """The score of the last epoch run."""
+
+    def start(self, score: float, model: nn.Module) -> None:
+        """Record the untrained model's score as epoch 0 (no train loss: it was not trained)."""
+        self.start_score = self.last_score = score
+        self.update(0, (math.nan, math.nan), score, model)
+        self.stale = 0  # patience counts trained epochs only
 
     def update(self, epoch: int, loss: EpochLoss, score: float, model: nn.Module) -> None:
         """Record one epoch's loss and score; snapshot the weights if the score is the best yet."""
         self.losses[epoch] = loss
+        self.last_score = score
         if not self._improves(score):
             self.stale += 1
             return
@@ -110,7 +125,11 @@ class Keeper:
             return False
         if math.isnan(self.best):
             return True
-        return score > self.best if self.higher else score < self.best
+        return self.beats(score, self.best)
+
+    def beats(self, score: float, other: float) -> bool:
+        """Whether ``score`` is strictly better than ``other`` (False if either is NaN)."""
+        return score > other if self.higher else score < other
 
     @property
     def stop(self) -> bool:

@@ -69,9 +69,11 @@ class TrainPlan:
             raise ValueError("TrainPlan: keep best and patience choose by the eval metric, so they need evaluate")
 
     @classmethod
-    def of(cls, options: object) -> TrainPlan:
-        """The plan from a stage config's fields of the same names (distill's); the others keep their defaults."""
-        return cls(**{f.name: getattr(options, f.name) for f in fields(cls) if hasattr(options, f.name)})
+    def of(cls, options: object, lr: float | None = None) -> TrainPlan:
+        """The plan from a stage config's fields of the same names (distill's), with ``lr`` instead of the
+        config's when given (a rate the stage resolved); the others keep their defaults."""
+        found = {f.name: getattr(options, f.name) for f in fields(cls) if hasattr(options, f.name)}
+        return cls(**{**found, "lr": lr} if lr is not None else found)
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,11 +111,23 @@ class Outcome:
     """What a training run reports."""
 
     train_loss: float
+    """Mean loss of the kept epoch (NaN when the untrained model was kept: it had no training loss)."""
     feature_loss: float
     best_score: float
+    """The best score, the model before training included (NaN without evaluation)."""
     best_epoch: int
+    """The epoch of ``best_score``: 0 is the model before training."""
     epochs_run: int
     steps: int
+    start_score: float = math.nan
+    """The score of the model before training."""
+    last_score: float = math.nan
+    """The score of the last epoch run."""
+
+    @property
+    def kept_input(self) -> bool:
+        """Whether no epoch beat the model before training (``keep: best`` then returned it)."""
+        return self.best_epoch == 0 and not math.isnan(self.best_score)
 
 
 def make_optimizer(plan: TrainPlan, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -168,6 +182,8 @@ def fit(plan: TrainPlan, job: Job, ctx: Context | None = None) -> Outcome:
         raise ValueError("fit: evaluating needs a Context")
     run = _Run.start(plan, job, ctx)
     keeper = Keeper(plan.keep, plan.better == "higher", plan.patience)
+    # The model as received is a candidate too: training that only makes it worse must not win (issue 23).
+    keeper.start(_evaluate(plan, job, ctx), job.model)
     epoch = 0
     try:
         for epoch in range(1, plan.epochs + 1):
@@ -180,7 +196,8 @@ def fit(plan: TrainPlan, job: Job, ctx: Context | None = None) -> Outcome:
     finally:
         run.progress.close()
     train_loss, features = keeper.finish(job.model, epoch)
-    return Outcome(train_loss, features, keeper.best, keeper.best_epoch, epoch, run.steps)
+    return Outcome(train_loss, features, keeper.best, keeper.best_epoch, epoch, run.steps, keeper.start_score,
+                   keeper.last_score)
 
 
 @dataclass

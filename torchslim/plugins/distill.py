@@ -26,6 +26,11 @@ from ._train import Job, Outcome, TrainPlan, fit
 
 #: Hooks on the student and the teacher, and the student's projections (None, None, [] without features).
 Tapped = tuple[Taps | None, Taps | None, list[nn.Module]]
+#: Students with at least this many trainable parameters get LARGE_LR by default, smaller ones SMALL_LR:
+#: measured on four small models and on a pretrained MiniLM (docs/distill.md, "The defaults").
+LARGE_STUDENT = 1_000_000
+SMALL_LR = 1e-2
+LARGE_LR = 3e-4
 
 
 class FeaturePair(BaseModel):
@@ -66,10 +71,10 @@ class DistillStage(Stage):
     """Stop after this many optimizer steps in total (null: no limit)."""
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     """``adam``, ``adamw`` (decoupled weight decay) or ``sgd`` (momentum 0.9)."""
-    lr: float = Field(default=1e-2, gt=0)
-    """Learning rate (the peak rate under ``cosine``). The default recovers pruned models best of the
-    settings bench/recovery_bench.py measured (docs/distill.md); lower it for large pretrained
-    networks (transformers fine-tune at 1e-4 or below)."""
+    lr: float | None = Field(default=None, gt=0)
+    """Learning rate (the peak rate under ``cosine``). Null: 0.01 for a student of fewer than a million
+    trainable parameters, 3e-4 for a larger one, where 0.01 wrecks a pretrained network (the row records
+    the rate used as ``lr``)."""
     weight_decay: float = Field(default=0.0, ge=0)
     """Weight decay of the optimizer."""
     schedule: Literal["constant", "cosine"] = "cosine"
@@ -133,11 +138,13 @@ class DistillStage(Stage):
         teacher = self._teacher(model, ctx) if self.needs_teacher else None
         masks = ZeroMasks.of(student) if self.student == "current" else None
         taps = self._taps(student, teacher, ctx)
+        plan = TrainPlan.of(self, lr=self.lr if self.lr is not None else default_lr(student))
         try:
-            outcome = self._train(student, teacher, taps, masks, seed, ctx)
+            outcome = self._train(student, teacher, taps, masks, seed, ctx, plan)
         finally:
             _remove([tap for tap in taps[:2] if isinstance(tap, Taps)])
-        self._report(outcome, ctx)
+        ctx.add_metric("lr", plan.lr)
+        self._report(outcome, ctx, plan.lr)
         return student.eval()
 
     def restore(self, model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
@@ -183,7 +190,7 @@ class DistillStage(Stage):
         return taps[0], taps[1], [p.to(ctx.device) for p in projections]
 
     def _train(self, student: nn.Module, teacher: nn.Module | None, taps: Tapped,
-               masks: ZeroMasks | None, seed: int, ctx: Context) -> Outcome:
+               masks: ZeroMasks | None, seed: int, ctx: Context, plan: TrainPlan) -> Outcome:
         student_taps, teacher_taps, projections = taps
         trainee = Trainee(student, student_taps, projections)
         wrapped = wrap(trainee, ctx.device)
@@ -203,21 +210,41 @@ class DistillStage(Stage):
 
         job = Job(self.label, student, batches, loss_fn, ctx.device, wrapped,
                   after_step=masks.reapply if masks is not None else None)
-        return fit(TrainPlan.of(self), job, ctx)
+        return fit(plan, job, ctx)
 
-    def _report(self, outcome: Outcome, ctx: Context) -> None:
-        ctx.add_metric("train_loss", outcome.train_loss)
+    def _report(self, outcome: Outcome, ctx: Context, lr: float) -> None:
+        ctx.add_metric("train_loss", outcome.train_loss)  # NaN (not measured) when the input was kept
         if self.features:
             ctx.add_metric("feature_loss", outcome.feature_loss)
         ctx.add_metric(f"best_{ctx.metric_name}", outcome.best_score)
         ctx.add_metric("best_epoch", outcome.best_epoch)
         ctx.add_metric("epochs_run", outcome.epochs_run)
         self._selection_note(ctx)
+        self._kept_note(outcome, ctx, lr)
         if distributed.is_main():
             kept = f"kept epoch {outcome.best_epoch}" if self.keep == "best" else "kept the last epoch"
-            ctx.log.info("  %s: %d epochs, %d steps, best %s %.2f at epoch %d, %s", self.label, outcome.epochs_run,
-                         outcome.steps, ctx.metric_name, outcome.best_score, outcome.best_epoch, kept)
+            ctx.log.info("  %s: %d epochs, %d steps, best %s %.2f at epoch %d (0: as received), %s", self.label,
+                         outcome.epochs_run, outcome.steps, ctx.metric_name, outcome.best_score, outcome.best_epoch,
+                         kept)
 
+    def _kept_note(self, outcome: Outcome, ctx: Context, lr: float) -> None:
+        """Say so when the stage returns the model it received (keep: best), or one that scores worse (keep: last)."""
+        metric, split = ctx.metric_name, ctx.selection_split
+        given = "the model it received" if self.student == "current" else "the student as built (untrained)"
+        if self.keep == "best" and outcome.kept_input:
+            ctx.keep_input()
+            text = (f"{self.label}: kept {given} (keep: best): no epoch beat its {metric} of "
+                    f"{outcome.start_score:.2f} on the {split} data (last epoch: {outcome.last_score:.2f}); "
+                    f"an lr below {lr:g} may help")
+        elif self.keep == "last" and _worse(self, outcome.last_score, outcome.start_score):
+            text = (f"{self.label}: returned the last epoch (keep: last), whose {metric} of {outcome.last_score:.2f} "
+                    f"on the {split} data is worse than the {outcome.start_score:.2f} of {given} "
+                    f"(keep: best would have returned that one); an lr below {lr:g} may help")
+        else:
+            return
+        ctx.note(text)
+        if distributed.is_main():
+            ctx.log.warning("%s", text)
 
     def _selection_note(self, ctx: Context) -> None:
         """Say which data chose the epoch (keep: best) or the stop (patience), and which reports."""
@@ -231,6 +258,17 @@ class DistillStage(Stage):
         else:
             ctx.note(f"{self.label}: {' and '.join(chosen)} chose on the eval data, the same data the summary "
                      f"reports (an optimistic figure); a 'validation' loader from the data factory separates them")
+
+
+def default_lr(student: nn.Module) -> float:
+    """The peak learning rate when the recipe gives none: SMALL_LR below LARGE_STUDENT trainable parameters."""
+    count = sum(p.numel() for p in student.parameters() if p.requires_grad and p.is_floating_point())
+    return LARGE_LR if count >= LARGE_STUDENT else SMALL_LR
+
+
+def _worse(stage: DistillStage, score: float, other: float) -> bool:
+    """Whether ``score`` is strictly worse than ``other`` by the stage's ``better`` (False if either is NaN)."""
+    return score < other if stage.better == "higher" else score > other
 
 
 def _tap(stage: DistillStage, model: nn.Module, owner: Literal["student", "teacher"]) -> Taps:
