@@ -28,7 +28,10 @@ from torch import nn
 
 import torchslim
 from bench import peers
+from bench.adapters import text
+from bench.adapters.text import OTHER_TEXT
 from bench.deploy_bench import latency_cells, load_line, paired, scored, timings
+from bench.disjoint import check_disjoint, check_splits
 from bench.harness import RECIPES, load_bench_recipe
 from torchslim.engine.stage import Context
 from torchslim.plugins.deploy import DeployStage
@@ -39,6 +42,8 @@ PEERS = ("peer: onnxruntime dynamic int8 (per channel)", "peer: openvino + nncf 
 OURS_INT8 = ("torchslim deploy onnxruntime + ort_dynamic", "torchslim deploy openvino + nncf")
 PRUNED = ("torchslim pruned + distilled, onnxruntime int8", "torchslim pruned + distilled, openvino nncf int8")
 ROOT = Path(__file__).resolve().parents[1]
+#: WordNet usage examples the int8 variants calibrate on: 4 batches of 32 (the nncf method's and the peers').
+CALIBRATION_SENTENCES = 128
 
 
 def deployed(model: nn.Module, ctx: Context, runtime: str, method: str | None) -> nn.Module:
@@ -50,9 +55,10 @@ def deployed(model: nn.Module, ctx: Context, runtime: str, method: str | None) -
     return result
 
 
-def run_recipe(path: Path) -> nn.Module:
-    """The final model of the recipe at ``path`` (no measurements: this script measures)."""
-    recipe = load_bench_recipe(path).resolved()
+def run_recipe(path: Path, overrides: dict[str, Any] | None = None) -> nn.Module:
+    """The final model of the recipe at ``path`` (no measurements: this script measures), its data checked
+    disjoint from its eval sentences."""
+    recipe = load_bench_recipe(path, overrides).resolved()
     recipe["metrics"] = {"collect": False}
     report = torchslim.run(recipe)
     assert report.model is not None
@@ -63,13 +69,17 @@ def variants(pruned: bool) -> tuple[dict[str, nn.Module], Context]:
     """Every variant, and the context (data, example batch) they were made with."""
     from torchslim.examples import minilm
 
-    data = minilm.loaders(batch_size=32)
+    # eval: the 96 bundled sentences; calibration (ours and the peers'): WordNet usage examples, none of them an eval one
+    data = text.loaders(train_sentences=0, batch_size=32, wordnet=CALIBRATION_SENTENCES)
+    check_splits(data)
     original = minilm.model()
     example = next(iter(data["eval"]))[0]
     ctx = Context(original=original, data=data, example_inputs=example,
                   evaluate=lambda m: minilm.cosine(m, data["eval"]), log=logging.getLogger("bench"))
     calibration = [ids for ids, _ in list(data["calibration"])[:4]]
-    models = {TORCH: original, "torchslim torch int8 (recipes/minilm.yaml)": run_recipe(ROOT / "recipes" / "minilm.yaml"),
+    check_disjoint(data["eval"], peer_calibration=calibration)
+    int8 = run_recipe(ROOT / "recipes" / "minilm.yaml", {"data": OTHER_TEXT})
+    models = {TORCH: original, "torchslim torch int8 (recipes/minilm.yaml)": int8,
               PEERS[0]: peers.ort_dynamic_int8(original, example),
               PEERS[1]: peers.nncf_int8(original, example, calibration, transformer=True),
               "onnxruntime float32": deployed(original, ctx, "onnxruntime", None),

@@ -42,6 +42,7 @@ import torch
 from tabulate import tabulate
 
 import torchslim
+from bench.disjoint import checked_spec
 from torchslim import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,7 +100,7 @@ def recipe(case: str, seed: int, model: dict[str, Any], candidate: str, quick: b
     distill, prune_options = CANDIDATES[candidate]
     if quick and case == "mnist":
         data = {**data, "kwargs": {**data["kwargs"], "train_size": 2000, "eval_size": 1000}}
-    return {"name": f"recovery-{case}-{seed}", "seed": seed, "model": model, "data": data,
+    return {"name": f"recovery-{case}-{seed}", "seed": seed, "model": model, "data": checked_spec(data),
             "metrics": {"collect": False},
             "stages": [{**prune, **prune_options},
                        {"type": "distill", "teacher": "original", "epochs": 1 if quick else epochs, "keep": "last",
