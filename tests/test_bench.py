@@ -219,3 +219,20 @@ def test_minilm_recipe_runs_on_other_text_in_the_benchmarks() -> None:
         recipe_data(load_bench_recipe(recipe))
     data = recipe_data(load_bench_recipe(recipe, {"data": OTHER_TEXT}))
     assert len(data["eval"].dataset) == 96
+
+
+@pytest.mark.slow
+def test_overhead_bench_quick_mode_measures_both_runtimes(tmp_path: Path) -> None:
+    # about a minute on 2 cores: two small recipes, then 5 rounds of 100 calls per runtime and thread count
+    out = tmp_path / "overhead.json"
+    done = subprocess.run([sys.executable, "-m", "bench.overhead_bench", "--quick", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads(out.read_text())
+    measured = {(row["runtime"], row["threads"]) for row in data["rows"]}
+    assert measured == {(runtime, threads) for runtime in ("openvino", "onnxruntime") if runtime not in data["skipped"]
+                        for threads in (1, 2)}
+    for row in data["rows"]:
+        assert 0 < row["plain_us"] < 1e5 and 0 < row["torchslim_us"] < 1e5, row
+        assert math.isfinite(row["overhead_us"]), row
+    assert "| overhead us |" in done.stdout
