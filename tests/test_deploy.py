@@ -197,6 +197,7 @@ def test_calls_reuse_the_session_and_keep_their_outputs(runtime: str) -> None:
     assert deployed._sessions[torch.get_num_threads(), (4, 6)] is session
     if runtime == "openvino":
         assert session.request is deployed._sessions[torch.get_num_threads(), (4, 6)].request  # one request, reused
+        torch.testing.assert_close(deployed(x.double()), first)  # cast to the model's type, as compiled_model(array) does
     strided = torch.randn(6, 4).t()
     assert not strided.is_contiguous()
     torch.testing.assert_close(deployed(strided), model(strided).detach(), rtol=1e-4, atol=1e-5)
