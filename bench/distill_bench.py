@@ -42,6 +42,7 @@ import torch
 from tabulate import tabulate
 
 import torchslim
+from bench.disjoint import checked_spec
 from torchslim import Registry
 from torchslim.engine import distributed
 from torchslim.examples import digits
@@ -59,7 +60,7 @@ def recipe(seed: int, checkpoint: Path, epochs: int, **distill: Any) -> dict[str
         "name": f"distill-bench-{seed}",
         "seed": seed,
         "model": {"target": "torchslim.examples.digits:resnet", "checkpoint": str(checkpoint)},
-        "data": {"target": "torchslim.examples.digits:loaders", "kwargs": {"image": True, "batch_size": 64}},
+        "data": checked_spec({"target": "torchslim.examples.digits:loaders", "kwargs": {"image": True, "batch_size": 64}}),
         "metrics": {"latency": False},
         "stages": [
             {"type": "prune", "amount": 0.85, "scope": "layer"},

@@ -23,6 +23,7 @@ from torchslim.engine.recipe import validate
 from torchslim.engine.specs import build_data, build_model
 from torchslim.engine.yamlio import Document, read_yaml
 
+from .disjoint import checked_spec
 from .report import kilobytes, ratio
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -100,10 +101,14 @@ def latencies(models: Mapping[str, nn.Module], forward: Callable[[nn.Module], An
         return interleaved(calls, warmup=settings.warmup, rounds=settings.rounds, runs=settings.runs)
 
 
-def load_bench_recipe(path: Path, overrides: Mapping[str, Any] | None = None) -> Any:
+def load_bench_recipe(path: Path, overrides: Mapping[str, Any] | None = None, checked: bool = True) -> Any:
     """A recipe file with ``overrides`` merged in (the quick modes' smaller settings), validated as
-    if read from ``path`` (relative paths in it resolve against its folder)."""
+    if read from ``path`` (relative paths in it resolve against its folder). With ``checked``, the run
+    builds its data through :func:`bench.disjoint.checked_data`: it stops if an eval sample is also a
+    training, calibration or validation sample."""
     data = merge(read_yaml(path).data, overrides or {})
+    if checked:
+        data["data"] = checked_spec(data["data"])
     return validate(Document(data, str(path)), Registry.load(autoload=False))
 
 

@@ -26,14 +26,19 @@ import copy
 import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # python bench/lowbit_bench.py: make the checkout importable (the recipes name bench.disjoint)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 from torch import nn
 
 import torchslim
+from bench.disjoint import check_splits, checked_spec
 from torchslim.engine.metrics import accuracy
 from torchslim.examples import digits
 from torchslim.plugins._kd import hinton_loss
@@ -70,7 +75,7 @@ MNIST_CASES = [case[:4] + (None,) for case in CASES if case[0] in ("4-bit PTQ", 
 
 def recipe(stage: dict[str, Any], seed: int = 0, case: dict[str, Any] = DIGITS) -> dict[str, Any]:
     """The recipe of ``case`` with one quantize stage (``seed``: the training order; the model is always the same)."""
-    return {"name": "lowbit", "seed": seed, **case,
+    return {"name": "lowbit", "seed": seed, **case, "data": checked_spec(case["data"]),
             "evaluate": {"metric": "accuracy"}, "metrics": {"threads": THREADS, "runs": 10},
             "stages": [{"type": "quantize", **stage}]}
 
@@ -135,6 +140,7 @@ def run_brevitas(kind: str, qat: dict[str, Any] | None, seed: int) -> float:
     """Brevitas' accuracy for ``kind``, trained like torchslim's QAT when ``qat`` is given (``seed``: the order)."""
     float_model = digits.mlp(hidden=256, train_epochs=15)
     data = digits.loaders(batch_size=64)
+    check_splits(data)
     model = brevitas_model(kind, copy.deepcopy(float_model))
     if qat is not None:
         data["train"].generator.manual_seed(1000 + seed)

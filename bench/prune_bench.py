@@ -39,6 +39,7 @@ from tabulate import tabulate
 from torch import nn
 
 import torchslim
+from bench.disjoint import check_splits, checked_spec
 from torchslim import Context, Registry
 from torchslim.engine.metrics import accuracy, count_macs, size_bytes
 from torchslim.engine.packed import packed_size_bytes
@@ -93,7 +94,7 @@ def structured_case(name: str, factory: Callable[..., nn.Module], kwargs: dict[s
         # The trained weights come from the checkpoint, so the recipe's model is exactly `base`.
         "model": {"target": f"{factory.__module__}:{factory.__name__}",
                   "kwargs": {**kwargs, "train_epochs": 0}, "checkpoint": str(checkpoint)},
-        "data": {"target": "torchslim.examples.digits:loaders", "kwargs": {"batch_size": 64, "image": True}},
+        "data": checked_spec({"target": "torchslim.examples.digits:loaders", "kwargs": {"batch_size": 64, "image": True}}),
         "metrics": {"latency": False},
         "stages": [{"type": "prune", "name": "structured", "method": "structured", "amount": amount, "round_to": round_to},
                    {"type": "distill", "name": "distill", "epochs": distill_epochs}],
@@ -126,6 +127,7 @@ def structured_case(name: str, factory: Callable[..., nn.Module], kwargs: dict[s
 def sparse_case(timing: dict[str, int]) -> dict[str, Any]:
     """Unstructured and N:M pruning of the quickstart MLP: sizes dense and packed, and latency."""
     data = digits.loaders()
+    check_splits(data)
     base = digits.mlp(hidden=256, train_epochs=15)
     example = next(iter(data["eval"]))[0]
     variants = {"magnitude 50%": {"amount": 0.5}, "magnitude 70%": {"amount": 0.7},

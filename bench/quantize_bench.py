@@ -23,14 +23,19 @@ import json
 import logging
 import platform
 import statistics
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # python bench/quantize_bench.py: make the checkout importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 from tabulate import tabulate
 from torch import nn
 
+from bench.disjoint import check_splits
 from torchslim import Context
 from torchslim.engine.metrics import accuracy, latency_ms, size_bytes
 from torchslim.examples import digits
@@ -81,6 +86,7 @@ def rows_for(name: str, models: dict[str, nn.Module], metric: str, evaluate: Any
 def resnet_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Residual CNN: float32, static int8 (x86), optionally torchao, and bfloat16."""
     data = digits.loaders(batch_size=64, image=True)
+    check_splits(data)  # static int8 calibrates on the train split
     model = digits.resnet(width=32, blocks=2, train_epochs=5)
     example = next(iter(data["eval"]))[0]
     ctx = context(model, data, accuracy, example)
@@ -96,9 +102,12 @@ def resnet_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 def minilm_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     """all-MiniLM-L6-v2: float32; dynamic int8 Linear with one scale per tensor and per channel, on
     the x86 (fbgemm) and oneDNN engines; then int8 embeddings too."""
+    from bench.adapters import text
     from torchslim.examples import minilm
 
-    data = minilm.loaders(batch_size=32)
+    # eval: the 96 bundled sentences; calibration (unused by dynamic int8): documentation sentences
+    data = text.loaders(train_sentences=128, batch_size=32)
+    check_splits(data)
     model = minilm.model()
     example = next(iter(data["eval"]))[0]
     ctx = context(model, data, minilm.cosine, example)

@@ -48,6 +48,7 @@ import torch
 from tabulate import tabulate
 
 import torchslim
+from bench.disjoint import checked_spec
 from torchslim import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,7 +123,7 @@ def recipe(case: str, seed: int, model: dict[str, Any], candidate: str, quick: b
     extra_recipe, extra_distill = EXTRA.get(case, ({}, {}))
     if quick and case.startswith("mnist"):
         data = {**data, "kwargs": {**data["kwargs"], "train_size": 2000, "eval_size": 1000}}
-    return {"name": f"recovery-{case}-{seed}", "seed": seed, "model": model, "data": data,
+    return {"name": f"recovery-{case}-{seed}", "seed": seed, "model": model, "data": checked_spec(data),
             "metrics": {"collect": False}, **extra_recipe,
             "stages": [{**prune, **prune_options},
                        {"type": "distill", "teacher": "original", "epochs": 1 if quick else epochs, "keep": "last",

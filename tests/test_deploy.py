@@ -183,11 +183,40 @@ def test_first_input_shapes_get_sessions_of_their_own(runtime: str) -> None:
     assert not copy.deepcopy(deployed)._sessions  # a copy compiles its own
 
 
+@pytest.mark.parametrize("runtime", [pytest.param("onnxruntime", marks=_needs("onnxruntime")),
+                                     pytest.param("openvino", marks=_needs("openvino"))])
+def test_calls_reuse_the_session_and_keep_their_outputs(runtime: str) -> None:
+    """A call costs the runtime plus a few microseconds (bench/overhead_bench.py): OpenVINO's infer request is made
+    once per session and reused, so each output must be copied out of its buffer before the next call overwrites
+    it; inputs that are not plain CPU arrays (non-contiguous, requiring grad) are converted, not refused."""
+    from torchslim.plugins.deploy import DeployStage
+
+    from .conftest import make_ctx
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    x, other = torch.randn(4, 6), torch.randn(4, 6)
+    ctx = make_ctx(model, {"train": [(x, x[:, 0])], "eval": [(x, x[:, 0])]}, evaluate=lambda m: 0.0)
+    deployed = DeployStage(runtime=runtime).apply(model, ctx)
+    session = deployed._sessions[torch.get_num_threads(), (4, 6)]
+    with torch.inference_mode():
+        first, second = deployed(x), deployed(other)
+        torch.testing.assert_close(first, model(x), rtol=1e-4, atol=1e-5)  # not overwritten by the second call
+        torch.testing.assert_close(second, model(other), rtol=1e-4, atol=1e-5)
+    assert deployed._sessions[torch.get_num_threads(), (4, 6)] is session
+    if runtime == "openvino":
+        assert session.request is deployed._sessions[torch.get_num_threads(), (4, 6)].request  # one request, reused
+        torch.testing.assert_close(deployed(x.double()), first)  # cast to the model's type, as compiled_model(array) does
+    strided = torch.randn(6, 4).t()
+    assert not strided.is_contiguous()
+    torch.testing.assert_close(deployed(strided), model(strided).detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(deployed(x.clone().requires_grad_()), model(x).detach(), rtol=1e-4, atol=1e-5)
+
+
 def _input_shape(session: Any) -> list[Any]:
     """The input shape a session was built for, a dynamic axis by its name."""
-    if isinstance(session, tuple):  # ONNX Runtime: (session, input name); fixed axes read as their sizes
+    if isinstance(session, tuple):  # ONNX Runtime: (session, input name, output names); fixed axes read as their sizes
         return list(session[0].get_inputs()[0].shape)
-    dims = session.inputs[0].get_partial_shape()
+    dims = session.compiled.inputs[0].get_partial_shape()  # OpenVINO: the compiled model and its infer request
     return [d.get_length() if d.is_static else ["batch", "sequence"][i] for i, d in enumerate(dims)]
 
 

@@ -22,6 +22,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+#: A recipe's ``data`` section that moves a recipe written for ``torchslim.examples.minilm:loaders`` (there every
+#: split is the eval sentences) onto this module: eval the same 96 sentences, train and calibration 128
+#: documentation sentences (``recipes/minilm.yaml`` in the benchmarks: its dynamic int8 reads no data).
+OTHER_TEXT = {"target": "bench.adapters.text:loaders", "kwargs": {"train_sentences": 128}}
+
 #: Sentences with markup, code or ellipses read poorly as prose: they are left out.
 _CODE = re.compile(r"[{}\[\]=<>_*`|\\#]|\.\.\.|::|--")
 

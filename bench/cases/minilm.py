@@ -14,6 +14,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from bench.adapters.text import OTHER_TEXT
 from bench.harness import RECIPES, Settings, compressed_variants, load_bench_recipe, missing_modules, pick, variant_rows
 from bench.report import CaseResult, Target
 from torchslim.engine.yamlio import read_yaml
@@ -44,6 +45,8 @@ def overrides(settings: Settings, label: str) -> dict[str, Any]:
     """Metrics collection off; in the quick modes fewer training sentences, one distillation epoch and
     one calibration batch for the sensitivity ranking."""
     result: dict[str, Any] = {"metrics": {"collect": False}}
+    if read_yaml(RECIPE_FILES[label]).data["data"]["target"] == "torchslim.examples.minilm:loaders":
+        result["data"] = OTHER_TEXT  # every split of that factory is the eval sentences
     if settings.full:
         return result
     stages = read_yaml(RECIPE_FILES[label]).data["stages"]

@@ -10,7 +10,8 @@ from typing import Any
 
 import torchslim
 from bench import handwritten
-from bench.harness import Settings, interleaved, load_bench_recipe, pick
+from bench.disjoint import check_splits
+from bench.harness import Settings, interleaved, load_bench_recipe, pick, recipe_data
 from bench.report import CaseResult, Target
 
 TITLE = "engine overhead: quickstart recipe via torchslim.run vs the same torch code by hand"
@@ -54,7 +55,9 @@ def plan_for(recipe: Any) -> handwritten.Plan:
 def run(settings: Settings) -> CaseResult:
     """Alternate the two (after one untimed warm-up run each) and compare medians and accuracies."""
     data = overrides(settings)
-    recipe = load_bench_recipe(QUICKSTART, data)
+    # checked here, once: inside torchslim.run the check would be charged to the engine's time
+    recipe = load_bench_recipe(QUICKSTART, data, checked=False)
+    check_splits(recipe_data(recipe))
     plan = plan_for(recipe)
     source = recipe.resolved()
     scores: dict[str, list[float]] = {}

@@ -33,7 +33,8 @@ class OnnxRuntimeModel(RuntimeModel):
         for name, size in self._fixed_axes(shape):
             options.add_free_dimension_override_by_name(name, size)
         session = ort.InferenceSession(self.file("onnx"), options, providers=["CPUExecutionProvider"])
-        return session, session.get_inputs()[0].name  # the input's name read once, not on every call
+        # the input's and the outputs' names read once, not on every call
+        return session, session.get_inputs()[0].name, [output.name for output in session.get_outputs()]
 
     def _fixed_axes(self, shape: tuple[int, ...] | None) -> list[tuple[str, int]]:
         """(axis name, size) of each dynamic input axis (``batch``, ``sequence``) fixed to ``shape``'s."""
@@ -43,8 +44,8 @@ class OnnxRuntimeModel(RuntimeModel):
         return [(dim, size) for dim, size in zip(dims, shape, strict=False) if isinstance(dim, str)]
 
     def _run(self, session: Any, array: np.ndarray) -> list[np.ndarray]:
-        runner, name = session
-        return list(runner.run(None, {name: array}))
+        runner, name, outputs = session
+        return runner.run(outputs, {name: array})  # type: ignore[no-any-return]
 
     def _constants(self) -> Iterator[np.ndarray]:
         onnx = require("onnx")
