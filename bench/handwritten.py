@@ -37,7 +37,8 @@ class Plan:
     epochs: int = 3
     temperature: float = 4.0
     alpha: float = 0.5
-    lr: float = 1e-3
+    lr: float | None = 1e-3
+    """None: the distill stage's default, 0.01 for a student under a million trainable parameters, else 3e-4."""
     schedule: str = "constant"
     """``constant`` or ``cosine`` (decay to zero over the planned steps)."""
     keep: str = "last"
@@ -106,7 +107,9 @@ def distil(model: nn.Module, teacher: nn.Module, data: dict[str, DataLoader[Any]
     loader = DataLoader(dataset, batch_size=plan.batch_size, sampler=sampler)
     masks = {name: p.detach() != 0 for name, p in model.named_parameters() if p.dim() > 1 and bool((p == 0).any())}
     params = list(model.parameters())
-    optimizer = torch.optim.Adam(params, lr=plan.lr)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    lr = plan.lr if plan.lr is not None else (3e-4 if trainable >= 1_000_000 else 0.01)
+    optimizer = torch.optim.Adam(params, lr=lr)
     total = len(loader) * plan.epochs
     def cosine(step: int) -> float:
         return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
