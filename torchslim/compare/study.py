@@ -23,10 +23,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..engine.checkpoints import CHECKPOINT_DIR, recipe_hash
 from ..engine.environment import environment
 from ..engine.errors import OutputError, UsageError
-from ..engine.metrics import measure
+from ..engine.metrics import measure, torch_threads
 from ..engine.prepare import prepare
 from ..engine.recipe import RecipeBase, validate
 from ..engine.registry import Registry
@@ -64,6 +66,7 @@ def compare(sources: Sequence[Source], out: str | os.PathLike[str] | None = None
     mode = _mode(jobs)
     expanded = [p for d, b in zip(documents, bases, strict=True) for p in expand(d, b, registry)]
     planned = [_with_threads(p, mode.threads) for p in expanded]
+    mode = _threads_used(mode, [recipe for _, recipe in planned])
     metric, budget = _common_metric(planned), merge(bases)
     out_dir = _prepare_out(Path(out), planned) if out is not None else None
     start = time.perf_counter()
@@ -97,11 +100,19 @@ def _mode(jobs: int) -> Mode:
     return Mode(jobs, cores, max(1, cores // jobs) if jobs > 1 else None)
 
 
+def _threads_used(mode: Mode, recipes: list[RecipeBase]) -> Mode:
+    """``mode`` with the thread counts the recipes will use, outside and inside timing (for its description)."""
+    work = sorted({recipe.work_threads() for recipe in recipes})
+    timing = sorted({recipe.metrics.threads or torch.get_num_threads() for recipe in recipes})
+    return dataclasses.replace(mode, work_threads=tuple(work), timing_threads=tuple(timing))
+
+
 def _with_threads(planned: Planned, threads: int | None) -> Planned:
-    """Under parallel jobs, time each variant with its share of the cores (never more than it asked for).
+    """Under parallel jobs, time and train each variant with its share of the cores (never more than it asked for).
 
     The share goes into the document (what a worker process validates) and into the recipe
     validated here; a thread count cannot make a valid recipe invalid, so it is not validated again.
+    A recipe's own ``threads`` (outside timing) is lowered to the share too; left null, it follows ``metrics.threads``.
     """
     variant, recipe = planned
     if threads is None:
@@ -109,9 +120,11 @@ def _with_threads(planned: Planned, threads: int | None) -> Planned:
     share = min(recipe.metrics.threads or threads, threads)
     data = copy.deepcopy(variant.document.data)
     data.setdefault("metrics", {})["threads"] = share
+    update: dict[str, Any] = {"metrics": recipe.metrics.model_copy(update={"threads": share})}
+    if recipe.threads is not None:
+        data["threads"] = update["threads"] = min(recipe.threads, threads)
     document = Document(data, variant.document.source, variant.document.positions)
-    metrics = recipe.metrics.model_copy(update={"threads": share})
-    return dataclasses.replace(variant, document=document), rebind(recipe, document, {"metrics": metrics})
+    return dataclasses.replace(variant, document=document), rebind(recipe, document, update)
 
 
 def _common_metric(planned: list[Planned]) -> str:
@@ -144,7 +157,7 @@ def _prepare_out(out: Path, planned: list[Planned]) -> Path:
 def baseline_key(recipe: RecipeBase) -> str:
     """What a baseline depends on: recipes with the same key measure the same unchanged model."""
     data = recipe.resolved()
-    shared = {k: data.get(k) for k in ("model", "data", "evaluate", "metrics", "seed", "device")}
+    shared = {k: data.get(k) for k in ("model", "data", "evaluate", "metrics", "seed", "device", "threads")}
     shared["base_dir"] = str(recipe.base_dir)  # a relative model checkpoint depends on it
     return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()
 
@@ -246,8 +259,9 @@ def _baselines(planned: list[Planned], entries: list[Entry], keys: list[str], or
             continue
         recipe = planned[members[0]][1]
         log.info("compare: measuring the baseline of %s once, for %d variant(s)", entries[members[0]].name, len(members))
-        ctx, model = prepare(recipe, log)
-        figures = {**measure(model, ctx, recipe.metrics, seconds=0.0).to_dict(), **ctx.validation_figures(model)}
+        with torch_threads(recipe.work_threads()):  # as torchslim.run builds and scores it
+            ctx, model = prepare(recipe, log)
+            figures = {**measure(model, ctx, recipe.metrics, seconds=0.0).to_dict(), **ctx.validation_figures(model)}
         rows.append(Row("baseline", None, figures))
         measured += 1
     return rows, measured

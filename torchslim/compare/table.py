@@ -198,6 +198,7 @@ class Comparison:
         return {
             "metric": self.metric,
             "mode": {"jobs": self.mode.jobs, "cores": self.mode.cores, "threads": self.mode.threads,
+                     "work_threads": list(self.mode.work_threads), "timing_threads": list(self.mode.timing_threads),
                      "description": self.mode.describe()},
             "constraints": self.constraints.given() if self.constraints else None,
             "best": self.best,
