@@ -16,7 +16,8 @@ killed after it), back to back, for each remedy:
 ``--remedies`` picks some. Each run is stopped at ``--timeout`` seconds and then counts as not finished,
 with the variants it had done. The machine is shared: ``/proc/loadavg`` is recorded before and after
 every run, and the median number of runnable tasks while it ran (the kernel's count, the simulated load
-and the run's own threads included). Writes ``bench/results/load_bench.json`` (``--quick``:
+and the run's own threads included), with the run's CPU seconds (the same work costs the same CPU time
+unless threads spin while they wait). Writes ``bench/results/load_bench.json`` (``--quick``:
 ``bench/results/quick/load_bench.json``). See docs/compare.md, "On a shared machine".
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -97,6 +99,13 @@ class RunnableSampler:
         self._thread.join()
 
 
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of this process's waited-for children: the busy loops are waited for
+    only after the measured command, so a difference around it is that command's CPU time."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def recipe_copies(recipes: list[Path], fields: dict[str, Any], folder: Path) -> list[Path]:
     """The recipes as committed (no fields), or copies in ``folder`` with ``fields`` set at the top level."""
     if not fields:
@@ -123,13 +132,13 @@ def run_study(remedy: str, loaded: bool, recipes: list[Path], timeout: float) ->
         with busy_load(usable_cores() if loaded else 0):
             before = loadavg()
             with RunnableSampler() as sampler:
-                start = time.perf_counter()
+                start, children = time.perf_counter(), _children_cpu()
                 try:
                     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
                     finished, code, tail = True, done.returncode, done.stderr[-2000:]
                 except subprocess.TimeoutExpired:
                     finished, code, tail = False, None, ""
-                seconds = time.perf_counter() - start
+                seconds, cpu = time.perf_counter() - start, _children_cpu() - children
             after = loadavg()
         variants = sum(1 for _ in out.glob("*/report.json")) if out.exists() else 0
         shutil.rmtree(out, ignore_errors=True)
@@ -138,6 +147,7 @@ def run_study(remedy: str, loaded: bool, recipes: list[Path], timeout: float) ->
         "remedy": remedy,
         "loaded": loaded,
         "seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu, 1),
         "finished": finished,
         "exit_code": code,
         "variants_done": variants,
@@ -170,7 +180,8 @@ def main() -> None:
                 runs.append(result)
                 state = "done" if result["finished"] else f"stopped ({result['variants_done']} variants done)"
                 print(
-                    f"{remedy:14s} {'loaded' if loaded else 'idle':6s} {result['seconds']:7.1f} s {state}  "
+                    f"{remedy:14s} {'loaded' if loaded else 'idle':6s} {result['seconds']:7.1f} s "
+                    f"(cpu {result['cpu_seconds']:.1f} s) {state}  "
                     f"loadavg {result['loadavg_before']} -> {result['loadavg_after']}  "
                     f"runnable median {result['runnable_median']}",
                     flush=True,
