@@ -219,7 +219,8 @@ def test_table_fronts_and_best(compared: tuple[Comparison, Path, list[Path]]) ->
     assert comparison.best == best(passing, "accuracy")
     text = comparison.text()
     assert f"best within the budget: {comparison.best}: accuracy" in text
-    assert "mode: sequential" in text
+    # The module's process runs one torch thread: the recipes (metrics.threads 2 by default) work on it, time on 2.
+    assert "mode: sequential, one variant at a time; torch threads: 1 outside timing (each recipe's threads), 2 while timing" in text
     assert all("size" in e.fronts for e in comparison.entries if e.name == comparison.best)
 
 
@@ -284,7 +285,7 @@ def test_jobs_2_through_the_cli(tmp_path: Path) -> None:
     assert "torchslim: sw[stages.0.amount=0.5]: [1/1] prune: done" in result.stderr  # from a worker process
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
     data = json.loads((tmp_path / "out" / "comparison.json").read_text())
-    assert data["mode"]["jobs"] == 2 and data["mode"]["threads"] == threads
+    assert data["mode"]["jobs"] == 2 and data["mode"]["threads"] == threads and data["mode"]["work_threads"] == [threads]
     for variant in data["variants"]:
         assert variant["status"] == "ran"
         report = json.loads((tmp_path / "out" / variant["report_dir"] / "report.json").read_text())

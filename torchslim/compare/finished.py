@@ -49,7 +49,7 @@ def finished_report(folder: Path, recipe: RecipeBase, log: logging.Logger | None
 def baseline_key(recipe: RecipeBase) -> str:
     """What a baseline depends on: recipes with the same key measure the same unchanged model."""
     data = recipe.resolved()
-    shared = {k: data.get(k) for k in ("model", "data", "evaluate", "metrics", "seed", "device")}
+    shared = {k: data.get(k) for k in ("model", "data", "evaluate", "metrics", "seed", "device", "threads")}
     for part in ("model", "data"):  # the same call however it is spelled: an explicit default is no change
         spec = getattr(recipe, part)
         shared[part] = {**shared[part], "kwargs": resolved_kwargs(spec.target, spec.kwargs, recipe.base_dir)}

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..engine.errors import OutputError, UsageError
 from ..engine.recipe import RecipeBase, validate
 from ..engine.registry import Registry
@@ -51,6 +53,7 @@ def plan(sources: Sequence[Source], out: str | os.PathLike[str] | None, jobs: in
     mode = _mode(jobs)
     expanded = [p for d, b in zip(documents, bases, strict=True) for p in expand(d, b, registry)]
     planned = [_with_threads(p, mode.threads) for p in expanded]
+    mode = _threads_used(mode, [recipe for _, recipe in planned])
     metric = _common_metric(planned)
     out_dir = _prepare_out(Path(out), planned) if out is not None else None
     return Plan(planned, metric, merge(bases), mode, out_dir)
@@ -78,11 +81,19 @@ def _mode(jobs: int) -> Mode:
     return Mode(jobs, cores, max(1, cores // jobs) if jobs > 1 else None)
 
 
+def _threads_used(mode: Mode, recipes: list[RecipeBase]) -> Mode:
+    """``mode`` with the thread counts the recipes will use, outside and inside timing (for its description)."""
+    work = sorted({recipe.work_threads() for recipe in recipes})
+    timing = sorted({recipe.metrics.threads or torch.get_num_threads() for recipe in recipes})
+    return dataclasses.replace(mode, work_threads=tuple(work), timing_threads=tuple(timing))
+
+
 def _with_threads(planned: Planned, threads: int | None) -> Planned:
-    """Under parallel jobs, time each variant with its share of the cores (never more than it asked for).
+    """Under parallel jobs, time and train each variant with its share of the cores (never more than it asked for).
 
     The share goes into the document (what a worker process validates) and into the recipe
     validated here; a thread count cannot make a valid recipe invalid, so it is not validated again.
+    A recipe's own ``threads`` (outside timing) is lowered to the share too; left null, it follows ``metrics.threads``.
     """
     variant, recipe = planned
     if threads is None:
@@ -90,9 +101,11 @@ def _with_threads(planned: Planned, threads: int | None) -> Planned:
     share = min(recipe.metrics.threads or threads, threads)
     data = copy.deepcopy(variant.document.data)
     data.setdefault("metrics", {})["threads"] = share
+    update: dict[str, Any] = {"metrics": recipe.metrics.model_copy(update={"threads": share})}
+    if recipe.threads is not None:
+        data["threads"] = update["threads"] = min(recipe.threads, threads)
     document = Document(data, variant.document.source, variant.document.positions)
-    metrics = recipe.metrics.model_copy(update={"threads": share})
-    return dataclasses.replace(variant, document=document), rebind(recipe, document, {"metrics": metrics})
+    return dataclasses.replace(variant, document=document), rebind(recipe, document, update)
 
 
 def _common_metric(planned: list[Planned]) -> str:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..engine.checkpoints import CHECKPOINT_DIR
+from ..engine.metrics import torch_threads
 from ..engine.prepare import prepare
 from ..engine.registry import Registry
 from ..engine.report import Row
@@ -121,8 +122,9 @@ def _baselines(planned: list[Planned], entries: list[Entry], keys: list[str], or
             continue
         recipe = planned[members[0]][1]
         log.info("compare: measuring the baseline of %s once, for %d variant(s)", entries[members[0]].name, len(members))
-        ctx, model = prepare(recipe, log)
-        rows.append(baseline_row(model, ctx, recipe.metrics))
+        with torch_threads(recipe.work_threads()):  # as torchslim.run builds and scores it
+            ctx, model = prepare(recipe, log)
+            rows.append(baseline_row(model, ctx, recipe.metrics))
         measured += 1
     return rows, measured
 

@@ -76,13 +76,25 @@ class Mode:
     cores: int
     threads: int | None
     """Torch threads per job under parallel jobs (None: each recipe's own setting)."""
+    work_threads: tuple[int, ...] = ()
+    """The torch threads the variants used outside timing (each recipe's ``threads``, resolved), distinct, sorted."""
+    timing_threads: tuple[int, ...] = ()
+    """The torch threads the variants were timed with (each recipe's ``metrics.threads``, resolved)."""
 
     def describe(self) -> str:
         """One line for the printed output and the reports."""
+        threads = (f"torch threads: {_listed(self.work_threads)} outside timing (each recipe's threads), "
+                   f"{_listed(self.timing_threads)} while timing (its metrics.threads)")
         if self.jobs == 1:
-            return "mode: sequential, one variant at a time (torch threads as each recipe's metrics.threads)"
-        return (f"mode: {self.jobs} parallel jobs on {self.cores} cores, {self.threads} torch thread(s) each; "
-                f"the latency of variants run in parallel is disturbed by the jobs beside them (use --jobs 1 to time cleanly)")
+            return f"mode: sequential, one variant at a time; {threads}"
+        return (f"mode: {self.jobs} parallel jobs on {self.cores} cores, at most {self.threads} torch thread(s) each; "
+                f"{threads}; the latency of variants run in parallel is disturbed by the jobs beside them "
+                f"(use --jobs 1 to time cleanly)")
+
+
+def _listed(counts: tuple[int, ...]) -> str:
+    """``1``, or ``1 or 2`` when the recipes differ; ``as each recipe says`` when not known."""
+    return " or ".join(map(str, counts)) or "as each recipe says"
 
 
 @dataclass
@@ -250,6 +262,7 @@ class Comparison:
         return {
             "metric": self.metric,
             "mode": {"jobs": self.mode.jobs, "cores": self.mode.cores, "threads": self.mode.threads,
+                     "work_threads": list(self.mode.work_threads), "timing_threads": list(self.mode.timing_threads),
                      "description": self.mode.describe()},
             "constraints": self.constraints.given() if self.constraints else None,
             "best": self.best,

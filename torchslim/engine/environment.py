@@ -29,6 +29,7 @@ def environment(recipe: RecipeBase) -> dict[str, Any]:
         "cpus": usable_cpus(),
         "load_before": load_average(),
         "threads": recipe.metrics.threads or torch.get_num_threads(),
+        "work_threads": recipe.work_threads(),
         "device": recipe.device,
         "processes": distributed.world_size(),
         "recipe_hash": recipe_hash(recipe),

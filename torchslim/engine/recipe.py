@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Union
 
+import torch
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -91,6 +92,10 @@ class RecipeBase(BaseModel):
     """Seed for torch's generators, set before the model, the data and each stage."""
     device: str = Field(default="cpu", json_schema_extra={"pattern": DEVICE_PATTERN})
     """Where the model runs and trains: ``cpu``, ``cuda`` or ``cuda:N`` (quantized models always run on the CPU)."""
+    threads: int | None = Field(default=None, ge=1)
+    """torch threads for the work outside timing: building the model, training, calibration, evaluation
+    (``metrics.threads`` applies while timing). null: as ``metrics.threads``, never more than torch's own
+    setting (which ``OMP_NUM_THREADS``, torchrun and ``torchslim compare --jobs`` lower)."""
     model: ModelSpec
     """The model to compress."""
     data: DataSpec
@@ -154,6 +159,14 @@ class RecipeBase(BaseModel):
     def stage_list(self) -> list[Stage]:
         """The validated stages, in order."""
         return list(self.stages)
+
+    def work_threads(self) -> int:
+        """The torch threads of the work outside timing: ``threads``, or by default ``metrics.threads``
+        capped at torch's current setting (a machine, a torchrun or a ``--jobs`` share with fewer cores)."""
+        current = torch.get_num_threads()
+        if self.threads is not None:
+            return self.threads
+        return min(self.metrics.threads or current, current)
 
     def where(self, path: tuple[Any, ...]) -> str:
         """``file:line:col`` of a field, for messages about problems found after validation."""

@@ -21,7 +21,7 @@ from .environment import environment
 from .errors import StageError, TorchslimError, plain_text
 from .headline import close_report, compiled_note
 from .labels import labelled
-from .metrics import fingerprint, measure
+from .metrics import fingerprint, measure, torch_threads
 from .outputs import clear_failure, prepare_output, record_failure
 from .prepare import baseline_failure, prepare
 from .recipe import MetricsOptions, RecipeBase, load_recipe
@@ -64,7 +64,9 @@ def run(
             prepare_output(out_dir, overwrite or resume, create=main)
         distributed.barrier()
         run_ = _Run(recipe, out_dir if main else None, log or logging.getLogger("torchslim"))
-        with importable(recipe.base_dir):  # a module next to the recipe imports as its target
+        # A module next to the recipe imports as its target. Everything outside timing (building, training,
+        # evaluation) runs on the recipe's threads; timing sets metrics.threads itself.
+        with importable(recipe.base_dir), torch_threads(recipe.work_threads()):
             return run_.execute(resume and out_dir is not None, baseline)
 
 
