@@ -1,6 +1,6 @@
 """kbit's grids compared post-training (no training) on two pretrained models (issue 23).
 
-    python bench/kbit_grid_bench.py [--models mnist,minilm] [--bits 2,3,4] [--threads 1]
+    python bench/kbit_grid_bench.py [--models mnist,minilm] [--bits 2,3,4] [--threads 1] [--brevitas] [--qat 10,3]
 
 Each row quantizes every Linear and Conv2d of the float model with ``method: kbit`` (the stage itself,
 ``kernel: dequantize`` so every row computes in float32) at one grid, bit width, scale grouping and
@@ -13,10 +13,18 @@ rounding, and scores it:
   model's embeddings of the bundled sentences; round to nearest only (its calibration split is the
   evaluation split, so a GPTQ row would calibrate on what it is scored on).
 
-Grids: ``mse`` (the default), ``skewed`` (torchslim's only grid before issue 23), ``narrow``, ``midrise``
-(symmetric; see ``KbitQuantize.grid``) and ``asymmetric`` (``symmetric: false``, a zero point per group). ``g32``: 32
-input features per scale; a layer whose input features 32 does not divide (the CNN's first conv, 9)
-is quantized per channel by a second stage.
+Grids: ``mse`` (the default without ``train``), ``skewed`` (the default with it; torchslim's only grid
+before issue 23), ``narrow``, ``midrise`` (symmetric; see ``KbitQuantize.grid``) and ``asymmetric``
+(``symmetric: false``, a zero point per group). ``g32``: 32 input features per scale; a layer whose input
+features 32 does not divide (the CNN's first conv, 9) is quantized per channel by a second stage.
+
+``--qat D,M`` adds 2-bit QAT per grid (the grid's rounding in every training forward pass, then converted
+on it): the digits MLP over D training orders and the MNIST CNN over M (QAT as bench/lowbit_bench.py
+runs it; scores are means over the orders).
+
+``--brevitas`` adds two MNIST rows per bit width: the CNN's layers as Brevitas 0.13.4 layers with the same
+weights (``Int8WeightPerChannelFloat`` at the bit width, narrow and full range; ``pip install --no-deps
+brevitas==0.13.4 dependencies==2.0.1``: later ``dependencies`` releases lack the module Brevitas imports).
 
 Writes ``bench/results/kbit_grid.json`` with the load average and thread count of every row.
 """
@@ -24,13 +32,18 @@ Writes ``bench/results/kbit_grid.json`` with the load average and thread count o
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # python bench/kbit_grid_bench.py: make the checkout importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 from torch import nn
@@ -68,6 +81,67 @@ def minilm_case() -> tuple[nn.Module, dict[str, DataLoader[Any]], Callable[[nn.M
 
 
 CASES = {"mnist": mnist_case, "minilm": minilm_case}
+
+
+def brevitas_rows(bits: list[int]) -> list[dict[str, Any]]:
+    """The MNIST CNN with every Conv2d and Linear a Brevitas layer holding the same weights (per-channel float
+    scales, ``Int8WeightPerChannelFloat`` at ``bits``), narrow and full range, no training."""
+    model, _, score, _ = mnist_case()
+    rows = [_row("mnist", "float32", 32, None, "-", score(model), 0.0)]
+    for b in bits:
+        for narrow in (True, False):
+            start = time.perf_counter()
+            value = score(_brevitas(copy.deepcopy(model), b, narrow))
+            grid = f"Brevitas {'narrow' if narrow else 'full'}"
+            rows.append(_row("mnist", grid, b, None, "nearest", value, time.perf_counter() - start))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def qat_rows(digits_orders: int, mnist_orders: int) -> list[dict[str, Any]]:
+    """2-bit QAT per grid: the digits MLP (5 epochs, lr 0.003, ``digits_orders`` training orders) and the MNIST
+    CNN (3 epochs over 10,000 training images, ``mnist_orders`` orders; mse and skewed only), as bench/lowbit_bench.py
+    trains them; the score is the mean over the orders."""
+    from bench.lowbit_bench import DIGITS, MNIST, run_torchslim
+
+    rows = []
+    cases: list[tuple[str, dict[str, Any], int, int, tuple[str, ...]]] = [
+        ("digits QAT", DIGITS, 5, digits_orders, ("mse", "skewed", "narrow", "midrise")),
+        ("mnist QAT", MNIST, 3, mnist_orders, ("mse", "skewed")),
+    ]
+    for case, spec, epochs, orders, grids in cases:
+        for grid in grids:
+            out = run_torchslim(
+                {"method": "kbit", "bits": 2, "grid": grid, "train": "QAT"}, {"epochs": epochs, "lr": 3e-3}, orders, spec
+            )
+            if grid == grids[0]:
+                rows.append(_row(case, "float32", 32, None, "-", out["float32_accuracy"], 0.0))
+            rows.append(
+                {**_row(case, grid, 2, None, "nearest", out["accuracy"], out["seconds"]), "per_order": out["accuracy_per_seed"]}
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _brevitas(model: nn.Module, bits: int, narrow: bool) -> nn.Module:
+    import brevitas.nn as qnn
+    from brevitas import quant
+
+    weights = {"weight_quant": quant.Int8WeightPerChannelFloat, "weight_bit_width": bits, "weight_narrow_range": narrow}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Conv2d):
+                geometry = {"stride": child.stride, "padding": child.padding, "dilation": child.dilation, "groups": child.groups}
+                new = qnn.QuantConv2d(
+                    child.in_channels, child.out_channels, child.kernel_size, **geometry, bias=child.bias is not None, **weights
+                )
+            elif isinstance(child, nn.Linear):
+                new = qnn.QuantLinear(child.in_features, child.out_features, bias=child.bias is not None, **weights)
+            else:
+                continue
+            new.load_state_dict(child.state_dict(), strict=False)  # strict=False: Brevitas' own scale buffers
+            setattr(parent, name, new)
+    return model.eval()
 
 
 def quantized(model: nn.Module, options: dict[str, Any], ctx: Context) -> nn.Module:
@@ -114,24 +188,29 @@ def _row(case: str, grid: str, bits: int, group: int | None, rounding: str, valu
     }
 
 
+def _key(row: dict[str, Any]) -> tuple[Any, ...]:
+    return row["case"], row["grid"], row["bits"], row["group_size"], row["rounding"]
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """A markdown table per case: one line per bits x grouping x rounding, one column per grid."""
     lines = []
     for case in dict.fromkeys(r["case"] for r in rows):
         mine = [r for r in rows if r["case"] == case]
         base = next(r for r in mine if r["grid"] == "float32")
+        grids = list(dict.fromkeys(r["grid"] for r in mine if r["grid"] != "float32"))
         lines += [
             f"{case}: float32 {_fmt(base['score'], case)}",
             "",
-            f"| bits | scales | rounding | {' | '.join(GRIDS)} | load |",
-            "|---|---|---|" + "---|" * (len(GRIDS) + 1),
+            f"| bits | scales | rounding | {' | '.join(grids)} | load |",
+            "|---|---|---|" + "---|" * (len(grids) + 1),
         ]
         keys = dict.fromkeys((r["bits"], r["group_size"], r["rounding"]) for r in mine if r["grid"] != "float32")
         for b, group, rounding in keys:
             same = {r["grid"]: r for r in mine if (r["bits"], r["group_size"], r["rounding"]) == (b, group, rounding)}
-            cells = [_fmt(same[g]["score"], case) if g in same else "not measured" for g in GRIDS]
+            cells = [_fmt(same[g]["score"], case) if g in same else "not measured" for g in grids]
             scales = f"g{group}" if group else "per channel"
-            lines.append(f"| {b} | {scales} | {rounding} | {' | '.join(cells)} | {same[GRIDS[0]]['load']} |")
+            lines.append(f"| {b} | {scales} | {rounding} | {' | '.join(cells)} | {next(iter(same.values()))['load']} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -148,13 +227,24 @@ def main() -> None:
     parser.add_argument("--models", default="mnist,minilm")
     parser.add_argument("--bits", default="2,3,4")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--brevitas", action="store_true", help="also Brevitas' per-channel grids on the MNIST CNN")
+    parser.add_argument(
+        "--qat", default=None, metavar="D,M", help="also 2-bit QAT per grid, D digits and M MNIST training orders"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.disable(logging.WARNING)
-    rows = [row for name in args.models.split(",") for row in run_case(name, [int(b) for b in args.bits.split(",")])]
+    bits = [int(b) for b in args.bits.split(",")]
+    rows = [row for name in filter(None, args.models.split(",")) for row in run_case(name, bits)]
+    if args.brevitas:
+        rows += brevitas_rows(bits)
+    if args.qat:
+        digits_orders, mnist_orders = (int(n) for n in args.qat.split(","))
+        rows += qat_rows(digits_orders, mnist_orders)
     print(table(rows))
     old = json.loads(RESULTS.read_text())["results"] if RESULTS.exists() else []
-    kept = [r for r in old if r["case"] not in {r["case"] for r in rows}]  # the cases not run this time
+    done = {_key(row) for row in rows}
+    kept = [r for r in old if _key(r) not in done]  # the rows not run this time
     RESULTS.write_text(json.dumps({"torch": torch.__version__, "results": kept + rows}, indent=1))
 
 

@@ -9,7 +9,7 @@ is 0.28 points, so single runs differ by a point from the order alone).
 Targets (ratios against float32 in the same run; size is the saved state dict):
 - 4-bit PTQ: within 1 point, >= 6x smaller.     - ternary QAT: within 1.5 points, >= 12x smaller.
 - binary QAT: within 3 points, >= 20x smaller.  - float8: within 0.5 points, >= 3.5x smaller.
-- Brevitas (``pip install --no-deps brevitas dependencies``; 0.13.4 beside torch 2.13.0): torchslim's
+- Brevitas (``pip install --no-deps brevitas==0.13.4 dependencies==2.0.1`` beside torch 2.13.0): torchslim's
   accuracy at least equal at every bit width. Brevitas layers: ``QuantLinear`` with per-channel float
   scales (``Int8WeightPerChannelFloat`` at the bit width; 2-bit narrow range is ternary), binary
   ``SignedBinaryWeightPerTensorConst``, float8 ``Fp8e4m3OCPWeightPerChannelFloat``; trained with

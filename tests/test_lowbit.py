@@ -100,13 +100,9 @@ def test_each_grid_has_its_documented_levels_at_2_bits(grid: str) -> None:
     assert torch.allclose(levels, torch.tensor(expected, dtype=torch.float32), atol=1e-3)
 
 
-def test_kbit_default_grid_is_mse_post_training_and_skewed_with_training() -> None:
-    assert KbitQuantize(bits=2).layer_format().grid == "mse"
-    assert KbitQuantize(bits=2, train={"epochs": 1}).layer_format().grid == "skewed"
-    assert KbitQuantize(bits=2, grid="narrow", train={"epochs": 1}).layer_format().grid == "narrow"
-
-
 def test_grid_applies_to_symmetric_formats_only(registry: Registry) -> None:
+    asymmetric = load_recipe(digits_recipe([{"type": "quantize", "method": "kbit", "symmetric": False}]), registry)
+    load_recipe(asymmetric.resolved(), registry)  # as saved beside a model: every default written out
     with pytest.raises(torchslim.RecipeError, match=r"stages\[0\]\.grid \(quantize\): grid applies to symmetric: true"):
         load_recipe(digits_recipe([{"type": "quantize", "method": "kbit", "symmetric": False, "grid": "narrow"}]),
                     registry)

@@ -33,13 +33,13 @@ class KbitQuantize(LowBitQuantize):
     symmetric: bool = True
     """Symmetric levels around zero (no zero point stored); false stores a zero point per group."""
     grid: Grid | None = None
-    """With ``symmetric: true``, where the levels lie (``m``: a group's largest |w|); null: ``mse`` without
-    ``train``, ``skewed`` with it. ``mse``: codes ``-2**(bits-1) .. 2**(bits-1) - 1`` (zero kept), each group's step
-    the one among 20 (``2m / (2**bits - 1)`` times 1, 0.95, ... 0.05) that leaves the least squared rounding error,
-    so outliers may be clipped; ``skewed``: the same codes at the widest of those steps (the only grid before this
-    option: at 2 bits {-4m/3, -2m/3, 0, 2m/3}); ``narrow``: zero and both ``+m`` and ``-m`` exact, one code unused
-    (2 bits: {-m, 0, m}); ``midrise``: ``2**bits`` levels evenly over ``-m..m``, no zero (2 bits:
-    {-m, -m/3, m/3, m}; pruned zeros become nonzero)."""
+    """With ``symmetric: true``, where the levels lie (``m``: a group's largest |w|); null: ``mse``.
+    ``mse``: codes ``-2**(bits-1) .. 2**(bits-1) - 1`` (zero kept), each group's step the one among 20 (``2m / (2**bits - 1)``
+    times 1, 0.95, ... 0.05) that leaves the least squared rounding error, so outliers may be clipped (with
+    ``train``, chosen again at every forward pass); ``skewed``: the same codes at the widest of those steps (the
+    only grid before this option: at 2 bits {-4m/3, -2m/3, 0, 2m/3}); ``narrow``: zero and both ``+m`` and
+    ``-m`` exact, one code unused (2 bits: {-m, 0, m}); ``midrise``: ``2**bits`` levels evenly over ``-m..m``,
+    no zero (2 bits: {-m, -m/3, m/3, m}; pruned zeros become nonzero)."""
     group_size: int | None = Field(default=None, ge=1)
     """Input features per scale (e.g. 32 or 128); null: one scale per output channel. Must divide every
     chosen layer's input features (in_channels x kernel size for a convolution)."""
@@ -89,9 +89,7 @@ class KbitQuantize(LowBitQuantize):
 
     def layer_format(self) -> Format:
         """``bits``-bit integer codes on this method's grid."""
-        # mse re-chooses its steps at every QAT forward pass, and trained worse there than skewed (docs/quantize.md)
-        grid = self.grid or ("skewed" if self.train else "mse")
-        return Format("int", self.bits, self.symmetric, self.group_size, grid=grid)
+        return Format("int", self.bits, self.symmetric, self.group_size, grid=self.grid or "mse")
 
     def _round(self, model: nn.Module, formats: dict[str, Format], ctx: Context) -> dict[str, QWeight]:
         if self.rounding == "nearest":
