@@ -168,8 +168,8 @@ def encode(grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | floa
     return codes.clamp(lowest, 2**fmt.bits - 1).to(torch.uint8)
 
 
-def dequantize(q: QWeight, fmt: Format, shape: tuple[int, int] | None = None) -> torch.Tensor:
-    """The float weight (out x in) ``q`` stands for."""
+def dequantize(q: QWeight) -> torch.Tensor:
+    """The float weight (out x in) ``q`` stands for (its codes, scales and zeros say everything the format does)."""
     out = q.scale.shape[0]
     grouped = q.codes.reshape(out, q.scale.shape[1], -1).float()
     z = q.zero[..., None].float() if isinstance(q.zero, torch.Tensor) else q.zero
@@ -183,5 +183,5 @@ def fake_quantize(weight: torch.Tensor, fmt: Format) -> torch.Tensor:
     if fmt.kind in ("binary", "ternary"):
         # Their scales are means of |w|: the gradient reaches the weights through the scale too (XNOR-Net).
         q.scale = scales(flat.view(flat.shape[0], fmt.groups(flat.shape[1]), -1), fmt)[0]
-    rounded = dequantize(q, fmt).to(weight.dtype).view_as(weight)
+    rounded = dequantize(q).to(weight.dtype).view_as(weight)
     return rounded + (weight - weight.detach())  # the value of ``rounded``; the gradient also passes straight to w

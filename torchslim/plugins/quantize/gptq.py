@@ -33,7 +33,7 @@ def gptq_round(model: nn.Module, formats: dict[str, Format], batches: Iterable[t
         else:
             result[name] = _layer(weight, hessian(model, layer, inputs), fmt, damp)
         with torch.no_grad():  # later layers see this layer's rounded outputs
-            weight_of(layer).copy_(dequantize(result[name], fmt).view_as(weight_of(layer)))
+            weight_of(layer).copy_(dequantize(result[name]).view_as(weight_of(layer)))
     return result
 
 

@@ -90,7 +90,7 @@ class LowBitLayer(nn.Module):
 
     def weight(self) -> torch.Tensor:
         """The dequantized float32 weight, in the float layer's shape."""
-        return dequantize(self.qweight(), self.fmt).view(self.shape)
+        return dequantize(self.qweight()).view(self.shape)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """The float layer's function on the stored weight (and binarized inputs, if the format says so)."""
