@@ -36,6 +36,8 @@ _FOUND: weakref.WeakKeyDictionary[nn.Module, Split] = weakref.WeakKeyDictionary(
 def prepare(model: nn.Module, example: torch.Tensor) -> dict[type, Any]:
     """Find ``model``'s attention heads from one forward on ``example`` (for :func:`heads_of`), and return the
     Torch-Pruning pruners its ``nn.MultiheadAttention`` layers need (by class) for the dependency graph."""
+    for module in model.modules():
+        _FOUND.pop(module, None)  # a split the model no longer makes is no longer a head group
     for layer, split in find_splits(model, example).items():
         _FOUND[layer] = split
     return _mha.residual_pruners(model)
