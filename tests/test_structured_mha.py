@@ -187,11 +187,11 @@ class EinsumAttention(nn.Module):
 
 class CrossCovariance(nn.Module):
     """XCiT-like attention: heads attend over channels (a head's d x d cross-covariance), a learnt temperature
-    per head; the head count held as ``groups``."""
+    per head; the head count held as ``groups``, the input's width and the heads' (equal here) apart."""
 
     def __init__(self, width: int, groups: int, size: int) -> None:
         super().__init__()
-        self.groups, self.size = groups, size
+        self.groups, self.size, self.width, self.heads_width = groups, size, width, groups * size
         self.temperature = nn.Parameter(torch.linspace(0.5, 2.0, groups).view(groups, 1, 1))
         self.qkv = nn.Linear(width, 3 * groups * size)
         self.out = nn.Linear(groups * size, width)
@@ -243,6 +243,7 @@ def test_heads_found_from_the_graph(attention: type[nn.Module], count: str, proj
         assert len(kept) == 2
         if isinstance(after, CrossCovariance):
             assert torch.equal(after.temperature.flatten(), before.temperature.flatten()[kept])
+            assert (after.width, after.heads_width, after.size) == (32, 16, 8)
         out = target.merge if isinstance(target, EinsumAttention) else target.out
         for head in set(range(4)) - set(kept):
             out.weight.data[:, head * 8:(head + 1) * 8] = 0

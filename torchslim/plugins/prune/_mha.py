@@ -51,20 +51,24 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
         k, v = self._extended(k, v)
         batch, length = query.shape[:2]
         q, k, v = (t.view(batch, t.shape[1], -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        mask = _padded_mask(mask, k.shape[2])
-        dropout = self.dropout if self.training else 0.0
-        weights = None
-        if need_weights:
-            scores = q @ k.transpose(-2, -1) * self.head_dim ** -0.5
-            weights = torch.softmax(scores if mask is None else scores + mask, dim=-1)
-            out = F.dropout(weights, dropout, self.training) @ v
-            weights = weights.mean(dim=1) if average_attn_weights else weights
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        out, weights = self._attend(q, k, v, _padded_mask(mask, k.shape[2]), need_weights)
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
         out = self.out_proj(out.transpose(1, 2).reshape(batch, length, -1))
         if not batched:
             return out.squeeze(0), None if weights is None else weights.squeeze(0)
         return (out if self.batch_first else out.transpose(0, 1)), weights
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Heads' outputs (batch, heads, length, head_dim), and their weights where asked for (the fused
+        kernel does not return them)."""
+        dropout = self.dropout if self.training else 0.0
+        if not need_weights:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout), None
+        scores = q @ k.transpose(-2, -1) * self.head_dim ** -0.5
+        weights = F.dropout(torch.softmax(scores if mask is None else scores + mask, dim=-1), dropout, self.training)
+        return weights @ v, weights  # the weights returned after dropout, as torch's
 
     def _projected(self, query: torch.Tensor, key: torch.Tensor,
                    value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -3,11 +3,13 @@ attention module's head count after a cut.
 
 Heads are found from the graph (``_head_split``): a Linear layer whose output the model reshapes into
 ``(..., [k,] H, d)`` on its way to an attention product roots a group of ``H`` heads (timm's fused ``qkv``,
-Hugging Face BERT's separate ``query``/``key``/``value``, XCiT's cross-covariance attention, a user's own
-einsum attention alike). The cut goes through Torch-Pruning's dependency graph, which couples the query,
-key and value rows with the output projection's columns (the attention product is traced as an
-element-wise operation). PyTorch's ``nn.MultiheadAttention``, whose projections are parameters and not
-Linear layers, is cut by ``_mha`` instead.
+Hugging Face BERT's separate ``query``/``key``/``value``, a cross-covariance attention whose heads attend
+over channels, a user's own einsum attention alike). The cut goes through Torch-Pruning's dependency
+graph, which couples the query, key and value rows with the output projection's columns (the attention
+product is traced as an element-wise operation); where its index mapping loses the heads (a permute it
+maps wrongly), the Linear layers of its plan are cut by whole heads directly (:func:`cuts_by_heads`).
+PyTorch's ``nn.MultiheadAttention``, whose projections are parameters and not Linear layers, is cut by
+``_mha`` instead.
 
 Head h is rows ``b*H*d + h*d .. b*H*d + (h+1)*d - 1`` of each block b of the root. Pruning channels of such
 a group one by one would still run (the forward reshapes to ``(-1, head_dim)``) but would mix the
@@ -57,6 +59,8 @@ class Heads:
     """How many of q, k and v the root's rows hold: 3 for timm's ``qkv``, 1 for a separate projection."""
     own: bool = False
     """The module is an ``nn.MultiheadAttention``, its own root: cut by ``_mha``, not by Torch-Pruning."""
+    inputs: int = 0
+    """The root's input width (an attribute equal to it may be the module's input width, not its heads')."""
 
 
 def heads_of(root: nn.Module, names: dict[nn.Module, str]) -> Heads | None:
@@ -69,7 +73,7 @@ def heads_of(root: nn.Module, names: dict[nn.Module, str]) -> Heads | None:
         return None
     if root.out_features != split.fused * split.count * split.head_dim:
         return None  # cut since it was found: found again at the next trace
-    return Heads(split.owner, names[split.owner], split.count, split.head_dim, split.fused)
+    return Heads(split.owner, names[split.owner], split.count, split.head_dim, split.fused, inputs=root.in_features)
 
 
 def attention_groups(names: dict[nn.Module, str], opts: Any, state: ChannelState) -> list[_Group]:
@@ -143,8 +147,10 @@ def drop_heads(heads: Heads, kept: torch.Tensor) -> None:
 
     The count is found generically: the module's integer attributes equal to its head count become the
     new count, those equal to the heads' total width the new width (BERT's ``all_head_size``, timm's
-    ``attn_dim``). Where the count equals the head width, attributes named for a size or dimension are
-    taken as the width; where several attributes hold the count, those named for heads are preferred."""
+    ``attn_dim``). Names break ties only: where the count equals the head width, attributes named for a
+    size or dimension are taken as the width; where several attributes hold the count, those named for
+    heads are preferred; where the heads' width equals the module's input width, only attributes named for
+    heads or attention are taken as the heads' width (Swin's ``dim`` is its input's)."""
     module: Any = heads.module  # its own attributes, set as plain values
     count = int(kept.numel())
     for key, value in _count_attributes(module, heads).items():
@@ -167,5 +173,6 @@ def _count_attributes(module: nn.Module, heads: Heads) -> dict[str, int]:
     counts = {k: v for k, v in plain.items() if v == heads.count
               and not (heads.count == heads.head_dim and ("dim" in k or "size" in k))}
     named = {k: v for k, v in counts.items() if "head" in k}
-    widths = {k: v for k, v in plain.items() if v == width and width != heads.count}
+    widths = {k: v for k, v in plain.items() if v == width and width != heads.count
+              and (width != heads.inputs or "head" in k or "att" in k)}
     return {**(named if len(counts) > 1 and named else counts), **widths}
