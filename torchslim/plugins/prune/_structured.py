@@ -33,7 +33,7 @@ from ._structured_graph import (
     _deadline,
     _protected,
 )
-from ._structured_heads import Heads, head_scores, heads_of
+from ._structured_heads import Heads, attention_groups, head_scores, heads_of
 
 
 @dataclass(frozen=True)
@@ -180,6 +180,7 @@ def _graph_and_groups(model: nn.Module, example: torch.Tensor, opts: ChannelOpti
             _skip(state, name, root, problem, names)
             continue
         groups.append(described)
+    groups += attention_groups(names, opts, state)  # nn.MultiheadAttention's heads: not in the graph
     log.info("  structured: %d groups listed and scored", len(groups))
     return graph, groups
 

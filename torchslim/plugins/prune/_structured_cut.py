@@ -1,6 +1,8 @@
 """Structured pruning, the cut side: Torch-Pruning's plan for a group's chosen channels (checked before
 the choice and again before the cut), the cut itself, undone when the model's forward then fails;
-an attention layer pruned by whole heads gets its new head count (``_structured_heads``)."""
+an attention layer pruned by whole heads gets its new head count (``_structured_heads``); an
+``nn.MultiheadAttention``'s heads are cut by ``_mha``, and any such layer left with heads not as wide as its
+embedding gets the forward that reads them (``_mha.settle``)."""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ import torch
 from torch import nn
 
 from ...engine.errors import first_line
-from ._structured_data import Lost, record_cut, removed_by
-from ._structured_heads import drop_heads
+from . import _mha
+from ._structured_data import Lost, Removal, record_cut, removed_by
+from ._structured_heads import HeadCut, cuts_by_heads, drop_heads, keeps_heads
 
 if TYPE_CHECKING:
     from ._structured import ChannelState, _Group
@@ -19,7 +22,7 @@ if TYPE_CHECKING:
 
 def _precheck(graph: Any, group: _Group) -> str | None:
     """Why Torch-Pruning cannot cut even the least important unit of this group (None: it can)."""
-    if group.removable <= 0:
+    if group.removable <= 0 or (group.heads is not None and group.heads.own):
         return None
     return _checked_plan(graph, group, 1, "it")[1]
 
@@ -61,26 +64,68 @@ def _cut(model: nn.Module, graph: Any, group: _Group, example: torch.Tensor, exp
     What a successful cut took from Linear layers is folded into ``lost`` (for the refit)."""
     if group.remove <= 0:
         return
-    plan, problem = _checked_plan(graph, group, group.remove, "the cut")
+    plan, problem = (None, None) if group.heads is not None and group.heads.own else \
+        _checked_plan(graph, group, group.remove, "the cut")
+    cuts = _head_cuts(graph, plan, group)
+    if problem is None and cuts is not None and not cuts:
+        problem = "Torch-Pruning's plan does not keep its heads whole and holds layers other than the projections"
     if problem is not None:
         state.skipped.setdefault(group.name, problem)
         return
-    saved, removed = _save(model), removed_by(plan)
+    saved = _save(model)
+    removed = _removals(cuts) if cuts else removed_by(plan) if plan is not None else {}
     try:
-        plan.prune()
-        if group.heads is not None:
-            drop_heads(group.heads, torch.sort(torch.argsort(group.importance)[group.remove:]).values)
+        _apply(model, plan if cuts is None else cuts, group)
         with torch.no_grad():
             got = _shapes_of(model(example))
         if got != expected:
             raise RuntimeError(f"output shape changed from {expected} to {got}")
     except Exception as exc:
         _load(saved)
+        _mha.settle(model)
         state.skipped.setdefault(group.name, f"the pruned forward failed ({first_line(exc, typed=True, limit=200)}); cut undone")
         return
     record_cut(lost, removed)
     if group.heads is not None:
         state.heads[group.heads.name] = state.heads.get(group.heads.name, 0) + group.remove
+
+
+def _head_cuts(graph: Any, plan: Any, group: _Group) -> list[HeadCut] | None:
+    """Where Torch-Pruning's plan for a group of heads does not cut them whole: its layers cut by whole heads
+    (an empty list where that cannot be done either); None where the plan runs as it is."""
+    if plan is None or group.heads is None:
+        return None
+    units = torch.argsort(group.importance)[:group.remove].tolist()
+    if keeps_heads(graph, plan, group.root, group.heads, units):
+        return None
+    return cuts_by_heads(graph, plan, group.heads, units) or []
+
+
+def _removals(cuts: list[HeadCut]) -> dict[nn.Module, Removal]:
+    """What ``cuts`` remove from each Linear layer, as ``removed_by`` reads it from a plan (for the refit)."""
+    removed: dict[nn.Module, Removal] = {}
+    for cut in cuts:
+        entry = removed.setdefault(cut.layer, Removal((cut.layer.in_features, cut.layer.out_features), set(), set()))
+        (entry.outs if cut.out else entry.ins).update(cut.index)
+    return removed
+
+
+def _apply(model: nn.Module, plan: Any, group: _Group) -> None:
+    """Cut: Torch-Pruning's plan (or its layers cut by whole heads), then the heads' module's own count; or
+    an ``nn.MultiheadAttention``'s heads."""
+    import torch_pruning as tp
+
+    kept = torch.sort(torch.argsort(group.importance)[group.remove:]).values
+    if isinstance(plan, list):
+        for cut in plan:
+            (tp.prune_linear_out_channels if cut.out else tp.prune_linear_in_channels)(cut.layer, cut.index)
+    elif plan is not None:
+        plan.prune()
+    if group.heads is not None and not group.heads.own:
+        drop_heads(group.heads, kept)
+    elif group.heads is not None:
+        _mha.cut_heads(group.heads.module, kept)  # type: ignore[arg-type]
+    _mha.settle(model)
 
 
 def _shapes_of(output: Any) -> Any:
@@ -93,18 +138,19 @@ def _shapes_of(output: Any) -> Any:
     return None
 
 
-Saved = tuple[list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any]]], list[tuple[Any, torch.Tensor]]]
+Saved = tuple[list[tuple[nn.Module, type, dict[str, Any], dict[str, Any], dict[str, Any]]], list[tuple[Any, torch.Tensor]]]
 
 
 def _save(model: nn.Module) -> Saved:
-    """What a cut may change, by reference (no tensor is copied): module attributes, and parameters' data."""
-    modules = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    """What a cut may change, by reference (no tensor is copied): module classes and attributes, and parameters' data."""
+    modules = [(m, type(m), dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in model.modules()]
     return modules, [(p, p.data) for p in model.parameters()]
 
 
 def _load(saved: Saved) -> None:
     modules, data = saved
-    for module, attributes, parameters, buffers in modules:
+    for module, cls, attributes, parameters, buffers in modules:
+        module.__class__ = cls
         module.__dict__.clear()
         module.__dict__.update(attributes, _parameters=dict(parameters), _buffers=dict(buffers))
     for parameter, tensor in data:

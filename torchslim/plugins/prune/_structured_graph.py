@@ -17,6 +17,7 @@ from torch import nn
 
 from ...engine.errors import first_line
 from .._layers import matches
+from ._structured_heads import prepare as prepare_heads
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -40,6 +41,7 @@ def _build_graph(model: nn.Module, example: torch.Tensor, log: logging.Logger, t
              f", time limit {time_limit:g} s" if time_limit else "")
     started = time.monotonic()
     merging = {type(m): _MergingPruner() for m in model.modules() if _is_merging(m)}
+    merging.update(prepare_heads(model, example))  # heads found from the graph; nn.MultiheadAttention's pruner
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
                                                   customized_pruners=merging or None)
     log.info("  structured: dependency graph traced in %.1f s", time.monotonic() - started)

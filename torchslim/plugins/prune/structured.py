@@ -12,6 +12,7 @@ from ...engine.errors import StageError
 from ...engine.stage import Context
 from .._calibration import Calibration
 from .._layers import check_patterns
+from ._mha import settle
 from ._shapes import changes, replay, snapshot
 from .base import Fraction, PruneStage
 
@@ -21,8 +22,8 @@ if TYPE_CHECKING:
 
 class StructuredPrune(PruneStage):
     """Remove whole output channels and neurons, with the layers coupled to them (BatchNorms,
-    residual shortcuts, depthwise convs, concatenations), traced by torch-pruning; attention
-    (timm's ``qkv``, Hugging Face BERT's ``query``/``key``/``value``) loses whole heads."""
+    residual shortcuts, depthwise convs, concatenations), traced by torch-pruning; attention (projections
+    whose outputs the graph splits into heads, and ``nn.MultiheadAttention``) loses whole heads."""
 
     method: Literal["structured"] = "structured"
     """``structured``: remove whole output channels / neurons (with the layers coupled to them)."""
@@ -82,7 +83,9 @@ class StructuredPrune(PruneStage):
 
     def restore(self, model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
         """Give a freshly built model the channel and head counts this prune left (the weights are loaded after)."""
-        return replay(model, record)
+        model = replay(model, record)
+        settle(model)  # a pruned nn.MultiheadAttention gets the forward that reads its heads' widths
+        return model
 
     def _remove_channels(self, model: nn.Module, ctx: Context) -> ChannelState:
         _need_torch_pruning(self.label)
@@ -142,8 +145,9 @@ class StructuredPrune(PruneStage):
                          ", ".join(f"{name} -{count}" for name, count in state.heads.items()))
         elif self.head_amount and not state.original_heads:
             ctx.note(f"{self.label}: head_amount={self.head_amount:g} removed no head: no attention layer "
-                     "pruned by whole heads was found (timm's qkv with num_heads, or query/key/value with "
-                     "num_attention_heads), or the excluded patterns cover them")
+                     "pruned by whole heads was found (a Linear layer whose output is reshaped into heads on "
+                     "its way to the attention product, or an nn.MultiheadAttention), or the excluded patterns "
+                     "cover them")
 
 
     def _report_refit(self, state: ChannelState, ctx: Context) -> None:
