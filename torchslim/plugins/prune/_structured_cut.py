@@ -12,6 +12,7 @@ from torch import nn
 from ...engine.errors import first_line
 from ._structured_data import Lost, record_cut, removed_by
 from ._structured_heads import drop_heads
+from ._structured_layers import prune_plan
 
 if TYPE_CHECKING:
     from ._structured import ChannelState, _Group
@@ -67,7 +68,7 @@ def _cut(model: nn.Module, graph: Any, group: _Group, example: torch.Tensor, exp
         return
     saved, removed = _save(model), removed_by(plan)
     try:
-        plan.prune()
+        prune_plan(graph, plan)  # the plan, and the cut layers' own per-channel tensors it left whole
         if group.heads is not None:
             drop_heads(group.heads, torch.sort(torch.argsort(group.importance)[group.remove:]).values)
         with torch.no_grad():
