@@ -184,7 +184,7 @@ def _graph_and_groups(model: nn.Module, example: torch.Tensor, opts: ChannelOpti
 
     state.listed = []  # before tracing: a pass that runs out of time there has listed nothing
     clock.phase = "tracing the dependency graph"
-    graph = _build_graph(model, example, clock.log, clock.seconds, opts.pruners)
+    graph, unmapped = _build_graph(model, example, clock.log, clock.seconds, opts.pruners)
     names = {module: name for name, module in model.named_modules()}
     roots = ROOT_TYPES + tuple(opts.pruners)
     protected = _protected(graph, names, opts.exclude, roots)
@@ -196,7 +196,7 @@ def _graph_and_groups(model: nn.Module, example: torch.Tensor, opts: ChannelOpti
     clock.phase = "listing and scoring the groups"
     groups: list[_Group] = []
     try:
-        _list(graph, _all_groups(graph, protected, names, clock, roots), names, scorer, opts, state, groups, clock)
+        _list(graph, _all_groups(graph, protected, clock, roots, unmapped), names, scorer, opts, state, groups, clock)
     except GraphTimeout as exc:
         if not groups:
             raise

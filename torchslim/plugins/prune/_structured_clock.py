@@ -6,7 +6,8 @@ A step (one trace, listing, scoring and cut; again where cuts were undone) gets 
   interrupted by a timer signal: past that share, tracing that has not finished fails the stage
   (:class:`GraphTimeout`); listing stops, and the groups listed so far are pruned (the others left whole).
 - **one group** may take up to :data:`ONE_GROUP` of it to list: Torch-Pruning can spend minutes mapping a
-  channel through reshapes to many indices; such a group is left whole (:class:`GroupTimeout`).
+  channel through reshapes to many indices; such a group is left whole (:class:`GroupTimeout`). A group
+  that takes more than a quarter of that is put off until the quick ones are listed.
 - **cutting** (each group's cut and the forward that checks it) runs until the whole limit and is checked
   between groups: the groups not reached are left whole.
 
@@ -51,6 +52,7 @@ class Clock:
         self.seconds, self.log = seconds, log
         self.start = time.monotonic()
         self._group_end: float | None = None
+        self._group_share = ONE_GROUP
         self._armed = False
         self.phase = "tracing the dependency graph"
         """What runs now, named when the listing share runs out."""
@@ -72,12 +74,6 @@ class Clock:
         if self.seconds is not None and time.monotonic() >= self._listing_end():
             raise self._timeout()
 
-    def group_seconds(self) -> float | None:
-        return None if self.seconds is None else ONE_GROUP * self.seconds
-
-    def listing_seconds(self) -> float | None:
-        return None if self.seconds is None else LISTING * self.seconds
-
     @contextmanager
     def listing(self) -> Iterator[None]:
         """Interrupt what runs inside with :class:`GraphTimeout` once the listing share has passed."""
@@ -95,12 +91,13 @@ class Clock:
             signal.signal(signal.SIGALRM, previous)
 
     @contextmanager
-    def one_group(self) -> Iterator[None]:
-        """Interrupt listing one group with :class:`GroupTimeout` once its share has passed."""
+    def one_group(self, share: float = ONE_GROUP) -> Iterator[None]:
+        """Interrupt listing one group with :class:`GroupTimeout` once ``share`` of the limit has passed."""
         if not self._armed or self.seconds is None:
             yield
             return
-        self._group_end = time.monotonic() + ONE_GROUP * self.seconds
+        self._group_share = share
+        self._group_end = time.monotonic() + share * self.seconds
         self._arm()
         try:
             yield
@@ -120,7 +117,7 @@ class Clock:
     def _expire(self, signum: int, frame: Any) -> None:
         if self._group_end is not None and time.monotonic() < self._listing_end():
             self._group_end = None
-            raise GroupTimeout(f"listing its group took more than {self.group_seconds():g} s")
+            raise GroupTimeout(f"listing its group took more than {self._group_share * (self.seconds or 0):.3g} s")
         raise self._timeout()
 
     def _timeout(self) -> GraphTimeout:

@@ -14,29 +14,30 @@ from torch import nn
 
 from ...engine.errors import first_line
 from .._layers import matches
-from ._structured_clock import Clock, GroupTimeout
+from ._structured_clock import ONE_GROUP, Clock, GroupTimeout
 from ._structured_layers import LayerPruner, customized, keep
+from ._structured_trace import build
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 
 def _build_graph(model: nn.Module, example: torch.Tensor, log: logging.Logger, time_limit: float | None,
-                 pruners: Mapping[type, LayerPruner] | None = None) -> Any:
+                 pruners: Mapping[type, LayerPruner] | None = None) -> tuple[Any, dict[Any, str]]:
     """Torch-Pruning's dependency graph of ``model``, with the patch-merging layers and the user's own layer
-    types (``pruners``) cut by their own pruners."""
-    import torch_pruning as tp
-
+    types (``pruners``) cut by their own pruners, and the graph nodes no channel index could be mapped through
+    (``_structured_trace``), each with why."""
     count = sum(1 for _ in model.modules())
     log.info("  structured: tracing the dependency graph (%d modules)%s", count,
              f", time limit {time_limit:g} s" if time_limit else "")
     started = time.monotonic()
     merging: dict[type, LayerPruner] = {type(m): _Merging() for m in model.modules() if _is_merging(m)}
     special = customized({**merging, **(pruners or {})})
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
-                                                  customized_pruners=special or None)
+    graph, unmapped = build(model, example, special or None)
     log.info("  structured: dependency graph traced in %.1f s", time.monotonic() - started)
-    return graph
+    for reason in unmapped.values():
+        log.warning("  structured: the groups whose %s are left whole", reason.removeprefix("its "))
+    return graph, unmapped
 
 
 def _is_merging(module: nn.Module) -> bool:
@@ -79,35 +80,48 @@ class _Merging:
             layer.dim = len(kept)
 
 
-def _all_groups(graph: Any, protected: list[nn.Module], names: dict[nn.Module, str], clock: Clock,
-                roots: tuple[type[nn.Module], ...] = ROOT_TYPES) -> Iterator[tuple[nn.Module, Any, str | None]]:
+def _all_groups(graph: Any, protected: list[nn.Module], clock: Clock, roots: tuple[type[nn.Module], ...] = ROOT_TYPES,
+                unmapped: Mapping[Any, str] | None = None) -> Iterator[tuple[nn.Module, Any, str | None]]:
     """``(root, group, None)`` for Torch-Pruning's group of every root layer's output channels, one root at a
     time (as its ``get_all_groups`` lists them), or ``(root, None, why)`` for a group that fails or takes too
-    long to list, so that the others are listed; past the listing share of the time limit, :class:`GraphTimeout`."""
+    long to list, or whose channels reach a node in ``unmapped``, so that the others are listed; past the
+    listing share of the time limit, :class:`GraphTimeout`.
+
+    A group that takes more than a quarter of its share is put off until the quick ones are listed."""
     ignored = set(protected) | set(graph.IGNORED_LAYERS_IN_TRACING)
+    unreachable: Mapping[Any, str] = unmapped or {}
     visited: set[nn.Module] = set()
-    for module in list(graph.module2node):
-        if not isinstance(module, roots) or module in ignored or module in visited:
-            continue
-        clock.check_listing()
-        pruner = graph.get_pruner_of_module(module)
-        channels = None if pruner is None else pruner.get_out_channels(module)
-        if channels is None:
-            continue
-        try:
-            with clock.one_group():
-                group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
-        except GroupTimeout as exc:
-            yield module, None, (f"{exc} (Torch-Pruning maps its channels through reshapes to many indices); "
-                                 "exclude it, or raise time_limit")
-            continue
-        except Exception as exc:
-            yield module, None, f"listing its group raised {first_line(exc, typed=True, limit=200)}"
-            continue
-        cut = [dep.target.module for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler)]
-        visited.update(m for m in cut if isinstance(m, nn.Module))
-        if not any(m in ignored for m in cut if isinstance(m, nn.Module)):
-            yield module, group, None
+    slow: list[nn.Module] = []
+    candidates = [m for m in graph.module2node if isinstance(m, roots) and m not in ignored]
+    for share, modules in ((ONE_GROUP / 4, candidates), (ONE_GROUP, slow)):
+        for module in modules:
+            if module in visited:
+                continue
+            clock.check_listing()
+            pruner = graph.get_pruner_of_module(module)
+            channels = None if pruner is None else pruner.get_out_channels(module)
+            if channels is None:
+                continue
+            try:
+                with clock.one_group(share):
+                    group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
+            except GroupTimeout as exc:
+                if modules is candidates:
+                    slow.append(module)
+                else:
+                    yield module, None, (f"{exc} (Torch-Pruning maps its channels through reshapes to many "
+                                         "indices); exclude it, or raise time_limit")
+                continue
+            except Exception as exc:
+                yield module, None, f"listing its group raised {first_line(exc, typed=True, limit=200)}"
+                continue
+            cut = [dep.target.module for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler)]
+            visited.update(m for m in cut if isinstance(m, nn.Module))
+            unmappable = next((unreachable[d.target] for d, _ in group if d.target in unreachable), None)
+            if unmappable is not None:
+                yield module, None, unmappable
+            elif not any(m in ignored for m in cut if isinstance(m, nn.Module)):
+                yield module, group, None
 
 
 def _protected(graph: Any, names: dict[nn.Module, str], exclude: Sequence[str],

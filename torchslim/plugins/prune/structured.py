@@ -97,6 +97,7 @@ class StructuredPrune(PruneStage):
         check_patterns(model, self.exclude, "exclude", self.label)
         from ._structured import ChannelOptions, ChannelState, prune_step
         from ._structured_clock import GraphTimeout
+        from ._structured_trace import TraceFailure
 
         options = ChannelOptions(scope=self.scope, norm=1 if self.importance == "l1" else 2, round_to=self.round_to,
                                  ceiling=self.max_layer_amount, exclude=self.exclude,
@@ -113,6 +114,8 @@ class StructuredPrune(PruneStage):
                                  "layers that make the graph large: a layer whose output is reshaped across its "
                                  "channel axis (attention's query, key and value, often) makes Torch-Pruning map "
                                  "each channel to many indices") from exc
+            except TraceFailure as exc:
+                raise StageError(self.label, str(exc)) from exc
             self._finetune(model, ctx, step)
         return state
 
