@@ -5,10 +5,13 @@ BatchNorm, the convs joined by a residual addition, a depthwise conv and the lay
 squeeze-excite gate and the features it scales, concatenations). This module ranks the groups'
 channels itself, so that a per-layer ceiling, ``round_to`` and global or per-layer ranking behave
 as torchslim documents them, and asks torch-pruning only to cut the chosen channels. Its API
-stays inside this module and the five beside it: ``_structured_graph`` (the dependency graph and its
-groups), ``_structured_choice`` (how many channels each group gives up), ``_structured_cut`` (the
-cut, undone if the forward breaks), ``_structured_heads`` (attention pruned by whole heads),
-``_structured_data`` (importances measured on the calibration data, and the least-squares refit).
+stays inside this module and the ones beside it: ``_structured_graph`` (the dependency graph and its
+groups), ``_structured_trace`` (the graph builder's concatenations repaired, its failures explained),
+``_structured_clock`` (the time limit through every phase, and progress lines), ``_structured_layers``
+(per-channel tensors cut along, the user's own layer pruners), ``_structured_choice`` (how many channels
+each group gives up), ``_structured_cut`` (the cut, undone if the forward breaks), ``_structured_heads``
+(attention pruned by whole heads), ``_structured_data`` (importances measured on the calibration data,
+and the least-squares refit).
 """
 
 from __future__ import annotations
