@@ -3,6 +3,7 @@ structured (whole channels removed) and N:M pruning, one config class per method
 
 from __future__ import annotations
 
+from ._structured_layers import LayerPruner
 from .base import PruneStage
 from .nm import NMPrune
 from .structured import StructuredPrune
@@ -10,4 +11,4 @@ from .unstructured import MagnitudePrune, WandaPrune
 
 PruneStage.methods = (MagnitudePrune, WandaPrune, StructuredPrune, NMPrune)
 
-__all__ = ["MagnitudePrune", "NMPrune", "PruneStage", "StructuredPrune", "WandaPrune"]
+__all__ = ["LayerPruner", "MagnitudePrune", "NMPrune", "PruneStage", "StructuredPrune", "WandaPrune"]

@@ -5,17 +5,20 @@ BatchNorm, the convs joined by a residual addition, a depthwise conv and the lay
 squeeze-excite gate and the features it scales, concatenations). This module ranks the groups'
 channels itself, so that a per-layer ceiling, ``round_to`` and global or per-layer ranking behave
 as torchslim documents them, and asks torch-pruning only to cut the chosen channels. Its API
-stays inside this module and the five beside it: ``_structured_graph`` (the dependency graph and its
-groups), ``_structured_choice`` (how many channels each group gives up), ``_structured_cut`` (the
-cut, undone if the forward breaks), ``_structured_heads`` (attention pruned by whole heads),
-``_structured_data`` (importances measured on the calibration data, and the least-squares refit).
+stays inside this module and the ones beside it: ``_structured_graph`` (the dependency graph and its
+groups), ``_structured_trace`` (the graph builder's concatenations repaired, its failures explained),
+``_structured_clock`` (the time limit through every phase, and progress lines), ``_structured_layers``
+(per-channel tensors cut along, the user's own layer pruners), ``_structured_choice`` (how many channels
+each group gives up), ``_structured_cut`` (the cut, undone if the forward breaks), ``_structured_heads``
+(attention pruned by whole heads), ``_structured_data`` (importances measured on the calibration data,
+and the least-squares refit).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,16 +27,18 @@ from torch import nn
 
 from ...engine.errors import first_line
 from ._structured_choice import _choose_global, _choose_heads, _choose_per_layer, _out_channels, _round
+from ._structured_clock import Clock, GraphTimeout, Progress
 from ._structured_cut import _cut, _precheck, _shapes_of
 from ._structured_data import ActivationImportance, Lost, RefitResult, input_scales, refit, snapshot
 from ._structured_graph import (
+    ROOT_TYPES,
     _all_groups,
     _build_graph,
     _channel_groups,
-    _deadline,
     _protected,
 )
 from ._structured_heads import Heads, attention_groups, head_scores, heads_of
+from ._structured_layers import LayerPruner
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,8 @@ class ChannelOptions:
     """After each pass's cuts, refit the Linear layers that lost inputs to the pass's starting model on ``batches``."""
     batches: Iterable[torch.Tensor] | None = None
     """Calibration inputs, iterable more than once; needed by ``measured`` and ``refit``."""
+    pruners: Mapping[type, LayerPruner] = field(default_factory=dict)
+    """The user's own layer types and how to cut their channels (``_structured_layers``); they root groups too."""
 
 
 @dataclass
@@ -111,61 +118,109 @@ def prune_step(model: nn.Module, example: torch.Tensor, fraction: float, opts: C
     """
     log = log or logging.getLogger("torchslim")
     head_fraction = fraction if heads is None else heads
+    clock = Clock(time_limit, log)
     for _ in range(3):  # a cut undone after the choice: trace again and give its share to the others
-        undone = _prune_pass(model, example, (fraction, head_fraction), opts, state, log, time_limit)
+        undone = _prune_pass(model, example, (fraction, head_fraction), opts, state, clock)
         if not undone or opts.scope != "global":
             return
+        left = clock.left()
+        if left is not None and time_limit is not None and left < RETRY_SHARE * time_limit:
+            log.info("  structured: %d cut(s) undone; %.0f s of time_limit left, too little to trace again and "
+                     "give their share to the other groups", undone, left)
+            return
         log.info("  structured: %d cut(s) undone; giving their share to the other groups", undone)
+        clock = Clock(left, log)
+
+
+RETRY_SHARE = 0.5
+"""A pass that gives undone cuts' share to the other groups starts only with this much of the time limit left."""
 
 
 def _prune_pass(model: nn.Module, example: torch.Tensor, fractions: tuple[float, float], opts: ChannelOptions,
-                state: ChannelState, log: logging.Logger, time_limit: float | None) -> int:
+                state: ChannelState, clock: Clock) -> int:
     """One trace, choice and cut of (channel, head) ``fractions``; returns how many chosen cuts were refused or undone."""
     moments: dict[nn.Module, torch.Tensor] = {}  # obs's input second moments, reused by the refit
-    with _deadline(time_limit, log):  # Torch-Pruning can spend minutes both tracing and listing the groups
-        graph, groups = _graph_and_groups(model, example, opts, state, log, time_limit, moments)
+    with clock.listing():  # Torch-Pruning can spend minutes both tracing and listing the groups
+        graph, groups = _graph_and_groups(model, example, opts, state, clock, moments)
     modules = dict(model.named_modules())
     _choose_heads(groups, fractions[1], state)
     if opts.scope == "global":
         _choose_global(groups, fractions[0], state, modules)
     else:
         _choose_per_layer(groups, fractions[0], state)
-    started = time.monotonic()
-    with torch.no_grad():
-        expected = _shapes_of(model(example))
-    before = len(state.skipped)
     teacher = snapshot(model) if opts.refit else None
     lost: dict[nn.Module, Lost] = {}
-    for group in groups:
-        _round(group, opts.round_to)
-        _cut(model, graph, group, example, expected, state, lost)
-    log.info("  structured: cut %d groups in %.1f s (%d left whole)", len(groups), time.monotonic() - started,
-             len(state.skipped))
+    undone = _cut_all(model, graph, groups, example, opts, state, clock, lost)
     if teacher is not None and opts.batches is not None:
         state.refits.append(refit(model, teacher, lost, opts.batches, moments))
-        log.info("  structured: refit %d Linear layer(s) on the calibration data: relative output error %.4f -> %.4f",
-                 len(state.refits[-1].layers), state.refits[-1].error_cut, state.refits[-1].error_refit)
-    return len(state.skipped) - before
+        clock.log.info("  structured: refit %d Linear layer(s) on the calibration data: relative output error "
+                       "%.4f -> %.4f", len(state.refits[-1].layers), state.refits[-1].error_cut,
+                       state.refits[-1].error_refit)
+    return undone
+
+
+def _cut_all(model: nn.Module, graph: Any, groups: list[_Group], example: torch.Tensor, opts: ChannelOptions,
+             state: ChannelState, clock: Clock, lost: dict[nn.Module, Lost]) -> int:
+    """Cut the groups in turn until the time limit; returns how many chosen cuts were refused or undone
+    (not counting the groups the time limit left whole)."""
+    started, progress = time.monotonic(), Progress(clock.log, "cut")
+    with torch.no_grad():
+        expected = _shapes_of(model(example))
+    before, late = len(state.skipped), 0
+    for index, group in enumerate(groups):
+        if group.remove > 0 and clock.cutting_over():
+            late += 1
+            state.skipped.setdefault(group.name, f"not cut: time_limit={clock.seconds:g} s ran out after "
+                                                 f"{index} of {len(groups)} groups (raise time_limit)")
+            continue
+        _round(group, opts.round_to)
+        _cut(model, graph, group, example, expected, state, lost)
+        progress.tick(index + 1, len(groups), group.name)
+    clock.log.info("  structured: cut %d groups in %.1f s (%d left whole)", len(groups),
+                   time.monotonic() - started, len(state.skipped))
+    return len(state.skipped) - before - late
 
 
 def _graph_and_groups(model: nn.Module, example: torch.Tensor, opts: ChannelOptions, state: ChannelState,
-                      log: logging.Logger, time_limit: float | None,
-                      moments: dict[nn.Module, torch.Tensor]) -> tuple[Any, list[_Group]]:
+                      clock: Clock, moments: dict[nn.Module, torch.Tensor]) -> tuple[Any, list[_Group]]:
     import torch_pruning as tp
 
     state.listed = []  # before tracing: a pass that runs out of time there has listed nothing
-    graph = _build_graph(model, example, log, time_limit)
+    clock.phase = "tracing the dependency graph"
+    graph, unmapped = _build_graph(model, example, clock.log, clock.seconds, opts.pruners)
     names = {module: name for name, module in model.named_modules()}
-    protected = _protected(graph, names, opts.exclude)
+    roots = ROOT_TYPES + tuple(opts.pruners)
+    protected = _protected(graph, names, opts.exclude, roots)
     state.protected = sorted(names[m] for m in protected)
     scorer: Any = tp.importance.GroupMagnitudeImportance(p=opts.norm, group_reduction="mean", normalizer="mean")
     if opts.measured is not None and opts.batches is not None:
+        clock.phase = "measuring the calibration data"
         scorer = ActivationImportance(input_scales(model, opts.batches, opts.measured == "compensated", moments), scorer)
-    groups = []
-    for group in _all_groups(graph, protected, state):
-        root = group[0].dep.target.module
+    clock.phase = "listing and scoring the groups"
+    groups: list[_Group] = []
+    try:
+        _list(graph, _all_groups(graph, protected, clock, roots, unmapped), names, scorer, opts, state, groups, clock)
+    except GraphTimeout as exc:
+        if not groups:
+            raise
+        state.skipped.setdefault("(groups not listed)", f"{exc}: listing stopped after {len(state.listed)} groups, "
+                                                        f"the last rooted at {state.listed[-1]} (raise time_limit)")
+    groups += attention_groups(names, opts, state)  # nn.MultiheadAttention's heads: not in the graph
+    clock.log.info("  structured: %d groups listed and scored in %.1f s", len(groups), clock.elapsed())
+    return graph, groups
+
+
+def _list(graph: Any, found: Iterator[tuple[nn.Module, Any, str | None]], names: dict[nn.Module, str], scorer: Any,
+          opts: ChannelOptions, state: ChannelState, groups: list[_Group], clock: Clock) -> None:
+    """Score the groups ``found`` and append to ``groups`` those that Torch-Pruning can cut; name the others."""
+    progress = Progress(clock.log, "listed")
+    for root, group, problem in found:
         name = names.get(root, type(root).__name__)
         state.listed.append(name)
+        progress.tick(len(state.listed), None, name)
+        if problem is not None:
+            _skip(state, name, root, problem, names)
+            continue
         if name in state.skipped:
             continue
         try:
@@ -180,9 +235,6 @@ def _graph_and_groups(model: nn.Module, example: torch.Tensor, opts: ChannelOpti
             _skip(state, name, root, problem, names)
             continue
         groups.append(described)
-    groups += attention_groups(names, opts, state)  # nn.MultiheadAttention's heads: not in the graph
-    log.info("  structured: %d groups listed and scored", len(groups))
-    return graph, groups
 
 
 def _skip(state: ChannelState, name: str, root: nn.Module, reason: str, names: dict[nn.Module, str]) -> None:

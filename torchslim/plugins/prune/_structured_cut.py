@@ -15,6 +15,7 @@ from ...engine.errors import first_line
 from . import _mha
 from ._structured_data import Lost, Removal, record_cut, removed_by
 from ._structured_heads import HeadCut, cuts_by_heads, drop_heads, keeps_heads
+from ._structured_layers import prune_plan
 
 if TYPE_CHECKING:
     from ._structured import ChannelState, _Group
@@ -75,7 +76,7 @@ def _cut(model: nn.Module, graph: Any, group: _Group, example: torch.Tensor, exp
     saved = _save(model)
     removed = _removals(cuts) if cuts else removed_by(plan) if plan is not None else {}
     try:
-        _apply(model, plan if cuts is None else cuts, group)
+        _apply(model, graph, plan if cuts is None else cuts, group)
         with torch.no_grad():
             got = _shapes_of(model(example))
         if got != expected:
@@ -110,7 +111,7 @@ def _removals(cuts: list[HeadCut]) -> dict[nn.Module, Removal]:
     return removed
 
 
-def _apply(model: nn.Module, plan: Any, group: _Group) -> None:
+def _apply(model: nn.Module, graph: Any, plan: Any, group: _Group) -> None:
     """Cut: Torch-Pruning's plan (or its layers cut by whole heads), then the heads' module's own count; or
     an ``nn.MultiheadAttention``'s heads."""
     import torch_pruning as tp
@@ -120,7 +121,7 @@ def _apply(model: nn.Module, plan: Any, group: _Group) -> None:
         for cut in plan:
             (tp.prune_linear_out_channels if cut.out else tp.prune_linear_in_channels)(cut.layer, cut.index)
     elif plan is not None:
-        plan.prune()
+        prune_plan(graph, plan)  # the plan, and the cut layers' own per-channel tensors it left whole
     if group.heads is not None and not group.heads.own:
         drop_heads(group.heads, kept)
     elif group.heads is not None:

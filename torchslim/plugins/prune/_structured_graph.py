@@ -1,51 +1,45 @@
-"""Structured pruning, the graph side: Torch-Pruning's dependency graph built under a time limit,
-its groups listed one by one (a group that cannot be listed is skipped and named), and which
+"""Structured pruning, the graph side: Torch-Pruning's dependency graph, its groups listed one by one
+under the time limit (a group that cannot be listed, or not in time, is skipped and named), and which
 layers feed the output."""
 
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from ...engine.errors import first_line
 from .._layers import matches
+from ._structured_clock import ONE_GROUP, Clock, GroupTimeout
 from ._structured_heads import prepare as prepare_heads
+from ._structured_layers import LayerPruner, customized, keep
+from ._structured_trace import build
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
-if TYPE_CHECKING:
-    from ._structured import ChannelState
 
 
-class GraphTimeout(BaseException):
-    """Tracing the dependency graph took longer than the time limit.
-
-    An interrupt, raised from a signal handler anywhere in Torch-Pruning's code: a BaseException (as
-    KeyboardInterrupt is) so that no ``except Exception`` on its way, the library's or torchslim's own
-    "leave this group whole" handlers, swallows it; the stage turns it into its error."""
-
-
-def _build_graph(model: nn.Module, example: torch.Tensor, log: logging.Logger, time_limit: float | None) -> Any:
-    import torch_pruning as tp
-
+def _build_graph(model: nn.Module, example: torch.Tensor, log: logging.Logger, time_limit: float | None,
+                 pruners: Mapping[type, LayerPruner] | None = None) -> tuple[Any, dict[Any, str]]:
+    """Torch-Pruning's dependency graph of ``model``, with the patch-merging layers and the user's own layer
+    types (``pruners``) cut by their own pruners, and the graph nodes no channel index could be mapped through
+    (``_structured_trace``), each with why."""
     count = sum(1 for _ in model.modules())
     log.info("  structured: tracing the dependency graph (%d modules)%s", count,
              f", time limit {time_limit:g} s" if time_limit else "")
     started = time.monotonic()
-    merging = {type(m): _MergingPruner() for m in model.modules() if _is_merging(m)}
-    merging.update(prepare_heads(model, example))  # heads found from the graph; nn.MultiheadAttention's pruner
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
-                                                  customized_pruners=merging or None)
+    merging: dict[type, LayerPruner] = {type(m): _Merging() for m in model.modules() if _is_merging(m)}
+    special = customized({**merging, **(pruners or {})})
+    special.update(prepare_heads(model, example))  # heads found from the graph; nn.MultiheadAttention's pruner
+    graph, unmapped = build(model, example, special or None)
     log.info("  structured: dependency graph traced in %.1f s", time.monotonic() - started)
-    return graph
+    for reason in unmapped.values():
+        log.warning("  structured: the groups whose %s are left whole", reason.removeprefix("its "))
+    return graph, unmapped
 
 
 def _is_merging(module: nn.Module) -> bool:
@@ -59,106 +53,90 @@ def _is_merging(module: nn.Module) -> bool:
             and tuple(norm.normalized_shape) == (reduction.in_features,) and reduction.bias is None)
 
 
-def _merging_pruner_base() -> Any:
-    import torch_pruning as tp
+class _Merging:
+    """Prunes a patch-merging layer (a :class:`LayerPruner`): input channel c is the features k*C + c
+    (k = 0..3) of its norm and its reduction."""
 
-    return tp.pruner.function.BasePruningFunc
+    def out_channels(self, layer: Any) -> int:
+        return int(layer.reduction.out_features)
 
+    def in_channels(self, layer: Any) -> int:
+        return int(layer.reduction.in_features) // 4
 
-class _MergingPruner:
-    """Prunes a patch-merging layer: input channel c is the features k*C + c (k = 0..3) of norm and reduction."""
+    def keep_out(self, layer: Any, kept: torch.Tensor) -> None:
+        keep(layer.reduction, "weight", 0, kept)
+        layer.reduction.out_features = len(kept)
+        if isinstance(getattr(layer, "out_dim", None), int):
+            layer.out_dim = len(kept)
 
-    def __new__(cls) -> Any:
-        base = _merging_pruner_base()
-
-        class MergingPruner(base):  # type: ignore[misc, valid-type]
-            TARGET_MODULES = None
-
-            def prune_out_channels(self, layer: Any, idxs: Sequence[int]) -> Any:
-                keep = [i for i in range(layer.reduction.out_features) if i not in set(idxs)]
-                layer.reduction.weight = nn.Parameter(layer.reduction.weight.data[keep].clone())
-                layer.reduction.out_features = len(keep)
-                if isinstance(getattr(layer, "out_dim", None), int):
-                    layer.out_dim = len(keep)
-                return layer
-
-            def prune_in_channels(self, layer: Any, idxs: Sequence[int]) -> Any:
-                channels = layer.reduction.in_features // 4
-                gone = set(int(i) for i in idxs)
-                keep = [i for i in range(channels) if i not in gone]
-                full = torch.tensor([k * channels + c for k in range(4) for c in keep])
-                layer.reduction.weight = nn.Parameter(layer.reduction.weight.data[:, full].clone())
-                layer.reduction.in_features = len(full)
-                norm = layer.norm
-                if norm.weight is not None:
-                    norm.weight = nn.Parameter(norm.weight.data[full].clone())
-                if norm.bias is not None:
-                    norm.bias = nn.Parameter(norm.bias.data[full].clone())
-                norm.normalized_shape = (len(full),)
-                if isinstance(getattr(layer, "dim", None), int):
-                    layer.dim = len(keep)
-                return layer
-
-            def get_out_channels(self, layer: Any) -> int:
-                return int(layer.reduction.out_features)
-
-            def get_in_channels(self, layer: Any) -> int:
-                return int(layer.reduction.in_features) // 4
-
-        return MergingPruner()
+    def keep_in(self, layer: Any, kept: torch.Tensor) -> None:
+        channels = self.in_channels(layer)
+        full = torch.tensor([k * channels + int(c) for k in range(4) for c in kept])
+        keep(layer.reduction, "weight", 1, full)
+        layer.reduction.in_features = len(full)
+        for key in ("weight", "bias"):
+            if getattr(layer.norm, key, None) is not None:
+                keep(layer.norm, key, 0, full)
+        layer.norm.normalized_shape = (len(full),)
+        if isinstance(getattr(layer, "dim", None), int):
+            layer.dim = len(kept)
 
 
-@contextmanager
-def _deadline(seconds: float | None, log: logging.Logger) -> Iterator[None]:
-    """Raise :class:`GraphTimeout` after ``seconds``: in the main thread of a system with timer signals,
-    the only place a signal can interrupt the library's loops; elsewhere the limit is logged as not kept."""
-    if not seconds:
-        yield
-        return
-    unable = ("no timer signal on this system" if not hasattr(signal, "setitimer")
-              else "not in the main thread" if threading.current_thread() is not threading.main_thread() else None)
-    if unable:
-        log.warning("  structured: time_limit=%g s is not enforced here (%s): the stage runs as long as it takes",
-                    seconds, unable)
-        yield
-        return
+def _all_groups(graph: Any, protected: list[nn.Module], clock: Clock, roots: tuple[type[nn.Module], ...] = ROOT_TYPES,
+                unmapped: Mapping[Any, str] | None = None) -> Iterator[tuple[nn.Module, Any, str | None]]:
+    """``(root, group, None)`` for Torch-Pruning's group of every root layer's output channels, one root at a
+    time (as its ``get_all_groups`` lists them), or ``(root, None, why)`` for a group that fails or takes too
+    long to list, or whose channels reach a node in ``unmapped``, so that the others are listed; past the
+    listing share of the time limit, :class:`GraphTimeout`.
 
-    def expire(signum: int, frame: Any) -> None:
-        raise GraphTimeout(f"tracing the dependency graph and listing its groups took more than "
-                           f"time_limit={seconds:g} s")
+    A group that takes more than a quarter of its share is put off until the quick ones are listed."""
+    ignored = set(protected) | set(graph.IGNORED_LAYERS_IN_TRACING)
+    unreachable: Mapping[Any, str] = unmapped or {}
+    visited: set[nn.Module] = set()
+    slow: list[nn.Module] = []
+    candidates = [m for m in graph.module2node if isinstance(m, roots) and m not in ignored]
+    for share, modules in ((ONE_GROUP / 4, candidates), (ONE_GROUP, slow)):
+        for module in modules:
+            if module in visited:
+                continue
+            clock.check_listing()
+            pruner = graph.get_pruner_of_module(module)
+            channels = None if pruner is None else pruner.get_out_channels(module)
+            if channels is None:
+                continue
+            try:
+                with clock.one_group(share):
+                    group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
+            except GroupTimeout as exc:
+                if modules is candidates:
+                    slow.append(module)
+                else:
+                    yield module, None, (f"{exc} (Torch-Pruning maps its channels through reshapes to many "
+                                         "indices); exclude it, or raise time_limit")
+                continue
+            except Exception as exc:
+                yield module, None, f"listing its group raised {first_line(exc, typed=True, limit=200)}"
+                continue
+            cut = [dep.target.module for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler)]
+            visited.update(m for m in cut if isinstance(m, nn.Module))
+            unmappable = next((unreachable[d.target] for d, _ in group if d.target in unreachable), None)
+            if unmappable is not None:
+                yield module, None, unmappable
+            elif not any(m in ignored for m in cut if isinstance(m, nn.Module)):
+                yield module, group, None
 
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
-
-def _all_groups(graph: Any, protected: list[nn.Module], state: ChannelState) -> Iterator[Any]:
-    groups = graph.get_all_groups(ignored_layers=protected, root_module_types=list(ROOT_TYPES))
-    while True:
-        try:
-            group = next(groups)
-        except StopIteration:
-            return
-        except Exception as exc:
-            state.skipped.setdefault("(remaining groups)", f"listing the groups raised {first_line(exc, typed=True, limit=200)}")
-            return
-        yield group
-
-
-def _protected(graph: Any, names: dict[nn.Module, str], exclude: Sequence[str]) -> list[nn.Module]:
+def _protected(graph: Any, names: dict[nn.Module, str], exclude: Sequence[str],
+               roots: tuple[type[nn.Module], ...] = ROOT_TYPES) -> list[nn.Module]:
     outputs: list[nn.Module] = [m for m in graph.module2node
-                                if isinstance(m, ROOT_TYPES) and _feeds_output(graph.module2node[m])]
+                                if isinstance(m, roots) and _feeds_output(graph.module2node[m], roots)]
     excluded = [m for m, name in names.items()
-                if isinstance(m, ROOT_TYPES) and matches(name, exclude)]
+                if isinstance(m, roots) and matches(name, exclude)]
     return outputs + [m for m in excluded if m not in outputs]
 
 
-def _feeds_output(node: Any) -> bool:
-    """Whether the layer's output reaches the model's output without passing another Conv/Linear.
+def _feeds_output(node: Any, roots: tuple[type[nn.Module], ...]) -> bool:
+    """Whether the layer's output reaches the model's output without passing another Conv/Linear (or ``roots``).
 
     Tracing starts from the outputs, so a node without successors is an output of the model.
     """
@@ -170,7 +148,7 @@ def _feeds_output(node: Any) -> bool:
         seen.add(id(current))
         if not current.outputs:
             return True
-        stack.extend(n for n in current.outputs if not isinstance(n.module, ROOT_TYPES))
+        stack.extend(n for n in current.outputs if not isinstance(n.module, roots))
     return False
 
 

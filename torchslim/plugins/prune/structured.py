@@ -55,9 +55,17 @@ class StructuredPrune(PruneStage):
     max_layer_amount: Fraction = 0.9
     """Most any one group may lose, as a fraction of its channels, so that global ranking cannot
     wipe out a small layer."""
+    layer_pruners: dict[str, str] = Field(default_factory=dict)
+    """Layer types of your own that Torch-Pruning does not know, each with the class that cuts its channels:
+    ``{"mypackage.layers:GainConv": "mypackage.pruning:GainConvPruner"}`` (``module:attribute`` targets; the
+    pruner implements ``torchslim.plugins.prune.LayerPruner`` and is built with no arguments). Such a layer
+    roots a group of coupled channels, as Conv and Linear layers do. Not needed for a Conv or Linear subclass
+    whose extra tensors hold one entry per output channel in their leading dimension: those are cut along."""
     time_limit: float | None = Field(default=None, gt=0)
-    """Seconds allowed for tracing the model's dependency graph (null: no limit); past it the stage fails
-    with a clear error instead of hanging."""
+    """Seconds each step may take (null: no limit). Tracing the dependency graph, listing and scoring its groups
+    get 70% of it: tracing that has not finished by then fails the stage with a clear error, listing stops and the
+    groups listed so far are pruned; one group that takes over 10% of it to list is left whole; the cuts stop at
+    the limit, the groups not reached left whole. The log has a progress line every 10 s."""
 
     def _problems(self) -> list[tuple[str, str]]:
         """The family's checks, and a head_amount that the per-layer ceiling would cut short."""
@@ -91,12 +99,13 @@ class StructuredPrune(PruneStage):
         _need_torch_pruning(self.label)
         check_patterns(model, self.exclude, "exclude", self.label)
         from ._structured import ChannelOptions, ChannelState, prune_step
-        from ._structured_graph import GraphTimeout
+        from ._structured_clock import GraphTimeout
+        from ._structured_trace import TraceFailure
 
         options = ChannelOptions(scope=self.scope, norm=1 if self.importance == "l1" else 2, round_to=self.round_to,
                                  ceiling=self.max_layer_amount, exclude=self.exclude,
                                  measured=_MEASURED.get(self.importance), refit=self.refit,
-                                 batches=self._calibration(ctx))
+                                 batches=self._calibration(ctx), pruners=self._pruners())
         state, example = ChannelState(), ctx.example_inputs[:2]
         for step in range(1, self.steps + 1):
             heads = None if self.head_amount is None else self.head_amount * step / self.steps
@@ -108,8 +117,21 @@ class StructuredPrune(PruneStage):
                                  "layers that make the graph large: a layer whose output is reshaped across its "
                                  "channel axis (attention's query, key and value, often) makes Torch-Pruning map "
                                  "each channel to many indices") from exc
+            except TraceFailure as exc:
+                raise StageError(self.label, str(exc)) from exc
             self._finetune(model, ctx, step)
         return state
+
+    def _pruners(self) -> dict[Any, Any]:
+        """The ``layer_pruners`` imported and built; a stage error names the pair that is not usable."""
+        from ...engine.errors import RecipeError
+        from ...engine.specs import import_target
+        from ._structured_layers import resolved
+
+        try:
+            return resolved(self.layer_pruners, import_target)
+        except (RecipeError, ValueError) as exc:
+            raise StageError(self.label, str(exc)) from exc
 
     def _calibration(self, ctx: Context) -> Calibration | None:
         """The calibration inputs, when the importance or the refit measures on them."""
