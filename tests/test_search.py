@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import digits_recipe, write_recipe
+from tests.conftest import ROOT, digits_recipe, write_recipe
 from torchslim import Registry, run
 from torchslim.engine.errors import OutputError, RecipeError, UsageError
 from torchslim.search import search
@@ -73,7 +73,9 @@ def test_the_refused_value_is_reported_at_its_space_entry(tmp_path: Path, regist
     path = tmp_path / "recipe.yaml"
     text = yaml.safe_dump({k: v for k, v in search_recipe({}).items() if k != "search"}, sort_keys=False)
     path.write_text(text + "search:\n  trials: 2\n  space:\n    stages.0.amount: {low: 0.1, high: 1.5}\n")
-    with pytest.raises(RecipeError, match=rf"recipe\.yaml:{line_of(path, 'stages.0.amount:')}:22: stages\[0\]\.amount"):
+    line = line_of(path, "stages.0.amount:")
+    column = path.read_text().splitlines()[line - 1].index("1.5") + 1  # at the bound that is refused
+    with pytest.raises(RecipeError, match=rf"recipe\.yaml:{line}:{column}: stages\[0\]\.amount"):
         search(path, tmp_path / "out", registry=registry)
 
 
@@ -203,3 +205,27 @@ def test_pareto_front_of_several_objectives() -> None:
     records = [record(1, [90.0, 10.0, 5.0]), record(2, [95.0, 20.0, 5.0]), record(3, [89.0, 11.0, 5.0]),
                record(4, [90.0, 10.0, 4.0])]
     assert [r.number for r in pareto(records, ["metric", "size", "latency"])] == [2, 4]  # 1 and 3 are beaten by 4
+
+
+def test_validate_checks_every_value_of_a_search_recipe(cli: Any, tmp_path: Path) -> None:
+    result = cli("validate", "recipes/search-digits.yaml", "--no-import")
+    assert result.returncode == 0, result.stderr
+    assert "valid search recipe (each value of its 5 dimensions valid) 'search-digits' with 3 stages" in result.stdout
+    text = (ROOT / "recipes" / "search-digits.yaml").read_text().replace("[dynamic, kbit]", "[dynamic, kbt]")
+    (tmp_path / "bad.yaml").write_text(text)
+    result = cli("validate", str(tmp_path / "bad.yaml"), "--no-import")
+    assert result.returncode == 2 and 'stages[2].method (quantize): Input should be' in result.stderr
+    assert '(search value stages.2.method="kbt")' in result.stderr
+
+
+@needs_optuna
+def test_values_sampled_again_are_not_run_again(tmp_path: Path, registry: Registry) -> None:
+    # Two possible values, four trials: at least two trials repeat an earlier one's values.
+    path = write_recipe(tmp_path, search_recipe({"stages.0.amount": {"choices": [0.3, 0.6]}}, trials=4, sampler="random"))
+    records = search(path, tmp_path / "out", registry=registry).records
+    assert len(records) == 4
+    folders = {p.name for p in (tmp_path / "out" / "trials").iterdir()}
+    assert len(folders) == len({r.values["stages.0.amount"] for r in records}) <= 2
+    for record in records:
+        first = next(r for r in records if r.values == record.values)
+        assert (record.final, record.folder) == (first.final, first.folder) and record.folder in folders

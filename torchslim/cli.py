@@ -20,6 +20,7 @@ from .engine.runner import run
 from .engine.summary import summary
 from .engine.version import VERSION
 from .engine.words import plural
+from .engine.yamlio import read_yaml
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -225,17 +226,23 @@ def _validate(args: argparse.Namespace) -> int:
     checked = "" if args.no_import else "; its model, data and metric targets import and take their kwargs"
     if recipe.sweep:
         return _validate_sweep(args, recipe, registry, checked)
+    if recipe.search:
+        from .search.space import check_space
+
+        check_space(recipe.document or read_yaml(args.recipe), recipe, registry)
     if not args.no_import:
         check_recipe_code(recipe)
     stages = ", ".join(f"{s.label} ({s.type})" for s in recipe.stage_list)
-    print(f"{args.recipe}: valid recipe '{recipe.name}' with {plural(len(recipe.stage_list), 'stage')}: {stages}{checked}")
+    kind = "recipe"
+    if recipe.search:
+        kind = f"search recipe (each value of its {plural(len(recipe.search.space), 'dimension')} valid)"
+    print(f"{args.recipe}: valid {kind} '{recipe.name}' with {plural(len(recipe.stage_list), 'stage')}: {stages}{checked}")
     return 0
 
 
 def _validate_sweep(args: argparse.Namespace, recipe: RecipeBase, registry: Registry, checked: str) -> int:
     """Every variant of a sweep validated (and its targets imported) as ``compare`` would run it."""
     from .compare.sweep import expand
-    from .engine.yamlio import read_yaml
 
     variants = expand(recipe.document or read_yaml(args.recipe), recipe, registry)
     if not args.no_import:

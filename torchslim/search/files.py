@@ -28,6 +28,7 @@ from .records import Record, describe_values
 FRONT_JSON, FRONT_MD, FRONT_PNG, BEST_YAML = "front.json", "front.md", "front.png", "best.yaml"
 FILES = (FRONT_JSON, FRONT_MD, FRONT_PNG, BEST_YAML)
 _KINDS = {"metric": "metric", "latency": "ms", "size": "bytes", "packed_size": "bytes", "macs": "count"}
+_UNITS = {"latency": " ms"}
 
 
 def write_files(out: Path, state: SearchState) -> None:
@@ -53,7 +54,8 @@ class SearchState:
 
     def objective_cells(self, record: Record) -> list[str]:
         """The objective figures of a trial, as the tables show them."""
-        return [format_figure(record.final.get(key(o, self.metric)), _KINDS[o]) for o in self.objectives]  # type: ignore[arg-type]
+        cells = [format_figure(record.final.get(key(o, self.metric)), _KINDS[o]) for o in self.objectives]  # type: ignore[arg-type]
+        return [cell + _UNITS.get(o, "") if cell != "-" else cell for o, cell in zip(self.objectives, cells, strict=True)]
 
     def miss_words(self, record: Record) -> str:
         """``misses the budget by 40% in all: accuracy drop 1.4 > 1``."""

@@ -3,6 +3,7 @@ budget of trials or minutes is spent; after every trial, the front, the best rec
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -56,7 +57,7 @@ def search(source: Source, out: str | os.PathLike[str], *, resume: bool = False,
     while not _spent(searched, len(records), before + time.perf_counter() - start):
         number = len(records) + 1
         trial = study.ask(number)
-        record = runner.run(trial, number)
+        record = runner.run(trial, number, records)
         study.tell(trial, record)
         records.append(record)
         state = runner.state(records)
@@ -79,12 +80,16 @@ class _Trials:
         self.defaults = searched.recipe.resolved()
         self.baselines: dict[str, Row] = {}
 
-    def run(self, trial: Any, number: int) -> Record:
-        """The record of trial ``number``: what it measured, or why it failed."""
+    def run(self, trial: Any, number: int, earlier: list[Record]) -> Record:
+        """The record of trial ``number``: what it measured, or why it failed (an earlier trial's, for the same values)."""
         start = time.perf_counter()
         chosen = sample(trial, self.searched.spec, self.searched.document.data, self.defaults)
         folder = trial_folder(number, chosen)
         self.log.info("search: trial %d: %s", number, describe_values(chosen))
+        same = next((r for r in earlier if r.values == chosen), None)
+        if same is not None:  # a discrete space sampled again: the recipe is the same, and so is the result
+            self.log.info("search: trial %d has the values of trial %d: its result, not run again", number, same.number)
+            return dataclasses.replace(same, number=number, seconds=0.0)
         try:
             return self._measure(number, chosen, folder, start)
         except TorchslimError as exc:  # a refused value, a model that does not build with it

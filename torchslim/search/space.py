@@ -83,16 +83,17 @@ def get_path(data: Any, path: str) -> Any:
     return node
 
 
-def trial_document(document: Document, values: Mapping[str, Any], recipe: RecipeBase, name: str) -> Document:
+def trial_document(document: Document, values: Mapping[str, Any], recipe: RecipeBase, name: str,
+                   origins: Mapping[str, tuple[Any, ...]] | None = None) -> Document:
     """The recipe of one trial: ``document`` without the search, ``values`` set, named ``name``; a value is
-    placed (for error messages) at its space entry."""
+    placed (for error messages) at its space entry, or where ``origins`` says it was written (a choice, a bound)."""
     data = {k: copy.deepcopy(v) for k, v in document.data.items() if k not in SEARCH_KEYS}
     positions = dict(document.positions)
     for path, value in values.items():
-        entry = ("search", "space", path)
+        entry = (origins or {}).get(path, ("search", "space", path))
         keys = set_path(data, path, value, recipe.where(entry))
-        if entry in positions:
-            positions[keys] = positions[entry]
+        if document.position(entry)[0] is not None:
+            positions[keys] = document.position(entry)[0]  # type: ignore[assignment]
     data["name"] = name
     return Document(data, document.source, positions)
 
@@ -105,19 +106,21 @@ def check_space(document: Document, recipe: RecipeBase, registry: Registry) -> N
     problems: list[str] = []
     for path, dimension in spec.space.items():
         condition = {p: w[0] if isinstance(w, list) and w else w for p, w in (dimension.when or {}).items()}
-        for value in _ends(dimension):
+        for origin, value in _ends(dimension):
+            values = {**condition, path: value}
             try:
-                validate(trial_document(document, {**condition, path: value}, recipe, recipe.name), registry)
+                validate(trial_document(document, values, recipe, recipe.name, {path: ("search", "space", path, *origin)}),
+                         registry)
             except RecipeError as exc:
                 problems += [f"{p} (search value {path}={json.dumps(value)})" for p in exc.problems]
     if problems:
         raise RecipeError(list(dict.fromkeys(problems)))
 
 
-def _ends(dimension: SearchDimension) -> list[Any]:
+def _ends(dimension: SearchDimension) -> list[tuple[tuple[Any, ...], Any]]:
+    """Each value to check, with where it is written in the dimension."""
     if dimension.choices is not None:
-        return list(dimension.choices)
+        return [(("choices", i), choice) for i, choice in enumerate(dimension.choices)]
     assert dimension.low is not None and dimension.high is not None
-    if dimension.is_int:
-        return [int(dimension.low), int(dimension.high)]
-    return [float(dimension.low), float(dimension.high)]
+    kind = int if dimension.is_int else float
+    return [(("low",), kind(dimension.low)), (("high",), kind(dimension.high))]
