@@ -229,3 +229,18 @@ def test_values_sampled_again_are_not_run_again(tmp_path: Path, registry: Regist
     for record in records:
         first = next(r for r in records if r.values == record.values)
         assert (record.final, record.folder) == (first.final, first.folder) and record.folder in folders
+
+
+@needs_optuna
+def test_a_conditional_dimension_is_sampled_only_when_its_condition_holds(tmp_path: Path, registry: Registry) -> None:
+    space = {"stages.1.method": {"choices": ["dynamic", "kbit"]},
+             "stages.1.bits": {"choices": [2, 8], "when": {"stages.1.method": "kbit"}}}
+    # NSGA-II with a population of 2: its second generation is bred from the first.
+    path = write_recipe(tmp_path, search_recipe(space, trials=4, sampler="nsga2", startup_trials=2, seed=1))
+    records = search(path, tmp_path / "out", registry=registry).records
+    assert {r.values["stages.1.method"] for r in records} == {"dynamic", "kbit"}, [r.values for r in records]
+    for record in records:
+        assert ("stages.1.bits" in record.values) == (record.values["stages.1.method"] == "kbit")
+        saved = yaml.safe_load((tmp_path / "out" / "trials" / record.folder / "recipe.yaml").read_text())
+        assert saved["stages"][1]["method"] == record.values["stages.1.method"]
+        assert saved["stages"][1].get("bits") == record.values.get("stages.1.bits")  # int8 dynamic has no bits option

@@ -92,8 +92,9 @@ def trial_document(document: Document, values: Mapping[str, Any], recipe: Recipe
     for path, value in values.items():
         entry = (origins or {}).get(path, ("search", "space", path))
         keys = set_path(data, path, value, recipe.where(entry))
-        if document.position(entry)[0] is not None:
-            positions[keys] = document.position(entry)[0]  # type: ignore[assignment]
+        where, _ = document.position(entry)
+        if where is not None:
+            positions[keys] = where
     data["name"] = name
     return Document(data, document.source, positions)
 
