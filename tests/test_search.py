@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import yaml
 from tests.conftest import ROOT, digits_recipe, write_recipe
 from torchslim import Registry, run
 from torchslim.engine.errors import OutputError, RecipeError, UsageError
+from torchslim.engine.timing import LATENCY_THREADS
 from torchslim.search import search
 from torchslim.search.front import pareto
 from torchslim.search.records import Record
@@ -99,10 +101,25 @@ def test_run_refuses_a_search_recipe(tmp_path: Path, registry: Registry) -> None
         run(path, registry=registry)
 
 
-def test_jobs_above_one_are_refused_for_now(tmp_path: Path, registry: Registry) -> None:
+def test_jobs_below_one_are_refused(tmp_path: Path, registry: Registry) -> None:
     path = write_recipe(tmp_path, search_recipe({"stages.0.amount": {"low": 0.1, "high": 0.8}}))
-    with pytest.raises(UsageError, match=r"--jobs 2: torchslim search runs one trial at a time"):
-        search(path, tmp_path / "out", jobs=2, registry=registry)
+    with pytest.raises(UsageError, match=r"--jobs 0: give at least 1"):
+        search(path, tmp_path / "out", jobs=0, registry=registry)
+
+
+@needs_optuna
+def test_parallel_trials_share_the_cores(tmp_path: Path, cli: Any) -> None:
+    path = write_recipe(tmp_path, search_recipe({"stages.0.amount": {"low": 0.2, "high": 0.8}}, trials=3))
+    result = cli("search", str(path), "--out", str(tmp_path / "out"), "--jobs", "2")
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "out" / "front.json").read_text())
+    assert [t["trial"] for t in data["trials"]] == [1, 2, 3] and all("error" not in t for t in data["trials"])
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    for trial in data["trials"]:
+        saved = yaml.safe_load((tmp_path / "out" / trial["folder"] / "recipe.yaml").read_text())
+        assert saved["metrics"]["threads"] == min(share, LATENCY_THREADS) and saved["threads"] == 1  # the recipe asked for 1
+    assert "running 2 variant(s) in 2 parallel job(s)" in result.stderr  # trials 1 and 2 together, then 3 alone
+    assert "best.yaml: trial" in result.stdout
 
 
 def test_without_optuna_the_error_names_the_extra(tmp_path: Path, registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:

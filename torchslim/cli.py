@@ -120,7 +120,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", type=Path, help="recipe YAML file with a search: block")
     p.add_argument("--out", type=Path, required=True, help="the study, front.{json,md,png}, best.yaml and trials/ go here")
     p.add_argument("--resume", action="store_true", help="continue the search in --out: finished trials are not run again")
-    p.add_argument("--jobs", type=int, default=1, help="trials at once (only 1 for now)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="trials at once in separate processes, the cores divided between them (default 1: latency undisturbed)")
     p.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     p.set_defaults(handler=_search)
 

@@ -9,8 +9,10 @@ imported by :mod:`.study` alone.
 
 In the order a search walks them:
 
-- :mod:`.loop`: the orchestration (:func:`search`): plan, then trial after trial until the budget is spent
+- :mod:`.loop`: the orchestration (:func:`search`): plan, then batches of trials (one, or ``--jobs``) until the
+  budget is spent
 - :mod:`.plan`: the recipe read and checked (space, measured figures), the output folder made safe
+- :mod:`.trial`: one trial before its run (sampled, validated, its baseline) and after it (objectives, misses)
 - :mod:`.space`: sampling a trial's values, setting them into the recipe, checking the space
 - :mod:`.study`: the Optuna study in its journal file: samplers, resume, ask and tell
 - :mod:`.objectives`: objectives and constraint misses from a trial's final row

@@ -3,29 +3,20 @@ budget of trials or minutes is spent; after every trial, the front, the best rec
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..compare.finished import baseline_key
-from ..compare.jobs import Job, execute
-from ..engine.errors import RecipeError, TorchslimError
-from ..engine.metrics import torch_threads
-from ..engine.prepare import prepare
-from ..engine.recipe import RecipeBase, validate
+from ..compare.jobs import execute, run_parallel
 from ..engine.registry import Registry
-from ..engine.report import Row
-from ..engine.runner import baseline_row
 from .files import SearchState, write_files
-from .front import Answer, answer
-from .objectives import excesses, values
-from .plan import TRIALS_DIR, SearchPlan, Source, plan
-from .records import Record, describe_values, kept_figures, trial_folder
-from .space import sample, trial_document
+from .front import Answer
+from .plan import SearchPlan, Source, plan
+from .records import Record
 from .study import Study, fingerprint
+from .trial import Started, Trials
 
 
 @dataclass(frozen=True)
@@ -41,107 +32,67 @@ def search(source: Source, out: str | os.PathLike[str], *, resume: bool = False,
            registry: Registry | None = None, log: logging.Logger | None = None) -> SearchResult:
     """Search the space of the recipe ``source`` (its ``search:`` block), writing into ``out``.
 
-    With ``resume``, a search already in ``out`` continues: finished trials are not run again.
+    With ``resume``, a search already in ``out`` continues: finished trials are not run again. With ``jobs``
+    above 1, that many trials run at once in spawned processes, the cores divided between them.
     """
     registry, log = registry or Registry.load(), log or logging.getLogger("torchslim")
     searched = plan(source, out, jobs, registry)
     study = Study(searched.out, searched.spec, fingerprint(searched.document.data), resume)
     study.recover(log)
     records = study.records()
-    runner = _Trials(searched, registry, log)
+    runner = Trials(searched, registry, log, _share(jobs))
     state = runner.state(records)
     if records:
         log.info("search: %d trial(s) done before; continuing", len(records))
         write_files(searched.out, state)
     start, before = time.perf_counter(), sum(r.seconds for r in records)
     while not _spent(searched, len(records), before + time.perf_counter() - start):
-        number = len(records) + 1
-        trial = study.ask(number)
-        record = runner.run(trial, number, records)
-        study.tell(trial, record)
-        records.append(record)
-        state = runner.state(records)
-        write_files(searched.out, state)
-        log.info("%s", progress(state, record, before + time.perf_counter() - start))
+        for record in _batch(study, runner, records, _batch_size(searched, jobs, len(records))):
+            records.append(record)
+            state = runner.state(records)
+            write_files(searched.out, state)
+            log.info("%s", progress(state, record, before + time.perf_counter() - start))
     return SearchResult(records, state.answer, state)
+
+
+def _batch(study: Study, runner: Trials, records: list[Record], size: int) -> list[Record]:
+    """The next ``size`` trials, asked together (a sampler sees the others of the batch as running), run at once,
+    and told in their order."""
+    asked: list[Any] = []
+    started: list[Started | Record] = []
+    for number in range(len(records) + 1, len(records) + 1 + size):
+        asked.append(study.ask(number))  # sampled now, by the sampler seeded for this number
+        started.append(runner.start(asked[-1], number, records))
+    pending = [s for s in started if isinstance(s, Started)]
+    jobs = [runner.job(s) for s in pending]
+    outcomes = run_parallel(jobs, size, runner.log) if size > 1 else [execute(job, runner.log) for job in jobs]
+    finished = dict(zip((s.number for s in pending), (runner.finish(s, o) for s, o in zip(pending, outcomes, strict=True)),
+                        strict=True))
+    done = [s if isinstance(s, Record) else finished[s.number] for s in started]
+    for trial, record in zip(asked, done, strict=True):
+        study.tell(trial, record)
+    return done
+
+
+def _batch_size(searched: SearchPlan, jobs: int, done: int) -> int:
+    trials = searched.spec.trials
+    return max(1, min(jobs, trials - done)) if trials is not None else jobs
+
+
+def _share(jobs: int) -> int | None:
+    """Torch threads per trial under parallel trials (None: one trial at a time, each recipe's own)."""
+    if jobs == 1:
+        return None
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on every platform (macOS)
+        cores = os.cpu_count() or 1
+    return max(1, cores // jobs)
 
 
 def _spent(searched: SearchPlan, done: int, seconds: float) -> bool:
     spec = searched.spec
     return (spec.trials is not None and done >= spec.trials) or (spec.minutes is not None and seconds >= spec.minutes * 60)
-
-
-class _Trials:
-    """Running one trial: sample, set into the recipe, validate, run with the shared baseline, judge."""
-
-    def __init__(self, searched: SearchPlan, registry: Registry, log: logging.Logger) -> None:
-        self.searched, self.registry, self.log = searched, registry, log
-        self.metric = searched.recipe.evaluate.label
-        self.defaults = searched.recipe.resolved()
-        self.baselines: dict[str, Row] = {}
-
-    def run(self, trial: Any, number: int, earlier: list[Record]) -> Record:
-        """The record of trial ``number``: what it measured, or why it failed (an earlier trial's, for the same values)."""
-        start = time.perf_counter()
-        chosen = sample(trial, self.searched.spec, self.searched.document.data, self.defaults)
-        folder = trial_folder(number, chosen)
-        self.log.info("search: trial %d: %s", number, describe_values(chosen))
-        same = next((r for r in earlier if r.values == chosen), None)
-        if same is not None:  # a discrete space sampled again: the recipe is the same, and so is the result
-            self.log.info("search: trial %d has the values of trial %d: its result, not run again", number, same.number)
-            return dataclasses.replace(same, number=number, seconds=0.0)
-        try:
-            return self._measure(number, chosen, folder, start)
-        except TorchslimError as exc:  # a refused value, a model that does not build with it
-            return Record(number, chosen, folder, time.perf_counter() - start, error=str(exc))
-
-    def _measure(self, number: int, chosen: dict[str, Any], folder: str, start: float) -> Record:
-        recipe = self._recipe(number, chosen)
-        document = recipe.document
-        assert document is not None
-        baseline = self._baseline(recipe)
-        job = Job(recipe.name, document, self.registry, self.searched.out / TRIALS_DIR / folder, baseline, None, False, recipe)
-        outcome = execute(job, self.log)
-        seconds = time.perf_counter() - start
-        if outcome.report is None:
-            return Record(number, chosen, folder, seconds, error=outcome.error)
-        final, base = outcome.report.final.metrics, baseline.metrics
-        found = values(self.searched.spec.objectives, final, self.metric)
-        kept, kept_base = kept_figures(final, self.metric), kept_figures(base, self.metric)
-        if isinstance(found, str):
-            return Record(number, chosen, folder, seconds, error=found, final=kept, baseline=kept_base)
-        budget = self.searched.budget
-        misses = budget.failures(final, base, self.metric) if budget else []
-        excess = excesses(budget, final, base, self.metric) if budget else {}
-        return Record(number, chosen, folder, seconds, None, kept, kept_base, found, misses, excess)
-
-    def _recipe(self, number: int, chosen: dict[str, Any]) -> RecipeBase:
-        searched = self.searched
-        document = trial_document(searched.document, chosen, searched.recipe, f"{searched.recipe.name}-trial{number}")
-        try:
-            return validate(document, self.registry)
-        except RecipeError as exc:
-            raise RecipeError([f"{p} (in search trial {number})" for p in exc.problems]) from None
-
-    def _baseline(self, recipe: RecipeBase) -> Row:
-        """The baseline of the trial's model, measured once per model, data and measurement (as compare shares one)."""
-        found = baseline_key(recipe)
-        if found not in self.baselines:
-            self.log.info("search: measuring the baseline once, for every trial that shares it")
-            with torch_threads(recipe.work_threads()):  # as torchslim.run builds and scores it
-                ctx, model = prepare(recipe, self.log)
-                self.baselines[found] = baseline_row(model, ctx, recipe.metrics)
-        return self.baselines[found]
-
-    def state(self, records: list[Record]) -> SearchState:
-        """The search's state after ``records``: its answer and the recipe of its recommended trial."""
-        searched = self.searched
-        found = answer(records, searched.spec.objectives, self.metric, searched.budget is not None)
-        best = None
-        if found.best is not None:
-            name = f"{searched.recipe.name}-trial{found.best.number}"
-            best = trial_document(searched.document, found.best.values, searched.recipe, name).data
-        return SearchState(records, found, searched.spec.objectives, self.metric, searched.budget, best, searched.spec.trials)
 
 
 def progress(state: SearchState, record: Record, seconds: float) -> str:
