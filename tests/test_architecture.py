@@ -70,18 +70,35 @@ def _broken(rule: str) -> list[tuple[str, str]]:
         and _family(a) != _family(b) and b != _family(b),
         "examples import only engine": lambda a, b: _within(a, "torchslim.examples")
         and not (_within(b, "torchslim.engine") or _within(b, "torchslim.examples")),
+        "search imports only engine and compare": lambda a, b: _within(a, "torchslim.search")
+        and not any(_within(b, f"torchslim.{area}") for area in ("engine", "compare", "search")),
+        "nothing but cli imports search": lambda a, b: _within(b, "torchslim.search") and not _within(a, "torchslim.search")
+        and a != "torchslim.cli",
     }
     return [(a, b) for a, b in EDGES if checks[rule](a, b)]
 
 
 RULES = ["engine imports only engine", "compare imports only engine", "plugins import only engine and plugins",
          "the shared core imports no family", "a family reaches another only through its package",
-         "outside its family, no one imports a family's modules", "examples import only engine"]
+         "outside its family, no one imports a family's modules", "examples import only engine",
+         "search imports only engine and compare", "nothing but cli imports search"]
 
 
 @pytest.mark.parametrize("rule", RULES)
 def test_import_rule_holds(rule: str) -> None:
     assert _broken(rule) == [], rule
+
+
+def test_optuna_is_imported_by_search_study_alone() -> None:
+    """Optuna is an optional extra: one module imports it, inside a function that names the extra when it is missing."""
+    importers = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            if any(name.split(".")[0] == "optuna" for name in names):
+                importers.append(_module(path))
+    assert sorted(set(importers)) == ["torchslim.search.study"]
 
 
 def test_every_rule_is_written_in_architecture_md() -> None:

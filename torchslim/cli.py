@@ -20,6 +20,7 @@ from .engine.runner import run
 from .engine.summary import summary
 from .engine.version import VERSION
 from .engine.words import plural
+from .engine.yamlio import read_yaml
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -37,6 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("torchslim: interrupted", file=sys.stderr)
         if getattr(args, "out", None) and args.command == "run":
             print(f"torchslim: {_checkpoint_words(Path(args.out))}", file=sys.stderr)
+        elif getattr(args, "out", None) and args.command == "search":
+            print(f"torchslim: finished trials are kept in {args.out}; rerun with --resume to continue", file=sys.stderr)
         elif getattr(args, "out", None):
             print(f"torchslim: finished variants are kept in {args.out}; rerun the same command to continue",
                   file=sys.stderr)
@@ -113,6 +116,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     p.set_defaults(handler=_compare)
 
+    p = sub.add_parser("search", parents=[quiet], help="search a recipe's search: space with Optuna for the best trade-offs")
+    p.add_argument("recipe", type=Path, help="recipe YAML file with a search: block")
+    p.add_argument("--out", type=Path, required=True, help="the study, front.{json,md,png}, best.yaml and trials/ go here")
+    p.add_argument("--resume", action="store_true", help="continue the search in --out: finished trials are not run again")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="trials at once in separate processes, the cores divided between them (default 1: latency undisturbed)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a failure")
+    p.set_defaults(handler=_search)
+
     p = sub.add_parser("export", parents=[quiet], help="export a finished float run to ONNX or OpenVINO, beside its model.pt")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the --out directory of a finished torchslim run")
     p.add_argument("--to", required=True, choices=["onnx", "openvino"],
@@ -180,6 +192,16 @@ def _compare(args: argparse.Namespace) -> int:
     return comparison.exit_code
 
 
+def _search(args: argparse.Namespace) -> int:
+    from .search import search
+    from .search.files import front_table, summary_lines
+
+    result = search(args.recipe, args.out, resume=args.resume, jobs=args.jobs)
+    print("\n".join([front_table(result.state), *summary_lines(result.state)]))
+    print(f"\nwrote {args.out}/front.json, front.md, front.png, best.yaml and trials/ (one report per trial)")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     # Imported here: the engine (and this command line) work without the deploy extras installed.
     from .export import export_run
@@ -205,17 +227,23 @@ def _validate(args: argparse.Namespace) -> int:
     checked = "" if args.no_import else "; its model, data and metric targets import and take their kwargs"
     if recipe.sweep:
         return _validate_sweep(args, recipe, registry, checked)
+    if recipe.search:
+        from .search.space import check_space
+
+        check_space(recipe.document or read_yaml(args.recipe), recipe, registry)
     if not args.no_import:
         check_recipe_code(recipe)
     stages = ", ".join(f"{s.label} ({s.type})" for s in recipe.stage_list)
-    print(f"{args.recipe}: valid recipe '{recipe.name}' with {plural(len(recipe.stage_list), 'stage')}: {stages}{checked}")
+    kind = "recipe"
+    if recipe.search:
+        kind = f"search recipe (each value of its {plural(len(recipe.search.space), 'dimension')} valid)"
+    print(f"{args.recipe}: valid {kind} '{recipe.name}' with {plural(len(recipe.stage_list), 'stage')}: {stages}{checked}")
     return 0
 
 
 def _validate_sweep(args: argparse.Namespace, recipe: RecipeBase, registry: Registry, checked: str) -> int:
     """Every variant of a sweep validated (and its targets imported) as ``compare`` would run it."""
     from .compare.sweep import expand
-    from .engine.yamlio import read_yaml
 
     variants = expand(recipe.document or read_yaml(args.recipe), recipe, registry)
     if not args.no_import:

@@ -7,7 +7,8 @@ stage type, the known alternatives, and a close name when a key is mistyped.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
@@ -125,12 +126,33 @@ def _extra_message(data: Any, path: tuple[Any, ...], registry: Registry, model: 
 
 
 def _known_fields(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
-    """The field names valid beside the unknown key at ``path`` (empty where not known)."""
-    if len(path) == 1:
-        return list(model.model_fields)
-    field = model.model_fields.get(str(path[0])) if len(path) == 2 else None
-    section = field.annotation if field is not None else None
-    return list(section.model_fields) if isinstance(section, type) and issubclass(section, BaseModel) else []
+    """The field names valid beside the unknown key at ``path`` (empty where not known), as a recipe spells
+    them (a field's alias where it has one): the model's fields followed through ``path``."""
+    node: Any = model
+    for step in path[:-1]:
+        node = _inner(node, step)
+    if not (isinstance(node, type) and issubclass(node, BaseModel)):
+        return []
+    return [info.alias or name for name, info in node.model_fields.items()]
+
+
+def _inner(annotation: Any, step: Any) -> Any:
+    """The type found one ``step`` inside ``annotation``: a model's field, a dict's value, a list's item;
+    an optional type as the type itself; None where that is not one type."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        field = annotation.model_fields.get(str(step))
+        return _unwrapped(field.annotation) if field is not None else None
+    args = get_args(annotation)
+    if get_origin(annotation) is dict and len(args) == 2:
+        return _unwrapped(args[1])
+    if get_origin(annotation) is list and len(args) == 1:
+        return _unwrapped(args[0])
+    return None
+
+
+def _unwrapped(annotation: Any) -> Any:
+    members = [a for a in get_args(annotation) if a is not type(None)] if get_origin(annotation) in (Union, UnionType) else []
+    return members[0] if len(members) == 1 else annotation
 
 
 def _method_message(registry: Registry, stage_type: str | None, tag: str) -> str:

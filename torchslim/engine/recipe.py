@@ -28,7 +28,7 @@ from .problems import format_path, tag_of, validation_problems
 from .registry import Registry
 from .specs import TARGET_PATTERN, DataSpec, ModelSpec, Spec, target_problem
 from .stage import Stage
-from .study_fields import Constraints, SweepMode, SweepValues, check_sweep, check_zip
+from .study_fields import Constraints, SearchSpec, SweepMode, SweepValues, check_search, check_sweep, check_zip
 from .timing import LATENCY_BATCH, LATENCY_THREADS
 from .yamlio import Document, read_yaml
 
@@ -113,7 +113,10 @@ class RecipeBase(BaseModel):
     sweep_mode: SweepMode = Field(default="grid", exclude=True)
     """``grid``: every combination of the sweep's values; ``zip``: the i-th values of every path together."""
     constraints: Constraints | None = Field(default=None, exclude=True)
-    """For ``torchslim compare``: the budget each variant passes or fails; the best passing one is named."""
+    """For ``torchslim compare`` and ``torchslim search``: the budget each variant passes or fails; the best
+    passing one is named."""
+    search: SearchSpec | None = Field(default=None, exclude=True)
+    """For ``torchslim search``: the space of values to search, the objectives, the budget of trials or minutes."""
 
     _document: Document | None = PrivateAttr(default=None)
 
@@ -135,6 +138,11 @@ class RecipeBase(BaseModel):
     @classmethod
     def _zip_lengths(cls, value: SweepMode, info: ValidationInfo) -> SweepMode:
         return check_zip(value, info.data.get("sweep"))
+
+    @field_validator("search")
+    @classmethod
+    def _search_or_sweep(cls, value: SearchSpec | None, info: ValidationInfo) -> SearchSpec | None:
+        return check_search(value, info.data.get("sweep"))
 
     @property
     def document(self) -> Document | None:

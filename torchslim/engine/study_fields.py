@@ -1,9 +1,11 @@
-"""The recipe fields that only a comparison reads: ``sweep``, ``sweep_mode`` and ``constraints``.
+"""The recipe fields that only a comparison or a search reads: ``sweep``, ``sweep_mode``, ``constraints``
+and ``search``.
 
 They are part of the recipe's shape (its schema, its validation errors), so their types and
 validators live with the recipe, in the engine; :mod:`torchslim.compare` expands sweeps and
-checks budgets with them. A sweep turns one recipe into several variants (one per combination
-of values); constraints are the user's budget, against which each variant passes or fails.
+checks budgets with them, :mod:`torchslim.search` searches the space of ``search``. A sweep turns
+one recipe into several variants (one per combination of values); constraints are the user's
+budget, against which each variant passes or fails; a search samples the variants it runs.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from .errors import RecipeError
 from .specs import Spec
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
 #: ``stages.0.amount``, ``seed``, ``model.kwargs.hidden``: field names and list indexes joined by dots.
 SWEEP_PATH = re.compile(r"^[A-Za-z_]\w*(\.\w+)*$")
 #: Top-level fields a sweep may not change: they describe the comparison, not the run.
-UNSWEEPABLE = ("name", "sweep", "sweep_mode", "constraints")
+UNSWEEPABLE = ("name", "sweep", "sweep_mode", "constraints", "search")
 
 SweepValues = dict[str, list[Any]]
 SweepMode = Literal["grid", "zip"]
@@ -81,8 +83,119 @@ def check_zip(mode: SweepMode, sweep: SweepValues | None) -> SweepMode:
 
 
 def refuse_sweep(recipe: RecipeBase) -> None:
-    """RecipeError for ``torchslim run`` of a sweep recipe: it is several runs, made by ``compare``."""
+    """RecipeError for ``torchslim run`` of a sweep or search recipe: it is several runs, made by ``compare``
+    or ``search``."""
     if recipe.sweep:
         source = recipe.document.source if recipe.document is not None else "RECIPE"
         raise RecipeError(f"{recipe.where(('sweep',))}: sweep: this recipe is a sweep of several variants; "
                           f"run it with `torchslim compare {source}` (torchslim run takes one concrete recipe)")
+    if recipe.search is not None:
+        source = recipe.document.source if recipe.document is not None else "RECIPE"
+        raise RecipeError(f"{recipe.where(('search',))}: search: this recipe is a search over many variants; "
+                          f"run it with `torchslim search {source} --out DIR` (torchslim run takes one concrete recipe)")
+
+
+#: A value ``when`` compares with: what Optuna stores as a categorical choice.
+Scalar = bool | int | float | str | None
+#: What a search minimises or maximises, read from each trial's final row.
+Objective = Literal["metric", "latency", "size", "packed_size", "macs"]
+SamplerName = Literal["tpe", "nsga2", "random"]
+
+
+class SearchDimension(Spec):
+    """One dimension of a search space: a number range (``low``, ``high``) or a list of ``choices``."""
+
+    low: int | float | None = None
+    """Smallest value of a range."""
+    high: int | float | None = None
+    """Largest value of a range."""
+    step: int | float | None = Field(default=None, gt=0)
+    """Spacing of the values of a range (none: any value in it)."""
+    log: bool = False
+    """Sample the range on a log scale (low above 0; not with step)."""
+    integer: bool | None = Field(default=None, alias="int")
+    """Whole numbers only; by default when low, high (and step) are written as whole numbers."""
+    choices: list[Any] | None = Field(default=None, min_length=1)
+    """The values to choose from, instead of a range: numbers, strings, booleans, null, or lists and mappings
+    (a list of layer names, say)."""
+    when: dict[str, Scalar | list[Scalar]] | None = None
+    """Sample this dimension only when each given path holds the given value (or one of a list of values):
+    ``{stages.2.method: kbit}``. A path is an earlier dimension of the space, or a field of the recipe."""
+
+    @model_validator(mode="after")
+    def _shape(self) -> SearchDimension:
+        ranged = {"low", "high", "step", "log", "integer"} & self.model_fields_set
+        if self.choices is not None:
+            if ranged:
+                raise ValueError(f"give choices or a range (low, high), not both ({', '.join(sorted(ranged))} given)")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("give low and high (a range of numbers), or choices (a list of values)")
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low:g}) must be below high ({self.high:g})")
+        if self.log and (self.low <= 0 or self.step is not None):
+            raise ValueError("log: the range must be above 0, without step")
+        if self.integer and not all(float(v).is_integer() for v in (self.low, self.high, self.step or 1)):
+            raise ValueError("int: low, high and step must be whole numbers")
+        return self
+
+    @property
+    def is_int(self) -> bool:
+        """Whether the range holds whole numbers (given, or inferred from how its bounds are written)."""
+        if self.integer is not None:
+            return self.integer
+        return all(isinstance(v, int) and not isinstance(v, bool) for v in (self.low, self.high, self.step or 1))
+
+
+class SearchSpec(Spec):
+    """``torchslim search``: the space of recipe values to search, what to optimise, and for how long."""
+
+    space: dict[str, SearchDimension] = Field(min_length=1)
+    """Dotted paths into the recipe (as ``sweep``'s: ``stages.0.amount``), each a range or a list of choices."""
+    objectives: list[Objective] = Field(default_factory=lambda: list[Objective](["metric", "latency"]), min_length=1)
+    """What to optimise: ``metric`` (maximised), ``latency``, ``size``, ``packed_size``, ``macs`` (minimised)."""
+    trials: int | None = Field(default=None, ge=1)
+    """Stop after this many trials (failed ones included)."""
+    minutes: float | None = Field(default=None, gt=0)
+    """Start no trial after this many minutes of searching (the trial running then finishes)."""
+    sampler: SamplerName = "tpe"
+    """Optuna's sampler: ``tpe`` (one or several objectives), ``nsga2`` (several objectives), ``random`` (the control)."""
+    startup_trials: int = Field(default=10, ge=2)
+    """Trials sampled at random before the sampler models the results (TPE's startup, NSGA-II's population)."""
+    seed: int = 0
+    """Seed of the sampler: the same seed and results give the same trials."""
+
+    @field_validator("space")
+    @classmethod
+    def _paths(cls, value: dict[str, SearchDimension]) -> dict[str, SearchDimension]:
+        check_sweep({path: [None] for path in value})
+        earlier: set[str] = set()
+        for path, dimension in value.items():
+            later = [p for p in dimension.when or {} if p in value and p not in earlier]
+            if later:
+                raise ValueError(f"'{path}': when: {', '.join(later)} is sampled after it; list it before '{path}'")
+            for p in dimension.when or {}:
+                check_sweep({p: [None]})
+            earlier.add(path)
+        return value
+
+    @field_validator("objectives")
+    @classmethod
+    def _once(cls, value: list[Objective]) -> list[Objective]:
+        twice = sorted({o for o in value if value.count(o) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} given twice; give each objective once")
+        return value
+
+    @model_validator(mode="after")
+    def _budget(self) -> SearchSpec:
+        if self.trials is None and self.minutes is None:
+            raise ValueError("give the search a budget: trials, minutes or both")
+        return self
+
+
+def check_search(value: SearchSpec | None, sweep: SweepValues | None) -> SearchSpec | None:
+    """A recipe is a sweep (``torchslim compare``) or a search (``torchslim search``), not both."""
+    if value is not None and sweep:
+        raise ValueError("a recipe with sweep is run by torchslim compare; a search explores its own space: give one of them")
+    return value
