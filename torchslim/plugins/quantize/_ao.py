@@ -12,13 +12,14 @@ import contextlib
 import copy
 import io
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from ...engine.errors import first_line
-from .._layers import matches
+from ._ao_eager import Int8Layer, eager_convert, eager_note, eager_prepare, idle_wrapped
 from ._backends import (
     STATIC_TYPES,
     BackendError,
@@ -29,6 +30,7 @@ from ._backends import (
     module_types,
     take_census,
 )
+from ._identity import ReadableWeights, idle_note
 
 
 def quantize_dynamic(model: nn.Module, types: Iterable[str], dtype: str, exclude: Iterable[str],
@@ -59,10 +61,24 @@ def _dynamic(model: nn.Module, spec: Mapping[Any, Any], dtype: str, reduce_range
     quantized: nn.Module = torch.ao.quantization.quantize_dynamic(model.eval(), dict(spec), dtype=getattr(torch, dtype))
     # torch's recurrent layers put TorchScript objects in the state dict, which a weights_only load refuses.
     savable(quantized)
-    return quantized if reduce_range else full_range(quantized)
+    return readable(quantized if reduce_range else full_range(quantized))
 
 
-class FullRangeDynamicLinear(torch.ao.nn.quantized.dynamic.Linear):
+class ReadableDynamicLinear(ReadableWeights, torch.ao.nn.quantized.dynamic.Linear):
+    """torch's dynamic Linear whose ``weight`` and ``bias`` read as tensors, as the float layer's did
+    (:mod:`._identity`): a model reading ``fc.weight.device`` keeps working, and a fused fast path that
+    reads them (``nn.TransformerEncoderLayer``'s) runs the int8 layer instead of the float weights."""
+
+
+def readable(model: nn.Module) -> nn.Module:
+    """``model`` (changed in place) with each of torch's dynamic Linear layers a :class:`ReadableDynamicLinear`."""
+    for module in model.modules():
+        if type(module) is torch.ao.nn.quantized.dynamic.Linear:
+            module.__class__ = ReadableDynamicLinear
+    return model
+
+
+class FullRangeDynamicLinear(ReadableWeights, torch.ao.nn.quantized.dynamic.Linear):
     """torch's dynamic int8 Linear with its inputs quantized to 8 bits, not 7.
 
     torch's module (version 4) always passes ``reduce_range=True``: it keeps the AVX2 kernels' pairwise
@@ -115,17 +131,15 @@ class FxBackend:
         try:
             converted = self._fx(copy.deepcopy(model), example, batches, options)
         except FxFailed as exc:
-            converted = self._eager(copy.deepcopy(model), batches, options, exc)
-            record["mode"] = "eager"
-            census = take_census(before, converted, lambda m: isinstance(m, Int8Layer))
-            return Quantized(converted, record, census, [_eager_note(exc)])
+            return self._eager(copy.deepcopy(model), batches, options, exc, record)
         return Quantized(converted, record, take_census(before, converted, is_torch_quantized))
 
     def restore(self, model: nn.Module, options: StaticOptions, record: Mapping[str, Any]) -> nn.Module:
         """Redo tracing (or wrapping), fusion and conversion without calibration: the saved state dict
         holds every scale and zero point (modules' and the graph's own quantize nodes')."""
         if record.get("mode") == "eager":
-            return _eager_convert(_eager_prepare(model, options))
+            options = replace(options, keep_float=(*options.keep_float, *record.get("idle", [])))
+            return eager_convert(eager_prepare(model, options))
         example = torch.zeros(record["example_shape"], dtype=getattr(torch, record["example_dtype"]))
         return self._convert(self._prepare(model, example, options))
 
@@ -147,16 +161,23 @@ class FxBackend:
         return converted
 
     def _eager(self, model: nn.Module, batches: Iterable[torch.Tensor], options: StaticOptions,
-               fx_error: FxFailed) -> nn.Module:
+               fx_error: FxFailed, record: dict[str, Any]) -> Quantized:
+        """Layer by layer; the layers whose forward the model never runs (it computes with their weights)
+        stay float, named in the record and a note."""
+        before = module_types(model)
         try:
-            prepared = _eager_prepare(model, options)
+            idle = idle_wrapped(model, options, next(iter(batches), None))
+            prepared = eager_prepare(model, replace(options, keep_float=(*options.keep_float, *idle)))
             _calibrate(prepared, batches)
-            return _eager_convert(prepared)
+            converted = eager_convert(prepared)
         except BackendError:
             raise
         except Exception as exc:  # as in _fx: the user's forward
             raise BackendError(f"{fx_error}; eager mode, layer by layer, failed too "
                                f"({first_line(exc, typed=True)})") from exc
+        record.update({"mode": "eager", **({"idle": idle} if idle else {})})
+        census = take_census(before, converted, lambda m: isinstance(m, Int8Layer))
+        return Quantized(converted, record, census, [eager_note(fx_error), *([idle_note(idle)] if idle else [])])
 
     def _prepare(self, model: nn.Module, example: torch.Tensor, options: StaticOptions) -> nn.Module:
         from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
@@ -208,56 +229,6 @@ def _reshape_views(graph: torch.fx.GraphModule) -> None:
 
 def _dtype_view(node: torch.fx.Node) -> bool:
     return any(isinstance(arg, torch.dtype) for arg in (*node.args[1:], *node.kwargs.values()))
-
-
-class Int8Layer(nn.Module):
-    """One layer quantized on its own (eager mode): its input quantized, its output dequantized."""
-
-    def __init__(self, layer: nn.Module, quant: nn.Module, dequant: nn.Module) -> None:
-        super().__init__()
-        self.quant = quant
-        self.layer = layer
-        self.dequant = dequant
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer's output, float and contiguous as the float layer's was."""
-        out: torch.Tensor = self.dequant(self.layer(self.quant(x)))
-        # int8 convolutions hand back channels-last tensors; the user's forward may .view() the output.
-        return out.contiguous()
-
-
-def _eager_prepare(model: nn.Module, options: StaticOptions) -> nn.Module:
-    """Wrap each layer to quantize in an :class:`Int8Layer` and insert observers (eager mode)."""
-    from torch.ao.quantization import DeQuantStub, QuantStub, get_default_qconfig, prepare
-
-    select_engine(options.backend)
-    qconfig = get_default_qconfig(options.backend)
-    wanted = tuple(getattr(nn, name) for name in options.modules)
-    skipped = (*options.exclude, *options.keep_float)
-    names = [name for name, m in model.named_modules() if name and type(m) in wanted and not matches(name, skipped)]
-    for name in names:
-        wrapper = Int8Layer(model.get_submodule(name), QuantStub(qconfig), DeQuantStub(qconfig))
-        wrapper.qconfig = qconfig  # only the wrappers' layers are quantized: the rest has no qconfig
-        _replace(model, name, wrapper)
-    prepared: nn.Module = prepare(model.eval(), inplace=True)
-    return prepared
-
-
-def _eager_convert(prepared: nn.Module) -> nn.Module:
-    from torch.ao.quantization import convert
-
-    converted: nn.Module = convert(prepared, inplace=True)
-    return converted.eval()
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
-
-
-def _eager_note(why: FxFailed) -> str:
-    return (f"{why}, so it was quantized in eager mode, layer by layer: each int8 layer quantizes its input and "
-            "dequantizes its output (no fusion with BatchNorm/ReLU, float between layers), slower than a traced int8 graph")
 
 
 def _qconfig_mapping(model: nn.Module, options: StaticOptions) -> Any:

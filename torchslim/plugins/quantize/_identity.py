@@ -1,0 +1,169 @@
+"""A quantized layer keeps its torch identity: the ``.weight`` and ``.bias`` a model's own code reads.
+
+Models read their layers' weights outside the layers' forward: ``x.to(self.fc.weight.device)``, a tied
+head's ``F.linear(h, self.embed_proj.weight)``, and torch's own ``nn.TransformerEncoderLayer``, whose fused
+fast path reads ``self.linear1.weight``. torch.ao's quantized Linear has ``weight()`` as a method, and a
+wrapper has no ``weight`` at all, so such code fails once the layer is replaced.
+
+Here the weight reads as an :class:`IdentityTensor`: the dequantized int8 values, with the float layer's
+shape, dtype and device. It is a tensor subclass, so torch's fused paths, which refuse any argument with
+``__torch_function__``, run the layer's module call instead of computing with the float weights behind the
+int8 layer's back. Code that computes with the weight and never calls the layer would still bypass it:
+:func:`idle_layers` finds such layers (they never run), and the stages leave them float with a note.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+#: What reading these attributes or calling these methods of an :class:`IdentityTensor` asks of it: its
+#: shape, dtype and device only, answered without dequantizing the weight.
+_METADATA = frozenset({"shape", "device", "dtype", "requires_grad", "is_quantized", "ndim", "layout", "is_cuda",
+                       "is_cpu", "is_meta", "is_sparse", "is_nested", "grad", "grad_fn", "is_leaf", "names",
+                       "size", "dim", "numel", "is_floating_point", "get_device"})
+
+
+class IdentityTensor(torch.Tensor):
+    """A quantized layer's weight (or bias) as float values, dequantized only when they are used.
+
+    It has the float tensor's shape, dtype and device, which reading costs nothing (torch's fast-path
+    checks read them at every call); any other operation dequantizes the weight and runs on that plain
+    tensor, returning plain tensors. Its ``__torch_function__`` makes torch's fused paths use the layer.
+    """
+
+    _values: Callable[[], torch.Tensor]
+
+    @staticmethod
+    def __new__(cls, shape: Sequence[int], values: Callable[[], torch.Tensor]) -> IdentityTensor:
+        # float32 on the CPU: what torch.ao's quantized layers (CPU kernels) dequantize to.
+        tensor: IdentityTensor = torch.Tensor._make_wrapper_subclass(cls, tuple(shape), dtype=torch.float32)
+        tensor._values = values
+        return tensor
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        """Metadata from the wrapper itself; anything else on the dequantized values, as plain tensors."""
+        kwargs = kwargs or {}
+        owner = getattr(func, "__self__", None) if getattr(func, "__name__", "") == "__get__" else func
+        if getattr(owner, "__name__", None) not in _METADATA:
+            args, kwargs = _plain(args), _plain(kwargs)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:  # type: ignore[override]
+        """An operation that reached the dispatcher (torch's C++ code, below ``__torch_function__``): on the values."""
+        return func(*_plain(args), **_plain(kwargs or {}))
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        """The values'."""
+        return repr(self._values())
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, IdentityTensor):
+        return value._values()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+class CallableIdentityTensor(IdentityTensor):
+    """An :class:`IdentityTensor` that also answers torch.ao's ``weight()`` / ``bias()`` method calls."""
+
+    _call: Callable[[], torch.Tensor | None]
+
+    def __call__(self) -> torch.Tensor | None:
+        """What the quantized layer's method returned: the int8 weight (a quantized tensor) or the float bias."""
+        return self._call()
+
+
+def identity_tensor(shape: Sequence[int], get: Callable[[], torch.Tensor | None],
+                    answers_calls: bool = False) -> IdentityTensor:
+    """An :class:`IdentityTensor` of ``shape`` whose values are ``get()``, dequantized; with ``answers_calls``,
+    calling it returns ``get()`` itself (the quantized layer's own method result)."""
+
+    def values() -> torch.Tensor:
+        value = get()
+        if value is None:
+            raise ValueError("the quantized layer no longer has this tensor")
+        return (value.dequantize() if value.is_quantized else value).detach()
+
+    if not answers_calls:
+        return IdentityTensor(shape, values)
+    tensor = CallableIdentityTensor(shape, values)
+    tensor._call = get
+    return tensor
+
+
+class ReadableWeights:
+    """A mixin for torch.ao's dynamic Linear: ``weight`` and ``bias`` read as tensors (the float layer's
+    identity) and are still callable as torch.ao's ``weight()`` and ``bias()`` methods."""
+
+    _weight_bias: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]
+    _packed_params: Any
+    in_features: int
+    out_features: int
+
+    @property
+    def weight(self) -> Any:
+        """The int8 weight dequantized (when used); ``weight()`` is torch.ao's int8 tensor."""
+        return self._identity()[0]
+
+    @property
+    def bias(self) -> Any:
+        """The float bias, or None; ``bias()`` returns it too."""
+        return self._identity()[1]
+
+    def _identity(self) -> tuple[IdentityTensor, IdentityTensor | None]:
+        # torch's fast paths read both at every call; made once per packed weight (a new one after a load).
+        packed = self._packed_params._packed_params
+        known = _IDENTITIES.get(self)
+        if known is None or known[0] is not packed:
+            bias = self._weight_bias()[1]  # unpacking costs as much as a small forward: not at every read
+            layer = weakref.ref(self)  # the cache's values must not keep its key alive
+
+            def unpacked(index: int) -> Callable[[], torch.Tensor | None]:
+                return lambda: layer()._weight_bias()[index]  # type: ignore[union-attr]
+
+            known = (packed, identity_tensor((self.out_features, self.in_features), unpacked(0), True),
+                     None if bias is None else identity_tensor((self.out_features,), unpacked(1), True))
+            _IDENTITIES[self] = known
+        return known[1], known[2]
+
+
+#: Each readable layer's identity tensors, with the packed weight they stand for. Kept outside the layers, so
+#: that copying a layer (``copy.deepcopy``) copies no tensor subclass and no packed object twice.
+_IDENTITIES: weakref.WeakKeyDictionary[Any, tuple[Any, IdentityTensor, IdentityTensor | None]] = weakref.WeakKeyDictionary()
+
+
+def idle_layers(model: nn.Module, names: Iterable[str], run: Callable[[nn.Module], Any]) -> list[str]:
+    """The layers among ``names`` whose forward never ran while ``run(model)`` ran: the model's code does not
+    call them (it reads their weights and computes itself, or never uses them)."""
+    names = list(names)
+    called: set[str] = set()
+
+    def hook_for(name: str) -> Any:
+        return lambda module, args, output: called.add(name)
+
+    handles = [model.get_submodule(name).register_forward_hook(hook_for(name)) for name in names]
+    try:
+        with torch.no_grad():
+            run(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [name for name in names if name not in called]
+
+
+def idle_note(names: Iterable[str]) -> str:
+    """The note of the layers :func:`idle_layers` found, left float."""
+    return (f"left float, as their forward never ran on the example inputs (the model's code reads their weights "
+            f"and computes without calling them, or never uses them): {', '.join(names)}")
