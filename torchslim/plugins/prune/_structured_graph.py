@@ -17,8 +17,9 @@ from torch import nn
 
 from ...engine.errors import first_line
 from .._layers import matches
+from ._recurrent import RECURRENT_TYPES, recurrent_tracing
 
-ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *RECURRENT_TYPES)
 
 if TYPE_CHECKING:
     from ._structured import ChannelState
@@ -40,8 +41,9 @@ def _build_graph(model: nn.Module, example: torch.Tensor, log: logging.Logger, t
              f", time limit {time_limit:g} s" if time_limit else "")
     started = time.monotonic()
     merging = {type(m): _MergingPruner() for m in model.modules() if _is_merging(m)}
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
-                                                  customized_pruners=merging or None)
+    with recurrent_tracing(model) as recurrent:  # hidden units of LSTM/GRU/RNN (_recurrent)
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
+                                                      customized_pruners={**merging, **recurrent} or None)
     log.info("  structured: dependency graph traced in %.1f s", time.monotonic() - started)
     return graph
 
