@@ -14,10 +14,11 @@ from torch import nn
 
 from torchslim.engine.macs import count_macs
 from torchslim.examples import digits
+from torchslim.plugins.quantize import DynamicQuantize
 from torchslim.plugins.quantize._ao import FxBackend
 from torchslim.plugins.quantize._backends import STATIC_TYPES, StaticOptions
 
-from .conftest import FAST_METRICS
+from .conftest import FAST_METRICS, make_ctx
 from .test_quantize_models import _run_and_reload
 
 
@@ -92,6 +93,32 @@ def _recipe(factory: str, stage: dict[str, Any], image: bool, **kwargs: Any) -> 
             "stages": [{"type": "quantize", **stage}]}
 
 
+class Branches(nn.Module):
+    """A Linear the model computes with itself (``F.linear(h, proj.weight)``), one on a branch the inputs never
+    take (``rare``), and one it calls (``fc``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 16)
+        self.proj = nn.Linear(16, digits.CLASSES)
+        self.rare = nn.Linear(16, digits.CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.fc(x))
+        return self.rare(h) if bool(x.isnan().any()) else F.linear(h, self.proj.weight, self.proj.bias)
+
+
+def test_dynamic_leaves_float_only_the_layers_the_model_computes_with_itself() -> None:
+    torch.manual_seed(0)
+    model, data = Branches().eval(), digits.loaders()
+    ctx = make_ctx(model, data)
+    quantized = DynamicQuantize().apply(model, ctx)
+    assert type(quantized.proj) is nn.Linear  # bypassed: its weight is used, its forward never runs
+    assert quantized.fc.weight().dtype == torch.qint8 and quantized.rare.weight().dtype == torch.qint8
+    assert ctx.restore_record["bypassed"] == ["proj"]
+    assert any("computes with their weights itself" in note and note.endswith(": proj") for note in ctx.notes)
+
+
 def _images() -> torch.Tensor:
     return next(iter(digits.loaders(image=True)["eval"]))[0]
 
@@ -105,7 +132,7 @@ def test_static_eager_keeps_the_weights_the_model_reads(tmp_path: Path) -> None:
     report, loaded = _run_and_reload(tmp_path, _recipe("reads_weights", stage, image=True), _images())
     notes = " ".join(report.notes)
     assert "eager mode, layer by layer" in notes  # FX's graph read the packed layer's weight() method
-    assert "their forward never ran on the example inputs" in notes and ": proj" in notes
+    assert "the model computes with their weights itself and never calls them" in notes and ": proj" in notes
     assert report.final.metrics["quantized_layers"] == 2  # conv and fc: int8; proj computed by F.linear: float
     assert type(loaded.proj) is nn.Linear
     assert loaded.fc.weight.shape == (32, 128) and loaded.fc.in_features == 128

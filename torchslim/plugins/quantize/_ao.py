@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ...engine.errors import first_line
-from ._ao_eager import Int8Layer, eager_convert, eager_note, eager_prepare, idle_wrapped
+from ._ao_eager import Int8Layer, bypassed_wrapped, eager_convert, eager_note, eager_prepare
 from ._backends import (
     STATIC_TYPES,
     BackendError,
@@ -30,7 +30,7 @@ from ._backends import (
     module_types,
     take_census,
 )
-from ._identity import ReadableWeights, idle_note
+from ._identity import ReadableWeights, bypassed_note
 
 
 def quantize_dynamic(model: nn.Module, types: Iterable[str], dtype: str, exclude: Iterable[str],
@@ -138,7 +138,7 @@ class FxBackend:
         """Redo tracing (or wrapping), fusion and conversion without calibration: the saved state dict
         holds every scale and zero point (modules' and the graph's own quantize nodes')."""
         if record.get("mode") == "eager":
-            options = replace(options, keep_float=(*options.keep_float, *record.get("idle", [])))
+            options = replace(options, keep_float=(*options.keep_float, *record.get("bypassed", [])))
             return eager_convert(eager_prepare(model, options))
         example = torch.zeros(record["example_shape"], dtype=getattr(torch, record["example_dtype"]))
         return self._convert(self._prepare(model, example, options))
@@ -162,12 +162,12 @@ class FxBackend:
 
     def _eager(self, model: nn.Module, batches: Iterable[torch.Tensor], options: StaticOptions,
                fx_error: FxFailed, record: dict[str, Any]) -> Quantized:
-        """Layer by layer; the layers whose forward the model never runs (it computes with their weights)
-        stay float, named in the record and a note."""
+        """Layer by layer; the layers the model bypasses (it computes with their weights) stay float, named in
+        the record and a note."""
         before = module_types(model)
         try:
-            idle = idle_wrapped(model, options, next(iter(batches), None))
-            prepared = eager_prepare(model, replace(options, keep_float=(*options.keep_float, *idle)))
+            bypassed = bypassed_wrapped(model, options, next(iter(batches), None))
+            prepared = eager_prepare(model, replace(options, keep_float=(*options.keep_float, *bypassed)))
             _calibrate(prepared, batches)
             converted = eager_convert(prepared)
         except BackendError:
@@ -175,9 +175,9 @@ class FxBackend:
         except Exception as exc:  # as in _fx: the user's forward
             raise BackendError(f"{fx_error}; eager mode, layer by layer, failed too "
                                f"({first_line(exc, typed=True)})") from exc
-        record.update({"mode": "eager", **({"idle": idle} if idle else {})})
+        record.update({"mode": "eager", **({"bypassed": bypassed} if bypassed else {})})
         census = take_census(before, converted, lambda m: isinstance(m, Int8Layer))
-        return Quantized(converted, record, census, [eager_note(fx_error), *([idle_note(idle)] if idle else [])])
+        return Quantized(converted, record, census, [eager_note(fx_error), *([bypassed_note(bypassed)] if bypassed else [])])
 
     def _prepare(self, model: nn.Module, example: torch.Tensor, options: StaticOptions) -> nn.Module:
         from torch.ao.quantization.fx.custom_config import PrepareCustomConfig

@@ -3,8 +3,8 @@ torch.fx cannot trace or whose converted graph does not run.
 
 Each layer is wrapped in an :class:`Int8Layer` that quantizes its input and dequantizes its output, so the
 model's own forward runs unchanged around it. The wrapper keeps the float layer's identity (its ``weight``,
-``bias`` and size attributes, see :mod:`._identity`), as the model's code may read them; a layer whose
-forward never runs inside the model (its weights are read and computed with directly) stays float.
+``bias`` and size attributes, see :mod:`._identity`), as the model's code may read them; a layer the model
+bypasses (computing with its weights, never calling it) stays float.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 
 from .._layers import matches
 from ._backends import StaticOptions
-from ._identity import identity_tensor, idle_layers
+from ._identity import bypassed_layers, identity_tensor
 
 #: Attributes a wrapper does not copy from its layer: torch.nn's own bookkeeping.
 _NOT_COPIED = frozenset({"training"})
@@ -44,13 +44,13 @@ class Int8Layer(nn.Module):
     @property
     def weight(self) -> Any:
         """The layer's weight: float while calibrating, the int8 weight dequantized once converted."""
-        return identity_tensor(self._shapes[0], lambda: _value(self.layer.weight))
+        return identity_tensor(self._shapes[0], lambda: _value(self.layer.weight), self)
 
     @property
     def bias(self) -> Any:
         """The layer's float bias, or None."""
         shape = self._shapes[1]
-        return None if shape is None else identity_tensor(shape, lambda: _value(self.layer.bias))
+        return None if shape is None else identity_tensor(shape, lambda: _value(self.layer.bias), self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's output, float and contiguous as the float layer's was."""
@@ -65,11 +65,11 @@ def _value(attribute: Any) -> torch.Tensor:
     return value
 
 
-def idle_wrapped(model: nn.Module, options: StaticOptions, batch: Any) -> list[str]:
-    """The layers eager mode would wrap whose wrapper never runs in the model's forward on ``batch``."""
+def bypassed_wrapped(model: nn.Module, options: StaticOptions, batch: Any) -> list[str]:
+    """The layers eager mode would wrap that the model's forward on ``batch`` bypasses (computing with their weights)."""
     prepared = eager_prepare(copy.deepcopy(model), options)
     names = [name for name, m in prepared.named_modules() if isinstance(m, Int8Layer)]
-    return idle_layers(prepared, names, lambda m: m(batch))
+    return bypassed_layers(prepared, names, lambda m: m(batch))
 
 
 def eager_prepare(model: nn.Module, options: StaticOptions) -> nn.Module:

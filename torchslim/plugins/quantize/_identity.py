@@ -9,7 +9,8 @@ Here the weight reads as an :class:`IdentityTensor`: the dequantized int8 values
 shape, dtype and device. It is a tensor subclass, so torch's fused paths, which refuse any argument with
 ``__torch_function__``, run the layer's module call instead of computing with the float weights behind the
 int8 layer's back. Code that computes with the weight and never calls the layer would still bypass it:
-:func:`idle_layers` finds such layers (they never run), and the stages leave them float with a note.
+:func:`bypassed_layers` finds such layers (never called, their weights used), and the stages leave them
+float with a note.
 """
 
 from __future__ import annotations
@@ -85,12 +86,16 @@ class CallableIdentityTensor(IdentityTensor):
         return self._call()
 
 
-def identity_tensor(shape: Sequence[int], get: Callable[[], torch.Tensor | None],
+def identity_tensor(shape: Sequence[int], get: Callable[[], torch.Tensor | None], owner: object,
                     answers_calls: bool = False) -> IdentityTensor:
     """An :class:`IdentityTensor` of ``shape`` whose values are ``get()``, dequantized; with ``answers_calls``,
-    calling it returns ``get()`` itself (the quantized layer's own method result)."""
+    calling it returns ``get()`` itself (the quantized layer's own method result). Using its values counts as
+    a use of ``owner``'s weights (:func:`bypassed_layers`)."""
+    key = id(owner)
 
     def values() -> torch.Tensor:
+        for used in _RECORDING:
+            used.add(key)
         value = get()
         if value is None:
             raise ValueError("the quantized layer no longer has this tensor")
@@ -101,6 +106,10 @@ def identity_tensor(shape: Sequence[int], get: Callable[[], torch.Tensor | None]
     tensor = CallableIdentityTensor(shape, values)
     tensor._call = get
     return tensor
+
+
+#: While :func:`bypassed_layers` runs the model: the ids of the layers whose identity tensors' values were used.
+_RECORDING: list[set[int]] = []
 
 
 class ReadableWeights:
@@ -133,8 +142,8 @@ class ReadableWeights:
             def unpacked(index: int) -> Callable[[], torch.Tensor | None]:
                 return lambda: layer()._weight_bias()[index]  # type: ignore[union-attr]
 
-            known = (packed, identity_tensor((self.out_features, self.in_features), unpacked(0), True),
-                     None if bias is None else identity_tensor((self.out_features,), unpacked(1), True))
+            known = (packed, identity_tensor((self.out_features, self.in_features), unpacked(0), self, True),
+                     None if bias is None else identity_tensor((self.out_features,), unpacked(1), self, True))
             _IDENTITIES[self] = known
         return known[1], known[2]
 
@@ -144,26 +153,30 @@ class ReadableWeights:
 _IDENTITIES: weakref.WeakKeyDictionary[Any, tuple[Any, IdentityTensor, IdentityTensor | None]] = weakref.WeakKeyDictionary()
 
 
-def idle_layers(model: nn.Module, names: Iterable[str], run: Callable[[nn.Module], Any]) -> list[str]:
-    """The layers among ``names`` whose forward never ran while ``run(model)`` ran: the model's code does not
-    call them (it reads their weights and computes itself, or never uses them)."""
+def bypassed_layers(model: nn.Module, names: Iterable[str], run: Callable[[nn.Module], Any]) -> list[str]:
+    """The layers among ``names`` that ``run(model)`` bypassed: their forward never ran, yet the values of their
+    weight or bias were used (the model computes with them itself). A layer neither called nor read (a branch
+    the example inputs did not take, an unused head) is not one of them."""
     names = list(names)
     called: set[str] = set()
+    used: set[int] = set()
 
     def hook_for(name: str) -> Any:
         return lambda module, args, output: called.add(name)
 
     handles = [model.get_submodule(name).register_forward_hook(hook_for(name)) for name in names]
+    _RECORDING.append(used)
     try:
         with torch.no_grad():
             run(model)
     finally:
+        _RECORDING.remove(used)
         for handle in handles:
             handle.remove()
-    return [name for name in names if name not in called]
+    return [name for name in names if name not in called and id(model.get_submodule(name)) in used]
 
 
-def idle_note(names: Iterable[str]) -> str:
-    """The note of the layers :func:`idle_layers` found, left float."""
-    return (f"left float, as their forward never ran on the example inputs (the model's code reads their weights "
-            f"and computes without calling them, or never uses them): {', '.join(names)}")
+def bypassed_note(names: Iterable[str]) -> str:
+    """The note of the layers :func:`bypassed_layers` found, left float."""
+    return (f"left float, as the model computes with their weights itself and never calls them on the example "
+            f"inputs (int8, they would not run): {', '.join(names)}")
