@@ -16,7 +16,7 @@ from torchslim.engine.macs import count_macs
 from torchslim.examples import digits
 from torchslim.plugins.quantize import DynamicQuantize
 from torchslim.plugins.quantize._ao import FxBackend
-from torchslim.plugins.quantize._backends import STATIC_TYPES, StaticOptions
+from torchslim.plugins.quantize._backends import STATIC_TYPES, StaticOptions, is_torch_quantized
 
 from .conftest import FAST_METRICS, make_ctx
 from .test_quantize_models import _run_and_reload
@@ -42,6 +42,26 @@ class ReadsWeights(nn.Module):
 def reads_weights() -> ReadsWeights:
     torch.manual_seed(0)
     model = ReadsWeights()
+    digits.fit(model, digits.loaders(image=True)["train"], 1)
+    return model.eval()
+
+
+class ReadsDevice(nn.Module):
+    """A forward torch.fx traces that reads ``fc.weight.device`` (timm's edgenext does, for its position encoding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 4 * 4, digits.CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.flatten(F.max_pool2d(F.relu(self.conv(x)), 2), 1)
+        return self.fc(h.to(self.fc.weight.device))
+
+
+def reads_device() -> ReadsDevice:
+    torch.manual_seed(0)
+    model = ReadsDevice()
     digits.fit(model, digits.loaders(image=True)["train"], 1)
     return model.eval()
 
@@ -139,6 +159,14 @@ def test_static_eager_keeps_the_weights_the_model_reads(tmp_path: Path) -> None:
     assert report.final.metrics["accuracy"] >= report.baseline.metrics["accuracy"] - 3.0
 
 
+def test_static_graph_reading_a_weight_stays_one_int8_graph(tmp_path: Path) -> None:
+    stage = {"method": "static", "calibration_batches": 4}
+    report, loaded = _run_and_reload(tmp_path, _recipe("reads_device", stage, image=True), _images())
+    assert isinstance(loaded, torch.fx.GraphModule) and not any("eager mode" in n for n in report.notes)
+    assert report.final.metrics["quantized_layers"] == 2
+    assert loaded.fc.weight.device.type == "cpu" and loaded.fc.weight().dtype == torch.qint8
+
+
 def _ops(model: nn.Module, inputs: torch.Tensor) -> set[str]:
     """The aten / quantized ops the model's forward dispatches (no hook on the model: hooks turn torch's
     fused transformer path off by themselves)."""
@@ -172,7 +200,7 @@ def test_quantized_unet_counts_the_macs_of_its_float_model() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's deprecation
         quantized = FxBackend().quantize(model, inputs, [inputs], options).model
-    assert "torch.ao.nn.quantized.modules.conv" in {type(m).__module__ for m in quantized.modules()}
+    assert any(is_torch_quantized(m) and "ConvTranspose2d" in type(m).__name__ for m in quantized.modules())
     up = (16 * 8 * 8) * 8 * (2 * 2)  # each input element of the transposed conv x out_channels x kernel
     convs = (8 * 16 * 16) * 3 * 9 + (16 * 8 * 8) * 8 * 9 + (2 * 16 * 16) * 16  # output elements x in_channels x kernel
     assert count_macs(model, inputs) == up + convs

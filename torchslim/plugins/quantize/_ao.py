@@ -30,7 +30,7 @@ from ._backends import (
     module_types,
     take_census,
 )
-from ._identity import ReadableWeights, bypassed_note
+from ._identity import ReadableWeights, bypassed_note, readable
 
 
 def quantize_dynamic(model: nn.Module, types: Iterable[str], dtype: str, exclude: Iterable[str],
@@ -61,21 +61,8 @@ def _dynamic(model: nn.Module, spec: Mapping[Any, Any], dtype: str, reduce_range
     quantized: nn.Module = torch.ao.quantization.quantize_dynamic(model.eval(), dict(spec), dtype=getattr(torch, dtype))
     # torch's recurrent layers put TorchScript objects in the state dict, which a weights_only load refuses.
     savable(quantized)
-    return readable(quantized if reduce_range else full_range(quantized))
-
-
-class ReadableDynamicLinear(ReadableWeights, torch.ao.nn.quantized.dynamic.Linear):
-    """torch's dynamic Linear whose ``weight`` and ``bias`` read as tensors, as the float layer's did
-    (:mod:`._identity`): a model reading ``fc.weight.device`` keeps working, and a fused fast path that
-    reads them (``nn.TransformerEncoderLayer``'s) runs the int8 layer instead of the float weights."""
-
-
-def readable(model: nn.Module) -> nn.Module:
-    """``model`` (changed in place) with each of torch's dynamic Linear layers a :class:`ReadableDynamicLinear`."""
-    for module in model.modules():
-        if type(module) is torch.ao.nn.quantized.dynamic.Linear:
-            module.__class__ = ReadableDynamicLinear
-    return model
+    # Layers that read as their float selves (_identity): model code reading fc.weight keeps working.
+    return readable(quantized if reduce_range else full_range(quantized), is_torch_quantized)
 
 
 class FullRangeDynamicLinear(ReadableWeights, torch.ao.nn.quantized.dynamic.Linear):
@@ -197,6 +184,9 @@ class FxBackend:
 
         converted: torch.fx.GraphModule = convert_fx(prepared)  # type: ignore[arg-type]
         _reshape_views(converted)
+        # A graph that reads fc.weight.device keeps working (_identity). A layer the graph only reads (F.linear
+        # with its weight) is no call_module of the graph and stays float: FX needs no bypass check.
+        readable(converted, is_torch_quantized)
         return converted.eval()
 
 

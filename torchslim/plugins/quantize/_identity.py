@@ -113,13 +113,11 @@ _RECORDING: list[set[int]] = []
 
 
 class ReadableWeights:
-    """A mixin for torch.ao's dynamic Linear: ``weight`` and ``bias`` read as tensors (the float layer's
-    identity) and are still callable as torch.ao's ``weight()`` and ``bias()`` methods."""
+    """A mixin for torch.ao's quantized layers (dynamic and static Linear, Conv): ``weight`` and ``bias`` read
+    as tensors (the float layer's identity) and are still callable as torch.ao's ``weight()`` and ``bias()``."""
 
     _weight_bias: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]
     _packed_params: Any
-    in_features: int
-    out_features: int
 
     @property
     def weight(self) -> Any:
@@ -133,19 +131,41 @@ class ReadableWeights:
 
     def _identity(self) -> tuple[IdentityTensor, IdentityTensor | None]:
         # torch's fast paths read both at every call; made once per packed weight (a new one after a load).
-        packed = self._packed_params._packed_params
+        packed = getattr(self._packed_params, "_packed_params", self._packed_params)  # Linear's is one level down
         known = _IDENTITIES.get(self)
         if known is None or known[0] is not packed:
-            bias = self._weight_bias()[1]  # unpacking costs as much as a small forward: not at every read
+            weight, bias = self._weight_bias()  # unpacking costs as much as a small forward: not at every read
             layer = weakref.ref(self)  # the cache's values must not keep its key alive
 
             def unpacked(index: int) -> Callable[[], torch.Tensor | None]:
                 return lambda: layer()._weight_bias()[index]  # type: ignore[union-attr]
 
-            known = (packed, identity_tensor((self.out_features, self.in_features), unpacked(0), self, True),
-                     None if bias is None else identity_tensor((self.out_features,), unpacked(1), self, True))
+            known = (packed, identity_tensor(weight.shape, unpacked(0), self, True),
+                     None if bias is None else identity_tensor(bias.shape, unpacked(1), self, True))
             _IDENTITIES[self] = known
         return known[1], known[2]
+
+
+def readable(model: nn.Module, is_quantized: Callable[[nn.Module], bool]) -> nn.Module:
+    """``model`` (changed in place) with each quantized layer (``is_quantized``) that keeps packed weights behind
+    a ``weight()`` method (torch.ao's Linear and Conv) turned into a subclass of its class with :class:`ReadableWeights`."""
+    for module in model.modules():
+        kind = type(module)
+        packs = all(callable(getattr(kind, name, None)) for name in ("weight", "_weight_bias"))  # not recurrent layers
+        if is_quantized(module) and packs and not issubclass(kind, ReadableWeights):
+            module.__class__ = readable_class(kind)
+    return model
+
+
+def readable_class(kind: type[nn.Module]) -> type[nn.Module]:
+    """``kind`` with :class:`ReadableWeights` (one class per ``kind``, so that copies share it)."""
+    if kind not in _READABLE:
+        _READABLE[kind] = type(f"Readable{kind.__name__}", (ReadableWeights, kind),
+                               {"__module__": __name__, "__doc__": f"{kind.__name__} whose weight and bias read as tensors."})
+    return _READABLE[kind]
+
+
+_READABLE: dict[type[nn.Module], type[nn.Module]] = {}
 
 
 #: Each readable layer's identity tensors, with the packed weight they stand for. Kept outside the layers, so
