@@ -69,7 +69,7 @@ def _count(model: nn.Module, example: torch.Tensor, grad_mode: Any) -> int:
     def before(module: nn.Module, _inputs: Any) -> None:
         starts[id(module)] = counter.get_total_flops()
 
-    def after(module: nn.Module, _inputs: Any, output: Any) -> None:
+    def after(module: nn.Module, inputs: Any, output: Any) -> None:
         nonlocal hooked
         start = starts.pop(id(module), None)
         if start is None:
@@ -78,7 +78,7 @@ def _count(model: nn.Module, example: torch.Tensor, grad_mode: Any) -> int:
         if _is_recurrent(module):  # its formula replaces the part of it the FLOP counter saw
             hooked += 2 * _recurrent_macs(module, output) - seen
         elif seen == 0:  # the FLOP counter saw none of it
-            hooked += 2 * _layer_macs(module, output)
+            hooked += 2 * _layer_macs(module, inputs, output)
 
     handles = []
     for layer in _outermost_layers(model):
@@ -154,7 +154,7 @@ def _steps(output: Any, width: int) -> int:
     return data.numel() // width if isinstance(data, torch.Tensor) else 0
 
 
-def _layer_macs(module: nn.Module, output: Any) -> int:
+def _layer_macs(module: nn.Module, inputs: Any, output: Any) -> int:
     if not isinstance(output, torch.Tensor):
         return 0
     if _is_linear(module):
@@ -162,8 +162,20 @@ def _layer_macs(module: nn.Module, output: Any) -> int:
     if _is_conv(module):
         size: Any = getattr(module, "kernel_size")  # noqa: B009 (typed as Any: nn.Module's getattr says Tensor)
         kernel = math.prod(size) if isinstance(size, tuple) else int(size)
+        if getattr(module, "transposed", False):
+            return _transposed_macs(module, inputs, kernel)
         return output.numel() * (_attr(module, "in_channels") // _attr(module, "groups")) * kernel
     return 0
+
+
+def _transposed_macs(module: nn.Module, inputs: Any, kernel: int) -> int:
+    """A transposed convolution scatters each input element into ``out_channels / groups`` x kernel
+    outputs: counted from its input, as torch's FLOP counter counts the float layer (its output elements
+    x ``in_channels`` would overcount by the stride's product: a U-Net's int8 model 1.18x its float one)."""
+    first = inputs[0] if isinstance(inputs, tuple) and inputs else inputs
+    if not isinstance(first, torch.Tensor):
+        return 0
+    return first.numel() * (_attr(module, "out_channels") // _attr(module, "groups")) * kernel
 
 
 def _attr(module: nn.Module, name: str) -> int:

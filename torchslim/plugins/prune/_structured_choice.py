@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ._recurrent import recurrent_width
+
 if TYPE_CHECKING:
     from ._structured import ChannelState, _Group
 
@@ -97,4 +99,4 @@ def _round(group: _Group, round_to: int) -> None:
 
 def _out_channels(module: nn.Module) -> int:
     value: Any = getattr(module, "out_channels", None) or getattr(module, "out_features", 0)
-    return int(value)
+    return int(value) or recurrent_width(module)

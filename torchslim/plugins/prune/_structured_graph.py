@@ -14,12 +14,13 @@ from torch import nn
 
 from ...engine.errors import first_line
 from .._layers import matches
+from ._recurrent import RECURRENT_TYPES, recurrent_tracing
 from ._structured_clock import ONE_GROUP, Clock, GroupTimeout
 from ._structured_heads import prepare as prepare_heads
 from ._structured_layers import LayerPruner, customized, keep
 from ._structured_trace import build
 
-ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *RECURRENT_TYPES)
 
 
 
@@ -35,7 +36,8 @@ def _build_graph(model: nn.Module, example: torch.Tensor, log: logging.Logger, t
     merging: dict[type, LayerPruner] = {type(m): _Merging() for m in model.modules() if _is_merging(m)}
     special = customized({**merging, **(pruners or {})})
     special.update(prepare_heads(model, example))  # heads found from the graph; nn.MultiheadAttention's pruner
-    graph, unmapped = build(model, example, special or None)
+    with recurrent_tracing(model) as recurrent:  # hidden units of LSTM/GRU/RNN (_recurrent)
+        graph, unmapped = build(model, example, {**special, **recurrent} or None)
     log.info("  structured: dependency graph traced in %.1f s", time.monotonic() - started)
     for reason in unmapped.values():
         log.warning("  structured: the groups whose %s are left whole", reason.removeprefix("its "))

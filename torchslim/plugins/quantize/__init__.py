@@ -6,7 +6,8 @@
 - inside a deploy runtime (after a ``deploy`` stage): ``ort_static``, ``ort_dynamic`` (ONNX Runtime), ``nncf`` (OpenVINO).
 
 Every method swaps in layers with real low-precision kernels. The quantization libraries sit behind
-backends in this folder: ``_ao`` (the deprecated ``torch.ao.quantization``: dynamic, FX static),
+backends in this folder: ``_ao`` (the deprecated ``torch.ao.quantization``: dynamic, FX static; ``_ao_eager``
+its layer-by-layer static fallback, ``_ao_rnn`` its recurrent layers saved as plain tensors),
 ``_torchao`` (torchao's PT2E flow), ``_modules`` (plain torch: int8 embeddings, half precision), and
 the runtimes' own quantizers reached through :mod:`torchslim.plugins.deploy`. A new method is a module
 with a subclass of :class:`QuantizeStage` (or of :class:`LayerQuantize`, for one that quantizes chosen

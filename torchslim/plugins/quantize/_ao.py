@@ -12,13 +12,14 @@ import contextlib
 import copy
 import io
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from ...engine.errors import first_line
-from .._layers import matches
+from ._ao_eager import Int8Layer, bypassed_wrapped, eager_convert, eager_note, eager_prepare
 from ._backends import (
     STATIC_TYPES,
     BackendError,
@@ -29,6 +30,7 @@ from ._backends import (
     module_types,
     take_census,
 )
+from ._identity import ReadableWeights, bypassed_note, readable
 
 
 def quantize_dynamic(model: nn.Module, types: Iterable[str], dtype: str, exclude: Iterable[str],
@@ -59,10 +61,11 @@ def _dynamic(model: nn.Module, spec: Mapping[Any, Any], dtype: str, reduce_range
     quantized: nn.Module = torch.ao.quantization.quantize_dynamic(model.eval(), dict(spec), dtype=getattr(torch, dtype))
     # torch's recurrent layers put TorchScript objects in the state dict, which a weights_only load refuses.
     savable(quantized)
-    return quantized if reduce_range else full_range(quantized)
+    # Layers that read as their float selves (_identity): model code reading fc.weight keeps working.
+    return readable(quantized if reduce_range else full_range(quantized), is_torch_quantized)
 
 
-class FullRangeDynamicLinear(torch.ao.nn.quantized.dynamic.Linear):
+class FullRangeDynamicLinear(ReadableWeights, torch.ao.nn.quantized.dynamic.Linear):
     """torch's dynamic int8 Linear with its inputs quantized to 8 bits, not 7.
 
     torch's module (version 4) always passes ``reduce_range=True``: it keeps the AVX2 kernels' pairwise
@@ -115,17 +118,15 @@ class FxBackend:
         try:
             converted = self._fx(copy.deepcopy(model), example, batches, options)
         except FxFailed as exc:
-            converted = self._eager(copy.deepcopy(model), batches, options, exc)
-            record["mode"] = "eager"
-            census = take_census(before, converted, lambda m: isinstance(m, Int8Layer))
-            return Quantized(converted, record, census, [_eager_note(exc)])
+            return self._eager(copy.deepcopy(model), batches, options, exc, record)
         return Quantized(converted, record, take_census(before, converted, is_torch_quantized))
 
     def restore(self, model: nn.Module, options: StaticOptions, record: Mapping[str, Any]) -> nn.Module:
         """Redo tracing (or wrapping), fusion and conversion without calibration: the saved state dict
         holds every scale and zero point (modules' and the graph's own quantize nodes')."""
         if record.get("mode") == "eager":
-            return _eager_convert(_eager_prepare(model, options))
+            options = replace(options, keep_float=(*options.keep_float, *record.get("bypassed", [])))
+            return eager_convert(eager_prepare(model, options))
         example = torch.zeros(record["example_shape"], dtype=getattr(torch, record["example_dtype"]))
         return self._convert(self._prepare(model, example, options))
 
@@ -147,16 +148,23 @@ class FxBackend:
         return converted
 
     def _eager(self, model: nn.Module, batches: Iterable[torch.Tensor], options: StaticOptions,
-               fx_error: FxFailed) -> nn.Module:
+               fx_error: FxFailed, record: dict[str, Any]) -> Quantized:
+        """Layer by layer; the layers the model bypasses (it computes with their weights) stay float, named in
+        the record and a note."""
+        before = module_types(model)
         try:
-            prepared = _eager_prepare(model, options)
+            bypassed = bypassed_wrapped(model, options, next(iter(batches), None))
+            prepared = eager_prepare(model, replace(options, keep_float=(*options.keep_float, *bypassed)))
             _calibrate(prepared, batches)
-            return _eager_convert(prepared)
+            converted = eager_convert(prepared)
         except BackendError:
             raise
         except Exception as exc:  # as in _fx: the user's forward
             raise BackendError(f"{fx_error}; eager mode, layer by layer, failed too "
                                f"({first_line(exc, typed=True)})") from exc
+        record.update({"mode": "eager", **({"bypassed": bypassed} if bypassed else {})})
+        census = take_census(before, converted, lambda m: isinstance(m, Int8Layer))
+        return Quantized(converted, record, census, [eager_note(fx_error), *([bypassed_note(bypassed)] if bypassed else [])])
 
     def _prepare(self, model: nn.Module, example: torch.Tensor, options: StaticOptions) -> nn.Module:
         from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
@@ -176,6 +184,9 @@ class FxBackend:
 
         converted: torch.fx.GraphModule = convert_fx(prepared)  # type: ignore[arg-type]
         _reshape_views(converted)
+        # A graph that reads fc.weight.device keeps working (_identity). A layer the graph only reads (F.linear
+        # with its weight) is no call_module of the graph and stays float: FX needs no bypass check.
+        readable(converted, is_torch_quantized)
         return converted.eval()
 
 
@@ -208,56 +219,6 @@ def _reshape_views(graph: torch.fx.GraphModule) -> None:
 
 def _dtype_view(node: torch.fx.Node) -> bool:
     return any(isinstance(arg, torch.dtype) for arg in (*node.args[1:], *node.kwargs.values()))
-
-
-class Int8Layer(nn.Module):
-    """One layer quantized on its own (eager mode): its input quantized, its output dequantized."""
-
-    def __init__(self, layer: nn.Module, quant: nn.Module, dequant: nn.Module) -> None:
-        super().__init__()
-        self.quant = quant
-        self.layer = layer
-        self.dequant = dequant
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer's output, float and contiguous as the float layer's was."""
-        out: torch.Tensor = self.dequant(self.layer(self.quant(x)))
-        # int8 convolutions hand back channels-last tensors; the user's forward may .view() the output.
-        return out.contiguous()
-
-
-def _eager_prepare(model: nn.Module, options: StaticOptions) -> nn.Module:
-    """Wrap each layer to quantize in an :class:`Int8Layer` and insert observers (eager mode)."""
-    from torch.ao.quantization import DeQuantStub, QuantStub, get_default_qconfig, prepare
-
-    select_engine(options.backend)
-    qconfig = get_default_qconfig(options.backend)
-    wanted = tuple(getattr(nn, name) for name in options.modules)
-    skipped = (*options.exclude, *options.keep_float)
-    names = [name for name, m in model.named_modules() if name and type(m) in wanted and not matches(name, skipped)]
-    for name in names:
-        wrapper = Int8Layer(model.get_submodule(name), QuantStub(qconfig), DeQuantStub(qconfig))
-        wrapper.qconfig = qconfig  # only the wrappers' layers are quantized: the rest has no qconfig
-        _replace(model, name, wrapper)
-    prepared: nn.Module = prepare(model.eval(), inplace=True)
-    return prepared
-
-
-def _eager_convert(prepared: nn.Module) -> nn.Module:
-    from torch.ao.quantization import convert
-
-    converted: nn.Module = convert(prepared, inplace=True)
-    return converted.eval()
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
-
-
-def _eager_note(why: FxFailed) -> str:
-    return (f"{why}, so it was quantized in eager mode, layer by layer: each int8 layer quantizes its input and "
-            "dequantizes its output (no fusion with BatchNorm/ReLU, float between layers), slower than a traced int8 graph")
 
 
 def _qconfig_mapping(model: nn.Module, options: StaticOptions) -> Any:

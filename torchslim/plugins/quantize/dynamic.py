@@ -8,11 +8,12 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 from torch import nn
 
-from ...engine.errors import StageError
+from ...engine.errors import StageError, first_line
 from ...engine.stage import Context, option_errors
 from .._calibration import calibration_inputs
 from .._layers import layer_type
 from ._backends import BackendError, Quantized, is_torch_quantized, module_types, take_census
+from ._identity import bypassed_layers, bypassed_note
 from ._subclass import as_base_layers, swap_to_base
 from .base import LayerQuantize, engine_note, has_vnni
 
@@ -75,7 +76,13 @@ class DynamicQuantize(LayerQuantize):
         before = module_types(base.model)
         sensitive = self._most_sensitive(base.model, ctx) if self.skip_sensitive else []
         quantized = self._convert(base.model, sensitive, self._reduce_range)
+        bypassed = self._bypassed(quantized, ctx)
+        if bypassed:  # the model computes with these layers' weights itself: int8, they would never run
+            quantized = self._convert(base.model, [*sensitive, *bypassed], self._reduce_range)
+            ctx.note(f"{self.label}: {bypassed_note(bypassed)}")
         record: dict[str, Any] = {"sensitive": sensitive} if sensitive else {}
+        if bypassed:
+            record["bypassed"] = bypassed
         if self.dtype == "qint8":
             record["reduce_range"] = self._reduce_range  # decided on this CPU: a reload elsewhere keeps it
         if base.swapped:
@@ -87,7 +94,17 @@ class DynamicQuantize(LayerQuantize):
     def _restore(self, model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
         model = swap_to_base(model, record.get("as_base_class", []))
         # Runs saved before the option existed were 7-bit: torch's own behaviour.
-        return self._convert(model, record.get("sensitive", []), bool(record.get("reduce_range", True)))
+        also_float = [*record.get("sensitive", []), *record.get("bypassed", [])]
+        return self._convert(model, also_float, bool(record.get("reduce_range", True)))
+
+    def _bypassed(self, quantized: nn.Module, ctx: Context) -> list[str]:
+        """The quantized layers the model's forward on the example inputs computes with but never calls."""
+        names = list(take_census({}, quantized, is_torch_quantized).quantized)
+        try:
+            return bypassed_layers(quantized, names, lambda m: m(ctx.example_inputs))
+        except Exception as exc:  # the user's forward around torch's int8 layers
+            raise StageError(self.label, f"{self._where()}: the quantized model's forward failed on the example "
+                                         f"inputs ({first_line(exc, typed=True)})") from exc
 
     def _convert(self, model: nn.Module, also_float: list[str], reduce_range: bool) -> nn.Module:
         """Dynamic quantization of ``model`` (a copy; the input is left as it was), leaving the
@@ -147,7 +164,7 @@ class DynamicQuantize(LayerQuantize):
         # torch skips some layers silently (a type it has no kernel for): never report them as done.
         # The subclass layers turned into their base class count; those left float are in a note.
         wanted = {*self._convertible(model), *result.record.get("as_base_class", [])}
-        wanted -= set(result.record.get("sensitive", []))
+        wanted -= {*result.record.get("sensitive", []), *result.record.get("bypassed", [])}
         stayed = [name for name in result.census.left_float if name in wanted]
         if stayed:
             raise StageError(self.label, f"these layers stayed float: {', '.join(stayed)}")
