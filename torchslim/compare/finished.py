@@ -52,7 +52,7 @@ def baseline_key(recipe: RecipeBase) -> str:
     shared = {k: data.get(k) for k in ("model", "data", "evaluate", "metrics", "seed", "device", "threads")}
     for part in ("model", "data"):  # the same call however it is spelled: an explicit default is no change
         spec = getattr(recipe, part)
-        shared[part] = {**shared[part], "kwargs": resolved_kwargs(spec.target, spec.kwargs, recipe.base_dir)}
+        shared[part] = {**(shared[part] or {}), "kwargs": resolved_kwargs(spec.target, spec.kwargs, recipe.base_dir)}
     shared["base_dir"] = str(recipe.base_dir)  # a relative model checkpoint depends on it
     # repr for a default that JSON cannot write (a tuple is a list to JSON already; an object by its repr)
     return hashlib.sha256(json.dumps(shared, sort_keys=True, default=repr).encode()).hexdigest()

@@ -144,7 +144,8 @@ def measure_all(baselines: list[RuntimeBaseline], torch_rows: list[Row], out_dir
             continue
         folder = out_dir / baseline.folder if out_dir is not None else None
         report = finished_report(folder, baseline.recipe, log) if folder is not None else None
-        if report is not None and _same_runtime(report, baseline.recipe.stage_list[0], log):
+        stage = baseline.recipe.stage_list[0]  # the runtime stage the baseline recipe was made of
+        if report is not None and isinstance(stage, RuntimeStage) and _same_runtime(report, stage, log):
             baseline.reused = True
         else:
             report = _run(baseline, baseline.recipe, torch_rows[baseline.group], folder, registry, log)
