@@ -51,7 +51,7 @@ def search(source: Source, out: str | os.PathLike[str], *, resume: bool = False,
             records.append(record)
             state = runner.state(records)
             write_files(searched.out, state)
-            log.info("%s", progress(state, record, before + time.perf_counter() - start))
+            log.info("%s", progress(state, record, before + time.perf_counter() - start, searched.spec.minutes))
     return SearchResult(records, state.answer, state)
 
 
@@ -95,10 +95,11 @@ def _spent(searched: SearchPlan, done: int, seconds: float) -> bool:
     return (spec.trials is not None and done >= spec.trials) or (spec.minutes is not None and seconds >= spec.minutes * 60)
 
 
-def progress(state: SearchState, record: Record, seconds: float) -> str:
+def progress(state: SearchState, record: Record, seconds: float, minutes: float | None = None) -> str:
     """``search: trial 3/20 (41 s elapsed): accuracy 97.2, latency 0.41 ms; front: 2 trials; best: trial 2``."""
     of = f"/{state.planned}" if state.planned is not None else ""
-    head = f"search: trial {record.number}{of} ({seconds:.0f} s elapsed)"
+    limit = f" of {minutes:g} min" if minutes is not None else ""
+    head = f"search: trial {record.number}{of} ({seconds:.0f} s elapsed{limit})"
     if not record.ok:
         return f"{head}: failed: {record.error}"
     figures = ", ".join(f"{o if o != 'metric' else state.metric} {cell}" for o, cell in
