@@ -23,8 +23,8 @@ _FRONT, _OFF = "tab:blue", "tab:gray"
 _RUNTIME_COLOURS = ("tab:orange", "tab:green", "tab:purple")
 
 
-def plot_png(comparison: Comparison) -> bytes | None:
-    """The PNG of the plot, or None when matplotlib is not installed."""
+def plot_png(comparison: Comparison, heading: str = "torchslim comparison") -> bytes | None:
+    """The PNG of the plot, titled ``heading`` (a search plots its trials), or None when matplotlib is not installed."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -38,7 +38,7 @@ def plot_png(comparison: Comparison) -> bytes | None:
     for column, (key, label, scale) in enumerate(_PANELS):
         _panel(figure.add_subplot(grid[0, column]), comparison, key, label, scale)
     _key(figure.add_subplot(grid[1, :]), comparison, key_rows)
-    title = f"torchslim comparison: {comparison.metric} against size and latency"
+    title = f"{heading}: {comparison.metric} against size and latency"
     if comparison.mode.jobs > 1:
         title += f"\n(latency timed under {comparison.mode.jobs} parallel jobs: disturbed by each other)"
     figure.suptitle(title)

@@ -34,7 +34,7 @@ _UNITS = {"latency": " ms"}
 def write_files(out: Path, state: SearchState) -> None:
     """Every file of the search so far, each replaced whole."""
     write_text(out / FRONT_JSON, json.dumps(to_json(state), indent=2) + "\n")
-    png = plot_png(_comparison(state)) if any(r.ok for r in state.records) else None
+    png = plot_png(_comparison(state), "torchslim search") if any(r.ok for r in state.records) else None
     if png is not None:
         _write_bytes(out / FRONT_PNG, png)
     write_text(out / FRONT_MD, to_markdown(state, png is not None))
