@@ -38,7 +38,7 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
                 is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """As ``nn.MultiheadAttention.forward``; the attention runs in ``F.scaled_dot_product_attention``
         unless ``need_weights`` asks for the weights (then averaged over heads unless ``average_attn_weights``)."""
-        batched = query.dim() == 3
+        batched, same = query.dim() == 3, query is key and key is value
         if not batched:
             query, key, value = (t.unsqueeze(0) for t in (query, key, value))
             key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
@@ -46,7 +46,7 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         if is_causal and attn_mask is None:
             raise RuntimeError("need attn_mask if specifying the is_causal hint (as nn.MultiheadAttention)")
-        q, k, v = self._projected(query, key, value)
+        q, k, v = self._projected(query, key, value, same)
         mask = self._mask(attn_mask, key_padding_mask, q)
         k, v = self._extended(k, v)
         batch, length = query.shape[:2]
@@ -70,9 +70,13 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
         weights = F.dropout(torch.softmax(scores if mask is None else scores + mask, dim=-1), dropout, self.training)
         return weights @ v, weights  # the weights returned after dropout, as torch's
 
-    def _projected(self, query: torch.Tensor, key: torch.Tensor,
-                   value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _projected(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   same: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k and v; one matrix product where they are projections of the ``same`` tensor (self-attention)."""
         inner = self.num_heads * self.head_dim
+        if self.in_proj_weight is not None and same:
+            q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).split(inner, dim=-1)
+            return q, k, v
         bias = [None] * 3 if self.in_proj_bias is None else self.in_proj_bias.split(inner)
         if self.in_proj_weight is not None:
             weights: Sequence[torch.Tensor] = self.in_proj_weight.split(inner)
