@@ -33,10 +33,12 @@ def load_average() -> str:
 
 
 def models() -> list[str]:
-    """The wide zoo's models, in order: the hand-written ones (quick), then each family's chosen variant."""
+    """The wide zoo's models, in order: the hand-written ones, then each family's chosen variant, smallest
+    first (so that an interrupted run has done the most models, and leaves the slowest)."""
     from bench import zoo_families, zoo_handwritten
 
-    return list(zoo_handwritten.MODELS) + [f["model"] for f in zoo_families.load() if f.get("model")]
+    built = sorted((f for f in zoo_families.load() if f.get("model")), key=lambda f: (f["params"] or 0) * f["size"] ** 2)
+    return list(zoo_handwritten.MODELS) + [f["model"] for f in built]
 
 
 def not_built(keys: list[str]) -> list[dict[str, Any]]:
@@ -77,6 +79,7 @@ def kind(result: dict[str, Any]) -> str | None:
         ("loads again" in error or "rebuilt from its checkpoint" in error, "reload failure"),
         ("fails in the measurement after the stage" in error, "forward check failure"),
         (str(result.get("where", "")).startswith(MODEL_CODE), "pruned model's forward broke"),
+        (str(result.get("where", "")).startswith("torch_pruning/"), "Torch-Pruning crash (scoring or cutting)"),
     ]
     return next((name for hit, name in checks if hit), "other error")
 
@@ -91,10 +94,15 @@ def summary(results: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
         per_recipe[key] = {"models": len(rows), "finished": len(finished),
                            "macs_ok": sum(1 for r in finished if (r.get("macs") or 0) >= GOOD_MACS)}
         kinds[key] = Counter(k for r in rows if (k := kind(r)))
-    failures = [{"model": r["model"], "recipe": r["recipe"], "kind": kind(r),
-                 "error": r.get("error") or f"{r.get('macs') or 0:.2f}x MACs", "where": r.get("where")}
-                for r in results if r["recipe"] in keys and kind(r)]
+    failures = [{"model": r["model"], "recipe": r["recipe"], "kind": kind(r), "error": r.get("error") or _short_of(r),
+                 "where": r.get("where")} for r in results if r["recipe"] in keys and kind(r)]
     return {"recipes": per_recipe, "kinds": {k: dict(v) for k, v in kinds.items()}, "failures": failures}
+
+
+def _short_of(result: dict[str, Any]) -> str:
+    """What a finished pruning recipe that removed too little says: its MACs ratio and its stage's note."""
+    notes = result.get("notes") or []
+    return f"{result.get('macs') or 0:.2f}x MACs" + (f"; {notes[0]}" if notes else "")
 
 
 def render(report: dict[str, Any], keys: list[str]) -> str:
@@ -146,7 +154,8 @@ def main(keys: list[str], timeout: float, results: str | None, only: list[str] |
     """``python -m bench.zoo --wide``: run what is left (unless ``summary_only``), then print the summary."""
     path = Path(results) if results else RESULTS
     found = read(path) if summary_only else run(keys, timeout, path, only)
-    report = summary([*found, *not_built(keys)], keys)
+    listed = set(models())  # results of models since dropped from the list (a remade family list) are not counted
+    report = summary([*(r for r in found if r["model"] in listed), *not_built(keys)], keys)
     report["load_average_at_end"] = load_average()
     print(render(report, keys))
     print(f"\nload average: {report['load_average_at_end']}")
