@@ -5,7 +5,8 @@ The models are the family list (bench/zoo_families.py, committed as bench/result
 and bench/zoo_handwritten.py's. Each model runs as in the named zoo (bench/zoo.py: its own subprocess, a
 time limit per recipe); each result is appended as one JSON line to the results file as soon as its model
 is done, so an interrupted run loses at most the model it was on, and a rerun skips every model+recipe
-already there. The summary counts what finished and sorts every failure into a kind (:func:`kind`).
+already there (checked again before each model, so two runs on the same file, say each given half of the
+models with ``--models``, share it). The summary counts what finished and sorts every failure into a kind (:func:`kind`).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def kind(result: dict[str, Any]) -> str | None:
         ("time_limit=" in error, "graph time_limit"),
         (bool(result.get("graph_builder")), "graph-builder crash"),
         ("no channel could be removed" in error, "nothing pruned"),
+        ("matched no layer" in error, "refused: no layer of the kind the stage quantizes"),
         ("failed too" in error and "eager" in error, "int8 FX+eager failure"),
         ("loads again" in error or "rebuilt from its checkpoint" in error, "reload failure"),
         ("fails in the measurement after the stage" in error, "forward check failure"),
@@ -137,6 +139,10 @@ def run(keys: list[str], timeout: float, path: Path, only: list[str] | None) -> 
     began = time.time()
     for index, (name, left) in enumerate(todo, 1):
         start = time.time()
+        finished = {(r["model"], r["recipe"]) for r in read(path)}  # another run on the same file may have done it
+        left = [key for key in left if (name, key) not in finished]
+        if not left:
+            continue
         found = run_model(name, left, timeout)
         with path.open("a") as handle:
             for result in found:
