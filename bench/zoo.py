@@ -403,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", help="--wide: the JSON-lines results file appended to and resumed from "
                         "(default bench/results/zoo-wide.jsonl)")
     parser.add_argument("--summary-only", action="store_true", help="--wide: print the summary of the results file, run nothing")
+    parser.add_argument("--retry", default="", help="--wide: comma-separated failure kinds to run again (e.g. 'timeout,graph "
+                        "time_limit' after a run on a loaded machine)")
     parser.add_argument("--json", help="also write the results here (one JSON list; --wide: the summary)")
     parser.add_argument("--from-json", nargs="+", help="print the table of earlier --json results (later files win)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -438,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         from bench import zoo_wide
 
         return zoo_wide.main(keys, args.timeout, args.results, args.models.split(",") if args.models else None,
-                             args.json, args.summary_only)
+                             args.json, args.summary_only, [k for k in args.retry.split(",") if k])
     results: list[dict[str, Any]] = []
     for name in models:
         start = time.time()

@@ -126,11 +126,17 @@ def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")[:300]
 
 
-def run(keys: list[str], timeout: float, path: Path, only: list[str] | None) -> list[dict[str, Any]]:
-    """Run every wide-zoo model+recipe not yet in ``path``, appending each model's results as it finishes."""
+def _done(path: Path, retry: list[str]) -> set[tuple[str, str]]:
+    """The model+recipe pairs in ``path``, but those whose failure kind is in ``retry`` (to run again)."""
+    return {(r["model"], r["recipe"]) for r in read(path) if kind(r) not in retry}
+
+
+def run(keys: list[str], timeout: float, path: Path, only: list[str] | None, retry: list[str]) -> list[dict[str, Any]]:
+    """Run every wide-zoo model+recipe not yet in ``path`` (or there with a failure kind in ``retry``),
+    appending each model's results as it finishes."""
     from bench.zoo import cell, run_model
 
-    done = {(r["model"], r["recipe"]) for r in read(path)}
+    done = _done(path, retry)
     names = [n for n in models() if not only or n in only]
     todo = [(n, [k for k in keys if (n, k) not in done]) for n in names]
     todo = [(n, left) for n, left in todo if left]
@@ -139,7 +145,7 @@ def run(keys: list[str], timeout: float, path: Path, only: list[str] | None) -> 
     began = time.time()
     for index, (name, left) in enumerate(todo, 1):
         start = time.time()
-        finished = {(r["model"], r["recipe"]) for r in read(path)}  # another run on the same file may have done it
+        finished = _done(path, retry) - done  # another run on the same file may have done it since
         left = [key for key in left if (name, key) not in finished]
         if not left:
             continue
@@ -156,10 +162,10 @@ def run(keys: list[str], timeout: float, path: Path, only: list[str] | None) -> 
 
 
 def main(keys: list[str], timeout: float, results: str | None, only: list[str] | None, json_out: str | None,
-         summary_only: bool) -> int:
+         summary_only: bool, retry: list[str]) -> int:
     """``python -m bench.zoo --wide``: run what is left (unless ``summary_only``), then print the summary."""
     path = Path(results) if results else RESULTS
-    found = read(path) if summary_only else run(keys, timeout, path, only)
+    found = read(path) if summary_only else run(keys, timeout, path, only, retry)
     listed = set(models())  # results of models since dropped from the list (a remade family list) are not counted
     report = summary([*(r for r in found if r["model"] in listed), *not_built(keys)], keys)
     report["load_average_at_end"] = load_average()
