@@ -24,14 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: What torchslim cannot yet do on the hand-written models (issue 25, scope 2); strict: a fix fails here until
 #: its line is removed.
 NOT_YET = {
-    ("lstm_classifier", "structured"): "LSTM hidden units are not pruned: nothing removed",
-    ("gru_classifier", "structured"): "GRU hidden units are not pruned: nothing removed",
-    ("crnn", "structured"): "the pruned CRNN does not reload with the same outputs",
-    ("gain_conv_cnn", "structured"): "the per-channel gain is not pruned along: every group left whole",
     ("data_dependent_cnn", "structured"): "the branch the example batch did not take is left unpruned and breaks",
-    ("torch_vit", "structured"): "nn.MultiheadAttention's heads are not found: 1.18x",
-    ("torch_vit", "static"): "the eager fallback replaces the encoder's Linear layers whose .weight its fast path reads",
-    ("torch_vit", "dynamic"): "nn.TransformerEncoderLayer's fast path reads the replaced layers' weights",
 }
 #: A refusal that is right: the U-Net has no Linear layer for dynamic int8 to quantize.
 REFUSED = {("unet", "dynamic"): "matched no layer"}
