@@ -89,16 +89,19 @@ def test_import_rule_holds(rule: str) -> None:
     assert _broken(rule) == [], rule
 
 
-def test_optuna_is_imported_by_search_study_alone() -> None:
-    """Optuna is an optional extra: one module imports it, inside a function that names the extra when it is missing."""
+@pytest.mark.parametrize(("extra", "module"), [("optuna", "torchslim.search.study"), ("ray", "torchslim.compare.executors"),
+                                               ("mlflow", "torchslim.engine.tracking")])
+def test_an_optional_extra_is_imported_by_one_module(extra: str, module: str) -> None:
+    """Optuna, Ray and MLflow are optional extras: one module imports each, inside a function that names the extra
+    when it is missing."""
     importers = []
     for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
-            if any(name.split(".")[0] == "optuna" for name in names):
+            if any(name.split(".")[0] == extra for name in names):
                 importers.append(_module(path))
-    assert sorted(set(importers)) == ["torchslim.search.study"]
+    assert sorted(set(importers)) == [module]
 
 
 def test_every_rule_is_written_in_architecture_md() -> None:

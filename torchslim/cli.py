@@ -18,6 +18,7 @@ from .engine.recipe import RecipeBase, load_recipe, recipe_model
 from .engine.registry import Registry
 from .engine.runner import run
 from .engine.summary import summary
+from .engine.tracking import check_tracking, open_tracker
 from .engine.version import VERSION
 from .engine.words import plural
 from .engine.yamlio import read_yaml
@@ -102,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="allow --out to be a non-empty directory")
     p.add_argument("--resume", action="store_true",
                    help="reuse the stage checkpoints in --out whose recipe prefix is unchanged")
+    p.add_argument("--track", metavar="mlflow[:URI]",
+                   help="log to MLflow (default store: mlflow.db beside --out; docs/scale.md)")
     p.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     p.set_defaults(handler=_run)
 
@@ -113,6 +116,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1,
                    help="variants run at once in separate processes, the cores divided between them (default 1: "
                         "latency figures undisturbed)")
+    p.add_argument("--executor", default="local", metavar="local|ray[:ADDRESS]",
+                   help="local processes (default) or tasks of a Ray cluster (pip install 'torchslim[ray]'; docs/scale.md)")
+    p.add_argument("--track", metavar="mlflow[:URI]",
+                   help="log to MLflow (default store: mlflow.db beside --out; docs/scale.md)")
     p.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     p.set_defaults(handler=_compare)
 
@@ -122,6 +129,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the search in --out: finished trials are not run again")
     p.add_argument("--jobs", type=int, default=1,
                    help="trials at once in separate processes, the cores divided between them (default 1: latency undisturbed)")
+    p.add_argument("--executor", default="local", metavar="local|ray[:ADDRESS]",
+                   help="local processes (default) or tasks of a Ray cluster (pip install 'torchslim[ray]'; docs/scale.md)")
+    p.add_argument("--storage", metavar="URL",
+                   help="keep the study in this database (sqlite:///F.db, postgresql://...), shared by searches run with "
+                        "--resume (default: study.journal in --out)")
+    p.add_argument("--track", metavar="mlflow[:URI]",
+                   help="log to MLflow (default store: mlflow.db beside --out; docs/scale.md)")
     p.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     p.set_defaults(handler=_search)
 
@@ -171,9 +185,14 @@ def _configure_logging(quiet: bool) -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out DIR (the directory of the run to continue)")
+    if args.track:
+        check_tracking(args.track)  # a missing extra named before the run, not after
     report = run(args.recipe, args.out, overwrite=args.overwrite, resume=args.resume)
     if not distributed.is_main():
         return 0
+    if args.track:
+        tracker = open_tracker(args.track, args.out)
+        tracker.log_run(str(report.recipe.get("name", "run")), args.out, report, tags={"torchslim.command": "run"})
     print(summary(report))
     if args.out:
         print(f"\nwrote {args.out}/report.json, report.md, report.csv, recipe.yaml, model.pt "
@@ -185,7 +204,7 @@ def _compare(args: argparse.Namespace) -> int:
     from .compare import compare
     from .compare.export import written_line
 
-    comparison = compare(args.recipes, args.out, jobs=args.jobs)
+    comparison = compare(args.recipes, args.out, jobs=args.jobs, executor=args.executor, track=args.track)
     print(comparison.text())
     if args.out:
         print(f"\n{written_line(comparison)}")
@@ -196,7 +215,8 @@ def _search(args: argparse.Namespace) -> int:
     from .search import search
     from .search.files import front_table, summary_lines
 
-    result = search(args.recipe, args.out, resume=args.resume, jobs=args.jobs)
+    result = search(args.recipe, args.out, resume=args.resume, jobs=args.jobs, executor=args.executor, storage=args.storage,
+                    track=args.track)
     print("\n".join([front_table(result.state), *summary_lines(result.state)]))
     print(f"\nwrote {args.out}/front.json, front.md, front.png, best.yaml and trials/ (one report per trial)")
     return 0

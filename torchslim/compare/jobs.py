@@ -74,7 +74,7 @@ def run_parallel(jobs: list[Job], workers: int, log: logging.Logger) -> list[Out
     outcomes: dict[int, Outcome] = {}
     executor = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context)
     try:
-        futures: dict[Future[Outcome], int] = {executor.submit(_worker, _portable(job), level): i for i, job in enumerate(jobs)}
+        futures: dict[Future[Outcome], int] = {executor.submit(worker, _portable(job), level): i for i, job in enumerate(jobs)}
         log.info("compare: running %d variant(s) in %d parallel job(s)", len(jobs), min(workers, len(jobs)))
         for future in as_completed(futures):
             index = futures[future]
@@ -92,8 +92,8 @@ def _portable(job: Job) -> Job:
     return dataclasses.replace(job, recipe=None)
 
 
-def _worker(job: Job, level: int) -> Outcome:
-    """Entry point of a spawned process: its own thread budget, its progress lines prefixed with the variant."""
+def worker(job: Job, level: int) -> Outcome:
+    """Entry point of a spawned process or a Ray task: its own thread budget, its progress lines prefixed with the variant."""
     import torch
 
     if job.threads is not None:

@@ -25,36 +25,51 @@ from ..engine.prepare import prepare
 from ..engine.registry import Registry
 from ..engine.report import Row
 from ..engine.runner import baseline_row
+from ..engine.tracking import check_tracking
 from .budget import Budget, judge
+from .executors import Executor, RayExecutor, make_executor
 from .export import write_outputs
 from .finished import baseline_key, finished_report
-from .jobs import Job, Outcome, execute, run_parallel
+from .jobs import Job
 from .pareto import fronts
 from .plan import Plan, Planned, Source, plan
 from .runtimes import RuntimeBaseline, measure_all, plan_runtimes
 from .table import Comparison, Entry, Mode
+from .tracked import log_comparison
 
 
 def compare(sources: Sequence[Source], out: str | os.PathLike[str] | None = None, *, jobs: int = 1,
-            registry: Registry | None = None, log: logging.Logger | None = None) -> Comparison:
+            executor: str = "local", track: str | None = None, registry: Registry | None = None,
+            log: logging.Logger | None = None) -> Comparison:
     """Run every recipe of ``sources`` (paths, folders of ``*.yaml`` recipes, or mappings; sweeps expanded)
     and compare them.
 
     With ``out``, each variant's report directory and the comparison files (JSON, CSV,
-    Markdown, HTML, PNG) are written there, and finished variants are reused on a repeat.
+    Markdown, HTML, PNG) are written there, and finished variants are reused on a repeat. ``executor``:
+    ``local`` (this machine's processes) or ``ray[:ADDRESS]`` (:mod:`.executors`). ``track``: ``mlflow[:URI]``, the
+    comparison and each variant logged as MLflow runs (:mod:`torchslim.engine.tracking`).
     """
     registry, log = registry or Registry.load(), log or logging.getLogger("torchslim")
-    study = plan(sources, out, jobs, registry)
+    runner = make_executor(executor, jobs)
+    if track is not None:
+        check_tracking(track)
+    ray = isinstance(runner, RayExecutor)  # Ray runs every variant its cluster has CPUs for; --jobs divides no cores
+    study = plan(sources, out, min(jobs, 1) if ray else jobs, registry)
+    if ray:
+        study.mode.executor = runner.describe()
     start = time.perf_counter()
-    comparison = _run_all(study, registry, log)
+    comparison = _run_all(study, registry, runner, log)
     _judge(comparison, study.budget)
     log.info("compare: %d variant(s) done in %.1fs", len(study.planned), time.perf_counter() - start)
     if study.out_dir is not None:
         write_outputs(comparison, study.out_dir)
+    if track is not None:
+        name = study.out_dir.name if study.out_dir is not None else "compare"
+        log.info("compare: logged to MLflow at %s", log_comparison(track, comparison, name))
     return comparison
 
 
-def _run_all(study: Plan, registry: Registry, log: logging.Logger) -> Comparison:
+def _run_all(study: Plan, registry: Registry, runner: Executor, log: logging.Logger) -> Comparison:
     planned, out_dir, mode = study.planned, study.out_dir, study.mode
     keys = [baseline_key(recipe) for _, recipe in planned]
     order = list(dict.fromkeys(keys))
@@ -65,10 +80,7 @@ def _run_all(study: Plan, registry: Registry, log: logging.Logger) -> Comparison
     runtimes, runtimes_measured = _runtime_baselines(planned, entries, baselines, out_dir, registry, log)
     pending = [(e, p) for e, p in zip(entries, planned, strict=True) if not e.reused]
     jobs = [_job(p, registry, out_dir, baselines[e.group], mode) for e, p in pending]
-    if mode.jobs > 1:
-        outcomes = run_parallel(jobs, mode.jobs, log)
-    else:
-        outcomes = [_sequential(job, i, len(jobs), log) for i, job in enumerate(jobs)]
+    outcomes = runner.run(jobs, log)
     for (entry, _), outcome in zip(pending, outcomes, strict=True):
         entry.report, entry.error, entry.exit_code = outcome.report, outcome.error, outcome.exit_code
     groups = [[e.name for e in entries if e.group == g] for g in range(len(order))]
@@ -102,11 +114,6 @@ def _job(planned: Planned, registry: Registry, out_dir: Path | None, baseline: R
     folder = out_dir / variant.folder if out_dir is not None else None
     resume = folder is not None and (folder / CHECKPOINT_DIR).is_dir()  # an interrupted run continues
     return Job(variant.name, variant.document, registry, folder, baseline, mode.threads, resume, recipe)
-
-
-def _sequential(job: Job, index: int, total: int, log: logging.Logger) -> Outcome:
-    log.info("compare: [%d/%d] %s: running", index + 1, total, job.name)
-    return execute(job, log)
 
 
 def _baselines(planned: list[Planned], entries: list[Entry], keys: list[str], order: list[str],

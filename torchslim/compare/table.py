@@ -80,11 +80,15 @@ class Mode:
     """The torch threads the variants used outside timing (each recipe's ``threads``, resolved), distinct, sorted."""
     timing_threads: tuple[int, ...] = ()
     """The torch threads the variants were timed with (each recipe's ``metrics.threads``, resolved)."""
+    executor: str | None = None
+    """Where the variants ran when not in this machine's processes (``--executor ray``), in words."""
 
     def describe(self) -> str:
         """One line for the printed output and the reports."""
         threads = (f"torch threads: {_listed(self.work_threads)} outside timing (each recipe's threads), "
                    f"{_listed(self.timing_threads)} while timing (its metrics.threads)")
+        if self.executor is not None:
+            return f"mode: {self.executor}; {threads}; the latency of variants run side by side is disturbed"
         if self.jobs == 1:
             return f"mode: sequential, one variant at a time; {threads}"
         return (f"mode: {self.jobs} parallel jobs on {self.cores} cores, at most {self.threads} torch thread(s) each; "

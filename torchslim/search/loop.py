@@ -9,13 +9,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..compare.jobs import execute, run_parallel
+from ..compare.executors import Executor, make_executor
 from ..engine.registry import Registry
 from .files import SearchState, write_files
 from .front import Answer
 from .plan import SearchPlan, Source, plan
 from .records import Record
 from .study import Study, fingerprint
+from .tracked import SearchTracker
 from .trial import Started, Trials
 
 
@@ -29,54 +30,74 @@ class SearchResult:
 
 
 def search(source: Source, out: str | os.PathLike[str], *, resume: bool = False, jobs: int = 1,
+           executor: str = "local", storage: str | None = None, track: str | None = None,
            registry: Registry | None = None, log: logging.Logger | None = None) -> SearchResult:
     """Search the space of the recipe ``source`` (its ``search:`` block), writing into ``out``.
 
-    With ``resume``, a search already in ``out`` continues: finished trials are not run again. With ``jobs``
-    above 1, that many trials run at once in spawned processes, the cores divided between them.
+    With ``resume``, a search already in ``out`` (or in ``storage``) continues: finished trials are not run again.
+    With ``jobs`` above 1, that many trials run at once: in spawned processes dividing the cores (``executor``
+    ``local``), or as tasks of a Ray cluster (``ray[:ADDRESS]``). ``storage``: a database URL (``sqlite:///...``,
+    ``postgresql://...``) holding the study instead of the journal file in ``out``, shared by the searches that
+    open it.
     """
     registry, log = registry or Registry.load(), log or logging.getLogger("torchslim")
     searched = plan(source, out, jobs, registry)
-    study = Study(searched.out, searched.spec, fingerprint(searched.document.data), resume)
+    executes = make_executor(executor, jobs, announce=False)
+    study = Study(searched.out, searched.spec, fingerprint(searched.document.data), resume, storage)
     study.recover(log)
     records = study.records()
-    runner = Trials(searched, registry, log, _share(jobs))
+    runner = Trials(searched, registry, log, _share(jobs) if executes.divides_cores else None)
     state = runner.state(records)
     if records:
         log.info("search: %d trial(s) done before; continuing", len(records))
         write_files(searched.out, state)
+    tracked = SearchTracker(track, searched.out, storage) if track is not None else None
     start, before = time.perf_counter(), sum(r.seconds for r in records)
-    while not _spent(searched, len(records), before + time.perf_counter() - start):
-        for record in _batch(study, runner, records, _batch_size(searched, jobs, len(records))):
-            records.append(record)
-            state = runner.state(records)
-            write_files(searched.out, state)
-            log.info("%s", progress(state, record, before + time.perf_counter() - start, searched.spec.minutes))
+    try:
+        while not _spent(searched, study, before + time.perf_counter() - start):
+            done = _batch(study, runner, records, jobs, executes)
+            for record in done:
+                records.append(record)
+                state = runner.state(records)
+                write_files(searched.out, state)
+                log.info("%s", progress(state, record, before + time.perf_counter() - start, searched.spec.minutes))
+                if tracked is not None:
+                    tracked.trial(record)
+            records = study.records()  # with a shared storage, the trials other searches finished meanwhile too
+            if not done:  # the other searches of a shared study took the trials left
+                break
+        state = runner.state(records)
+        write_files(searched.out, state)
+    except BaseException:
+        if tracked is not None:
+            tracked.close(failed=True)
+        raise
+    if tracked is not None:
+        log.info("search: logged to MLflow at %s", tracked.close())
     return SearchResult(records, state.answer, state)
 
 
-def _batch(study: Study, runner: Trials, records: list[Record], size: int) -> list[Record]:
-    """The next ``size`` trials, asked together (a sampler sees the others of the batch as running), run at once,
+def _batch(study: Study, runner: Trials, records: list[Record], size: int, executes: Executor) -> list[Record]:
+    """Up to ``size`` trials, asked together (a sampler sees the others of the batch as running), run at once,
     and told in their order."""
     asked: list[Any] = []
     started: list[Started | Record] = []
-    for number in range(len(records) + 1, len(records) + 1 + size):
-        asked.append(study.ask(number))  # sampled now, by the sampler seeded for this number
-        started.append(runner.start(asked[-1], number, records))
+    planned = runner.searched.spec.trials
+    while len(asked) < size and (planned is None or study.next_number() <= planned):
+        trial, number = study.ask()  # sampled when its values are suggested, by the sampler seeded for its number
+        if planned is not None and number > planned:  # another search sharing the study asked the last one first
+            study.release(trial, number)
+            break
+        asked.append(trial)
+        started.append(runner.start(trial, number, records))
     pending = [s for s in started if isinstance(s, Started)]
-    jobs = [runner.job(s) for s in pending]
-    outcomes = run_parallel(jobs, size, runner.log) if size > 1 else [execute(job, runner.log) for job in jobs]
+    outcomes = executes.run([runner.job(s) for s in pending], runner.log)
     finished = dict(zip((s.number for s in pending), (runner.finish(s, o) for s, o in zip(pending, outcomes, strict=True)),
                         strict=True))
     done = [s if isinstance(s, Record) else finished[s.number] for s in started]
     for trial, record in zip(asked, done, strict=True):
         study.tell(trial, record)
     return done
-
-
-def _batch_size(searched: SearchPlan, jobs: int, done: int) -> int:
-    trials = searched.spec.trials
-    return max(1, min(jobs, trials - done)) if trials is not None else jobs
 
 
 def _share(jobs: int) -> int | None:
@@ -90,9 +111,11 @@ def _share(jobs: int) -> int | None:
     return max(1, cores // jobs)
 
 
-def _spent(searched: SearchPlan, done: int, seconds: float) -> bool:
+def _spent(searched: SearchPlan, study: Study, seconds: float) -> bool:
     spec = searched.spec
-    return (spec.trials is not None and done >= spec.trials) or (spec.minutes is not None and seconds >= spec.minutes * 60)
+    if spec.minutes is not None and seconds >= spec.minutes * 60:
+        return True
+    return spec.trials is not None and study.next_number() > spec.trials
 
 
 def progress(state: SearchState, record: Record, seconds: float, minutes: float | None = None) -> str:

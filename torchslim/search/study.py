@@ -1,17 +1,26 @@
-"""The search's Optuna study, kept in a journal file inside the output directory: the one module that imports
-Optuna (``pip install 'torchslim[search]'``).
+"""The search's Optuna study, kept in a journal file inside the output directory or in a database (``--storage``,
+shared by several search processes): the one module that imports Optuna (``pip install 'torchslim[search]'``).
 
 Determinism: each trial is sampled by a fresh sampler seeded with the search's seed plus the trial's number,
 so what a trial samples depends only on the trials finished before it. A search killed mid-trial and resumed
 marks the interrupted trial failed and asks for its values again, under the same trial number: it ends with
 the trials an uninterrupted search would have run.
+
+Numbering: a trial's number comes from Optuna's own, which the storage gives out one at a time (under its lock or
+transaction): a fresh trial is numbered by its rank among the fresh trials, and the rerun of an interrupted trial
+(a *replay*, queued with the interrupted trial's number) keeps that number. So processes sharing one storage never
+give two trials one number. A running trial is only recovered by a process on its own host whose owner is gone:
+another live process's trial is left alone.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +33,8 @@ STUDY_FILE = "study.journal"
 STUDY_NAME = "torchslim-search"
 #: The study's user attribute holding what the search was started with (a resume must search the same).
 RECIPE_ATTRIBUTE = "torchslim_recipe"
+#: A trial's user attributes: its search number; set when queued as the rerun of an interrupted trial; its process.
+NUMBER, REPLAY, OWNER = "torchslim_number", "torchslim_replay", "torchslim_owner"
 
 
 def optuna_module() -> Any:
@@ -44,26 +55,21 @@ def fingerprint(data: dict[str, Any]) -> str:
 
 
 class Study:
-    """The trials of one search, in ``DIR/study.journal``."""
+    """The trials of one search, in ``DIR/study.journal`` or in the database at ``storage``."""
 
-    def __init__(self, out: Path, spec: SearchSpec, recipe_fingerprint: str, resume: bool) -> None:
+    def __init__(self, out: Path, spec: SearchSpec, recipe_fingerprint: str, resume: bool, storage: str | None = None) -> None:
         optuna = optuna_module()
-        path = out / STUDY_FILE
-        if path.exists() and not resume:
-            raise OutputError(f"{out}: holds a search ({STUDY_FILE}); add --resume to continue it, or choose another --out")
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
         self._optuna, self._spec = optuna, spec
-        storage = JournalStorage(JournalFileBackend(str(path)))
-        self._study = optuna.create_study(study_name=STUDY_NAME, storage=storage, directions=directions(spec.objectives),
+        self._owner = f"{socket.gethostname()}:{os.getpid()}"
+        backend = _storage(optuna, out, storage, resume)
+        self._study = optuna.create_study(study_name=STUDY_NAME, storage=backend, directions=directions(spec.objectives),
                                           load_if_exists=True)
         stored = self._study.user_attrs.get(RECIPE_ATTRIBUTE)
         if stored is None:
             self._study.set_user_attr(RECIPE_ATTRIBUTE, recipe_fingerprint)
         elif stored != recipe_fingerprint:
-            raise OutputError(f"{out}: holds a search of another recipe (only search.trials and search.minutes may change "
-                              f"on --resume); choose another --out")
+            raise OutputError(f"{storage or out}: holds a search of another recipe (only search.trials and search.minutes "
+                              f"may change on --resume); choose another --out" + (" or --storage" if storage else ""))
 
     def records(self) -> list[Record]:
         """The finished trials (ran or failed), by number."""
@@ -74,23 +80,48 @@ class Study:
 
     def recover(self, log: logging.Logger) -> None:
         """Trials a killed search left running: one that had finished its work is told its result; the others are
-        marked failed and their values asked for again."""
+        marked failed and queued to run again under their number. Trials of a live process are left alone."""
         state = self._optuna.trial.TrialState
         for trial in self._study.get_trials(deepcopy=False, states=(state.RUNNING,)):
+            if not _abandoned(trial.user_attrs.get(OWNER), trial.datetime_start):
+                continue
             if ATTRIBUTE in trial.user_attrs:
                 record = Record.from_attr(trial.user_attrs[ATTRIBUTE])
                 self._finish(trial.number, record)
                 continue
-            self._study.tell(trial.number, state=state.FAIL)
-            if trial.params:
-                self._study.enqueue_trial(trial.params)
-            log.info("search: a trial was interrupted (%s); it runs again", ", ".join(map(str, trial.params.values())) or
-                     "before sampling")
+            number = trial.user_attrs.get(NUMBER) or _rank(trial.number, self._study.get_trials(deepcopy=False))
+            if self.release(trial.number, number, trial.params):
+                log.info("search: a trial was interrupted (%s); it runs again", ", ".join(map(str, trial.params.values())) or
+                         "before sampling")
 
-    def ask(self, number: int) -> Any:
-        """A new Optuna trial for the search's trial ``number``, sampled by a sampler seeded for it."""
+    def next_number(self) -> int:
+        """The number the next :meth:`ask` is likely to give (exact unless another process asks at the same time)."""
+        trials = self._study.get_trials(deepcopy=False)
+        waiting = [t.user_attrs[NUMBER] for t in trials if t.state == self._optuna.trial.TrialState.WAITING and
+                   NUMBER in t.user_attrs]
+        return min(waiting) if waiting else 1 + sum(1 for t in trials if not t.user_attrs.get(REPLAY))
+
+    def ask(self) -> tuple[Any, int]:
+        """A new Optuna trial and its search number, to be sampled by a sampler seeded for that number."""
+        trial = self._study.ask()
+        number = trial.user_attrs.get(NUMBER)
+        if number is None:  # a fresh trial
+            number = _rank(trial.number, self._study.get_trials(deepcopy=False))
+            trial.set_user_attr(NUMBER, number)
+        trial.set_user_attr(OWNER, self._owner)
+        # Optuna samples when a value is suggested (relative samplers included): the sampler set now samples it.
         self._study.sampler = self._sampler(self._spec.seed + number)
-        return self._study.ask()
+        return trial, number
+
+    def release(self, trial: Any, number: int, params: dict[str, Any] | None = None) -> bool:
+        """End ``trial`` unrun and queue a rerun under its ``number`` (with ``params`` when it had sampled them);
+        False when another process ended it first."""
+        try:
+            self._study.tell(trial, state=self._optuna.trial.TrialState.FAIL)
+        except (ValueError, RuntimeError):  # already finished (another process recovered it): its rerun is queued
+            return False
+        self._study.enqueue_trial(params or {}, user_attrs={NUMBER: number, REPLAY: True})
+        return True
 
     def tell(self, trial: Any, record: Record) -> None:
         """Store ``record`` with ``trial`` and end it: complete with its objectives, or failed."""
@@ -112,3 +143,52 @@ class Study:
         if spec.sampler == "nsga2":
             return samplers.NSGAIISampler(seed=seed, population_size=spec.startup_trials)
         return samplers.TPESampler(seed=seed, n_startup_trials=spec.startup_trials)
+
+
+def _storage(optuna: Any, out: Path, url: str | None, resume: bool) -> Any:
+    """The journal file in ``out``, or Optuna's database storage at ``url``; a study already there needs ``resume``."""
+    if url is None:
+        path = out / STUDY_FILE
+        if path.exists() and not resume:
+            raise OutputError(f"{out}: holds a search ({STUDY_FILE}); add --resume to continue it, or choose another --out")
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        return JournalStorage(JournalFileBackend(str(path)))
+    # SQLite serialises writers: several processes wait for the lock rather than fail at once.
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    try:
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    except ImportError as exc:  # SQLAlchemy, or the database's driver (psycopg2 for postgresql://)
+        raise UsageError(f"--storage {url}: {exc}") from None
+    except Exception as exc:  # no such database, refused connection: SQLAlchemy's errors, in its words
+        raise OutputError(f"--storage {url}: cannot open it: {exc}") from None
+    if not resume and STUDY_NAME in optuna.study.get_all_study_names(storage):
+        raise OutputError(f"--storage {url}: holds a search ({STUDY_NAME}); add --resume to continue it, or choose "
+                          f"another --storage")
+    return storage
+
+
+def _rank(number: int, trials: list[Any]) -> int:
+    """The search number of the fresh trial that is Optuna's trial ``number``: its rank among the fresh trials up to it,
+    in the order the storage created them (a replay keeps the number it was queued with)."""
+    return 1 + sum(1 for t in trials if t.number < number and not t.user_attrs.get(REPLAY))
+
+
+def _abandoned(owner: str | None, started: datetime.datetime | None) -> bool:
+    """A running trial's process is gone: it ran on this host and its process no longer exists (a trial of another
+    host cannot be checked from here, and is left running)."""
+    if owner is None:  # killed before it recorded its owner (a moment after it was asked), or asked by an older version
+        return started is None or datetime.datetime.now(started.tzinfo) - started > datetime.timedelta(minutes=1)
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname():
+        return False
+    if int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
