@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,8 @@ class RayExecutor(Executor):
             return []
         ray = ray_module()
         if not ray.is_initialized():
+            if self.address is None:  # a cluster started here: its workers as nice as this command (Ray's default: 15)
+                os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
             ray.init(address=self.address, log_to_driver=log.isEnabledFor(logging.INFO), configure_logging=False)
         task = ray.remote(_remote)
         level = log.getEffectiveLevel()
