@@ -7,8 +7,8 @@ per-trial overhead of a Ray task.
 
 1. one search process, trials one at a time, 2 torch threads each (``--jobs 1``, ``threads: 2``);
 2. two local worker processes, 1 thread each (``--jobs 2``);
-3. a local Ray cluster with two workers, 1 CPU (thread) each (``--executor ray --jobs 2``), its workers at Ray's
-   default nice 15, then at nice 0 (``RAY_worker_niceness=0``).
+3. a local Ray cluster with two workers, 1 CPU (thread) each (``--executor ray --jobs 2``), its workers at the
+   command's niceness (torchslim's default), then at Ray's own default, nice 15.
 
 The sampler is random, so every run tries the same 8 values in the same order (a trial's values depend on its
 number alone). Prints a Markdown table with the load average before and after each run.
@@ -29,12 +29,13 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 TRIALS = 8
 RAY = ["--jobs", "2", "--executor", "ray"]
-#: name: (torch threads per trial, flags, environment). Ray starts its workers at nice 15 unless told otherwise.
+#: name: (torch threads per trial, flags, environment). Ray starts its workers at nice 15 unless told otherwise;
+#: the cluster torchslim starts (--executor ray) runs them at the command's own niceness.
 RUNS: dict[str, tuple[int, list[str], dict[str, str]]] = {
     "1 worker x 2 threads": (2, ["--jobs", "1"], {}),
     "2 local workers x 1 thread": (1, ["--jobs", "2"], {}),
-    "Ray, 2 workers x 1 thread": (1, RAY, {}),
-    "Ray, 2 workers x 1 thread, RAY_worker_niceness=0": (1, RAY, {"RAY_worker_niceness": "0"}),
+    "Ray, 2 workers x 1 thread, at the command's niceness (torchslim's default)": (1, RAY, {}),
+    "Ray, 2 workers x 1 thread, at Ray's default nice 15": (1, RAY, {"RAY_worker_niceness": "15"}),
 }
 
 
