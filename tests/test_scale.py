@@ -211,7 +211,7 @@ def test_two_processes_share_one_sqlite_study(tmp_path: Path) -> None:
 
 @needs["mlflow"]
 @pytest.mark.slow  # MLflow creates its SQLite store (seconds)
-def test_a_tracked_compare_is_read_back_with_mlflows_client(cli: Any, tmp_path: Path) -> None:
+def test_a_tracked_compare_and_run_are_read_back_with_mlflows_client(cli: Any, tmp_path: Path) -> None:
     import mlflow
 
     recipe = digits_recipe([{"type": "prune", "name": "prune", "amount": 0.5}], train_epochs=3)
@@ -232,3 +232,8 @@ def test_a_tracked_compare_is_read_back_with_mlflows_client(cli: Any, tmp_path: 
         assert run.data.metrics["size_bytes"] == report["rows"][-1]["metrics"]["size_bytes"]
         assert run.data.tags["torchslim.cpu"] == report["environment"]["cpu"]
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"comparison.json", "comparison.md"}
+
+    single = write_recipe(tmp_path, digits_recipe([{"type": "prune", "name": "prune", "amount": 0.5}], train_epochs=3), "one.yaml")
+    assert cli("run", str(single), "--out", str(tmp_path / "one"), "--track", "mlflow").returncode == 0
+    run = next(r for r in client.search_runs([parent.info.experiment_id]) if r.data.tags.get("torchslim.command") == "run")
+    assert run.info.run_name == "test" and run.data.params["stages.0.amount"] == "0.5" and "accuracy" in run.data.metrics
