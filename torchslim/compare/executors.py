@@ -74,7 +74,10 @@ class RayExecutor(Executor):
         if not ray.is_initialized():
             if self.address is None:  # a cluster started here: its workers as nice as this command (Ray's default: 15)
                 os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
-            ray.init(address=self.address, log_to_driver=log.isEnabledFor(logging.INFO), configure_logging=False)
+            try:
+                ray.init(address=self.address, log_to_driver=log.isEnabledFor(logging.INFO), configure_logging=False)
+            except (ConnectionError, RuntimeError, ValueError) as exc:  # no cluster there, or another Ray version
+                raise UsageError(f"--executor ray:{self.address}: cannot join the Ray cluster: {exc}") from None
         task = ray.remote(_remote)
         level = log.getEffectiveLevel()
         refs = [
