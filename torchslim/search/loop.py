@@ -13,6 +13,7 @@ from ..compare.jobs import execute, run_parallel
 from ..engine.registry import Registry
 from .files import SearchState, write_files
 from .front import Answer
+from .per_unit import expand
 from .plan import SearchPlan, Source, plan
 from .records import Record
 from .study import Study, fingerprint
@@ -38,6 +39,9 @@ def search(source: Source, out: str | os.PathLike[str], *, resume: bool = False,
     registry, log = registry or Registry.load(), log or logging.getLogger("torchslim")
     searched = plan(source, out, jobs, registry)
     study = Study(searched.out, searched.spec, fingerprint(searched.document.data), resume)
+    searched, first = expand(searched, registry, log)  # per-layer / per-group dimensions, from a sensitivity pass
+    if first:
+        study.enqueue_first(first)
     study.recover(log)
     records = study.records()
     runner = Trials(searched, registry, log, _share(jobs))

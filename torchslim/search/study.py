@@ -87,6 +87,11 @@ class Study:
             log.info("search: a trial was interrupted (%s); it runs again", ", ".join(map(str, trial.params.values())) or
                      "before sampling")
 
+    def enqueue_first(self, values: dict[str, Any]) -> None:
+        """Ask for ``values`` (Optuna parameter names and values) as the first trial, in a study with no trial yet."""
+        if not self._study.get_trials(deepcopy=False):
+            self._study.enqueue_trial(values)
+
     def ask(self, number: int) -> Any:
         """A new Optuna trial for the search's trial ``number``, sampled by a sampler seeded for it."""
         self._study.sampler = self._sampler(self._spec.seed + number)
