@@ -256,12 +256,22 @@ def cache_key(model: nn.Module, stage: Stage, inputs: Sequence[torch.Tensor], se
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(_bytes(tensor))
     for x in inputs:
-        digest.update(x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(_bytes(x))
     settings_text = json.dumps([CACHE_VERSION, stage.model_dump(mode="json"), list(settings)], sort_keys=True)
     digest.update(settings_text.encode())
     return digest.hexdigest()[:16]
+
+
+def _bytes(tensor: Any) -> bytes:
+    """The raw bytes of a tensor (of any dtype and shape, a 0-d one too; a quantized one's integers)."""
+    if not isinstance(tensor, torch.Tensor):  # torch.ao's packed parameters and other extra state
+        return repr(tensor).encode()
+    if tensor.is_quantized:
+        tensor = tensor.int_repr()
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
 def _read_cache(out: Path, key: str) -> StageSensitivity | None:
