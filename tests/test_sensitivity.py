@@ -121,6 +121,13 @@ def test_layer_bits_and_group_amounts_are_checked(registry: Registry) -> None:
     assert any("bits per layer (layer_bits): 0 8, 4 1" in note for note in report.notes)
 
 
+def test_group_amounts_prune_each_group_by_its_own_amount() -> None:
+    from torchslim import run
+
+    model = run(recipe({**PRUNE, "group_amounts": {"0": 0.5, "2": 0.0}})).model
+    assert (model[0].out_features, model[2].out_features) == (16, 32)  # 32 hidden units each before
+
+
 def test_the_command_prints_writes_and_refuses_bad_input(cli: Any, tmp_path: Path) -> None:
     path = write_recipe(tmp_path, recipe(KBIT))
     result = cli("sensitivity", str(path), "--out", str(tmp_path / "out"), "--batches", "1", "--settings", "2,8")
