@@ -18,7 +18,7 @@ from torchslim import Registry
 from torchslim.engine.errors import RecipeError, StageError
 from torchslim.engine.recipe import RecipeBase, validate
 from torchslim.engine.yamlio import Document
-from torchslim.search.allocation import Option, allocate, stage_options, total
+from torchslim.search.allocation import Option, allocate, bounds, stage_options, total
 from torchslim.search.per_unit import expand
 from torchslim.search.plan import plan
 from torchslim.search.sensitivity import measure
@@ -90,6 +90,13 @@ def test_the_knapsack_stays_within_the_budget_and_finds_the_least_loss() -> None
         )
         assert total(options, chosen, "loss") <= best * 1.05 + 1e-9  # the cost grid may cost a little
     assert allocate({"a": [Option(1, 10, 0.1)]}, 5) is None  # even the cheapest is over
+    options = {
+        "big": [Option(1, 100, 0.5), Option(2, 200, 0.4), Option(4, 400, 0.01)],
+        "small": [Option(1, 10, 0.9), Option(8, 80, 0.0)],
+    }
+    chosen = allocate(options, 220)
+    assert chosen == {"big": 1, "small": 8}  # 180 of 220: "big" at 2 would leave "small" at 1, losing more
+    assert bounds(options, chosen, 220) == {"big": [1, 2], "small": [1, 8]}  # 4 bits for "big" cannot fit
 
 
 def test_the_knapsack_of_a_real_pass_fits_the_stage_as_written(passes: tuple[Path, Any]) -> None:

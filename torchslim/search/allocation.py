@@ -110,8 +110,18 @@ def total(options: Mapping[str, Sequence[Option]], allocation: Mapping[str, floa
     return float(sum(getattr(next(o for o in options[u] if o.setting == s), what) for u, s in allocation.items()))
 
 
-def bounds(options: Mapping[str, Sequence[Option]], allocation: Mapping[str, float]) -> dict[str, list[float]]:
+def bounds(
+    options: Mapping[str, Sequence[Option]], allocation: Mapping[str, float], capacity: float | None = None
+) -> dict[str, list[float]]:
     """Each unit's settings worth searching: those whose loss alone is within :data:`MARGIN` times the
-    allocation's total loss (the allocation's own setting always)."""
+    allocation's total loss and that fit ``capacity`` with every other unit at its cheapest (the allocation's
+    own setting always)."""
     limit = MARGIN * total(options, allocation, "loss")
-    return {u: sorted({o.setting for o in opts if o.loss <= limit or o.setting == allocation[u]}) for u, opts in options.items()}
+    cheapest = {u: min(o.cost for o in opts) for u, opts in options.items()}
+    spare = math.inf if capacity is None else capacity - sum(cheapest.values())
+
+    def kept(unit: str, option: Option) -> bool:
+        fits = option.cost - cheapest[unit] <= spare * (1 + 1e-9)
+        return option.setting == allocation[unit] or (option.loss <= limit and fits)
+
+    return {u: sorted({o.setting for o in opts if kept(u, o)}) for u, opts in options.items()}

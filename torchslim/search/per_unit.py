@@ -84,7 +84,7 @@ def _expand_one(
             stage.unit_option,
             stage.label,
         )
-    kept = bounds(options, chosen) if chosen else {u: [o.setting for o in opts] for u, opts in options.items()}
+    kept = bounds(options, chosen, capacity) if chosen else {u: [o.setting for o in opts] for u, opts in options.items()}
     whole = stage.unit_setting == "bits"
     units = {f"{path}[{u}]": _dimension(inner, kept[u], dimension, whole) for u in sens.units if kept.get(u)}
     seed = {f"{path}[{u}]": int(s) if whole else s for u, s in (chosen or {}).items()}
