@@ -220,3 +220,16 @@ def test_a_search_starts_from_the_knapsack(tmp_path: Path, registry: Registry) -
     found = json.loads((tmp_path / "out" / "sensitivity.json").read_text())["stages"][0]["knapsack"]
     assert result.records[0].values == {"stages.0.layer_bits": found}
     assert result.records[0].ok and len(result.records) == 2
+
+
+@needs_optuna
+def test_a_resumed_search_reads_the_cached_pass(tmp_path: Path, registry: Registry) -> None:
+    from torchslim.search import search
+
+    space = {"stages.0.layer_bits": {"per_layer": {"choices": [1, 8]}}}
+    data = recipe(KBIT, search={"space": space, "objectives": ["metric", "size"], "trials": 1})
+    first = search(write_recipe(tmp_path, data), tmp_path / "out", registry=registry)
+    data["search"]["trials"] = 2
+    again = search(write_recipe(tmp_path, data), tmp_path / "out", resume=True, registry=registry)
+    assert again.records[0] == first.records[0] and len(again.records) == 2
+    assert len(list((tmp_path / "out").glob("sensitivity-cache-*.json"))) == 1
