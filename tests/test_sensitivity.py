@@ -113,6 +113,17 @@ def test_the_knapsack_of_a_real_pass_fits_the_stage_as_written(passes: tuple[Pat
         )
 
 
+def test_a_group_allocation_keeps_no_more_parameters_than_the_uniform_prune(passes: tuple[Path, Any]) -> None:
+    """Groups share layers (net 2's inputs are group 0's channels): counted alone, their removals overlap."""
+    from torchslim import run
+
+    chosen = knapsack(passes[1].stages[0])
+    assert chosen is not None
+    uniform = run(recipe(PRUNE)).rows[-1].metrics["params"]
+    allocated = run(recipe({**PRUNE, "group_amounts": chosen})).rows[-1].metrics["params"]
+    assert allocated <= uniform, (chosen, allocated, uniform)
+
+
 def test_layer_bits_and_group_amounts_are_checked(registry: Registry) -> None:
     with pytest.raises(RecipeError, match=r"bits must be 1\.\.8 \(0: 0\)"):
         validated(recipe({**KBIT, "layer_bits": {"0": 0}}), registry)

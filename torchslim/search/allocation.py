@@ -9,13 +9,15 @@ the budget of the stage as written: the bits of uniform ``bits``, the parameters
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from .sensitivity import StageSensitivity
+from .sensitivity import Probe, StageSensitivity
 
 #: Steps the knapsack's budget is cut into.
 GRID = 4000
@@ -40,8 +42,8 @@ def stage_options(
     """Each unit's measured settings (within ``allowed``) as options, and the budget of the stage as written.
 
     ``bits``: cost is the weights' bits, the budget the uniform stage's. ``amount``: cost is the parameters
-    kept of what the unit's largest amount removes (0 removes nothing, at no loss); the budget keeps no more
-    than the uniform stage does.
+    kept of what the unit's largest amount removes (0 removes nothing, at no loss); the budget removes as many
+    as the uniform amount does, each group's removal counted alone (as its probes count it).
     """
     chosen = {
         u: [
@@ -57,39 +59,71 @@ def stage_options(
             {u: [Option(p.setting, p.cost or 0.0, (p.error or 0.0) ** 2) for p in probes] for u, probes in chosen.items()},
             uniform,
         )
-    options, most = {}, {}
+    options, most, removed = {}, {}, 0.0
     for unit, probes in chosen.items():
         most[unit] = max([p.cost or 0.0 for p in probes], default=0.0)
         whole = [Option(0.0, most[unit], 0.0)] if allowed is None or 0.0 in allowed or min(allowed) <= 0 else []
         options[unit] = whole + [Option(p.setting, most[unit] - (p.cost or 0.0), (p.error or 0.0) ** 2) for p in probes]
-    return options, sum(most.values()) - uniform
+        removed += _removed_at(probes, sens.uniform.setting)
+    # Each group's probe counts the layers it shares with the next group (their inputs); pruned together, those
+    # weights go once. The budget is counted the same way: the groups' own removals at the uniform amount.
+    return options, sum(most.values()) - removed
+
+
+def _removed_at(probes: Sequence[Probe], amount: float) -> float:
+    """The parameters a group's probes remove at ``amount``, linear between the probed amounts (0 at 0)."""
+    points = sorted([(0.0, 0.0), *((p.setting, p.cost or 0.0) for p in probes)])
+    for (a0, c0), (a1, c1) in itertools.pairwise(points):
+        if a0 <= amount <= a1:
+            return c0 + (c1 - c0) * (amount - a0) / (a1 - a0) if a1 > a0 else c1
+    return points[-1][1] * amount / points[-1][0] if points[-1][0] > 0 else 0.0
 
 
 def allocate(options: Mapping[str, Sequence[Option]], capacity: float) -> dict[str, float] | None:
     """The setting of each unit with the least total loss whose total cost is at most ``capacity``; None when
-    even the cheapest settings cost more (or a unit has no option)."""
+    even the cheapest settings cost more (or a unit has no option).
+
+    The costs are first rounded down onto the grid (every allocation that fits is then a candidate, so the
+    answer is the least loss when it fits exactly); one that does not fit once the costs are added exactly
+    tightens the budget by its excess and is solved again, and after three tries the costs are rounded up
+    (the answer always fits)."""
     if any(not o for o in options.values()):
         return None
     floor = {u: min(o.cost for o in opts) for u, opts in options.items()}
     room = capacity - sum(floor.values())
     if room < -1e-9 * max(1.0, abs(capacity)):
         return None
-    step = max(room, 1e-12) / GRID
-    best = np.full(GRID + 1, math.inf)
+    tight = room
+    for _ in range(3):
+        chosen = _solve(options, floor, max(tight, 0.0), room, math.floor)
+        excess = total(options, chosen, "cost") - capacity if chosen else 0.0
+        if chosen is None or excess <= 1e-9 * max(1.0, abs(capacity)):
+            return chosen
+        tight -= excess
+    return _solve(options, floor, room, room, math.ceil)
+
+
+def _solve(
+    options: Mapping[str, Sequence[Option]], floor: Mapping[str, float], room: float, scale: float, rounding: Any
+) -> dict[str, float] | None:
+    """The dynamic program: costs above each unit's cheapest, in steps of ``scale / GRID``, within ``room``."""
+    step = max(scale, 1e-12) / GRID
+    limit = min(GRID, math.floor(room / step + 1e-9))
+
+    def size(unit: str, option: Option) -> int:
+        return int(rounding((option.cost - floor[unit]) / step - (1e-9 if rounding is math.ceil else -1e-9)))
+
+    best = np.full(limit + 1, math.inf)
     best[0] = 0.0
     picks: list[np.ndarray] = []
     for unit, opts in options.items():
-        new, pick = np.full(GRID + 1, math.inf), np.full(GRID + 1, -1)
+        new, pick = np.full(limit + 1, math.inf), np.full(limit + 1, -1)
         for k, option in enumerate(opts):
-            size = (
-                math.ceil((option.cost - floor[unit]) / step - 1e-9)
-                if room > 0
-                else (0 if option.cost <= floor[unit] else GRID + 1)
-            )
-            if size > GRID:
+            width = size(unit, option)
+            if width > limit:
                 continue
-            moved = np.full(GRID + 1, math.inf)
-            moved[size:] = best[: GRID + 1 - size] + option.loss
+            moved = np.full(limit + 1, math.inf)
+            moved[width:] = best[: limit + 1 - width] + option.loss
             better = moved < new
             new, pick = np.where(better, moved, new), np.where(better, k, pick)
         best = new
@@ -101,7 +135,7 @@ def allocate(options: Mapping[str, Sequence[Option]], capacity: float) -> dict[s
     for (unit, opts), pick in reversed(list(zip(options.items(), picks, strict=True))):
         option = opts[int(pick[end])]
         chosen[unit] = option.setting
-        end -= math.ceil((option.cost - floor[unit]) / step - 1e-9) if room > 0 else 0
+        end -= size(unit, option)
     return {u: chosen[u] for u in options}
 
 
