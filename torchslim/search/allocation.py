@@ -3,7 +3,7 @@
 An allocation, not an optimizer: each unit (layer, group) takes one of its measured settings; the losses add
 (squared relative output errors: independent errors add in quadrature), and the costs add (bits of the weights,
 or parameters kept). A multiple-choice knapsack, solved by dynamic programming over the cost cut into
-:data:`GRID` steps (rounded up, so the allocation never exceeds the budget), gives the least total loss within
+:data:`GRID` steps (:func:`allocate`: never over the budget), gives the least total loss within
 the budget of the stage as written: the bits of uniform ``bits``, the parameters a uniform ``amount`` removes.
 """
 
