@@ -20,7 +20,7 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pytest
@@ -139,12 +139,28 @@ class Int8Numpy(Stage):
 
     type: Literal["int8_numpy"] = "int8_numpy"
     """The stage type: ``int8_numpy``."""
+    layers: dict[str, int] | None = None
+    """The layers stored int8 (``{name: 8}``); null: every Linear and Conv2d."""
+
+    # PerUnit: torchslim sensitivity measures one layer at a time
+    unit_kind: ClassVar[str] = "layer"
+    unit_setting: ClassVar[str] = "bits"
+    unit_option: ClassVar[str] = "layers"
+
+    def units(self, model: nn.Module, example: torch.Tensor) -> list[str]:
+        return [name for name, layer in model.named_modules() if isinstance(layer, (nn.Linear, nn.Conv2d))]
+
+    def uniform_setting(self) -> float:
+        return 8.0
+
+    def alone(self, unit: str, setting: float, units: Any) -> Int8Numpy:
+        return self.model_copy(update={"layers": {unit: int(setting)}})
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         """Swap the layers in place; record their shapes for restore."""
         layers = {}
         for name, layer in list(model.named_modules()):
-            if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            if isinstance(layer, (nn.Linear, nn.Conv2d)) and (self.layers is None or name in self.layers):
                 new = Int8Layer.of(layer, self.label)
                 model.set_submodule(name, new)
                 layers[name] = new.spec()
@@ -381,12 +397,25 @@ def test_docs_list_every_hook() -> None:
 
 def test_the_plugin_uses_every_declared_hook(finished: tuple[Any, Path]) -> None:
     declared = declared_hooks()
-    plugin = [*finished[0].model.modules(), Int8Layer([4, 3], True), Int8Layer([4, 3, 3, 3], True, 1), NumpyDeploy()]
+    plugin = [*finished[0].model.modules(), Int8Layer([4, 3], True), Int8Layer([4, 3, 3, 3], True, 1), NumpyDeploy(),
+              Int8Numpy()]
     unused = {hook.__name__ for hook in declared if not any(isinstance(obj, hook) for obj in plugin)}
     assert unused == {"PackedRecurrent"}  # torch.ao's dynamic LSTM/GRU interface: tests/test_recurrent.py
 
 
 # --- each hook, honoured ---------------------------------------------------------------------------------
+
+
+def test_sensitivity_measures_a_per_unit_stage(plugins: Registry, tmp_path: Path) -> None:
+    """PerUnit: torchslim sensitivity compresses each layer of the plugin's stage alone."""
+    from torchslim.engine.recipe import validate
+    from torchslim.engine.yamlio import Document
+    from torchslim.search.sensitivity import measure
+
+    recipe = validate(Document(hooks_recipe(), "<test>"), plugins)
+    found = measure(recipe, tmp_path, stages=[0], settings=[8], batches=1).stages[0]
+    assert len(found.units) >= 3 and len(found.probes) == len(found.units)  # every Linear and Conv2d of the CNN
+    assert all(p.error is not None and 0 < p.error < 0.05 for p in found.probes)  # int8: a small change each
 
 
 def test_packed_and_shaped_layers_are_counted(finished: tuple[Any, Path]) -> None:

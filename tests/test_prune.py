@@ -103,7 +103,7 @@ RESOLVED = [
     ({"method": "structured", "amount": 0.5}, {**COMMON, "method": "structured", "amount": 0.5, "scope": "global",
                                                "importance": "l1", "round_to": 1, "max_layer_amount": 0.9,
                                                "time_limit": None, "head_amount": None, "refit": False,
-                                               "calibration_batches": 16, "layer_pruners": {}}),
+                                               "calibration_batches": 16, "layer_pruners": {}, "group_amounts": {}}),
     ({"method": "nm"}, {**COMMON, "method": "nm", "modules": ["Linear", "Conv2d"], "n": 2, "m": 4}),
     ({"method": "wanda", "amount": 0.5}, {**COMMON, "method": "wanda", "amount": 0.5, "modules": ["Linear"], "calibration_batches": 8}),
     ({"amount": 0.5, "steps": 2, "finetune_epochs": 1}, {**COMMON, "method": "magnitude", "amount": 0.5, "scope": "global",

@@ -139,6 +139,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     p.set_defaults(handler=_search)
 
+    p = sub.add_parser("sensitivity", parents=[quiet],
+                       help="measure what each layer or group of coupled layers loses, compressed alone at a few settings")
+    p.add_argument("recipe", type=Path, help="recipe YAML file (its structured prune and low-bit quantize stages are measured)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="sensitivity.{json,md,png} and the cache (sensitivity-cache-*.json) go here")
+    p.add_argument("--stage", type=int, action="append", help="measure this stage (its index; repeatable; default: every "
+                   "stage that can be measured)")
+    p.add_argument("--settings", help="the bits or amounts to try, comma-separated (default 1,2,4,8 bits; 0.25,0.5,0.75)")
+    p.add_argument("--batches", type=int, default=8, help="calibration batches compared (default 8)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a failure")
+    p.set_defaults(handler=_sensitivity)
+
     p = sub.add_parser("export", parents=[quiet], help="export a finished float run to ONNX or OpenVINO, beside its model.pt")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the --out directory of a finished torchslim run")
     p.add_argument("--to", required=True, choices=["onnx", "openvino"],
@@ -220,6 +232,30 @@ def _search(args: argparse.Namespace) -> int:
     print("\n".join([front_table(result.state), *summary_lines(result.state)]))
     print(f"\nwrote {args.out}/front.json, front.md, front.png, best.yaml and trials/ (one report per trial)")
     return 0
+
+
+def _sensitivity(args: argparse.Namespace) -> int:
+    from .search.sensitivity import measure
+    from .search.sensitivity_files import text, write_files
+
+    if args.batches < 1:
+        raise UsageError(f"--batches {args.batches}: give at least 1")
+    if args.out.exists() and not args.out.is_dir():
+        raise OutputError(f"{args.out}: exists and is not a directory")
+    recipe = load_recipe(args.recipe, Registry.load())
+    result = measure(recipe, args.out, stages=args.stage, settings=_numbers(args.settings), batches=args.batches)
+    print(text(result))
+    print(f"\nwrote {', '.join(str(p) for p in write_files(args.out, result))}")
+    return 0
+
+
+def _numbers(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--settings: expected numbers separated by commas (1,2,4,8 or 0.25,0.5), found '{text}'") from None
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -71,6 +71,33 @@ class RuntimeStage(Protocol):
         ...
 
 
+@runtime_checkable
+class PerUnit(Protocol):
+    """A stage whose setting can differ per layer, or per group of coupled layers (``unit_kind``): it names
+    its units on a model and gives the stage that compresses one unit alone. ``torchslim sensitivity``
+    measures each unit at a few settings with it, and a search's ``per_layer`` / ``per_group`` space sets
+    ``{unit: setting}`` into the option named ``unit_option``."""
+
+    unit_kind: str
+    """``layer`` (one setting per layer) or ``group`` (per group of coupled channels)."""
+    unit_setting: str
+    """What a unit's setting is: ``bits`` (fewer is smaller) or ``amount`` (the fraction removed)."""
+    unit_option: str
+    """The stage option holding ``{unit: setting}`` (``layer_bits``, ``group_amounts``)."""
+
+    def units(self, model: Any, example: torch.Tensor) -> list[str]:
+        """The units of ``model`` this stage would compress (``example``: a batch of its inputs)."""
+        ...
+
+    def uniform_setting(self) -> float:
+        """The setting the stage gives every unit as written (its ``bits``, its ``amount``)."""
+        ...
+
+    def alone(self, unit: str, setting: float, units: Any) -> Any:
+        """A copy of this stage that compresses ``unit`` alone at ``setting`` (``units``: all of them)."""
+        ...
+
+
 # torch's own layer interfaces, which the engine reads on any module: a plugin's layer that offers them is
 # measured as torch's layers are (the built-in low-bit layers do).
 

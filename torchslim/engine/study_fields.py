@@ -122,9 +122,22 @@ class SearchDimension(Spec):
     """Sample this dimension only when each given path holds the given value (or one of a list of values):
     ``{stages.2.method: kbit}``. A path is an earlier dimension of the space, or a field of the recipe."""
 
+    per_layer: SearchDimension | None = None
+    """One value per layer of the stage this path's option belongs to (a low-bit quantize's ``layer_bits``), each
+    sampled from this range or these choices, bounded by a sensitivity pass, the first trial a knapsack's
+    allocation: ``stages.1.layer_bits: {per_layer: {choices: [1, 2, 4, 8]}}`` (docs/search.md)."""
+    per_group: SearchDimension | None = None
+    """As ``per_layer``, one value per group of coupled channels (a structured prune's ``group_amounts``)."""
+
     @model_validator(mode="after")
     def _shape(self) -> SearchDimension:
         ranged = {"low", "high", "step", "log", "integer"} & self.model_fields_set
+        if self.per_layer is not None or self.per_group is not None:
+            given = sorted((ranged | {"choices", "per_layer", "per_group"}) & self.model_fields_set - {"when"})
+            if len(given) > 1:
+                raise ValueError(f"per_layer or per_group holds the range or choices of each unit: give it alone "
+                                 f"({', '.join(given)} given)")
+            return self
         if self.choices is not None:
             if ranged:
                 raise ValueError(f"give choices or a range (low, high), not both ({', '.join(sorted(ranged))} given)")

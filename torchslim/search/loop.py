@@ -13,6 +13,7 @@ from ..compare.executors import Executor, make_executor
 from ..engine.registry import Registry
 from .files import SearchState, write_files
 from .front import Answer
+from .per_unit import expand
 from .plan import SearchPlan, Source, plan
 from .records import Record
 from .study import Study, fingerprint
@@ -44,6 +45,9 @@ def search(source: Source, out: str | os.PathLike[str], *, resume: bool = False,
     searched = plan(source, out, jobs, registry)
     executes = make_executor(executor, jobs, announce=False)
     study = Study(searched.out, searched.spec, fingerprint(searched.document.data), resume, storage)
+    searched, first = expand(searched, registry, log)  # per-layer / per-group dimensions, from a sensitivity pass
+    if first:
+        study.enqueue_first(first)
     study.recover(log)
     records = study.records()
     runner = Trials(searched, registry, log, _share(jobs) if executes.divides_cores else None)

@@ -75,7 +75,7 @@ def _prepare_out(out: Path) -> Path:
         raise OutputError(f"{out}: exists and is not a directory")
     own = {*FILES, TRIALS_DIR, STUDY_FILE}
     for path in out.iterdir() if out.exists() else []:
-        if not (path.name in own or path.name.startswith((".", STUDY_FILE))):
+        if not (path.name in own or path.name.startswith((".", STUDY_FILE, "sensitivity"))):
             raise OutputError(f"{out}: holds {path.name}, which is not from a torchslim search; choose another --out")
     (out / TRIALS_DIR).mkdir(parents=True, exist_ok=True)
     return out

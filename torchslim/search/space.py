@@ -42,7 +42,20 @@ def sample(trial: Suggests, spec: SearchSpec, data: dict[str, Any], defaults: di
     for path, dimension in spec.space.items():
         if active(dimension, values, data, defaults):
             values[path] = suggest(trial, path, dimension)
-    return values
+    return fold(values)
+
+
+def fold(values: dict[str, Any]) -> dict[str, Any]:
+    """Per-unit values (``stages.1.layer_bits[features.0]``: :mod:`.per_unit`) gathered into one mapping at their
+    option's path (``stages.1.layer_bits: {features.0: 4, ...}``); other values as they are."""
+    folded: dict[str, Any] = {}
+    for path, value in values.items():
+        option, bracket, unit = path.partition("[")
+        if bracket and unit.endswith("]"):
+            folded.setdefault(option, {})[unit[:-1]] = value
+        else:
+            folded[path] = value
+    return folded
 
 
 def suggest(trial: Suggests, path: str, dimension: SearchDimension) -> Any:
@@ -106,6 +119,8 @@ def check_space(document: Document, recipe: RecipeBase, registry: Registry) -> N
     assert spec is not None
     problems: list[str] = []
     for path, dimension in spec.space.items():
+        if dimension.per_layer is not None or dimension.per_group is not None:
+            continue  # its units come from the model: per_unit.expand checks the first trial's values
         condition = {p: w[0] if isinstance(w, list) and w else w for p, w in (dimension.when or {}).items()}
         for origin, value in _ends(dimension):
             values = {**condition, path: value}

@@ -101,6 +101,11 @@ class Study:
                    NUMBER in t.user_attrs]
         return min(waiting) if waiting else 1 + sum(1 for t in trials if not t.user_attrs.get(REPLAY))
 
+    def enqueue_first(self, values: dict[str, Any]) -> None:
+        """Ask for ``values`` (Optuna parameter names and values) as trial 1, in a study with no trial yet."""
+        if not self._study.get_trials(deepcopy=False):
+            self._study.enqueue_trial(values, user_attrs={NUMBER: 1})
+
     def ask(self) -> tuple[Any, int]:
         """A new Optuna trial and its search number, to be sampled by a sampler seeded for that number."""
         trial = self._study.ask()

@@ -64,6 +64,9 @@ class ChannelOptions:
     """Calibration inputs, iterable more than once; needed by ``measured`` and ``refit``."""
     pruners: Mapping[type, LayerPruner] = field(default_factory=dict)
     """The user's own layer types and how to cut their channels (``_structured_layers``); they root groups too."""
+    group_amounts: Mapping[str, float] = field(default_factory=dict)
+    """Under ``layer`` scope: the fraction of some groups' channels gone after this step, by root layer name
+    pattern (the first that matches); the other groups lose the step's fraction."""
 
 
 @dataclass
@@ -147,7 +150,7 @@ def _prune_pass(model: nn.Module, example: torch.Tensor, fractions: tuple[float,
     if opts.scope == "global":
         _choose_global(groups, fractions[0], state, modules)
     else:
-        _choose_per_layer(groups, fractions[0], state)
+        _choose_per_layer(groups, fractions[0], state, opts.group_amounts)
     teacher = snapshot(model) if opts.refit else None
     lost: dict[nn.Module, Lost] = {}
     undone = _cut_all(model, graph, groups, example, opts, state, clock, lost)
@@ -241,6 +244,13 @@ def _skip(state: ChannelState, name: str, root: nn.Module, reason: str, names: d
     state.skipped.setdefault(name, reason)
     if heads_of(root, names) is None:  # heads are outside the channel budget, skipped or not
         state.original.setdefault(name, _out_channels(root))
+
+
+def group_names(model: nn.Module, example: torch.Tensor, opts: ChannelOptions, log: logging.Logger) -> list[str]:
+    """The root layers of the groups of coupled channels a prune with ``opts`` would cut (attention heads aside)."""
+    state = ChannelState()
+    _, groups = _graph_and_groups(model.eval(), example, opts, state, Clock(None, log), {})
+    return [g.name for g in groups if g.heads is None]
 
 
 def pruned_fraction(model: nn.Module, state: ChannelState) -> float:

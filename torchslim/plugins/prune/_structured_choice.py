@@ -3,6 +3,8 @@ globally across groups (scores made comparable between groups), rounded to ``rou
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,11 +24,15 @@ def _choose_heads(groups: list[_Group], fraction: float, state: ChannelState) ->
             group.remove = _clamped(group, _due(fraction, state.original_heads[group.heads.name], group.units))
 
 
-def _choose_per_layer(groups: list[_Group], fraction: float, state: ChannelState) -> None:
+def _choose_per_layer(groups: list[_Group], fraction: float, state: ChannelState,
+                      amounts: Mapping[str, float] | None = None) -> None:
+    """Each group loses ``fraction`` of its original units, or the amount of the first pattern of ``amounts``
+    that matches its name."""
     for group in groups:
         if group.heads is not None:
             continue
-        group.remove = _clamped(group, _due(fraction, state.original[group.name] // group.per_unit, group.units))
+        own = next((a for p, a in (amounts or {}).items() if fnmatch.fnmatchcase(group.name, p)), fraction)
+        group.remove = _clamped(group, _due(own, state.original[group.name] // group.per_unit, group.units))
 
 
 def _choose_global(groups: list[_Group], fraction: float, state: ChannelState,

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+import fnmatch
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
+import torch
 from pydantic import Field
 from torch import nn
 
@@ -17,7 +21,7 @@ from ._shapes import changes, replay, snapshot
 from .base import Fraction, PruneStage
 
 if TYPE_CHECKING:
-    from ._structured import ChannelState
+    from ._structured import ChannelOptions, ChannelState
 
 
 class StructuredPrune(PruneStage):
@@ -61,25 +65,58 @@ class StructuredPrune(PruneStage):
     pruner implements ``torchslim.plugins.prune.LayerPruner`` and is built with no arguments). Such a layer
     roots a group of coupled channels, as Conv and Linear layers do. Not needed for a Conv or Linear subclass
     whose extra tensors hold one entry per output channel in their leading dimension: those are cut along."""
+    group_amounts: dict[str, Annotated[float, Field(ge=0, lt=1)]] = Field(default_factory=dict)
+    """With ``scope: layer``: the fraction removed from some groups of coupled channels, by the name of the
+    group's root layer (fnmatch patterns; the first that matches wins; 0 leaves a group whole), instead of
+    ``amount``, within ``max_layer_amount``. ``torchslim sensitivity`` lists the groups; a search's
+    ``per_group`` space sets this (docs/search.md)."""
     time_limit: float | None = Field(default=None, gt=0)
     """Seconds each step may take (null: no limit). Tracing the dependency graph, listing and scoring its groups
     get 70% of it: tracing that has not finished by then fails the stage with a clear error, listing stops and the
     groups listed so far are pruned; one group that takes over 10% of it to list is left whole; the cuts stop at
     the limit, the groups not reached left whole. The log has a progress line every 10 s."""
 
+    #: The :class:`torchslim.engine.hooks.PerUnit` hook: one amount per group of coupled channels.
+    unit_kind: ClassVar[str] = "group"
+    unit_setting: ClassVar[str] = "amount"
+    unit_option: ClassVar[str] = "group_amounts"
+
     def _problems(self) -> list[tuple[str, str]]:
         """The family's checks, and a head_amount that the per-layer ceiling would cut short."""
         problems = super()._problems()
+        if self.group_amounts and self.scope != "layer":
+            problems.append(("group_amounts", "group_amounts sets each group's own amount: it needs scope: layer "
+                                              "(global ranks the channels of every group together)"))
         if self.head_amount is not None and self.head_amount > self.max_layer_amount:
             problems.append(("head_amount", f"head_amount {self.head_amount:g} is more than max_layer_amount "
                                             f"{self.max_layer_amount:g}, the most any layer may lose; raise "
                                             "max_layer_amount too"))
         return problems
 
+    def units(self, model: nn.Module, example: torch.Tensor) -> list[str]:
+        """The groups of coupled channels this prune would cut, by root layer name (the ``PerUnit`` hook)."""
+        _need_torch_pruning(self.label)
+        from ._structured import group_names
+
+        return group_names(model, example[:2], self._options(None), logging.getLogger("torchslim"))
+
+    def uniform_setting(self) -> float:
+        """The ``amount`` every group loses under ``scope: layer``."""
+        return self.amount
+
+    def alone(self, unit: str, setting: float, units: Sequence[str]) -> StructuredPrune:
+        """This prune removing ``setting`` of the group rooted at ``unit``'s channels, and nothing else, in one step."""
+        return self.model_copy(update={"scope": "layer", "group_amounts": {unit: setting, "*": 0.0}, "steps": 1,
+                                       "finetune_epochs": None, "finetune_lr": None, "head_amount": 0.0})
+
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         """Remove channels and return the smaller model; the new shapes are recorded for :meth:`restore`."""
         before = snapshot(model)
         state = self._remove_channels(model, ctx)
+        unused = [p for p in self.group_amounts if p != "*" and not any(fnmatch.fnmatchcase(n, p) for n in state.original)]
+        if unused:
+            raise StageError(self.label, f"group_amounts: {', '.join(unused)} names no group of coupled channels; the "
+                             f"groups (by root layer): {', '.join(state.original) or 'none'}")
         record = changes(before, model)
         if not record["tensors"]:
             from ._structured import nothing_removed
@@ -98,20 +135,17 @@ class StructuredPrune(PruneStage):
     def _remove_channels(self, model: nn.Module, ctx: Context) -> ChannelState:
         _need_torch_pruning(self.label)
         check_patterns(model, self.exclude, "exclude", self.label)
-        from ._structured import ChannelOptions, ChannelState, prune_step
+        from ._structured import ChannelState, prune_step
         from ._structured_clock import GraphTimeout
         from ._structured_trace import TraceFailure
 
-        options = ChannelOptions(scope=self.scope, norm=1 if self.importance == "l1" else 2, round_to=self.round_to,
-                                 ceiling=self.max_layer_amount, exclude=self.exclude,
-                                 measured=_MEASURED.get(self.importance), refit=self.refit,
-                                 batches=self._calibration(ctx), pruners=self._pruners())
-        state, example = ChannelState(), ctx.example_inputs[:2]
+        state, example, options = ChannelState(), ctx.example_inputs[:2], self._options(ctx)
         for step in range(1, self.steps + 1):
             heads = None if self.head_amount is None else self.head_amount * step / self.steps
+            share = {p: a * step / self.steps for p, a in self.group_amounts.items()}
             try:
-                prune_step(model.eval(), example, self.amount * step / self.steps, options, state, ctx.log,
-                           self.time_limit, heads)
+                prune_step(model.eval(), example, self.amount * step / self.steps, replace(options, group_amounts=share),
+                           state, ctx.log, self.time_limit, heads)
             except GraphTimeout as exc:
                 raise StageError(self.label, f"{exc} ({_progress(state.listed)}); raise time_limit, or exclude the "
                                  "layers that make the graph large: a layer whose output is reshaped across its "
@@ -121,6 +155,14 @@ class StructuredPrune(PruneStage):
                 raise StageError(self.label, str(exc)) from exc
             self._finetune(model, ctx, step)
         return state
+
+    def _options(self, ctx: Context | None) -> ChannelOptions:
+        from ._structured import ChannelOptions
+
+        return ChannelOptions(scope=self.scope, norm=1 if self.importance == "l1" else 2, round_to=self.round_to,
+                              ceiling=self.max_layer_amount, exclude=self.exclude,
+                              measured=_MEASURED.get(self.importance), refit=self.refit,
+                              batches=None if ctx is None else self._calibration(ctx), pruners=self._pruners())
 
     def _pruners(self) -> dict[Any, Any]:
         """The ``layer_pruners`` imported and built; a stage error names the pair that is not usable."""

@@ -8,11 +8,13 @@ as kbit's GPTQ option does). PTQ and QAT are one option apart: ``train: {epochs:
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import fnmatch
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+import torch
+from pydantic import Field, field_validator
 from torch import nn
 
 from ...engine.errors import StageError
@@ -44,6 +46,24 @@ class LowBitQuantize(LayerQuantize):
     train: QatOptions | None = None
     """Quantization-aware training before converting (e.g. ``{epochs: 3, lr: 0.001}``); null: post-training
     quantization of the weights as they are."""
+    layer_bits: dict[str, int] = Field(default_factory=dict)
+    """Bits of some chosen layers, by name pattern (fnmatch; the first pattern that matches wins), instead of
+    the method's: 1 is binary (sign times the output channel's mean |w|), 2..8 integer codes (kbit's with its
+    ``symmetric``, ``grid`` and ``group_size``; for the other methods symmetric, ``mse`` grid, per channel).
+    Mixed precision by hand, or chosen by ``torchslim search`` (``per_layer``, docs/search.md)."""
+
+    #: The :class:`torchslim.engine.hooks.PerUnit` hook: one bit width per layer, in ``layer_bits``.
+    unit_kind: ClassVar[str] = "layer"
+    unit_setting: ClassVar[str] = "bits"
+    unit_option: ClassVar[str] = "layer_bits"
+
+    @field_validator("layer_bits")
+    @classmethod
+    def _bits_known(cls, value: dict[str, int]) -> dict[str, int]:
+        wrong = [f"{name}: {bits}" for name, bits in value.items() if not 1 <= bits <= 8]
+        if wrong:
+            raise ValueError(f"bits must be 1..8 ({', '.join(wrong)})")
+        return value
 
     def layer_format(self) -> Format:
         """The format of every chosen layer (but the ends kept at 8 bits)."""
@@ -66,6 +86,26 @@ class LowBitQuantize(LayerQuantize):
         census = take_census(module_types(model), converted, lambda m: isinstance(m, LowBitLayer))
         return Quantized(converted, {"layers": {n: f.record() for n, f in formats.items()}}, census)
 
+    def units(self, model: nn.Module, example: torch.Tensor) -> list[str]:
+        """The layers this stage quantizes (the :class:`~torchslim.engine.hooks.PerUnit` hook)."""
+        return [name for name, _ in self._targets(model)]
+
+    def uniform_setting(self) -> float:
+        """The bits of every chosen layer as written (binary 1, ternary 2, kbit its ``bits``)."""
+        return float(self.layer_format().bits)
+
+    def alone(self, unit: str, setting: float, units: Sequence[str]) -> LowBitQuantize:
+        """This stage quantizing ``unit`` alone, at ``setting`` bits."""
+        others = [*self.exclude, *(u for u in units if u != unit)]
+        return self.model_copy(update={"layer_bits": {unit: int(setting)}, "exclude": others, "keep_ends": "none"})
+
+    def bits_format(self, bits: int) -> Format:
+        """The format of a layer given ``bits`` by ``layer_bits``."""
+        own = self.layer_format()
+        if bits == 1:
+            return Format("binary", 1)
+        return replace(own, bits=bits) if own.kind == "int" else Format("int", bits)
+
     def _precheck(self, model: nn.Module, formats: dict[str, Format]) -> None:
         """Refuse now what the conversion would refuse after the rounding and training (nothing here)."""
 
@@ -81,13 +121,27 @@ class LowBitQuantize(LayerQuantize):
         """Each chosen layer's format; StageError if a group size does not fit a layer."""
         names = [name for name, _ in self._targets(model)]
         ends = {"first": names[:1], "last": names[-1:], "both": [names[0], names[-1]], "none": []}[self.keep_ends]
-        fmt = self.layer_format()
+        formats = {name: INT8 if name in ends else self.layer_format() for name in names}
+        formats.update(self._chosen_bits(names))
         for name, layer in self._targets(model):
-            features = weight_of(layer)[0].numel()
+            fmt, features = formats[name], weight_of(layer)[0].numel()
             if fmt.group_size and features % fmt.group_size:
                 raise StageError(self.label, f"group_size {fmt.group_size} does not divide the {features} input "
                                  f"features of layer '{name}' ({type(layer).__name__}); exclude it or pick a divisor")
-        return {name: INT8 if name in ends else fmt for name in names}
+        return formats
+
+    def _chosen_bits(self, names: list[str]) -> dict[str, Format]:
+        """The formats ``layer_bits`` gives; StageError for a pattern that matches no chosen layer."""
+        unused = [p for p in self.layer_bits if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+        if unused:
+            raise StageError(self.label, f"layer_bits: {', '.join(unused)} matches no layer this stage quantizes "
+                             f"({', '.join(names) or 'none'})")
+        chosen = {}
+        for name in names:
+            bits = next((b for p, b in self.layer_bits.items() if fnmatch.fnmatchcase(name, p)), None)
+            if bits is not None:
+                chosen[name] = self.bits_format(bits)
+        return chosen
 
     def _round(self, model: nn.Module, formats: dict[str, Format], ctx: Context) -> dict[str, QWeight]:
         """Each layer's codes: round to nearest (a method may override, e.g. GPTQ)."""
@@ -100,7 +154,11 @@ class LowBitQuantize(LayerQuantize):
         return formats
 
     def _notes(self, model: nn.Module, formats: dict[str, Format], ctx: Context) -> None:
-        ends = [n for n, f in formats.items() if replace(f, storage=INT8.storage) == INT8 != self.layer_format()]
+        chosen = self._chosen_bits(list(formats)) if self.layer_bits else {}
+        ends = [n for n, f in formats.items() if replace(f, storage=INT8.storage) == INT8 != self.layer_format()
+                and n not in chosen]
+        if chosen:
+            ctx.note(f"{self.label}: bits per layer (layer_bits): {', '.join(f'{n} {f.bits}' for n, f in chosen.items())}")
         if ends:
             ctx.note(f"{self.label}: kept at int8 (keep_ends {self.keep_ends}): {', '.join(ends)}")
         for name, layer in select_layers(model, self.modules, self.exclude):
