@@ -100,6 +100,7 @@ def _pruner() -> Any:
         """Hidden units out, input features in (the first layer's input columns)."""
 
         TARGET_MODULES = RECURRENT_TYPES
+        CUTS_ALL_TENSORS = True  # every gate's rows and columns: no tensor is left for the leftovers rule
 
         def prune_out_channels(self, layer: nn.RNNBase, idxs: Sequence[int]) -> nn.Module:
             prune_units(layer, [int(i) for i in idxs])

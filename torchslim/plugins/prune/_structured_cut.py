@@ -139,20 +139,26 @@ def _shapes_of(output: Any) -> Any:
     return None
 
 
-Saved = tuple[list[tuple[nn.Module, type, dict[str, Any], dict[str, Any], dict[str, Any]]], list[tuple[Any, torch.Tensor]]]
+Saved = tuple[list[tuple[nn.Module, type, dict[str, Any], dict[str, Any], dict[str, Any]]],
+              list[tuple[Any, torch.Tensor]], list[tuple[list[Any], list[Any]]]]
 
 
 def _save(model: nn.Module) -> Saved:
-    """What a cut may change, by reference (no tensor is copied): module classes and attributes, and parameters' data."""
+    """What a cut may change, by reference (no tensor is copied): module classes and attributes, parameters'
+    data, and the contents of the lists modules hold (an ``nn.LSTM`` updates its ``_flat_weights`` in place when a
+    weight is replaced: restoring the list object alone would leave the cut weights in it)."""
     modules = [(m, type(m), dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in model.modules()]
-    return modules, [(p, p.data) for p in model.parameters()]
+    lists = [(v, list(v)) for m in model.modules() for v in vars(m).values() if isinstance(v, list)]
+    return modules, [(p, p.data) for p in model.parameters()], lists
 
 
 def _load(saved: Saved) -> None:
-    modules, data = saved
+    modules, data, lists = saved
     for module, cls, attributes, parameters, buffers in modules:
         module.__class__ = cls
         module.__dict__.clear()
         module.__dict__.update(attributes, _parameters=dict(parameters), _buffers=dict(buffers))
     for parameter, tensor in data:
         parameter.data = tensor
+    for held, contents in lists:
+        held[:] = contents
