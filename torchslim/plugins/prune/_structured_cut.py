@@ -6,6 +6,7 @@ embedding gets the forward that reads them (``_mha.settle``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -59,9 +60,10 @@ def _plan(graph: Any, group: _Group, count: int) -> Any:
     return plan
 
 
-def _cut(model: nn.Module, graph: Any, group: _Group, example: torch.Tensor, expected: Any,
+def _cut(model: nn.Module, graph: Any, group: _Group, forward: Callable[[], Any], expected: Any,
          state: ChannelState, lost: dict[nn.Module, Lost]) -> None:
-    """Cut the chosen units; undo the cut (and leave the group whole) if the model's forward then fails.
+    """Cut the chosen units; undo the cut (and leave the group whole) if the model's ``forward`` (the shapes of
+    its outputs on the example and on inputs that take other branches) then fails or differs from ``expected``.
     What a successful cut took from Linear layers is folded into ``lost`` (for the refit)."""
     if group.remove <= 0:
         return
@@ -77,8 +79,7 @@ def _cut(model: nn.Module, graph: Any, group: _Group, example: torch.Tensor, exp
     removed = _removals(cuts) if cuts else removed_by(plan) if plan is not None else {}
     try:
         _apply(model, graph, plan if cuts is None else cuts, group)
-        with torch.no_grad():
-            got = _shapes_of(model(example))
+        got = forward()
         if got != expected:
             raise RuntimeError(f"output shape changed from {expected} to {got}")
     except Exception as exc:

@@ -15,6 +15,7 @@ at (from the failing frames of the traceback), and what to try.
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -26,15 +27,18 @@ class TraceFailure(Exception):
     """Torch-Pruning could not build the model's dependency graph; the message says where and what to try."""
 
 
-def build(model: nn.Module, example: Any, customized: dict[type, Any] | None) -> tuple[Any, dict[Any, str]]:
-    """Torch-Pruning's dependency graph of ``model``, concatenation sizes repaired where it could not infer
-    them, and the concatenations it still could not map channel indices through, each with why (the groups
-    across them must be left whole); :class:`TraceFailure` where no graph could be built."""
+def build(model: nn.Module, example: Any, customized: dict[type, Any] | None,
+          forward: Callable[[nn.Module, Any], Any] | None = None) -> tuple[Any, dict[Any, str]]:
+    """Torch-Pruning's dependency graph of ``model`` (traced on ``forward(model, example)``, or its forward on
+    ``example``), concatenation sizes repaired where it could not infer them, and the concatenations it still
+    could not map channel indices through, each with why (the groups across them must be left whole);
+    :class:`TraceFailure` where no graph could be built."""
     import torch_pruning as tp
 
     graph = tp.DependencyGraph()
     try:
-        graph.build_dependency(model, example_inputs=example, verbose=False, customized_pruners=customized)
+        graph.build_dependency(model, example_inputs=example, verbose=False, customized_pruners=customized,
+                               forward_fn=forward)
     except Exception as exc:
         # the index mapping is the builder's last step: the graph is complete but for it
         if "update_index_mapping" not in _functions(exc):
