@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ...engine.errors import first_line
+from ._recurrent import RECURRENT_TYPES, reader_importance, refused
 from ._structured_branches import Reach
 from ._structured_choice import _choose_global, _choose_heads, _choose_per_layer, _out_channels, _round
 from ._structured_clock import Clock, GraphTimeout, Progress
@@ -238,7 +239,7 @@ def _list(graph: Any, found: Iterator[tuple[nn.Module, Any, str | None]], names:
             continue
         if described is None:
             continue
-        problem = _precheck(graph, described)
+        problem = refused(root) or _precheck(graph, described)
         if problem:
             _skip(state, name, root, problem, names)
             continue
@@ -274,8 +275,14 @@ def nothing_removed(state: ChannelState) -> str:
 def _describe(graph: Any, group: Any, names: dict[nn.Module, str], scorer: Any, opts: ChannelOptions,
               state: ChannelState) -> _Group | None:
     root = group[0].dep.target.module
+    if root not in names:
+        return None
     importance = scorer(group)
-    if importance is None or root not in names:
+    if importance is None and isinstance(root, RECURRENT_TYPES):  # read only by recurrent layers
+        importance = reader_importance(graph, group, opts.norm)
+    if importance is None:
+        _skip(state, names[root], root, "nothing scores its channels: no Conv, Linear or normalization layer "
+              "among the layers coupled to it", names)
         return None
     per_unit = _channel_groups(graph, group)
     units = int(importance.numel()) // per_unit
