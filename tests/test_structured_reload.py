@@ -109,6 +109,9 @@ def test_rows_and_columns_lstms_are_pruned_and_reload_with_identical_outputs(tmp
     report, loaded, inputs = _run(tmp_path, "rows_and_columns", image=True)
     model = report.model
     assert model.stem.out_channels < 16 and model.rnn_v.input_size == model.stem.out_channels
+    # both LSTMs lose units (the columns' one through a reshape of (n*rows, cols, c) to (n, rows, cols, c))
+    assert model.rnn_v.hidden_size < 4 and model.rnn_h.hidden_size < 4
+    assert not any("left whole" in note for note in report.notes), report.notes
     for lstm in (model.rnn_v, model.rnn_h):  # every gate keeps 4 * hidden_size rows, in both directions
         for name, tensor in lstm.named_parameters():
             assert tensor.shape[0] == 4 * lstm.hidden_size, name
