@@ -80,11 +80,12 @@ def unflatten_channel_last(graph: Any) -> int:
     the channels, and each index of the LSTM before it became two (``index 384 is out of bounds``). Such a
     reshape's node is given the attribute it reads (so that its own check skips it: it maps again at every
     group it lists), and the mappings it already made are removed."""
+    import torch_pruning as tp
     from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
     undone = 0
     for node in graph.module2node.values():
-        before = _kept_last_dimension(node.grad_fn)
+        before = _kept_last_dimension(node.grad_fn) if node.type == tp.ops.OPTYPE.RESHAPE else None
         if before is None:
             continue
         node.grad_fn = _SizedReshape(node.grad_fn, before)
