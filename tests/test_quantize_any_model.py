@@ -205,3 +205,37 @@ def test_quantized_unet_counts_the_macs_of_its_float_model() -> None:
     convs = (8 * 16 * 16) * 3 * 9 + (16 * 8 * 8) * 8 * 9 + (2 * 16 * 16) * 16  # output elements x in_channels x kernel
     assert count_macs(model, inputs) == up + convs
     assert count_macs(quantized, inputs) == up + convs
+
+
+class StringPadding(nn.Module):
+    """Convolutions padded by a string: ``"same"`` (odd kernel, dilated, depthwise), ``"valid"``, and a ``"same"``
+    with an even kernel, which pads one more on one side."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding="same")
+        self.dilated = nn.Conv2d(8, 8, 3, padding="same", dilation=2, groups=8)
+        self.valid = nn.Conv2d(8, 8, 3, padding="valid")
+        self.even = nn.Conv2d(8, 8, 2, padding="same")
+        self.fc = nn.Linear(8, digits.CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv(x))
+        x = x + F.relu(self.dilated(x))
+        return self.fc(F.relu(self.even(F.relu(self.valid(x)))).mean(dim=(2, 3)))
+
+
+def string_padding() -> StringPadding:
+    """An untrained :class:`StringPadding` (a model factory for recipes)."""
+    torch.manual_seed(0)
+    return StringPadding().eval()
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_static_int8_takes_convolutions_padded_by_a_string(tmp_path: Path) -> None:
+    stage = {"method": "static", "calibration_batches": 4}
+    report, loaded = _run_and_reload(tmp_path, _recipe("string_padding", stage, image=True), _images())
+    assert report.final.metrics["quantized_layers"] == 4  # conv, dilated, valid and fc; even stays float
+    assert not is_torch_quantized(loaded.even)  # float (fused with its ReLU)
+    assert "convolutions left float: even (padding='same' pads one more on one side" in " ".join(report.notes)
+    assert report.final.metrics["accuracy"] >= report.baseline.metrics["accuracy"] - 10.0

@@ -149,3 +149,49 @@ def test_pruned_recurrent_classifier_is_int8_and_reloads(tmp_path: Path, kind: s
     inputs = next(iter(digits.loaders()["eval"]))[0]
     with torch.inference_mode():
         assert torch.equal(loaded(inputs), report.model(inputs))
+
+
+class Stacked(nn.Module):
+    """Rows -> an LSTM read only by a second LSTM -> a head on the last step."""
+
+    def __init__(self, proj_size: int = 0) -> None:
+        super().__init__()
+        self.rows = nn.Linear(8, 12)
+        self.low = nn.LSTM(12, 16, batch_first=True)
+        self.high = nn.LSTM(16, 16, batch_first=True, proj_size=proj_size)
+        self.head = nn.Linear(proj_size or 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low, _ = self.low(torch.relu(self.rows(x.reshape(len(x), 8, 8))))
+        return self.head(self.high(low)[0][:, -1])
+
+
+def test_units_read_only_by_another_recurrent_layer_are_ranked_by_its_input_columns() -> None:
+    """The low LSTM's units are read by the high LSTM alone (no Linear to score them): its silent units, whose
+    columns in the high LSTM's input weights are zero, go first, and nothing else changes."""
+    from torchslim.plugins.prune._structured import ChannelOptions, ChannelState, prune_step
+
+    torch.manual_seed(0)
+    model, inputs = Stacked().eval(), torch.rand(6, 64)
+    with torch.no_grad():
+        model.low.weight_hh_l0[:, 11:] = 0
+        model.high.weight_ih_l0[:, 11:] = 0
+        before = model(inputs)
+    state = ChannelState()
+    prune_step(model, inputs, 5 / 16, ChannelOptions("global", 2, 1, 0.9, ["rows", "high"]), state)
+    assert model.low.hidden_size == 11 and model.high.input_size == 11 and not state.skipped
+    with torch.no_grad():
+        assert torch.allclose(model(inputs), before, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+def test_an_lstm_with_proj_size_is_kept_whole_saying_what_to_do() -> None:
+    from torchslim.plugins.prune._structured import ChannelOptions, ChannelState, prune_step
+
+    torch.manual_seed(0)
+    model, state = Stacked(proj_size=6).eval(), ChannelState()
+    prune_step(model, torch.rand(6, 64), 0.3, ChannelOptions("global", 2, 1, 0.9, []), state)
+    assert model.high.hidden_size == 16 and model.high.proj_size == 6 and model.low.hidden_size < 16
+    assert state.skipped["high"].startswith("an LSTM with proj_size=6 outputs its projection, which torchslim does "
+                                            "not cut; its 16 hidden units and its output are kept whole")
+    assert "build it without proj_size" in state.skipped["high"]

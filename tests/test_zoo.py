@@ -23,9 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: What torchslim cannot yet do on the hand-written models (issue 25, scope 2); strict: a fix fails here until
 #: its line is removed.
-NOT_YET = {
-    ("data_dependent_cnn", "structured"): "the branch the example batch did not take is left unpruned and breaks",
-}
+NOT_YET: dict[tuple[str, str], str] = {}
 #: A refusal that is right: the U-Net has no Linear layer for dynamic int8 to quantize.
 REFUSED = {("unet", "dynamic"): "matched no layer"}
 

@@ -22,7 +22,8 @@ def snapshot(model: nn.Module) -> dict[str, Any]:
     """Shapes of every parameter and buffer, and the plain size attributes of every module."""
     return {
         "tensors": {name: list(t.shape) for name, t in _tensors(model)},
-        "attributes": {name: _attributes(module) for name, module in model.named_modules()},
+        # every name a module is registered under (a layer shared by two attributes is listed under both)
+        "attributes": {name: _attributes(module) for name, module in model.named_modules(remove_duplicate=False)},
     }
 
 
@@ -40,15 +41,19 @@ def changes(before: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
 
 
 def replay(model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
-    """Resize ``model`` to a :func:`changes` record: the values are placeholders until a state dict is loaded."""
-    modules = dict(model.named_modules())
+    """Resize ``model`` to a :func:`changes` record: the values are placeholders until a state dict is loaded.
+
+    A layer registered under several names (``self.a = self.b = nn.Linear(...)``) is found under each of them,
+    and a tensor shared by several layers (tied weights) stays one tensor, shared as it was."""
+    modules = dict(model.named_modules(remove_duplicate=False))
     for name, values in record.get("attributes", {}).items():
         module = _module(modules, name)
         for key, value in values.items():
             current = getattr(module, key, None)
             setattr(module, key, tuple(value) if isinstance(current, tuple) and isinstance(value, list) else value)
+    fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, shape in record.get("tensors", {}).items():
-        _resize(modules, name, [int(s) for s in shape])
+        _resize(modules, name, [int(s) for s in shape], fresh)
     return model
 
 
@@ -76,12 +81,21 @@ def _module(modules: Mapping[str, nn.Module], name: str) -> nn.Module:
     return modules[name]
 
 
-def _resize(modules: Mapping[str, nn.Module], name: str, shape: list[int]) -> None:
+def _resize(modules: Mapping[str, nn.Module], name: str, shape: list[int],
+            fresh: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Give tensor ``name`` a placeholder of ``shape``; ``fresh`` maps each tensor replaced so far (kept alive,
+    so that its id is not reused) to its placeholder, which every other name of that tensor gets too."""
     owner_name, _, attr = name.rpartition(".")
     owner = _module(modules, owner_name)
     old = getattr(owner, attr)
-    fresh = torch.zeros(shape, dtype=old.dtype, device=old.device)
-    if isinstance(old, nn.Parameter):
-        setattr(owner, attr, nn.Parameter(fresh, requires_grad=old.requires_grad))
+    if any(new is old for _, new in fresh.values()):
+        return  # already replaced under another name of its shared layer
+    _, new = fresh.get(id(old), (old, None))
+    if new is None:
+        empty = torch.zeros(shape, dtype=old.dtype, device=old.device)
+        new = nn.Parameter(empty, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else empty
+        fresh[id(old)] = (old, new)
+    if isinstance(new, nn.Parameter):
+        setattr(owner, attr, new)
     else:
-        owner._buffers[attr] = fresh
+        owner._buffers[attr] = new

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from ...engine.errors import first_line
+from ._recurrent import RECURRENT_TYPES, reader_importance, refused
+from ._structured_branches import Reach
 from ._structured_choice import _choose_global, _choose_heads, _choose_per_layer, _out_channels, _round
 from ._structured_clock import Clock, GraphTimeout, Progress
 from ._structured_cut import _cut, _precheck, _shapes_of
@@ -67,6 +69,9 @@ class ChannelOptions:
     group_amounts: Mapping[str, float] = field(default_factory=dict)
     """Under ``layer`` scope: the fraction of some groups' channels gone after this step, by root layer name
     pattern (the first that matches); the other groups lose the step's fraction."""
+    reach: Reach | None = None
+    """Inputs that reach layers the example does not, and probes of the layers none reaches
+    (``_structured_branches``): the graph is traced, and every cut's forward checked, on them too."""
 
 
 @dataclass
@@ -167,8 +172,11 @@ def _cut_all(model: nn.Module, graph: Any, groups: list[_Group], example: torch.
     """Cut the groups in turn until the time limit; returns how many chosen cuts were refused or undone
     (not counting the groups the time limit left whole)."""
     started, progress = time.monotonic(), Progress(clock.log, "cut")
-    with torch.no_grad():
-        expected = _shapes_of(model(example))
+    def forward() -> Any:  # what every cut is checked on: the example, the other branches' inputs and probes
+        with torch.no_grad():
+            return _shapes_of(opts.reach.check(model, example) if opts.reach else model(example))
+
+    expected = forward()
     before, late = len(state.skipped), 0
     for index, group in enumerate(groups):
         if group.remove > 0 and clock.cutting_over():
@@ -177,7 +185,7 @@ def _cut_all(model: nn.Module, graph: Any, groups: list[_Group], example: torch.
                                                  f"{index} of {len(groups)} groups (raise time_limit)")
             continue
         _round(group, opts.round_to)
-        _cut(model, graph, group, example, expected, state, lost)
+        _cut(model, graph, group, forward, expected, state, lost)
         progress.tick(index + 1, len(groups), group.name)
     clock.log.info("  structured: cut %d groups in %.1f s (%d left whole)", len(groups),
                    time.monotonic() - started, len(state.skipped))
@@ -190,10 +198,11 @@ def _graph_and_groups(model: nn.Module, example: torch.Tensor, opts: ChannelOpti
 
     state.listed = []  # before tracing: a pass that runs out of time there has listed nothing
     clock.phase = "tracing the dependency graph"
-    graph, unmapped = _build_graph(model, example, clock.log, clock.seconds, opts.pruners)
+    graph, unmapped = _build_graph(model, example, clock.log, clock.seconds, opts.pruners,
+                                   opts.reach.forward if opts.reach else None)
     names = {module: name for name, module in model.named_modules()}
     roots = ROOT_TYPES + tuple(opts.pruners)
-    protected = _protected(graph, names, opts.exclude, roots)
+    protected = _protected(graph, names, opts.exclude, roots, opts.reach.joins if opts.reach else set())
     state.protected = sorted(names[m] for m in protected)
     scorer: Any = tp.importance.GroupMagnitudeImportance(p=opts.norm, group_reduction="mean", normalizer="mean")
     if opts.measured is not None and opts.batches is not None:
@@ -233,7 +242,7 @@ def _list(graph: Any, found: Iterator[tuple[nn.Module, Any, str | None]], names:
             continue
         if described is None:
             continue
-        problem = _precheck(graph, described)
+        problem = refused(root) or _precheck(graph, described)
         if problem:
             _skip(state, name, root, problem, names)
             continue
@@ -276,8 +285,14 @@ def nothing_removed(state: ChannelState) -> str:
 def _describe(graph: Any, group: Any, names: dict[nn.Module, str], scorer: Any, opts: ChannelOptions,
               state: ChannelState) -> _Group | None:
     root = group[0].dep.target.module
+    if root not in names:
+        return None
     importance = scorer(group)
-    if importance is None or root not in names:
+    if importance is None and isinstance(root, RECURRENT_TYPES):  # read only by recurrent layers
+        importance = reader_importance(graph, group, opts.norm)
+    if importance is None:
+        _skip(state, names[root], root, "nothing scores its channels: no Conv, Linear or normalization layer "
+              "among the layers coupled to it", names)
         return None
     per_unit = _channel_groups(graph, group)
     units = int(importance.numel()) // per_unit

@@ -6,6 +6,7 @@ embedding gets the forward that reads them (``_mha.settle``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -59,9 +60,10 @@ def _plan(graph: Any, group: _Group, count: int) -> Any:
     return plan
 
 
-def _cut(model: nn.Module, graph: Any, group: _Group, example: torch.Tensor, expected: Any,
+def _cut(model: nn.Module, graph: Any, group: _Group, forward: Callable[[], Any], expected: Any,
          state: ChannelState, lost: dict[nn.Module, Lost]) -> None:
-    """Cut the chosen units; undo the cut (and leave the group whole) if the model's forward then fails.
+    """Cut the chosen units; undo the cut (and leave the group whole) if the model's ``forward`` (the shapes of
+    its outputs on the example and on inputs that take other branches) then fails or differs from ``expected``.
     What a successful cut took from Linear layers is folded into ``lost`` (for the refit)."""
     if group.remove <= 0:
         return
@@ -77,8 +79,7 @@ def _cut(model: nn.Module, graph: Any, group: _Group, example: torch.Tensor, exp
     removed = _removals(cuts) if cuts else removed_by(plan) if plan is not None else {}
     try:
         _apply(model, graph, plan if cuts is None else cuts, group)
-        with torch.no_grad():
-            got = _shapes_of(model(example))
+        got = forward()
         if got != expected:
             raise RuntimeError(f"output shape changed from {expected} to {got}")
     except Exception as exc:
@@ -139,20 +140,26 @@ def _shapes_of(output: Any) -> Any:
     return None
 
 
-Saved = tuple[list[tuple[nn.Module, type, dict[str, Any], dict[str, Any], dict[str, Any]]], list[tuple[Any, torch.Tensor]]]
+Saved = tuple[list[tuple[nn.Module, type, dict[str, Any], dict[str, Any], dict[str, Any]]],
+              list[tuple[Any, torch.Tensor]], list[tuple[list[Any], list[Any]]]]
 
 
 def _save(model: nn.Module) -> Saved:
-    """What a cut may change, by reference (no tensor is copied): module classes and attributes, and parameters' data."""
+    """What a cut may change, by reference (no tensor is copied): module classes and attributes, parameters'
+    data, and the contents of the lists modules hold (an ``nn.LSTM`` updates its ``_flat_weights`` in place when a
+    weight is replaced: restoring the list object alone would leave the cut weights in it)."""
     modules = [(m, type(m), dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in model.modules()]
-    return modules, [(p, p.data) for p in model.parameters()]
+    lists = [(v, list(v)) for m in model.modules() for v in vars(m).values() if isinstance(v, list)]
+    return modules, [(p, p.data) for p in model.parameters()], lists
 
 
 def _load(saved: Saved) -> None:
-    modules, data = saved
+    modules, data, lists = saved
     for module, cls, attributes, parameters, buffers in modules:
         module.__class__ = cls
         module.__dict__.clear()
         module.__dict__.update(attributes, _parameters=dict(parameters), _buffers=dict(buffers))
     for parameter, tensor in data:
         parameter.data = tensor
+    for held, contents in lists:
+        held[:] = contents

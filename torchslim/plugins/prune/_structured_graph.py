@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,10 +25,11 @@ ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.L
 
 
 def _build_graph(model: nn.Module, example: torch.Tensor, log: logging.Logger, time_limit: float | None,
-                 pruners: Mapping[type, LayerPruner] | None = None) -> tuple[Any, dict[Any, str]]:
-    """Torch-Pruning's dependency graph of ``model``, with the patch-merging layers and the user's own layer
-    types (``pruners``) cut by their own pruners, and the graph nodes no channel index could be mapped through
-    (``_structured_trace``), each with why."""
+                 pruners: Mapping[type, LayerPruner] | None = None,
+                 forward: Callable[[nn.Module, Any], Any] | None = None) -> tuple[Any, dict[Any, str]]:
+    """Torch-Pruning's dependency graph of ``model`` traced on ``example`` (by ``forward(model, example)``, which
+    may reach other branches too), with the patch-merging layers and the user's own layer types (``pruners``) cut by their own
+    pruners, and the graph nodes no channel index could be mapped through (``_structured_trace``), each with why."""
     count = sum(1 for _ in model.modules())
     log.info("  structured: tracing the dependency graph (%d modules)%s", count,
              f", time limit {time_limit:g} s" if time_limit else "")
@@ -37,7 +38,7 @@ def _build_graph(model: nn.Module, example: torch.Tensor, log: logging.Logger, t
     special = customized({**merging, **(pruners or {})})
     special.update(prepare_heads(model, example))  # heads found from the graph; nn.MultiheadAttention's pruner
     with recurrent_tracing(model) as recurrent:  # hidden units of LSTM/GRU/RNN (_recurrent)
-        graph, unmapped = build(model, example, {**special, **recurrent} or None)
+        graph, unmapped = build(model, example, {**special, **recurrent} or None, forward)
     log.info("  structured: dependency graph traced in %.1f s", time.monotonic() - started)
     for reason in unmapped.values():
         log.warning("  structured: the groups whose %s are left whole", reason.removeprefix("its "))
@@ -129,15 +130,16 @@ def _all_groups(graph: Any, protected: list[nn.Module], clock: Clock, roots: tup
 
 
 def _protected(graph: Any, names: dict[nn.Module, str], exclude: Sequence[str],
-               roots: tuple[type[nn.Module], ...] = ROOT_TYPES) -> list[nn.Module]:
+               roots: tuple[type[nn.Module], ...] = ROOT_TYPES, joins: Container[Any] = ()) -> list[nn.Module]:
+    """The output layers (``joins``: autograd nodes of traced outputs that are not the model's) and the excluded ones."""
     outputs: list[nn.Module] = [m for m in graph.module2node
-                                if isinstance(m, roots) and _feeds_output(graph.module2node[m], roots)]
+                                if isinstance(m, roots) and _feeds_output(graph.module2node[m], roots, joins)]
     excluded = [m for m, name in names.items()
                 if isinstance(m, roots) and matches(name, exclude)]
     return outputs + [m for m in excluded if m not in outputs]
 
 
-def _feeds_output(node: Any, roots: tuple[type[nn.Module], ...]) -> bool:
+def _feeds_output(node: Any, roots: tuple[type[nn.Module], ...], joins: Container[Any] = ()) -> bool:
     """Whether the layer's output reaches the model's output without passing another Conv/Linear (or ``roots``).
 
     Tracing starts from the outputs, so a node without successors is an output of the model.
@@ -148,7 +150,7 @@ def _feeds_output(node: Any, roots: tuple[type[nn.Module], ...]) -> bool:
         if id(current) in seen:
             continue
         seen.add(id(current))
-        if not current.outputs:
+        if not current.outputs and current.grad_fn not in joins:
             return True
         stack.extend(n for n in current.outputs if not isinstance(n.module, roots))
     return False

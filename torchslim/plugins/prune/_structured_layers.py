@@ -12,6 +12,10 @@ Two mechanisms, neither tied to an architecture:
 - **Layers of your own** (the ``layer_pruners`` option): a :class:`LayerPruner` says how many channels a
   layer type has and keeps the chosen ones; it is given to Torch-Pruning as a customized pruner, and
   the layer type roots groups of channels like Conv and Linear layers do.
+
+A pruner that cuts every tensor of its layer itself says so (``CUTS_ALL_TENSORS``): the leftovers rule is not
+applied to its layer, whose other tensors can share a channel count by chance (an LSTM's hidden weights have
+``4 * hidden_size`` rows, as many as its input features, say).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ def _adapted(pruner: LayerPruner) -> Any:
 
     class Adapted(tp.pruner.function.BasePruningFunc):  # type: ignore[misc]
         TARGET_MODULES = None
+        CUTS_ALL_TENSORS = True  # keep_out/keep_in leave the layer consistent (LayerPruner's contract)
 
         def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
             pruner.keep_out(layer, _kept(pruner.out_channels(layer), idxs))
@@ -116,8 +121,8 @@ class _Leftovers:
     def before(cls, graph: Any, dep: Any, idxs: Sequence[int]) -> _Leftovers | None:
         module = dep.target.module
         pruner = graph.get_pruner_of_module(module) if isinstance(module, nn.Module) else None
-        if pruner is None:
-            return None
+        if pruner is None or getattr(pruner, "CUTS_ALL_TENSORS", False):
+            return None  # no pruner, or one that cuts every tensor of its layer itself
         out = bool(graph.is_out_channel_pruning_fn(dep.handler))
         counts = (pruner.get_out_channels(module), pruner.get_in_channels(module))
         if not all(isinstance(c, int) for c in counts):

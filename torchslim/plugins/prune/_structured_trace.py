@@ -15,6 +15,7 @@ at (from the failing frames of the traceback), and what to try.
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -26,20 +27,24 @@ class TraceFailure(Exception):
     """Torch-Pruning could not build the model's dependency graph; the message says where and what to try."""
 
 
-def build(model: nn.Module, example: Any, customized: dict[type, Any] | None) -> tuple[Any, dict[Any, str]]:
-    """Torch-Pruning's dependency graph of ``model``, concatenation sizes repaired where it could not infer
-    them, and the concatenations it still could not map channel indices through, each with why (the groups
-    across them must be left whole); :class:`TraceFailure` where no graph could be built."""
+def build(model: nn.Module, example: Any, customized: dict[type, Any] | None,
+          forward: Callable[[nn.Module, Any], Any] | None = None) -> tuple[Any, dict[Any, str]]:
+    """Torch-Pruning's dependency graph of ``model`` (traced on ``forward(model, example)``, or its forward on
+    ``example``), concatenation sizes repaired where it could not infer them, and the concatenations it still
+    could not map channel indices through, each with why (the groups across them must be left whole);
+    :class:`TraceFailure` where no graph could be built."""
     import torch_pruning as tp
 
     graph = tp.DependencyGraph()
     try:
-        graph.build_dependency(model, example_inputs=example, verbose=False, customized_pruners=customized)
+        graph.build_dependency(model, example_inputs=example, verbose=False, customized_pruners=customized,
+                               forward_fn=forward)
     except Exception as exc:
         # the index mapping is the builder's last step: the graph is complete but for it
         if "update_index_mapping" not in _functions(exc):
             raise TraceFailure(_message(exc, model)) from exc
     repair_concats(graph)
+    unflatten_channel_last(graph)
     return graph, _map_indices(graph, model)
 
 
@@ -62,6 +67,59 @@ def _map_indices(graph: Any, model: nn.Module) -> dict[Any, str]:
             node.module.concat_sizes = [0] * len(node.inputs)
             unmapped[node] = (f"its channels reach {_describe(node, model)}, whose channel indices Torch-Pruning "
                               f"could not map ({first_line(exc, typed=True, limit=120)})")
+
+
+def unflatten_channel_last(graph: Any) -> int:
+    """Keep Torch-Pruning from mapping channel indices through reshapes that keep the last dimension of a tensor
+    that is not 4-D (``(n*h, w, c)`` to ``(n, h, w, c)``: the rows of a sequence regrouped, channels untouched);
+    returns how many reshapes it had mapped.
+
+    Torch-Pruning means to map channels only through reshapes of 1-D and 4-D tensors, but reads the input shape
+    from an attribute autograd no longer has (``_saved_self_sizes``, now ``_saved_self_sym_sizes``), and then maps
+    such a reshape by channel counts it infers from the layers around: through a concatenation it inferred twice
+    the channels, and each index of the LSTM before it became two (``index 384 is out of bounds``). Such a
+    reshape's node is given the attribute it reads (so that its own check skips it: it maps again at every
+    group it lists), and the mappings it already made are removed."""
+    import torch_pruning as tp
+    from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
+
+    undone = 0
+    for node in graph.module2node.values():
+        before = _kept_last_dimension(node.grad_fn) if node.type == tp.ops.OPTYPE.RESHAPE else None
+        if before is None:
+            continue
+        node.grad_fn = _SizedReshape(node.grad_fn, before)
+        neighbours = [*node.inputs, *node.outputs]
+        deps = [d for d in node.dependencies if d.target in neighbours]
+        deps += [d for n in neighbours for d in n.dependencies if d.target is node]
+        for dep in deps:
+            if isinstance(dep.index_mapping[0], _FlattenIndexMapping):
+                dep.index_mapping[0] = None
+                undone += 1
+    return undone
+
+
+def _kept_last_dimension(grad_fn: Any) -> tuple[int, ...] | None:
+    """The input shape of a reshape that keeps the last dimension of a tensor that is not 1-D or 4-D (the kind
+    Torch-Pruning's check means to skip), or None."""
+    before = getattr(grad_fn, "_saved_self_sym_sizes", None)
+    if before is None or hasattr(grad_fn, "_saved_self_sizes") or len(before) in (1, 4):
+        return None
+    try:
+        after = grad_fn._input_metadata[0].shape
+    except (AttributeError, IndexError):
+        return None
+    return tuple(int(s) for s in before) if len(after) and after[-1] == before[-1] else None
+
+
+class _SizedReshape:
+    """A reshape's autograd node that also answers ``_saved_self_sizes`` (what Torch-Pruning reads)."""
+
+    def __init__(self, grad_fn: Any, sizes: tuple[int, ...]) -> None:
+        self._grad_fn, self._saved_self_sizes = grad_fn, sizes
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grad_fn, name)
 
 
 def repair_concats(graph: Any) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
@@ -22,6 +22,7 @@ from .base import Fraction, PruneStage
 
 if TYPE_CHECKING:
     from ._structured import ChannelOptions, ChannelState
+    from ._structured_branches import Reach
 
 
 class StructuredPrune(PruneStage):
@@ -53,7 +54,8 @@ class StructuredPrune(PruneStage):
     are not refit."""
     calibration_batches: int = Field(default=16, ge=1)
     """Batches of the calibration data that the measured importances (``activation``, ``obs``) and ``refit``
-    run on."""
+    run on; where the example inputs do not reach every layer (a forward that branches on its data), these
+    batches are searched for inputs that do, and the graph is traced on those too."""
     round_to: int = Field(default=1, ge=1)
     """Leave channel counts that are multiples of this (e.g. 8), for kernel-friendly shapes (1: no rounding)."""
     max_layer_amount: Fraction = 0.9
@@ -139,7 +141,8 @@ class StructuredPrune(PruneStage):
         from ._structured_clock import GraphTimeout
         from ._structured_trace import TraceFailure
 
-        state, example, options = ChannelState(), ctx.example_inputs[:2], self._options(ctx)
+        state, example = ChannelState(), ctx.example_inputs[:2]
+        options = replace(self._options(ctx), reach=self._reach(model, example, ctx))
         for step in range(1, self.steps + 1):
             heads = None if self.head_amount is None else self.head_amount * step / self.steps
             share = {p: a * step / self.steps for p, a in self.group_amounts.items()}
@@ -154,6 +157,7 @@ class StructuredPrune(PruneStage):
             except TraceFailure as exc:
                 raise StageError(self.label, str(exc)) from exc
             self._finetune(model, ctx, step)
+        self._report_reach(options.reach, ctx)  # after the trace: which unreached modules it could probe
         return state
 
     def _options(self, ctx: Context | None) -> ChannelOptions:
@@ -174,6 +178,26 @@ class StructuredPrune(PruneStage):
             return resolved(self.layer_pruners, import_target)
         except (RecipeError, ValueError) as exc:
             raise StageError(self.label, str(exc)) from exc
+
+    def _reach(self, model: nn.Module, example: Any, ctx: Context) -> Reach | None:
+        """Calibration inputs that reach layers the example does not (a forward that branches on its data), and
+        probes of the layers none of ``calibration_batches`` reaches (``_structured_branches``); None: all ran."""
+        from ._structured_branches import find_reach
+
+        def batches() -> Iterator[Any]:  # read only when a layer is not reached by the example
+            yield from Calibration.of(ctx, self.calibration_batches)
+
+        found = find_reach(model.eval(), example, batches())
+        if found.inputs:
+            ctx.log.info("  %s: %d calibration batch(es) reach layers the example inputs do not (a forward that "
+                         "branches on its data): the graph is traced, and each cut checked, on them too",
+                         self.label, len(found.inputs))
+        return found if found.inputs or found.unreached else None
+
+    def _report_reach(self, reach: Reach | None, ctx: Context) -> None:
+        for note in reach.notes() if reach is not None else []:
+            ctx.log.warning("  %s: %s", self.label, note)
+            ctx.note(f"{self.label}: {note}")
 
     def _calibration(self, ctx: Context) -> Calibration | None:
         """The calibration inputs, when the importance or the refit measures on them."""

@@ -12,6 +12,7 @@ from ...engine.errors import StageError
 from ...engine.stage import Context
 from .._calibration import Calibration
 from ._backends import STATIC_TYPES, BackendError, Quantized, StaticBackend, StaticOptions
+from ._padding import numeric_padding
 from ._subclass import as_base_layers, swap_to_base
 from .base import LayerQuantize, engine_note
 
@@ -43,18 +44,22 @@ class StaticQuantize(LayerQuantize):
 
     def _quantize(self, model: nn.Module, ctx: Context) -> Quantized:
         base = as_base_layers(model, self.modules, self.exclude, ctx.example_inputs)
+        padded = numeric_padding(base.model, self.modules, self.exclude)  # restore redoes it on the built model
         batches = Calibration.of(ctx, self.calibration_batches)
-        result = self._backend().quantize(base.model, ctx.example_inputs, batches, self._options(base.kept))
+        options = self._options([*base.kept, *padded.kept])
+        result = self._backend().quantize(padded.model, ctx.example_inputs, batches, options)
         subclasses = {"as_base_class": list(base.swapped), "left_float_subclasses": list(base.kept)}
         result.record.update({key: names for key, names in subclasses.items() if names})
-        for note in [*base.notes(), *result.notes]:
+        for note in [*base.notes(), *padded.notes(), *result.notes]:
             ctx.note(f"{self.label}: {note}")
         return result
 
     def _restore(self, model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
         model = swap_to_base(model, record.get("as_base_class", []))
+        padded = numeric_padding(model, self.modules, self.exclude, in_place=True)
+        options = self._options([*record.get("left_float_subclasses", []), *padded.kept])
         try:
-            return self._backend().restore(model, self._options(record.get("left_float_subclasses", [])), record)
+            return self._backend().restore(padded.model, options, record)
         except BackendError as exc:
             raise StageError(self.label, f"{self._where()}: cannot rebuild the saved model: {exc}") from exc
 
