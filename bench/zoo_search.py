@@ -33,9 +33,11 @@ def recipe(name: str, graph_seconds: int) -> dict[str, Any]:
         "metrics": {"latency": False},
         "stages": [structured, {"type": "quantize", "name": "quantize", "method": "dynamic"}],
         "search": {
-            "space": {"stages.0.amount": {"low": 0.1, "high": 0.5},
-                      "stages.1.method": {"choices": ["dynamic", "static"]}},
-            "objectives": ["metric", "macs"], "trials": TRIALS, "startup_trials": TRIALS, "seed": 0,
+            "space": {"stages.0.amount": {"low": 0.1, "high": 0.5}, "stages.1.method": {"choices": ["dynamic", "static"]}},
+            "objectives": ["metric", "macs"],
+            "trials": TRIALS,
+            "startup_trials": TRIALS,
+            "seed": 0,
         },
     }
 
@@ -56,11 +58,17 @@ def run_search(name: str, graph_seconds: int) -> dict[str, Any]:
     ran = [r for r in result.records if r.ok]
     failed = [r for r in result.records if r.error is not None]
     best = result.answer.best
-    return {"ok": True, "end": "finished", "trials_ok": len(ran), "trials_failed": len(failed),
-            "trial_errors": [r.error[:200] for r in failed if r.error][:2],
-            "agreement": None if best is None else best.final.get("agreement"),
-            "macs": None if best is None or not best.final.get("macs") or not best.baseline.get("macs")
-            else best.baseline["macs"] / best.final["macs"]}
+    return {
+        "ok": True,
+        "end": "finished",
+        "trials_ok": len(ran),
+        "trials_failed": len(failed),
+        "trial_errors": [r.error[:200] for r in failed if r.error][:2],
+        "agreement": None if best is None else best.final.get("agreement"),
+        "macs": None
+        if best is None or not best.final.get("macs") or not best.baseline.get("macs")
+        else best.baseline["macs"] / best.final["macs"],
+    }
 
 
 def counts(results: list[dict[str, Any]]) -> str:
@@ -72,6 +80,8 @@ def counts(results: list[dict[str, Any]]) -> str:
     clean = [r for r in rows if r.get("end") == "clean"]
     raw = [r for r in rows if r.get("end") == "raw"]
     other = [r for r in rows if r.get("end") is None]  # the subprocess stopped: a timeout, or it died
-    return (f"search4: {len(done)}/{len(rows)} finished ({sum(r['trials_ok'] for r in done)} trials ran, "
-            f"{sum(r['trials_failed'] for r in done)} failed with a clean error), {len(clean)} stopped with a clean error, "
-            f"{len(raw)} raw traceback(s), {len(other)} stopped by the zoo (timeout or died)")
+    return (
+        f"search4: {len(done)}/{len(rows)} finished ({sum(r['trials_ok'] for r in done)} trials ran, "
+        f"{sum(r['trials_failed'] for r in done)} failed with a clean error), {len(clean)} stopped with a clean error, "
+        f"{len(raw)} raw traceback(s), {len(other)} stopped by the zoo (timeout or died)"
+    )

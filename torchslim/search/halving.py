@@ -1,0 +1,142 @@
+"""Cheap before expensive (``search.cheap``): successive halving over a search's trials.
+
+Every trial first runs at the cheapest rung (its stages' epochs scaled down, its metric scored on a part of the
+eval data: the same recipe path as a full run, with its own baseline measured on the same part); after each rung,
+Optuna's ``SuccessiveHalvingPruner`` decides whether it goes on (about one in ``reduction_factor`` does), and the
+trials that pass every rung run in full. The Pareto front and ``best.yaml`` are chosen among full runs alone.
+
+Optuna's pruners take one objective (``Trial.report`` refuses a multi-objective study), so the value each rung
+is judged by is the trial's rank among the trials measured at that rung: its non-dominated rank (NSGA-II's
+fronts) among those that meet the constraints, and after all of them, those that miss by their total miss. With
+one objective this orders the trials as their values do. The decision is replayed from the search's records (not
+left in the study), so a resumed search decides as the uninterrupted one did; and a trial that no other beats at
+a rung had rank 0 when it was judged, so every member of the cheap front was run in full.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from ..compare.jobs import Outcome, execute, run_parallel
+from ..compare.sweep import set_path
+from ..engine.recipe import RecipeBase
+from ..engine.study_fields import CheapRung, Objective
+from ..engine.yamlio import Document
+from .front import pareto
+from .objectives import total_miss
+from .records import Record
+from .study import keeps
+from .trial import Started, Trials
+
+
+def run_started(runner: Trials, pending: Sequence[Started], earlier: Sequence[Record], workers: int) -> list[Record]:
+    """The records of the started trials: each run in full, or with ``search.cheap`` rung by rung, a trial that is
+    not promising enough at a rung stopped there. ``earlier`` are the search's records before them."""
+    cheap = runner.searched.spec.cheap
+    if cheap is None:
+        return [runner.finish(s, o) for s, o in zip(pending, _execute(runner, pending, workers), strict=True)]
+    runs: dict[int, list[Record]] = {s.number: [] for s in pending}
+    done: dict[int, Record] = {}
+    going = list(pending)
+    for index, rung in enumerate(cheap.rungs):
+        results = _run_rung(runner, going, index, rung, workers)
+        competitors = [r for r in (at_rung(e, index) for e in earlier) if r is not None]
+        promoted = []
+        for started, result in zip(going, results, strict=True):
+            runs[started.number].append(result)
+            if not result.ok:
+                done[started.number] = _whole(result, runs[started.number])
+                continue
+            if _promising(result, competitors, runner.searched.spec.objectives, cheap.reduction_factor):
+                runner.log.info("search: trial %d: promoted after cheap rung %d", started.number, index)
+                promoted.append(started)
+            else:
+                done[started.number] = dataclasses.replace(_whole(result, runs[started.number]), stopped=index)
+            competitors.append(result)  # the later trials of the batch compete with it, as in a search of one job
+        going = promoted
+    for started, outcome in zip(going, _execute(runner, going, workers), strict=True):
+        done[started.number] = _whole(runner.finish(started, outcome), runs[started.number])
+    return [done[s.number] for s in pending]
+
+
+def at_rung(record: Record, index: int) -> Record | None:
+    """``record``'s run at cheap rung ``index``, if it ran there and was measured."""
+    if len(record.rungs) <= index:
+        return None
+    found = Record.from_attr(record.rungs[index])
+    return found if found.ok else None
+
+
+def ranks(records: Sequence[Record], objectives: Sequence[Objective]) -> list[int]:
+    """Each record's rank (0 best): non-dominated fronts of those that meet the constraints, then the others by
+    their total miss (the same miss, the same rank)."""
+    out = [0] * len(records)
+    left = [i for i, r in enumerate(records) if total_miss(r.excess) == 0]
+    level = 0
+    while left:
+        front = {id(r) for r in pareto([records[i] for i in left], objectives)}
+        for i in left:
+            out[i] = level if id(records[i]) in front else out[i]
+        left = [i for i in left if id(records[i]) not in front]
+        level += 1
+    missing = sorted({total_miss(r.excess) for r in records if total_miss(r.excess) > 0})
+    for i, record in enumerate(records):
+        if total_miss(record.excess) > 0:
+            out[i] = level + missing.index(total_miss(record.excess))
+    return out
+
+
+def rung_document(recipe: RecipeBase, rung: CheapRung, index: int) -> Document:
+    """The recipe of cheap rung ``index`` of a trial: ``recipe`` (the trial's, validated) with every stage's epochs
+    scaled by the rung (rounded up) and its metric scored on the rung's fraction of the eval data."""
+    document = recipe.document
+    assert document is not None  # a trial's recipe is validated from its document
+    data: dict[str, Any] = copy.deepcopy(document.data)
+    for i, stage in enumerate(recipe.stages):
+        for name, epochs in _epochs(stage):
+            scaled = max(1, math.ceil(epochs * rung.epochs_scale))
+            set_path(data, f"stages.{i}.{name}", scaled, recipe.where(("search", "cheap")))
+    if rung.eval_fraction < 1:
+        set_path(data, "evaluate.fraction", rung.eval_fraction, recipe.where(("search", "cheap")))
+    data["name"] = f"{recipe.name}-rung{index}"
+    return Document(data, document.source, document.positions)
+
+
+def trains(recipe: RecipeBase) -> bool:
+    """Whether a stage of ``recipe`` has epochs that a rung can scale."""
+    return any(_epochs(stage) for stage in recipe.stages)
+
+
+def _epochs(stage: Any) -> list[tuple[str, int]]:
+    """A stage's training lengths: its whole-number options named ``epochs`` or ``*_epochs`` that are set."""
+    found = ((name, getattr(stage, name)) for name in type(stage).model_fields if name == "epochs" or name.endswith("_epochs"))
+    return [(name, value) for name, value in found if isinstance(value, int) and not isinstance(value, bool)]
+
+
+def _promising(result: Record, competitors: Sequence[Record], objectives: Sequence[Objective], factor: int) -> bool:
+    ranked = ranks([*competitors, result], objectives)
+    return keeps(ranked[-1], ranked[:-1], factor)
+
+
+def _run_rung(runner: Trials, going: Sequence[Started], index: int, rung: CheapRung, workers: int) -> list[Record]:
+    """Rung ``index`` of each trial in ``going``: its record (refused, failed, or measured)."""
+    starts = [runner.rung(s, index, rung_document(s.recipe, rung, index)) for s in going]
+    runnable = [s for s in starts if isinstance(s, Started)]
+    outcomes = iter(_execute(runner, runnable, workers))
+    return [runner.finish(s, next(outcomes)) if isinstance(s, Started) else s for s in starts]
+
+
+def _execute(runner: Trials, started: Sequence[Started], workers: int) -> list[Outcome]:
+    jobs = [runner.job(s) for s in started]
+    return run_parallel(jobs, workers, runner.log) if workers > 1 else [execute(job, runner.log) for job in jobs]
+
+
+def _whole(last: Record, cheap: Sequence[Record]) -> Record:
+    """The trial's record: the figures of its ``last`` run (a cheap one, or the full one), its ``cheap`` runs kept,
+    its time the sum of its runs'."""
+    full = 0.0 if any(r is last for r in cheap) else last.seconds
+    return dataclasses.replace(last, rungs=[r.to_attr() for r in cheap], seconds=sum(r.seconds for r in cheap) + full)
