@@ -179,3 +179,15 @@ def test_evaluate_fraction_scores_the_first_batches(registry: Registry) -> None:
     model = mlp(hidden=16, train_epochs=2).eval()
     correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in kept)
     assert report.rows[0].metrics["accuracy"] == pytest.approx(100.0 * correct / sum(len(y) for _, y in kept))
+
+
+def test_a_rung_that_scales_no_epochs_is_refused(tmp_path: Path, registry: Registry) -> None:
+    from torchslim.search.plan import plan
+
+    recipe = halving_recipe(["metric"], cheap={"rungs": [{"epochs_scale": 0.5}]})
+    recipe["stages"] = recipe["stages"][:1]  # magnitude pruning alone: nothing trains
+    path = write_recipe(tmp_path, recipe)
+    with pytest.raises(RecipeError) as caught:
+        plan(path, tmp_path / "out", 1, registry)
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "epochs_scale" in text)
+    assert f"{path}:{line}:" in str(caught.value) and "no stage of the recipe trains" in str(caught.value)

@@ -15,20 +15,15 @@ a rung had rank 0 when it was judged, so every member of the cheap front was run
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import math
 from collections.abc import Sequence
-from typing import Any
 
 from ..compare.jobs import Outcome, execute, run_parallel
-from ..compare.sweep import set_path
-from ..engine.recipe import RecipeBase
 from ..engine.study_fields import CheapRung, Objective
-from ..engine.yamlio import Document
 from .front import pareto
 from .objectives import total_miss
 from .records import Record
+from .rungs import rung_document
 from .study import keeps
 from .trial import Started, Trials
 
@@ -88,33 +83,6 @@ def ranks(records: Sequence[Record], objectives: Sequence[Objective]) -> list[in
         if total_miss(record.excess) > 0:
             out[i] = level + missing.index(total_miss(record.excess))
     return out
-
-
-def rung_document(recipe: RecipeBase, rung: CheapRung, index: int) -> Document:
-    """The recipe of cheap rung ``index`` of a trial: ``recipe`` (the trial's, validated) with every stage's epochs
-    scaled by the rung (rounded up) and its metric scored on the rung's fraction of the eval data."""
-    document = recipe.document
-    assert document is not None  # a trial's recipe is validated from its document
-    data: dict[str, Any] = copy.deepcopy(document.data)
-    for i, stage in enumerate(recipe.stages):
-        for name, epochs in _epochs(stage):
-            scaled = max(1, math.ceil(epochs * rung.epochs_scale))
-            set_path(data, f"stages.{i}.{name}", scaled, recipe.where(("search", "cheap")))
-    if rung.eval_fraction < 1:
-        set_path(data, "evaluate.fraction", rung.eval_fraction, recipe.where(("search", "cheap")))
-    data["name"] = f"{recipe.name}-rung{index}"
-    return Document(data, document.source, document.positions)
-
-
-def trains(recipe: RecipeBase) -> bool:
-    """Whether a stage of ``recipe`` has epochs that a rung can scale."""
-    return any(_epochs(stage) for stage in recipe.stages)
-
-
-def _epochs(stage: Any) -> list[tuple[str, int]]:
-    """A stage's training lengths: its whole-number options named ``epochs`` or ``*_epochs`` that are set."""
-    found = ((name, getattr(stage, name)) for name in type(stage).model_fields if name == "epochs" or name.endswith("_epochs"))
-    return [(name, value) for name, value in found if isinstance(value, int) and not isinstance(value, bool)]
 
 
 def _promising(result: Record, competitors: Sequence[Record], objectives: Sequence[Objective], factor: int) -> bool:
