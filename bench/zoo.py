@@ -2,6 +2,7 @@
 
     python -m bench.zoo [--quick] [--models a,b] [--recipes structured,static,...] [--timeout 120]
     python -m bench.zoo --wide [--recipes structured,static,tp-alone] [--timeout 90] [--results f.jsonl]
+    python -m bench.zoo --recipes search4 [--timeout 120]   # a 4-trial torchslim search per model (bench/zoo_search.py)
 
 timm is not a dependency of torchslim: install it apart, without its dependencies (docs/zoo.md):
 
@@ -95,7 +96,8 @@ RECIPES: dict[str, list[dict[str, Any]]] = {
     "dynamic": [{"type": "quantize", "name": "dynamic", "method": "dynamic"}],
     "struct+static": [STRUCTURED, {"type": "quantize", "name": "static", "method": "static"}],
 }
-ALL_RECIPES = [*RECIPES, "tp-alone", "search4"]  # search4: bench/zoo_search.py
+DEFAULT_RECIPES = [*RECIPES, "tp-alone"]
+ALL_RECIPES = [*DEFAULT_RECIPES, "search4"]  # search4 (bench/zoo_search.py) runs when asked for
 KEYS_WIDE = ["structured", "static", "tp-alone"]
 
 
@@ -419,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    keys = [k for k in (args.recipes or ",".join(KEYS_WIDE if args.wide else ALL_RECIPES)).split(",") if k]
+    keys = [k for k in (args.recipes or ",".join(KEYS_WIDE if args.wide else DEFAULT_RECIPES)).split(",") if k]
     unknown = [k for k in keys if k not in ALL_RECIPES]
     if unknown:
         parser.error(f"unknown recipe(s) {unknown}; choose from {ALL_RECIPES}")
