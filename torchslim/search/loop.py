@@ -113,7 +113,6 @@ def progress(state: SearchState, record: Record, seconds: float, minutes: float 
     return f"{head}: {figures}{budget}; front: {len(state.answer.front)} trial(s){verdict}"
 
 
-
 def _figures(state: SearchState, record: Record) -> str:
     return ", ".join(f"{o if o != 'metric' else state.metric} {cell}" for o, cell in
                      zip(state.objectives, state.objective_cells(record), strict=True))

@@ -67,7 +67,7 @@ class Study:
                               f"on --resume); choose another --out")
 
     def records(self) -> list[Record]:
-        """The finished trials (ran or failed), by number."""
+        """The finished trials (ran, failed, or stopped after a cheap rung), by number."""
         state = self._optuna.trial.TrialState
         states = (state.COMPLETE, state.FAIL, state.PRUNED)
         found = [Record.from_attr(t.user_attrs[ATTRIBUTE]) for t in self._study.get_trials(deepcopy=False, states=states)
@@ -129,7 +129,7 @@ def keeps(rank: int, others: Sequence[int], reduction_factor: int) -> bool:
     pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=reduction_factor,
                                                     min_early_stopping_rate=0)
     study = optuna.create_study(direction="minimize", pruner=pruner)
-    for value in others:  # each competitor reaches the rung (step 1) and is judged there, as it was in its time
+    for value in others:  # each competitor reports its rank to the rung (step 1): the pruner keeps it for the rung
         competitor = study.ask()
         competitor.report(float(value), 1)
         competitor.should_prune()
