@@ -2,6 +2,7 @@
 
     python -m bench.zoo [--quick] [--models a,b] [--recipes structured,static,...] [--timeout 120]
     python -m bench.zoo --wide [--recipes structured,static,tp-alone] [--timeout 90] [--results f.jsonl]
+    python -m bench.zoo --recipes search4 [--timeout 120]   # a 4-trial torchslim search per model (bench/zoo_search.py)
 
 timm is not a dependency of torchslim: install it apart, without its dependencies (docs/zoo.md):
 
@@ -95,7 +96,8 @@ RECIPES: dict[str, list[dict[str, Any]]] = {
     "dynamic": [{"type": "quantize", "name": "dynamic", "method": "dynamic"}],
     "struct+static": [STRUCTURED, {"type": "quantize", "name": "static", "method": "static"}],
 }
-ALL_RECIPES = [*RECIPES, "tp-alone"]
+DEFAULT_RECIPES = [*RECIPES, "tp-alone"]
+ALL_RECIPES = [*DEFAULT_RECIPES, "search4"]  # search4 (bench/zoo_search.py) runs when asked for
 KEYS_WIDE = ["structured", "static", "tp-alone"]
 
 
@@ -278,7 +280,12 @@ def child(name: str, keys: list[str], result_file: str) -> None:
     torch.set_num_threads(1)
     for key in keys:
         start = time.time()
-        result = run_tp_alone(name) if key == "tp-alone" else run_recipe(name, key)
+        if key == "search4":
+            from bench.zoo_search import run_search
+
+            result = run_search(name, GRAPH_SECONDS)
+        else:
+            result = run_tp_alone(name) if key == "tp-alone" else run_recipe(name, key)
         result.update(model=name, recipe=key, seconds=round(time.time() - start, 1))
         with open(result_file, "a") as handle:
             handle.write(json.dumps(result) + "\n")
@@ -355,9 +362,11 @@ def _cpu_seconds(pid: int) -> float | None:
 
 
 def cell(result: dict[str, Any]) -> str:
+    if result.get("end") in ("clean", "raw"):  # search4's failures: how the search stopped
+        return f"ERR {result['end']}: " + str(result["error"])[:160]
     if not result["ok"]:
         return "ERR " + str(result["error"])[:160]
-    parts = []
+    parts = [f"{result['trials_ok']}/{result['trials_ok'] + result['trials_failed']} trials"] if "trials_ok" in result else []
     if result.get("macs"):
         parts.append(f"{result['macs']:.2f}x")
     if result.get("pruned") is not None:
@@ -386,7 +395,9 @@ def counts(results: list[dict[str, Any]]) -> str:
         if rows:
             good = [r for r in rows if r["ok"] and (r.get("pruned") or 0) >= 0.8 * AMOUNT and (r.get("macs") or 0) > 1.0]
             lines.append(f"{key}: {len(good)}/{len(rows)} pruned to >= {0.8 * AMOUNT:.0%} of the channels with fewer MACs")
-    return "\n".join(lines)
+    from bench.zoo_search import counts as search_counts
+
+    return "\n".join([*lines, search_counts(results)]).strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -410,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    keys = [k for k in (args.recipes or ",".join(KEYS_WIDE if args.wide else ALL_RECIPES)).split(",") if k]
+    keys = [k for k in (args.recipes or ",".join(KEYS_WIDE if args.wide else DEFAULT_RECIPES)).split(",") if k]
     unknown = [k for k in keys if k not in ALL_RECIPES]
     if unknown:
         parser.error(f"unknown recipe(s) {unknown}; choose from {ALL_RECIPES}")

@@ -66,3 +66,28 @@ def test_a_killed_search_resumes_to_the_trials_of_an_uninterrupted_one(tmp_path:
     assert [p.name for p in sorted((tmp_path / "killed" / "trials").iterdir())] == \
         [p.name for p in sorted((tmp_path / "whole" / "trials").iterdir())]
     assert (tmp_path / "killed" / "best.yaml").read_text() == (tmp_path / "whole" / "best.yaml").read_text()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("optuna") is None, reason="pip install 'torchslim[search]'")
+@pytest.mark.slow  # three searches in subprocesses, one killed
+def test_a_search_with_cheap_trials_killed_in_a_full_run_resumes_to_the_same_trials(tmp_path: Path) -> None:
+    """search.cheap: killed while a promoted trial runs in full, the resumed search runs that trial's cheap rung
+    again, promotes it again (the decision is replayed from the finished trials) and ends as the uninterrupted one."""
+    cheap = {"rungs": [{"eval_fraction": 0.25}], "reduction_factor": 2}
+    recipe = write_recipe(tmp_path, search_recipe(SPACE, trials=6, startup_trials=2, seed=7, cheap=cheap, objectives=["metric"]))
+    whole = _search(recipe, tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    promoted = [line.split(":")[2].split()[1] for line in whole.stderr.splitlines() if ": promoted after cheap rung" in line]
+    assert len(promoted) >= 2 and "stopped after cheap rung" in whole.stderr, whole.stderr  # both kinds happen
+
+    killed_in = promoted[1]  # the second trial to go on to its full run
+    _killed_at(recipe, tmp_path / "killed", f"search: trial {killed_in}: promoted")
+    resumed = _search(recipe, tmp_path / "killed", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "search: a trial was interrupted" in resumed.stderr
+    assert f"search: trial {killed_in}: promoted after cheap rung 0" in resumed.stderr
+
+    assert _trials(tmp_path / "killed") == _trials(tmp_path / "whole")
+    assert [p.name for p in sorted((tmp_path / "killed" / "trials").iterdir())] == \
+        [p.name for p in sorted((tmp_path / "whole" / "trials").iterdir())]
+    assert (tmp_path / "killed" / "best.yaml").read_text() == (tmp_path / "whole" / "best.yaml").read_text()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -35,6 +37,7 @@ def _prepare(recipe: RecipeBase, log: logging.Logger) -> tuple[Context, nn.Modul
     with located(recipe, ("data",)):
         data = build_data(recipe.data)
     evaluator = metric_function(recipe)
+    data = _scored_fraction(data, recipe)
     inputs = first_inputs(data["eval"], recipe).to(device)
     _check_forward(model, inputs, recipe)
     ctx = Context(
@@ -52,6 +55,43 @@ def _prepare(recipe: RecipeBase, log: logging.Logger) -> tuple[Context, nn.Modul
         threads=recipe.metrics.threads,
     )
     return ctx, model
+
+
+def _scored_fraction(data: dict[str, Any], recipe: RecipeBase) -> dict[str, Any]:
+    """The data with its eval and validation loaders cut to ``evaluate.fraction`` of their batches (at least one)."""
+    fraction = recipe.evaluate.fraction
+    if fraction >= 1:
+        return data
+    cut = dict(data)
+    for part in ("eval", "validation"):
+        loader = data.get(part)
+        if loader is None:
+            continue
+        try:
+            batches = len(loader)
+        except TypeError:
+            raise RecipeError(f"{recipe.where(('evaluate', 'fraction'))}: evaluate.fraction: the {part} loader has no "
+                              f"length, so a fraction of it cannot be chosen; give the data factory a sized loader") from None
+        cut[part] = FirstBatches(loader, max(1, math.ceil(fraction * batches)))
+    return cut
+
+
+class FirstBatches:
+    """The first ``count`` batches of a loader, as a loader (``len`` and iteration; other attributes its own)."""
+
+    def __init__(self, loader: Any, count: int) -> None:
+        self.loader, self.count = loader, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(iter(self.loader), self.count)
+
+    def __getattr__(self, name: str) -> Any:  # dataset, batch_size: what a custom metric may read
+        if name == "loader":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self.loader, name)
 
 
 def metric_function(recipe: RecipeBase) -> Any:

@@ -48,6 +48,9 @@ class EvaluateSpec(Spec):
     taking ``(model, loader)`` and returning a float."""
     name: str | None = None
     """Column name of the metric in reports (defaults to ``accuracy`` or the callable's name)."""
+    fraction: float = Field(default=1.0, gt=0, le=1)
+    """Score on the first fraction of the eval (and validation) batches, at least one: a cheaper, noisier metric
+    (``torchslim search``'s cheap trials set it); 1 scores them all."""
 
     @field_validator("metric")
     @classmethod

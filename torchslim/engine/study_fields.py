@@ -10,6 +10,7 @@ budget, against which each variant passes or fails; a search samples the variant
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -160,6 +161,41 @@ class SearchDimension(Spec):
         return all(isinstance(v, int) and not isinstance(v, bool) for v in (self.low, self.high, self.step or 1))
 
 
+class CheapRung(Spec):
+    """One cheaper run a trial passes before its full run: its stages' training shortened, its metric scored on a
+    part of the eval data."""
+
+    epochs_scale: float = Field(default=1.0, gt=0, le=1)
+    """Each stage's epochs (every whole-number option named ``epochs`` or ``*_epochs``) times this, rounded up."""
+    eval_fraction: float = Field(default=1.0, gt=0, le=1)
+    """Score on this fraction of the eval (and validation) batches (``evaluate.fraction``)."""
+
+    @model_validator(mode="after")
+    def _cheaper(self) -> CheapRung:
+        if self.epochs_scale == 1 and self.eval_fraction == 1:
+            raise ValueError("a cheap rung is the full run; give epochs_scale or eval_fraction below 1")
+        return self
+
+
+class CheapSpec(Spec):
+    """Successive halving: every trial runs cheap first, and only the promising ones go on to the next rung and
+    to the full run (Optuna's ``SuccessiveHalvingPruner``; for several objectives, by non-dominated rank)."""
+
+    rungs: list[CheapRung] = Field(min_length=1)
+    """The cheaper runs a trial passes, cheapest first; the full run follows the last."""
+    reduction_factor: int = Field(default=3, ge=2)
+    """At each rung, about one trial in this many goes on (Optuna's ``reduction_factor``)."""
+
+    @field_validator("rungs")
+    @classmethod
+    def _increasing(cls, value: list[CheapRung]) -> list[CheapRung]:
+        for i, (before, after) in enumerate(itertools.pairwise(value), start=1):
+            if after.epochs_scale < before.epochs_scale or after.eval_fraction < before.eval_fraction or after == before:
+                raise ValueError(f"rung {i} must cost more than rung {i - 1}: its epochs_scale and eval_fraction at least "
+                                 f"as large, one of them larger (cheapest first)")
+        return value
+
+
 class SearchSpec(Spec):
     """``torchslim search``: the space of recipe values to search, what to optimise, and for how long."""
 
@@ -177,6 +213,8 @@ class SearchSpec(Spec):
     """Trials sampled at random before the sampler models the results (TPE's startup, NSGA-II's population)."""
     seed: int = 0
     """Seed of the sampler: the same seed and results give the same trials."""
+    cheap: CheapSpec | None = None
+    """Run every trial cheaply first (shorter training, part of the eval data); only the promising ones run in full."""
 
     @field_validator("space")
     @classmethod

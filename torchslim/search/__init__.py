@@ -13,6 +13,7 @@ In the order a search walks them:
   budget is spent
 - :mod:`.plan`: the recipe read and checked (space, measured figures), the output folder made safe
 - :mod:`.trial`: one trial before its run (sampled, validated, its baseline) and after it (objectives, misses)
+- :mod:`.halving`: ``search.cheap``: cheap rungs first, Optuna's successive halving on each trial's rank
 - :mod:`.space`: sampling a trial's values, setting them into the recipe, checking the space
 - :mod:`.study`: the Optuna study in its journal file: samplers, resume, ask and tell
 - :mod:`.objectives`: objectives and constraint misses from a trial's final row

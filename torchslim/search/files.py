@@ -80,10 +80,15 @@ def to_json(state: SearchState) -> dict[str, Any]:
 def _trial_json(record: Record, state: SearchState) -> dict[str, Any]:
     data = {"trial": record.number, "values": record.values, "folder": f"trials/{record.folder}",
             "seconds": round(record.seconds, 3)}
-    if not record.ok:
+    if record.rungs:  # search.cheap: the objectives of each cheap run, cheapest first
+        data["rungs"] = [dict(zip(state.objectives, r["objectives"], strict=False)) for r in record.rungs]
+    if record.error is not None:
         return {**data, "error": record.error}
-    return {**data, "objectives": dict(zip(state.objectives, record.objectives, strict=True)), "final": record.final,
-            "baseline": record.baseline, "misses": record.misses, "on_front": record in state.answer.front}
+    data = {**data, "objectives": dict(zip(state.objectives, record.objectives, strict=True)), "final": record.final,
+            "baseline": record.baseline, "misses": record.misses}
+    if record.stopped is not None:  # its figures are the cheap rung's: never on the front
+        return {**data, "stopped_after_rung": record.stopped}
+    return {**data, "on_front": record in state.answer.front}
 
 
 def to_markdown(state: SearchState, plotted: bool) -> str:
@@ -113,7 +118,10 @@ def summary_lines(state: SearchState) -> list[str]:
         verdict = (f"the best {state.metric} on the front that meets the constraints" if state.answer.meets
                    else state.miss_words(best))
         lines.append(f"{BEST_YAML}: trial {best.number} ({describe_values(best.values)}): {verdict}")
-    lines += [f"failed: trial {r.number} ({describe_values(r.values)}): {r.error}" for r in state.records if not r.ok]
+    lines += [f"failed: trial {r.number} ({describe_values(r.values)}): {r.error}" for r in state.records if r.error]
+    stopped = [str(r.number) for r in state.records if r.stopped is not None]
+    if stopped:
+        lines.append(f"stopped after a cheap run (search.cheap), not promising enough: trial(s) {', '.join(stopped)}")
     return lines
 
 

@@ -13,6 +13,7 @@ from ..compare.executors import Executor, make_executor
 from ..engine.registry import Registry
 from .files import SearchState, write_files
 from .front import Answer
+from .halving import run_started
 from .per_unit import expand
 from .plan import SearchPlan, Source, plan
 from .records import Record
@@ -95,9 +96,7 @@ def _batch(study: Study, runner: Trials, records: list[Record], size: int, execu
         asked.append(trial)
         started.append(runner.start(trial, number, records))
     pending = [s for s in started if isinstance(s, Started)]
-    outcomes = executes.run([runner.job(s) for s in pending], runner.log)
-    finished = dict(zip((s.number for s in pending), (runner.finish(s, o) for s, o in zip(pending, outcomes, strict=True)),
-                        strict=True))
+    finished = {record.number: record for record in run_started(runner, pending, records, executes)}
     done = [s if isinstance(s, Record) else finished[s.number] for s in started]
     for trial, record in zip(asked, done, strict=True):
         study.tell(trial, record)
@@ -127,10 +126,12 @@ def progress(state: SearchState, record: Record, seconds: float, minutes: float 
     of = f"/{state.planned}" if state.planned is not None else ""
     limit = f" of {minutes:g} min" if minutes is not None else ""
     head = f"search: trial {record.number}{of} ({seconds:.0f} s elapsed{limit})"
-    if not record.ok:
+    if record.error is not None:
         return f"{head}: failed: {record.error}"
-    figures = ", ".join(f"{o if o != 'metric' else state.metric} {cell}" for o, cell in
-                        zip(state.objectives, state.objective_cells(record), strict=True))
+    if record.stopped is not None:
+        front = len(state.answer.front)
+        return f"{head}: stopped after cheap rung {record.stopped} ({_figures(state, record)}); front: {front} trial(s)"
+    figures = _figures(state, record)
     best = state.answer.best
     verdict = "" if best is None else f"; best: trial {best.number}"
     if best is not None and not state.answer.meets:
@@ -140,3 +141,7 @@ def progress(state: SearchState, record: Record, seconds: float, minutes: float 
         budget = f"; misses: {'; '.join(record.misses)}"
     return f"{head}: {figures}{budget}; front: {len(state.answer.front)} trial(s){verdict}"
 
+
+def _figures(state: SearchState, record: Record) -> str:
+    return ", ".join(f"{o if o != 'metric' else state.metric} {cell}" for o, cell in
+                     zip(state.objectives, state.objective_cells(record), strict=True))

@@ -17,6 +17,7 @@ from ..engine.registry import Registry
 from ..engine.study_fields import SearchSpec
 from ..engine.yamlio import Document, read_yaml
 from .files import FILES
+from .rungs import check_rungs
 from .space import check_space
 from .study import STUDY_FILE
 
@@ -51,6 +52,7 @@ def plan(source: Source, out: str | os.PathLike[str], jobs: int, registry: Regis
                           f"(the space, objectives and budget: see docs/search.md), torchslim run runs a plain recipe")
     _check_measured(recipe, recipe.search)
     check_space(document, recipe, registry)
+    check_rungs(recipe)
     if check_code:
         check_recipe_code(recipe)
     budget = Budget(**recipe.constraints.given()) if recipe.constraints and recipe.constraints.given() else None

@@ -42,11 +42,16 @@ class Record:
     """The budget's limits it misses, in words (empty: it meets them, or there is no budget)."""
     excess: dict[str, float] = field(default_factory=dict)
     """How far it misses each limit, as a fraction of the limit (<= 0: met)."""
+    rungs: list[dict[str, Any]] = field(default_factory=list)
+    """Its cheap runs (``search.cheap``), cheapest first: each the record of that run (:meth:`to_attr`)."""
+    stopped: int | None = None
+    """The cheap rung after which it stopped (not promising enough to go on); its figures are that rung's.
+    None: it ran in full (or failed)."""
 
     @property
     def ok(self) -> bool:
-        """It ran, and its objectives were measured."""
-        return self.error is None
+        """It ran in full, and its objectives were measured."""
+        return self.error is None and self.stopped is None
 
     def to_attr(self) -> dict[str, Any]:
         """Plain data for the trial's user attribute (JSON)."""

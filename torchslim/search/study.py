@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +73,9 @@ class Study:
                               f"may change on --resume); choose another --out" + (" or --storage" if storage else ""))
 
     def records(self) -> list[Record]:
-        """The finished trials (ran or failed), by number."""
-        states = (self._optuna.trial.TrialState.COMPLETE, self._optuna.trial.TrialState.FAIL)
+        """The finished trials (ran, failed, or stopped after a cheap rung), by number."""
+        state = self._optuna.trial.TrialState
+        states = (state.COMPLETE, state.FAIL, state.PRUNED)
         found = [Record.from_attr(t.user_attrs[ATTRIBUTE]) for t in self._study.get_trials(deepcopy=False, states=states)
                  if ATTRIBUTE in t.user_attrs]
         return sorted(found, key=lambda r: r.number)
@@ -138,6 +140,11 @@ class Study:
     def _finish(self, trial: Any, record: Record) -> None:
         if record.ok:
             self._study.tell(trial, record.objectives)
+        elif record.stopped is not None:
+            if len(self._spec.objectives) == 1 and not isinstance(trial, int):  # TPE ranks stopped trials by these
+                for rung, figures in enumerate(record.rungs):
+                    trial.report(figures["objectives"][0], rung)
+            self._study.tell(trial, state=self._optuna.trial.TrialState.PRUNED)
         else:
             self._study.tell(trial, state=self._optuna.trial.TrialState.FAIL)
 
@@ -197,3 +204,21 @@ def _abandoned(owner: str | None, started: datetime.datetime | None) -> bool:
     except PermissionError:  # alive, another user's
         return False
     return False
+
+
+def keeps(rank: int, others: Sequence[int], reduction_factor: int) -> bool:
+    """Whether Optuna's ``SuccessiveHalvingPruner`` promotes a trial of ``rank`` at a rung where ``others`` (the
+    ranks of the trials measured at that rung before it, lower is better) competed: replayed in a study in memory,
+    so the decision depends on the search's records alone (the same after a resume)."""
+    optuna = optuna_module()
+    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=reduction_factor,
+                                                    min_early_stopping_rate=0)
+    study = optuna.create_study(direction="minimize", pruner=pruner)
+    for value in others:  # each competitor reports its rank to the rung (step 1): the pruner keeps it for the rung
+        competitor = study.ask()
+        competitor.report(float(value), 1)
+        competitor.should_prune()
+        study.tell(competitor, float(value))
+    trial = study.ask()
+    trial.report(float(rank), 1)
+    return not trial.should_prune()

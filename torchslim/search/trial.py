@@ -75,6 +75,15 @@ class Trials:
         out = self.searched.out / TRIALS_DIR / started.folder
         return Job(recipe.name, document, self.registry, out, started.baseline, self.threads, False, recipe)
 
+    def rung(self, started: Started, index: int, document: Document) -> Started | Record:
+        """``started`` ready to run as its cheap rung ``index`` runs it, from that rung's recipe ``document``."""
+        begin, folder = time.perf_counter(), f"{started.folder}-rung{index}"
+        try:
+            recipe = validate(document, self.registry)
+            return Started(started.number, started.values, folder, begin, recipe, self._baseline(recipe))
+        except TorchslimError as exc:  # a recipe the cheap settings make invalid, a baseline that fails on its part
+            return Record(started.number, started.values, folder, time.perf_counter() - begin, error=str(exc))
+
     def finish(self, started: Started, outcome: Outcome) -> Record:
         """The record of a trial that ran: its objectives and misses, or why it failed."""
         seconds = time.perf_counter() - started.start
