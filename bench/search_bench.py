@@ -1,0 +1,345 @@
+"""Issue 26's first measure: ``torchslim search`` (TPE) against random search with the same wall-clock budget, and
+against the best hand-written recipe, on the digits residual CNN and the pretrained MNIST CNN deployed to ONNX
+Runtime (1 torch thread).
+
+    python -m bench.search_bench runs --minutes 5        # 2 models x 2 samplers x 3 seeds, one search at a time
+    python -m bench.search_bench handwritten             # the hand-written recipes' stages, in the same runtime
+    python -m bench.search_bench report                  # hypervolumes, dominance: bench/results/search_bench.json
+
+Each search is ``torchslim search`` in a process of its own (the recipe in ``bench/recipes/search-*.yaml`` with the
+sampler, seed and minutes set); a finished one is not run again. The hypervolume of a front is computed here in 2-D
+(a sort and a sum): Optuna 5.0 has one only in a private module (``optuna._hypervolume``), which the tests use as a
+cross-check. Its reference point is fixed per model below, before any run: the baseline's size x 1.1 and the metric
+at the constraint's floor (baseline - 1 point), and the area is normalised by the box from that point to
+(size 0, metric 100).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.disjoint import checked_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = ROOT / "runs" / "search_bench"
+RESULT = ROOT / "bench" / "results" / "search_bench.json"
+SAMPLERS = ("tpe", "random")
+SEEDS = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class Model:
+    """One benchmarked model: its search recipe, its reference point and its hand-written recipes."""
+
+    name: str
+    recipe: str
+    baseline_metric: float
+    """The baseline's accuracy and torch file size, measured by a 2-trial dry run before the benchmark's runs;
+    the report checks every run's baseline against them."""
+    baseline_size: int
+    handwritten: tuple[str, ...]
+    """Recipes of recipes/ and bench/recipes/ on this model (their stage chains applied to it)."""
+
+    @property
+    def floor(self) -> float:
+        """The metric at the constraint (max_accuracy_drop 1.0): the reference point's metric."""
+        return self.baseline_metric - 1.0
+
+    def reference(self, scale: float = 1.0) -> tuple[float, float]:
+        """(metric, size) of the reference point: size ``baseline x scale x 1.1``."""
+        return self.floor, 1.1 * scale * self.baseline_size
+
+
+MODELS = {
+    "digits-resnet": Model(
+        "digits-resnet",
+        "bench/recipes/search-digits-resnet.yaml",
+        98.88888888888889,
+        92017,
+        (
+            "bench/recipes/digits-resnet.yaml",
+            "recipes/prune-structured.yaml",
+            "recipes/distill-recover.yaml",
+            "recipes/quantize-static.yaml",
+        ),
+    ),
+    "mnist": Model(
+        "mnist",
+        "bench/recipes/search-mnist.yaml",
+        99.05,
+        1689869,
+        ("bench/recipes/mnist.yaml", "bench/recipes/mnist-prune.yaml", "bench/recipes/mnist-int8.yaml"),
+    ),
+}
+#: A second, tighter reference (the size of an int8 copy of the unpruned model, baseline / 4, x 1.1): with the
+#: float baseline's size most of the box lies between int8 and float, where no int8 trial is.
+TIGHT = 0.25
+
+
+def hypervolume(points: Sequence[tuple[float, float]], reference: tuple[float, float]) -> float:
+    """The area dominated by ``points`` (metric maximised, size minimised) and bounded by ``reference``."""
+    floor, limit = reference
+    inside = sorted((size, metric) for metric, size in points if metric > floor and size < limit)
+    area, best = 0.0, floor
+    for index, (size, metric) in enumerate(inside):
+        best = max(best, metric)  # the best metric of any point this small or smaller
+        right = inside[index + 1][0] if index + 1 < len(inside) else limit
+        area += (right - size) * (best - floor)
+    return area
+
+
+def normalised(points: Sequence[tuple[float, float]], model: Model, scale: float = 1.0) -> float:
+    """The hypervolume as a fraction of the box from the reference point to (metric 100, size 0)."""
+    floor, limit = model.reference(scale)
+    return hypervolume(points, (floor, limit)) / ((100.0 - floor) * limit)
+
+
+def search_recipe(model: Model, sampler: str, seed: int, minutes: float) -> dict[str, Any]:
+    """The model's search recipe with the sampler, seed and budget set."""
+    data = yaml.safe_load((ROOT / model.recipe).read_text())
+    data["name"] = f"{data['name']}-{sampler}-{seed}"
+    data["search"].update(sampler=sampler, seed=seed, minutes=minutes)
+    data["search"].pop("trials", None)
+    return data
+
+
+def runtime_recipe(path: str, model: Model) -> dict[str, Any]:
+    """A hand-written recipe's stages applied to the benchmarked model in ONNX Runtime: the search recipe's model,
+    data and measurement; torch's static int8 becomes ``ort_static`` after a deploy stage, and a chain without a
+    quantize stage ends with the deploy stage (a float model in the runtime)."""
+    own = yaml.safe_load((ROOT / path).read_text())
+    base = yaml.safe_load((ROOT / model.recipe).read_text())
+    stages: list[dict[str, Any]] = []
+    for stage in own["stages"]:
+        if stage["type"] == "quantize":
+            if stage.get("method") != "static":
+                raise ValueError(f"{path}: only torch static int8 has a runtime twin here, found {stage.get('method')}")
+            stages.append({"type": "deploy", "name": "deploy", "runtime": "onnxruntime"})
+            stage = {k: v for k, v in stage.items() if k not in ("backend", "method")} | {"method": "ort_static"}
+        stages.append(stage)
+    if stages[-1]["type"] != "quantize":
+        stages.append({"type": "deploy", "name": "deploy", "runtime": "onnxruntime"})
+    return {
+        "name": f"handwritten-{Path(path).stem}",
+        "seed": own.get("seed", 0),
+        "threads": 1,
+        "model": base["model"],
+        "data": base["data"],
+        "evaluate": base["evaluate"],
+        "metrics": base["metrics"],
+        "stages": stages,
+    }
+
+
+def check_data(recipe: dict[str, Any]) -> None:
+    """Refuse a recipe whose data is not built through :func:`bench.disjoint.checked_data` (which checks that no
+    eval sample is a train or calibration sample, in every run)."""
+    if checked_spec(recipe["data"]) != recipe["data"]:
+        raise ValueError(f"{recipe['name']}: data must be built by bench.disjoint:checked_data")
+
+
+def _torchslim(args: list[str], log: Path) -> float:
+    """Run ``python -m torchslim ARGS`` in a process of its own, its output in ``log``; returns the seconds."""
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    start = time.perf_counter()
+    with log.open("w") as out:
+        done = subprocess.run([sys.executable, "-m", "torchslim", *args], cwd=ROOT, env=env, stdout=out, stderr=out, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"torchslim {' '.join(args)} failed ({done.returncode}): see {log}")
+    return time.perf_counter() - start
+
+
+def _loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def run_searches(models: Sequence[str], minutes: float) -> None:
+    """Every (model, seed, sampler) search, TPE and random alternating, skipping those already done."""
+    for name in models:
+        model = MODELS[name]
+        for seed in SEEDS:
+            for sampler in SAMPLERS:
+                out = RUNS / name / f"{sampler}-{seed}"
+                if (out / "done.json").exists():
+                    continue
+                recipe = search_recipe(model, sampler, seed, minutes)
+                check_data(recipe)
+                out.mkdir(parents=True, exist_ok=True)
+                path = out / "recipe.yaml"
+                path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+                before = _loadavg()
+                seconds = _torchslim(
+                    ["search", str(path), "--out", str(out / "search"), *(["--resume"] if (out / "search").exists() else [])],
+                    out / "log.txt",
+                )
+                (out / "done.json").write_text(
+                    json.dumps({"seconds": seconds, "loadavg_before": before, "loadavg_after": _loadavg(), "minutes": minutes})
+                    + "\n"
+                )
+                print(f"{name} {sampler} seed {seed}: {seconds:.0f} s", flush=True)
+
+
+def run_handwritten(models: Sequence[str]) -> None:
+    """Each hand-written recipe's runtime twin, run once with ``torchslim run``."""
+    for name in models:
+        for path in MODELS[name].handwritten:
+            recipe = runtime_recipe(path, MODELS[name])
+            check_data(recipe)
+            out = RUNS / name / "handwritten" / Path(path).stem
+            if (out / "done.json").exists():
+                continue
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+            before = _loadavg()
+            seconds = _torchslim(["run", str(out / "recipe.yaml"), "--out", str(out / "run"), "--overwrite"], out / "log.txt")
+            (out / "done.json").write_text(
+                json.dumps({"seconds": seconds, "loadavg_before": before, "loadavg_after": _loadavg()}) + "\n"
+            )
+            print(f"{name} {path}: {seconds:.0f} s", flush=True)
+
+
+def _final(report: dict[str, Any]) -> dict[str, Any]:
+    return dict(report["rows"][-1]) if "rows" in report else dict(report["final"])
+
+
+def dominates(point: dict[str, float], other: dict[str, float]) -> bool:
+    """``point`` at least as accurate and at least as small as ``other``, and better on one of the two."""
+    no_worse = point["metric"] >= other["metric"] and point["size"] <= other["size"]
+    return no_worse and (point["metric"] > other["metric"] or point["size"] < other["size"])
+
+
+def search_summary(model: Model, folder: Path) -> dict[str, Any]:
+    """One search's figures: trials, the front (feasible trials), both hypervolumes, its best and its timing."""
+    front = json.loads((folder / "search" / "front.json").read_text())
+    done = json.loads((folder / "done.json").read_text())
+    ran = [t for t in front["trials"] if "objectives" in t]
+    feasible = [t for t in ran if not t["misses"]]
+    points = [(t["objectives"]["metric"], t["objectives"]["size"]) for t in feasible]
+    on_front = [_point(t) for t in feasible if t["on_front"]]
+    baselines = {(t["baseline"]["accuracy"], t["baseline"]["size_bytes"]) for t in ran}
+    return {
+        "trials": front["trials_done"],
+        "failed": len(front["trials"]) - len(ran),
+        "feasible": len(feasible),
+        "hypervolume": normalised(points, model),
+        "hypervolume_tight": normalised(points, model, TIGHT),
+        "front": sorted(on_front, key=lambda p: p["size"]),
+        "best": front["best"],
+        "baselines": sorted(baselines),
+        **done,
+    }
+
+
+def _point(trial: dict[str, Any]) -> dict[str, Any]:
+    final = trial["final"]
+    return {
+        "trial": trial["trial"],
+        "values": trial["values"],
+        "metric": final["accuracy"],
+        "size": final["size_bytes"],
+        "latency_ms": final.get("latency_ms"),
+    }
+
+
+def handwritten_summary(model: Model, folder: Path) -> dict[str, Any]:
+    """A hand-written recipe's final figures in the runtime, and whether it meets the constraint."""
+    report = json.loads((folder / "run" / "report.json").read_text())
+    final = _final(report)
+    metric = float(final["accuracy"])
+    return {
+        "metric": metric,
+        "size": final["size_bytes"],
+        "latency_ms": final.get("latency_ms"),
+        "meets": metric >= model.floor,
+        "stages": [s.get("name", s["type"]) for s in yaml.safe_load((folder / "recipe.yaml").read_text())["stages"]],
+        **json.loads((folder / "done.json").read_text()),
+    }
+
+
+def report() -> dict[str, Any]:
+    """Everything measured, summarised per model, written to :data:`RESULT`."""
+    out: dict[str, Any] = {
+        "reference": "size: baseline torch file x 1.1 (tight: x 0.25 x 1.1); metric: baseline - 1",
+        "torch_threads": 1,
+        "runtime": "onnxruntime (ort_static / ort_dynamic int8)",
+        "models": {},
+    }
+    for name, model in MODELS.items():
+        root = RUNS / name
+        runs = {
+            f"{s}-{seed}": search_summary(model, root / f"{s}-{seed}")
+            for s in SAMPLERS
+            for seed in SEEDS
+            if (root / f"{s}-{seed}" / "done.json").exists()
+        }
+        hand = {
+            Path(p).stem: handwritten_summary(model, root / "handwritten" / Path(p).stem)
+            for p in model.handwritten
+            if (root / "handwritten" / Path(p).stem / "done.json").exists()
+        }
+        out["models"][name] = _model_summary(model, runs, hand)
+    RESULT.write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def _model_summary(model: Model, runs: dict[str, Any], hand: dict[str, Any]) -> dict[str, Any]:
+    means = {}
+    for sampler in SAMPLERS:
+        mine = [r for key, r in runs.items() if key.startswith(sampler + "-")]
+        for kind in ("hypervolume", "hypervolume_tight"):
+            means[f"{sampler}_{kind}"] = sum(r[kind] for r in mine) / len(mine) if mine else None
+    ratios = {
+        kind: (means[f"tpe_{kind}"] / means[f"random_{kind}"] if means[f"random_{kind}"] else None)
+        for kind in ("hypervolume", "hypervolume_tight")
+    }
+    feasible_hand = {k: h for k, h in hand.items() if h["meets"]}
+    best_hand = min(feasible_hand.items(), key=lambda kv: (kv[1]["size"], -kv[1]["metric"]), default=None)
+    dominance = {}
+    for key, run in runs.items():
+        dominance[key] = {k: [p["trial"] for p in run["front"] if dominates(p, h)] for k, h in hand.items()}
+    return {
+        "reference": model.reference(),
+        "reference_tight": model.reference(TIGHT),
+        "means": means,
+        "ratio_tpe_over_random": ratios,
+        "runs": runs,
+        "handwritten": hand,
+        "best_handwritten": best_hand[0] if best_hand else None,
+        "dominating_trials": dominance,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``runs``, ``handwritten`` or ``report``."""
+    parser = argparse.ArgumentParser(prog="python -m bench.search_bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=["runs", "handwritten", "report"])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--minutes", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    models = args.models.split(",")
+    if args.what == "runs":
+        run_searches(models, args.minutes)
+    elif args.what == "handwritten":
+        run_handwritten(models)
+    else:
+        print(
+            json.dumps(
+                {k: {"means": v["means"], "ratio": v["ratio_tpe_over_random"]} for k, v in report()["models"].items()}, indent=2
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
