@@ -253,55 +253,65 @@ def _final(report: dict[str, Any]) -> dict[str, Any]:
     return dict(report["rows"][-1]["metrics"])
 
 
-def dominates(point: dict[str, float], other: dict[str, float]) -> bool:
-    """``point`` at least as accurate and at least as small as ``other``, and better on one of the two."""
-    no_worse = point["metric"] >= other["metric"] and point["size"] <= other["size"]
-    return no_worse and (point["metric"] > other["metric"] or point["size"] < other["size"])
+def dominates(point: dict[str, Any], other: dict[str, Any], metric: str = "metric") -> bool:
+    """``point`` at least as accurate (by ``metric``: ``metric`` on the selection split, ``test``) and at least as
+    small as ``other``, and better on one of the two."""
+    no_worse = point[metric] >= other[metric] and point["size"] <= other["size"]
+    return no_worse and (point[metric] > other[metric] or point["size"] < other["size"])
 
 
-def search_summary(model: Model, folder: Path) -> dict[str, Any]:
-    """One search's figures: trials, the front (feasible trials), both hypervolumes, its best and its timing."""
+def search_summary(model: Model, folder: Path, tests: dict[str, float]) -> dict[str, Any]:
+    """One search's figures: trials, its front (feasible trials) with their test scores, the hypervolumes (of every
+    feasible trial on the selection split; of the front on the test split), its best trial and its timing."""
     front = json.loads((folder / "search" / "front.json").read_text())
-    done = json.loads((folder / "done.json").read_text())
     ran = [t for t in front["trials"] if "objectives" in t]
     feasible = [t for t in ran if not t["misses"]]
     points = [(t["objectives"]["metric"], t["objectives"]["size"]) for t in feasible]
-    on_front = [_point(t) for t in feasible if t["on_front"]]
-    baselines = {(t["baseline"]["accuracy"], t["baseline"]["size_bytes"]) for t in ran}
+    on_front = [_point(t, tests.get(f"{folder.name}/search/{t['folder']}")) for t in feasible if t["on_front"]]
+    test_floor = tests.get("baseline", float("nan")) - 1.0
+    test_points = [(p["test"], p["size"]) for p in on_front if p["test"] is not None]
     return {
         "trials": front["trials_done"],
         "failed": len(front["trials"]) - len(ran),
         "feasible": len(feasible),
         "hypervolume": normalised(points, model),
         "hypervolume_tight": normalised(points, model, TIGHT),
+        "hypervolume_test": _normalised_at(test_points, test_floor, model.reference()[1]),
         "front": sorted(on_front, key=lambda p: p["size"]),
-        "best": front["best"],
-        "baselines": sorted(baselines),
-        **done,
+        "best": front["best"]["trial"] if front["best"] else None,
+        "baselines": sorted({(t["baseline"]["accuracy"], t["baseline"]["size_bytes"]) for t in ran}),
+        **json.loads((folder / "done.json").read_text()),
     }
 
 
-def _point(trial: dict[str, Any]) -> dict[str, Any]:
+def _normalised_at(points: Sequence[tuple[float, float]], floor: float, limit: float) -> float | None:
+    return None if floor != floor else hypervolume(points, (floor, limit)) / ((100.0 - floor) * limit)
+
+
+def _point(trial: dict[str, Any], test: float | None) -> dict[str, Any]:
     final = trial["final"]
     return {
         "trial": trial["trial"],
         "values": trial["values"],
         "metric": final["accuracy"],
+        "test": test,
         "size": final["size_bytes"],
         "latency_ms": final.get("latency_ms"),
     }
 
 
-def handwritten_summary(model: Model, folder: Path) -> dict[str, Any]:
-    """A hand-written recipe's final figures in the runtime, and whether it meets the constraint."""
-    report = json.loads((folder / "run" / "report.json").read_text())
-    final = _final(report)
-    metric = float(final["accuracy"])
+def handwritten_summary(model: Model, folder: Path, tests: dict[str, float]) -> dict[str, Any]:
+    """A hand-written recipe's final figures in the runtime (selection and test accuracy), and whether it meets the
+    constraint on each."""
+    final = _final(json.loads((folder / "run" / "report.json").read_text()))
+    metric, test = float(final["accuracy"]), tests.get(f"handwritten/{folder.name}/run")
     return {
         "metric": metric,
+        "test": test,
         "size": final["size_bytes"],
         "latency_ms": final.get("latency_ms"),
         "meets": metric >= model.floor,
+        "meets_test": test is not None and test >= tests["baseline"] - 1.0,
         "stages": [s.get("name", s["type"]) for s in yaml.safe_load((folder / "recipe.yaml").read_text())["stages"]],
         **json.loads((folder / "done.json").read_text()),
     }
@@ -310,60 +320,73 @@ def handwritten_summary(model: Model, folder: Path) -> dict[str, Any]:
 def report() -> dict[str, Any]:
     """Everything measured, summarised per model, written to :data:`RESULT`."""
     out: dict[str, Any] = {
-        "reference": "size: baseline torch file x 1.1 (tight: x 0.25 x 1.1); metric: baseline - 1",
+        "reference": "size: the baseline's torch file x 1.1 (tight: x 0.25 x 1.1); metric: the baseline's - 1 (the constraint)",
+        "normalised_by": "the box from the reference point to (accuracy 100, size 0)",
         "torch_threads": 1,
         "runtime": "onnxruntime (ort_static / ort_dynamic int8)",
         "models": {},
     }
     for name, model in MODELS.items():
         root = RUNS / name
+        tests = json.loads((root / "test.json").read_text()) if (root / "test.json").exists() else {}
         runs = {
-            f"{s}-{seed}": search_summary(model, root / f"{s}-{seed}")
+            f"{s}-{seed}": search_summary(model, root / f"{s}-{seed}", tests)
             for s in SAMPLERS
             for seed in SEEDS
             if (root / f"{s}-{seed}" / "done.json").exists()
         }
         hand = {
-            Path(p).stem: handwritten_summary(model, root / "handwritten" / Path(p).stem)
+            Path(p).stem: handwritten_summary(model, root / "handwritten" / Path(p).stem, tests)
             for p in model.handwritten
             if (root / "handwritten" / Path(p).stem / "done.json").exists()
         }
-        out["models"][name] = _model_summary(model, runs, hand)
+        out["models"][name] = _model_summary(model, runs, hand, tests.get("baseline"))
     RESULT.write_text(json.dumps(out, indent=2) + "\n")
     return out
 
 
-def _model_summary(model: Model, runs: dict[str, Any], hand: dict[str, Any]) -> dict[str, Any]:
-    means = {}
+def _model_summary(model: Model, runs: dict[str, Any], hand: dict[str, Any], test_baseline: float | None) -> dict[str, Any]:
+    means: dict[str, float | None] = {}
+    kinds = ("hypervolume", "hypervolume_tight", "hypervolume_test")
     for sampler in SAMPLERS:
-        mine = [r for key, r in runs.items() if key.startswith(sampler + "-")]
-        for kind in ("hypervolume", "hypervolume_tight"):
-            means[f"{sampler}_{kind}"] = sum(r[kind] for r in mine) / len(mine) if mine else None
-    ratios = {
-        kind: (means[f"tpe_{kind}"] / means[f"random_{kind}"] if means[f"random_{kind}"] else None)
-        for kind in ("hypervolume", "hypervolume_tight")
-    }
-    feasible_hand = {k: h for k, h in hand.items() if h["meets"]}
-    best_hand = min(feasible_hand.items(), key=lambda kv: (kv[1]["size"], -kv[1]["metric"]), default=None)
-    dominance = {}
-    for key, run in runs.items():
-        dominance[key] = {k: [p["trial"] for p in run["front"] if dominates(p, h)] for k, h in hand.items()}
+        for kind in kinds:
+            mine = [r[kind] for key, r in runs.items() if key.startswith(sampler + "-") and r[kind] is not None]
+            means[f"{sampler}_{kind}"] = sum(mine) / len(mine) if mine else None
+    ratios = {kind: _ratio(means[f"tpe_{kind}"], means[f"random_{kind}"]) for kind in kinds}
+    best = min(((k, h) for k, h in hand.items() if h["meets_test"]), key=lambda kv: (kv[1]["size"], -kv[1]["test"]), default=None)
+    dominance = {metric: _dominance(runs, hand, metric) for metric in ("test", "metric")}
     return {
+        "baseline_selection": model.baseline_metric,
+        "baseline_test": test_baseline,
+        "baseline_size": model.baseline_size,
         "reference": model.reference(),
         "reference_tight": model.reference(TIGHT),
         "means": means,
         "ratio_tpe_over_random": ratios,
         "runs": runs,
         "handwritten": hand,
-        "best_handwritten": best_hand[0] if best_hand else None,
-        "dominating_trials": dominance,
+        "best_handwritten": best[0] if best else None,
+        "dominating_trials_on_test": dominance["test"],
+        "dominating_trials_on_selection": dominance["metric"],
     }
 
 
+def _dominance(runs: dict[str, Any], hand: dict[str, Any], metric: str) -> dict[str, dict[str, list[int]]]:
+    """For each search, for each hand-written recipe: its front's trials that dominate that recipe."""
+    return {
+        key: {k: [p["trial"] for p in run["front"] if p[metric] is not None and dominates(p, h, metric)] for k, h in hand.items()}
+        for key, run in runs.items()
+    }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``runs``, ``handwritten`` or ``report``."""
+    """``runs``, ``handwritten``, ``score`` (the test split) or ``report``."""
     parser = argparse.ArgumentParser(prog="python -m bench.search_bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["runs", "handwritten", "report"])
+    parser.add_argument("what", choices=["runs", "handwritten", "score", "report"])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--minutes", type=float, default=5.0)
     args = parser.parse_args(argv)
@@ -372,13 +395,69 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_searches(models, args.minutes)
     elif args.what == "handwritten":
         run_handwritten(models)
+    elif args.what == "score":
+        score_tests(models)
     else:
-        print(
-            json.dumps(
-                {k: {"means": v["means"], "ratio": v["ratio_tpe_over_random"]} for k, v in report()["models"].items()}, indent=2
-            )
-        )
+        print(tables(report()))
     return 0
+
+
+def tables(summary: dict[str, Any]) -> str:
+    """The docs' tables: per model, each search and each hand-written recipe."""
+    lines: list[str] = []
+    for name, m in summary["models"].items():
+        lines += [
+            f"**{name}** (baseline: selection {m['baseline_selection']:.2f}, test {_f(m['baseline_test'])}, "
+            f"{m['baseline_size']:,} bytes)",
+            "",
+            "| sampler | seed | trials (failed) | feasible | hypervolume | tight | test | smallest front point within "
+            "the constraint on test: trial, values, selection / test accuracy, size, latency |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for key, run in m["runs"].items():
+            sampler, seed = key.rsplit("-", 1)
+            lines.append(
+                f"| {sampler} | {seed} | {run['trials']} ({run['failed']}) | {run['feasible']} | "
+                f"{run['hypervolume']:.4f} | {run['hypervolume_tight']:.4f} | {_f(run['hypervolume_test'], 4)} | "
+                f"{_smallest(run['front'], m['baseline_test'])} |"
+            )
+        for sampler in SAMPLERS:
+            means = [_f(m["means"][f"{sampler}_{k}"], 4) for k in ("hypervolume", "hypervolume_tight", "hypervolume_test")]
+            lines.append(f"| **{sampler} mean** | | | | {' | '.join(means)} | |")
+        ratios = [_f(m["ratio_tpe_over_random"][k], 3) for k in ("hypervolume", "hypervolume_tight", "hypervolume_test")]
+        lines += [
+            f"| **tpe / random** | | | | {' | '.join(ratios)} | |",
+            "",
+            "| hand-written recipe, in the runtime | stages | selection | test | size (bytes) | latency (ms) | "
+            "within the constraint on test | search fronts that dominate it on test |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for key, h in m["handwritten"].items():
+            beaten = [k for k, d in m["dominating_trials_on_test"].items() if d.get(key)]
+            lines.append(
+                f"| {key}{' (best)' if key == m['best_handwritten'] else ''} | {', '.join(h['stages'])} | "
+                f"{h['metric']:.2f} | {_f(h['test'])} | {h['size']:,} | {_f(h['latency_ms'], 3)} | "
+                f"{'yes' if h['meets_test'] else 'no'} | {len(beaten)} of {len(m['runs'])}: {', '.join(beaten)} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _smallest(front: list[dict[str, Any]], baseline_test: float | None) -> str:
+    within = [p for p in front if p["test"] is not None and baseline_test is not None and p["test"] >= baseline_test - 1]
+    if not within:
+        return "none"
+    p = min(within, key=lambda q: (q["size"], -q["test"]))
+    values = ", ".join(f"{k.split('.', 2)[-1]}={_value(v)}" for k, v in p["values"].items())
+    return f"{p['trial']}: {values}; {p['metric']:.2f} / {p['test']:.2f}, {p['size']:,} B, {_f(p['latency_ms'], 3)} ms"
+
+
+def _value(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _f(value: float | None, digits: int = 2) -> str:
+    return "not measured" if value is None else f"{value:.{digits}f}"
 
 
 if __name__ == "__main__":
