@@ -10,7 +10,8 @@ the chosen trials (and the hand-written recipes) on. Every split is disjoint fro
 - MNIST: train on the 50,000 training images, calibrate on the first 2,048 validation images (as
   :func:`torchslim.examples.mnist.loaders`); the 10,000 test images are halved, the first 5,000 to select, the last
   5,000 to test. Not the validation images: ccexam's CNN scores 99.86% on them against 99.05% on the test images
-  (it was trained on MNIST's 60,000, which hold them), so a search would choose on images the model learnt.
+  (most likely it was trained on MNIST's 60,000 training images, which hold them), so a search would choose on images
+  the model learnt.
 """
 
 from __future__ import annotations
