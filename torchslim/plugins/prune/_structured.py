@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ...engine.errors import first_line
+from ._head_items import scored
 from ._structured_choice import _choose_global, _choose_heads, _choose_per_layer, _out_channels, _round
 from ._structured_clock import Clock, GraphTimeout, Progress
 from ._structured_cut import _cut, _precheck, _shapes_of
@@ -266,7 +267,8 @@ def nothing_removed(state: ChannelState) -> str:
 def _describe(graph: Any, group: Any, names: dict[nn.Module, str], scorer: Any, opts: ChannelOptions,
               state: ChannelState) -> _Group | None:
     root = group[0].dep.target.module
-    importance = scorer(group)
+    heads = heads_of(root, names)
+    importance = scorer(group if heads is None else scored(graph, group, heads))  # per-head tensors: not channels
     if importance is None or root not in names:
         return None
     per_unit = _channel_groups(graph, group)
@@ -274,7 +276,6 @@ def _describe(graph: Any, group: Any, names: dict[nn.Module, str], scorer: Any, 
     if per_unit > 1:
         importance = importance.view(per_unit, units).mean(dim=0)
     name = names[root]
-    heads = heads_of(root, names)
     if heads is not None and per_unit == 1:
         return _describe_heads(name, root, heads, importance, opts, state)
     original = state.original.setdefault(name, units * per_unit) // per_unit

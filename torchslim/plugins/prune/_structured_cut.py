@@ -13,6 +13,7 @@ from torch import nn
 
 from ...engine.errors import first_line
 from . import _mha
+from ._head_items import cut_by_head, mapped_whole
 from ._structured_data import Lost, Removal, record_cut, removed_by
 from ._structured_heads import HeadCut, cuts_by_heads, drop_heads, keeps_heads
 from ._structured_layers import prune_plan
@@ -56,6 +57,7 @@ def _plan(graph: Any, group: _Group, count: int) -> Any:
     if group.heads is not None:
         own = {id(t) for t in group.heads.module._parameters.values() if t is not None}
         plan._group = [item for item in plan._group if id(item.dep.target.module) not in own]
+        cut_by_head(graph, plan, group.heads, torch.argsort(group.importance)[:count].tolist())  # _head_items
     return plan
 
 
@@ -97,7 +99,7 @@ def _head_cuts(graph: Any, plan: Any, group: _Group) -> list[HeadCut] | None:
     if plan is None or group.heads is None:
         return None
     units = torch.argsort(group.importance)[:group.remove].tolist()
-    if keeps_heads(graph, plan, group.root, group.heads, units):
+    if keeps_heads(graph, plan, group.root, group.heads, units) and mapped_whole(graph, plan, group.heads, units):
         return None
     return cuts_by_heads(graph, plan, group.heads, units) or []
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from . import _mha
+from ._head_items import per_head
 from ._head_split import Split, find_splits
 
 if TYPE_CHECKING:
@@ -126,6 +127,9 @@ def cuts_by_heads(graph: Any, plan: Any, heads: Heads, units: list[int]) -> list
         if type(module).__module__.startswith("torch_pruning"):
             continue  # Torch-Pruning's own stand-ins for reshapes, permutes and element-wise operations
         out = graph.is_out_channel_pruning_fn(dep.handler)
+        if isinstance(module, nn.Linear) and per_head(graph, dep, heads):  # its channels are the heads (_head_items)
+            cuts.append(HeadCut(module, out, sorted(units)))
+            continue
         size = getattr(module, "out_features" if out else "in_features", 0)
         if not isinstance(module, nn.Linear) or size % width or (not out and size != width):
             return None
