@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ...engine.errors import first_line
+from . import _head_dims as head_dims
 from . import _mha
 from ._head_items import cut_by_head, mapped_whole
 from ._structured_data import Lost, Removal, record_cut, removed_by
@@ -55,9 +56,9 @@ def _plan(graph: Any, group: _Group, count: int) -> Any:
     plan = graph.get_pruning_group(group.root, graph.get_pruner_of_module(group.root).prune_out_channels,
                                    _channels(group, count))
     if group.heads is not None:
+        cut_by_head(graph, plan, group.heads, torch.argsort(group.importance)[:count].tolist())  # _head_items
         own = {id(t) for t in group.heads.module._parameters.values() if t is not None}
         plan._group = [item for item in plan._group if id(item.dep.target.module) not in own]
-        cut_by_head(graph, plan, group.heads, torch.argsort(group.importance)[:count].tolist())  # _head_items
     return plan
 
 
@@ -77,8 +78,14 @@ def _cut(model: nn.Module, graph: Any, group: _Group, example: torch.Tensor, exp
         return
     saved = _save(model)
     removed = _removals(cuts) if cuts else removed_by(plan) if plan is not None else {}
+    dims = head_dims.choose(group.tied, group.remove)  # before the plan narrows the projections' inputs
+    for layer, removal in head_dims.removals(dims).items():
+        entry = removed.setdefault(layer, removal)
+        entry.outs.update(removal.outs) if entry is not removal else None
+        entry.ins.update(removal.ins) if entry is not removal else None
     try:
         _apply(model, graph, plan if cuts is None else cuts, group)
+        head_dims.apply(dims)
         with torch.no_grad():
             got = _shapes_of(model(example))
         if got != expected:

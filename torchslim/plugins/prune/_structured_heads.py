@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from . import _mha
+from ._head_dims import find_tied
 from ._head_items import per_head
 from ._head_split import Split, find_splits
 
@@ -41,8 +42,10 @@ def prepare(model: nn.Module, example: torch.Tensor) -> dict[type, Any]:
     Torch-Pruning pruners its ``nn.MultiheadAttention`` layers need (by class) for the dependency graph."""
     for module in model.modules():
         _FOUND.pop(module, None)  # a split the model no longer makes is no longer a head group
-    for layer, split in find_splits(model, example).items():
+    splits = find_splits(model, example)
+    for layer, split in splits.items():
         _FOUND[layer] = split
+    find_tied(model, example, splits)  # heads as wide as their input and tied to it (_head_dims)
     return _mha.residual_pruners(model)
 
 
