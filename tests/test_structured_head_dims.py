@@ -38,14 +38,34 @@ class TiedAttention(nn.Module):
         return self.proj((weights @ v).transpose(1, 2).reshape(batch, tokens, width))
 
 
+class TiedClassAttention(nn.Module):
+    """Class attention: one query from the mean token (given a token axis before its split into heads), keys and
+    values from every token, by three projections; the head size again the input's width over the head count."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.scale = heads, (width // heads) ** -0.5
+        self.q, self.k, self.v = (nn.Linear(width, width) for _ in range(3))
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = x.shape
+        size = width // self.num_heads
+        q = self.q(x.mean(dim=1)).unsqueeze(1).reshape(batch, 1, self.num_heads, size).transpose(1, 2)
+        k = self.k(x).reshape(batch, tokens, self.num_heads, size).transpose(1, 2)
+        v = self.v(x).reshape(batch, tokens, self.num_heads, size).transpose(1, 2)
+        weights = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
+        return self.proj((weights @ v).transpose(1, 2).reshape(batch, 1, width))
+
+
 class Residual(nn.Module):
     """An embedding, two residual blocks of tied attention, a classifier on the mean token."""
 
-    def __init__(self) -> None:
+    def __init__(self, attention: type[nn.Module]) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.embed = nn.Linear(16, WIDTH)
-        self.blocks = nn.ModuleList(TiedAttention(WIDTH, HEADS) for _ in range(2))
+        self.blocks = nn.ModuleList(attention(WIDTH, HEADS) for _ in range(2))
         self.head = nn.Linear(WIDTH, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,8 +84,9 @@ def _gone(before: torch.Tensor, after: torch.Tensor) -> list[int]:
     return [i for i, row in enumerate(before) if not any(torch.equal(row, r) for r in after)]
 
 
-def test_tied_heads_narrow_with_the_residual_channels() -> None:
-    original = Residual().eval()
+@pytest.mark.parametrize("attention", [TiedAttention, TiedClassAttention], ids=["fused-qkv", "class-attention"])
+def test_tied_heads_narrow_with_the_residual_channels(attention: type[nn.Module]) -> None:
+    original = Residual(attention).eval()
     x = _inputs()
     data = {name: [(x, torch.zeros(8, dtype=torch.long))] for name in ("train", "calibration", "eval")}
     model = StructuredPrune(amount=0.3).apply(copy.deepcopy(original), make_ctx(original, data, evaluate=lambda m: 0.0))
@@ -74,14 +95,16 @@ def test_tied_heads_narrow_with_the_residual_channels() -> None:
     masked = copy.deepcopy(original)
     for layer in (masked.embed, *(b.proj for b in masked.blocks)):
         layer.weight.data[channels], layer.bias.data[channels] = 0, 0
+    kept = [c for c in range(WIDTH) if c not in channels]
     for before, after, target in zip(original.blocks, model.blocks, masked.blocks, strict=True):
-        assert after.num_heads == HEADS and after.qkv.out_features == 3 * 24 and after.proj.in_features == 24
-        rows = _gone(before.qkv.weight[:, [c for c in range(WIDTH) if c not in channels]], after.qkv.weight)
-        dims = sorted({r % 8 for r in rows})
-        assert len(rows) == 3 * HEADS * 2 and rows == [
-            b * WIDTH + h * 8 + d for b in range(3) for h in range(HEADS) for d in dims
-        ]
-        target.qkv.weight.data[rows], target.qkv.bias.data[rows] = 0, 0  # those dimensions of q, k and v: nothing
+        assert after.num_heads == HEADS and after.proj.in_features == 24
+        for name in ("qkv",) if attention is TiedAttention else ("q", "k", "v"):
+            rows = _gone(getattr(before, name).weight[:, kept], getattr(after, name).weight)
+            blocks = getattr(before, name).out_features // WIDTH
+            dims = sorted({r % 8 for r in rows})
+            assert len(dims) == 2 and rows == [b * WIDTH + h * 8 + d for b in range(blocks) for h in range(HEADS) for d in dims]
+            layer = getattr(target, name)
+            layer.weight.data[rows], layer.bias.data[rows] = 0, 0  # those dimensions of q, k and v: nothing
     with torch.no_grad():
         assert torch.allclose(model(x), masked(x), atol=1e-5)  # equal to the original with what was cut zeroed
     assert count_macs(original, x) / count_macs(model, x) > 1.5

@@ -28,6 +28,8 @@ _SPLITS = {"reshape", "view", "unflatten"}
 """Functions and tensor methods whose result may put heads on the projection's last axis."""
 _PARTS = {"chunk", "split", "tensor_split"}
 """Functions and tensor methods that may cut a fused projection's output into q, k and v first."""
+_SAME = {"unsqueeze", "squeeze", "contiguous", "clone", "flatten"}
+"""Functions and tensor methods that may give the projection's output another leading shape before its split."""
 _PRODUCTS = {"matmul", "__matmul__", "__rmatmul__", "bmm", "baddbmm", "einsum", "scaled_dot_product_attention"}
 """Where heads meet: a split reaching one of these is attention."""
 _LAYERS = {"linear", "conv1d", "conv2d", "conv3d", "embedding"}
@@ -112,6 +114,9 @@ class _Watch(TorchFunctionMode):
                 self.derived[id(result)] = (result, frozenset([seen[1]]))
             elif name in _PARTS and seen[2] == 1 and isinstance(result, (tuple, list)):
                 self._parts(source, result, seen[1])
+            elif name in _SAME and isinstance(result, torch.Tensor) and result.shape[-1:] == source.shape[-1:] \
+                    and result.numel() == source.numel():
+                self.produced[id(result)] = (result, seen[1], seen[2])  # the same rows, another leading shape
             return result
         self._follow(name, [*_tensors(args), *_tensors((kwargs or {}).values())], result)
         return result
