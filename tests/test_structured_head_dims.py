@@ -38,6 +38,17 @@ class TiedAttention(nn.Module):
         return self.proj((weights @ v).transpose(1, 2).reshape(batch, tokens, width))
 
 
+class TiedDimensionMajor(TiedAttention):
+    """The heads merged dimension-major: the output projection's column ``d * heads + h`` is head h's dimension d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, width // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        weights = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
+        return self.proj((weights @ v).permute(0, 2, 3, 1).reshape(batch, tokens, width))
+
+
 class TiedClassAttention(nn.Module):
     """Class attention: one query from the mean token (given a token axis before its split into heads), keys and
     values from every token, by three projections; the head size again the input's width over the head count."""
@@ -84,7 +95,9 @@ def _gone(before: torch.Tensor, after: torch.Tensor) -> list[int]:
     return [i for i, row in enumerate(before) if not any(torch.equal(row, r) for r in after)]
 
 
-@pytest.mark.parametrize("attention", [TiedAttention, TiedClassAttention], ids=["fused-qkv", "class-attention"])
+@pytest.mark.parametrize(
+    "attention", [TiedAttention, TiedDimensionMajor, TiedClassAttention], ids=["fused-qkv", "dimension-major", "class-attention"]
+)
 def test_tied_heads_narrow_with_the_residual_channels(attention: type[nn.Module]) -> None:
     original = Residual(attention).eval()
     x = _inputs()
@@ -98,7 +111,7 @@ def test_tied_heads_narrow_with_the_residual_channels(attention: type[nn.Module]
     kept = [c for c in range(WIDTH) if c not in channels]
     for before, after, target in zip(original.blocks, model.blocks, masked.blocks, strict=True):
         assert after.num_heads == HEADS and after.proj.in_features == 24
-        for name in ("qkv",) if attention is TiedAttention else ("q", "k", "v"):
+        for name in ("q", "k", "v") if attention is TiedClassAttention else ("qkv",):
             rows = _gone(getattr(before, name).weight[:, kept], getattr(after, name).weight)
             blocks = getattr(before, name).out_features // WIDTH
             dims = sorted({r % 8 for r in rows})

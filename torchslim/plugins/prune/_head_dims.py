@@ -19,7 +19,7 @@ import math
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,6 +42,9 @@ class Tied:
     """Its projections into heads, each with its blocks of ``count * head_dim`` rows (3 for a fused q/k/v)."""
     merges: tuple[nn.Linear, ...]
     """The Linear layers reading its heads' output (as wide as its heads), as the graph showed them."""
+    columns: tuple[int, ...] = ()
+    """The merging layers' input column of each head dimension ``h * head_dim + d``, as measured (the heads may
+    be merged head-major or dimension-major)."""
 
 
 @dataclass(frozen=True)
@@ -69,9 +72,13 @@ def find_tied(model: nn.Module, example: torch.Tensor, splits: dict[nn.Linear, S
         except Exception:  # the structured stage reports a failing forward itself
             return
     for tied in candidates:
-        if tied.owner in seen and _breaks_without_a_head(tied, *seen[tied.owner]):
-            for layer, _ in tied.roots:
-                _TIED[layer] = tied
+        if tied.owner not in seen or not _breaks_without_a_head(tied, *seen[tied.owner]):
+            continue
+        columns = _merge_columns(tied, *seen[tied.owner])
+        if columns is None:
+            continue  # where the heads' dimensions land in the merging layers is unknown: left whole
+        for layer, _ in tied.roots:
+            _TIED[layer] = replace(tied, columns=columns)
 
 
 def _candidate(owner: nn.Module, splits: dict[nn.Linear, Split]) -> Tied | None:
@@ -154,6 +161,50 @@ def _cut_first_head_elsewhere(trial: nn.Module, count: int, head_dim: int, skip:
                 module._parameters[key] = nn.Parameter(tensor.data.index_select(dim, torch.tensor(kept)))
 
 
+def _merge_columns(tied: Tied, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | None:
+    """Which input column of the merging layers each head dimension reaches, measured on a copy whose projections
+    output a constant per row (zero weights, the bias a code: the attention is then uniform over tokens, and a
+    head's output is its value rows' codes, scaled alike in two runs, codes and ones); None if not readable."""
+    trial = copy.deepcopy(tied.owner)
+    twin: dict[nn.Module, Any] = dict(zip(tied.owner.modules(), trial.modules(), strict=True))
+    merges = [twin[m] for m in tied.merges if m in twin]
+    if not merges:
+        return None
+    width, offset, runs = tied.count * tied.head_dim, 0, []
+    codes = []
+    for layer, _ in tied.roots:
+        copy_ = twin[layer]
+        copy_.weight.data.zero_()
+        codes.append(torch.arange(offset, offset + copy_.out_features, dtype=torch.float32) + 1)
+        offset += copy_.out_features
+    seen: list[torch.Tensor] = []
+    handle = merges[0].register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].detach().reshape(-1, width)[0]))
+    try:
+        for fill in (lambda c: torch.ones_like(c), lambda c: c):
+            for (layer, _), code in zip(tied.roots, codes, strict=True):
+                twin[layer].bias = nn.Parameter(fill(code).to(twin[layer].weight))
+            with torch.no_grad():
+                trial(*args, **kwargs)
+            runs.append(seen[-1].double())
+    except Exception:  # a copy that cannot run so: unknown
+        return None
+    finally:
+        handle.remove()
+    if len(runs) != 2 or bool((runs[0].abs() < 1e-6).any()):
+        return None
+    found = runs[1] / runs[0] - 1
+    rows = found.round()
+    if float((found - rows).abs().max()) > 0.05:
+        return None
+    positions = [int(r) % width for r in rows]  # each root's rows hold blocks of ``width``: the position in one
+    if sorted(positions) != list(range(width)):
+        return None
+    columns = [0] * width
+    for column, position in enumerate(positions):
+        columns[position] = column
+    return tuple(columns)
+
+
 def _keep_rows(layer: nn.Linear, rows: list[int]) -> None:
     index = torch.tensor(rows, dtype=torch.long, device=layer.weight.device)
     layer.weight = nn.Parameter(layer.weight.data.index_select(0, index), requires_grad=layer.weight.requires_grad)
@@ -202,12 +253,12 @@ def choose(tied: list[Tied], removed: int) -> list[DimCut]:
     cuts = []
     for module in tied:
         scores = torch.zeros(module.head_dim)
-        width = module.count * module.head_dim
         for layer, fused in module.roots:
             rows = layer.weight.detach().float().norm(dim=1).view(fused, module.count, module.head_dim)
             scores += rows.sum(dim=(0, 1))
         for merge in module.merges:
-            scores += merge.weight.detach().float().norm(dim=0)[:width].view(module.count, module.head_dim).sum(dim=0)
+            norms = merge.weight.detach().float().norm(dim=0)[list(module.columns)]
+            scores += norms.view(module.count, module.head_dim).sum(dim=0)
         dims = torch.argsort(scores)[: removed // module.count]
         cuts.append(DimCut(module, tuple(sorted(int(d) for d in dims))))
     return cuts
@@ -222,13 +273,18 @@ def removals(cuts: list[DimCut]) -> dict[nn.Module, Removal]:
         for layer, fused in cut.tied.roots:
             removed[layer] = Removal((layer.in_features, layer.out_features), set(), set(_rows(cut, fused)))
         for merge in cut.tied.merges:
-            removed[merge] = Removal((merge.in_features, merge.out_features), set(_rows(cut, 1)), set())
+            removed[merge] = Removal((merge.in_features, merge.out_features), set(_columns(cut)), set())
     return removed
 
 
 def _rows(cut: DimCut, blocks: int) -> list[int]:
     module, width = cut.tied, cut.tied.count * cut.tied.head_dim
     return [b * width + h * module.head_dim + d for b in range(blocks) for h in range(module.count) for d in cut.dims]
+
+
+def _columns(cut: DimCut) -> list[int]:
+    """The merging layers' columns of the cut dimensions."""
+    return [cut.tied.columns[p] for p in _rows(cut, 1)]
 
 
 def apply(cuts: list[DimCut]) -> None:
@@ -240,7 +296,7 @@ def apply(cuts: list[DimCut]) -> None:
         for layer, fused in module.roots:
             gone = set(_rows(cut, fused))
             _keep_rows(layer, [i for i in range(layer.out_features) if i not in gone])
-        gone = set(_rows(cut, 1))
+        gone = set(_columns(cut))
         for merge in module.merges:
             _keep_columns(merge, [i for i in range(merge.in_features) if i not in gone])
         kept = [d for d in range(module.head_dim) if d not in cut.dims]
