@@ -163,46 +163,66 @@ def _cut_first_head_elsewhere(trial: nn.Module, count: int, head_dim: int, skip:
 
 def _merge_columns(tied: Tied, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | None:
     """Which input column of the merging layers each head dimension reaches, measured on a copy whose projections
-    output a constant per row (zero weights, the bias a code: the attention is then uniform over tokens, and a
-    head's output is its value rows' codes, scaled alike in two runs, codes and ones); None if not readable."""
+    output a constant per row (zero weights, the bias a code): the attention weights then sum to one over equal
+    values, and a column reads its value row's code, scaled alike in a run with every code one. Where a column
+    mixes a head's dimensions (a head attending over its channels) the rows carry their head's code instead, and
+    the heads' order (head-major or dimension-major) is read, the dimensions kept in order; None if unreadable."""
+    width, size = tied.count * tied.head_dim, tied.head_dim
+    runs = _coded_runs(tied, args, kwargs, (lambda r: 0 * r, lambda r: r, lambda r: (r % width) // size))
+    if runs is None or bool((runs[0].abs() < 1e-6).any()):
+        return None
+    rows = _decoded(runs[1] / runs[0] - 1)
+    positions = None if rows is None else [int(r) % width for r in rows]  # the position in a block of ``width``
+    if positions is not None and sorted(positions) == list(range(width)):
+        columns = [0] * width
+        for column, position in enumerate(positions):
+            columns[position] = column
+        return tuple(columns)
+    heads = _decoded(runs[2] / runs[0] - 1)
+    if heads is None:
+        return None
+    read = [int(h) for h in heads]
+    if read == [c // size for c in range(width)]:
+        return tuple(range(width))
+    if read == [c % tied.count for c in range(width)]:
+        return tuple(d * tied.count + h for h in range(tied.count) for d in range(size))
+    return None
+
+
+def _decoded(found: torch.Tensor) -> torch.Tensor | None:
+    """``found`` rounded, if every value is within 0.05 of an integer."""
+    rounded = found.round()
+    return rounded if float((found - rounded).abs().max()) <= 0.05 else None
+
+
+def _coded_runs(tied: Tied, args: tuple[Any, ...], kwargs: dict[str, Any], codes: tuple[Any, ...]) -> list[torch.Tensor] | None:
+    """The merging layer's input (one token) in a run of a copy of the module per code: its projections' weights
+    zero, their biases one plus the code of their row numbers (counted over the projections in turn, each holding
+    whole blocks of the heads' width)."""
     trial = copy.deepcopy(tied.owner)
     twin: dict[nn.Module, Any] = dict(zip(tied.owner.modules(), trial.modules(), strict=True))
     merges = [twin[m] for m in tied.merges if m in twin]
     if not merges:
         return None
-    width, offset, runs = tied.count * tied.head_dim, 0, []
-    codes = []
+    rows, offset = [], 0
     for layer, _ in tied.roots:
-        copy_ = twin[layer]
-        copy_.weight.data.zero_()
-        codes.append(torch.arange(offset, offset + copy_.out_features, dtype=torch.float32) + 1)
-        offset += copy_.out_features
+        twin[layer].weight.data.zero_()
+        rows.append(torch.arange(offset, offset + layer.out_features, dtype=torch.float32))
+        offset += layer.out_features
+    width = tied.count * tied.head_dim
     seen: list[torch.Tensor] = []
     handle = merges[0].register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].detach().reshape(-1, width)[0]))
     try:
-        for fill in (lambda c: torch.ones_like(c), lambda c: c):
-            for (layer, _), code in zip(tied.roots, codes, strict=True):
-                twin[layer].bias = nn.Parameter(fill(code).to(twin[layer].weight))
+        for code in codes:
+            for (layer, _), numbers in zip(tied.roots, rows, strict=True):
+                twin[layer].bias = nn.Parameter((1 + code(numbers)).to(twin[layer].weight))
             with torch.no_grad():
                 trial(*args, **kwargs)
-            runs.append(seen[-1].double())
+        return [s.double() for s in seen[-len(codes) :]] if len(seen) >= len(codes) else None
     except Exception:  # a copy that cannot run so: unknown
         return None
     finally:
         handle.remove()
-    if len(runs) != 2 or bool((runs[0].abs() < 1e-6).any()):
-        return None
-    found = runs[1] / runs[0] - 1
-    rows = found.round()
-    if float((found - rows).abs().max()) > 0.05:
-        return None
-    positions = [int(r) % width for r in rows]  # each root's rows hold blocks of ``width``: the position in one
-    if sorted(positions) != list(range(width)):
-        return None
-    columns = [0] * width
-    for column, position in enumerate(positions):
-        columns[position] = column
-    return tuple(columns)
 
 
 def _keep_rows(layer: nn.Linear, rows: list[int]) -> None:
