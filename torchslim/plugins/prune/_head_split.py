@@ -14,6 +14,7 @@ is no heads. No name or class of the model is looked at.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ _SPLITS = {"reshape", "view", "unflatten"}
 """Functions and tensor methods whose result may put heads on the projection's last axis."""
 _PARTS = {"chunk", "split", "tensor_split"}
 """Functions and tensor methods that may cut a fused projection's output into q, k and v first."""
+_SAME = {"unsqueeze", "squeeze", "contiguous", "clone", "flatten"}
+"""Functions and tensor methods that may give the projection's output another leading shape before its split."""
 _PRODUCTS = {"matmul", "__matmul__", "__rmatmul__", "bmm", "baddbmm", "einsum", "scaled_dot_product_attention"}
 """Where heads meet: a split reaching one of these is attention."""
 _LAYERS = {"linear", "conv1d", "conv2d", "conv3d", "embedding"}
@@ -54,7 +57,15 @@ def find_splits(model: nn.Module, example: torch.Tensor) -> dict[nn.Linear, Spli
             model(example)
     except Exception:  # the structured stage reports a failing forward itself; here it means no heads
         return {}
-    return {layer: split for layer, split in watch.found.items() if split is not None and layer in watch.confirmed}
+    found = {layer: split for layer, split in watch.found.items() if split is not None and layer in watch.confirmed}
+    for layer in found:
+        READERS[layer] = tuple(watch.readers.get(layer, ()))
+    return found
+
+
+READERS: weakref.WeakKeyDictionary[nn.Linear, tuple[nn.Linear, ...]] = weakref.WeakKeyDictionary()
+"""The Linear layers that read what the last :func:`find_splits` found each projection's heads become (after
+the attention product): the layers merging the heads."""
 
 
 @contextmanager
@@ -90,6 +101,8 @@ class _Watch(TorchFunctionMode):
         """id -> (a tensor computed from a split, the layers whose splits it comes from)."""
         self.confirmed: set[nn.Linear] = set()
         """Layers whose split reached an attention product."""
+        self.readers: dict[nn.Linear, list[nn.Linear]] = {}
+        """Layers whose input came from a layer's split (after its attention product, where it was confirmed)."""
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         result = func(*args, **(kwargs or {}))
@@ -101,6 +114,9 @@ class _Watch(TorchFunctionMode):
                 self.derived[id(result)] = (result, frozenset([seen[1]]))
             elif name in _PARTS and seen[2] == 1 and isinstance(result, (tuple, list)):
                 self._parts(source, result, seen[1])
+            elif name in _SAME and isinstance(result, torch.Tensor) and result.shape[-1:] == source.shape[-1:] \
+                    and result.numel() == source.numel():
+                self.produced[id(result)] = (result, seen[1], seen[2])  # the same rows, another leading shape
             return result
         self._follow(name, [*_tensors(args), *_tensors((kwargs or {}).values())], result)
         return result
@@ -113,10 +129,13 @@ class _Watch(TorchFunctionMode):
             if entry is not None and entry[0] is tensor:
                 layers |= entry[1]
         if not layers or name in _LAYERS:
+            reader = self.running[-1] if self.running else None
+            if name == "linear" and isinstance(reader, nn.Linear) and reader not in layers:
+                for layer in layers:
+                    self.readers.setdefault(layer, []).append(reader)
             return
         if name in _PRODUCTS:
-            self.confirmed |= layers
-            return
+            self.confirmed |= layers  # and followed on, to the layers reading the heads (``readers``)
         for tensor in _tensors([result]):
             self.derived[id(tensor)] = (tensor, layers)
 

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from ...engine.errors import first_line
+from ._head_dims import Tied, coupled, fit, tied_heads
+from ._head_items import scored
 from ._recurrent import RECURRENT_TYPES, reader_importance, refused
 from ._structured_branches import Reach
 from ._structured_choice import _choose_global, _choose_heads, _choose_per_layer, _out_channels, _round
@@ -89,6 +91,9 @@ class _Group:
     remove: int = 0
     heads: Heads | None = None
     """The attention module whose heads are this group's units (its head count is updated), or None."""
+    tied: list[Tied] = field(default_factory=list)
+    """Attention modules whose heads are tied to the channels this group cuts: they lose head dimensions with
+    them (``_head_dims``)."""
 
 
 @dataclass
@@ -185,6 +190,7 @@ def _cut_all(model: nn.Module, graph: Any, groups: list[_Group], example: torch.
                                                  f"{index} of {len(groups)} groups (raise time_limit)")
             continue
         _round(group, opts.round_to)
+        fit(group, group.tied)  # a multiple of the head counts of the attention tied to its channels
         _cut(model, graph, group, forward, expected, state, lost)
         progress.tick(index + 1, len(groups), group.name)
     clock.log.info("  structured: cut %d groups in %.1f s (%d left whole)", len(groups),
@@ -287,7 +293,10 @@ def _describe(graph: Any, group: Any, names: dict[nn.Module, str], scorer: Any, 
     root = group[0].dep.target.module
     if root not in names:
         return None
-    importance = scorer(group)
+    heads = heads_of(root, names)
+    if heads is not None and tied_heads(heads.module):
+        return None  # its heads narrow with the channels it reads, in their group (_head_dims)
+    importance = scorer(group if heads is None else scored(graph, group, heads))  # per-head tensors: not channels
     if importance is None and isinstance(root, RECURRENT_TYPES):  # read only by recurrent layers
         importance = reader_importance(graph, group, opts.norm)
     if importance is None:
@@ -299,12 +308,12 @@ def _describe(graph: Any, group: Any, names: dict[nn.Module, str], scorer: Any, 
     if per_unit > 1:
         importance = importance.view(per_unit, units).mean(dim=0)
     name = names[root]
-    heads = heads_of(root, names)
     if heads is not None and per_unit == 1:
         return _describe_heads(name, root, heads, importance, opts, state)
     original = state.original.setdefault(name, units * per_unit) // per_unit
     removable = max(0, int(opts.ceiling * original) - (original - units))
-    return _Group(name, root, importance.detach().float().cpu(), per_unit, units, min(removable, units - 1))
+    return _Group(name, root, importance.detach().float().cpu(), per_unit, units, min(removable, units - 1),
+                  tied=coupled(graph, group))
 
 
 def _describe_heads(name: str, root: nn.Module, heads: Heads, importance: torch.Tensor,

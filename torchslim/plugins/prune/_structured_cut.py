@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from ...engine.errors import first_line
+from . import _head_dims as head_dims
 from . import _mha
+from ._head_items import cut_by_head, mapped_whole
 from ._structured_data import Lost, Removal, record_cut, removed_by
 from ._structured_heads import HeadCut, cuts_by_heads, drop_heads, keeps_heads
 from ._structured_layers import prune_plan
@@ -55,6 +57,7 @@ def _plan(graph: Any, group: _Group, count: int) -> Any:
     plan = graph.get_pruning_group(group.root, graph.get_pruner_of_module(group.root).prune_out_channels,
                                    _channels(group, count))
     if group.heads is not None:
+        cut_by_head(graph, plan, group.heads, torch.argsort(group.importance)[:count].tolist())  # _head_items
         own = {id(t) for t in group.heads.module._parameters.values() if t is not None}
         plan._group = [item for item in plan._group if id(item.dep.target.module) not in own]
     return plan
@@ -77,8 +80,14 @@ def _cut(model: nn.Module, graph: Any, group: _Group, forward: Callable[[], Any]
         return
     saved = _save(model)
     removed = _removals(cuts) if cuts else removed_by(plan) if plan is not None else {}
+    dims = head_dims.choose(group.tied, group.remove)  # before the plan narrows the projections' inputs
+    for layer, removal in head_dims.removals(dims).items():
+        entry = removed.setdefault(layer, removal)
+        entry.outs.update(removal.outs) if entry is not removal else None
+        entry.ins.update(removal.ins) if entry is not removal else None
     try:
         _apply(model, graph, plan if cuts is None else cuts, group)
+        head_dims.apply(dims)
         got = forward()
         if got != expected:
             raise RuntimeError(f"output shape changed from {expected} to {got}")
@@ -98,7 +107,7 @@ def _head_cuts(graph: Any, plan: Any, group: _Group) -> list[HeadCut] | None:
     if plan is None or group.heads is None:
         return None
     units = torch.argsort(group.importance)[:group.remove].tolist()
-    if keeps_heads(graph, plan, group.root, group.heads, units):
+    if keeps_heads(graph, plan, group.root, group.heads, units) and mapped_whole(graph, plan, group.heads, units):
         return None
     return cuts_by_heads(graph, plan, group.heads, units) or []
 

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from . import _mha
+from ._head_dims import find_tied
+from ._head_items import per_head
 from ._head_split import Split, find_splits
 
 if TYPE_CHECKING:
@@ -40,8 +42,10 @@ def prepare(model: nn.Module, example: torch.Tensor) -> dict[type, Any]:
     Torch-Pruning pruners its ``nn.MultiheadAttention`` layers need (by class) for the dependency graph."""
     for module in model.modules():
         _FOUND.pop(module, None)  # a split the model no longer makes is no longer a head group
-    for layer, split in find_splits(model, example).items():
+    splits = find_splits(model, example)
+    for layer, split in splits.items():
         _FOUND[layer] = split
+    find_tied(model, example, splits)  # heads as wide as their input and tied to it (_head_dims)
     return _mha.residual_pruners(model)
 
 
@@ -126,6 +130,9 @@ def cuts_by_heads(graph: Any, plan: Any, heads: Heads, units: list[int]) -> list
         if type(module).__module__.startswith("torch_pruning"):
             continue  # Torch-Pruning's own stand-ins for reshapes, permutes and element-wise operations
         out = graph.is_out_channel_pruning_fn(dep.handler)
+        if isinstance(module, nn.Linear) and per_head(graph, dep, heads):  # its channels are the heads (_head_items)
+            cuts.append(HeadCut(module, out, sorted(units)))
+            continue
         size = getattr(module, "out_features" if out else "in_features", 0)
         if not isinstance(module, nn.Linear) or size % width or (not out and size != width):
             return None

@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from ...engine.errors import first_line
+from ._structured_expand import repair_expands
 
 
 class TraceFailure(Exception):
@@ -45,7 +46,9 @@ def build(model: nn.Module, example: Any, customized: dict[type, Any] | None,
             raise TraceFailure(_message(exc, model)) from exc
     repair_concats(graph)
     unflatten_channel_last(graph)
-    return graph, _map_indices(graph, model)
+    unmapped = _map_indices(graph, model)
+    repair_expands(graph)  # an expand Torch-Pruning took for a grouped-query repeat (_structured_expand)
+    return graph, unmapped
 
 
 def _map_indices(graph: Any, model: nn.Module) -> dict[Any, str]:
