@@ -16,6 +16,7 @@ from . import _mha
 from ._structured_data import Lost, Removal, record_cut, removed_by
 from ._structured_heads import HeadCut, cuts_by_heads, drop_heads, keeps_heads
 from ._structured_layers import prune_plan
+from ._structured_repair import sound
 
 if TYPE_CHECKING:
     from ._structured import ChannelState, _Group
@@ -51,8 +52,8 @@ def _channels(group: _Group, count: int) -> list[int]:
 def _plan(graph: Any, group: _Group, count: int) -> Any:
     """Torch-Pruning's plan for cutting ``count`` units; for heads, without the attention's own per-head
     tensors (relative position biases), which ``drop_heads`` slices by head, not by channel."""
-    plan = graph.get_pruning_group(group.root, graph.get_pruner_of_module(group.root).prune_out_channels,
-                                   _channels(group, count))
+    plan = sound(graph, graph.get_pruning_group(group.root, graph.get_pruner_of_module(group.root).prune_out_channels,
+                                                _channels(group, count)))
     if group.heads is not None:
         own = {id(t) for t in group.heads.module._parameters.values() if t is not None}
         plan._group = [item for item in plan._group if id(item.dep.target.module) not in own]

@@ -1,0 +1,73 @@
+"""Structured pruning where Torch-Pruning's graph couples channels wrongly: widening depthwise convolutions
+and operations that reduce or broadcast the channel axis (``_structured_repair``)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from torchslim.engine.metrics import count_macs
+from torchslim.plugins.prune import StructuredPrune
+
+from .conftest import make_ctx
+
+
+class Block(nn.Module):
+    """A residual block whose features are gated by a spatial attention: the mean and the maximum over the
+    channels, a convolution to one channel, a sigmoid (a one-channel gate multiplied into every channel)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.mix = nn.Sequential(
+            nn.Conv2d(width, 2 * width, 1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.Conv2d(2 * width, width, 1)
+        )
+        self.gate = nn.Conv2d(2, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.mix(x)
+        pooled = torch.cat([y.mean(dim=1, keepdim=True), y.amax(dim=1, keepdim=True)], dim=1)
+        return x + y * torch.sigmoid(self.gate(pooled))
+
+
+class Widening(nn.Module):
+    """Two stages of residual blocks joined by a widening depthwise convolution (16 -> 32, groups=16)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.stage1 = nn.Sequential(Block(16), Block(16))
+        self.down = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1, groups=16), nn.BatchNorm2d(32))
+        self.stage2 = nn.Sequential(Block(32), Block(32))
+        self.classifier = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage2(self.down(self.stage1(self.stem(x))))
+        return self.classifier(x.mean(dim=(2, 3)))
+
+
+def pruned(build: type[nn.Module], images: dict) -> tuple[nn.Module, float, list[str]]:
+    """``build()`` pruned by 30% of its channels, its MACs ratio, and the stage's notes; the pruned model is
+    checked to rebuild from its restore record (as ``load_model`` does) with the same outputs."""
+    torch.manual_seed(0)
+    model = build().eval()
+    macs = count_macs(model, next(iter(images["eval"]))[0][:1])
+    ctx = make_ctx(model, images)
+    stage = StructuredPrune(amount=0.3)
+    out = stage.apply(model, ctx)
+    x = ctx.example_inputs
+    rebuilt = stage.restore(build().eval(), json.loads(json.dumps(ctx.restore_record)))
+    rebuilt.load_state_dict(out.state_dict(), strict=True)
+    assert torch.equal(rebuilt(x), out(x))
+    return out, macs / count_macs(out, x[:1]), ctx.notes
+
+
+def test_widening_depthwise_and_spatial_gates_are_cut_consistently(images: dict) -> None:
+    out, ratio, notes = pruned(Widening, images)
+    down = out.down[0]
+    assert out.stem.out_channels < 16 and down.out_channels < 32  # both residual streams cut
+    assert down.groups == down.in_channels == out.stem.out_channels and down.out_channels == 2 * down.in_channels
+    assert out.stage1[0].gate.in_channels == 2 and out.stage1[0].gate.out_channels == 1  # the gate is no channel
+    assert not any("whole" in note for note in notes), notes
+    assert ratio >= 1.4
