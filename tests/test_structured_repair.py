@@ -71,3 +71,45 @@ def test_widening_depthwise_and_spatial_gates_are_cut_consistently(images: dict)
     assert out.stage1[0].gate.in_channels == 2 and out.stage1[0].gate.out_channels == 1  # the gate is no channel
     assert not any("whole" in note for note in notes), notes
     assert ratio >= 1.4
+
+
+class PartialConv(nn.Module):
+    """A 3x3 convolution over the first quarter of the channels, the rest passed through (split, then concat)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.sliced, self.untouched = width // 4, width - width // 4
+        self.conv = nn.Conv2d(self.sliced, self.sliced, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, rest = torch.split(x, [self.sliced, self.untouched], dim=1)
+        return torch.cat((self.conv(first), rest), 1)
+
+
+class Partial(nn.Module):
+    """Residual blocks mixing space with a partial convolution, channels with two 1x1 convolutions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 32, 3, padding=1)
+        self.mixers = nn.ModuleList(PartialConv(32) for _ in range(2))
+        self.mlps = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(32, 64, 1), nn.BatchNorm2d(64), nn.ReLU(), nn.Conv2d(64, 32, 1)) for _ in range(2)
+        )
+        self.classifier = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for mixer, mlp in zip(self.mixers, self.mlps, strict=True):
+            x = x + mlp(mixer(x))
+        return self.classifier(x.mean(dim=(2, 3)))
+
+
+def test_a_partial_convolution_keeps_its_slice_and_split_sizes_consistent(images: dict) -> None:
+    out, ratio, notes = pruned(Partial, images)
+    assert out.stem.out_channels < 32  # the residual stream, which the split and concat cross, is cut
+    for mixer in out.mixers:
+        assert mixer.sliced + mixer.untouched == out.stem.out_channels
+        assert mixer.conv.in_channels == mixer.sliced  # its outputs are a group of their own
+    assert not any("whole" in note for note in notes), notes
+    assert ratio >= 1.4

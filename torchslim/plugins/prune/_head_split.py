@@ -27,6 +27,9 @@ _SPLITS = {"reshape", "view", "unflatten"}
 """Functions and tensor methods whose result may put heads on the projection's last axis."""
 _PARTS = {"chunk", "split", "tensor_split"}
 """Functions and tensor methods that may cut a fused projection's output into q, k and v first."""
+_KEEPS = {"unsqueeze", "squeeze", "contiguous"}
+"""Tensor methods whose result is still the projection's output, its rows on the last axis (a class token's query
+``q(x[:, 0]).unsqueeze(1)``, reshaped into heads after)."""
 _PRODUCTS = {"matmul", "__matmul__", "__rmatmul__", "bmm", "baddbmm", "einsum", "scaled_dot_product_attention"}
 """Where heads meet: a split reaching one of these is attention."""
 _LAYERS = {"linear", "conv1d", "conv2d", "conv3d", "embedding"}
@@ -101,6 +104,8 @@ class _Watch(TorchFunctionMode):
                 self.derived[id(result)] = (result, frozenset([seen[1]]))
             elif name in _PARTS and seen[2] == 1 and isinstance(result, (tuple, list)):
                 self._parts(source, result, seen[1])
+            elif name in _KEEPS and isinstance(result, torch.Tensor) and result.shape[-1:] == source.shape[-1:]:
+                self.produced[id(result)] = (result, seen[1], seen[2])  # still the projection's rows, last
             return result
         self._follow(name, [*_tensors(args), *_tensors((kwargs or {}).values())], result)
         return result

@@ -14,6 +14,7 @@ from torch import nn
 
 from ...engine.errors import first_line
 from .._layers import matches
+from . import _structured_slices as slices
 from ._recurrent import RECURRENT_TYPES, recurrent_tracing
 from ._structured_clock import ONE_GROUP, Clock, GroupTimeout
 from ._structured_heads import prepare as prepare_heads
@@ -37,9 +38,12 @@ def _build_graph(model: nn.Module, example: torch.Tensor, log: logging.Logger, t
     merging: dict[type, LayerPruner] = {type(m): _Merging() for m in model.modules() if _is_merging(m)}
     special = customized({**merging, **(pruners or {})})
     special.update(prepare_heads(model, example))  # heads found from the graph; nn.MultiheadAttention's pruner
-    with recurrent_tracing(model) as recurrent:  # hidden units of LSTM/GRU/RNN (_recurrent)
+    with recurrent_tracing(model) as recurrent, slices.watch(model) as splits:  # LSTM/GRU/RNN: _recurrent
         graph, unmapped = build(model, example, {**special, **recurrent} or None)
     couple_multipliers(graph)  # widening depthwise convolutions: their inputs and outputs go together
+    slices.adopt(graph, splits)  # channel splits by sizes the model keeps: resized after a cut
+    slices.order_splits(graph)
+    slices.order_mappings(graph)
     log.info("  structured: dependency graph traced in %.1f s", time.monotonic() - started)
     for reason in unmapped.values():
         log.warning("  structured: the groups whose %s are left whole", reason.removeprefix("its "))

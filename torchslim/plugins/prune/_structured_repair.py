@@ -150,3 +150,14 @@ def narrowest(
             if isinstance(count, int) and count < fewest:
                 best, fewest = module, count
     return None if best is root else best
+
+
+def check_sound(graph: Any, plan: Any) -> bool:
+    """Torch-Pruning's check of ``plan`` on its sound items only (a plan of heads keeps the others, which are cut
+    by whole heads instead: counted as they are mapped, they would seem to take all of a layer's channels)."""
+    items = plan._group
+    plan._group = [item for item in items if _sound(graph, item.dep, item.idxs)]
+    try:
+        return bool(graph.check_pruning_group(plan))
+    finally:
+        plan._group = items
