@@ -113,3 +113,45 @@ def test_a_partial_convolution_keeps_its_slice_and_split_sizes_consistent(images
         assert mixer.conv.in_channels == mixer.sliced  # its outputs are a group of their own
     assert not any("whole" in note for note in notes), notes
     assert ratio >= 1.4
+
+
+class SingleHead(nn.Module):
+    """One head of attention over a slice of the channels, its result reshaped back into an image: Torch-Pruning's
+    index mapping divides by zero at that reshape (it infers no channels before it)."""
+
+    def __init__(self, dim: int = 16, pdim: int = 4, qk: int = 4) -> None:
+        super().__init__()
+        self.dim, self.pdim, self.qk_dim = dim, pdim, qk
+        self.qkv = nn.Sequential(nn.Conv2d(pdim, 2 * qk + pdim, 1, bias=False), nn.BatchNorm2d(2 * qk + pdim))
+        self.proj = nn.Sequential(nn.ReLU(), nn.Conv2d(dim, dim, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        x1, x2 = torch.split(x, [self.pdim, self.dim - self.pdim], dim=1)
+        q, k, v = (t.flatten(2) for t in torch.split(self.qkv(x1), [self.qk_dim, self.qk_dim, self.pdim], dim=1))
+        attn = (q.transpose(-2, -1) @ k * 0.5).softmax(dim=-1)
+        x1 = (v @ attn.transpose(-2, -1)).reshape(b, self.pdim, h, w)
+        return self.proj(torch.cat([x1, x2], dim=1))
+
+
+class Unmappable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.blocks = nn.ModuleList(SingleHead() for _ in range(2))
+        self.mlps = nn.ModuleList(nn.Sequential(nn.Conv2d(16, 64, 1), nn.ReLU(), nn.Conv2d(64, 16, 1)) for _ in range(2))
+        self.classifier = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block, mlp in zip(self.blocks, self.mlps, strict=True):
+            x = x + block(x)
+            x = x + mlp(x)
+        return self.classifier(x.mean(dim=(2, 3)))
+
+
+def test_a_reshape_the_index_mapping_fails_at_leaves_its_groups_whole_and_prunes_the_rest(images: dict) -> None:
+    out, ratio, notes = pruned(Unmappable, images)
+    assert all(mlp[0].out_channels < 64 for mlp in out.mlps)  # the hidden layers, away from the reshape, are cut
+    assert any("reshape operation fed by blocks." in note and "left whole" in note for note in notes), notes
+    assert ratio > 1.1
