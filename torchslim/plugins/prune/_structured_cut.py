@@ -98,8 +98,8 @@ def _cut(model: nn.Module, graph: Any, group: _Group, example: torch.Tensor, exp
 
 
 def _tied(graph: Any, group: _Group, plan: Any, problem: str | None) -> tuple[Any, str | None, list[Tied]]:
-    """A channel group feeding attention whose heads are as wide as its input (``_structured_tied``): its cut
-    rounded down to a multiple of their head counts (the plan made again), and those projections."""
+    """A channel group feeding attention whose heads may be as wide as its input (``_structured_tied``): those
+    projections, and the cut rounded down to a multiple of the head counts read from the input (the plan made again)."""
     if plan is None or group.heads is not None:
         return plan, problem, []
     tied = tied_in(plan, found_splits(), graph)

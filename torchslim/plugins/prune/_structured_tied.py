@@ -47,8 +47,15 @@ def tied_in(plan: Any, found: dict[nn.Module, Split], graph: Any) -> list[Tied]:
 
 
 def rounding(tied: list[Tied]) -> int:
-    """What a cut of the channels feeding ``tied`` must remove a multiple of: every one's head count."""
-    return math.lcm(*(t.split.count for t in tied)) if tied else 1
+    """What a cut of the channels feeding ``tied`` must remove a multiple of: the head count of every one whose
+    module keeps no attribute holding its head width (the width is then read from the input; where it is kept,
+    as timm's ``head_dim``, the cut needs no rounding and the heads stay as they are)."""
+    counts = [t.split.count for t in tied if t.split.head_dim not in _integers(t.split.owner)]
+    return math.lcm(*counts) if counts else 1
+
+
+def _integers(module: nn.Module) -> set[int]:
+    return {v for k, v in vars(module).items() if type(v) is int and not k.startswith("_")}
 
 
 def retie(graph: Any, tied: list[Tied]) -> bool:
@@ -80,7 +87,19 @@ def retie(graph: Any, tied: list[Tied]) -> bool:
             tp.prune_linear_out_channels(t.layer, rows)
         for reader in readers:
             tp.prune_linear_in_channels(reader, [h * split.head_dim + j for h, js in enumerate(dims) for j in js])
+        _narrow_attributes(split, split.head_dim - drop)
     return True
+
+
+def _narrow_attributes(split: Split, head_dim: int) -> None:
+    """The owner's integer attributes holding the old head width take the new one (a module that sizes its heads
+    from an attribute, cut along with the ones that read the input's width; not where the width equals the count)."""
+    owner: Any = split.owner
+    if split.head_dim == split.count:
+        return
+    for key, value in list(vars(owner).items()):
+        if type(value) is int and not key.startswith("_") and value == split.head_dim:
+            setattr(owner, key, head_dim)
 
 
 def _readers(graph: Any, members: list[Tied], split: Split) -> list[nn.Linear]:
