@@ -155,3 +155,41 @@ def test_a_reshape_the_index_mapping_fails_at_leaves_its_groups_whole_and_prunes
     assert all(mlp[0].out_channels < 64 for mlp in out.mlps)  # the hidden layers, away from the reshape, are cut
     assert any("reshape operation fed by blocks." in note and "left whole" in note for note in notes), notes
     assert ratio > 1.1
+
+
+class Gated(nn.Module):
+    """A projection split in two halves, the first read twice (``h * act(z) + h * d``), as a gated state-space
+    mixer does: Torch-Pruning maps its third consumer past the split's pieces."""
+
+    def __init__(self, width: int = 16, inner: int = 24) -> None:
+        super().__init__()
+        self.inner = inner
+        self.proj = nn.Conv2d(width, 2 * inner, 1)
+        self.out = nn.Conv2d(inner, width, 1)
+        self.d = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, z = torch.split(self.proj(x), [self.inner, self.inner], dim=1)
+        return self.out(h * torch.sigmoid(z) + h * self.d)
+
+
+class GatedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.blocks = nn.ModuleList(Gated() for _ in range(2))
+        self.classifier = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.classifier(x.mean(dim=(2, 3)))
+
+
+def test_a_split_piece_read_twice_is_mapped_by_the_piece_each_consumer_reads(images: dict) -> None:
+    out, ratio, notes = pruned(GatedNet, images)
+    for block in out.blocks:
+        assert block.proj.out_channels == 2 * block.inner == 2 * block.out.in_channels < 48  # halves cut alike
+    assert not any("whole" in note for note in notes), notes
+    assert ratio >= 1.4

@@ -110,8 +110,8 @@ def _all_groups(graph: Any, protected: list[nn.Module], clock: Clock, roots: tup
             clock.check_listing()
             pruner = graph.get_pruner_of_module(module)
             channels = None if pruner is None else pruner.get_out_channels(module)
-            if channels is None:
-                continue
+            if channels is None or channels <= 1:
+                continue  # one channel has none to give (and its group holds those it is broadcast over)
             try:
                 with clock.one_group(share):
                     module, group = _listed(graph, module, channels, roots, ignored)

@@ -13,8 +13,8 @@ Two mechanisms, neither tied to an architecture:
   operation that reduces or broadcasts the channel axis (a spatial attention's mean over the channels, the
   one-channel gate it multiplies the features by), layers with fewer channels than the indices join the
   group and its scoring fails (``index 24 is out of bounds for dimension 0 with size 1``). :func:`sound`
-  leaves out every item whose indices its layer does not have; the forward check after the cut undoes a
-  cut that this leaves inconsistent.
+  leaves out every item whose indices its layer does not have, and every one-channel item (a scalar gain
+  broadcast over the channels); the forward check after the cut undoes a cut that this leaves inconsistent.
 """
 
 from __future__ import annotations
@@ -91,8 +91,8 @@ def sound(graph: Any, group: Any) -> Any:
     """``group`` without the items Torch-Pruning cannot score or cut as it maps them: a channel-multiplier
     convolution's input channels, and any layer's indices beyond its channel count (the group itself is
     changed and returned)."""
-    group._group = [item for item in group._group if _sound(graph, item.dep, item.idxs)]
-    return group
+    group._group = group._group[:1] + [item for item in group._group[1:] if _sound(graph, item.dep, item.idxs)]
+    return group  # the root's own item is kept: the group is described by it
 
 
 def _sound(graph: Any, dep: Any, idxs: Sequence[int]) -> bool:
@@ -112,7 +112,8 @@ def _sound(graph: Any, dep: Any, idxs: Sequence[int]) -> bool:
             count = pruner.get_out_channels(module) if out else pruner.get_in_channels(module)
     except Exception:  # a pruner that cannot count this layer: Torch-Pruning's own checks decide
         return True
-    return not isinstance(count, int) or max(int(i) for i in idxs) < count
+    # one channel is broadcast over the group's channels (a scalar gain), not one of them
+    return not isinstance(count, int) or (count > 1 and max(int(i) for i in idxs) < count)
 
 
 def multipliers_in(plan: Any) -> dict[nn.Module, int]:

@@ -106,8 +106,12 @@ def order_splits(graph: Any) -> int:
             continue
         pieces = [_piece(node, out) for out in node.outputs]
         numbers = [p for p in pieces if p is not None]
+        if len(numbers) == len(pieces) and sorted(set(numbers)) != sorted(numbers) and node.module.offsets:
+            map_by_piece(node, numbers)  # a piece read by several consumers: mapped by the piece each reads
+            reordered += 1
+            continue
         if len(numbers) != len(pieces) or sorted(numbers) != list(range(len(numbers))) or numbers == sorted(numbers):
-            continue  # a piece read twice or not at all (the order cannot be told), or in order already
+            continue  # a piece not read (the order cannot be told), or in order already
         node.outputs = [out for _, out in sorted(zip(numbers, node.outputs, strict=True), key=lambda pair: pair[0])]
         for out in node.outputs:
             if out.type == tp.ops.OPTYPE.CONCAT:
@@ -143,6 +147,25 @@ def order_mappings(graph: Any) -> int:
                 dep.index_mapping = _ConcatFirst(dep.index_mapping)
                 fixed += 1
     return fixed
+
+
+def map_by_piece(node: Any, pieces: list[int]) -> None:
+    """Map a split's indices to each consumer by the piece it reads (Torch-Pruning maps its ``i``-th consumer to
+    the ``i``-th piece, and fails where a piece has two consumers); the node is then no longer updated as a split
+    by Torch-Pruning, and :func:`resize` maps it again after a cut."""
+    import torch_pruning as tp
+    from torch_pruning.dependency.index_mapping import _SplitIndexMapping
+
+    offsets = list(node.module.offsets)
+    for out, piece in zip(node.outputs, pieces, strict=True):
+        for dep in node.dependencies:
+            if dep.target is out:
+                dep.index_mapping[0] = _SplitIndexMapping(offset=offsets[piece : piece + 2], reverse=False)
+        for dep in out.dependencies:
+            if dep.target is node:
+                dep.index_mapping[0] = _SplitIndexMapping(offset=offsets[piece : piece + 2], reverse=True)
+    node.module.pieces = pieces
+    node.type = tp.ops.OPTYPE.ELEMENTWISE
 
 
 def _piece(split: Any, consumer: Any) -> int | None:
@@ -182,6 +205,8 @@ def resize(graph: Any, cuts: Pending) -> None:
         key = "concat_sizes" if getattr(node.module, "concat_sizes", None) is not None else "split_sizes"
         setattr(node.module, key, list(sizes))
         node.module.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        if getattr(node.module, "pieces", None) is not None:
+            map_by_piece(node, node.module.pieces)
         if split is not None:
             _resize_owner(split, sizes)
             _RECORDED[graph][node] = Split(split.owner, sizes)
