@@ -46,7 +46,8 @@ def scored(graph: Any, group: Any, heads: Heads) -> Any:
     """``group`` (all the root's channels) without its per-head members, for scoring: their indices are not the
     projection's channels. The members are kept for :func:`cut_by_head`."""
     kept = [item for item in group._group if not per_head(graph, item.dep, heads)]
-    _MEMBERS[group[0].dep.target.module] = [item.dep for item in group._group if per_head(graph, item.dep, heads)]
+    listed = [*group._group, *getattr(group, "unsound", [])]  # with those _structured_repair left out
+    _MEMBERS[group[0].dep.target.module] = [item.dep for item in listed if per_head(graph, item.dep, heads)]
     if len(kept) == len(group._group):
         return group
     copied = copy.copy(group)

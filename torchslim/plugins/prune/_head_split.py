@@ -152,6 +152,7 @@ class _Watch(TorchFunctionMode):
         trailing = _trailing(source, result)
         if trailing is None:
             return False
+        trailing = tuple(size for size in trailing if size != 1)  # an axis of one holds no rows: (H, 1, d) is (H, d)
         if len(trailing) == 2:
             split = (parts, *trailing)
         elif len(trailing) == 3 and parts == 1 and trailing[0] in (2, 3):

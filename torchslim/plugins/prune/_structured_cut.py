@@ -17,8 +17,10 @@ from . import _head_dims as head_dims
 from . import _mha
 from ._head_items import cut_by_head, mapped_whole
 from ._structured_data import Lost, Removal, record_cut, removed_by
-from ._structured_heads import HeadCut, cuts_by_heads, drop_heads, keeps_heads
+from ._structured_heads import HeadCut, cuts_by_heads, drop_heads, found_splits, keeps_heads, value_widths
 from ._structured_layers import prune_plan
+from ._structured_repair import check_sound, sound
+from ._structured_tied import Tied, retie, rounding, tied_in
 
 if TYPE_CHECKING:
     from ._structured import ChannelState, _Group
@@ -35,7 +37,7 @@ def _checked_plan(graph: Any, group: _Group, count: int, what: str) -> tuple[Any
     """Torch-Pruning's plan for cutting ``count`` units and None, or None and why there is no such plan."""
     try:
         plan = _plan(graph, group, count)
-        if not graph.check_pruning_group(plan):
+        if not check_sound(graph, plan):
             return None, f"Torch-Pruning's check refused {what} (a coupled layer would lose all its channels)"
     except Exception as exc:
         return None, f"building its pruning plan raised {first_line(exc, typed=True, limit=200)}"
@@ -53,13 +55,15 @@ def _channels(group: _Group, count: int) -> list[int]:
 
 def _plan(graph: Any, group: _Group, count: int) -> Any:
     """Torch-Pruning's plan for cutting ``count`` units; for heads, without the attention's own per-head
-    tensors (relative position biases), which ``drop_heads`` slices by head, not by channel."""
+    tensors (relative position biases), which ``drop_heads`` slices by head, not by channel. A plan of channels is
+    made sound (``_structured_repair``); one of heads is kept whole, for ``cuts_by_heads`` to place its columns."""
     plan = graph.get_pruning_group(group.root, graph.get_pruner_of_module(group.root).prune_out_channels,
                                    _channels(group, count))
-    if group.heads is not None:
-        cut_by_head(graph, plan, group.heads, torch.argsort(group.importance)[:count].tolist())  # _head_items
-        own = {id(t) for t in group.heads.module._parameters.values() if t is not None}
-        plan._group = [item for item in plan._group if id(item.dep.target.module) not in own]
+    if group.heads is None:
+        return sound(graph, plan)
+    cut_by_head(graph, plan, group.heads, torch.argsort(group.importance)[:count].tolist())  # _head_items
+    own = {id(t) for t in group.heads.module._parameters.values() if t is not None}
+    plan._group = [item for item in plan._group if id(item.dep.target.module) not in own]
     return plan
 
 
@@ -72,6 +76,9 @@ def _cut(model: nn.Module, graph: Any, group: _Group, forward: Callable[[], Any]
         return
     plan, problem = (None, None) if group.heads is not None and group.heads.own else \
         _checked_plan(graph, group, group.remove, "the cut")
+    plan, problem, tied = _tied(graph, group, plan, problem)
+    if group.remove <= 0:
+        return
     cuts = _head_cuts(graph, plan, group)
     if problem is None and cuts is not None and not cuts:
         problem = "Torch-Pruning's plan does not keep its heads whole and holds layers other than the projections"
@@ -88,7 +95,7 @@ def _cut(model: nn.Module, graph: Any, group: _Group, forward: Callable[[], Any]
     try:
         _apply(model, graph, plan if cuts is None else cuts, group)
         head_dims.apply(dims)
-        got = forward()
+        got = _forward(forward, graph, tied)
         if got != expected:
             raise RuntimeError(f"output shape changed from {expected} to {got}")
     except Exception as exc:
@@ -99,6 +106,34 @@ def _cut(model: nn.Module, graph: Any, group: _Group, forward: Callable[[], Any]
     record_cut(lost, removed)
     if group.heads is not None:
         state.heads[group.heads.name] = state.heads.get(group.heads.name, 0) + group.remove
+
+
+def _tied(graph: Any, group: _Group, plan: Any, problem: str | None) -> tuple[Any, str | None, list[Tied]]:
+    """A channel group feeding attention whose heads may be as wide as its input (``_structured_tied``): those
+    projections, and the cut rounded down to a multiple of the head counts read from the input (the plan made again)."""
+    if plan is None or group.heads is not None:
+        return plan, problem, []
+    tied = tied_in(plan, found_splits(), graph)
+    extra = group.remove % rounding(tied)
+    if not extra:
+        return plan, problem, tied
+    group.remove -= extra
+    if group.remove <= 0:
+        return None, None, []
+    plan, problem = _checked_plan(graph, group, group.remove, "the cut")
+    return plan, problem, tied
+
+
+def _forward(forward: Callable[[], Any], graph: Any, tied: list[Tied]) -> Any:
+    """The output shapes of the cut model (``forward``); where its forward breaks and heads as wide as their input
+    were cut into, after those heads are narrowed to the input's new width (``_structured_tied``)."""
+    with torch.no_grad():
+        try:
+            return forward()
+        except Exception:
+            if not tied or not retie(graph, tied):
+                raise
+        return forward()
 
 
 def _head_cuts(graph: Any, plan: Any, group: _Group) -> list[HeadCut] | None:
@@ -127,13 +162,14 @@ def _apply(model: nn.Module, graph: Any, plan: Any, group: _Group) -> None:
     import torch_pruning as tp
 
     kept = torch.sort(torch.argsort(group.importance)[group.remove:]).values
+    widths = value_widths(group.heads, plan) if group.heads is not None and isinstance(plan, list) else set()
     if isinstance(plan, list):
         for cut in plan:
             (tp.prune_linear_out_channels if cut.out else tp.prune_linear_in_channels)(cut.layer, cut.index)
     elif plan is not None:
         prune_plan(graph, plan)  # the plan, and the cut layers' own per-channel tensors it left whole
     if group.heads is not None and not group.heads.own:
-        drop_heads(group.heads, kept)
+        drop_heads(group.heads, kept, widths)
     elif group.heads is not None:
         _mha.cut_heads(group.heads.module, kept)  # type: ignore[arg-type]
     _mha.settle(model)

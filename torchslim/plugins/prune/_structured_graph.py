@@ -14,10 +14,12 @@ from torch import nn
 
 from ...engine.errors import first_line
 from .._layers import matches
+from . import _structured_slices as slices
 from ._recurrent import RECURRENT_TYPES, recurrent_tracing
 from ._structured_clock import ONE_GROUP, Clock, GroupTimeout
 from ._structured_heads import prepare as prepare_heads
 from ._structured_layers import LayerPruner, customized, keep
+from ._structured_repair import couple_multipliers, multiplier, narrowest, sound
 from ._structured_trace import build
 
 ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *RECURRENT_TYPES)
@@ -37,8 +39,12 @@ def _build_graph(model: nn.Module, example: torch.Tensor, log: logging.Logger, t
     merging: dict[type, LayerPruner] = {type(m): _Merging() for m in model.modules() if _is_merging(m)}
     special = customized({**merging, **(pruners or {})})
     special.update(prepare_heads(model, example))  # heads found from the graph; nn.MultiheadAttention's pruner
-    with recurrent_tracing(model) as recurrent:  # hidden units of LSTM/GRU/RNN (_recurrent)
+    with recurrent_tracing(model) as recurrent, slices.watch(model) as splits:  # LSTM/GRU/RNN: _recurrent
         graph, unmapped = build(model, example, {**special, **recurrent} or None, forward)
+    couple_multipliers(graph)  # widening depthwise convolutions: their inputs and outputs go together
+    slices.adopt(graph, splits)  # channel splits by sizes the model keeps: resized after a cut
+    slices.order_splits(graph)
+    slices.order_mappings(graph)
     log.info("  structured: dependency graph traced in %.1f s", time.monotonic() - started)
     for reason in unmapped.values():
         log.warning("  structured: the groups whose %s are left whole", reason.removeprefix("its "))
@@ -105,11 +111,11 @@ def _all_groups(graph: Any, protected: list[nn.Module], clock: Clock, roots: tup
             clock.check_listing()
             pruner = graph.get_pruner_of_module(module)
             channels = None if pruner is None else pruner.get_out_channels(module)
-            if channels is None:
-                continue
+            if channels is None or channels <= 1:
+                continue  # one channel has none to give (and its group holds those it is broadcast over)
             try:
                 with clock.one_group(share):
-                    group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
+                    module, group = _listed(graph, module, channels, roots, ignored)
             except GroupTimeout as exc:
                 if modules is candidates:
                     slow.append(module)
@@ -127,6 +133,20 @@ def _all_groups(graph: Any, protected: list[nn.Module], clock: Clock, roots: tup
                 yield module, None, unmappable
             elif not any(m in ignored for m in cut if isinstance(m, nn.Module)):
                 yield module, group, None
+
+
+def _listed(graph: Any, module: nn.Module, channels: int, roots: tuple[type[nn.Module], ...],
+            ignored: set[nn.Module]) -> tuple[nn.Module, Any]:
+    """Torch-Pruning's group of all ``channels`` of ``module`` made sound (``_structured_repair``), and its root:
+    ``module``, or the narrowest layer of a group that widens through a channel-multiplier convolution."""
+    group = sound(graph, graph.get_pruning_group(module, graph.get_pruner_of_module(module).prune_out_channels,
+                                                 list(range(channels))))
+    narrow = narrowest(graph, group, module, roots, ignored)
+    if narrow is None:
+        return module, group
+    pruner = graph.get_pruner_of_module(narrow)
+    return narrow, sound(graph, graph.get_pruning_group(narrow, pruner.prune_out_channels,
+                                                        list(range(pruner.get_out_channels(narrow)))))
 
 
 def _protected(graph: Any, names: dict[nn.Module, str], exclude: Sequence[str],
@@ -162,8 +182,8 @@ def _channel_groups(graph: Any, group: Any) -> int:
     counts = [1]
     for dep, _ in group:
         module, handler = dep.target.module, dep.handler
-        if isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.out_channels:
-            continue
+        if isinstance(module, nn.modules.conv._ConvNd) and (module.groups == module.out_channels or multiplier(module)):
+            continue  # depthwise, or widening depthwise: its channels are coupled one to one (or to m), not by group
         pruner = graph.get_pruner_of_module(module)
         if pruner is None or not isinstance(module, nn.Module):
             continue

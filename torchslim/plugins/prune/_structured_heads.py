@@ -49,6 +49,11 @@ def prepare(model: nn.Module, example: torch.Tensor) -> dict[type, Any]:
     return _mha.residual_pruners(model)
 
 
+def found_splits() -> dict[nn.Module, Split]:
+    """The head splits the last :func:`prepare` found, by projection."""
+    return dict(_FOUND.items())
+
+
 @dataclass(frozen=True)
 class Heads:
     """An attention module pruned by whole heads, seen from the projection that roots its group."""
@@ -106,14 +111,21 @@ class HeadCut:
     index: list[int]
 
 
-def head_rows(heads: Heads, units: list[int], blocks: int) -> list[int]:
-    """Rows (or columns) of ``units`` heads in each of ``blocks`` blocks of ``count * head_dim``."""
-    width, size = heads.count * heads.head_dim, heads.head_dim
+def head_rows(heads: Heads, units: list[int], blocks: int, size: int = 0) -> list[int]:
+    """Rows (or columns) of ``units`` heads in each of ``blocks`` blocks of ``count * size`` (``size``: the
+    heads' ``head_dim`` unless given: an output projection may read fewer values per head than the root holds)."""
+    size = size or heads.head_dim
+    width = heads.count * size
     return sorted(b * width + u * size + j for b in range(blocks) for u in units for j in range(size))
 
 
 def keeps_heads(graph: Any, plan: Any, root: nn.Module, heads: Heads, units: list[int]) -> bool:
-    """Whether Torch-Pruning's ``plan`` cuts exactly the root's rows of ``units`` whole heads (in every block)."""
+    """Whether Torch-Pruning's ``plan`` cuts exactly the root's rows of ``units`` whole heads (in every block),
+    and no Linear layer's inputs of another width per head (whose columns its index mapping cannot place)."""
+    width = heads.count * heads.head_dim
+    if any(isinstance(dep.target.module, nn.Linear) and graph.is_in_channel_pruning_fn(dep.handler)
+           and dep.target.module.in_features % width for dep, _ in plan):
+        return False
     for dep, idxs in plan:
         if dep.target.module is root and graph.is_out_channel_pruning_fn(dep.handler):
             return sorted(int(i) for i in idxs) == head_rows(heads, units, heads.fused)
@@ -134,9 +146,11 @@ def cuts_by_heads(graph: Any, plan: Any, heads: Heads, units: list[int]) -> list
             cuts.append(HeadCut(module, out, sorted(units)))
             continue
         size = getattr(module, "out_features" if out else "in_features", 0)
-        if not isinstance(module, nn.Linear) or size % width or (not out and size != width):
+        if not isinstance(module, nn.Linear) or size % (width if out else heads.count):
             return None
-        cuts.append(HeadCut(module, out, head_rows(heads, units, size // width)))
+        # an output projection's columns: the heads' values, as many per head as its width says
+        index = head_rows(heads, units, size // width) if out else head_rows(heads, units, 1, size // heads.count)
+        cuts.append(HeadCut(module, out, index))
     return cuts
 
 
@@ -148,7 +162,13 @@ def head_scores(heads: Heads, importance: torch.Tensor) -> torch.Tensor | None:
     return scores.view(heads.fused, heads.count, heads.head_dim).mean(dim=(0, 2))
 
 
-def drop_heads(heads: Heads, kept: torch.Tensor) -> None:
+def value_widths(heads: Heads, cuts: list[HeadCut] | None) -> set[int]:
+    """Per-head widths of the projections whose columns ``cuts`` cut, other than the heads' own (TinyViT's
+    heads hold a key, a query and a value four times as wide in one block; its projection reads the values)."""
+    return {cut.layer.in_features // heads.count for cut in cuts or [] if not cut.out} - {heads.head_dim}
+
+
+def drop_heads(heads: Heads, kept: torch.Tensor, widths: set[int] | None = None) -> None:
     """Give the attention module its new head count (the projections are already cut), and slice its own
     per-head tensors (timm's relative position biases, XCiT's temperatures) to the ``kept`` heads.
 
@@ -162,6 +182,12 @@ def drop_heads(heads: Heads, kept: torch.Tensor) -> None:
     count = int(kept.numel())
     for key, value in _count_attributes(module, heads).items():
         setattr(module, key, count if value == heads.count else count * heads.head_dim)
+    for key, value in _value_attributes(module, heads, widths or set()).items():
+        setattr(module, key, count * (value // heads.count))
+    for key, value in vars(module).items():  # the module's caches of per-head tensors computed before the cut
+        if not key.startswith("_") and isinstance(value, dict) and any(
+                isinstance(v, torch.Tensor) and heads.count in v.shape for v in value.values()):
+            value.clear()
     for key, tensor in list(module._parameters.items()) + list(module._buffers.items()):
         if tensor is None or tensor.dtype in (torch.long, torch.int) or heads.count not in tensor.shape:
             continue
@@ -183,3 +209,11 @@ def _count_attributes(module: nn.Module, heads: Heads) -> dict[str, int]:
     widths = {k: v for k, v in plain.items() if v == width and width != heads.count
               and (width != heads.inputs or "head" in k or "att" in k)}
     return {**(named if len(counts) > 1 and named else counts), **widths}
+
+
+def _value_attributes(module: nn.Module, heads: Heads, widths: set[int]) -> dict[str, int]:
+    """The module's attributes that hold its projection's input width, ``count`` heads of one of ``widths`` values
+    (where that equals the module's input width, only those named for an output, heads or attention)."""
+    totals = {heads.count * w for w in widths}
+    return {k: v for k, v in vars(module).items() if type(v) is int and not k.startswith("_") and v in totals
+            and (v != heads.inputs or any(word in k for word in ("out", "head", "att")))}

@@ -26,6 +26,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from . import _structured_slices as slices
+from ._structured_repair import multipliers_in, settle
+
 
 @runtime_checkable
 class LayerPruner(Protocol):
@@ -103,7 +106,10 @@ def keep(module: nn.Module, key: str, dim: int, kept: torch.Tensor) -> None:
 def prune_plan(graph: Any, plan: Any) -> None:
     """Run Torch-Pruning's ``plan``, then slice the cut layers' tensors its pruners left at the old count."""
     pending = [_Leftovers.before(graph, dep, idxs) for dep, idxs in plan]
+    widening, splits = multipliers_in(plan), slices.pending(graph, plan)
     plan.prune()
+    settle(widening)
+    slices.resize(graph, splits)
     for leftovers in pending:
         if leftovers is not None:
             leftovers.slice()

@@ -6,8 +6,8 @@ channel slices), it cannot infer them: the graph builder then crashes (``unsuppo
 'int' and 'NoneType'``), or, where it does not, maps no index through that concatenation and the groups
 across it cannot be scored. Autograd recorded the real sizes during the trace (each input's shape, in the
 concatenation's backward node): :func:`repair_concats` gives them to Torch-Pruning where it found none, and
-the index mapping is run again. A concatenation the mapping still fails at is made to map nothing, and the groups whose
-channels reach it are left whole, named with the reason, while the rest of the model is pruned. Any other
+the index mapping is run again. A concatenation (or reshape) the mapping still fails at is made to map nothing, and the
+groups whose channels reach it are left whole, named with the reason, while the rest of the model is pruned. Any other
 failure becomes :class:`TraceFailure`, naming the library, the phase, and the operation or layer it failed
 at (from the failing frames of the traceback), and what to try.
 """
@@ -64,10 +64,13 @@ def _map_indices(graph: Any, model: nn.Module) -> dict[Any, str]:
             return unmapped
         except Exception as exc:
             node = _failing_node(exc)
-            if node is None or node.type != tp.ops.OPTYPE.CONCAT or node in unmapped:
+            if node is None or node.type not in (tp.ops.OPTYPE.CONCAT, tp.ops.OPTYPE.RESHAPE) or node in unmapped:
                 raise TraceFailure(_message(exc, model)) from exc
-            # sizes summing to 0 never match the concatenation's output: Torch-Pruning maps nothing through it
-            node.module.concat_sizes = [0] * len(node.inputs)
+            if node.type == tp.ops.OPTYPE.CONCAT:
+                # sizes summing to 0 never match the concatenation's output: Torch-Pruning maps nothing through it
+                node.module.concat_sizes = [0] * len(node.inputs)
+            else:  # a reshape whose channel counts it could not infer: no mapping is tried through it
+                node.type = tp.ops.OPTYPE.ELEMENTWISE
             unmapped[node] = (f"its channels reach {_describe(node, model)}, whose channel indices Torch-Pruning "
                               f"could not map ({first_line(exc, typed=True, limit=120)})")
 
