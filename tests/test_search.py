@@ -261,3 +261,21 @@ def test_a_conditional_dimension_is_sampled_only_when_its_condition_holds(tmp_pa
         saved = yaml.safe_load((tmp_path / "out" / "trials" / record.folder / "recipe.yaml").read_text())
         assert saved["stages"][1]["method"] == record.values["stages.1.method"]
         assert saved["stages"][1].get("bits") == record.values.get("stages.1.bits")  # int8 dynamic has no bits option
+
+
+def test_seeds_next_to_each_other_sample_other_trials() -> None:
+    """Seeds 0, 1 and 2 give three samples, not one shifted by a trial (as ``seed + number`` did)."""
+    import optuna
+
+    from torchslim.search.study import trial_seed
+
+    def values(seed: int) -> list[float]:
+        return [optuna.samplers.RandomSampler(seed=trial_seed(seed, n)).sample_independent(
+            optuna.create_study(), optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING, params={},
+                                                             distributions={}),
+            "x", optuna.distributions.FloatDistribution(0.0, 1.0)) for n in range(1, 9)]
+
+    first, second = values(0), values(1)
+    assert values(0) == first  # the same seed, the same trials
+    assert not set(first) & set(second)
+    assert first[1:] != second[:-1]

@@ -1,7 +1,8 @@
 """The search's Optuna study, kept in a journal file inside the output directory or in a database (``--storage``,
 shared by several search processes): the one module that imports Optuna (``pip install 'torchslim[search]'``).
 
-Determinism: each trial is sampled by a fresh sampler seeded with the search's seed plus the trial's number,
+Determinism: each trial is sampled by a fresh sampler seeded from the search's seed and the trial's number (hashed
+together: :func:`trial_seed`),
 so what a trial samples depends only on the trials finished before it. A search killed mid-trial and resumed
 marks the interrupted trial failed and asks for its values again, under the same trial number: it ends with
 the trials an uninterrupted search would have run.
@@ -117,7 +118,7 @@ class Study:
             trial.set_user_attr(NUMBER, number)
         trial.set_user_attr(OWNER, self._owner)
         # Optuna samples when a value is suggested (relative samplers included): the sampler set now samples it.
-        self._study.sampler = self._sampler(self._spec.seed + number)
+        self._study.sampler = self._sampler(trial_seed(self._spec.seed, number))
         return trial, number
 
     def release(self, trial: Any, number: int, params: dict[str, Any] | None = None) -> bool:
@@ -155,6 +156,12 @@ class Study:
         if spec.sampler == "nsga2":
             return samplers.NSGAIISampler(seed=seed, population_size=spec.startup_trials)
         return samplers.TPESampler(seed=seed, n_startup_trials=spec.startup_trials)
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """The sampler's seed for trial ``number`` of a search seeded ``seed``: both hashed, so that searches with seeds 0,
+    1 and 2 share no trial (with ``seed + number``, seed 1's trial 1 was seed 0's trial 2)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{number}".encode()).digest()[:4], "little")
 
 
 def _storage(optuna: Any, out: Path, url: str | None, resume: bool) -> Any:
