@@ -31,7 +31,8 @@ import torch
 import yaml
 
 from bench.disjoint import check_disjoint, checked_data, checked_spec
-from bench.search_data import accuracy, held_out
+from bench.handwritten import accuracy
+from bench.search_data import held_out
 from torchslim import load_model
 from torchslim.engine.specs import ModelSpec, build_model
 

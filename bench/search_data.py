@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from torchslim.examples import digits as digits_data
@@ -60,13 +59,3 @@ def _digits_half(first: bool) -> TensorDataset:
     half = len(labels) // 2
     part = slice(0, half) if first else slice(half, None)
     return TensorDataset(images[part].view(-1, 1, 8, 8), labels[part])
-
-
-def accuracy(model: torch.nn.Module, loader: DataLoader[Any]) -> float:
-    """Percent of the loader's samples whose argmax is the label."""
-    correct = total = 0
-    with torch.inference_mode():
-        for inputs, labels in loader:
-            correct += int((model(inputs).argmax(dim=1) == labels).sum())
-            total += int(labels.numel())
-    return 100.0 * correct / total
