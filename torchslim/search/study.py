@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -177,7 +178,7 @@ def _storage(optuna: Any, out: Path, url: str | None, resume: bool) -> Any:
     # SQLite serialises writers: several processes wait for the lock rather than fail at once.
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        storage = _rdb(optuna, url, kwargs)
     except ImportError as exc:  # SQLAlchemy, or the database's driver (psycopg2 for postgresql://)
         raise UsageError(f"--storage {url}: {exc}") from None
     except Exception as exc:  # no such database, refused connection: SQLAlchemy's errors, in its words
@@ -186,6 +187,22 @@ def _storage(optuna: Any, out: Path, url: str | None, resume: bool) -> Any:
         raise OutputError(f"--storage {url}: holds a search ({STUDY_NAME}); add --resume to continue it, or choose "
                           f"another --storage")
     return storage
+
+
+def _rdb(optuna: Any, url: str, kwargs: dict[str, Any], attempts: int = 5) -> Any:
+    """Optuna's database storage at ``url``. Searches started together on a new database race to create its tables
+    (one sees "table ... already exists" while another creates them): a failed open is tried again, and the
+    tables are there by then."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except ImportError:
+            raise
+        except Exception:
+            if attempt == attempts:
+                raise
+            time.sleep(0.5 * attempt)
+    raise AssertionError("unreachable")
 
 
 def _rank(number: int, trials: list[Any]) -> int:
