@@ -90,8 +90,9 @@ def _cut(model: nn.Module, graph: Any, group: _Group, forward: Callable[[], Any]
     dims = head_dims.choose(group.tied, group.remove)  # before the plan narrows the projections' inputs
     for layer, removal in head_dims.removals(dims).items():
         entry = removed.setdefault(layer, removal)
-        entry.outs.update(removal.outs) if entry is not removal else None
-        entry.ins.update(removal.ins) if entry is not removal else None
+        if entry is not removal:  # the plan cuts this layer too: one removal holding both
+            entry.outs.update(removal.outs)
+            entry.ins.update(removal.ins)
     try:
         _apply(model, graph, plan if cuts is None else cuts, group)
         head_dims.apply(dims)
