@@ -18,6 +18,7 @@ from bench.search_bench import (
     dominates,
     hypervolume,
     normalised,
+    pooled_hypervolume,
     runtime_recipe,
     search_recipe,
 )
@@ -45,6 +46,19 @@ def test_hypervolume_counts_only_what_beats_the_reference() -> None:
     floor, limit = model.reference()
     assert normalised([(100.0, 0.0)], model) == pytest.approx(1.0)
     assert normalised([(floor + (100.0 - floor) / 2, limit / 2)], model) == pytest.approx(0.25)
+
+
+def test_pooled_fronts_cover_at_least_each_runs_front() -> None:
+    model = MODELS["mnist"]
+    floor, limit = model.reference()
+    runs = {
+        "tpe-0": {"front": [{"metric": floor + 0.5, "size": limit / 2}]},
+        "random-0": {"front": [{"metric": floor + 0.2, "size": limit / 8}, {"metric": floor - 1, "size": 1}]},
+    }
+    pooled = pooled_hypervolume(model, runs)
+    alone = [normalised([(p["metric"], p["size"]) for p in r["front"]], model) for r in runs.values()]
+    assert pooled is not None and pooled > max(alone) > 0  # the two fronts cover different corners
+    assert pooled_hypervolume(model, {}) is None
 
 
 def test_dominates_needs_no_worse_on_both_and_better_on_one() -> None:
