@@ -14,6 +14,7 @@ from optuna._hypervolume import compute_hypervolume
 from bench.search_bench import (
     MODELS,
     SAMPLERS,
+    box_bound,
     check_data,
     dominates,
     hypervolume,
@@ -58,7 +59,9 @@ def test_pooled_fronts_cover_at_least_each_runs_front() -> None:
     pooled = pooled_hypervolume(model, runs)
     alone = [normalised([(p["metric"], p["size"]) for p in r["front"]], model) for r in runs.values()]
     assert pooled is not None and pooled > max(alone) > 0  # the two fronts cover different corners
-    assert pooled_hypervolume(model, {}) is None
+    assert pooled_hypervolume(model, runs, "tpe-") == alone[0]
+    assert pooled <= box_bound(model, runs)  # no front of these points beats the best metric at the smallest size
+    assert pooled_hypervolume(model, {}) is None and box_bound(model, {}) is None
 
 
 def test_dominates_needs_no_worse_on_both_and_better_on_one() -> None:
