@@ -197,6 +197,20 @@ def test_a_per_layer_space_expands_to_the_models_layers(tmp_path: Path, registry
     assert (tmp_path / "search" / "sensitivity.json").is_file()
 
 
+def test_a_cut_searched_before_lifts_the_bits_budget_as_written(tmp_path: Path, registry: Registry) -> None:
+    binary = {"type": "quantize", "name": "q", "method": "binary"}
+    bits = {"stages.1.layer_bits": {"per_layer": {"choices": [1, 2, 8]}}}
+    log = logging.getLogger("torchslim")
+    (tmp_path / "alone").mkdir(), (tmp_path / "both").mkdir()
+    alone, _ = expand(_search(tmp_path / "alone", bits, registry, PRUNE, binary), registry, log)
+    # Under the binary budget as written, every layer at 1 bit is the only allocation that fits.
+    assert all(alone.spec.space[f"stages.1.layer_bits[{n}]"].choices == [1] for n in LAYERS)
+    cut = {"stages.0.group_amounts": {"per_group": {"choices": [0.0, 0.25]}}, **bits}
+    both, _ = expand(_search(tmp_path / "both", cut, registry, PRUNE, binary), registry, log)
+    # A searched cut frees weights, so wider settings stay in the space (as far as their loss allows).
+    assert any(len(both.spec.space[f"stages.1.layer_bits[{n}]"].choices or []) > 1 for n in LAYERS)
+
+
 @pytest.mark.parametrize(
     ("space", "message"),
     [

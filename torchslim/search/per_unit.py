@@ -28,6 +28,7 @@ from .sensitivity_files import write_files
 from .space import trial_document
 
 _STAGE_OPTION = re.compile(r"^stages\.(\d+)\.(\w+)$")
+_STAGE_PREFIX = re.compile(r"^stages\.(\d+)\.")
 
 
 def expand(searched: SearchPlan, registry: Registry, log: logging.Logger) -> tuple[SearchPlan, dict[str, Any] | None]:
@@ -84,11 +85,23 @@ def _expand_one(
             stage.unit_option,
             stage.label,
         )
-    kept = bounds(options, chosen, capacity) if chosen else {u: [o.setting for o in opts] for u, opts in options.items()}
+    # The stage's own budget bounds a unit's settings only when nothing searched before it changes what the stage
+    # weighs: a searched cut before a quantize frees bits that the budget as written does not know of.
+    before = _searched_before(searched, index)
+    if before and chosen:
+        log.info("search: %s: settings not bounded by its budget as written (%s searched before it)", stage.label, before)
+    room = None if before else capacity
+    kept = bounds(options, chosen, room) if chosen else {u: [o.setting for o in opts] for u, opts in options.items()}
     whole = stage.unit_setting == "bits"
     units = {f"{path}[{u}]": _dimension(inner, kept[u], dimension, whole) for u in sens.units if kept.get(u)}
     seed = {f"{path}[{u}]": int(s) if whole else s for u, s in (chosen or {}).items()}
     return units, seed
+
+
+def _searched_before(searched: SearchPlan, index: int) -> str:
+    """The space's paths on stages before ``index``, comma-separated ('' when none)."""
+    paths = [p for p in searched.spec.space if (m := _STAGE_PREFIX.match(p)) and int(m[1]) < index]
+    return ", ".join(paths)
 
 
 def _stage_index(recipe: RecipeBase, path: str, dimension: SearchDimension) -> int:
