@@ -1,7 +1,7 @@
 """Mixed precision without training (PTQ) on the pretrained MNIST CNN: per-layer bits from a sensitivity pass
 and a knapsack, against uniform bits, at the size budget of uniform binary weights and of uniform 2-bit.
 
-    python bench/mixed_precision_bench.py [--batches 8] [--out bench/results/mixed_precision] [--trials 12]
+    python bench/mixed_precision_bench.py [--batches 8] [--out runs/mixed_precision] [--trials 12] [--joint-trials 30]
 
 For each budget: the uniform model (``quantize`` binary, or kbit 2-bit, every Linear and Conv2d), the
 sensitivity pass of that stage (each layer alone at 1, 2, 3, 4 and 8 bits, output error on the first calibration
@@ -15,6 +15,11 @@ At the 2-bit budget a short search follows (``--trials``; 0: none): ``torchslim 
 model's packed bytes (``max_packed_mb``). The search is scored on 5,000 validation images (the 2,048 after the
 calibration images: checked disjoint from both), never on the test images; its recommended ``layer_bits`` is then
 run once on the test images.
+
+At the binary budget, where every layer at 1 bit is the only allocation of bits alone, a joint search follows
+(``--joint-trials``; ``--only-joint`` runs it alone and adds it to the results file): a structured cut per group
+of coupled channels (no training) before the quantize, and per-layer bits, within the uniform binary model's
+packed bytes; scored and tested as the short search is.
 
 Writes ``bench/results/mixed_precision.json`` with the load average and thread count.
 """
@@ -44,6 +49,7 @@ from torchslim.search.sensitivity import measure
 from torchslim.search.sensitivity_files import knapsack, predicted_error, stage_table
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mixed_precision.json"
+RUNS = Path(__file__).resolve().parent.parent / "runs" / "mixed_precision"
 THREADS = 1
 BITS = (1.0, 2.0, 3.0, 4.0, 8.0)
 #: The uniform stages whose weight bits are the budgets.
@@ -151,15 +157,74 @@ def short_search(stage: dict[str, Any], uniform: dict[str, float], trials: int, 
     }
 
 
+#: The joint search at the binary budget: a structured cut per group of coupled channels (no training) frees bits
+#: that layers more sensitive than the widest one can then take; per-layer bits alone cannot move under that budget
+#: (every layer at 1 bit is the only allocation that fits).
+JOINT_SPACE = {
+    "stages.0.group_amounts": {"per_group": {"choices": [0.0, 0.125, 0.25]}},
+    "stages.1.layer_bits": {"per_layer": {"choices": [1, 2, 3, 4, 8]}},
+}
+#: Validation needs an ``amount``; every group's own amount comes from ``group_amounts`` (the search sets them all).
+CUT = {"type": "prune", "name": "cut", "method": "structured", "scope": "layer", "amount": 0.1}
+
+
+def joint_search(stage: dict[str, Any], uniform: dict[str, float], trials: int, out: Path) -> dict[str, Any]:
+    """A search over per-group structured amounts and per-layer bits within the uniform model's packed bytes,
+    scored on validation images; its recommendation run once on the test images."""
+    from torchslim.search import search
+
+    data = recipe(stage, "joint-search", SEARCH_DATA)
+    data["stages"].insert(0, dict(CUT))
+    data["search"] = {"space": JOINT_SPACE, "objectives": ["metric"], "trials": trials, "startup_trials": 8, "seed": 0}
+    data["constraints"] = {"max_packed_mb": uniform["packed_bytes"] / 1e6}
+    start = time.perf_counter()
+    result = search(data, out, resume=(out / "study.journal").exists())
+    seconds = time.perf_counter() - start
+    best = result.answer.best
+    row: dict[str, Any] = {"trials": len(result.records), "seconds": round(seconds, 1), "space": JOINT_SPACE}
+    if best is None:
+        return {**row, "best": None}
+    chosen = {k: best.values[k] for k in JOINT_SPACE}
+    tested_recipe = recipe({**stage, "layer_bits": chosen["stages.1.layer_bits"]}, "joint-best")
+    tested_recipe["stages"].insert(0, {**CUT, "group_amounts": chosen["stages.0.group_amounts"]})
+    tested = final(torchslim.run(tested_recipe))
+    return {
+        **row,
+        "feasible": sum(1 for r in result.records if r.error is None and not r.misses),
+        "meets_constraints": result.answer.meets,
+        "best_trial": best.number,
+        "chosen": chosen,
+        "validation_accuracy": best.final.get("accuracy"),
+        "test": tested,
+        "gain_points": tested["accuracy"] - uniform["accuracy"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=8, help="calibration batches of 256 images the pass compares")
-    parser.add_argument("--out", type=Path, default=RESULTS.parent / "mixed_precision", help="sensitivity cache folder")
+    parser.add_argument("--out", type=Path, default=RUNS, help="sensitivity cache and search folders")
     parser.add_argument("--trials", type=int, default=12, help="trials of the short search at the 2-bit budget (0: none)")
+    parser.add_argument(
+        "--joint-trials", type=int, default=24, help="trials of the prune + bits search at the binary budget (0: none)"
+    )
+    parser.add_argument("--only-joint", action="store_true", help="run the joint search alone, added to the results file")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     load_before = Path("/proc/loadavg").read_text().split()[:3]
+    if args.only_joint:
+        result = json.loads(RESULTS.read_text())
+        row = result["rows"][0]
+        row["joint_search"] = joint_search(BUDGETS["binary"], row["uniform"], args.joint_trials, args.out / "joint-binary")
+        row["joint_search"].update(threads=THREADS, load_before=" ".join(load_before), load_after=_load())
+        RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(row["joint_search"], indent=1))
+        return
     rows = [one_budget(label, stage, args.batches, args.out) for label, stage in BUDGETS.items()]
+    if args.joint_trials:
+        rows[0]["joint_search"] = joint_search(
+            BUDGETS["binary"], rows[0]["uniform"], args.joint_trials, args.out / "joint-binary"
+        )
     if args.trials:
         rows[1]["search"] = short_search(BUDGETS["2-bit"], rows[1]["uniform"], args.trials, args.out / "search-2bit")
     result = {
@@ -170,7 +235,7 @@ def main() -> None:
         "rows": rows,
         "threads": THREADS,
         "load_before": " ".join(load_before),
-        "load_after": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+        "load_after": _load(),
     }
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     for row in rows:
@@ -180,6 +245,10 @@ def main() -> None:
             f"knapsack {mixed.get('accuracy', float('nan')):.2f}% ({mixed.get('packed_bytes')} B), bits {row['knapsack']}"
         )
     print(f"load {result['load_before']} -> {result['load_after']}, {THREADS} thread(s); wrote {RESULTS}")
+
+
+def _load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 if __name__ == "__main__":

@@ -146,6 +146,16 @@ def test_group_amounts_prune_each_group_by_its_own_amount() -> None:
     assert (model[0].out_features, model[2].out_features) == (16, 32)  # 32 hidden units each before
 
 
+def test_group_amounts_of_zero_everywhere_change_nothing_and_say_so() -> None:
+    from torchslim import run
+
+    report = run(recipe({**PRUNE, "group_amounts": {"*": 0.0}}))
+    assert (report.model[0].out_features, report.model[2].out_features) == (32, 32)
+    assert any("changed nothing: group_amounts gives every group" in n for n in report.notes)
+    with pytest.raises(StageError, match="no channel could be removed"):  # asked for a cut that cannot happen
+        run(recipe({**PRUNE, "exclude": ["0", "2"]}))
+
+
 def test_the_command_prints_writes_and_refuses_bad_input(cli: Any, tmp_path: Path) -> None:
     path = write_recipe(tmp_path, recipe(KBIT))
     result = cli("sensitivity", str(path), "--out", str(tmp_path / "out"), "--batches", "1", "--settings", "2,8")

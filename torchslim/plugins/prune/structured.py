@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
@@ -120,6 +120,12 @@ class StructuredPrune(PruneStage):
             raise StageError(self.label, f"group_amounts: {', '.join(unused)} names no group of coupled channels; the "
                              f"groups (by root layer): {', '.join(state.original) or 'none'}")
         record = changes(before, model)
+        if not record["tensors"] and state.original and self._all_zero(state.original):
+            # Asked for nothing (a search's trial may give every group 0): the model as it came, said so.
+            ctx.log.warning("  %s: group_amounts gives every group 0: nothing cut", self.label)
+            ctx.note(f"{self.label}: changed nothing: group_amounts gives every group of coupled channels 0")
+            ctx.keep_input()
+            return model.eval()
         if not record["tensors"]:
             from ._structured import nothing_removed
 
@@ -127,6 +133,11 @@ class StructuredPrune(PruneStage):
         ctx.record_for_restore(**record)
         self._report(model, state, record, ctx)
         return model.eval()
+
+    def _all_zero(self, groups: Iterable[str]) -> bool:
+        """Whether ``group_amounts`` gives each of ``groups`` 0 (the first matching pattern; ``amount`` otherwise)."""
+        amounts = self.group_amounts.items()
+        return all(next((a for p, a in amounts if fnmatch.fnmatchcase(g, p)), self.amount) == 0 for g in groups)
 
     def restore(self, model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
         """Give a freshly built model the channel and head counts this prune left (the weights are loaded after)."""
