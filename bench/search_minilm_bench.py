@@ -34,6 +34,7 @@ from bench.deploy_bench import paired, scored, timings
 from bench.deploy_minilm_bench import CALIBRATION_SENTENCES, deployed, run_recipe
 from bench.disjoint import check_disjoint, check_splits
 from bench.harness import RECIPES
+from torchslim.engine.macs import count_macs
 from torchslim.engine.stage import Context
 
 HANDWRITTEN = "hand-written: minilm-deploy-pruned, openvino nncf int8"
@@ -123,7 +124,11 @@ def main() -> None:
     calibration = [ids for ids, _ in list(ctx.data["calibration"])[:4]]
     check_disjoint(ctx.data["eval"], peer_calibration=calibration)
     models, records = front_models(args.search)
-    models[HANDWRITTEN] = deployed(handwritten_float(args.handwritten), ctx, "openvino", "nncf")
+    small = handwritten_float(args.handwritten)
+    # MACs as the search counts them (its first example, one row): the original's must equal the search's baseline's
+    macs = {"original": count_macs(ctx.original, ctx.example_inputs[:1]), HANDWRITTEN: count_macs(small, ctx.example_inputs[:1])}
+    macs.update({name: record["objectives"]["macs"] for name, record in records.items()})
+    models[HANDWRITTEN] = deployed(small, ctx, "openvino", "nncf")
     models[PEER] = peers.per_shape(
         peers.nncf_int8(ctx.original, ctx.example_inputs, calibration, transformer=True), ctx.example_inputs
     )
@@ -135,6 +140,7 @@ def main() -> None:
         "front": records,
         "scores": scores,
         "size_bytes": sizes,
+        "macs": macs,
         "timings": runs,
         "rounds": args.rounds,
         "sequence": int(ctx.example_inputs.shape[1]),
