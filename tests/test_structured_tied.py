@@ -1,5 +1,5 @@
 """Attention whose head width is read from the input's width at run time (XCiT's and VOLO's layout): the residual
-stream is cut, and every head narrowed to match (``_structured_tied``)."""
+stream is cut, and every head narrowed to match (``_head_dims``, as tests/test_structured_head_dims.py)."""
 
 from __future__ import annotations
 

@@ -1,15 +1,19 @@
 """Attention whose heads are as wide as its input, and tied to it: pruned by head dimensions, with the residual
-channels it reads.
+channels it reads. The one mechanism for this case in the structured prune.
 
-Many attention modules take the head size from their input, ``qkv(x).reshape(B, N, 3, H, C // H)``, or merge
-the heads back to the input's width, ``reshape(B, N, C)``: cutting whole heads breaks their forward, and so
-does cutting the residual channels they read. Such a module is found by trial: a copy of it with one head cut
-(its projections' rows, its output projections' columns, its per-head layers and tensors, its head count)
-fails on the input it had in the model's forward. Its heads can then only narrow with its input: when a group
-of coupled channels that its projections read loses ``r`` channels, ``r`` a multiple of its head count ``H``,
-each head loses ``r / H`` dimensions in the same cut -- the same dimensions in every head, in the query, key
-and value alike, and the output projection's columns of the value's -- chosen by the norms of those rows and
-columns. No name or class of the model is looked at.
+Many attention modules take the head size from their input, ``qkv(x).reshape(B, N, 3, H, C // H)`` with ``C``
+from ``x.shape`` (XCiT's cross-covariance attention, VOLO's and CaiT's attention, ConViT's), or merge the heads
+back to the input's width, ``reshape(B, N, C)``: cutting whole heads breaks their forward, and so does cutting
+the residual channels they read. The candidates are read from the graph (``_head_split``: the projections
+into heads, their head count and size, and the Linear layers merging the heads); what the graph cannot tell,
+whether the head size comes from the input, is found by trial: a copy of the module with one head cut (its
+projections' rows, its output projections' columns, its per-head layers and tensors, its head count) fails
+on the input it had in the model's forward. Its heads can then only narrow with its input: when a group of
+coupled channels that its projections read loses ``r`` channels, ``r`` a multiple of its head count ``H``
+(:func:`fit`), each head loses ``r / H`` dimensions in the same cut -- the same dimensions in every head, in
+the query, key and value alike, and the merging layers' columns of the value's, whether the heads are
+merged head-major or dimension-major (measured, :func:`_merge_columns`) -- chosen by the norms of those rows
+and columns. Its own heads are not cut whole (:func:`tied_heads`). No name or class of the model is looked at.
 """
 
 from __future__ import annotations
@@ -284,17 +288,19 @@ def choose(tied: list[Tied], removed: int) -> list[DimCut]:
     return cuts
 
 
-def removals(cuts: list[DimCut]) -> dict[nn.Module, Removal]:
-    """What ``cuts`` remove from each Linear layer, as the refit reads a plan's removals."""
+def add_removals(cuts: list[DimCut], removed: dict[nn.Module, Removal]) -> None:
+    """Add what ``cuts`` remove from each Linear layer to ``removed`` (the plan's removals, as the refit reads
+    them): a layer the plan cuts too gets one removal holding both."""
     from ._structured_data import Removal
 
-    removed: dict[nn.Module, Removal] = {}
+    def entry(layer: nn.Linear) -> Removal:
+        return removed.setdefault(layer, Removal((layer.in_features, layer.out_features), set(), set()))
+
     for cut in cuts:
         for layer, fused in cut.tied.roots:
-            removed[layer] = Removal((layer.in_features, layer.out_features), set(), set(_rows(cut, fused)))
+            entry(layer).outs.update(_rows(cut, fused))
         for merge in cut.tied.merges:
-            removed[merge] = Removal((merge.in_features, merge.out_features), set(_columns(cut)), set())
-    return removed
+            entry(merge).ins.update(_columns(cut))
 
 
 def _rows(cut: DimCut, blocks: int) -> list[int]:

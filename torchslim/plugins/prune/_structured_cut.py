@@ -2,7 +2,8 @@
 the choice and again before the cut), the cut itself, undone when the model's forward then fails;
 an attention layer pruned by whole heads gets its new head count (``_structured_heads``); an
 ``nn.MultiheadAttention``'s heads are cut by ``_mha``, and any such layer left with heads not as wide as its
-embedding gets the forward that reads them (``_mha.settle``)."""
+embedding gets the forward that reads them (``_mha.settle``); attention whose heads are tied to the channels
+a group cuts loses head dimensions in the same cut (``_head_dims``)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,9 @@ from . import _head_dims as head_dims
 from . import _mha
 from ._head_items import cut_by_head, mapped_whole
 from ._structured_data import Lost, Removal, record_cut, removed_by
-from ._structured_heads import HeadCut, cuts_by_heads, drop_heads, found_splits, keeps_heads, value_widths
+from ._structured_heads import HeadCut, cuts_by_heads, drop_heads, keeps_heads, value_widths
 from ._structured_layers import prune_plan
 from ._structured_repair import check_sound, sound
-from ._structured_tied import Tied, retie, rounding, tied_in
 
 if TYPE_CHECKING:
     from ._structured import ChannelState, _Group
@@ -76,9 +76,6 @@ def _cut(model: nn.Module, graph: Any, group: _Group, forward: Callable[[], Any]
         return
     plan, problem = (None, None) if group.heads is not None and group.heads.own else \
         _checked_plan(graph, group, group.remove, "the cut")
-    plan, problem, tied = _tied(graph, group, plan, problem)
-    if group.remove <= 0:
-        return
     cuts = _head_cuts(graph, plan, group)
     if problem is None and cuts is not None and not cuts:
         problem = "Torch-Pruning's plan does not keep its heads whole and holds layers other than the projections"
@@ -88,15 +85,11 @@ def _cut(model: nn.Module, graph: Any, group: _Group, forward: Callable[[], Any]
     saved = _save(model)
     removed = _removals(cuts) if cuts else removed_by(plan) if plan is not None else {}
     dims = head_dims.choose(group.tied, group.remove)  # before the plan narrows the projections' inputs
-    for layer, removal in head_dims.removals(dims).items():
-        entry = removed.setdefault(layer, removal)
-        if entry is not removal:  # the plan cuts this layer too: one removal holding both
-            entry.outs.update(removal.outs)
-            entry.ins.update(removal.ins)
+    head_dims.add_removals(dims, removed)
     try:
         _apply(model, graph, plan if cuts is None else cuts, group)
         head_dims.apply(dims)
-        got = _forward(forward, graph, tied)
+        got = forward()
         if got != expected:
             raise RuntimeError(f"output shape changed from {expected} to {got}")
     except Exception as exc:
@@ -107,34 +100,6 @@ def _cut(model: nn.Module, graph: Any, group: _Group, forward: Callable[[], Any]
     record_cut(lost, removed)
     if group.heads is not None:
         state.heads[group.heads.name] = state.heads.get(group.heads.name, 0) + group.remove
-
-
-def _tied(graph: Any, group: _Group, plan: Any, problem: str | None) -> tuple[Any, str | None, list[Tied]]:
-    """A channel group feeding attention whose heads may be as wide as its input (``_structured_tied``): those
-    projections, and the cut rounded down to a multiple of the head counts read from the input (the plan made again)."""
-    if plan is None or group.heads is not None:
-        return plan, problem, []
-    tied = tied_in(plan, found_splits(), graph)
-    extra = group.remove % rounding(tied)
-    if not extra:
-        return plan, problem, tied
-    group.remove -= extra
-    if group.remove <= 0:
-        return None, None, []
-    plan, problem = _checked_plan(graph, group, group.remove, "the cut")
-    return plan, problem, tied
-
-
-def _forward(forward: Callable[[], Any], graph: Any, tied: list[Tied]) -> Any:
-    """The output shapes of the cut model (``forward``); where its forward breaks and heads as wide as their input
-    were cut into, after those heads are narrowed to the input's new width (``_structured_tied``)."""
-    with torch.no_grad():
-        try:
-            return forward()
-        except Exception:
-            if not tied or not retie(graph, tied):
-                raise
-        return forward()
 
 
 def _head_cuts(graph: Any, plan: Any, group: _Group) -> list[HeadCut] | None:

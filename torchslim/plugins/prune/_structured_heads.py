@@ -49,11 +49,6 @@ def prepare(model: nn.Module, example: torch.Tensor) -> dict[type, Any]:
     return _mha.residual_pruners(model)
 
 
-def found_splits() -> dict[nn.Module, Split]:
-    """The head splits the last :func:`prepare` found, by projection."""
-    return dict(_FOUND.items())
-
-
 @dataclass(frozen=True)
 class Heads:
     """An attention module pruned by whole heads, seen from the projection that roots its group."""
