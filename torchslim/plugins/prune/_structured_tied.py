@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _structured_functional as functional
 from ._head_split import Split
 
 
@@ -85,6 +86,7 @@ def retie(graph: Any, tied: list[Tied]) -> bool:
                 for j in js
             ]
             tp.prune_linear_out_channels(t.layer, rows)
+            functional.cut_pieces(t.layer, rows)  # a bias its functional call adds (_structured_functional)
         for reader in readers:
             tp.prune_linear_in_channels(reader, [h * split.head_dim + j for h, js in enumerate(dims) for j in js])
         _narrow_attributes(split, split.head_dim - drop)
