@@ -79,7 +79,7 @@ def routed(model: nn.Module) -> Iterator[None]:
 class _Route(TorchFunctionMode):
     """Runs a layer's forward hooks around a functional call of its weight; records concatenations of model tensors."""
 
-    def __init__(self, layers: dict[int, nn.Module], owned: dict[int, tuple[nn.Module, str]]) -> None:
+    def __init__(self, layers: Mapping[int, nn.Module], owned: Mapping[int, tuple[nn.Module, str]]) -> None:
         super().__init__()
         self.layers, self.owned = layers, owned
         self.inside: list[nn.Module] = []
