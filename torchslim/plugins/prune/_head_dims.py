@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from . import _structured_functional as functional
+
 if TYPE_CHECKING:
     from ._head_split import Split
     from ._structured import _Group
@@ -130,6 +132,7 @@ def _breaks_without_a_head(tied: Tied, args: tuple[Any, ...], kwargs: dict[str, 
     width, size = tied.count * tied.head_dim, tied.head_dim
     for layer, fused in tied.roots:
         _keep_rows(twin[layer], [i for i in range(fused * width) if i % width >= size])
+        functional.cut_pieces(layer, [i for i in range(fused * width) if i % width < size], twin)
     merges = [twin[m] for m in tied.merges if m in twin]  # one outside the module reads its narrower output
     for merge in merges:
         _keep_columns(merge, list(range(size, width)))
@@ -220,6 +223,8 @@ def _coded_runs(tied: Tied, args: tuple[Any, ...], kwargs: dict[str, Any], codes
         for code in codes:
             for (layer, _), numbers in zip(tied.roots, rows, strict=True):
                 twin[layer].bias = nn.Parameter((1 + code(numbers)).to(twin[layer].weight))
+                if layer in functional.PIECES and not functional.set_rows(layer, twin[layer].bias.data, twin):
+                    return None  # a bias added by a functional call, built on the fly: not coded
             with torch.no_grad():
                 trial(*args, **kwargs)
         return [s.double() for s in seen[-len(codes) :]] if len(seen) >= len(codes) else None
@@ -246,6 +251,15 @@ def _keep_columns(layer: nn.Linear, columns: list[int]) -> None:
 def tied_heads(owner: nn.Module) -> bool:
     """Whether ``owner``'s heads are tied to its input (by the last :func:`find_tied`)."""
     return any(t.owner is owner for t in _TIED.values())
+
+
+def cuts_tied(graph: Any, group: Any) -> bool:
+    """Whether ``group`` cuts the rows of a tied module's projection into heads (its heads, or a per-head layer
+    coupled to them, as a position-bias MLP ending in one output per head): such heads narrow only with their input."""
+    return any(
+        isinstance(dep.target.module, nn.Linear) and dep.target.module in _TIED and graph.is_out_channel_pruning_fn(dep.handler)
+        for dep, _ in group
+    )
 
 
 def coupled(graph: Any, group: Any) -> list[Tied]:
@@ -322,6 +336,7 @@ def apply(cuts: list[DimCut]) -> None:
         for layer, fused in module.roots:
             gone = set(_rows(cut, fused))
             _keep_rows(layer, [i for i in range(layer.out_features) if i not in gone])
+            functional.cut_pieces(layer, sorted(gone))
         gone = set(_columns(cut))
         for merge in module.merges:
             _keep_columns(merge, [i for i in range(merge.in_features) if i not in gone])

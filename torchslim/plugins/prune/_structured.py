@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ...engine.errors import first_line
-from ._head_dims import Tied, coupled, fit, tied_heads
+from ._head_dims import Tied, coupled, cuts_tied, fit, tied_heads
 from ._head_items import scored
 from ._recurrent import RECURRENT_TYPES, reader_importance, refused
 from ._structured_branches import Reach
@@ -294,7 +294,7 @@ def _describe(graph: Any, group: Any, names: dict[nn.Module, str], scorer: Any, 
     if root not in names:
         return None
     heads = heads_of(root, names)
-    if heads is not None and tied_heads(heads.module):
+    if (heads is not None and tied_heads(heads.module)) or cuts_tied(graph, group):
         return None  # its heads narrow with the channels it reads, in their group (_head_dims)
     importance = scorer(group if heads is None else scored(graph, group, heads))  # per-head tensors: not channels
     if importance is None and isinstance(root, RECURRENT_TYPES):  # read only by recurrent layers

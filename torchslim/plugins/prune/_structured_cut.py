@@ -16,6 +16,7 @@ from torch import nn
 from ...engine.errors import first_line
 from . import _head_dims as head_dims
 from . import _mha
+from . import _structured_functional as functional
 from ._head_items import cut_by_head, mapped_whole
 from ._structured_data import Lost, Removal, record_cut, removed_by
 from ._structured_heads import HeadCut, cuts_by_heads, drop_heads, keeps_heads, value_widths
@@ -132,8 +133,13 @@ def _apply(model: nn.Module, graph: Any, plan: Any, group: _Group) -> None:
     if isinstance(plan, list):
         for cut in plan:
             (tp.prune_linear_out_channels if cut.out else tp.prune_linear_in_channels)(cut.layer, cut.index)
+            if cut.out:
+                functional.cut_pieces(cut.layer, cut.index)
     elif plan is not None:
+        biases = functional.pending(graph, plan)  # a functional call's bias built from tensors of the model
         prune_plan(graph, plan)  # the plan, and the cut layers' own per-channel tensors it left whole
+        for layer, removed in biases:
+            functional.cut_pieces(layer, removed)
     if group.heads is not None and not group.heads.own:
         drop_heads(group.heads, kept, widths)
     elif group.heads is not None:

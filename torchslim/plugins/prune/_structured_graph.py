@@ -17,6 +17,7 @@ from .._layers import matches
 from . import _structured_slices as slices
 from ._recurrent import RECURRENT_TYPES, recurrent_tracing
 from ._structured_clock import ONE_GROUP, Clock, GroupTimeout
+from ._structured_functional import routed
 from ._structured_heads import prepare as prepare_heads
 from ._structured_layers import LayerPruner, customized, keep
 from ._structured_repair import couple_multipliers, multiplier, narrowest, sound
@@ -38,9 +39,10 @@ def _build_graph(model: nn.Module, example: torch.Tensor, log: logging.Logger, t
     started = time.monotonic()
     merging: dict[type, LayerPruner] = {type(m): _Merging() for m in model.modules() if _is_merging(m)}
     special = customized({**merging, **(pruners or {})})
-    special.update(prepare_heads(model, example))  # heads found from the graph; nn.MultiheadAttention's pruner
-    with recurrent_tracing(model) as recurrent, slices.watch(model) as splits:  # LSTM/GRU/RNN: _recurrent
-        graph, unmapped = build(model, example, {**special, **recurrent} or None, forward)
+    with routed(model):  # a layer's weight used by a functional call: seen as a call of the layer
+        special.update(prepare_heads(model, example))  # heads found from the graph; nn.MultiheadAttention's pruner
+        with recurrent_tracing(model) as recurrent, slices.watch(model) as splits:  # LSTM/GRU/RNN: _recurrent
+            graph, unmapped = build(model, example, {**special, **recurrent} or None, forward)
     couple_multipliers(graph)  # widening depthwise convolutions: their inputs and outputs go together
     slices.adopt(graph, splits)  # channel splits by sizes the model keeps: resized after a cut
     slices.order_splits(graph)
@@ -52,19 +54,21 @@ def _build_graph(model: nn.Module, example: torch.Tensor, log: logging.Logger, t
 
 
 def _is_merging(module: nn.Module) -> bool:
-    """A patch-merging layer (Swin's): 2x2 neighbours' channels concatenated, normed, then a Linear.
+    """A patch-merging layer (Swin's): 2x2 neighbours' channels concatenated, then a Linear, normed before it
+    (Swin) or after it (Swin V2).
 
     Torch-Pruning maps channel indices through its reshape wrongly; it is pruned as one layer instead.
     """
     norm, reduction = getattr(module, "norm", None), getattr(module, "reduction", None)
     return (type(module).__name__.endswith("PatchMerging") and isinstance(reduction, nn.Linear)
-            and isinstance(norm, nn.LayerNorm) and reduction.in_features % 4 == 0
-            and tuple(norm.normalized_shape) == (reduction.in_features,) and reduction.bias is None)
+            and isinstance(norm, nn.LayerNorm) and reduction.in_features % 4 == 0 and reduction.bias is None
+            and reduction.in_features != reduction.out_features
+            and tuple(norm.normalized_shape) in ((reduction.in_features,), (reduction.out_features,)))
 
 
 class _Merging:
     """Prunes a patch-merging layer (a :class:`LayerPruner`): input channel c is the features k*C + c
-    (k = 0..3) of its norm and its reduction."""
+    (k = 0..3) of its reduction (and of its norm, where the norm comes first)."""
 
     def out_channels(self, layer: Any) -> int:
         return int(layer.reduction.out_features)
@@ -73,6 +77,8 @@ class _Merging:
         return int(layer.reduction.in_features) // 4
 
     def keep_out(self, layer: Any, kept: torch.Tensor) -> None:
+        if tuple(layer.norm.normalized_shape) == (layer.reduction.out_features,):
+            _narrow_norm(layer.norm, kept)
         keep(layer.reduction, "weight", 0, kept)
         layer.reduction.out_features = len(kept)
         if isinstance(getattr(layer, "out_dim", None), int):
@@ -81,14 +87,19 @@ class _Merging:
     def keep_in(self, layer: Any, kept: torch.Tensor) -> None:
         channels = self.in_channels(layer)
         full = torch.tensor([k * channels + int(c) for k in range(4) for c in kept])
+        if tuple(layer.norm.normalized_shape) == (layer.reduction.in_features,):
+            _narrow_norm(layer.norm, full)
         keep(layer.reduction, "weight", 1, full)
         layer.reduction.in_features = len(full)
-        for key in ("weight", "bias"):
-            if getattr(layer.norm, key, None) is not None:
-                keep(layer.norm, key, 0, full)
-        layer.norm.normalized_shape = (len(full),)
         if isinstance(getattr(layer, "dim", None), int):
             layer.dim = len(kept)
+
+
+def _narrow_norm(norm: nn.LayerNorm, kept: torch.Tensor) -> None:
+    for key in ("weight", "bias"):
+        if getattr(norm, key, None) is not None:
+            keep(norm, key, 0, kept)
+    norm.normalized_shape = (len(kept),)
 
 
 def _all_groups(graph: Any, protected: list[nn.Module], clock: Clock, roots: tuple[type[nn.Module], ...] = ROOT_TYPES,
