@@ -114,6 +114,18 @@ def test_one_slow_group_and_then_the_listing_share_interrupt_in_turn() -> None:
         assert time.monotonic() - started < 1.5
 
 
+def test_a_cpu_time_limit_counts_the_work_done_not_the_time_waited() -> None:
+    clock = Clock(0.4, logging.getLogger("test"), cpu=True)
+    with clock.listing():
+        time.sleep(0.6)  # waiting (a busy machine's other work) uses none of this process's CPU time
+        clock.check_listing()
+        started = time.process_time()
+        with pytest.raises(GraphTimeout, match=r"took more than 70% of time_limit=0\.4 s of CPU time"):
+            while time.process_time() - started < 5:
+                pass
+    assert clock.elapsed() < 1.0 and clock.cpu
+
+
 def test_cuts_stop_at_the_time_limit_and_name_the_groups_not_reached() -> None:
     from torchslim.plugins.prune._structured import _cut_all, _graph_and_groups
 
