@@ -142,6 +142,33 @@ def test_cuts_stop_at_the_time_limit_and_name_the_groups_not_reached() -> None:
     assert [conv.out_channels for conv in model.reduce] == [8, 8]
 
 
+def test_cuts_are_checked_together_and_one_by_one_where_a_batch_breaks(caplog: pytest.LogCaptureFixture) -> None:
+    from torchslim.plugins.prune import _structured_checks as checks
+    from torchslim.plugins.prune._structured import _cut_all, _graph_and_groups
+
+    torch.manual_seed(0)
+    model, state, opts = DualPath(blocks=4).eval(), ChannelState(), ChannelOptions("layer", 1, 1, 0.9, [])
+    graph, groups = _graph_and_groups(model, EXAMPLE, opts, state, Clock(None, logging.getLogger("test")), {})
+    for group in groups:
+        group.remove = 1
+    broken = model.reduce[3]  # its cut is made, then breaks the forward: undone alone, the batch's others kept
+    original = broken.forward
+    broken.forward = lambda x: original(x) if broken.out_channels == 8 else x[:, :0]  # type: ignore[method-assign]
+    checked: list[int] = []
+    together = checks.Batches._together
+    checks.Batches._together = lambda self, batch: checked.append(len(batch)) or together(self, batch)  # type: ignore[method-assign]
+    try:
+        with caplog.at_level("INFO"):
+            undone = _cut_all(model, graph, groups, EXAMPLE, opts, state, Clock(None, logging.getLogger("test")), {})
+    finally:
+        checks.Batches._together = together  # type: ignore[method-assign]
+    assert undone == 1 and "cut undone" in state.skipped["reduce.3"] and max(checked) >= 2
+    assert [conv.out_channels for conv in model.reduce] == [7, 7, 7, 8]
+    forwards = int(re.search(r"checked by (\d+) forwards", caplog.text).group(1))  # type: ignore[union-attr]
+    assert forwards < len(groups) + max(checked)
+    assert model(EXAMPLE).shape == (2, 10)
+
+
 def test_listing_and_cutting_log_their_progress(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(clock_module, "PROGRESS_SECONDS", 0.0)
     torch.manual_seed(0)
