@@ -142,7 +142,8 @@ def test_cuts_stop_at_the_time_limit_and_name_the_groups_not_reached() -> None:
     assert [conv.out_channels for conv in model.reduce] == [8, 8]
 
 
-def test_cuts_are_checked_together_and_one_by_one_where_a_batch_breaks(caplog: pytest.LogCaptureFixture) -> None:
+def test_cuts_are_checked_together_and_one_by_one_where_a_batch_breaks(caplog: pytest.LogCaptureFixture,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from torchslim.plugins.prune import _structured_checks as checks
     from torchslim.plugins.prune._structured import _cut_all, _graph_and_groups
 
@@ -156,12 +157,9 @@ def test_cuts_are_checked_together_and_one_by_one_where_a_batch_breaks(caplog: p
     broken.forward = lambda x: original(x) if broken.out_channels == 8 else x[:, :0]  # type: ignore[method-assign]
     checked: list[int] = []
     together = checks.Batches._together
-    checks.Batches._together = lambda self, batch: checked.append(len(batch)) or together(self, batch)  # type: ignore[method-assign]
-    try:
-        with caplog.at_level("INFO"):
-            undone = _cut_all(model, graph, groups, EXAMPLE, opts, state, Clock(None, logging.getLogger("test")), {})
-    finally:
-        checks.Batches._together = together  # type: ignore[method-assign]
+    monkeypatch.setattr(checks.Batches, "_together", lambda self, batch: checked.append(len(batch)) or together(self, batch))
+    with caplog.at_level("INFO"):
+        undone = _cut_all(model, graph, groups, EXAMPLE, opts, state, Clock(None, logging.getLogger("test")), {})
     assert undone == 1 and "cut undone" in state.skipped["reduce.3"] and max(checked) >= 2
     assert [conv.out_channels for conv in model.reduce] == [7, 7, 7, 8]
     forwards = int(re.search(r"checked by (\d+) forwards", caplog.text).group(1))  # type: ignore[union-attr]
