@@ -227,20 +227,22 @@ Saved = tuple[list[tuple[nn.Module, type, dict[str, Any], dict[str, Any], dict[s
               list[tuple[Any, torch.Tensor]], list[tuple[list[Any], list[Any]]], Any]
 
 
-def save(model: nn.Module, graph: Any) -> Saved:
+def save(model: nn.Module, graph: Any = None) -> Saved:
     """What cuts may change, by reference (no tensor is copied): module classes and attributes (the model's, and
     the graph's own nodes', which hold the sizes of the concatenations and splits), parameters' data, the contents
     of the lists modules hold (an ``nn.LSTM`` updates its ``_flat_weights`` in place when a weight is replaced:
-    restoring the list object alone would leave the cut weights in it), and the graph's index mappings."""
+    restoring the list object alone would leave the cut weights in it), and the index mappings of ``graph`` (None: none)."""
     own = list(model.modules())
     known = {id(m) for m in own}
-    nodes = [n.module for n in graph.module2node.values() if isinstance(n.module, nn.Module) and id(n.module) not in known]
+    graph_nodes = [] if graph is None else list(graph.module2node.values())
+    nodes = [n.module for n in graph_nodes if isinstance(n.module, nn.Module) and id(n.module) not in known]
     modules = [(m, type(m), dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in own + nodes]
     lists = [(v, list(v)) for m in own for v in vars(m).values() if isinstance(v, list)]
-    deps = [dep for node in graph.module2node.values() for dep in node.dependencies]
+    deps = [dep for node in graph_nodes for dep in node.dependencies]
     lists += [(dep.index_mapping, list(dep.index_mapping)) for dep in deps if isinstance(dep.index_mapping, list)]
     mappings = [(dep, dep.index_mapping) for dep in deps]
-    return modules, [(p, p.data) for p in model.parameters()], lists, (graph, mappings, slices.remembered(graph))
+    recorded = {} if graph is None else slices.remembered(graph)
+    return modules, [(p, p.data) for p in model.parameters()], lists, (graph, mappings, recorded)
 
 
 def undo(model: nn.Module, saved: Saved) -> None:
@@ -256,5 +258,6 @@ def undo(model: nn.Module, saved: Saved) -> None:
         held[:] = contents
     for dep, mapping in mappings:
         dep.index_mapping = mapping
-    slices.recall(graph, recorded)
+    if graph is not None:
+        slices.recall(graph, recorded)
     _mha.settle(model)
