@@ -242,12 +242,14 @@ def save(model: nn.Module, graph: Any = None) -> Saved:
     lists += [(dep.index_mapping, list(dep.index_mapping)) for dep in deps if isinstance(dep.index_mapping, list)]
     mappings = [(dep, dep.index_mapping) for dep in deps]
     recorded = {} if graph is None else slices.remembered(graph)
-    return modules, [(p, p.data) for p in model.parameters()], lists, (graph, mappings, recorded)
+    # a cut nn.Parameter is replaced, and the graph re-keyed by the new one (Torch-Pruning's Group.prune)
+    keys = None if graph is None else (dict(graph.module2node), dict(graph._param_to_name), [(n, n.module) for n in graph_nodes])
+    return modules, [(p, p.data) for p in model.parameters()], lists, (graph, mappings, recorded, keys)
 
 
 def undo(model: nn.Module, saved: Saved) -> None:
     """Put back what :func:`save` saved, and the forward of the ``nn.MultiheadAttention`` layers as they are again."""
-    modules, data, lists, (graph, mappings, recorded) = saved
+    modules, data, lists, (graph, mappings, recorded, keys) = saved
     for module, cls, attributes, parameters, buffers in modules:
         module.__class__ = cls
         module.__dict__.clear()
@@ -260,4 +262,7 @@ def undo(model: nn.Module, saved: Saved) -> None:
         dep.index_mapping = mapping
     if graph is not None:
         slices.recall(graph, recorded)
+        graph.module2node, graph._param_to_name = keys[0], keys[1]
+        for node, module in keys[2]:
+            node.module = module
     _mha.settle(model)
