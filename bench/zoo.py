@@ -84,7 +84,7 @@ ATTENTION = ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "swin_tiny_patch4_
 
 AMOUNT = 0.3
 GRAPH_SECONDS = 90  # time_limit of the dependency graph's tracing: a clear stage error instead of the model's timeout
-STAGE_SHARE = 0.6
+STAGE_SHARE = 0.75
 """Run with --timeout (the child's CPU seconds per recipe), the structured stage's time_limit is this share of it, in
 CPU seconds too (``time_limit_clock: cpu``): a loaded machine shortens neither, and the rest of the budget is left
 for building the model, labelling the data and the measurements, so that a slow prune stops at its own limit with

@@ -134,8 +134,15 @@ def prune_step(model: nn.Module, example: torch.Tensor, fraction: float, opts: C
     log = log or logging.getLogger("torchslim")
     head_fraction = fraction if heads is None else heads
     clock = Clock(time_limit, log, cpu_time)
-    for _ in range(3):  # a cut undone after the choice: trace again and give its share to the others
-        undone = _prune_pass(model, example, (fraction, head_fraction), opts, state, clock)
+    for attempt in range(3):  # a cut undone after the choice: trace again and give its share to the others
+        try:
+            undone = _prune_pass(model, example, (fraction, head_fraction), opts, state, clock)
+        except GraphTimeout as exc:
+            if not attempt:
+                raise
+            # the first pass's cuts stand: only the undone cuts' share is not given to the others
+            log.info("  structured: giving the undone cuts' share to the other groups stopped: %s", exc)
+            return
         if not undone or opts.scope != "global":
             return
         left = clock.left()
