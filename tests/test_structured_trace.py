@@ -175,3 +175,23 @@ def test_listing_and_cutting_log_their_progress(monkeypatch: pytest.MonkeyPatch,
                    time_limit=60)
     assert re.search(r"structured: listed 1 groups in \d+ s \(at \w+", caplog.text)
     assert re.search(r"structured: cut 1/\d+ groups in \d+ s \(at \w+", caplog.text)
+
+
+def test_a_second_pass_that_runs_out_of_time_keeps_the_first_pass_cuts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchslim.plugins.prune import _structured
+
+    passes: list[float | None] = []
+
+    def one_pass(*args: object) -> int:  # the first pass undoes a cut; tracing again runs out of time
+        passes.append(args[-1].seconds)  # type: ignore[attr-defined]
+        if len(passes) > 1:
+            raise GraphTimeout("listing and scoring the groups took more than 70% of time_limit=10 s")
+        return 1
+
+    monkeypatch.setattr(_structured, "_prune_pass", one_pass)
+    prune_step(nn.Linear(2, 2), EXAMPLE, 0.3, ChannelOptions("global", 1, 1, 0.9, []), ChannelState(), time_limit=10.0)
+    assert len(passes) == 2 and passes[1] is not None and passes[1] > 5
+    passes.clear()
+    monkeypatch.setattr(_structured, "_prune_pass", lambda *args: (_ for _ in ()).throw(GraphTimeout("first")))
+    with pytest.raises(GraphTimeout, match="first"):
+        prune_step(nn.Linear(2, 2), EXAMPLE, 0.3, ChannelOptions("global", 1, 1, 0.9, []), ChannelState(), time_limit=10.0)
