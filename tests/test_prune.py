@@ -102,7 +102,7 @@ RESOLVED = [
                        "max_layer_amount": None}),
     ({"method": "structured", "amount": 0.5}, {**COMMON, "method": "structured", "amount": 0.5, "scope": "global",
                                                "importance": "l1", "round_to": 1, "max_layer_amount": 0.9,
-                                               "time_limit": None, "head_amount": None, "refit": False,
+                                               "time_limit": None, "time_limit_clock": "wall", "head_amount": None, "refit": False,
                                                "calibration_batches": 16, "layer_pruners": {}, "group_amounts": {}}),
     ({"method": "nm"}, {**COMMON, "method": "nm", "modules": ["Linear", "Conv2d"], "n": 2, "m": 4}),
     ({"method": "wanda", "amount": 0.5}, {**COMMON, "method": "wanda", "amount": 0.5, "modules": ["Linear"], "calibration_batches": 8}),

@@ -16,7 +16,7 @@ from torchslim import Registry
 from torchslim.examples import digits
 from torchslim.plugins.prune._recurrent import prune_units
 from torchslim.plugins.prune._shapes import changes, replay, snapshot
-from torchslim.plugins.prune._structured_cut import _load, _save
+from torchslim.plugins.prune._structured_cut import save, undo
 
 from .conftest import FAST_METRICS
 
@@ -127,8 +127,8 @@ def test_an_lstm_cut_undone_runs_as_before() -> None:
     lstm, inputs = nn.LSTM(6, 5, batch_first=True, bidirectional=True).eval(), torch.randn(2, 4, 6)
     with torch.no_grad():
         before = lstm(inputs)[0]
-    saved = _save(lstm)
+    saved = save(lstm)
     prune_units(lstm, [0, 5])
-    _load(saved)
+    undo(lstm, saved)
     with torch.no_grad():
         assert torch.equal(lstm(inputs)[0], before)

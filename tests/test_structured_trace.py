@@ -114,6 +114,18 @@ def test_one_slow_group_and_then_the_listing_share_interrupt_in_turn() -> None:
         assert time.monotonic() - started < 1.5
 
 
+def test_a_cpu_time_limit_counts_the_work_done_not_the_time_waited() -> None:
+    clock = Clock(0.4, logging.getLogger("test"), cpu=True)
+    with clock.listing():
+        time.sleep(0.6)  # waiting (a busy machine's other work) uses none of this process's CPU time
+        clock.check_listing()
+        started = time.process_time()
+        with pytest.raises(GraphTimeout, match=r"took more than 70% of time_limit=0\.4 s of CPU time"):
+            while time.process_time() - started < 5:
+                pass
+    assert clock.elapsed() < 1.0 and clock.cpu
+
+
 def test_cuts_stop_at_the_time_limit_and_name_the_groups_not_reached() -> None:
     from torchslim.plugins.prune._structured import _cut_all, _graph_and_groups
 
@@ -130,6 +142,31 @@ def test_cuts_stop_at_the_time_limit_and_name_the_groups_not_reached() -> None:
     assert [conv.out_channels for conv in model.reduce] == [8, 8]
 
 
+def test_cuts_are_checked_together_and_one_by_one_where_a_batch_breaks(caplog: pytest.LogCaptureFixture,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchslim.plugins.prune import _structured_checks as checks
+    from torchslim.plugins.prune._structured import _cut_all, _graph_and_groups
+
+    torch.manual_seed(0)
+    model, state, opts = DualPath(blocks=4).eval(), ChannelState(), ChannelOptions("layer", 1, 1, 0.9, [])
+    graph, groups = _graph_and_groups(model, EXAMPLE, opts, state, Clock(None, logging.getLogger("test")), {})
+    for group in groups:
+        group.remove = 1
+    broken = model.reduce[3]  # its cut is made, then breaks the forward: undone alone, the batch's others kept
+    original = broken.forward
+    broken.forward = lambda x: original(x) if broken.out_channels == 8 else x[:, :0]  # type: ignore[method-assign]
+    checked: list[int] = []
+    together = checks.Batches._together
+    monkeypatch.setattr(checks.Batches, "_together", lambda self, batch: checked.append(len(batch)) or together(self, batch))
+    with caplog.at_level("INFO"):
+        undone = _cut_all(model, graph, groups, EXAMPLE, opts, state, Clock(None, logging.getLogger("test")), {})
+    assert undone == 1 and "cut undone" in state.skipped["reduce.3"] and max(checked) >= 2
+    assert [conv.out_channels for conv in model.reduce] == [7, 7, 7, 8]
+    forwards = int(re.search(r"checked by (\d+) forwards", caplog.text).group(1))  # type: ignore[union-attr]
+    assert forwards < len(groups) + max(checked)
+    assert model(EXAMPLE).shape == (2, 10)
+
+
 def test_listing_and_cutting_log_their_progress(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(clock_module, "PROGRESS_SECONDS", 0.0)
     torch.manual_seed(0)
@@ -138,3 +175,23 @@ def test_listing_and_cutting_log_their_progress(monkeypatch: pytest.MonkeyPatch,
                    time_limit=60)
     assert re.search(r"structured: listed 1 groups in \d+ s \(at \w+", caplog.text)
     assert re.search(r"structured: cut 1/\d+ groups in \d+ s \(at \w+", caplog.text)
+
+
+def test_a_second_pass_that_runs_out_of_time_keeps_the_first_pass_cuts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchslim.plugins.prune import _structured
+
+    passes: list[float | None] = []
+
+    def one_pass(*args: object) -> int:  # the first pass undoes a cut; tracing again runs out of time
+        passes.append(args[-1].seconds)  # type: ignore[attr-defined]
+        if len(passes) > 1:
+            raise GraphTimeout("listing and scoring the groups took more than 70% of time_limit=10 s")
+        return 1
+
+    monkeypatch.setattr(_structured, "_prune_pass", one_pass)
+    prune_step(nn.Linear(2, 2), EXAMPLE, 0.3, ChannelOptions("global", 1, 1, 0.9, []), ChannelState(), time_limit=10.0)
+    assert len(passes) == 2 and passes[1] is not None and passes[1] > 5
+    passes.clear()
+    monkeypatch.setattr(_structured, "_prune_pass", lambda *args: (_ for _ in ()).throw(GraphTimeout("first")))
+    with pytest.raises(GraphTimeout, match="first"):
+        prune_step(nn.Linear(2, 2), EXAMPLE, 0.3, ChannelOptions("global", 1, 1, 0.9, []), ChannelState(), time_limit=10.0)

@@ -30,9 +30,10 @@ from ._head_dims import Tied, coupled, cuts_tied, fit, tied_heads
 from ._head_items import scored
 from ._recurrent import RECURRENT_TYPES, reader_importance, refused
 from ._structured_branches import Reach
+from ._structured_checks import Batches
 from ._structured_choice import _choose_global, _choose_heads, _choose_per_layer, _out_channels, _round
 from ._structured_clock import Clock, GraphTimeout, Progress
-from ._structured_cut import _cut, _precheck, _shapes_of
+from ._structured_cut import _precheck, _shapes_of
 from ._structured_data import ActivationImportance, Lost, RefitResult, input_scales, refit, snapshot
 from ._structured_graph import (
     ROOT_TYPES,
@@ -120,7 +121,7 @@ class ChannelState:
 
 def prune_step(model: nn.Module, example: torch.Tensor, fraction: float, opts: ChannelOptions, state: ChannelState,
                log: logging.Logger | None = None, time_limit: float | None = None,
-               heads: float | None = None) -> None:
+               heads: float | None = None, cpu_time: bool = False) -> None:
     """Remove channels so that ``fraction`` of the original prunable channels are gone after this step.
 
     A group that Torch-Pruning refuses (its check fails, scoring or cutting it raises) or whose cut
@@ -128,12 +129,20 @@ def prune_step(model: nn.Module, example: torch.Tensor, fraction: float, opts: C
     share of the budget goes to the other groups. Attention layers (timm's ``qkv``, Hugging Face
     BERT's ``query``/``key``/``value``: see ``_structured_heads``) are pruned by whole heads, ``heads``
     of each layer's original heads gone after this step (None: ``fraction``), outside that budget.
+    ``time_limit`` counts wall seconds, or with ``cpu_time`` the process's CPU seconds (``_structured_clock``).
     """
     log = log or logging.getLogger("torchslim")
     head_fraction = fraction if heads is None else heads
-    clock = Clock(time_limit, log)
-    for _ in range(3):  # a cut undone after the choice: trace again and give its share to the others
-        undone = _prune_pass(model, example, (fraction, head_fraction), opts, state, clock)
+    clock = Clock(time_limit, log, cpu_time)
+    for attempt in range(3):  # a cut undone after the choice: trace again and give its share to the others
+        try:
+            undone = _prune_pass(model, example, (fraction, head_fraction), opts, state, clock)
+        except GraphTimeout as exc:
+            if not attempt:
+                raise
+            # the first pass's cuts stand: only the undone cuts' share is not given to the others
+            log.info("  structured: giving the undone cuts' share to the other groups stopped: %s", exc)
+            return
         if not undone or opts.scope != "global":
             return
         left = clock.left()
@@ -142,7 +151,7 @@ def prune_step(model: nn.Module, example: torch.Tensor, fraction: float, opts: C
                      "give their share to the other groups", undone, left)
             return
         log.info("  structured: %d cut(s) undone; giving their share to the other groups", undone)
-        clock = Clock(left, log)
+        clock = clock.again(left)
 
 
 RETRY_SHARE = 0.5
@@ -183,18 +192,21 @@ def _cut_all(model: nn.Module, graph: Any, groups: list[_Group], example: torch.
 
     expected = forward()
     before, late = len(state.skipped), 0
+    batches = Batches(model, graph, forward, expected, state, lost)  # several cuts checked by one forward
     for index, group in enumerate(groups):
         if group.remove > 0 and clock.cutting_over():
+            batches.flush()
             late += 1
-            state.skipped.setdefault(group.name, f"not cut: time_limit={clock.seconds:g} s ran out after "
-                                                 f"{index} of {len(groups)} groups (raise time_limit)")
+            state.skipped.setdefault(group.name, f"not cut: time_limit={clock.seconds:g} s{clock.kind} ran out "
+                                                 f"after {index} of {len(groups)} groups (raise time_limit)")
             continue
         _round(group, opts.round_to)
         fit(group, group.tied)  # a multiple of the head counts of the attention tied to its channels
-        _cut(model, graph, group, forward, expected, state, lost)
+        batches.add(group)
         progress.tick(index + 1, len(groups), group.name)
-    clock.log.info("  structured: cut %d groups in %.1f s (%d left whole)", len(groups),
-                   time.monotonic() - started, len(state.skipped))
+    batches.flush()
+    clock.log.info("  structured: cut %d groups in %.1f s, checked by %d forwards (%d left whole)", len(groups),
+                   time.monotonic() - started, batches.forwards, len(state.skipped))
     return len(state.skipped) - before - late
 
 
@@ -224,7 +236,7 @@ def _graph_and_groups(model: nn.Module, example: torch.Tensor, opts: ChannelOpti
         state.skipped.setdefault("(groups not listed)", f"{exc}: listing stopped after {len(state.listed)} groups, "
                                                         f"the last rooted at {state.listed[-1]} (raise time_limit)")
     groups += attention_groups(names, opts, state)  # nn.MultiheadAttention's heads: not in the graph
-    clock.log.info("  structured: %d groups listed and scored in %.1f s", len(groups), clock.elapsed())
+    clock.log.info("  structured: %d groups listed and scored in %.1f s%s", len(groups), clock.elapsed(), clock.kind)
     return graph, groups
 
 

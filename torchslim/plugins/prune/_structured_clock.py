@@ -11,6 +11,10 @@ A step (one trace, listing, scoring and cut; again where cuts were undone) gets 
 - **cutting** (each group's cut and the forward that checks it) runs until the whole limit and is checked
   between groups: the groups not reached are left whole.
 
+The limit counts wall seconds, or (``cpu``) the CPU seconds of the whole process, all its threads together:
+a limit that a busy machine does not shorten (a benchmark's, run beside other work), through the
+profiling timer (``SIGPROF``) instead of the real-time one.
+
 Only the main thread of a system with timer signals can be interrupted; elsewhere the limit is kept only
 between groups (a warning says so).
 """
@@ -46,11 +50,13 @@ class GroupTimeout(BaseException):
 
 
 class Clock:
-    """One step's time limit (None: no limit) and its progress lines."""
+    """One step's time limit (None: no limit), in wall seconds or (``cpu``) the process's CPU seconds."""
 
-    def __init__(self, seconds: float | None, log: logging.Logger) -> None:
-        self.seconds, self.log = seconds, log
-        self.start = time.monotonic()
+    def __init__(self, seconds: float | None, log: logging.Logger, cpu: bool = False) -> None:
+        self.seconds, self.log, self.cpu = seconds, log, cpu
+        self._now = time.process_time if cpu else time.monotonic
+        self._timer, self._signal = (signal.ITIMER_PROF, signal.SIGPROF) if cpu else (signal.ITIMER_REAL, signal.SIGALRM)
+        self.start = self._now()
         self._group_end: float | None = None
         self._group_share = ONE_GROUP
         self._armed = False
@@ -58,7 +64,12 @@ class Clock:
         """What runs now, named when the listing share runs out."""
 
     def elapsed(self) -> float:
-        return time.monotonic() - self.start
+        """Seconds (CPU seconds with ``cpu``) since the step started."""
+        return self._now() - self.start
+
+    def again(self, seconds: float | None) -> Clock:
+        """A clock of the same kind for a step given ``seconds`` (what this one left)."""
+        return Clock(seconds, self.log, self.cpu)
 
     def left(self) -> float | None:
         """Seconds left of the whole limit (None: no limit)."""
@@ -71,7 +82,7 @@ class Clock:
 
     def check_listing(self) -> None:
         """:class:`GraphTimeout` if the listing share has passed (between groups, where no timer interrupts)."""
-        if self.seconds is not None and time.monotonic() >= self._listing_end():
+        if self.seconds is not None and self._now() >= self._listing_end():
             raise self._timeout()
 
     @contextmanager
@@ -80,15 +91,15 @@ class Clock:
         if self.seconds is None or not self._can_interrupt():
             yield
             return
-        previous = signal.signal(signal.SIGALRM, self._expire)
+        previous = signal.signal(self._signal, self._expire)
         self._armed = True
         self._arm()
         try:
             yield
         finally:
             self._armed = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
+            signal.setitimer(self._timer, 0)
+            signal.signal(self._signal, previous)
 
     @contextmanager
     def one_group(self, share: float = ONE_GROUP) -> Iterator[None]:
@@ -97,7 +108,7 @@ class Clock:
             yield
             return
         self._group_share = share
-        self._group_end = time.monotonic() + share * self.seconds
+        self._group_end = self._now() + share * self.seconds
         self._arm()
         try:
             yield
@@ -112,16 +123,21 @@ class Clock:
     def _arm(self) -> None:
         end = min(self._listing_end(), self._group_end or self._listing_end())
         # a timer of 0 would disarm: an end already passed fires at once
-        signal.setitimer(signal.ITIMER_REAL, max(end - time.monotonic(), 1e-6))
+        signal.setitimer(self._timer, max(end - self._now(), 1e-6))
 
     def _expire(self, signum: int, frame: Any) -> None:
-        if self._group_end is not None and time.monotonic() < self._listing_end():
+        if self._group_end is not None and self._now() < self._listing_end():
             self._group_end = None
             raise GroupTimeout(f"listing its group took more than {self._group_share * (self.seconds or 0):.3g} s")
         raise self._timeout()
 
     def _timeout(self) -> GraphTimeout:
-        return GraphTimeout(f"{self.phase} took more than {LISTING:.0%} of time_limit={self.seconds:g} s")
+        return GraphTimeout(f"{self.phase} took more than {LISTING:.0%} of time_limit={self.seconds:g} s{self.kind}")
+
+    @property
+    def kind(self) -> str:
+        """How the limit is counted, as the messages add it: nothing for wall seconds."""
+        return " of CPU time" if self.cpu else ""
 
     def _can_interrupt(self) -> bool:
         unable = ("no timer signal on this system" if not hasattr(signal, "setitimer")

@@ -8,6 +8,7 @@ a group cuts loses head dimensions in the same cut (``_head_dims``)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,6 +18,7 @@ from ...engine.errors import first_line
 from . import _head_dims as head_dims
 from . import _mha
 from . import _structured_functional as functional
+from . import _structured_slices as slices
 from ._head_items import cut_by_head, mapped_whole
 from ._structured_data import Lost, Removal, record_cut, removed_by
 from ._structured_heads import HeadCut, cuts_by_heads, drop_heads, keeps_heads, value_widths
@@ -68,13 +70,24 @@ def _plan(graph: Any, group: _Group, count: int) -> Any:
     return plan
 
 
-def _cut(model: nn.Module, graph: Any, group: _Group, forward: Callable[[], Any], expected: Any,
-         state: ChannelState, lost: dict[nn.Module, Lost]) -> None:
-    """Cut the chosen units; undo the cut (and leave the group whole) if the model's ``forward`` (the shapes of
-    its outputs on the example and on inputs that take other branches) then fails or differs from ``expected``.
-    What a successful cut took from Linear layers is folded into ``lost`` (for the refit)."""
+@dataclass
+class Pending:
+    """One group's cut, planned and not made yet."""
+
+    group: _Group
+    plan: Any
+    """Torch-Pruning's plan, the layers cut by whole heads (a list of ``HeadCut``), or None (an
+    ``nn.MultiheadAttention``'s own heads)."""
+    removed: dict[nn.Module, Removal]
+    dims: Any
+    """The head dimensions removed from attention tied to the cut channels (``_head_dims``)."""
+
+
+def planned(graph: Any, group: _Group, state: ChannelState) -> Pending | None:
+    """The group's cut of its chosen units, planned; None where nothing is to be cut, or where it cannot be
+    (why is named in ``state.skipped``)."""
     if group.remove <= 0:
-        return
+        return None
     plan, problem = (None, None) if group.heads is not None and group.heads.own else \
         _checked_plan(graph, group, group.remove, "the cut")
     cuts = _head_cuts(graph, plan, group)
@@ -82,25 +95,48 @@ def _cut(model: nn.Module, graph: Any, group: _Group, forward: Callable[[], Any]
         problem = "Torch-Pruning's plan does not keep its heads whole and holds layers other than the projections"
     if problem is not None:
         state.skipped.setdefault(group.name, problem)
-        return
-    saved = _save(model)
+        return None
     removed = _removals(cuts) if cuts else removed_by(plan) if plan is not None else {}
     dims = head_dims.choose(group.tied, group.remove)  # before the plan narrows the projections' inputs
     head_dims.add_removals(dims, removed)
+    return Pending(group, plan if cuts is None else cuts, removed, dims)
+
+
+def make(model: nn.Module, graph: Any, pending: Pending) -> None:
+    """Make a planned cut (unchecked)."""
+    _apply(model, graph, pending.plan, pending.group)
+    head_dims.apply(pending.dims)
+
+
+def commit(pending: Pending, state: ChannelState, lost: dict[nn.Module, Lost]) -> None:
+    """Keep a cut whose forward was checked: what it took from Linear layers (for the refit), the heads it removed."""
+    record_cut(lost, pending.removed)
+    group = pending.group
+    if group.heads is not None:
+        state.heads[group.heads.name] = state.heads.get(group.heads.name, 0) + group.remove
+
+
+def _cut(model: nn.Module, graph: Any, group: _Group, forward: Callable[[], Any], expected: Any,
+         state: ChannelState, lost: dict[nn.Module, Lost]) -> bool:
+    """Cut the chosen units; undo the cut (and leave the group whole) if the model's ``forward`` (the shapes of
+    its outputs on the example and on inputs that take other branches) then fails or differs from ``expected``.
+    What a successful cut took from Linear layers is folded into ``lost`` (for the refit). Returns whether
+    the cut was undone."""
+    pending = planned(graph, group, state)
+    if pending is None:
+        return False
+    saved = save(model, graph)
     try:
-        _apply(model, graph, plan if cuts is None else cuts, group)
-        head_dims.apply(dims)
+        make(model, graph, pending)
         got = forward()
         if got != expected:
             raise RuntimeError(f"output shape changed from {expected} to {got}")
     except Exception as exc:
-        _load(saved)
-        _mha.settle(model)
+        undo(model, saved)
         state.skipped.setdefault(group.name, f"the pruned forward failed ({first_line(exc, typed=True, limit=200)}); cut undone")
-        return
-    record_cut(lost, removed)
-    if group.heads is not None:
-        state.heads[group.heads.name] = state.heads.get(group.heads.name, 0) + group.remove
+        return True
+    commit(pending, state, lost)
+    return False
 
 
 def _head_cuts(graph: Any, plan: Any, group: _Group) -> list[HeadCut] | None:
@@ -158,20 +194,32 @@ def _shapes_of(output: Any) -> Any:
 
 
 Saved = tuple[list[tuple[nn.Module, type, dict[str, Any], dict[str, Any], dict[str, Any]]],
-              list[tuple[Any, torch.Tensor]], list[tuple[list[Any], list[Any]]]]
+              list[tuple[Any, torch.Tensor]], list[tuple[list[Any], list[Any]]], Any]
 
 
-def _save(model: nn.Module) -> Saved:
-    """What a cut may change, by reference (no tensor is copied): module classes and attributes, parameters'
-    data, and the contents of the lists modules hold (an ``nn.LSTM`` updates its ``_flat_weights`` in place when a
-    weight is replaced: restoring the list object alone would leave the cut weights in it)."""
-    modules = [(m, type(m), dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in model.modules()]
-    lists = [(v, list(v)) for m in model.modules() for v in vars(m).values() if isinstance(v, list)]
-    return modules, [(p, p.data) for p in model.parameters()], lists
+def save(model: nn.Module, graph: Any = None) -> Saved:
+    """What cuts may change, by reference (no tensor is copied): module classes and attributes (the model's, and
+    the graph's own nodes', which hold the sizes of the concatenations and splits), parameters' data, the contents
+    of the lists modules hold (an ``nn.LSTM`` updates its ``_flat_weights`` in place when a weight is replaced:
+    restoring the list object alone would leave the cut weights in it), and the index mappings of ``graph`` (None: none)."""
+    own = list(model.modules())
+    known = {id(m) for m in own}
+    graph_nodes = [] if graph is None else list(graph.module2node.values())
+    nodes = [n.module for n in graph_nodes if isinstance(n.module, nn.Module) and id(n.module) not in known]
+    modules = [(m, type(m), dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in own + nodes]
+    lists = [(v, list(v)) for m in own for v in vars(m).values() if isinstance(v, list)]
+    deps = [dep for node in graph_nodes for dep in node.dependencies]
+    lists += [(dep.index_mapping, list(dep.index_mapping)) for dep in deps if isinstance(dep.index_mapping, list)]
+    mappings = [(dep, dep.index_mapping) for dep in deps]
+    recorded = {} if graph is None else slices.remembered(graph)
+    # a cut nn.Parameter is replaced, and the graph re-keyed by the new one (Torch-Pruning's Group.prune)
+    keys = None if graph is None else (dict(graph.module2node), dict(graph._param_to_name), [(n, n.module) for n in graph_nodes])
+    return modules, [(p, p.data) for p in model.parameters()], lists, (graph, mappings, recorded, keys)
 
 
-def _load(saved: Saved) -> None:
-    modules, data, lists = saved
+def undo(model: nn.Module, saved: Saved) -> None:
+    """Put back what :func:`save` saved, and the forward of the ``nn.MultiheadAttention`` layers as they are again."""
+    modules, data, lists, (graph, mappings, recorded, keys) = saved
     for module, cls, attributes, parameters, buffers in modules:
         module.__class__ = cls
         module.__dict__.clear()
@@ -180,3 +228,11 @@ def _load(saved: Saved) -> None:
         parameter.data = tensor
     for held, contents in lists:
         held[:] = contents
+    for dep, mapping in mappings:
+        dep.index_mapping = mapping
+    if graph is not None:
+        slices.recall(graph, recorded)
+        graph.module2node, graph._param_to_name = keys[0], keys[1]
+        for node, module in keys[2]:
+            node.module = module
+    _mha.settle(model)

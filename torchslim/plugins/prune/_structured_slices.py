@@ -96,6 +96,17 @@ def adopt(graph: Any, found: dict[Any, Split]) -> None:
     }
 
 
+def remembered(graph: Any) -> dict[Any, Split]:
+    """A copy of what ``graph``'s split nodes hold now (owners and sizes), for :func:`recall` after cuts are undone."""
+    return dict(_RECORDED.get(graph, {}))
+
+
+def recall(graph: Any, recorded: dict[Any, Split]) -> None:
+    """Put back what :func:`remembered` returned."""
+    if graph in _RECORDED:
+        _RECORDED[graph] = dict(recorded)
+
+
 def order_splits(graph: Any) -> int:
     """Sort every split node's outputs by the piece each reads (from autograd); returns how many were reordered."""
     import torch_pruning as tp
