@@ -115,6 +115,36 @@ def test_a_partial_convolution_keeps_its_slice_and_split_sizes_consistent(images
     assert ratio >= 1.4
 
 
+class ListedSplit(nn.Module):
+    """Depthwise convolutions over slices of the channels whose sizes the module keeps in one list (``self.splits``,
+    two of them the same size), as a convolutional position encoding over groups of heads does."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.splits = [width // 4, width // 4, width // 2]
+        self.convs = nn.ModuleList(nn.Conv2d(s, s, 3, padding=1, groups=s) for s in self.splits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pieces = torch.split(x, self.splits, dim=1)
+        return torch.cat([conv(piece) for conv, piece in zip(self.convs, pieces, strict=True)], dim=1)
+
+
+class Listed(Partial):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mixers = nn.ModuleList(ListedSplit(32) for _ in range(2))
+
+
+def test_split_sizes_kept_in_a_list_take_the_pieces_new_sizes(images: dict) -> None:
+    out, ratio, notes = pruned(Listed, images)
+    assert out.stem.out_channels < 32  # the residual stream, which the split and concat cross, is cut
+    for mixer in out.mixers:
+        assert mixer.splits == [conv.in_channels for conv in mixer.convs]
+        assert sum(mixer.splits) == out.stem.out_channels
+    assert not any("whole" in note for note in notes), notes
+    assert ratio >= 1.4
+
+
 class SingleHead(nn.Module):
     """One head of attention over a slice of the channels, its result reshaped back into an image: Torch-Pruning's
     index mapping divides by zero at that reshape (it infers no channels before it)."""
