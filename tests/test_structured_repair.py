@@ -4,6 +4,7 @@ and operations that reduce or broadcast the channel axis (``_structured_repair``
 from __future__ import annotations
 
 import json
+import logging
 
 import torch
 from torch import nn
@@ -226,3 +227,16 @@ def test_a_split_piece_read_twice_is_mapped_by_the_piece_each_consumer_reads(ima
         assert block.proj.out_channels == 2 * block.inner == 2 * block.out.in_channels < 48  # halves cut alike
     assert not any("whole" in note for note in notes), notes
     assert ratio >= 1.4
+
+
+def test_the_halves_of_a_split_read_together_are_one_unit(images: dict) -> None:
+    """A row of the first half removes its partner in the second: the group counts pairs, so a cut of 90% of its
+    units cannot take both rows of every pair (Torch-Pruning's check would refuse it: ``out`` left no input)."""
+    from torchslim.plugins.prune._structured_graph import _build_graph, _channel_groups
+
+    torch.manual_seed(0)
+    model = GatedNet().eval()
+    graph, _ = _build_graph(model, next(iter(images["eval"]))[0][:2], logging.getLogger("test"), None)
+    proj = model.blocks[0].proj
+    group = graph.get_pruning_group(proj, graph.get_pruner_of_module(proj).prune_out_channels, list(range(48)))
+    assert _channel_groups(graph, group) == 2
