@@ -4,6 +4,7 @@ and operations that reduce or broadcast the channel axis (``_structured_repair``
 from __future__ import annotations
 
 import json
+import logging
 
 import torch
 from torch import nn
@@ -115,6 +116,36 @@ def test_a_partial_convolution_keeps_its_slice_and_split_sizes_consistent(images
     assert ratio >= 1.4
 
 
+class ListedSplit(nn.Module):
+    """Depthwise convolutions over slices of the channels whose sizes the module keeps in one list (``self.splits``,
+    two of them the same size), as a convolutional position encoding over groups of heads does."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.splits = [width // 4, width // 4, width // 2]
+        self.convs = nn.ModuleList(nn.Conv2d(s, s, 3, padding=1, groups=s) for s in self.splits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pieces = torch.split(x, self.splits, dim=1)
+        return torch.cat([conv(piece) for conv, piece in zip(self.convs, pieces, strict=True)], dim=1)
+
+
+class Listed(Partial):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mixers = nn.ModuleList(ListedSplit(32) for _ in range(2))
+
+
+def test_split_sizes_kept_in_a_list_take_the_pieces_new_sizes(images: dict) -> None:
+    out, ratio, notes = pruned(Listed, images)
+    assert out.stem.out_channels < 32  # the residual stream, which the split and concat cross, is cut
+    for mixer in out.mixers:
+        assert mixer.splits == [conv.in_channels for conv in mixer.convs]
+        assert sum(mixer.splits) == out.stem.out_channels
+    assert not any("whole" in note for note in notes), notes
+    assert ratio >= 1.4
+
+
 class SingleHead(nn.Module):
     """One head of attention over a slice of the channels, its result reshaped back into an image: Torch-Pruning's
     index mapping divides by zero at that reshape (it infers no channels before it)."""
@@ -196,3 +227,16 @@ def test_a_split_piece_read_twice_is_mapped_by_the_piece_each_consumer_reads(ima
         assert block.proj.out_channels == 2 * block.inner == 2 * block.out.in_channels < 48  # halves cut alike
     assert not any("whole" in note for note in notes), notes
     assert ratio >= 1.4
+
+
+def test_the_halves_of_a_split_read_together_are_one_unit(images: dict) -> None:
+    """A row of the first half removes its partner in the second: the group counts pairs, so a cut of 90% of its
+    units cannot take both rows of every pair (Torch-Pruning's check would refuse it: ``out`` left no input)."""
+    from torchslim.plugins.prune._structured_graph import _build_graph, _channel_groups
+
+    torch.manual_seed(0)
+    model = GatedNet().eval()
+    graph, _ = _build_graph(model, next(iter(images["eval"]))[0][:2], logging.getLogger("test"), None)
+    proj = model.blocks[0].proj
+    group = graph.get_pruning_group(proj, graph.get_pruner_of_module(proj).prune_out_channels, list(range(48)))
+    assert _channel_groups(graph, group) == 2

@@ -190,7 +190,7 @@ def _feeds_output(node: Any, roots: tuple[type[nn.Module], ...], joins: Containe
 def _channel_groups(graph: Any, group: Any) -> int:
     # A grouped (not depthwise) conv, or a GroupNorm, needs the same channels removed from each
     # of its groups: rank "units" of one channel per group instead of single channels.
-    counts = [1]
+    counts = [1, _paired(graph, group)]
     for dep, _ in group:
         module, handler = dep.target.module, dep.handler
         if isinstance(module, nn.modules.conv._ConvNd) and (module.groups == module.out_channels or multiplier(module)):
@@ -203,3 +203,19 @@ def _channel_groups(graph: Any, group: Any) -> int:
         elif graph.is_in_channel_pruning_fn(handler):
             counts.append(int(pruner.get_in_channel_groups(module)))
     return max(counts)
+
+
+def _paired(graph: Any, group: Any) -> int:
+    """``k`` where the root's channels go ``k`` at a time, ``u, u + n/k, ...`` (the halves of a split read together,
+    ``h * act(z)``: removing row ``u`` removes its partner too, so a unit is the pair); else 1. Probed only where a
+    split in the group maps its pieces by the piece each consumer reads (``_structured_slices.map_by_piece``)."""
+    if not any(getattr(dep.target.module, "pieces", None) is not None for dep, _ in group):
+        return 1
+    root = group[0].dep.target.module
+    probe = graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, [0])
+    own = sorted({int(i) for dep, idxs in probe if dep.target.module is root for i in idxs})
+    channels = int(getattr(root, "out_channels", 0) or getattr(root, "out_features", 0))
+    k = len(own)
+    if k < 2 or not channels or channels % k or own != [j * (channels // k) for j in range(k)]:
+        return 1
+    return k

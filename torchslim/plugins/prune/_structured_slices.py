@@ -11,9 +11,10 @@ Two repairs, neither tied to an architecture:
   also composes the two index mappings in the wrong order (:func:`order_mappings`).
 - **The sizes the forward asks for.** After a cut, the pieces are smaller, but the model's forward still
   splits by the sizes it keeps as attributes. :func:`watch` records, while the graph is traced, which module
-  made each split and with which sizes; after a cut, :func:`resize` sets the owner's integer attributes
-  equal to a piece's old size to its new size (left alone where two pieces of the same old size would need
-  different new sizes: the forward check after the cut then undoes it).
+  made each split and with which sizes; after a cut, :func:`resize` sets the owner's list of the sizes
+  (``self.splits = [a, b]``) to the new sizes, and its integer attributes equal to a piece's old size to its
+  new size (those left alone where two pieces of the same old size would need different new sizes: the
+  forward check after the cut then undoes it).
 """
 
 from __future__ import annotations
@@ -224,12 +225,21 @@ def resize(graph: Any, cuts: Pending) -> None:
 
 
 def _resize_owner(split: Split, sizes: tuple[int, ...]) -> None:
-    """The owner's integer attributes equal to a piece's old size take its new size (none where two pieces of
-    one old size were cut differently: no attribute can say both)."""
+    """The owner's list or tuple attribute holding the old sizes, in order, takes the new ones; its integer
+    attributes equal to a piece's old size take its new size (none where two pieces of one old size were cut
+    differently: no integer can say both, though a list of the sizes still can)."""
+    owner: Any = split.owner
+    for key, value in list(vars(owner).items()):
+        if type(value) in (list, tuple) and not key.startswith("_") and _same_sizes(value, split.sizes):
+            setattr(owner, key, type(value)(sizes))
     changes: dict[int, int] = {}
     if any(changes.setdefault(old, new) != new for old, new in zip(split.sizes, sizes, strict=True)):
         return
-    owner: Any = split.owner
     for key, value in list(vars(owner).items()):
         if type(value) is int and not key.startswith("_") and value in changes:
             setattr(owner, key, changes[value])
+
+
+def _same_sizes(value: list[Any] | tuple[Any, ...], sizes: tuple[int, ...]) -> bool:
+    """Whether ``value`` is the sizes a split was made with (integers, in the same order)."""
+    return len(value) == len(sizes) and all(type(v) is int and v == s for v, s in zip(value, sizes, strict=True))
