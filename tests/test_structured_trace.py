@@ -114,6 +114,17 @@ def test_one_slow_group_and_then_the_listing_share_interrupt_in_turn() -> None:
         assert time.monotonic() - started < 1.5
 
 
+def test_a_listing_that_ended_is_not_interrupted_by_its_timer() -> None:
+    # efficientformerv2_s0 listed its groups within the share and the timer then fired in the work after the
+    # listing, failing the stage with every group listed
+    clock = Clock(0.2, logging.getLogger("test"))
+    with clock.listing():
+        clock.stop()
+        time.sleep(0.4)  # past the listing share: nothing fires
+    with pytest.raises(GraphTimeout), clock.listing():
+        time.sleep(0.4)  # the same without stop()
+
+
 def test_a_cpu_time_limit_counts_the_work_done_not_the_time_waited() -> None:
     clock = Clock(0.4, logging.getLogger("test"), cpu=True)
     with clock.listing():

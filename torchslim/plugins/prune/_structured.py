@@ -230,7 +230,9 @@ def _graph_and_groups(model: nn.Module, example: torch.Tensor, opts: ChannelOpti
     groups: list[_Group] = []
     try:
         _list(graph, _all_groups(graph, protected, clock, roots, unmapped), names, scorer, opts, state, groups, clock)
+        clock.stop()
     except GraphTimeout as exc:
+        clock.stop()  # the timer fired while listing, or between the listing's end and the line above
         if not groups:
             raise
         state.skipped.setdefault("(groups not listed)", f"{exc}: listing stopped after {len(state.listed)} groups, "

@@ -101,6 +101,13 @@ class Clock:
             signal.setitimer(self._timer, 0)
             signal.signal(self._signal, previous)
 
+    def stop(self) -> None:
+        """Disarm :meth:`listing`'s timer early: the listing is over, and what it listed stands (a timer firing in
+        the work after it would throw that away)."""
+        if self._armed:
+            self._armed = False
+            signal.setitimer(self._timer, 0)
+
     @contextmanager
     def one_group(self, share: float = ONE_GROUP) -> Iterator[None]:
         """Interrupt listing one group with :class:`GroupTimeout` once ``share`` of the limit has passed."""
