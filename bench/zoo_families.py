@@ -10,8 +10,8 @@ constructor reads its own parameters' values is built with every tensor on the m
 that cannot be counted either way ranks last, its reason kept).
 Then, smallest first, each variant is built for real (random init) and run on one 3x64x64 input; if that
 fails it is tried with ``img_size=64`` where ``create_model`` accepts that keyword, then with ``img_size`` at a
-few sizes above 64 (:data:`LARGER`), then at the size of its pretrained config (``input_size``). The first variant that runs is the family's entry; a family
-with none is kept in the list with each try's first error line, never dropped.
+few sizes above 64 (:data:`LARGER`), then at the size of its pretrained config (``input_size``). The first
+variant that runs is the family's entry; a family with none is kept in the list with each try's first error line, never dropped.
 
 The list is committed (bench/results/zoo-wide-models.json) so that the wide zoo's selection is
 reproducible; this module remakes it.
