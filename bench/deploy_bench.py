@@ -66,17 +66,24 @@ def variants(train_size: int | None) -> tuple[dict[str, nn.Module], Context]:
 
     original = cnn().eval()
     example = next(iter(loaders["eval"]))[0]
-    ctx = Context(original=original, data=loaders, example_inputs=example,
-                  evaluate=lambda m: accuracy(m, loaders["eval"]), log=logging.getLogger("bench"))
+    ctx = Context(
+        original=original,
+        data=loaders,
+        example_inputs=example,
+        evaluate=lambda m: accuracy(m, loaders["eval"]),
+        log=logging.getLogger("bench"),
+    )
     pruned = pruned_model(train_size).eval()
-    models = {"torch float32 eager": original,
-              "onnxruntime float32": deployed(original, ctx, "onnxruntime", None, peer=True),
-              PEERS[0]: deployed(original, ctx, "onnxruntime", "ort_static", peer=True),
-              "openvino float32": deployed(original, ctx, "openvino", None, peer=True),
-              PEERS[1]: deployed(original, ctx, "openvino", "nncf", peer=True),
-              "torchslim 50% channels + distill, torch float32": pruned,
-              OURS[0]: deployed(pruned, ctx, "onnxruntime", "ort_static"),
-              OURS[1]: deployed(pruned, ctx, "openvino", "nncf")}
+    models = {
+        "torch float32 eager": original,
+        "onnxruntime float32": deployed(original, ctx, "onnxruntime", None, peer=True),
+        PEERS[0]: deployed(original, ctx, "onnxruntime", "ort_static", peer=True),
+        "openvino float32": deployed(original, ctx, "openvino", None, peer=True),
+        PEERS[1]: deployed(original, ctx, "openvino", "nncf", peer=True),
+        "torchslim 50% channels + distill, torch float32": pruned,
+        OURS[0]: deployed(pruned, ctx, "onnxruntime", "ort_static"),
+        OURS[1]: deployed(pruned, ctx, "openvino", "nncf"),
+    }
     return models, ctx
 
 
@@ -87,14 +94,21 @@ def timings(models: dict[str, nn.Module], batch: torch.Tensor, threads: int, rou
     after = os.getloadavg()[0]
     medians = {name: statistics.median(t.samples) for name, t in zip(models, result, strict=True)}
     samples = {name: list(t.samples) for name, t in zip(models, result, strict=True)}
-    return {"threads": threads, "load_before": round(before, 2), "load_after": round(after, 2), "median_ms": medians,
-            "samples_ms": samples}
+    return {
+        "threads": threads,
+        "load_before": round(before, 2),
+        "load_after": round(after, 2),
+        "median_ms": medians,
+        "samples_ms": samples,
+    }
 
 
 def scored(models: dict[str, nn.Module], ctx: Context) -> tuple[dict[str, float], dict[str, int]]:
     """Each variant's metric on the eval data and its size in bytes (the deployable files for a runtime)."""
-    return ({name: ctx.evaluate(model) for name, model in models.items()},
-            {name: size_bytes(model) for name, model in models.items()})
+    return (
+        {name: ctx.evaluate(model) for name, model in models.items()},
+        {name: size_bytes(model) for name, model in models.items()},
+    )
 
 
 def paired(run: dict[str, Any], slower: str, faster: str) -> float:
@@ -107,8 +121,9 @@ def paired(run: dict[str, Any], slower: str, faster: str) -> float:
 def main() -> None:
     """Build the variants, score them, time them at 1 and 2 threads, print and save the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-size", type=int, default=None,
-                        help="training images for the distillation (all 50,000 by default)")
+    parser.add_argument(
+        "--train-size", type=int, default=None, help="training images for the distillation (all 50,000 by default)"
+    )
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path("bench/results/deploy_bench.json"))
     args = parser.parse_args()
@@ -117,8 +132,16 @@ def main() -> None:
     scores, sizes = scored(models, ctx)
     batch = latency_batch(ctx.example_inputs, BATCH)
     runs = [timings(models, batch, threads, args.rounds) for threads in (1, 2)]
-    result = {"scores": scores, "size_bytes": sizes, "timings": runs, "rounds": args.rounds, "batch": BATCH,
-              "train_size": args.train_size, "seconds": round(time.time() - start, 1), "targets": targets(scores, sizes, runs)}
+    result = {
+        "scores": scores,
+        "size_bytes": sizes,
+        "timings": runs,
+        "rounds": args.rounds,
+        "batch": BATCH,
+        "train_size": args.train_size,
+        "seconds": round(time.time() - start, 1),
+        "targets": targets(scores, sizes, runs),
+    }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
 
@@ -129,18 +152,30 @@ def targets(scores: dict[str, float], sizes: dict[str, int], runs: list[dict[str
     for run in runs:
         ms = run["median_ms"]
         ours, peer = min(OURS, key=ms.__getitem__), min(PEERS, key=ms.__getitem__)
-        out.append({"threads": run["threads"], "ours": ours, "best_peer": peer, "x_faster_than_peer": ms[peer] / ms[ours],
-                    "x_faster_than_peer_paired": paired(run, peer, ours), "load": [run["load_before"], run["load_after"]],
-                    "x_faster_than_torch": ms["torch float32 eager"] / ms[ours],
-                    "accuracy_change": scores[ours] - scores["torch float32 eager"], "size_kb": sizes[ours] / 1000})
+        out.append(
+            {
+                "threads": run["threads"],
+                "ours": ours,
+                "best_peer": peer,
+                "x_faster_than_peer": ms[peer] / ms[ours],
+                "x_faster_than_peer_paired": paired(run, peer, ours),
+                "load": [run["load_before"], run["load_after"]],
+                "x_faster_than_torch": ms["torch float32 eager"] / ms[ours],
+                "accuracy_change": scores[ours] - scores["torch float32 eager"],
+                "size_kb": sizes[ours] / 1000,
+            }
+        )
     return out
 
 
 def table(result: dict[str, Any]) -> str:
     """A Markdown table: variant, size, accuracy, latency and x faster than torch at 1 and 2 threads."""
     runs = result["timings"]
-    head = "| variant | size kB | accuracy % | " + " | ".join(
-        f"{r['threads']} thr ms | x torch | x best peer int8" for r in runs) + " |"
+    head = (
+        "| variant | size kB | accuracy % | "
+        + " | ".join(f"{r['threads']} thr ms | x torch | x best peer int8" for r in runs)
+        + " |"
+    )
     lines = [head, "|" + "---|" * (3 + 3 * len(runs))]
     for name, score in result["scores"].items():
         cells = [name, f"{result['size_bytes'][name] / 1000:.1f}", f"{score:.2f}"]

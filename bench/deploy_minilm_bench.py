@@ -45,9 +45,12 @@ from torchslim.plugins.quantize import QuantizeStage
 
 TORCH = "torch float32 eager"
 #: The peers (bench/peers.py): every construction a user might take; each thread count's fastest is the one compared.
-PEERS = ("peer: onnxruntime dynamic int8 (per channel)", "peer: openvino + nncf int8 (transformer)",
-         "peer: openvino + nncf int8 (transformer), compiled per input shape",
-         "peer: openvino + nncf int8 (transformer), from the ONNX export")
+PEERS = (
+    "peer: onnxruntime dynamic int8 (per channel)",
+    "peer: openvino + nncf int8 (transformer)",
+    "peer: openvino + nncf int8 (transformer), compiled per input shape",
+    "peer: openvino + nncf int8 (transformer), from the ONNX export",
+)
 OURS_INT8 = ("torchslim deploy onnxruntime + ort_dynamic", "torchslim deploy openvino + nncf")
 PRUNED = ("torchslim pruned + distilled, onnxruntime int8", "torchslim pruned + distilled, openvino nncf int8")
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,25 +86,37 @@ def variants(pruned: bool) -> tuple[dict[str, nn.Module], Context]:
     check_splits(data)
     original = minilm.model()
     example = next(iter(data["eval"]))[0]
-    ctx = Context(original=original, data=data, example_inputs=example,
-                  evaluate=lambda m: minilm.cosine(m, data["eval"]), log=logging.getLogger("bench"))
+    ctx = Context(
+        original=original,
+        data=data,
+        example_inputs=example,
+        evaluate=lambda m: minilm.cosine(m, data["eval"]),
+        log=logging.getLogger("bench"),
+    )
     calibration = [ids for ids, _ in list(data["calibration"])[:4]]
     check_disjoint(data["eval"], peer_calibration=calibration)
     int8 = run_recipe(ROOT / "recipes" / "minilm.yaml", {"data": OTHER_TEXT})
-    models = {TORCH: original, "torchslim torch int8 (recipes/minilm.yaml)": int8,
-              PEERS[0]: peers.ort_dynamic_int8(original, example),
-              PEERS[1]: (nncf := peers.nncf_int8(original, example, calibration, transformer=True)),
-              PEERS[2]: peers.per_shape(nncf, example),
-              PEERS[3]: peers.nncf_int8(original, example, calibration, transformer=True, via_onnx=True),
-              "onnxruntime float32": deployed(original, ctx, "onnxruntime", None),
-              OURS_INT8[0]: deployed(original, ctx, "onnxruntime", "ort_dynamic"),
-              "openvino float32": deployed(original, ctx, "openvino", None),
-              OURS_INT8[1]: deployed(original, ctx, "openvino", "nncf")}
+    models = {
+        TORCH: original,
+        "torchslim torch int8 (recipes/minilm.yaml)": int8,
+        PEERS[0]: peers.ort_dynamic_int8(original, example),
+        PEERS[1]: (nncf := peers.nncf_int8(original, example, calibration, transformer=True)),
+        PEERS[2]: peers.per_shape(nncf, example),
+        PEERS[3]: peers.nncf_int8(original, example, calibration, transformer=True, via_onnx=True),
+        "onnxruntime float32": deployed(original, ctx, "onnxruntime", None),
+        OURS_INT8[0]: deployed(original, ctx, "onnxruntime", "ort_dynamic"),
+        "openvino float32": deployed(original, ctx, "openvino", None),
+        OURS_INT8[1]: deployed(original, ctx, "openvino", "nncf"),
+    }
     if pruned:
         small = run_recipe(RECIPES / "minilm-deploy-pruned.yaml")
-        models.update({"torchslim pruned + distilled, torch float32": small,
-                       PRUNED[0]: deployed(small, ctx, "onnxruntime", "ort_dynamic"),
-                       PRUNED[1]: deployed(small, ctx, "openvino", "nncf")})
+        models.update(
+            {
+                "torchslim pruned + distilled, torch float32": small,
+                PRUNED[0]: deployed(small, ctx, "onnxruntime", "ort_dynamic"),
+                PRUNED[1]: deployed(small, ctx, "openvino", "nncf"),
+            }
+        )
     return models, ctx
 
 
@@ -111,14 +126,22 @@ def targets(scores: dict[str, float], runs: list[dict[str, Any]]) -> list[dict[s
     for run in runs:
         ms = run["median_ms"]
         peer = min(PEERS, key=ms.__getitem__)
-        entry = {"batch": run["batch"], "threads": run["threads"], "best_peer": peer,
-                 "load": [run["load_before"], run["load_after"]]}
+        entry = {
+            "batch": run["batch"],
+            "threads": run["threads"],
+            "best_peer": peer,
+            "load": [run["load_before"], run["load_after"]],
+        }
         for key, group in (("int8", OURS_INT8), ("pruned", PRUNED)):
             if all(name in ms for name in group):
                 ours = min(group, key=ms.__getitem__)
-                entry[key] = {"variant": ours, "x_faster_than_peer": ms[peer] / ms[ours],
-                              "x_faster_than_peer_paired": paired(run, peer, ours), "cosine": scores[ours],
-                              "x_faster_than_torch": ms[TORCH] / ms[ours]}
+                entry[key] = {
+                    "variant": ours,
+                    "x_faster_than_peer": ms[peer] / ms[ours],
+                    "x_faster_than_peer_paired": paired(run, peer, ours),
+                    "cosine": scores[ours],
+                    "x_faster_than_torch": ms[TORCH] / ms[ours],
+                }
         out.append(entry)
     return out
 
@@ -128,8 +151,9 @@ def table(result: dict[str, Any]) -> str:
     blocks = []
     for batch in sorted({r["batch"] for r in result["timings"]}, reverse=True):
         runs = [r for r in result["timings"] if r["batch"] == batch]
-        head = "| variant | size MB | cosine | " + " | ".join(
-            f"{r['threads']} thr ms | x torch | x best peer" for r in runs) + " |"
+        head = (
+            "| variant | size MB | cosine | " + " | ".join(f"{r['threads']} thr ms | x torch | x best peer" for r in runs) + " |"
+        )
         lines = [f"batch {batch}:", "", head, "|" + "---|" * (3 + 3 * len(runs))]
         for name, score in result["scores"].items():
             cells = [name, f"{result['size_bytes'][name] / 1e6:.1f}", f"{score:.4f}"]
@@ -154,9 +178,16 @@ def main() -> None:
     for batch in (ctx.example_inputs, ctx.example_inputs[:1]):
         for threads in (1, 2):
             runs.append({"batch": len(batch), **timings(models, batch, threads, args.rounds)})
-    result = {"scores": scores, "size_bytes": sizes, "timings": runs, "rounds": args.rounds,
-              "sequence": int(ctx.example_inputs.shape[1]), "torch_threads_default": torch.get_num_threads(),
-              "seconds": round(time.time() - start, 1), "targets": targets(scores, runs)}
+    result = {
+        "scores": scores,
+        "size_bytes": sizes,
+        "timings": runs,
+        "rounds": args.rounds,
+        "sequence": int(ctx.example_inputs.shape[1]),
+        "torch_threads_default": torch.get_num_threads(),
+        "seconds": round(time.time() - start, 1),
+        "targets": targets(scores, runs),
+    }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
 

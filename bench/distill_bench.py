@@ -80,8 +80,13 @@ def teacher(seed: int, train_epochs: int, workdir: Path) -> Path:
 def accuracies(report: dict[str, Any]) -> dict[str, float]:
     """Baseline, pruned and distilled accuracy, distill seconds and best epoch score of one report."""
     rows = [row["metrics"] for row in report["rows"]]
-    return {"baseline": rows[0]["accuracy"], "pruned": rows[1]["accuracy"], "final": rows[2]["accuracy"],
-            "best_epoch_score": rows[2]["best_accuracy"], "seconds": rows[2]["seconds"]}
+    return {
+        "baseline": rows[0]["accuracy"],
+        "pruned": rows[1]["accuracy"],
+        "final": rows[2]["accuracy"],
+        "best_epoch_score": rows[2]["best_accuracy"],
+        "seconds": rows[2]["seconds"],
+    }
 
 
 def recovery(seeds: list[int], epochs: int, train_epochs: int, workdir: Path, extra: dict[str, Any]) -> list[dict[str, Any]]:
@@ -120,13 +125,21 @@ def ddp(seeds: list[int], epochs: int, train_epochs: int, workdir: Path, extra: 
     for index, seed in enumerate(seeds):
         path = workdir / f"ddp-{seed}.json"
         path.write_text(json.dumps(recipe(seed, teacher(seed, train_epochs, workdir), epochs, **extra)))
-        for processes, threads in LAUNCHES[index % 3:] + LAUNCHES[:index % 3]:
+        for processes, threads in LAUNCHES[index % 3 :] + LAUNCHES[: index % 3]:
             out = workdir / f"ddp-{seed}-{processes}x{threads}.out.json"
             wall = launch(processes, threads, path, out)
-            results.append({"seed": seed, "processes": processes, "threads": threads, "wall_seconds": wall,
-                            **accuracies(json.loads(out.read_text()))})
-            print(f"  ddp seed {seed} {processes}x{threads}: {results[-1]['final']:.2f} in {wall:.1f}s",
-                  file=sys.stderr, flush=True)
+            results.append(
+                {
+                    "seed": seed,
+                    "processes": processes,
+                    "threads": threads,
+                    "wall_seconds": wall,
+                    **accuracies(json.loads(out.read_text())),
+                }
+            )
+            print(
+                f"  ddp seed {seed} {processes}x{threads}: {results[-1]['final']:.2f} in {wall:.1f}s", file=sys.stderr, flush=True
+            )
     return sorted(results, key=lambda r: (r["seed"], r["processes"], -r["threads"]))
 
 
@@ -141,6 +154,7 @@ def worker(recipe_path: Path, out: Path) -> None:
 
 def summary(recovered: list[dict[str, Any]], scaled: list[dict[str, Any]]) -> dict[str, Any]:
     """Means over seeds and the targets' verdicts."""
+
     def mean(rows: list[dict[str, Any]], key: str, **where: Any) -> float:
         return statistics.fmean(r[key] for r in rows if all(r[k] == v for k, v in where.items()))
 
@@ -150,34 +164,62 @@ def summary(recovered: list[dict[str, Any]], scaled: list[dict[str, Any]]) -> di
     baseline = mean(recovered, "baseline", method="distill")
     distilled, labels = mean(recovered, "final", method="distill"), mean(recovered, "final", method="labels only")
     return {
-        "baseline": baseline, "pruned": mean(recovered, "pruned", method="distill"),
-        "distill": distilled, "labels_only": labels,
-        "distill_within_1.5": baseline - distilled <= 1.5, "distill_above_labels_only": distilled > labels,
-        "ddp": {f"{p}x{t}": {"accuracy": mean(scaled, "final", processes=p, threads=t),
-                             "median_stage_seconds": median(scaled, "seconds", processes=p, threads=t),
-                             "median_wall_seconds": median(scaled, "wall_seconds", processes=p, threads=t)}
-                for p, t in LAUNCHES if scaled},
+        "baseline": baseline,
+        "pruned": mean(recovered, "pruned", method="distill"),
+        "distill": distilled,
+        "labels_only": labels,
+        "distill_within_1.5": baseline - distilled <= 1.5,
+        "distill_above_labels_only": distilled > labels,
+        "ddp": {
+            f"{p}x{t}": {
+                "accuracy": mean(scaled, "final", processes=p, threads=t),
+                "median_stage_seconds": median(scaled, "seconds", processes=p, threads=t),
+                "median_wall_seconds": median(scaled, "wall_seconds", processes=p, threads=t),
+            }
+            for p, t in LAUNCHES
+            if scaled
+        },
     }
 
 
 def print_tables(recovered: list[dict[str, Any]], scaled: list[dict[str, Any]], totals: dict[str, Any]) -> None:
     """The two tables and the verdicts."""
-    rows = [[r["seed"], r["method"], f"{r['baseline']:.2f}", f"{r['pruned']:.2f}", f"{r['final']:.2f}",
-             f"{r['final'] - r['baseline']:+.2f}", f"{r['best_epoch_score']:.2f}", f"{r['seconds']:.1f}"] for r in recovered]
-    print(tabulate(rows, headers=["seed", "method", "unpruned", "pruned 85%", "after 6 epochs", "vs unpruned",
-                                  "best epoch", "stage s"]))
-    print(f"\nmean over seeds: unpruned {totals['baseline']:.2f}, pruned {totals['pruned']:.2f}, "
-          f"distill {totals['distill']:.2f}, labels only {totals['labels_only']:.2f}; "
-          f"distill within 1.5 points: {totals['distill_within_1.5']}, "
-          f"above labels only: {totals['distill_above_labels_only']}\n")
+    rows = [
+        [
+            r["seed"],
+            r["method"],
+            f"{r['baseline']:.2f}",
+            f"{r['pruned']:.2f}",
+            f"{r['final']:.2f}",
+            f"{r['final'] - r['baseline']:+.2f}",
+            f"{r['best_epoch_score']:.2f}",
+            f"{r['seconds']:.1f}",
+        ]
+        for r in recovered
+    ]
+    print(
+        tabulate(
+            rows, headers=["seed", "method", "unpruned", "pruned 85%", "after 6 epochs", "vs unpruned", "best epoch", "stage s"]
+        )
+    )
+    print(
+        f"\nmean over seeds: unpruned {totals['baseline']:.2f}, pruned {totals['pruned']:.2f}, "
+        f"distill {totals['distill']:.2f}, labels only {totals['labels_only']:.2f}; "
+        f"distill within 1.5 points: {totals['distill_within_1.5']}, "
+        f"above labels only: {totals['distill_above_labels_only']}\n"
+    )
     if not scaled:
         return
-    rows = [[r["seed"], r["processes"], r["threads"], f"{r['final']:.2f}", f"{r['seconds']:.1f}", f"{r['wall_seconds']:.1f}"]
-            for r in scaled]
+    rows = [
+        [r["seed"], r["processes"], r["threads"], f"{r['final']:.2f}", f"{r['seconds']:.1f}", f"{r['wall_seconds']:.1f}"]
+        for r in scaled
+    ]
     print(tabulate(rows, headers=["seed", "processes", "threads each", "accuracy", "distill stage s", "command wall s"]))
     print()
-    rows = [[launch, f"{v['accuracy']:.2f}", f"{v['median_stage_seconds']:.1f}", f"{v['median_wall_seconds']:.1f}"]
-            for launch, v in totals["ddp"].items()]
+    rows = [
+        [launch, f"{v['accuracy']:.2f}", f"{v['median_stage_seconds']:.1f}", f"{v['median_wall_seconds']:.1f}"]
+        for launch, v in totals["ddp"].items()
+    ]
     print(tabulate(rows, headers=["processes x threads", "mean accuracy", "median stage s", "median wall s"]))
 
 
@@ -201,10 +243,20 @@ def main() -> None:
     print_tables(recovered, scaled, totals)
     results = RESULTS.with_name(f"distill_bench-lr{args.lr:g}.json") if args.lr else RESULTS
     results.parent.mkdir(parents=True, exist_ok=True)
-    environment = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-                   "cpus": os.cpu_count()}
-    payload = {"mode": "quick" if args.quick else "full", "recovery": recovered, "ddp": scaled, "summary": totals,
-               "distill_stage": {**DISTILL, **extra}, "environment": environment}
+    environment = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+    }
+    payload = {
+        "mode": "quick" if args.quick else "full",
+        "recovery": recovered,
+        "ddp": scaled,
+        "summary": totals,
+        "distill_stage": {**DISTILL, **extra},
+        "environment": environment,
+    }
     results.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"\nwrote {results.relative_to(ROOT)}")
 

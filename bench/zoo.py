@@ -89,8 +89,7 @@ STAGE_SHARE = 0.75
 CPU seconds too (``time_limit_clock: cpu``): a loaded machine shortens neither, and the rest of the budget is left
 for building the model, labelling the data and the measurements, so that a slow prune stops at its own limit with
 what it cut instead of being stopped with the recipe (without --timeout: GRAPH_SECONDS of wall time)."""
-STRUCTURED = {"type": "prune", "name": "structured", "method": "structured", "amount": AMOUNT,
-              "time_limit": GRAPH_SECONDS}
+STRUCTURED = {"type": "prune", "name": "structured", "method": "structured", "amount": AMOUNT, "time_limit": GRAPH_SECONDS}
 # The same amount chosen and repaired on the calibration data (random inputs here: this checks that every
 # architecture takes the measured importance and the least-squares refit, not what they buy).
 MEASURED = {**STRUCTURED, "name": "obs-refit", "scope": "layer", "importance": "obs", "refit": True}
@@ -196,9 +195,16 @@ def _labelled(model: Any, name: str, samples: int, seed: int) -> Any:
 def recipe(name: str, key: str, timeout: float | None = None) -> dict[str, Any]:
     """Recipe ``key`` on model ``name``; with ``timeout`` (CPU seconds per recipe) its structured stages get a CPU
     time limit of :data:`STAGE_SHARE` of it."""
-    stages = RECIPES[key] if timeout is None else [
-        {**stage, "time_limit": round(STAGE_SHARE * timeout, 1), "time_limit_clock": "cpu"} if "time_limit" in stage
-        else stage for stage in RECIPES[key]]
+    stages = (
+        RECIPES[key]
+        if timeout is None
+        else [
+            {**stage, "time_limit": round(STAGE_SHARE * timeout, 1), "time_limit_clock": "cpu"}
+            if "time_limit" in stage
+            else stage
+            for stage in RECIPES[key]
+        ]
+    )
     return {
         "name": f"zoo-{name}-{key}",
         "seed": SEED,
@@ -222,9 +228,14 @@ def run_recipe(name: str, key: str, timeout: float | None = None) -> dict[str, A
             return {"ok": False, "error": first_line(exc, typed=True, limit=400), **origin(exc)}
     base, last = report.rows[0].metrics, report.rows[-1].metrics
     pruned = next((row.metrics.get("pruned_channels") for row in report.rows if row.type == "prune"), None)
-    return {"ok": True, "macs": _ratio(base.get("macs"), last.get("macs")), "agreement": last.get("agreement"),
-            "pruned": pruned, "reload": "ok",
-            "notes": [n for n in report.notes if "structured" in n or "eager mode" in n][:2]}
+    return {
+        "ok": True,
+        "macs": _ratio(base.get("macs"), last.get("macs")),
+        "agreement": last.get("agreement"),
+        "pruned": pruned,
+        "reload": "ok",
+        "notes": [n for n in report.notes if "structured" in n or "eager mode" in n][:2],
+    }
 
 
 GRAPH_BUILDER = "build_dependency"  # Torch-Pruning's DependencyGraph entry point: a crash under it is the graph builder's
@@ -247,7 +258,7 @@ def _short(filename: str) -> str:
     parts = Path(filename).parts
     cut = max((i for i, part in enumerate(parts) if part in ("site-packages", "zoo-site")), default=None)
     if cut is not None:
-        return "/".join(parts[cut + 1:])
+        return "/".join(parts[cut + 1 :])
     return str(Path(filename).relative_to(ROOT)) if Path(filename).is_relative_to(ROOT) else Path(filename).name
 
 
@@ -267,20 +278,37 @@ def run_tp_alone(name: str) -> dict[str, Any]:
         base_macs, _ = tp.utils.count_ops_and_params(model, example_inputs)
         ignored: list[torch.nn.Module] = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 10]
         ignored += [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.out_channels == 10]
-        before = sum(getattr(m, "out_channels", 0) or getattr(m, "out_features", 0) for m in model.modules()
-                     if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m not in ignored)
-        pruner = tp.pruner.MagnitudePruner(model, example_inputs, importance=tp.importance.MagnitudeImportance(p=1),
-                                           pruning_ratio=AMOUNT, global_pruning=True, ignored_layers=ignored)
+        before = sum(
+            getattr(m, "out_channels", 0) or getattr(m, "out_features", 0)
+            for m in model.modules()
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m not in ignored
+        )
+        pruner = tp.pruner.MagnitudePruner(
+            model,
+            example_inputs,
+            importance=tp.importance.MagnitudeImportance(p=1),
+            pruning_ratio=AMOUNT,
+            global_pruning=True,
+            ignored_layers=ignored,
+        )
         pruner.step()
-        after = sum(getattr(m, "out_channels", 0) or getattr(m, "out_features", 0) for m in model.modules()
-                    if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m not in ignored)
+        after = sum(
+            getattr(m, "out_channels", 0) or getattr(m, "out_features", 0)
+            for m in model.modules()
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m not in ignored
+        )
         macs, _ = tp.utils.count_ops_and_params(model, example_inputs)
         with torch.no_grad():
             agree = 100.0 * sum(int((model(x).argmax(1) == y).sum()) for x, y in loader) / SAMPLES
     except Exception as exc:
         return {"ok": False, "error": first_line(exc, typed=True, limit=400), **origin(exc)}
-    return {"ok": True, "macs": _ratio(base_macs, macs), "agreement": agree, "pruned": 1 - after / before if before else 0.0,
-            "reload": "-"}
+    return {
+        "ok": True,
+        "macs": _ratio(base_macs, macs),
+        "agreement": agree,
+        "pruned": 1 - after / before if before else 0.0,
+        "reload": "-",
+    }
 
 
 def child(name: str, keys: list[str], result_file: str, timeout: float | None = None) -> None:
@@ -326,8 +354,19 @@ def _run_child(name: str, keys: list[str], timeout: float) -> tuple[list[dict[st
     with tempfile.NamedTemporaryFile("r", suffix=".jsonl", delete=False) as handle:
         result_file = Path(handle.name)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "bench.zoo", "--child", name, "--recipes", ",".join(keys), "--result", str(result_file),
-               "--timeout", str(timeout)]
+    command = [
+        sys.executable,
+        "-m",
+        "bench.zoo",
+        "--child",
+        name,
+        "--recipes",
+        ",".join(keys),
+        "--result",
+        str(result_file),
+        "--timeout",
+        str(timeout),
+    ]
     with tempfile.TemporaryFile("w+") as stderr:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
         error = _wait(process, result_file, timeout)
@@ -393,8 +432,7 @@ def table(results: list[dict[str, Any]], keys: list[str]) -> str:
     index = {(r["model"], r["recipe"]): r for r in results}
     lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for model in models:
-        lines.append(f"| {model} | " + " | ".join(cell(index[(model, k)]) if (model, k) in index else "-"
-                                                  for k in keys) + " |")
+        lines.append(f"| {model} | " + " | ".join(cell(index[(model, k)]) if (model, k) in index else "-" for k in keys) + " |")
     return "\n".join(lines)
 
 
@@ -413,20 +451,36 @@ def counts(results: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.zoo", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)} and the hand-written models "
-                        "(bench/zoo_handwritten.py)")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"only {', '.join(QUICK)} and the hand-written models (bench/zoo_handwritten.py)"
+    )
     parser.add_argument("--models", help="comma-separated timm names (default: the whole zoo)")
     parser.add_argument("--recipes", default=None, help=f"comma-separated: {', '.join(ALL_RECIPES)}")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds of CPU time each recipe may use (the "
-                        "first one's includes building the model; wall time where /proc cannot tell); a recipe past it "
-                        "is recorded as a timeout")
-    parser.add_argument("--wide", action="store_true", help="the wide zoo (bench/zoo_wide.py): every timm family's "
-                        f"smallest variant and the hand-written models, resumably; recipes default to {','.join(KEYS_WIDE)}")
-    parser.add_argument("--results", help="--wide: the JSON-lines results file appended to and resumed from "
-                        "(default bench/results/zoo-wide.jsonl)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds of CPU time each recipe may use (the "
+        "first one's includes building the model; wall time where /proc cannot tell); a recipe past it "
+        "is recorded as a timeout",
+    )
+    parser.add_argument(
+        "--wide",
+        action="store_true",
+        help="the wide zoo (bench/zoo_wide.py): every timm family's "
+        f"smallest variant and the hand-written models, resumably; recipes default to {','.join(KEYS_WIDE)}",
+    )
+    parser.add_argument(
+        "--results",
+        help="--wide: the JSON-lines results file appended to and resumed from (default bench/results/zoo-wide.jsonl)",
+    )
     parser.add_argument("--summary-only", action="store_true", help="--wide: print the summary of the results file, run nothing")
-    parser.add_argument("--retry", default="", help="--wide: comma-separated failure kinds to run again (e.g. 'timeout,graph "
-                        "time_limit' after a run on a loaded machine)")
+    parser.add_argument(
+        "--retry",
+        default="",
+        help="--wide: comma-separated failure kinds to run again (e.g. 'timeout,graph "
+        "time_limit' after a run on a loaded machine)",
+    )
     parser.add_argument("--json", help="also write the results here (one JSON list; --wide: the summary)")
     parser.add_argument("--from-json", nargs="+", help="print the table of earlier --json results (later files win)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -461,15 +515,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.wide:
         from bench import zoo_wide
 
-        return zoo_wide.main(keys, args.timeout, args.results, args.models.split(",") if args.models else None,
-                             args.json, args.summary_only, [k for k in args.retry.split(",") if k])
+        return zoo_wide.main(
+            keys,
+            args.timeout,
+            args.results,
+            args.models.split(",") if args.models else None,
+            args.json,
+            args.summary_only,
+            [k for k in args.retry.split(",") if k],
+        )
     results: list[dict[str, Any]] = []
     for name in models:
         start = time.time()
         found = run_model(name, keys, args.timeout)
         results += found
-        print(f"{name}: {time.time() - start:.0f} s, " + "; ".join(f"{r['recipe']} {cell(r)}" for r in found),
-              file=sys.stderr, flush=True)
+        print(
+            f"{name}: {time.time() - start:.0f} s, " + "; ".join(f"{r['recipe']} {cell(r)}" for r in found),
+            file=sys.stderr,
+            flush=True,
+        )
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))
     print(table(results, keys))

@@ -129,8 +129,13 @@ def select(timm: Any, module: str) -> dict[str, Any]:
             entry.update(model=row["model"], params=row["params"], **found)
             break
     else:
-        entry.update(model=None, reason="no variant built and ran: " + "; ".join(
-            f"{t['model']}: {t['errors'][-1] if t['errors'] else 'not counted'}" for t in tried) if tried else "no variant")
+        entry.update(
+            model=None,
+            reason="no variant built and ran: "
+            + "; ".join(f"{t['model']}: {t['errors'][-1] if t['errors'] else 'not counted'}" for t in tried)
+            if tried
+            else "no variant",
+        )
     if tried and (entry.get("model") is None or tried[0]["model"] != entry["model"] or tried[0]["errors"]):
         entry["tries"] = tried
     entry["seconds"] = round(time.time() - start, 1)
@@ -147,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m bench.zoo_families", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(LIST))
-    parser.add_argument("--modules", help="comma-separated timm modules to (re)select, keeping the others of --out "
-                        "(default: all, a new list)")
+    parser.add_argument(
+        "--modules", help="comma-separated timm modules to (re)select, keeping the others of --out (default: all, a new list)"
+    )
     args = parser.parse_args(argv)
     import torch
 
@@ -162,8 +168,18 @@ def main(argv: list[str] | None = None) -> int:
         entry = families[module] = select(timm, module)
         print(f"{module}: {entry.get('model') or 'NONE ' + entry['reason'][:120]} ({entry['seconds']} s)", flush=True)
         listed = sorted(families.values(), key=lambda f: order.get(f["family"], len(order)))
-        Path(args.out).write_text(json.dumps({"timm": timm.__version__, "torch": torch.__version__, "size": SIZE,
-                                              "made_by": "python -m bench.zoo_families", "families": listed}, indent=1))
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "timm": timm.__version__,
+                    "torch": torch.__version__,
+                    "size": SIZE,
+                    "made_by": "python -m bench.zoo_families",
+                    "families": listed,
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

@@ -39,8 +39,14 @@ class CRNN(nn.Module):
     def __init__(self, hidden: int = 32) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.rnn = nn.LSTM(32 * 4, hidden, batch_first=True, bidirectional=True)
         self.head = nn.Linear(2 * hidden, CLASSES)
@@ -69,8 +75,14 @@ def _block(conv: Callable[..., nn.Module], cin: int, cout: int, stride: int = 1)
 
 def gain_cnn() -> nn.Module:
     """Three :class:`GainConv2d` blocks, pooled, a Linear head."""
-    return nn.Sequential(_block(GainConv2d, 3, 16), _block(GainConv2d, 16, 32, 2), _block(GainConv2d, 32, 64, 2),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, CLASSES))
+    return nn.Sequential(
+        _block(GainConv2d, 3, 16),
+        _block(GainConv2d, 16, 32, 2),
+        _block(GainConv2d, 32, 64, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, CLASSES),
+    )
 
 
 class DataDependent(nn.Module):

@@ -46,8 +46,12 @@ def not_built(keys: list[str]) -> list[dict[str, Any]]:
     """One failed result per recipe for each family none of whose variants built: listed, not dropped."""
     from bench import zoo_families
 
-    return [{"model": f"({f['family']})", "recipe": key, "ok": False, "error": f["reason"], "kind": DOES_NOT_BUILD}
-            for f in zoo_families.load() if not f.get("model") for key in keys]
+    return [
+        {"model": f"({f['family']})", "recipe": key, "ok": False, "error": f["reason"], "kind": DOES_NOT_BUILD}
+        for f in zoo_families.load()
+        if not f.get("model")
+        for key in keys
+    ]
 
 
 def read(path: Path) -> list[dict[str, Any]]:
@@ -93,11 +97,23 @@ def summary(results: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
     for key in keys:
         rows = [r for r in results if r["recipe"] == key]
         finished = [r for r in rows if r["ok"]]
-        per_recipe[key] = {"models": len(rows), "finished": len(finished),
-                           "macs_ok": sum(1 for r in finished if (r.get("macs") or 0) >= GOOD_MACS)}
+        per_recipe[key] = {
+            "models": len(rows),
+            "finished": len(finished),
+            "macs_ok": sum(1 for r in finished if (r.get("macs") or 0) >= GOOD_MACS),
+        }
         kinds[key] = Counter(k for r in rows if (k := kind(r)))
-    failures = [{"model": r["model"], "recipe": r["recipe"], "kind": kind(r), "error": r.get("error") or _short_of(r),
-                 "where": r.get("where")} for r in results if r["recipe"] in keys and kind(r)]
+    failures = [
+        {
+            "model": r["model"],
+            "recipe": r["recipe"],
+            "kind": kind(r),
+            "error": r.get("error") or _short_of(r),
+            "where": r.get("where"),
+        }
+        for r in results
+        if r["recipe"] in keys and kind(r)
+    ]
     return {"recipes": per_recipe, "kinds": {k: dict(v) for k, v in kinds.items()}, "failures": failures}
 
 
@@ -140,8 +156,12 @@ def run(keys: list[str], timeout: float, path: Path, only: list[str] | None, ret
     names = [n for n in models() if not only or n in only]
     todo = [(n, [k for k in keys if (n, k) not in done]) for n in names]
     todo = [(n, left) for n, left in todo if left]
-    print(f"wide zoo: {len(names)} models, {len(names) - len(todo)} already done in {path}, {len(todo)} to run "
-          f"(timeout {timeout:.0f} s per recipe); load average {load_average()}", file=sys.stderr, flush=True)
+    print(
+        f"wide zoo: {len(names)} models, {len(names) - len(todo)} already done in {path}, {len(todo)} to run "
+        f"(timeout {timeout:.0f} s per recipe); load average {load_average()}",
+        file=sys.stderr,
+        flush=True,
+    )
     began = time.time()
     for index, (name, left) in enumerate(todo, 1):
         start = time.time()
@@ -154,15 +174,25 @@ def run(keys: list[str], timeout: float, path: Path, only: list[str] | None, ret
             for result in found:
                 handle.write(json.dumps({**result, "load": load_average()}) + "\n")
         average = (time.time() - began) / index
-        print(f"[{index}/{len(todo)}] {name}: {time.time() - start:.0f} s; "
-              + "; ".join(f"{r['recipe']} {cell(r)}" for r in found)
-              + f" (average {average:.0f} s a model, about {average * (len(todo) - index) / 60:.0f} min left)",
-              file=sys.stderr, flush=True)
+        print(
+            f"[{index}/{len(todo)}] {name}: {time.time() - start:.0f} s; "
+            + "; ".join(f"{r['recipe']} {cell(r)}" for r in found)
+            + f" (average {average:.0f} s a model, about {average * (len(todo) - index) / 60:.0f} min left)",
+            file=sys.stderr,
+            flush=True,
+        )
     return read(path)
 
 
-def main(keys: list[str], timeout: float, results: str | None, only: list[str] | None, json_out: str | None,
-         summary_only: bool, retry: list[str]) -> int:
+def main(
+    keys: list[str],
+    timeout: float,
+    results: str | None,
+    only: list[str] | None,
+    json_out: str | None,
+    summary_only: bool,
+    retry: list[str],
+) -> int:
     """``python -m bench.zoo --wide``: run what is left (unless ``summary_only``), then print the summary."""
     path = Path(results) if results else RESULTS
     found = read(path) if summary_only else run(keys, timeout, path, only, retry)

@@ -64,8 +64,13 @@ def linear_weights(model: nn.Module) -> list[torch.Tensor]:
 
 def make_ctx(model: nn.Module, data: dict[str, Any], evaluate: Any = None) -> Context:
     """A stage context over ``data`` whose original model is a copy of ``model``; accuracy on eval by default."""
-    return Context(original=copy.deepcopy(model).eval(), data=data, example_inputs=next(iter(data["eval"]))[0],
-                   evaluate=evaluate or (lambda m: accuracy(m.eval(), data["eval"])), log=logging.getLogger("test"))
+    return Context(
+        original=copy.deepcopy(model).eval(),
+        data=data,
+        example_inputs=next(iter(data["eval"]))[0],
+        evaluate=evaluate or (lambda m: accuracy(m.eval(), data["eval"])),
+        log=logging.getLogger("test"),
+    )
 
 
 def digits_recipe(stages: list[dict[str, Any]], **model_kwargs: Any) -> dict[str, Any]:

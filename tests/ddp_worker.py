@@ -30,8 +30,12 @@ def run_rank(rank: int, world: int, folder: str, options: dict[str, Any]) -> Non
     try:
         model = digits.mlp(hidden=32, train_epochs=3)
         data = digits.loaders(batch_size=64)
-        ctx = Context(original=copy.deepcopy(model).eval(), data=data, example_inputs=next(iter(data["eval"]))[0],
-                      evaluate=lambda m: accuracy(m.eval(), data["eval"]))
+        ctx = Context(
+            original=copy.deepcopy(model).eval(),
+            data=data,
+            example_inputs=next(iter(data["eval"]))[0],
+            evaluate=lambda m: accuracy(m.eval(), data["eval"]),
+        )
         torch.manual_seed(1)
         MagnitudePrune(amount=0.8, scope="layer").apply(model, ctx)
         before = ctx.evaluate(model)

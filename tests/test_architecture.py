@@ -58,30 +58,46 @@ def _private(module: str) -> bool:
 def _broken(rule: str) -> list[tuple[str, str]]:
     checks = {
         "engine imports only engine": lambda a, b: _within(a, "torchslim.engine") and not _within(b, "torchslim.engine"),
-        "compare imports only engine": lambda a, b: _within(a, "torchslim.compare")
-        and not (_within(b, "torchslim.engine") or _within(b, "torchslim.compare")),
-        "plugins import only engine and plugins": lambda a, b: _within(a, "torchslim.plugins")
-        and not (_within(b, "torchslim.engine") or _within(b, "torchslim.plugins")),
-        "the shared core imports no family": lambda a, b: _within(a, "torchslim.plugins") and _family(a) is None
-        and _family(b) is not None,
-        "a family reaches another only through its package": lambda a, b: _family(a) is not None
-        and _family(b) not in (None, _family(a)) and b != _family(b),
-        "outside its family, no one imports a family's modules": lambda a, b: _family(b) is not None
-        and _family(a) != _family(b) and b != _family(b),
-        "examples import only engine": lambda a, b: _within(a, "torchslim.examples")
-        and not (_within(b, "torchslim.engine") or _within(b, "torchslim.examples")),
-        "search imports only engine and compare": lambda a, b: _within(a, "torchslim.search")
-        and not any(_within(b, f"torchslim.{area}") for area in ("engine", "compare", "search")),
-        "nothing but cli imports search": lambda a, b: _within(b, "torchslim.search") and not _within(a, "torchslim.search")
-        and a != "torchslim.cli",
+        "compare imports only engine": lambda a, b: (
+            _within(a, "torchslim.compare") and not (_within(b, "torchslim.engine") or _within(b, "torchslim.compare"))
+        ),
+        "plugins import only engine and plugins": lambda a, b: (
+            _within(a, "torchslim.plugins") and not (_within(b, "torchslim.engine") or _within(b, "torchslim.plugins"))
+        ),
+        "the shared core imports no family": lambda a, b: (
+            _within(a, "torchslim.plugins") and _family(a) is None and _family(b) is not None
+        ),
+        "a family reaches another only through its package": lambda a, b: (
+            _family(a) is not None and _family(b) not in (None, _family(a)) and b != _family(b)
+        ),
+        "outside its family, no one imports a family's modules": lambda a, b: (
+            _family(b) is not None and _family(a) != _family(b) and b != _family(b)
+        ),
+        "examples import only engine": lambda a, b: (
+            _within(a, "torchslim.examples") and not (_within(b, "torchslim.engine") or _within(b, "torchslim.examples"))
+        ),
+        "search imports only engine and compare": lambda a, b: (
+            _within(a, "torchslim.search")
+            and not any(_within(b, f"torchslim.{area}") for area in ("engine", "compare", "search"))
+        ),
+        "nothing but cli imports search": lambda a, b: (
+            _within(b, "torchslim.search") and not _within(a, "torchslim.search") and a != "torchslim.cli"
+        ),
     }
     return [(a, b) for a, b in EDGES if checks[rule](a, b)]
 
 
-RULES = ["engine imports only engine", "compare imports only engine", "plugins import only engine and plugins",
-         "the shared core imports no family", "a family reaches another only through its package",
-         "outside its family, no one imports a family's modules", "examples import only engine",
-         "search imports only engine and compare", "nothing but cli imports search"]
+RULES = [
+    "engine imports only engine",
+    "compare imports only engine",
+    "plugins import only engine and plugins",
+    "the shared core imports no family",
+    "a family reaches another only through its package",
+    "outside its family, no one imports a family's modules",
+    "examples import only engine",
+    "search imports only engine and compare",
+    "nothing but cli imports search",
+]
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -89,16 +105,23 @@ def test_import_rule_holds(rule: str) -> None:
     assert _broken(rule) == [], rule
 
 
-@pytest.mark.parametrize(("extra", "module"), [("optuna", "torchslim.search.study"), ("ray", "torchslim.compare.executors"),
-                                               ("mlflow", "torchslim.engine.tracking")])
+@pytest.mark.parametrize(
+    ("extra", "module"),
+    [("optuna", "torchslim.search.study"), ("ray", "torchslim.compare.executors"), ("mlflow", "torchslim.engine.tracking")],
+)
 def test_an_optional_extra_is_imported_by_one_module(extra: str, module: str) -> None:
     """Optuna, Ray and MLflow are optional extras: one module imports each, inside a function that names the extra
     when it is missing."""
     importers = []
     for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )
             if any(name.split(".")[0] == extra for name in names):
                 importers.append(_module(path))
     assert sorted(set(importers)) == [module]
@@ -125,8 +148,10 @@ def test_the_rules_can_fail() -> None:
     # The checker itself: an engine module importing a plugin, a family importing another's private module.
     global EDGES
     saved = EDGES
-    EDGES = [("torchslim.engine.runner", "torchslim.plugins.prune"),
-             ("torchslim.plugins.prune.structured", "torchslim.plugins.quantize._ao")]
+    EDGES = [
+        ("torchslim.engine.runner", "torchslim.plugins.prune"),
+        ("torchslim.plugins.prune.structured", "torchslim.plugins.quantize._ao"),
+    ]
     try:
         assert _broken("engine imports only engine") and _broken("a family reaches another only through its package")
     finally:

@@ -94,11 +94,15 @@ def test_interleaved_rotates_order_and_times_every_call() -> None:
     assert [timed[i] for i in (0, 6, 12)] == ["a", "b", "c"], "each round starts with the next variant"
 
 
-@pytest.mark.parametrize(("base", "overrides", "expected"), [
-    ({"a": {"x": 1, "y": 2}}, {"a": {"y": 3}}, {"a": {"x": 1, "y": 3}}),
-    ({"stages": [{"e": 1}, {"e": 2}]}, {"stages": {1: {"e": 5}}}, {"stages": [{"e": 1}, {"e": 5}]}),
-    ({"k": 1}, {"k": None}, {"k": None}),
-], ids=["nested", "stage-by-position", "replace"])
+@pytest.mark.parametrize(
+    ("base", "overrides", "expected"),
+    [
+        ({"a": {"x": 1, "y": 2}}, {"a": {"y": 3}}, {"a": {"x": 1, "y": 3}}),
+        ({"stages": [{"e": 1}, {"e": 2}]}, {"stages": {1: {"e": 5}}}, {"stages": [{"e": 1}, {"e": 5}]}),
+        ({"k": 1}, {"k": None}, {"k": None}),
+    ],
+    ids=["nested", "stage-by-position", "replace"],
+)
 def test_merge_overrides(base: dict[str, Any], overrides: dict[str, Any], expected: dict[str, Any]) -> None:
     assert merge(base, overrides) == expected
 
@@ -107,8 +111,9 @@ def test_merge_overrides(base: dict[str, Any], overrides: dict[str, Any], expect
 def test_quick_benchmark_runs_from_the_command_line(tmp_path: Path) -> None:
     # In CI the heavy cases' wheels are absent: they are skipped with the reason, and the quick
     # mode takes 10 to 20 s; with every wheel, about 70 s on 2 cores.
-    done = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "quick run:" in done.stdout
     written = {p.stem for p in tmp_path.glob("*.json")}
@@ -127,8 +132,10 @@ def test_wordnet_usage_examples_are_read_from_the_gloss() -> None:
     from bench.adapters.text import usage_examples
 
     # a line in WordNet's data-file layout (offset, lex file, type, words, pointers, then "| gloss")
-    line = ('01234567 05 n 01 kettle 0 000 | a metal pot for boiling water; "the kettle whistled on the old stove '
-            'at dawn"; "she filled it"; "put the kettle on?"')
+    line = (
+        '01234567 05 n 01 kettle 0 000 | a metal pot for boiling water; "the kettle whistled on the old stove '
+        'at dawn"; "she filled it"; "put the kettle on?"'
+    )
     assert usage_examples(line, min_words=4) == ["The kettle whistled on the old stove at dawn.", "Put the kettle on?"]
     assert usage_examples(line) == ["The kettle whistled on the old stove at dawn."]
     assert usage_examples("01234567 05 n 01 kettle 0 000") == []  # no gloss
@@ -153,7 +160,7 @@ def overlapping_digits(leak: int = 1) -> dict[str, Any]:
 
     data = digits.loaders()
     train, held_out = data["train"].dataset.tensors, data["eval"].dataset.tensors
-    leaked = TensorDataset(*(torch.cat([t, h[len(h) - leak:]]) for t, h in zip(train, held_out, strict=True)))
+    leaked = TensorDataset(*(torch.cat([t, h[len(h) - leak :]]) for t, h in zip(train, held_out, strict=True)))
     return {**data, "calibration": DataLoader(leaked, batch_size=64)}
 
 
@@ -199,9 +206,11 @@ def test_bench_recipes_stop_when_their_data_overlaps(tmp_path: Path) -> None:
     from bench.harness import load_bench_recipe
 
     path = tmp_path / "leak.yaml"
-    path.write_text("name: leak\nmodel: {target: torchslim.examples.digits:mlp, kwargs: {hidden: 16}}\n"
-                    "data: {target: tests.test_bench:overlapping_digits}\nevaluate: {metric: accuracy}\n"
-                    "metrics: {collect: false}\nstages:\n  - {type: quantize, method: dynamic}\n")
+    path.write_text(
+        "name: leak\nmodel: {target: torchslim.examples.digits:mlp, kwargs: {hidden: 16}}\n"
+        "data: {target: tests.test_bench:overlapping_digits}\nevaluate: {metric: accuracy}\n"
+        "metrics: {collect: false}\nstages:\n  - {type: quantize, method: dynamic}\n"
+    )
     with pytest.raises(torchslim.TorchslimError, match="1 of the 360 distinct eval samples are also calibration"):
         torchslim.run(load_bench_recipe(path))
     report = torchslim.run(load_bench_recipe(path, {"data": {"kwargs": {"leak": 0}}}))
@@ -225,13 +234,19 @@ def test_minilm_recipe_runs_on_other_text_in_the_benchmarks() -> None:
 def test_overhead_bench_quick_mode_measures_both_runtimes(tmp_path: Path) -> None:
     # about a minute on 2 cores: two small recipes, then 5 rounds of 100 calls per runtime and thread count
     out = tmp_path / "overhead.json"
-    done = subprocess.run([sys.executable, "-m", "bench.overhead_bench", "--quick", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.overhead_bench", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     data = json.loads(out.read_text())
     measured = {(row["runtime"], row["threads"]) for row in data["rows"]}
-    assert measured == {(runtime, threads) for runtime in ("openvino", "onnxruntime") if runtime not in data["skipped"]
-                        for threads in (1, 2)}
+    assert measured == {
+        (runtime, threads) for runtime in ("openvino", "onnxruntime") if runtime not in data["skipped"] for threads in (1, 2)
+    }
     for row in data["rows"]:
         assert 0 < row["plain_us"] < 1e5 and 0 < row["torchslim_us"] < 1e5, row
         assert math.isfinite(row["overhead_us"]), row

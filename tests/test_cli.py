@@ -24,8 +24,9 @@ Cli = Callable[..., CliResult]
 def torchslim(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     """``python -m torchslim ARGS`` in a subprocess, plugin autoload off."""
     env = {**os.environ, "TORCHSLIM_DISABLE_PLUGIN_AUTOLOAD": "1"}
-    return subprocess.run([sys.executable, "-m", "torchslim", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "torchslim", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
 
 
 def test_quickstart_runs_and_writes_outputs(tmp_path: Path, cli: Cli) -> None:
@@ -68,8 +69,11 @@ def test_validate_expands_a_sweep_and_names_every_variant(cli: Cli) -> None:
 
 
 def test_validate_refuses_a_sweep_value_a_variant_cannot_take(tmp_path: Path, cli: Cli) -> None:
-    text = (ROOT / "recipes/compare/sweep.yaml").read_text().replace("stages.0.amount: [0.5, 0.7, 0.9]",
-                                                                       "stages.0.amount: [0.5, 1.5]")
+    text = (
+        (ROOT / "recipes/compare/sweep.yaml")
+        .read_text()
+        .replace("stages.0.amount: [0.5, 0.7, 0.9]", "stages.0.amount: [0.5, 1.5]")
+    )
     path = tmp_path / "sweep.yaml"
     path.write_text(text)
     result = cli("validate", "--no-import", str(path))
@@ -133,8 +137,10 @@ def test_plugins_lists_builtins(cli: Cli) -> None:
     result = cli("plugins")
     assert result.returncode == 0
     for tag in ("prune", "quantize", "distill"):
-        assert any(line.split()[:3] == [tag, "built-in", f"torchslim.plugins.{tag}:{tag.capitalize()}Stage"]
-                   for line in result.stdout.splitlines()), result.stdout
+        assert any(
+            line.split()[:3] == [tag, "built-in", f"torchslim.plugins.{tag}:{tag.capitalize()}Stage"]
+            for line in result.stdout.splitlines()
+        ), result.stdout
 
 
 def test_schema_prints_json(cli: Cli) -> None:

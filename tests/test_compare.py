@@ -59,8 +59,15 @@ def variants(recipe: dict[str, Any], registry: Registry) -> list[tuple[str, Any]
 @pytest.mark.parametrize(
     ("mode", "names"),
     [
-        ("grid", ["sw[stages.0.amount=0.3, stages.1.dtype=qint8]", "sw[stages.0.amount=0.3, stages.1.dtype=float16]",
-                  "sw[stages.0.amount=0.6, stages.1.dtype=qint8]", "sw[stages.0.amount=0.6, stages.1.dtype=float16]"]),
+        (
+            "grid",
+            [
+                "sw[stages.0.amount=0.3, stages.1.dtype=qint8]",
+                "sw[stages.0.amount=0.3, stages.1.dtype=float16]",
+                "sw[stages.0.amount=0.6, stages.1.dtype=qint8]",
+                "sw[stages.0.amount=0.6, stages.1.dtype=float16]",
+            ],
+        ),
         ("zip", ["sw[stages.0.amount=0.3, stages.1.dtype=qint8]", "sw[stages.0.amount=0.6, stages.1.dtype=float16]"]),
     ],
     ids=["grid", "zip"],
@@ -87,7 +94,11 @@ def test_sweep_creates_missing_mappings(registry: Registry) -> None:
         ({"stages.0.amount": [0.3], "stages.1.dtype": ["qint8", "float16"]}, "zip", "need the same length"),
         ({"stages.5.amount": [0.3]}, "grid", "'stages.5.amount': stages has 2 entries; '5' is not an index of it"),
         ({"stages.0.amount.x": [1]}, "grid", "stages.0.amount is 0.3, not a mapping or a list"),
-        ({"stages.0.amount": [1.5]}, "grid", "stages[0].amount (prune): Input should be less than 1 (in sweep variant sw[stages.0.amount=1.5])"),
+        (
+            {"stages.0.amount": [1.5]},
+            "grid",
+            "stages[0].amount (prune): Input should be less than 1 (in sweep variant sw[stages.0.amount=1.5])",
+        ),
         ({"name": ["a", "b"]}, "grid", "name cannot be swept"),
         ({"stages.0.amount": []}, "grid", "give at least one value"),
     ],
@@ -135,7 +146,10 @@ def test_constraints_name_each_miss() -> None:
     base = {"accuracy": 96.0, "size_bytes": 340_000, "latency_ms": 0.2}
     final = {"accuracy": 94.5, "size_bytes": 91_000, "latency_ms": 0.15}
     assert budget.failures(final, base, "accuracy") == [
-        "packed size not measured (limit 0.05MB)", "accuracy drop 1.5 > 1", "speed-up 1.333x < 2x"]
+        "packed size not measured (limit 0.05MB)",
+        "accuracy drop 1.5 > 1",
+        "speed-up 1.333x < 2x",
+    ]
     assert Constraints(max_size_mb=0.1).failures(final, base, "accuracy") == []
 
 
@@ -180,7 +194,9 @@ def test_ready_comparison_recipes(registry: Registry) -> None:
     recipes = [validate(d, registry) for d in documents]
     assert all(p.read_text().startswith("# yaml-language-server: $schema=../recipe.schema.json\n") for p in paths)
     assert len({r.constraints for r in recipes}) == 1  # one budget, so any subset of the folder compares
-    assert sum(len(expand(d, r, registry)) for d, r in zip(documents, recipes, strict=True)) == 10 + 16 + 16  # + bits study, MLP and CNN
+    assert (
+        sum(len(expand(d, r, registry)) for d, r in zip(documents, recipes, strict=True)) == 10 + 16 + 16
+    )  # + bits study, MLP and CNN
 
 
 @pytest.fixture(scope="module")
@@ -188,8 +204,10 @@ def compared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Comparison, Path
     folder = tmp_path_factory.mktemp("compare")
     plain = digits_recipe(CHAIN[:1])
     plain.update(name="prune", constraints=BUDGET)
-    sources = [write_recipe(folder, plain, "prune.yaml"),
-               write_recipe(folder, sweep_recipe({"stages.1.dtype": ["qint8", "float16"]}), "sweep.yaml")]
+    sources = [
+        write_recipe(folder, plain, "prune.yaml"),
+        write_recipe(folder, sweep_recipe({"stages.1.dtype": ["qint8", "float16"]}), "sweep.yaml"),
+    ]
     out = folder / "out"
     return compare(sources, out, registry=Registry.load(autoload=False)), out, sources
 
@@ -220,7 +238,9 @@ def test_table_fronts_and_best(compared: tuple[Comparison, Path, list[Path]]) ->
     text = comparison.text()
     assert f"best within the budget: {comparison.best}: accuracy" in text
     # The module's process runs one torch thread: the recipes (metrics.threads 2 by default) work on it, time on 2.
-    assert "mode: sequential, one variant at a time; torch threads: 1 outside timing (each recipe's threads), 2 while timing" in text
+    assert (
+        "mode: sequential, one variant at a time; torch threads: 1 outside timing (each recipe's threads), 2 while timing" in text
+    )
     assert all("size" in e.fronts for e in comparison.entries if e.name == comparison.best)
 
 
@@ -252,8 +272,9 @@ def test_png_shows_the_plot(compared: tuple[Comparison, Path, list[Path]]) -> No
     assert (pixels[..., :3].std(axis=2) > 0.1).any()  # some coloured (not grey) pixels: the front
 
 
-def test_without_matplotlib_the_tool_says_how_to_plot(compared: tuple[Comparison, Path, list[Path]], tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_matplotlib_the_tool_says_how_to_plot(
+    compared: tuple[Comparison, Path, list[Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, name, None)  # what an environment without the extra looks like
     write_outputs(compared[0], tmp_path)
@@ -278,8 +299,14 @@ def test_jobs_2_through_the_cli(tmp_path: Path) -> None:
     source = write_recipe(tmp_path, sweep_recipe({"stages.0.amount": [0.3, 0.5]}, stages=CHAIN[:1]))
     # One thread in the parent too (see one_thread); the two workers set their own share.
     env = {**os.environ, "TORCHSLIM_DISABLE_PLUGIN_AUTOLOAD": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torchslim", "compare", str(source), "--out", str(tmp_path / "out"),
-                             "--jobs", "2"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "torchslim", "compare", str(source), "--out", str(tmp_path / "out"), "--jobs", "2"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "mode: 2 parallel jobs" in result.stdout and "the latency of variants run in parallel is disturbed" in result.stdout
     assert "torchslim: sw[stages.0.amount=0.5]: [1/1] prune: done" in result.stderr  # from a worker process

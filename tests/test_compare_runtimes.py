@@ -38,10 +38,14 @@ def _missing(*modules: str) -> list[str]:
     return [m for m in modules if importlib.util.find_spec(m) is None]
 
 
-needs_ort = pytest.mark.skipif(bool(_missing("onnx", "onnxscript", "onnxruntime")),
-                               reason="onnx, onnxscript or onnxruntime not installed: pip install 'torchslim[onnx]'")
-needs_openvino = pytest.mark.skipif(bool(_missing("onnx", "onnxscript", "openvino", "nncf")),
-                                    reason="openvino or nncf not installed: pip install 'torchslim[openvino]'")
+needs_ort = pytest.mark.skipif(
+    bool(_missing("onnx", "onnxscript", "onnxruntime")),
+    reason="onnx, onnxscript or onnxruntime not installed: pip install 'torchslim[onnx]'",
+)
+needs_openvino = pytest.mark.skipif(
+    bool(_missing("onnx", "onnxscript", "openvino", "nncf")),
+    reason="openvino or nncf not installed: pip install 'torchslim[openvino]'",
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -83,9 +87,11 @@ def compared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Comparison, Path
         pytest.skip("the [onnx] extra is not installed")
     folder = tmp_path_factory.mktemp("runtimes")
     deploy = {"type": "deploy", "runtime": ORT, "exporter": "torchscript"}
-    recipes = {"prune": [{"type": "prune", "amount": 0.3}],
-               "ort-int8": [deploy, {"type": "quantize", "method": "ort_dynamic"}],
-               "ort-pruned": [{"type": "prune", "amount": 0.3}, deploy]}
+    recipes = {
+        "prune": [{"type": "prune", "amount": 0.3}],
+        "ort-int8": [deploy, {"type": "quantize", "method": "ort_dynamic"}],
+        "ort-pruned": [{"type": "prune", "amount": 0.3}, deploy],
+    }
     sources = [write_recipe(folder, _recipe(name, stages), f"{name}.yaml") for name, stages in recipes.items()]
     calls: list[str] = []
     comparison = _counted_compare(sources, folder / "out", calls)
@@ -109,9 +115,18 @@ def test_runtime_baseline_is_measured_once_for_two_variants(compared: tuple[Comp
     # Measured beside the torch baseline, not instead of it: its run was given the shared torch row.
     saved = json.loads((out / "baseline@onnxruntime" / "report.json").read_text())
     assert saved["rows"][0]["metrics"] == comparison.baselines[0].metrics
-    assert saved["recipe"]["stages"] == [{"type": "deploy", "name": None, "runtime": ORT, "opset": 18,
-                                          "exporter": "torchscript", "dynamic_axes": [0], "static_shapes": 4,
-                                          "tolerance": 0.0001}]
+    assert saved["recipe"]["stages"] == [
+        {
+            "type": "deploy",
+            "name": None,
+            "runtime": ORT,
+            "opset": 18,
+            "exporter": "torchscript",
+            "dynamic_axes": [0],
+            "static_shapes": 4,
+            "tolerance": 0.0001,
+        }
+    ]
     assert (out / "baseline@onnxruntime" / "model.onnx").is_file()
 
 
@@ -139,7 +154,9 @@ def test_exports_carry_the_runtime_baseline_and_ratios(compared: tuple[Compariso
     out = compared[1]
     data = json.loads((out / "comparison.json").read_text())
     (baseline,) = data["runtime_baselines"]
-    assert baseline["label"] == ORT_LABEL and baseline["status"] == "measured" and baseline["report_dir"] == "baseline@onnxruntime"
+    assert (
+        baseline["label"] == ORT_LABEL and baseline["status"] == "measured" and baseline["report_dir"] == "baseline@onnxruntime"
+    )
     assert baseline["metrics"]["runtime"].startswith(ORT) and baseline["ratios"]["size_bytes"] > 0
     assert data["runtime_baselines_measured"] == 1
     prune, int8, pruned = data["variants"]
@@ -190,11 +207,24 @@ def test_a_runtime_baseline_that_fails_leaves_the_variants(tmp_path: Path, monke
 def test_not_measured_is_never_a_zero_ratio() -> None:
     """A hand-made comparison: the runtime baseline failed (its extra missing); the variant still shows."""
     metrics = {"size_bytes": 10_000, "latency_ms": 0.05, "accuracy": 95.0, "runtime": "openvino 2026.4.1"}
-    report = Report({}, "accuracy", [Row("baseline", None, {"size_bytes": 20_000, "latency_ms": 0.1, "accuracy": 96.0}),
-                                     Row("quantize", "quantize", metrics)])
+    report = Report(
+        {},
+        "accuracy",
+        [
+            Row("baseline", None, {"size_bytes": 20_000, "latency_ms": 0.1, "accuracy": 96.0}),
+            Row("quantize", "quantize", metrics),
+        ],
+    )
     entry = Entry("ov", "ov", "ov.yaml", {}, 0, runtime_base=0, report=report)
-    missing = runtimes.RuntimeBaseline("baseline @openvino", "openvino", "baseline@openvino", 0, {}, ["ov"],
-                                       error="stage deploy: runtime openvino: pip install 'torchslim[openvino]'")
+    missing = runtimes.RuntimeBaseline(
+        "baseline @openvino",
+        "openvino",
+        "baseline@openvino",
+        0,
+        {},
+        ["ov"],
+        error="stage deploy: runtime openvino: pip install 'torchslim[openvino]'",
+    )
     comparison = Comparison("accuracy", [entry], [report.baseline], [["ov"]], Mode(1, 2, None), runtime_baselines=[missing])
     assert _column(comparison, HEADER) == {"baseline": "-", "baseline @openvino": "not measured", "ov": "not measured"}
     assert _column(comparison, "size (x smaller)")["ov"] == "10.0kB (2.00x)"
@@ -226,9 +256,13 @@ def test_ready_runtime_comparison_recipes(registry: Registry) -> None:
 @needs_openvino
 def test_onnxruntime_and_openvino_side_by_side(tmp_path: Path) -> None:
     deploy = {"exporter": "torchscript"}
-    recipes = {"ort": [{"type": "deploy", "runtime": ORT, **deploy}],
-               "ov-int8": [{"type": "deploy", "runtime": "openvino", **deploy},
-                           {"type": "quantize", "method": "nncf", "calibration_batches": 2}]}
+    recipes = {
+        "ort": [{"type": "deploy", "runtime": ORT, **deploy}],
+        "ov-int8": [
+            {"type": "deploy", "runtime": "openvino", **deploy},
+            {"type": "quantize", "method": "nncf", "calibration_batches": 2},
+        ],
+    }
     sources = [write_recipe(tmp_path, _recipe(name, stages), f"{name}.yaml") for name, stages in recipes.items()]
     calls: list[str] = []
     comparison = _counted_compare(sources, None, calls)

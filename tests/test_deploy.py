@@ -19,9 +19,13 @@ from torchslim.engine import names
 
 from .conftest import digits_recipe
 
-_MISSING = {runtime: [m for m in modules if importlib.util.find_spec(m) is None]
-            for runtime, modules in {"onnxruntime": ("onnx", "onnxscript", "onnxruntime"),
-                                     "openvino": ("onnx", "onnxscript", "openvino", "nncf")}.items()}
+_MISSING = {
+    runtime: [m for m in modules if importlib.util.find_spec(m) is None]
+    for runtime, modules in {
+        "onnxruntime": ("onnx", "onnxscript", "onnxruntime"),
+        "openvino": ("onnx", "onnxscript", "openvino", "nncf"),
+    }.items()
+}
 _EXTRA = {"onnxruntime": "onnx", "openvino": "openvino"}
 
 
@@ -48,8 +52,9 @@ _CASES = [
 
 @pytest.mark.parametrize("model", ["mlp", pytest.param("cnn", marks=pytest.mark.slow)])
 @pytest.mark.parametrize(("runtime", "method", "files"), _CASES)
-def test_deploy_quantize_and_reload(tmp_path: Path, registry: Registry, runtime: str, method: str,
-                                    files: tuple[str, ...], model: str) -> None:
+def test_deploy_quantize_and_reload(
+    tmp_path: Path, registry: Registry, runtime: str, method: str, files: tuple[str, ...], model: str
+) -> None:
     stages = [{"type": "deploy", "runtime": runtime}, {"type": "quantize", "method": method, "calibration_batches": 2}]
     report = torchslim.run(_recipe(model, stages), tmp_path, registry=registry)
     deployed, quantized = report.rows[1], report.rows[2]
@@ -75,8 +80,10 @@ def test_deploy_quantize_and_reload(tmp_path: Path, registry: Registry, runtime:
 
 @_needs("onnxruntime")
 def test_ort_dynamic_quantizes_matmuls(registry: Registry) -> None:
-    report = torchslim.run(_recipe("mlp", [{"type": "deploy", "runtime": "onnxruntime"},
-                                           {"type": "quantize", "method": "ort_dynamic"}]), registry=registry)
+    report = torchslim.run(
+        _recipe("mlp", [{"type": "deploy", "runtime": "onnxruntime"}, {"type": "quantize", "method": "ort_dynamic"}]),
+        registry=registry,
+    )
     assert report.final.metrics["quantized_layers"] == 3
     assert report.final.metrics[names.SIZE_BYTES] < 0.7 * report.rows[1].metrics[names.SIZE_BYTES]
 
@@ -99,11 +106,17 @@ def test_runtime_method_refuses_a_torch_model(registry: Registry) -> None:
 
 # The last case is an environment with only [dev]: neither onnx nor openvino imports, and the user who
 # asked for OpenVINO is told the extra that brings both.
-@pytest.mark.parametrize(("runtime", "modules", "extra"), [("onnxruntime", ("onnxruntime",), "onnx"),
-                                                            ("openvino", ("openvino",), "openvino"),
-                                                            ("openvino", ("onnx", "openvino"), "openvino")])
-def test_missing_extra_names_it(registry: Registry, monkeypatch: pytest.MonkeyPatch, runtime: str,
-                                modules: tuple[str, ...], extra: str) -> None:
+@pytest.mark.parametrize(
+    ("runtime", "modules", "extra"),
+    [
+        ("onnxruntime", ("onnxruntime",), "onnx"),
+        ("openvino", ("openvino",), "openvino"),
+        ("openvino", ("onnx", "openvino"), "openvino"),
+    ],
+)
+def test_missing_extra_names_it(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch, runtime: str, modules: tuple[str, ...], extra: str
+) -> None:
     for module in modules:
         monkeypatch.setitem(sys.modules, module, None)  # `import module` now fails, as if not installed
     with pytest.raises(StageError, match=rf"pip install 'torchslim\[{extra}\]'"):
@@ -136,7 +149,6 @@ def test_sequence_axis_can_be_dynamic() -> None:
     torch.testing.assert_close(deployed(longer), model(longer), rtol=1e-4, atol=1e-5)
 
 
-
 @_needs("onnxruntime")
 def test_interleaved_timing_waits_out_onnxruntime_spinning_threads() -> None:
     """ONNX Runtime's idle threads spin on after a run and slowed the next model timed 2.2x at 2 threads
@@ -159,8 +171,9 @@ def test_interleaved_timing_waits_out_onnxruntime_spinning_threads() -> None:
     assert len(torch_timing.samples) == 3
 
 
-@pytest.mark.parametrize("runtime", [pytest.param("onnxruntime", marks=_needs("onnxruntime")),
-                                     pytest.param("openvino", marks=_needs("openvino"))])
+@pytest.mark.parametrize(
+    "runtime", [pytest.param("onnxruntime", marks=_needs("onnxruntime")), pytest.param("openvino", marks=_needs("openvino"))]
+)
 def test_first_input_shapes_get_sessions_of_their_own(runtime: str) -> None:
     """``static_shapes: 1``: the first shape runs in a session compiled for that shape alone, a later shape in
     the session of the dynamic axes; the parity check runs both, and both give torch's outputs."""
@@ -183,8 +196,9 @@ def test_first_input_shapes_get_sessions_of_their_own(runtime: str) -> None:
     assert not copy.deepcopy(deployed)._sessions  # a copy compiles its own
 
 
-@pytest.mark.parametrize("runtime", [pytest.param("onnxruntime", marks=_needs("onnxruntime")),
-                                     pytest.param("openvino", marks=_needs("openvino"))])
+@pytest.mark.parametrize(
+    "runtime", [pytest.param("onnxruntime", marks=_needs("onnxruntime")), pytest.param("openvino", marks=_needs("openvino"))]
+)
 def test_calls_reuse_the_session_and_keep_their_outputs(runtime: str) -> None:
     """A call costs the runtime plus a few microseconds (bench/overhead_bench.py): OpenVINO's infer request is made
     once per session and reused, so each output must be copied out of its buffer before the next call overwrites
@@ -264,6 +278,7 @@ def test_a_signal_after_openvino_sessions_are_gone_is_handled(tmp_path: Path) ->
 
     script = tmp_path / "signal_after_sessions.py"
     script.write_text(SIGNAL_AFTER_SESSIONS)
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1]
+    )
     assert done.returncode == 0 and "handled" in done.stdout, (done.returncode, done.stderr[-2000:])

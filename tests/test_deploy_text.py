@@ -65,12 +65,16 @@ def _quantized(model: nn.Module, data: dict[str, Any], runtime: str, method: str
     return result, quantize.notes
 
 
-@pytest.mark.parametrize(("runtime", "method", "says"), [
-    pytest.param("onnxruntime", "ort_static", "only the 4 layers with weights are quantized", marks=_needs("onnxruntime")),
-    pytest.param("openvino", "nncf", "transformer scheme (attention in the graph)", marks=_needs("openvino")),
-])
-def test_attention_model_quantizes_in_runtime_with_token_ids(attention: nn.Module, tokens: dict, runtime: str,
-                                                             method: str, says: str) -> None:
+@pytest.mark.parametrize(
+    ("runtime", "method", "says"),
+    [
+        pytest.param("onnxruntime", "ort_static", "only the 4 layers with weights are quantized", marks=_needs("onnxruntime")),
+        pytest.param("openvino", "nncf", "transformer scheme (attention in the graph)", marks=_needs("openvino")),
+    ],
+)
+def test_attention_model_quantizes_in_runtime_with_token_ids(
+    attention: nn.Module, tokens: dict, runtime: str, method: str, says: str
+) -> None:
     float_accuracy = accuracy(attention, tokens["eval"])
     assert float_accuracy > 90  # trained: a quantization that ruins it would show
     quantized, notes = _quantized(attention, tokens, runtime, method)

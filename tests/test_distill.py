@@ -136,7 +136,9 @@ def test_feature_layer_errors_name_the_option(teacher: nn.Module, flat: dict, fe
 def test_feature_shapes_that_cannot_be_projected_are_a_stage_error() -> None:
     images = digits.loaders(image=True)
     teacher = digits.cnn(channels=8)  # layer 5 pools to N x 16 x 1 x 1
-    with pytest.raises(StageError, match=r"features\[0\]: student output N x 4 x 8 x 8 cannot be projected onto teacher output N x 16 x 1 x 1"):
+    with pytest.raises(
+        StageError, match=r"features\[0\]: student output N x 4 x 8 x 8 cannot be projected onto teacher output N x 16 x 1 x 1"
+    ):
         DistillStage(features=[{"student": "0", "teacher": "5"}]).apply(digits.cnn(channels=4), make_ctx(teacher, images))
 
 
@@ -246,7 +248,8 @@ def test_the_default_lr_follows_the_students_size(flat: dict, width: int, lr: fl
 
 @pytest.mark.parametrize("keep", ["best", "last"], ids=["best", "last"])
 def test_a_stage_that_makes_its_input_worse_says_so_and_keep_best_returns_the_input(
-        teacher: nn.Module, flat: dict, keep: str) -> None:
+    teacher: nn.Module, flat: dict, keep: str
+) -> None:
     # Issue 23: a pretrained CRNN went from 40% to 0% at lr 0.01 and the stage kept the last epoch, silently.
     ctx = make_ctx(teacher, flat)
     received = ctx.evaluate(teacher)
@@ -284,8 +287,9 @@ class Terminal(io.StringIO):
 
 
 @pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "log"])
-def test_progress_line_on_terminal_log_lines_otherwise(teacher: nn.Module, flat: dict, terminal: bool,
-                                                       monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_progress_line_on_terminal_log_lines_otherwise(
+    teacher: nn.Module, flat: dict, terminal: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     stream = Terminal() if terminal else io.StringIO()
     monkeypatch.setattr(sys, "stderr", stream)
     caplog.set_level(logging.INFO, logger="test")
@@ -349,8 +353,20 @@ def test_torchrun_two_processes_run_a_recipe(tmp_path: Path) -> None:
     recipe["metrics"]["latency"] = False
     path = write_recipe(tmp_path, recipe)
     # --standalone picks a free port: other test runs on the machine may hold torchrun's default one.
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "torchslim", "run", str(path), "--out", str(tmp_path / "out")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "torchslim",
+        "run",
+        str(path),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     env = {**os.environ, "TORCHSLIM_DISABLE_PLUGIN_AUTOLOAD": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -361,8 +377,11 @@ def test_torchrun_two_processes_run_a_recipe(tmp_path: Path) -> None:
     assert report["environment"]["processes"] == 2
     assert [row["stage"] for row in report["rows"]] == ["baseline", "prune", "distill"]
     # The accuracy cell is the one with a signed change: "63.06 (+15.28)".
-    scores = {line.split()[0]: float(re.findall(r"([\d.]+) \([+-][\d.]+\)", line)[0])
-              for line in result.stdout.splitlines() if line.startswith(("prune ", "distill "))}
+    scores = {
+        line.split()[0]: float(re.findall(r"([\d.]+) \([+-][\d.]+\)", line)[0])
+        for line in result.stdout.splitlines()
+        if line.startswith(("prune ", "distill "))
+    }
     assert scores["distill"] > scores["prune"] + 10
 
 

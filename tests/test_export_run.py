@@ -135,14 +135,19 @@ def _not_a_run(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize(("folder", "args", "message"), [
-    (lambda tmp: tmp / "missing", [], "missing: no such directory; torchslim export takes a folder written by torchslim run"),
-    (_not_a_run, [], "not a torchslim run directory (no model.pt and no recipe.yaml)"),
-    (lambda tmp: tmp, ["--opset", "12"], "opset: Input should be greater than or equal to 17"),
-    (lambda tmp: tmp, ["--dynamic-axes", "0,x"], "--dynamic-axes: expected input dimensions separated by commas"),
-], ids=["missing", "not-a-run", "opset", "dynamic-axes"])
-def test_cli_errors(tmp_path: Path, cli: Callable[..., CliResult], folder: Callable[[Path], Path], args: list[str],
-                    message: str) -> None:
+@pytest.mark.parametrize(
+    ("folder", "args", "message"),
+    [
+        (lambda tmp: tmp / "missing", [], "missing: no such directory; torchslim export takes a folder written by torchslim run"),
+        (_not_a_run, [], "not a torchslim run directory (no model.pt and no recipe.yaml)"),
+        (lambda tmp: tmp, ["--opset", "12"], "opset: Input should be greater than or equal to 17"),
+        (lambda tmp: tmp, ["--dynamic-axes", "0,x"], "--dynamic-axes: expected input dimensions separated by commas"),
+    ],
+    ids=["missing", "not-a-run", "opset", "dynamic-axes"],
+)
+def test_cli_errors(
+    tmp_path: Path, cli: Callable[..., CliResult], folder: Callable[[Path], Path], args: list[str], message: str
+) -> None:
     result = cli("export", str(folder(tmp_path)), "--to", "onnx", *args)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -151,8 +156,10 @@ def test_cli_errors(tmp_path: Path, cli: Callable[..., CliResult], folder: Calla
 
 
 def test_quantized_run_does_not_export(tmp_path: Path, cli: Callable[..., CliResult]) -> None:
-    run_dir = _run(tmp_path / "run", [{"type": "prune", "method": "magnitude", "amount": 0.5},
-                                      {"type": "quantize", "name": "int8", "method": "dynamic"}])
+    run_dir = _run(
+        tmp_path / "run",
+        [{"type": "prune", "method": "magnitude", "amount": 0.5}, {"type": "quantize", "name": "int8", "method": "dynamic"}],
+    )
     result = cli("export", str(run_dir), "--to", "openvino")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "quantized in torch (stage int8 (quantize, method dynamic))" in result.stderr
@@ -171,10 +178,13 @@ def test_deployed_run_does_not_export_again(tmp_path: Path) -> None:
 
 
 # The last case is an environment with only [dev]: an OpenVINO user is told the extra that brings onnx too.
-@pytest.mark.parametrize(("to", "modules", "extra"), [("onnx", ("onnxruntime",), "onnx"), ("openvino", ("openvino",), "openvino"),
-                                                      ("openvino", ("onnx", "openvino"), "openvino")])
-def test_missing_extra_names_it(finished: Path, monkeypatch: pytest.MonkeyPatch, to: str, modules: tuple[str, ...],
-                                extra: str) -> None:
+@pytest.mark.parametrize(
+    ("to", "modules", "extra"),
+    [("onnx", ("onnxruntime",), "onnx"), ("openvino", ("openvino",), "openvino"), ("openvino", ("onnx", "openvino"), "openvino")],
+)
+def test_missing_extra_names_it(
+    finished: Path, monkeypatch: pytest.MonkeyPatch, to: str, modules: tuple[str, ...], extra: str
+) -> None:
     for module in modules:
         monkeypatch.setitem(sys.modules, module, None)  # `import module` now fails, as if not installed
     with pytest.raises(UserInputError, match=rf"export to {to}: .*pip install 'torchslim\[{extra}\]'"):

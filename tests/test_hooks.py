@@ -397,8 +397,7 @@ def test_docs_list_every_hook() -> None:
 
 def test_the_plugin_uses_every_declared_hook(finished: tuple[Any, Path]) -> None:
     declared = declared_hooks()
-    plugin = [*finished[0].model.modules(), Int8Layer([4, 3], True), Int8Layer([4, 3, 3, 3], True, 1), NumpyDeploy(),
-              Int8Numpy()]
+    plugin = [*finished[0].model.modules(), Int8Layer([4, 3], True), Int8Layer([4, 3, 3, 3], True, 1), NumpyDeploy(), Int8Numpy()]
     unused = {hook.__name__ for hook in declared if not any(isinstance(obj, hook) for obj in plugin)}
     assert unused == {"PackedRecurrent"}  # torch.ao's dynamic LSTM/GRU interface: tests/test_recurrent.py
 

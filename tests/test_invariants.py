@@ -59,12 +59,13 @@ PRUNES: dict[str, Callable[[], Stage]] = {
 #: method's fine-tuning between steps (which must keep the earlier prune's zeros too).
 TRAINING: dict[str, Callable[[], Stage]] = {
     "distill-defaults": lambda: DistillStage(epochs=1, max_steps=6),
-    "distill-sgd-decay-best": lambda: DistillStage(epochs=2, max_steps=6, optimizer="sgd", lr=0.1, weight_decay=0.01,
-                                                   keep="best"),
-    "distill-adamw-previous": lambda: DistillStage(epochs=1, max_steps=6, optimizer="adamw", weight_decay=0.1,
-                                                   teacher="previous"),
-    "distill-features": lambda: DistillStage(epochs=1, max_steps=6, features=[FeaturePair(student="stage1",
-                                                                                          teacher="stage1")]),
+    "distill-sgd-decay-best": lambda: DistillStage(
+        epochs=2, max_steps=6, optimizer="sgd", lr=0.1, weight_decay=0.01, keep="best"
+    ),
+    "distill-adamw-previous": lambda: DistillStage(
+        epochs=1, max_steps=6, optimizer="adamw", weight_decay=0.1, teacher="previous"
+    ),
+    "distill-features": lambda: DistillStage(epochs=1, max_steps=6, features=[FeaturePair(student="stage1", teacher="stage1")]),
     "distill-labels-only": lambda: DistillStage(epochs=1, max_steps=6, alpha=0.0, lr=0.05),
     "magnitude-finetune": lambda: MagnitudePrune(amount=0.3, steps=2, finetune_epochs=1, finetune_lr=0.01),
     "nm-finetune": lambda: NMPrune(steps=2, finetune_epochs=1, finetune_lr=0.01),
@@ -102,8 +103,7 @@ def checked_finetune(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 @pytest.mark.parametrize("prune", list(PRUNES), ids=list(PRUNES))
 @pytest.mark.parametrize("training", list(TRAINING), ids=list(TRAINING))
-def test_training_after_a_prune_keeps_its_zeros(images: dict, prune: str, training: str,
-                                                checked_finetune: list[str]) -> None:
+def test_training_after_a_prune_keeps_its_zeros(images: dict, prune: str, training: str, checked_finetune: list[str]) -> None:
     model, ctx = pruned(prune, images)
     stage = TRAINING[training]()
     before = weights(model)
@@ -114,8 +114,7 @@ def test_training_after_a_prune_keeps_its_zeros(images: dict, prune: str, traini
         assert_zeros_kept(before, weights(out))
 
 
-def test_wanda_finetune_keeps_an_earlier_prunes_zeros(trained_mlp: nn.Module, flat: dict,
-                                                      checked_finetune: list[str]) -> None:
+def test_wanda_finetune_keeps_an_earlier_prunes_zeros(trained_mlp: nn.Module, flat: dict, checked_finetune: list[str]) -> None:
     model = copy.deepcopy(trained_mlp)
     ctx = make_ctx(model, flat)
     MagnitudePrune(amount=0.7, scope="layer").apply(model, ctx.for_stage())
@@ -154,10 +153,14 @@ GRADUAL = [
 
 
 def test_the_docs_gradual_example_ends_at_the_sparsity_its_stages_asked_for() -> None:
-    recipe = {"name": "gradual", "seed": 0,
-              "model": {"target": "torchslim.examples.digits:resnet", "kwargs": {"train_epochs": 5}},
-              "data": {"target": "torchslim.examples.digits:loaders", "kwargs": {"image": True}},
-              "metrics": {"latency": False}, "stages": GRADUAL}
+    recipe = {
+        "name": "gradual",
+        "seed": 0,
+        "model": {"target": "torchslim.examples.digits:resnet", "kwargs": {"train_epochs": 5}},
+        "data": {"target": "torchslim.examples.digits:loaders", "kwargs": {"image": True}},
+        "metrics": {"latency": False},
+        "stages": GRADUAL,
+    }
     report = torchslim.run(recipe, registry=Registry.load(autoload=False))
     structured, magnitude, nm = (row.metrics for row in report.rows[1:])
     assert magnitude["pruned_sparsity"] == pytest.approx(0.9, abs=0.005)

@@ -21,10 +21,15 @@ from torchslim.plugins.quantize.packing import pack, unpack
 
 from .conftest import digits_recipe, make_ctx
 
-FORMATS = [Format("binary", 1), Format("ternary", 2), *(Format("int", b) for b in range(2, 9)),
-           *(Format("int", b, grid=g) for b in (2, 3) for g in ("midrise", "skewed")),
-           Format("int", 3, symmetric=False, group_size=8), Format("float8", 8),
-           Format("float8", 8, float8="float8_e5m2")]
+FORMATS = [
+    Format("binary", 1),
+    Format("ternary", 2),
+    *(Format("int", b) for b in range(2, 9)),
+    *(Format("int", b, grid=g) for b in (2, 3) for g in ("midrise", "skewed")),
+    Format("int", 3, symmetric=False, group_size=8),
+    Format("float8", 8),
+    Format("float8", 8, float8="float8_e5m2"),
+]
 
 
 def _id(fmt: Format) -> str:
@@ -104,8 +109,7 @@ def test_grid_applies_to_symmetric_formats_only(registry: Registry) -> None:
     asymmetric = load_recipe(digits_recipe([{"type": "quantize", "method": "kbit", "symmetric": False}]), registry)
     load_recipe(asymmetric.resolved(), registry)  # as saved beside a model: every default written out
     with pytest.raises(torchslim.RecipeError, match=r"stages\[0\]\.grid \(quantize\): grid applies to symmetric: true"):
-        load_recipe(digits_recipe([{"type": "quantize", "method": "kbit", "symmetric": False, "grid": "narrow"}]),
-                    registry)
+        load_recipe(digits_recipe([{"type": "quantize", "method": "kbit", "symmetric": False, "grid": "narrow"}]), registry)
 
 
 def test_binary_weights_are_sign_times_channel_mean() -> None:
@@ -191,8 +195,11 @@ def test_subclasses_are_converted_unless_they_change_forward(flat: dict) -> None
 RUNS = [
     {"method": "binary", "keep_ends": "last"},
     {"method": "ternary"},
-    pytest.param({"method": "kbit", "bits": 3, "symmetric": False, "group_size": 16, "rounding": "gptq"},
-                 marks=pytest.mark.slow, id="kbit3-gptq"),
+    pytest.param(
+        {"method": "kbit", "bits": 3, "symmetric": False, "group_size": 16, "rounding": "gptq"},
+        marks=pytest.mark.slow,
+        id="kbit3-gptq",
+    ),
     pytest.param({"method": "float8", "dtype": "float8_e5m2"}, marks=pytest.mark.slow, id="float8"),
     pytest.param({"method": "kbit", "bits": 8, "train": {"epochs": 1}}, marks=pytest.mark.slow, id="int8-qat"),
 ]
@@ -200,14 +207,18 @@ RUNS = [
 
 @pytest.mark.parametrize("options", RUNS, ids=["binary", "ternary", "kbit3-gptq", "float8", "int8-qat"])
 def test_run_then_load_model_gives_identical_outputs(tmp_path: Path, registry: Registry, options: dict) -> None:
-    report = torchslim.run(digits_recipe([{"type": "quantize", **options}], train_epochs=2), tmp_path / "out",
-                           registry=registry)
+    report = torchslim.run(digits_recipe([{"type": "quantize", **options}], train_epochs=2), tmp_path / "out", registry=registry)
     loaded = torchslim.load_model(tmp_path / "out", registry)
     x = torch.rand(5, 64)
     assert torch.equal(loaded(x), report.model(x))
     saved, again = report.model.state_dict(), loaded.state_dict()
-    assert all(torch.equal(saved[k].view(torch.uint8) if saved[k].dtype.itemsize == 1 else saved[k], again[k].view(
-        torch.uint8) if again[k].dtype.itemsize == 1 else again[k]) for k in saved)
+    assert all(
+        torch.equal(
+            saved[k].view(torch.uint8) if saved[k].dtype.itemsize == 1 else saved[k],
+            again[k].view(torch.uint8) if again[k].dtype.itemsize == 1 else again[k],
+        )
+        for k in saved
+    )
 
 
 def test_a_save_from_before_grids_reloads_on_the_grid_it_was_made_with(tmp_path: Path, registry: Registry) -> None:

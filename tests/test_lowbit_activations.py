@@ -51,27 +51,39 @@ def test_the_layer_computes_on_sign_times_the_samples_mean(kind: str) -> None:
 
 
 def test_run_then_load_model_restores_the_binary_inputs(tmp_path: Path, registry: Registry) -> None:
-    stage = {"type": "quantize", "method": "binary", "activations": "binary", "keep_ends": "first",
-             "train": {"epochs": 1, "lr": 0.01}}
+    stage = {
+        "type": "quantize",
+        "method": "binary",
+        "activations": "binary",
+        "keep_ends": "first",
+        "train": {"epochs": 1, "lr": 0.01},
+    }
     report = torchslim.run(digits_recipe([stage], train_epochs=2), tmp_path / "out", registry=registry)
     loaded = torchslim.load_model(tmp_path / "out", registry)
     assert [m.fmt.activations for m in loaded if isinstance(m, LowBitLayer)] == ["float", "binary", "binary"]
     x = torch.rand(5, 64)
     assert torch.equal(loaded(x), report.model(x))
-    assert any("binary activations (sign(x) * mean|x| per sample) into 2, 4; float inputs: 0 (kept at int8)" in n
-               and "no XNOR/popcount kernel on this CPU, smaller, not faster" in n for n in report.notes)
+    assert any(
+        "binary activations (sign(x) * mean|x| per sample) into 2, 4; float inputs: 0 (kept at int8)" in n
+        and "no XNOR/popcount kernel on this CPU, smaller, not faster" in n
+        for n in report.notes
+    )
 
 
 BAD = [
     ({"depth": 0}, {}, r"the binarized layers take only the model's input \(0\); use activations: float"),
-    ({"depth": 1}, {"keep_ends": "both"},
-     r"every chosen layer is kept at int8 \(keep_ends both\); use activations: float or keep_ends none"),
+    (
+        {"depth": 1},
+        {"keep_ends": "both"},
+        r"every chosen layer is kept at int8 \(keep_ends both\); use activations: float or keep_ends none",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("model", "options", "message"), BAD, ids=["single-layer", "all-kept-at-int8"])
-def test_no_layer_to_take_binary_activations_is_refused(tmp_path: Path, registry: Registry, model: dict,
-                                                        options: dict, message: str) -> None:
+def test_no_layer_to_take_binary_activations_is_refused(
+    tmp_path: Path, registry: Registry, model: dict, options: dict, message: str
+) -> None:
     stage = {"type": "quantize", "method": "binary", "activations": "binary", "train": {"epochs": 1}, **options}
     with pytest.raises(StageError) as info:
         torchslim.run(digits_recipe([stage], train_epochs=0, **model), tmp_path / "out", registry=registry)

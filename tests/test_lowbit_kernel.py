@@ -25,8 +25,13 @@ from .conftest import digits_recipe, make_ctx
 
 pytestmark = pytest.mark.skipif(not available(), reason="this torch has no int4 CPU kernel")
 
-FORMATS = [Format("int", 4), Format("int", 4, symmetric=False, group_size=32), Format("int", 4, group_size=64),
-           Format("int", 4, grid="midrise"), Format("int", 4, grid="skewed", group_size=32)]
+FORMATS = [
+    Format("int", 4),
+    Format("int", 4, symmetric=False, group_size=32),
+    Format("int", 4, group_size=64),
+    Format("int", 4, grid="midrise"),
+    Format("int", 4, grid="skewed", group_size=32),
+]
 
 
 def _packed(fmt: Format, kernel: str = "int4pack") -> LowBitLayer:
@@ -71,8 +76,10 @@ def test_forced_int4pack_runs_and_reloads_identically(tmp_path: Path, registry: 
     assert [m.fmt.kernel for m in loaded if isinstance(m, LowBitLayer)] == ["int4pack", "int4pack", "dequantize"]
     x = torch.rand(5, 64)
     assert torch.equal(loaded(x), report.model(x))
-    assert any("int4pack for 0, 2 (forced, not timed); dequantize for 4 (out_features 10 is not a multiple of 16)"
-               in note for note in report.notes)
+    assert any(
+        "int4pack for 0, 2 (forced, not timed); dequantize for 4 (out_features 10 is not a multiple of 16)" in note
+        for note in report.notes
+    )
     assert report.rows[-1].metrics["macs"] == report.rows[0].metrics["macs"]  # the kernel's products are counted
 
 

@@ -79,11 +79,15 @@ class NumpyProduct(nn.Module):
 L, D = 5, 16  # sequence length and width of the attention examples
 
 
-@pytest.mark.parametrize(("model", "expected"), [
-    (SelfAttention(D), 3 * L * D * D + 2 * L * L * D),
-    (Sdpa(), 2 * L * L * D),
-    (Mha(D), 4 * L * D * D + 2 * L * L * D),
-], ids=["matmul", "sdpa", "multihead"])
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        (SelfAttention(D), 3 * L * D * D + 2 * L * L * D),
+        (Sdpa(), 2 * L * L * D),
+        (Mha(D), 4 * L * D * D + 2 * L * L * D),
+    ],
+    ids=["matmul", "sdpa", "multihead"],
+)
 def test_attention_products_are_counted(model: nn.Module, expected: int) -> None:
     # Linear and Conv hooks alone counted 3*L*D*D, 0 and 0 here.
     assert count_macs(model.eval(), torch.randn(1, L, D)) == expected
@@ -146,19 +150,26 @@ def test_compiled_model_gets_a_note() -> None:
 # --- formatting -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("ratio", "text"), [(3.397, "3.40"), (0.00256, "0.00256"), (0.99996, "1.00"), (10.44, "10.44"),
-                                             (0.128, "0.128")], ids=["usual", "tiny", "rounds-up", "large", "below-1"])
+@pytest.mark.parametrize(
+    ("ratio", "text"),
+    [(3.397, "3.40"), (0.00256, "0.00256"), (0.99996, "1.00"), (10.44, "10.44"), (0.128, "0.128")],
+    ids=["usual", "tiny", "rounds-up", "large", "below-1"],
+)
 def test_ratios_never_read_zero(ratio: float, text: str) -> None:
     assert ratio_text(ratio) == text
     assert with_ratio(0.08 / ratio, 0.08, "ms").endswith(f"({text}x)")
 
 
-@pytest.mark.parametrize(("value", "base", "text"), [
-    (96.67, 96.11, "96.67 (+0.56)"),
-    (0.944, 0.977, "0.9440 (-0.0330)"),
-    (0.97702, 0.97700, "0.9770 (+0.000020)"),
-    (35.1261, 33.0, "35.13 (+2.13)"),
-], ids=["accuracy", "cosine", "tiny-change", "perplexity"])
+@pytest.mark.parametrize(
+    ("value", "base", "text"),
+    [
+        (96.67, 96.11, "96.67 (+0.56)"),
+        (0.944, 0.977, "0.9440 (-0.0330)"),
+        (0.97702, 0.97700, "0.9770 (+0.000020)"),
+        (35.1261, 33.0, "35.13 (+2.13)"),
+    ],
+    ids=["accuracy", "cosine", "tiny-change", "perplexity"],
+)
 def test_metric_keeps_four_significant_digits(value: float, base: float, text: str) -> None:
     # Before: the cosine read "0.94 (-0.03)" and the tiny change "+0.00".
     assert with_delta(value, base, False) == text
@@ -243,10 +254,17 @@ def test_user_names_are_kept_and_defaults_skip_them() -> None:
 
 
 def test_duplicate_user_names_are_a_recipe_error(tmp_path: Path, registry: Registry) -> None:
-    stages = [{"type": "prune", "name": "cut", "amount": 0.3}, {"type": "distill"}, {"type": "prune", "name": "cut", "amount": 0.5}]
+    stages = [
+        {"type": "prune", "name": "cut", "amount": 0.3},
+        {"type": "distill"},
+        {"type": "prune", "name": "cut", "amount": 0.5},
+    ]
     path = write_recipe(tmp_path, digits_recipe(stages))
-    with pytest.raises(RecipeError, match=r"recipe.yaml:\d+:\d+: stages\[2\].name \(prune\): 'cut' is already the name "
-                                          r"of stages\[0\] \(.*recipe.yaml:\d+:\d+\)"):
+    with pytest.raises(
+        RecipeError,
+        match=r"recipe.yaml:\d+:\d+: stages\[2\].name \(prune\): 'cut' is already the name "
+        r"of stages\[0\] \(.*recipe.yaml:\d+:\d+\)",
+    ):
         torchslim.run(path, registry=registry)
 
 
@@ -296,11 +314,14 @@ class QuietDynamic(DynamicQuantize):
         return []
 
 
-@pytest.mark.parametrize(("stage", "moved"), [(DynamicQuantize(), True), (StaticQuantize(), True),
-                                               (StaticQuantize(backend="torchao"), False), (QuietDynamic(), True)],
-                         ids=["dynamic", "static-x86", "static-torchao", "dynamic-own-notes"])
-def test_cpu_only_methods_move_the_model_to_the_cpu_first(stage: Stage, moved: bool, flat: dict,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("stage", "moved"),
+    [(DynamicQuantize(), True), (StaticQuantize(), True), (StaticQuantize(backend="torchao"), False), (QuietDynamic(), True)],
+    ids=["dynamic", "static-x86", "static-torchao", "dynamic-own-notes"],
+)
+def test_cpu_only_methods_move_the_model_to_the_cpu_first(
+    stage: Stage, moved: bool, flat: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = Placed(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
     model.moves = []
     monkeypatch.setattr(quantize_base, "model_device", lambda m: torch.device("cuda:0"))
@@ -321,16 +342,20 @@ def test_cpu_only_method_says_so_under_the_summary(stage: Stage, flat: dict) -> 
     assert "dynamic quantization runs on the CPU only; quantized layers cannot be trained further" in ctx.notes
 
 
-@pytest.mark.parametrize(("ratio", "baseline_ms", "final_ms", "plainly"), [
-    (0.969, 0.220, 0.114, True),   # the issue's figures: per-round median slower, medians' ratio faster
-    (1.93, 0.220, 0.114, False),   # both faster: one figure
-    (0.8, 0.100, 0.125, False),    # both slower: one figure
-], ids=["opposed", "both-faster", "both-slower"])
-def test_speedup_whose_two_figures_disagree_is_said_plainly(ratio: float, baseline_ms: float, final_ms: float,
-                                                            plainly: bool) -> None:
+@pytest.mark.parametrize(
+    ("ratio", "baseline_ms", "final_ms", "plainly"),
+    [
+        (0.969, 0.220, 0.114, True),  # the issue's figures: per-round median slower, medians' ratio faster
+        (1.93, 0.220, 0.114, False),  # both faster: one figure
+        (0.8, 0.100, 0.125, False),  # both slower: one figure
+    ],
+    ids=["opposed", "both-faster", "both-slower"],
+)
+def test_speedup_whose_two_figures_disagree_is_said_plainly(
+    ratio: float, baseline_ms: float, final_ms: float, plainly: bool
+) -> None:
     report = Report(recipe={}, rows=[Row("baseline", None, {}), Row("prune", "prune", {})])
-    report.speedup = {"ratio": ratio, "q1": 0.771, "q3": 101.9, "rounds": 30, "baseline_ms": baseline_ms,
-                      "final_ms": final_ms}
+    report.speedup = {"ratio": ratio, "q1": 0.771, "q3": 101.9, "rounds": 30, "baseline_ms": baseline_ms, "final_ms": final_ms}
     line = report.measurement_notes()[0]
     assert ("not measured: the median of the per-round ratios is" in line) is plainly, line
     assert (f"of the run: {ratio_text(ratio)}x" in line) is not plainly, line

@@ -25,8 +25,10 @@ def test_duplicate_keys_name_both_places(tmp_path: Path, registry: Registry) -> 
     path.write_text("name: twice\nstages:\n  - {type: prune, amount: 0.5}\nseed: 0\nstages:\n  - {type: quantize}\n")
     with pytest.raises(RecipeError) as info:
         load_recipe(path, registry)
-    assert str(info.value) == (f"{path}:5:1: duplicate key 'stages' (first at {path}:2:1); a mapping holds each key "
-                               "once, and YAML would keep only the last")
+    assert str(info.value) == (
+        f"{path}:5:1: duplicate key 'stages' (first at {path}:2:1); a mapping holds each key "
+        "once, and YAML would keep only the last"
+    )
 
 
 def test_duplicate_keys_inside_a_stage(tmp_path: Path, registry: Registry) -> None:
@@ -42,36 +44,55 @@ def test_merge_keys_may_be_overridden() -> None:
     assert data["d"] == {"b": 3, "c": 2}
 
 
-@pytest.mark.parametrize(("options", "family"), [
-    ({"type": "prune", "amount": 0.5, "exclude": ["clasifier"]}, PruneStage),
-    ({"type": "prune", "method": "structured", "amount": 0.3, "exclude": ["clasifier"]}, PruneStage),
-    ({"type": "quantize", "exclude": ["clasifier"]}, QuantizeStage),
-], ids=["magnitude", "structured", "dynamic"])
+@pytest.mark.parametrize(
+    ("options", "family"),
+    [
+        ({"type": "prune", "amount": 0.5, "exclude": ["clasifier"]}, PruneStage),
+        ({"type": "prune", "method": "structured", "amount": 0.3, "exclude": ["clasifier"]}, PruneStage),
+        ({"type": "quantize", "exclude": ["clasifier"]}, QuantizeStage),
+    ],
+    ids=["magnitude", "structured", "dynamic"],
+)
 def test_exclude_that_matches_no_layer(images: dict, options: dict[str, Any], family: type) -> None:
     stage = family.from_options(**options)
     if options.get("method") == "structured":
         pytest.importorskip("torch_pruning")
     model = digits.resnet(width=8, blocks=1)
-    with pytest.raises(StageError, match=r"exclude: pattern 'clasifier' matches no layer of the model; "
-                                         r"close names: classifier"):
+    with pytest.raises(
+        StageError,
+        match=r"exclude: pattern 'clasifier' matches no layer of the model; "
+        r"close names: classifier",
+    ):
         stage.apply(model, make_ctx(model, images))
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"model": {"target": "pkg.mod.func"}},
-     "model.target: expected 'module:callable', e.g. mynet:build, found 'pkg.mod.func'; did you mean 'pkg.mod:func'?"),
-    ({"data": {"target": "loaders"}}, "data.target: expected 'module:callable', e.g. mynet:build, found 'loaders'"),
-    ({"evaluate": {"metric": "acc"}}, "evaluate.metric: expected 'accuracy' or a 'module:callable' taking (model, "
-                                      "loader), e.g. mymetrics:f1, found 'acc'; did you mean 'accuracy'?"),
-    ({"device": "gpu"}, "device: expected cpu, cuda or cuda:N (a GPU by number, e.g. cuda:0), found 'gpu'; "
-                        "did you mean 'cuda'?"),
-    ({"device": "cuda1"}, "found 'cuda1'; did you mean 'cuda:1'?"),
-    ({"sed": 1}, "sed: unknown field 'sed'; did you mean 'seed'?"),
-    ({"metrics": {"warmups": 1}}, "metrics.warmups: unknown field 'warmups'; did you mean 'warmup'?"),
-    ({"stages": [{"type": "prune", "ammount": 0.5}]},
-     "stages[0].ammount (prune): unknown field 'ammount'; did you mean 'amount'? prune accepts: type, name"),
-], ids=["dotted-target", "bare-target", "metric", "device", "device-number", "top-key", "section-key",
-        "stage-key"])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"model": {"target": "pkg.mod.func"}},
+            "model.target: expected 'module:callable', e.g. mynet:build, found 'pkg.mod.func'; did you mean 'pkg.mod:func'?",
+        ),
+        ({"data": {"target": "loaders"}}, "data.target: expected 'module:callable', e.g. mynet:build, found 'loaders'"),
+        (
+            {"evaluate": {"metric": "acc"}},
+            "evaluate.metric: expected 'accuracy' or a 'module:callable' taking (model, "
+            "loader), e.g. mymetrics:f1, found 'acc'; did you mean 'accuracy'?",
+        ),
+        (
+            {"device": "gpu"},
+            "device: expected cpu, cuda or cuda:N (a GPU by number, e.g. cuda:0), found 'gpu'; did you mean 'cuda'?",
+        ),
+        ({"device": "cuda1"}, "found 'cuda1'; did you mean 'cuda:1'?"),
+        ({"sed": 1}, "sed: unknown field 'sed'; did you mean 'seed'?"),
+        ({"metrics": {"warmups": 1}}, "metrics.warmups: unknown field 'warmups'; did you mean 'warmup'?"),
+        (
+            {"stages": [{"type": "prune", "ammount": 0.5}]},
+            "stages[0].ammount (prune): unknown field 'ammount'; did you mean 'amount'? prune accepts: type, name",
+        ),
+    ],
+    ids=["dotted-target", "bare-target", "metric", "device", "device-number", "top-key", "section-key", "stage-key"],
+)
 def test_plain_messages(tmp_path: Path, registry: Registry, change: dict[str, Any], message: str) -> None:
     recipe = {**digits_recipe([{"type": "prune", "amount": 0.5}]), **change}
     with pytest.raises(RecipeError) as info:
@@ -102,8 +123,9 @@ def test_attribute_typo_gets_a_close_name(tmp_path: Path, cli: Callable[..., Cli
     assert "model.target: module 'torchslim.examples.digits' has no attribute 'mpl'; did you mean 'mlp'?" in result.stderr
 
 
-def test_quiet_after_the_subcommand_and_a_narrow_terminal(tmp_path: Path, cli: Callable[..., CliResult],
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quiet_after_the_subcommand_and_a_narrow_terminal(
+    tmp_path: Path, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("COLUMNS", "100")
     recipe = digits_recipe([{"type": "prune", "amount": 0.5}], train_epochs=0)
     result = cli("run", "-q", str(write_recipe(tmp_path, recipe)))
@@ -114,10 +136,22 @@ def test_quiet_after_the_subcommand_and_a_narrow_terminal(tmp_path: Path, cli: C
 
 
 def test_summary_fits_the_width_it_is_given() -> None:
-    figures = {"params": 85_000, "nonzero": 25_000, "sparsity": 0.7, "size_bytes": 342_700, "packed_bytes": 122_000,
-               "macs": 84_500, "latency_ms": 0.12, "accuracy": 94.1, "seconds": 0.13}
-    report = Report({"name": "x"}, rows=[Row("baseline", None, figures), Row("a-long-stage-name", "prune", figures)],
-                    notes=["a note that goes on " * 12])
+    figures = {
+        "params": 85_000,
+        "nonzero": 25_000,
+        "sparsity": 0.7,
+        "size_bytes": 342_700,
+        "packed_bytes": 122_000,
+        "macs": 84_500,
+        "latency_ms": 0.12,
+        "accuracy": 94.1,
+        "seconds": 0.13,
+    }
+    report = Report(
+        {"name": "x"},
+        rows=[Row("baseline", None, figures), Row("a-long-stage-name", "prune", figures)],
+        notes=["a note that goes on " * 12],
+    )
     wide = summary(report, None)
     assert wide == report.table()  # a file or a pipe gets the full table
     for width in (100, 60):

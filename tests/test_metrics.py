@@ -63,11 +63,14 @@ RECURRENT = [  # kind, layers, bidirectional, batch_first, proj_size
 ]
 
 
-@pytest.mark.parametrize(("kind", "layers", "bidirectional", "batch_first", "proj"), RECURRENT,
-                         ids=[f"{k}-{n}layer{'-bi' if b else ''}{'-bf' if f else ''}{f'-proj{p}' if p else ''}"
-                              for k, n, b, f, p in RECURRENT])
-def test_recurrent_layer_macs_follow_the_formula(kind: str, layers: int, bidirectional: bool, batch_first: bool,
-                                                 proj: int) -> None:
+@pytest.mark.parametrize(
+    ("kind", "layers", "bidirectional", "batch_first", "proj"),
+    RECURRENT,
+    ids=[f"{k}-{n}layer{'-bi' if b else ''}{'-bf' if f else ''}{f'-proj{p}' if p else ''}" for k, n, b, f, p in RECURRENT],
+)
+def test_recurrent_layer_macs_follow_the_formula(
+    kind: str, layers: int, bidirectional: bool, batch_first: bool, proj: int
+) -> None:
     extra = {"proj_size": proj} if proj else {}
     layer = getattr(nn, kind)(6, 8, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, **extra)
     model = nn.Sequential(layer).eval()

@@ -45,9 +45,13 @@ def fragile():
 
 
 def recipe(folder: Path, target: str, stage: dict) -> Path:
-    data = {"name": "mode", "model": {"target": target},
-            "data": {"target": "torchslim.examples.digits:loaders", "kwargs": {"image": True}},
-            "metrics": {"latency": False}, "stages": [stage]}
+    data = {
+        "name": "mode",
+        "model": {"target": target},
+        "data": {"target": "torchslim.examples.digits:loaders", "kwargs": {"image": True}},
+        "metrics": {"latency": False},
+        "stages": [stage],
+    }
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -55,10 +59,12 @@ def recipe(folder: Path, target: str, stage: dict) -> Path:
 
 MODES = [
     ("no-layer-to-quantize", "zoomodels:convs", {"type": "quantize", "method": "dynamic"}),
-    ("graph-time-limit", "torchslim.examples.digits:resnet", {"type": "prune", "method": "structured", "amount": 0.3,
-                                                              "time_limit": 1e-9}),
-    ("unmatched-exclude", "zoomodels:fragile", {"type": "prune", "method": "structured", "amount": 0.3,
-                                                "exclude": ["hed"]}),
+    (
+        "graph-time-limit",
+        "torchslim.examples.digits:resnet",
+        {"type": "prune", "method": "structured", "amount": 0.3, "time_limit": 1e-9},
+    ),
+    ("unmatched-exclude", "zoomodels:fragile", {"type": "prune", "method": "structured", "amount": 0.3, "exclude": ["hed"]}),
     ("forward-breaks-after-cut", "zoomodels:fragile", {"type": "prune", "method": "structured", "amount": 0.3}),
     ("nm-no-fitting-layer", "zoomodels:convs", {"type": "prune", "method": "nm", "modules": ["Conv2d"], "m": 16}),
 ]
@@ -69,8 +75,9 @@ def test_failure_is_one_located_line_without_traceback(tmp_path: Path, target: s
     (tmp_path / "zoomodels.py").write_text(MODELS)
     path = recipe(tmp_path, target, stage)
     env = {**os.environ, "TORCHSLIM_DISABLE_PLUGIN_AUTOLOAD": "1"}
-    done = subprocess.run([sys.executable, "-m", "torchslim", "run", str(path)], capture_output=True, text=True,
-                          cwd=tmp_path, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "torchslim", "run", str(path)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
+    )
     assert done.returncode in (1, 2), done.stderr
     assert "Traceback" not in done.stderr and "Traceback" not in done.stdout
     errors = [line for line in done.stderr.splitlines() if line.startswith("torchslim: error:")]

@@ -52,8 +52,14 @@ def plugin_env(site: Path, **extra: str) -> dict[str, str]:
 
 def torchslim(site: Path, *args: str, cwd: Path, **extra_env: str) -> subprocess.CompletedProcess[str]:
     """Run ``python -m torchslim ARGS`` with the plugin installed."""
-    return subprocess.run([sys.executable, "-m", "torchslim", *args], capture_output=True, text=True,
-                          cwd=cwd, env=plugin_env(site, **extra_env), timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "torchslim", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=plugin_env(site, **extra_env),
+        timeout=300,
+    )
 
 
 def table_rows(output: str) -> list[list[str]]:

@@ -75,8 +75,11 @@ def plugins(registry: Registry) -> Registry:
 
 def test_structure_change_without_record_fails_at_its_stage(plugins: Registry, tmp_path: Path) -> None:
     recipe = digits_recipe([{"type": "prune", "amount": 0.5}, {"type": "shrink", "name": "swap", "records": False}])
-    with pytest.raises(StageError, match=r"stage swap: the model it returned cannot be rebuilt from its checkpoint.*"
-                                         r"record_for_restore.*restore\(model, record\)") as caught:
+    with pytest.raises(
+        StageError,
+        match=r"stage swap: the model it returned cannot be rebuilt from its checkpoint.*"
+        r"record_for_restore.*restore\(model, record\)",
+    ) as caught:
         torchslim.run(recipe, tmp_path / "out", registry=plugins)
     assert "Unexpected key" in str(caught.value) or "Missing key" in str(caught.value)  # says what does not fit
     assert (tmp_path / "out" / "checkpoints" / "stage-01" / "progress.json").exists()  # the stage before it stays
@@ -146,8 +149,9 @@ def _untimed_notes(notes: list[str]) -> list[str]:
 def test_successful_resume_clears_the_failure_log(plugins: Registry, tmp_path: Path) -> None:
     out = tmp_path / "out"
     with pytest.raises(StageError):
-        torchslim.run(digits_recipe([{"type": "prune", "amount": 0.5}, {"type": "inspect", "tamper": True}]), out,
-                      registry=plugins)
+        torchslim.run(
+            digits_recipe([{"type": "prune", "amount": 0.5}, {"type": "inspect", "tamper": True}]), out, registry=plugins
+        )
     assert "declares changes_model = False" in (out / "torchslim.log").read_text()
     torchslim.run(digits_recipe([{"type": "prune", "amount": 0.5}, {"type": "inspect"}]), out, registry=plugins, resume=True)
     assert not (out / "torchslim.log").exists()

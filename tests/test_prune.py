@@ -60,8 +60,11 @@ def trained_branches(images: dict) -> nn.Module:
 
 
 def fresh(name: str) -> nn.Module:
-    factories = {"resnet": lambda: digits.resnet(width=8, blocks=1), "mobile": lambda: mobile.mobilenet(width=8),
-                 "branches": Branches}
+    factories = {
+        "resnet": lambda: digits.resnet(width=8, blocks=1),
+        "mobile": lambda: mobile.mobilenet(width=8),
+        "branches": Branches,
+    }
     return factories[name]()
 
 
@@ -71,20 +74,44 @@ BAD_OPTIONS = [
     ({"amount": 0.5, "n": 2}, "stages[0].n (prune): 'n' does not apply to method magnitude; it is an option of method nm"),
     ({"method": "nm", "amount": 0.5}, "stages[0].amount (prune): 'amount' does not apply to method nm"),
     ({"method": "nm", "scope": "layer"}, "stages[0].scope (prune): 'scope' does not apply to method nm"),
-    ({"method": "structured", "amount": 0.5, "modules": ["Linear"]}, "stages[0].modules (prune): 'modules' does not apply to method structured"),
-    ({"amount": 0.5, "round_to": 8}, "stages[0].round_to (prune): 'round_to' does not apply to method magnitude; it is an option of method structured"),
+    (
+        {"method": "structured", "amount": 0.5, "modules": ["Linear"]},
+        "stages[0].modules (prune): 'modules' does not apply to method structured",
+    ),
+    (
+        {"amount": 0.5, "round_to": 8},
+        "stages[0].round_to (prune): 'round_to' does not apply to method magnitude; it is an option of method structured",
+    ),
     ({"amount": 0.5, "importance": "l2"}, "stages[0].importance (prune): 'importance' does not apply to method magnitude"),
-    ({"method": "nm", "max_layer_amount": 0.5}, "stages[0].max_layer_amount (prune): 'max_layer_amount' does not apply to method nm"),
+    (
+        {"method": "nm", "max_layer_amount": 0.5},
+        "stages[0].max_layer_amount (prune): 'max_layer_amount' does not apply to method nm",
+    ),
     ({"method": "structured"}, "stages[0].amount (prune): required field 'amount' is missing"),
     ({"method": "nm", "n": 4, "m": 4}, "stages[0].m (prune): n (4) must be smaller than m (4)"),
     ({"method": "nm", "steps": 3}, "stages[0].steps (prune): 2:4 pruning takes at most 2 steps"),
-    ({"amount": 0.5, "finetune_epochs": 2}, "stages[0].finetune_epochs (prune): fine-tuning runs between steps and needs steps >= 2"),
-    ({"amount": 0.5, "steps": 2, "finetune_lr": 0.01}, "stages[0].finetune_lr (prune): 'finetune_lr' applies only with finetune_epochs"),
-    ({"method": "structured", "amount": 0.5, "max_layer_amount": 1.0}, "stages[0].max_layer_amount (prune): Input should be less than 1"),
+    (
+        {"amount": 0.5, "finetune_epochs": 2},
+        "stages[0].finetune_epochs (prune): fine-tuning runs between steps and needs steps >= 2",
+    ),
+    (
+        {"amount": 0.5, "steps": 2, "finetune_lr": 0.01},
+        "stages[0].finetune_lr (prune): 'finetune_lr' applies only with finetune_epochs",
+    ),
+    (
+        {"method": "structured", "amount": 0.5, "max_layer_amount": 1.0},
+        "stages[0].max_layer_amount (prune): Input should be less than 1",
+    ),
     ({"method": "random", "amount": 0.5}, "stages[0].method (prune): Input should be 'magnitude', 'wanda', 'structured' or 'nm'"),
     ({"method": "wanda", "amount": 0.5, "scope": "global"}, "stages[0].scope (prune): 'scope' does not apply to method wanda"),
-    ({"method": "wanda", "amount": 0.5, "modules": ["Conv2d"]}, "stages[0].modules (prune): method wanda prunes Linear layers only, not Conv2d"),
-    ({"amount": 0.5, "calibration_batches": 2}, "stages[0].calibration_batches (prune): 'calibration_batches' does not apply to method magnitude"),
+    (
+        {"method": "wanda", "amount": 0.5, "modules": ["Conv2d"]},
+        "stages[0].modules (prune): method wanda prunes Linear layers only, not Conv2d",
+    ),
+    (
+        {"amount": 0.5, "calibration_batches": 2},
+        "stages[0].calibration_batches (prune): 'calibration_batches' does not apply to method magnitude",
+    ),
 ]
 
 
@@ -95,20 +122,65 @@ def test_options_of_another_method_are_refused(registry: Registry, options: dict
     assert message in str(info.value)
 
 
-COMMON = {"type": "prune", "name": None, "exclude": [], "steps": 1, "finetune_epochs": None, "finetune_lr": None,
-          "recalibrate_bn": True}
+COMMON = {
+    "type": "prune",
+    "name": None,
+    "exclude": [],
+    "steps": 1,
+    "finetune_epochs": None,
+    "finetune_lr": None,
+    "recalibrate_bn": True,
+}
 RESOLVED = [
-    ({"amount": 0.5}, {**COMMON, "method": "magnitude", "amount": 0.5, "scope": "global", "modules": ["Linear", "Conv2d"],
-                       "max_layer_amount": None}),
-    ({"method": "structured", "amount": 0.5}, {**COMMON, "method": "structured", "amount": 0.5, "scope": "global",
-                                               "importance": "l1", "round_to": 1, "max_layer_amount": 0.9,
-                                               "time_limit": None, "time_limit_clock": "wall", "head_amount": None, "refit": False,
-                                               "calibration_batches": 16, "layer_pruners": {}, "group_amounts": {}}),
+    (
+        {"amount": 0.5},
+        {
+            **COMMON,
+            "method": "magnitude",
+            "amount": 0.5,
+            "scope": "global",
+            "modules": ["Linear", "Conv2d"],
+            "max_layer_amount": None,
+        },
+    ),
+    (
+        {"method": "structured", "amount": 0.5},
+        {
+            **COMMON,
+            "method": "structured",
+            "amount": 0.5,
+            "scope": "global",
+            "importance": "l1",
+            "round_to": 1,
+            "max_layer_amount": 0.9,
+            "time_limit": None,
+            "time_limit_clock": "wall",
+            "head_amount": None,
+            "refit": False,
+            "calibration_batches": 16,
+            "layer_pruners": {},
+            "group_amounts": {},
+        },
+    ),
     ({"method": "nm"}, {**COMMON, "method": "nm", "modules": ["Linear", "Conv2d"], "n": 2, "m": 4}),
-    ({"method": "wanda", "amount": 0.5}, {**COMMON, "method": "wanda", "amount": 0.5, "modules": ["Linear"], "calibration_batches": 8}),
-    ({"amount": 0.5, "steps": 2, "finetune_epochs": 1}, {**COMMON, "method": "magnitude", "amount": 0.5, "scope": "global",
-                                                         "modules": ["Linear", "Conv2d"], "max_layer_amount": None,
-                                                         "steps": 2, "finetune_epochs": 1, "finetune_lr": 0.001}),
+    (
+        {"method": "wanda", "amount": 0.5},
+        {**COMMON, "method": "wanda", "amount": 0.5, "modules": ["Linear"], "calibration_batches": 8},
+    ),
+    (
+        {"amount": 0.5, "steps": 2, "finetune_epochs": 1},
+        {
+            **COMMON,
+            "method": "magnitude",
+            "amount": 0.5,
+            "scope": "global",
+            "modules": ["Linear", "Conv2d"],
+            "max_layer_amount": None,
+            "steps": 2,
+            "finetune_epochs": 1,
+            "finetune_lr": 0.001,
+        },
+    ),
 ]
 
 
@@ -122,8 +194,12 @@ def test_resolved_defaults_depend_on_method_and_validate_again(registry: Registr
     assert again.resolved()["stages"][0] == stage
 
 
-METHOD_CLASSES = [({"amount": 0.5}, MagnitudePrune), ({"method": "wanda", "amount": 0.5}, WandaPrune),
-                  ({"method": "structured", "amount": 0.5}, StructuredPrune), ({"method": "nm"}, NMPrune)]
+METHOD_CLASSES = [
+    ({"amount": 0.5}, MagnitudePrune),
+    ({"method": "wanda", "amount": 0.5}, WandaPrune),
+    ({"method": "structured", "amount": 0.5}, StructuredPrune),
+    ({"method": "nm"}, NMPrune),
+]
 
 
 @pytest.mark.parametrize(("options", "cls"), METHOD_CLASSES, ids=["magnitude", "wanda", "structured", "nm"])
@@ -134,12 +210,16 @@ def test_each_method_is_its_own_class(registry: Registry, options: dict, cls: ty
     assert cls.methods == ()  # a method class is no family of its own
 
 
-@pytest.mark.parametrize(("cls", "options", "loc"), [
-    (NMPrune, {"n": 4, "m": 4}, ("m",)),
-    (NMPrune, {"steps": 3}, ("steps",)),
-    (MagnitudePrune, {"amount": 0.5, "finetune_epochs": 1}, ("finetune_epochs",)),
-    (StructuredPrune, {"amount": 0.5, "steps": 2, "finetune_lr": 0.01}, ("finetune_lr",)),
-], ids=["n-not-below-m", "nm-steps", "finetune-one-step", "lr-without-finetune"])
+@pytest.mark.parametrize(
+    ("cls", "options", "loc"),
+    [
+        (NMPrune, {"n": 4, "m": 4}, ("m",)),
+        (NMPrune, {"steps": 3}, ("steps",)),
+        (MagnitudePrune, {"amount": 0.5, "finetune_epochs": 1}, ("finetune_epochs",)),
+        (StructuredPrune, {"amount": 0.5, "steps": 2, "finetune_lr": 0.01}, ("finetune_lr",)),
+    ],
+    ids=["n-not-below-m", "nm-steps", "finetune-one-step", "lr-without-finetune"],
+)
 def test_checks_across_options_name_the_option(cls: type[PruneStage], options: dict, loc: tuple) -> None:
     with pytest.raises(ValidationError) as info:
         cls(**options)
@@ -166,12 +246,20 @@ def test_example_recipe_validates(registry: Registry) -> None:
 
 # --- structured -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("name", "amount", "scope", "min_macs_ratio"),
-                         [("resnet", 0.5, "global", 2.5), ("resnet", 0.5, "layer", 2.5), ("mobile", 0.4, "global", 1.8),
-                          ("branches", 0.5, "global", 2.5)],
-                         ids=["resnet-global", "resnet-layer", "mobile-global", "concat-global"])
-def test_structured_removes_channels_and_restores_exactly(request: pytest.FixtureRequest, images: dict, name: str,
-                                                          amount: float, scope: str, min_macs_ratio: float) -> None:
+
+@pytest.mark.parametrize(
+    ("name", "amount", "scope", "min_macs_ratio"),
+    [
+        ("resnet", 0.5, "global", 2.5),
+        ("resnet", 0.5, "layer", 2.5),
+        ("mobile", 0.4, "global", 1.8),
+        ("branches", 0.5, "global", 2.5),
+    ],
+    ids=["resnet-global", "resnet-layer", "mobile-global", "concat-global"],
+)
+def test_structured_removes_channels_and_restores_exactly(
+    request: pytest.FixtureRequest, images: dict, name: str, amount: float, scope: str, min_macs_ratio: float
+) -> None:
     trained = request.getfixturevalue(f"trained_{name}")
     model, ctx = copy.deepcopy(trained), make_ctx(trained, images)
     stage = StructuredPrune(amount=amount, scope=scope)
@@ -199,13 +287,17 @@ def test_structured_round_to_leaves_multiples(trained_resnet: nn.Module, images:
 
 def test_structured_time_limit_says_how_far_it_got(trained_resnet: nn.Module, images: dict) -> None:
     model, ctx = copy.deepcopy(trained_resnet), make_ctx(trained_resnet, images)
-    with pytest.raises(StageError, match=r"tracing the dependency graph took more than 70% of time_limit=1e-09 s "
-                                         r"\(no group listed yet\); raise time_limit"):
+    with pytest.raises(
+        StageError,
+        match=r"tracing the dependency graph took more than 70% of time_limit=1e-09 s "
+        r"\(no group listed yet\); raise time_limit",
+    ):
         StructuredPrune(amount=0.5, time_limit=1e-9).apply(model, ctx)
 
 
-def test_structured_time_limit_outside_the_main_thread_is_kept_between_groups(trained_resnet: nn.Module, images: dict,
-                                                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_structured_time_limit_outside_the_main_thread_is_kept_between_groups(
+    trained_resnet: nn.Module, images: dict, caplog: pytest.LogCaptureFixture
+) -> None:
     import threading
 
     model, ctx = copy.deepcopy(trained_resnet), make_ctx(trained_resnet, images)
@@ -278,8 +370,11 @@ def test_structured_saved_model_reloads_identically(tmp_path: Path, trained_resn
     checkpoint = tmp_path / "resnet.pt"
     torch.save(trained_resnet.state_dict(), checkpoint)
     recipe = digits_recipe([{"type": "prune", "method": "structured", "amount": 0.5, "round_to": 2}])
-    recipe["model"] = {"target": "torchslim.examples.digits:resnet", "kwargs": {"width": 8, "blocks": 1},
-                       "checkpoint": str(checkpoint)}
+    recipe["model"] = {
+        "target": "torchslim.examples.digits:resnet",
+        "kwargs": {"width": 8, "blocks": 1},
+        "checkpoint": str(checkpoint),
+    }
     recipe["data"]["kwargs"]["image"] = True
     recipe["metrics"] = dict(FAST_METRICS)
     registry = Registry.load(autoload=False)
@@ -353,7 +448,7 @@ def test_wanda_keeps_small_weights_on_loud_inputs() -> None:
     inputs[:, 0] *= 100
     model = nn.Sequential(layer)
     original = copy.deepcopy(model)
-    loader = [(inputs[i:i + 16], torch.zeros(16)) for i in range(0, 64, 16)]
+    loader = [(inputs[i : i + 16], torch.zeros(16)) for i in range(0, 64, 16)]
     ctx = make_ctx(original, {"calibration": loader, "eval": loader}, evaluate=lambda m: 0.0)
     WandaPrune(amount=0.5, calibration_batches=4).apply(model, ctx)
     weight = model[0].weight
@@ -410,6 +505,7 @@ def test_finetune_keeps_pruned_weights_zero(trained_mlp: nn.Module, flat: dict) 
 
 # --- packed encoding --------------------------------------------------------------------------
 
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(-1).contiguous().view(torch.uint8)
 
@@ -426,8 +522,13 @@ def sparse(shape: tuple[int, ...], sparsity: float, dtype: torch.dtype) -> torch
 def test_packed_round_trip_is_bit_identical(dtype: torch.dtype, sparsity: float) -> None:
     weight = sparse((97, 61), sparsity, dtype)
     weight.view(-1)[:3] = torch.tensor([float("nan"), -0.0, float("inf")]).to(dtype)
-    state = {"w": weight, "b": torch.randn(7).to(dtype), "count": torch.tensor(3), "empty": torch.zeros(0, 4),
-             "scalar": torch.tensor(-0.0)}
+    state = {
+        "w": weight,
+        "b": torch.randn(7).to(dtype),
+        "count": torch.tensor(3),
+        "empty": torch.zeros(0, 4),
+        "scalar": torch.tensor(-0.0),
+    }
     buffer = io.BytesIO()
     torch.save(pack_state_dict(state), buffer)
     buffer.seek(0)

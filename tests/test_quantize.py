@@ -112,8 +112,11 @@ def test_static_quantizes_every_conv_and_linear(resnet: nn.Module, images: dict,
     out = StaticQuantize(backend=backend, calibration_batches=4).apply(resnet, ctx)
     # 6 convs (BatchNorm and ReLU fused into them) and the classifier, all with int8 kernels.
     assert ctx.metrics == {"quantized_layers": 7, "float_layers": 0}
-    assert kinds(out) <= {"torch.ao.nn.quantized.modules.conv", "torch.ao.nn.intrinsic.quantized.modules.conv_relu",
-                          "torch.ao.nn.quantized.modules.linear"}
+    assert kinds(out) <= {
+        "torch.ao.nn.quantized.modules.conv",
+        "torch.ao.nn.intrinsic.quantized.modules.conv_relu",
+        "torch.ao.nn.quantized.modules.linear",
+    }
     assert not any(isinstance(m, nn.BatchNorm2d) for m in out.modules())
     assert any(f"quantized (int8 static, backend {backend}) Conv2d x6, Linear x1; left float: none" in n for n in ctx.notes)
     assert abs(ctx.evaluate(out) - ctx.evaluate(resnet)) < 3
@@ -192,36 +195,66 @@ def test_half_casts_weights_and_keeps_float32_interface(trained_mlp: nn.Module, 
 
 LAYER_METHODS = "it is an option of methods dynamic, static, weight_only, binary, ternary, kbit or float8"
 BAD_OPTIONS = [  # (options, the option at fault, the message a recipe shows for it)
-    ({"method": "dynamic", "calibration_batches": 8}, "calibration_batches",
-     "calibration_batches applies to method dynamic only with skip_sensitive"),
-    ({"method": "half", "calibration_batches": 8}, "calibration_batches",
-     "'calibration_batches' does not apply to method half; it is an option of methods dynamic, static, kbit, ort_static or nncf"),
-    ({"method": "static", "skip_sensitive": 2}, "skip_sensitive",
-     "'skip_sensitive' does not apply to method static; it is an option of method dynamic"),
+    (
+        {"method": "dynamic", "calibration_batches": 8},
+        "calibration_batches",
+        "calibration_batches applies to method dynamic only with skip_sensitive",
+    ),
+    (
+        {"method": "half", "calibration_batches": 8},
+        "calibration_batches",
+        "'calibration_batches' does not apply to method half; it is an option of methods dynamic, static, kbit, ort_static or nncf",
+    ),
+    (
+        {"method": "static", "skip_sensitive": 2},
+        "skip_sensitive",
+        "'skip_sensitive' does not apply to method static; it is an option of method dynamic",
+    ),
     ({"method": "dynamic", "dtype": "bfloat16"}, "dtype", "Input should be 'qint8' or 'float16'"),
     ({"method": "static", "dtype": "float16"}, "dtype", "Input should be 'qint8'"),
     ({"method": "half", "dtype": "qint8"}, "dtype", "Input should be 'float16' or 'bfloat16'"),
-    ({"method": "weight_only", "backend": "x86"}, "backend",
-     "'backend' does not apply to method weight_only; it is an option of methods dynamic or static"),
+    (
+        {"method": "weight_only", "backend": "x86"},
+        "backend",
+        "'backend' does not apply to method weight_only; it is an option of methods dynamic or static",
+    ),
     ({"method": "static", "backend": "onednn"}, "backend", "Input should be 'x86', 'qnnpack' or 'torchao'"),
     ({"method": "dynamic", "backend": "torchao"}, "backend", "Input should be 'x86', 'onednn' or 'qnnpack'"),
-    ({"method": "static", "granularity": "per_tensor"}, "granularity",
-     "'granularity' does not apply to method static; it is an option of method dynamic"),
-    ({"method": "dynamic", "dtype": "float16", "granularity": "per_channel"}, "granularity",
-     "granularity applies to dtype qint8 only, not float16"),
+    (
+        {"method": "static", "granularity": "per_tensor"},
+        "granularity",
+        "'granularity' does not apply to method static; it is an option of method dynamic",
+    ),
+    (
+        {"method": "dynamic", "dtype": "float16", "granularity": "per_channel"},
+        "granularity",
+        "granularity applies to dtype qint8 only, not float16",
+    ),
     ({"method": "half", "modules": ["Linear"]}, "modules", f"'modules' does not apply to method half; {LAYER_METHODS}"),
     ({"method": "half", "exclude": ["fc"]}, "exclude", f"'exclude' does not apply to method half; {LAYER_METHODS}"),
-    ({"method": "static", "modules": ["LSTM"]}, "modules",
-     "static quantization cannot quantize LSTM; supported: Linear, Conv1d, Conv2d, Conv3d"),
-    ({"method": "weight_only", "modules": ["Linear"]}, "modules",
-     "weight_only quantization cannot quantize Linear; supported: Embedding"),
+    (
+        {"method": "static", "modules": ["LSTM"]},
+        "modules",
+        "static quantization cannot quantize LSTM; supported: Linear, Conv1d, Conv2d, Conv3d",
+    ),
+    (
+        {"method": "weight_only", "modules": ["Linear"]},
+        "modules",
+        "weight_only quantization cannot quantize Linear; supported: Embedding",
+    ),
     ({"method": "dynamic", "modules": []}, "modules", "name at least one layer type"),
-    ({"method": "dynamic", "dtype": "float16", "reduce_range": False}, "reduce_range",
-     "reduce_range applies to dtype qint8 only, not float16"),
+    (
+        {"method": "dynamic", "dtype": "float16", "reduce_range": False},
+        "reduce_range",
+        "reduce_range applies to dtype qint8 only, not float16",
+    ),
     ({"method": "static", "calibration_batches": 0}, "calibration_batches", "Input should be greater than or equal to 1"),
-    ({"method": "int8"}, "method",
-     "Input should be 'dynamic', 'static', 'weight_only', 'half', 'binary', 'ternary', 'kbit', 'float8', 'ort_static', "
-     "'ort_dynamic' or 'nncf'"),
+    (
+        {"method": "int8"},
+        "method",
+        "Input should be 'dynamic', 'static', 'weight_only', 'half', 'binary', 'ternary', 'kbit', 'float8', 'ort_static', "
+        "'ort_dynamic' or 'nncf'",
+    ),
 ]
 
 
@@ -236,14 +269,37 @@ def test_options_that_do_not_apply_are_rejected(registry: Registry, options: dic
             QuantizeStage.from_options(**ordered)
 
 
-@pytest.mark.parametrize(("method", "options"), [
-    ("dynamic", {"modules": ["Linear"], "exclude": [], "dtype": "qint8", "backend": None, "skip_sensitive": None,
-                 "calibration_batches": None, "granularity": None, "reduce_range": None}),
-    ("static", {"modules": ["Linear", "Conv1d", "Conv2d", "Conv3d"], "exclude": [], "dtype": "qint8", "backend": "x86",
-                "calibration_batches": 32}),
-    ("weight_only", {"modules": ["Embedding"], "exclude": [], "dtype": "qint8"}),
-    ("half", {"dtype": "float16"}),
-], ids=["dynamic", "static", "weight_only", "half"])
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        (
+            "dynamic",
+            {
+                "modules": ["Linear"],
+                "exclude": [],
+                "dtype": "qint8",
+                "backend": None,
+                "skip_sensitive": None,
+                "calibration_batches": None,
+                "granularity": None,
+                "reduce_range": None,
+            },
+        ),
+        (
+            "static",
+            {
+                "modules": ["Linear", "Conv1d", "Conv2d", "Conv3d"],
+                "exclude": [],
+                "dtype": "qint8",
+                "backend": "x86",
+                "calibration_batches": 32,
+            },
+        ),
+        ("weight_only", {"modules": ["Embedding"], "exclude": [], "dtype": "qint8"}),
+        ("half", {"dtype": "float16"}),
+    ],
+    ids=["dynamic", "static", "weight_only", "half"],
+)
 def test_resolved_stage_has_its_methods_options_only(registry: Registry, method: str, options: dict) -> None:
     recipe = load_recipe(digits_recipe([{"type": "quantize", "method": method}]), registry)
     assert recipe.resolved()["stages"][0] == {"type": "quantize", "name": None, "method": method, **options}
@@ -257,7 +313,11 @@ def test_no_method_means_dynamic(registry: Registry) -> None:
 
 def test_recipe_error_points_at_the_option(tmp_path: Path, registry: Registry) -> None:
     path = tmp_path / "r.yaml"
-    text = (RECIPES / "quantize-static.yaml").read_text().replace("calibration_batches: 8", "calibration_batches: 8, method: dynamic")
+    text = (
+        (RECIPES / "quantize-static.yaml")
+        .read_text()
+        .replace("calibration_batches: 8", "calibration_batches: 8, method: dynamic")
+    )
     path.write_text(text.replace("method: static, ", ""))
     with pytest.raises(torchslim.RecipeError, match=r"stages\[0\].calibration_batches \(quantize\): calibration_batches applies"):
         load_recipe(path, registry)
@@ -280,30 +340,52 @@ def recording_accuracy(model: nn.Module, loader: Any) -> float:
 
 
 def _recipe(model: dict[str, Any], image: bool, stage: dict[str, Any]) -> dict[str, Any]:
-    return {"name": "roundtrip", "model": model, "metrics": dict(FAST_METRICS),
-            "evaluate": {"metric": "tests.test_quantize:recording_accuracy", "name": "accuracy"},
-            "data": {"target": "torchslim.examples.digits:loaders", "kwargs": {"image": image}},
-            "stages": [stage]}
+    return {
+        "name": "roundtrip",
+        "model": model,
+        "metrics": dict(FAST_METRICS),
+        "evaluate": {"metric": "tests.test_quantize:recording_accuracy", "name": "accuracy"},
+        "data": {"target": "torchslim.examples.digits:loaders", "kwargs": {"image": image}},
+        "stages": [stage],
+    }
 
 
 ROUND_TRIPS = [
     ({"target": "torchslim.examples.digits:mlp", "kwargs": {"hidden": 16, "train_epochs": 2}}, False, {"method": "dynamic"}),
-    ({"target": "torchslim.examples.digits:resnet", "kwargs": {"width": 8, "blocks": 1, "train_epochs": 1}}, True,
-     {"method": "static", "calibration_batches": 4}),
+    (
+        {"target": "torchslim.examples.digits:resnet", "kwargs": {"width": 8, "blocks": 1, "train_epochs": 1}},
+        True,
+        {"method": "static", "calibration_batches": 4},
+    ),
     ({"target": "tests.test_quantize:pixel_model", "kwargs": {"train_epochs": 1}}, False, {"method": "weight_only"}),
-    ({"target": "torchslim.examples.digits:mlp", "kwargs": {"hidden": 16, "train_epochs": 2}}, False,
-     {"method": "half", "dtype": "bfloat16"}),
+    (
+        {"target": "torchslim.examples.digits:mlp", "kwargs": {"hidden": 16, "train_epochs": 2}},
+        False,
+        {"method": "half", "dtype": "bfloat16"},
+    ),
     # torch keeps recurrent layers' packed weights as TorchScript objects, which weights_only loading refuses.
     ({"target": "tests.test_quantize:sequence_model"}, False, {"method": "dynamic", "modules": ["Linear", "LSTM"]}),
-    ({"target": "tests.test_quantize:sequence_model", "kwargs": {"kind": "GRU", "layers": 2, "bidirectional": True, "rows": True}},
-     False, {"method": "dynamic", "modules": ["Linear", "GRU"]}),
-    ({"target": "tests.test_quantize:sequence_model", "kwargs": {"layers": 2, "bidirectional": True, "rows": True}},
-     False, {"method": "dynamic", "modules": ["LSTM"], "dtype": "float16"}),
+    (
+        {
+            "target": "tests.test_quantize:sequence_model",
+            "kwargs": {"kind": "GRU", "layers": 2, "bidirectional": True, "rows": True},
+        },
+        False,
+        {"method": "dynamic", "modules": ["Linear", "GRU"]},
+    ),
+    (
+        {"target": "tests.test_quantize:sequence_model", "kwargs": {"layers": 2, "bidirectional": True, "rows": True}},
+        False,
+        {"method": "dynamic", "modules": ["LSTM"], "dtype": "float16"},
+    ),
 ]
 
 
-@pytest.mark.parametrize(("model", "image", "stage"), ROUND_TRIPS,
-                         ids=["dynamic", "static", "weight_only", "half", "lstm", "gru-bidirectional", "lstm-float16"])
+@pytest.mark.parametrize(
+    ("model", "image", "stage"),
+    ROUND_TRIPS,
+    ids=["dynamic", "static", "weight_only", "half", "lstm", "gru-bidirectional", "lstm-float16"],
+)
 def test_saved_model_loads_with_identical_outputs(tmp_path: Path, model: dict, image: bool, stage: dict) -> None:
     registry = Registry.load(autoload=False)
     report = torchslim.run(_recipe(model, image, {"type": "quantize", **stage}), tmp_path, registry=registry)
@@ -448,8 +530,13 @@ def test_skip_sensitive_leaves_the_layer_int8_hurts_most_float(trained_mlp: nn.M
     assert [name for name, m in out.named_modules() if type(m) is nn.Linear] == [worst]
     assert ctx.restore_record["sensitive"] == [worst]
     assert ctx.metrics == {"quantized_layers": 2, "float_layers": 1}
-    assert any(n.startswith(f"quantize: left float the 1 layer(s) int8 hurts most on 3 calibration batch(es) "
-                            f"(output error when quantized alone): {worst} ") for n in ctx.notes)
+    assert any(
+        n.startswith(
+            f"quantize: left float the 1 layer(s) int8 hurts most on 3 calibration batch(es) "
+            f"(output error when quantized alone): {worst} "
+        )
+        for n in ctx.notes
+    )
 
 
 def test_skip_sensitive_refuses_to_leave_every_layer_float(trained_mlp: nn.Module, flat: dict) -> None:

@@ -107,10 +107,15 @@ class UNet(nn.Module):
 
 
 def _recipe(factory: str, stage: dict[str, Any], image: bool, **kwargs: Any) -> dict[str, Any]:
-    return {"name": "reads", "seed": 0, "metrics": dict(FAST_METRICS), "evaluate": {"metric": "accuracy"},
-            "model": {"target": f"tests.test_quantize_any_model:{factory}", "kwargs": kwargs},
-            "data": {"target": "torchslim.examples.digits:loaders", "kwargs": {"image": image}},
-            "stages": [{"type": "quantize", **stage}]}
+    return {
+        "name": "reads",
+        "seed": 0,
+        "metrics": dict(FAST_METRICS),
+        "evaluate": {"metric": "accuracy"},
+        "model": {"target": f"tests.test_quantize_any_model:{factory}", "kwargs": kwargs},
+        "data": {"target": "torchslim.examples.digits:loaders", "kwargs": {"image": image}},
+        "stages": [{"type": "quantize", **stage}],
+    }
 
 
 class Branches(nn.Module):

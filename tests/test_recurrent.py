@@ -104,7 +104,7 @@ def _silence(model: Classifier, units: int) -> None:
     with torch.no_grad():
         for name, weight in rnn.named_parameters():
             if name.startswith("weight_hh"):
-                weight[:, hidden - units:] = 0
+                weight[:, hidden - units :] = 0
             elif name.startswith("weight_ih") and not name.startswith("weight_ih_l0"):
                 weight[:, dead] = 0
         model.head.weight[:, dead] = 0
@@ -130,15 +130,22 @@ def test_silent_hidden_units_are_pruned_and_nothing_else_changes(kind: str, bidi
 
 
 def _recipe(stages: list[dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
-    return {"name": "rnn", "seed": 0, "metrics": {"warmup": 1, "runs": 2, "batch_size": 8},
-            "model": {"target": "tests.test_recurrent:classifier", "kwargs": kwargs},
-            "data": {"target": "torchslim.examples.digits:loaders"}, "stages": stages}
+    return {
+        "name": "rnn",
+        "seed": 0,
+        "metrics": {"warmup": 1, "runs": 2, "batch_size": 8},
+        "model": {"target": "tests.test_recurrent:classifier", "kwargs": kwargs},
+        "data": {"target": "torchslim.examples.digits:loaders"},
+        "stages": stages,
+    }
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 def test_pruned_recurrent_classifier_is_int8_and_reloads(tmp_path: Path, kind: str) -> None:
-    stages = [{"type": "prune", "method": "structured", "amount": 0.3, "scope": "layer"},
-              {"type": "quantize", "method": "dynamic", "modules": ["Linear", kind]}]
+    stages = [
+        {"type": "prune", "method": "structured", "amount": 0.3, "scope": "layer"},
+        {"type": "quantize", "method": "dynamic", "modules": ["Linear", kind]},
+    ]
     registry = Registry.load(autoload=False)
     report = torchslim.run(_recipe(stages, kind=kind, bidirectional=True), tmp_path, registry=registry)
     baseline, pruned = report.baseline.metrics, report.rows[1].metrics
@@ -192,6 +199,8 @@ def test_an_lstm_with_proj_size_is_kept_whole_saying_what_to_do() -> None:
     model, state = Stacked(proj_size=6).eval(), ChannelState()
     prune_step(model, torch.rand(6, 64), 0.3, ChannelOptions("global", 2, 1, 0.9, []), state)
     assert model.high.hidden_size == 16 and model.high.proj_size == 6 and model.low.hidden_size < 16
-    assert state.skipped["high"].startswith("an LSTM with proj_size=6 outputs its projection, which torchslim does "
-                                            "not cut; its 16 hidden units and its output are kept whole")
+    assert state.skipped["high"].startswith(
+        "an LSTM with proj_size=6 outputs its projection, which torchslim does "
+        "not cut; its 16 hidden units and its output are kept whole"
+    )
     assert "build it without proj_size" in state.skipped["high"]

@@ -187,8 +187,7 @@ IMPORT_FAILURES = [
     ("raise RuntimeError('CUDA driver missing')\n", "RuntimeError"),
     ("def broken(:\n", "SyntaxError"),
 ]
-IMPORT_FAILURE_IDS = ["missing-module", "missing-dependency", "import-error", "bad-import-name",
-                      "runtime-error", "syntax-error"]
+IMPORT_FAILURE_IDS = ["missing-module", "missing-dependency", "import-error", "bad-import-name", "runtime-error", "syntax-error"]
 
 
 @pytest.mark.parametrize(("source", "exception"), IMPORT_FAILURES, ids=IMPORT_FAILURE_IDS)
@@ -228,8 +227,9 @@ NOT_STAGES = [
 ]
 
 
-@pytest.mark.parametrize(("source", "attr"), NOT_STAGES,
-                         ids=["plain-class", "function", "pydantic-model", "other-torchslim-class", "constant"])
+@pytest.mark.parametrize(
+    ("source", "attr"), NOT_STAGES, ids=["plain-class", "function", "pydantic-model", "other-torchslim-class", "constant"]
+)
 def test_entry_point_to_non_stage_is_broken(site: PluginSite, source: str, attr: str) -> None:
     module = site.module("acme_odd", source)
     site.dist("acme-odd", "0.3", {"odd": f"{module}:{attr}"})
@@ -284,8 +284,7 @@ class PluginStage(Stage):
 """
 
 
-@pytest.mark.parametrize("annotation", ["", '    type: Literal["squash"]\n'],
-                         ids=["inherited-str", "literal-no-default"])
+@pytest.mark.parametrize("annotation", ["", '    type: Literal["squash"]\n'], ids=["inherited-str", "literal-no-default"])
 def test_stage_without_default_tag_is_broken(site: PluginSite, annotation: str) -> None:
     module = site.module("acme_notag", NO_DEFAULT_TAG.format(annotation=annotation))
     site.dist("acme-notag", "1.0", {"squash": f"{module}:PluginStage"})
@@ -372,8 +371,7 @@ def site_with_plugin(site: PluginSite) -> PluginSite:
 
 
 @pytest.mark.parametrize("value", ["1", "true", "yes"], ids=["one", "true", "yes"])
-def test_env_variable_disables_plugins(site_with_plugin: PluginSite, monkeypatch: pytest.MonkeyPatch,
-                                       value: str) -> None:
+def test_env_variable_disables_plugins(site_with_plugin: PluginSite, monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv(AUTOLOAD_ENV, value)
     registry = site_with_plugin.load()
     assert [e.type for e in registry.entries] == ["prune", "quantize", "distill", "deploy"]
@@ -383,8 +381,9 @@ def test_env_variable_disables_plugins(site_with_plugin: PluginSite, monkeypatch
 
 
 @pytest.mark.parametrize("value", ["", "0"], ids=["empty", "zero"])
-def test_env_variable_other_values_keep_plugins(site_with_plugin: PluginSite, monkeypatch: pytest.MonkeyPatch,
-                                                value: str) -> None:
+def test_env_variable_other_values_keep_plugins(
+    site_with_plugin: PluginSite, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
     monkeypatch.setenv(AUTOLOAD_ENV, value)
     assert "shrink" in site_with_plugin.load().types()
 
@@ -395,8 +394,7 @@ def test_autoload_false_loads_builtins_only(site_with_plugin: PluginSite) -> Non
     assert registry.types() == ["deploy", "distill", "prune", "quantize"]
 
 
-def test_explicit_autoload_overrides_env_variable(site_with_plugin: PluginSite,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_explicit_autoload_overrides_env_variable(site_with_plugin: PluginSite, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(AUTOLOAD_ENV, "1")
     assert "shrink" in site_with_plugin.load(autoload=True).types()
 
@@ -404,9 +402,11 @@ def test_explicit_autoload_overrides_env_variable(site_with_plugin: PluginSite,
 # --- messages and recipes --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("with_plugin", "known"), [(False, "deploy, distill, prune, quantize"),
-                                                    (True, "deploy, distill, prune, quantize, shrink")],
-                         ids=["builtins-only", "with-plugin"])
+@pytest.mark.parametrize(
+    ("with_plugin", "known"),
+    [(False, "deploy, distill, prune, quantize"), (True, "deploy, distill, prune, quantize, shrink")],
+    ids=["builtins-only", "with-plugin"],
+)
 def test_unknown_type_message_lists_known_types(site: PluginSite, with_plugin: bool, known: str) -> None:
     if with_plugin:
         module = site.stage_module("acme_shrink", "shrink")
@@ -421,8 +421,9 @@ def test_unknown_type_message_lists_known_types(site: PluginSite, with_plugin: b
 
 def test_recipe_can_use_plugin_stage(site_with_plugin: PluginSite) -> None:
     registry = site_with_plugin.load()
-    recipe = load_recipe(digits_recipe([{"type": "prune", "amount": 0.5},
-                                        {"type": "shrink", "name": "tiny", "level": 4}]), registry)
+    recipe = load_recipe(
+        digits_recipe([{"type": "prune", "amount": 0.5}, {"type": "shrink", "name": "tiny", "level": 4}]), registry
+    )
     prune, shrink = recipe.stage_list
     assert isinstance(prune, PruneStage)
     assert isinstance(shrink, registry.get("shrink"))
@@ -430,14 +431,21 @@ def test_recipe_can_use_plugin_stage(site_with_plugin: PluginSite) -> None:
     assert recipe.resolved()["stages"][1] == {"type": "shrink", "name": "tiny", "level": 4}
 
 
-@pytest.mark.parametrize(("stage", "message"), [
-    ({"type": "sparsegpt"},
-     "stages[0].type (sparsegpt): unknown stage type 'sparsegpt'; known types: deploy, distill, prune, quantize, shrink"),
-    ({"type": "shrink", "levle": 2}, "unknown field 'levle'; did you mean 'level'? shrink accepts: type, name, level"),
-    ({"type": "shrink", "level": "high"}, "stages[0].level (shrink): Input should be a valid integer"),
-], ids=["unknown-type", "unknown-plugin-field", "bad-plugin-value"])
-def test_recipe_with_bad_stage_fails_with_recipe_error(site_with_plugin: PluginSite, stage: dict[str, object],
-                                                       message: str) -> None:
+@pytest.mark.parametrize(
+    ("stage", "message"),
+    [
+        (
+            {"type": "sparsegpt"},
+            "stages[0].type (sparsegpt): unknown stage type 'sparsegpt'; known types: deploy, distill, prune, quantize, shrink",
+        ),
+        ({"type": "shrink", "levle": 2}, "unknown field 'levle'; did you mean 'level'? shrink accepts: type, name, level"),
+        ({"type": "shrink", "level": "high"}, "stages[0].level (shrink): Input should be a valid integer"),
+    ],
+    ids=["unknown-type", "unknown-plugin-field", "bad-plugin-value"],
+)
+def test_recipe_with_bad_stage_fails_with_recipe_error(
+    site_with_plugin: PluginSite, stage: dict[str, object], message: str
+) -> None:
     registry = site_with_plugin.load()
     with pytest.raises(RecipeError) as caught:
         load_recipe(digits_recipe([stage]), registry)

@@ -29,8 +29,9 @@ TIMINGS = (names.SECONDS, names.LATENCY_MS, names.LATENCY_IQR_MS, names.LATENCY_
 def console(*args: str) -> subprocess.CompletedProcess[str]:
     """``python -m torchslim ARGS`` in a subprocess, plugin autoload off."""
     env = {**os.environ, "TORCHSLIM_DISABLE_PLUGIN_AUTOLOAD": "1"}
-    return subprocess.run([sys.executable, "-m", "torchslim", *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "torchslim", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
+    )
 
 
 def comparable(report: dict) -> list[dict]:
@@ -65,8 +66,9 @@ def test_checkpoint_after_every_stage(tmp_path: Path, registry: Registry) -> Non
 def test_killed_run_resumes_with_the_same_report(tmp_path: Path, uninterrupted: dict) -> None:
     out = tmp_path / "out"
     halted = write_recipe(tmp_path, digits_recipe([*CHAIN[:2], {"type": "halt"}]), "halted.yaml")
-    result = subprocess.run([sys.executable, "-m", "tests.support.halt", str(halted), str(out)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.support.halt", str(halted), str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == -signal.SIGKILL, result.stderr
     assert (out / "checkpoints" / "stage-02" / "progress.json").exists()
     assert not (out / "report.json").exists()
@@ -97,9 +99,15 @@ def _interrupted(tmp_path: Path, stages: list[dict], at: str) -> str:
     env = {**os.environ, "TORCHSLIM_DISABLE_PLUGIN_AUTOLOAD": "1"}
     # A shell that starts the test suite in the background makes children ignore SIGINT, and
     # Python keeps an inherited "ignore": give the child the default disposition, as a terminal would.
-    proc = subprocess.Popen([sys.executable, "-m", "torchslim", "run", str(recipe), "--out", str(tmp_path / "out")],
-                            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torchslim", "run", str(recipe), "--out", str(tmp_path / "out")],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     assert proc.stderr is not None
     for line in proc.stderr:
         if at in line:
@@ -184,12 +192,13 @@ def sneaky_models() -> Iterator[None]:
     sys.modules.pop("sneaky_models", None)
 
 
-def test_validate_no_import_runs_no_recipe_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli: Cli,
-                                                sneaky_models: None) -> None:
+def test_validate_no_import_runs_no_recipe_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli: Cli, sneaky_models: None
+) -> None:
     marker = tmp_path / "imported"
     (tmp_path / "sneaky_models.py").write_text(
-        f"from pathlib import Path\nPath({str(marker)!r}).touch()\n"
-        "from torchslim.examples.digits import mlp\n")
+        f"from pathlib import Path\nPath({str(marker)!r}).touch()\nfrom torchslim.examples.digits import mlp\n"
+    )
     recipe = digits_recipe(CHAIN[:1])
     recipe["model"]["target"] = "sneaky_models:mlp"
     path = write_recipe(tmp_path, recipe)

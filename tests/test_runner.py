@@ -53,7 +53,11 @@ def chain_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[torchslim.Repor
 def test_rows_and_metrics(chain_run: tuple[torchslim.Report, Path]) -> None:
     report, _ = chain_run
     assert [(r.stage, r.type) for r in report.rows] == [
-        ("baseline", None), ("prune", "prune"), ("distill", "distill"), ("quantize", "quantize")]
+        ("baseline", None),
+        ("prune", "prune"),
+        ("distill", "distill"),
+        ("quantize", "quantize"),
+    ]
     for row in report.rows:
         for key in ("params", "nonzero", "sparsity", "size_bytes", "macs", "latency_ms", "seconds", "accuracy"):
             assert key in row.metrics, (row.stage, key)

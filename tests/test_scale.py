@@ -36,8 +36,10 @@ from torchslim.engine.tracking import check_tracking
 from torchslim.engine.yamlio import Document
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-needs = {name: pytest.mark.skipif(importlib.util.find_spec(name) is None, reason=f"pip install 'torchslim[{extra}]'")
-         for name, extra in (("optuna", "search"), ("ray", "ray"), ("mlflow", "mlflow"))}
+needs = {
+    name: pytest.mark.skipif(importlib.util.find_spec(name) is None, reason=f"pip install 'torchslim[{extra}]'")
+    for name, extra in (("optuna", "search"), ("ray", "ray"), ("mlflow", "mlflow"))
+}
 ENV = {**os.environ, "TORCHSLIM_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONPATH": str(ROOT)}
 SPACE = {"stages.0.amount": {"low": 0.2, "high": 0.8}}
 
@@ -58,7 +60,9 @@ def test_a_ray_executor_keeps_its_address_and_divides_no_cores() -> None:
     assert make_executor("ray").address is None  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize(("module", "option", "extra"), [("ray", "--executor ray", "ray"), ("mlflow", "--track mlflow", "mlflow")])
+@pytest.mark.parametrize(
+    ("module", "option", "extra"), [("ray", "--executor ray", "ray"), ("mlflow", "--track mlflow", "mlflow")]
+)
 def test_a_missing_extra_is_named(monkeypatch: pytest.MonkeyPatch, module: str, option: str, extra: str) -> None:
     monkeypatch.setitem(sys.modules, module, None)  # import now raises ImportError
     with pytest.raises(UsageError, match=rf"{option} needs .*: pip install 'torchslim\[{extra}\]'"):
@@ -193,20 +197,36 @@ def test_a_search_on_ray_survives_a_killed_worker_and_is_tracked(cluster: str, t
 def test_two_processes_share_one_sqlite_study(tmp_path: Path) -> None:
     path = write_recipe(tmp_path, search_recipe(SPACE, trials=4, sampler="random", seed=2))
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    procs = [subprocess.Popen([sys.executable, "-m", "torchslim", "search", str(path), "--out", str(tmp_path / name),
-                               "--storage", url, "--resume"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torchslim", "search", str(path), "--out", str(tmp_path / name), "--storage", url, "--resume"],
+            cwd=ROOT,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("a", "b")
+    ]
     outputs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
     ran = sorted(p.name[:3] for name in ("a", "b") for p in (tmp_path / name / "trials").iterdir())
     assert ran == ["001", "002", "003", "004"]  # each trial ran once, in one of the two
     last = max(("a", "b"), key=lambda n: (tmp_path / n / "front.json").stat().st_mtime)
     assert [t[0] for t in _figures(tmp_path / last / "front.json")] == [1, 2, 3, 4]
-    whole = subprocess.run([sys.executable, "-m", "torchslim", "search", str(path), "--out", str(tmp_path / "whole")],
-                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    whole = subprocess.run(
+        [sys.executable, "-m", "torchslim", "search", str(path), "--out", str(tmp_path / "whole")],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert whole.returncode == 0, whole.stderr
     # random sampling: a trial's values depend on its number alone, so the shared study tried the same values
-    assert [t[:2] for t in _figures(tmp_path / last / "front.json")] == [t[:2] for t in _figures(tmp_path / "whole" / "front.json")]
+    assert [t[:2] for t in _figures(tmp_path / last / "front.json")] == [
+        t[:2] for t in _figures(tmp_path / "whole" / "front.json")
+    ]
 
 
 @needs["mlflow"]
@@ -222,8 +242,9 @@ def test_a_tracked_compare_and_run_are_read_back_with_mlflows_client(cli: Any, t
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("torchslim").experiment_id])
     parent = next(r for r in runs if r.info.run_name == "study")
-    variants = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
-                      key=lambda r: r.info.run_name)
+    variants = sorted(
+        (r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id), key=lambda r: r.info.run_name
+    )
     assert len(variants) == 2 and all(r.info.status == "FINISHED" for r in variants)
     for index, run in enumerate(variants):
         report = json.loads(Path(client.download_artifacts(run.info.run_id, "report.json", str(tmp_path))).read_text())
@@ -233,7 +254,9 @@ def test_a_tracked_compare_and_run_are_read_back_with_mlflows_client(cli: Any, t
         assert run.data.tags["torchslim.cpu"] == report["environment"]["cpu"]
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"comparison.json", "comparison.md"}
 
-    single = write_recipe(tmp_path, digits_recipe([{"type": "prune", "name": "prune", "amount": 0.5}], train_epochs=3), "one.yaml")
+    single = write_recipe(
+        tmp_path, digits_recipe([{"type": "prune", "name": "prune", "amount": 0.5}], train_epochs=3), "one.yaml"
+    )
     assert cli("run", str(single), "--out", str(tmp_path / "one"), "--track", "mlflow").returncode == 0
     run = next(r for r in client.search_runs([parent.info.experiment_id]) if r.data.tags.get("torchslim.command") == "run")
     assert run.info.run_name == "test" and run.data.params["stages.0.amount"] == "0.5" and "accuracy" in run.data.metrics
@@ -256,7 +279,11 @@ def test_searches_started_together_on_a_new_database_all_open_it(tmp_path: Path)
     about one in three here before the retry) open it once they are there."""
     for round_ in range(3):
         url = f"sqlite:///{tmp_path / f'new{round_}.db'}"
-        procs = [subprocess.Popen([sys.executable, "-c", OPEN, str(tmp_path), url], cwd=ROOT, env=ENV,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", OPEN, str(tmp_path), url], cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True
+            )
+            for _ in range(3)
+        ]
         errors = [p.communicate(timeout=300)[1] for p in procs]
         assert [p.returncode for p in procs] == [0, 0, 0], errors

@@ -26,8 +26,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 #: The tests that run trials need Optuna (the search extra, in dev); the recipe checks before it do not.
 needs_optuna = pytest.mark.skipif(importlib.util.find_spec("optuna") is None, reason="pip install 'torchslim[search]'")
 
-STAGES = [{"type": "prune", "name": "prune", "method": "magnitude", "amount": 0.5},
-          {"type": "quantize", "name": "int8", "method": "dynamic"}]
+STAGES = [
+    {"type": "prune", "name": "prune", "method": "magnitude", "amount": 0.5},
+    {"type": "quantize", "name": "int8", "method": "dynamic"},
+]
 
 
 def search_recipe(space: dict[str, Any], **search: Any) -> dict[str, Any]:
@@ -43,22 +45,69 @@ def line_of(path: Path, text: str) -> int:
     return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
 
 
-@pytest.mark.parametrize(("space", "extra", "message"), [
-    ({"stages.0.amount": {"low": 0.1, "high": 1.5}}, {},
-     r"stages\[0\]\.amount \(prune\): Input should be less than 1 \(search value stages\.0\.amount=1\.5\)"),
-    ({"stages.0.amount": {"low": 0.1, "hihg": 0.5}}, {}, r"search\.space\.stages\.0\.amount\.hihg: unknown field 'hihg'; did you mean 'high'\?"),
-    ({"stages.0.amount": {"low": 0.8, "high": 0.1}}, {}, r"search\.space\.stages\.0\.amount: low \(0\.8\) must be below high \(0\.1\)"),
-    ({"stages.0.amount": {"low": 0.1, "high": 0.8, "choices": [0.5]}}, {}, r"give choices or a range \(low, high\), not both"),
-    ({"stages.5.amount": {"low": 0.1, "high": 0.8}}, {}, r"sweep: 'stages\.5\.amount': stages has 2 entries"),
-    ({"stages.1.bits": {"choices": [2, 4], "when": {"stages.1.method": "kbit"}},
-      "stages.1.method": {"choices": ["dynamic", "kbit"]}}, {}, r"when: stages\.1\.method is sampled after it"),
-    ({"stages.0.amount": {"low": 0.1, "high": 0.8}}, {"trials": None}, r"search: give the search a budget: trials, minutes or both"),
-    ({"stages.0.amount": {"low": 0.1, "high": 0.8}}, {"objectives": ["metric", "latecny"]}, r"search\.objectives\[1\]: Input should be"),
-    ({"stages.0.amount": {"low": 0.1, "high": 0.8}}, {"samplr": "tpe"}, r"search\.samplr: unknown field 'samplr'; did you mean 'sampler'\?"),
-], ids=["value-refused-at-its-line", "did-you-mean", "low-above-high", "choices-and-range", "no-such-stage",
-        "when-after", "no-budget", "unknown-objective", "unknown-search-field"])
-def test_search_errors_name_the_line(tmp_path: Path, registry: Registry, space: dict[str, Any], extra: dict[str, Any],
-                                     message: str) -> None:
+@pytest.mark.parametrize(
+    ("space", "extra", "message"),
+    [
+        (
+            {"stages.0.amount": {"low": 0.1, "high": 1.5}},
+            {},
+            r"stages\[0\]\.amount \(prune\): Input should be less than 1 \(search value stages\.0\.amount=1\.5\)",
+        ),
+        (
+            {"stages.0.amount": {"low": 0.1, "hihg": 0.5}},
+            {},
+            r"search\.space\.stages\.0\.amount\.hihg: unknown field 'hihg'; did you mean 'high'\?",
+        ),
+        (
+            {"stages.0.amount": {"low": 0.8, "high": 0.1}},
+            {},
+            r"search\.space\.stages\.0\.amount: low \(0\.8\) must be below high \(0\.1\)",
+        ),
+        (
+            {"stages.0.amount": {"low": 0.1, "high": 0.8, "choices": [0.5]}},
+            {},
+            r"give choices or a range \(low, high\), not both",
+        ),
+        ({"stages.5.amount": {"low": 0.1, "high": 0.8}}, {}, r"sweep: 'stages\.5\.amount': stages has 2 entries"),
+        (
+            {
+                "stages.1.bits": {"choices": [2, 4], "when": {"stages.1.method": "kbit"}},
+                "stages.1.method": {"choices": ["dynamic", "kbit"]},
+            },
+            {},
+            r"when: stages\.1\.method is sampled after it",
+        ),
+        (
+            {"stages.0.amount": {"low": 0.1, "high": 0.8}},
+            {"trials": None},
+            r"search: give the search a budget: trials, minutes or both",
+        ),
+        (
+            {"stages.0.amount": {"low": 0.1, "high": 0.8}},
+            {"objectives": ["metric", "latecny"]},
+            r"search\.objectives\[1\]: Input should be",
+        ),
+        (
+            {"stages.0.amount": {"low": 0.1, "high": 0.8}},
+            {"samplr": "tpe"},
+            r"search\.samplr: unknown field 'samplr'; did you mean 'sampler'\?",
+        ),
+    ],
+    ids=[
+        "value-refused-at-its-line",
+        "did-you-mean",
+        "low-above-high",
+        "choices-and-range",
+        "no-such-stage",
+        "when-after",
+        "no-budget",
+        "unknown-objective",
+        "unknown-search-field",
+    ],
+)
+def test_search_errors_name_the_line(
+    tmp_path: Path, registry: Registry, space: dict[str, Any], extra: dict[str, Any], message: str
+) -> None:
     recipe = search_recipe(space, **extra)
     recipe["search"] = {k: v for k, v in recipe["search"].items() if v is not None}
     path = write_recipe(tmp_path, recipe)
@@ -166,7 +215,8 @@ def test_front_and_best_yaml_that_run_reproduces(searched: tuple[Path, Path, lis
     assert set(data["front"]) == {r.number for r in pareto(ran, ["metric", "size"])}
     best = next(r for r in records if r.number == data["best"]["trial"])
     assert data["best"]["meets_constraints"] and best.final["accuracy"] == max(
-        r.final["accuracy"] for r in ran if r.number in data["front"])
+        r.final["accuracy"] for r in ran if r.number in data["front"]
+    )
     assert (out / "front.png").read_bytes()[:4] == b"\x89PNG"
     assert "| trial" in (out / "front.md").read_text()
     text = (out / "best.yaml").read_text()
@@ -208,8 +258,9 @@ def test_none_meets_the_constraints_the_closest_is_saved_and_named(tmp_path: Pat
     assert not best["meets_constraints"] and best["trial"] == min(sizes, key=lambda n: sizes[n])  # the smallest misses least
     assert best["misses"] == [f"size {sizes[best['trial']] / 1e6:.4g}MB > 0.001MB"]
     text = (tmp_path / "out" / "best.yaml").read_text()
-    assert text.startswith(f"# torchslim search: no trial meets the constraints; trial {best['trial']} is the closest: "
-                           f"misses the budget by ")
+    assert text.startswith(
+        f"# torchslim search: no trial meets the constraints; trial {best['trial']} is the closest: misses the budget by "
+    )
     assert yaml.safe_load(text)["name"] == f"test-trial{best['trial']}-closest"
     assert "best.yaml: trial" in result.stdout and "misses the budget by" in result.stdout
     assert re.search(r"search: trial 2/2 \(\d+ s elapsed\): accuracy [\d.]+, size [\d.]+kB; misses: size", result.stderr)
@@ -219,8 +270,12 @@ def test_pareto_front_of_several_objectives() -> None:
     def record(number: int, objectives: list[float]) -> Record:
         return Record(number, {}, "", 0.0, objectives=objectives)
 
-    records = [record(1, [90.0, 10.0, 5.0]), record(2, [95.0, 20.0, 5.0]), record(3, [89.0, 11.0, 5.0]),
-               record(4, [90.0, 10.0, 4.0])]
+    records = [
+        record(1, [90.0, 10.0, 5.0]),
+        record(2, [95.0, 20.0, 5.0]),
+        record(3, [89.0, 11.0, 5.0]),
+        record(4, [90.0, 10.0, 4.0]),
+    ]
     assert [r.number for r in pareto(records, ["metric", "size", "latency"])] == [2, 4]  # 1 and 3 are beaten by 4
 
 
@@ -231,7 +286,7 @@ def test_validate_checks_every_value_of_a_search_recipe(cli: Any, tmp_path: Path
     text = (ROOT / "recipes" / "search-digits.yaml").read_text().replace("[dynamic, kbit]", "[dynamic, kbt]")
     (tmp_path / "bad.yaml").write_text(text)
     result = cli("validate", str(tmp_path / "bad.yaml"), "--no-import")
-    assert result.returncode == 2 and 'stages[2].method (quantize): Input should be' in result.stderr
+    assert result.returncode == 2 and "stages[2].method (quantize): Input should be" in result.stderr
     assert '(search value stages.2.method="kbt")' in result.stderr
 
 
@@ -250,8 +305,10 @@ def test_values_sampled_again_are_not_run_again(tmp_path: Path, registry: Regist
 
 @needs_optuna
 def test_a_conditional_dimension_is_sampled_only_when_its_condition_holds(tmp_path: Path, registry: Registry) -> None:
-    space = {"stages.1.method": {"choices": ["dynamic", "kbit"]},
-             "stages.1.bits": {"choices": [2, 8], "when": {"stages.1.method": "kbit"}}}
+    space = {
+        "stages.1.method": {"choices": ["dynamic", "kbit"]},
+        "stages.1.bits": {"choices": [2, 8], "when": {"stages.1.method": "kbit"}},
+    }
     # NSGA-II with a population of 2: its second generation is bred from the first.
     path = write_recipe(tmp_path, search_recipe(space, trials=4, sampler="nsga2", startup_trials=2, seed=1))
     records = search(path, tmp_path / "out", registry=registry).records
@@ -270,10 +327,15 @@ def test_seeds_next_to_each_other_sample_other_trials() -> None:
     from torchslim.search.study import trial_seed
 
     def values(seed: int) -> list[float]:
-        return [optuna.samplers.RandomSampler(seed=trial_seed(seed, n)).sample_independent(
-            optuna.create_study(), optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING, params={},
-                                                             distributions={}),
-            "x", optuna.distributions.FloatDistribution(0.0, 1.0)) for n in range(1, 9)]
+        return [
+            optuna.samplers.RandomSampler(seed=trial_seed(seed, n)).sample_independent(
+                optuna.create_study(),
+                optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING, params={}, distributions={}),
+                "x",
+                optuna.distributions.FloatDistribution(0.0, 1.0),
+            )
+            for n in range(1, 9)
+        ]
 
     first, second = values(0), values(1)
     assert values(0) == first  # the same seed, the same trials

@@ -22,14 +22,26 @@ SPACE = {"stages.0.amount": {"low": 0.2, "high": 0.8}, "stages.1.method": {"choi
 
 
 def _search(recipe: Path, out: Path, *flags: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "torchslim", "search", str(recipe), "--out", str(out), *flags],
-                          capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "torchslim", "search", str(recipe), "--out", str(out), *flags],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+        timeout=600,
+    )
 
 
 def _killed_at(recipe: Path, out: Path, at: str) -> str:
     """Start the search, SIGKILL it when stderr prints ``at`` (the trial has started); its stderr."""
-    proc = subprocess.Popen([sys.executable, "-m", "torchslim", "search", str(recipe), "--out", str(out)],
-                            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torchslim", "search", str(recipe), "--out", str(out)],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     assert proc.stderr is not None
     seen = []
     for line in proc.stderr:
@@ -44,8 +56,9 @@ def _killed_at(recipe: Path, out: Path, at: str) -> str:
 
 def _trials(out: Path) -> list[tuple[int, dict, float, int, int]]:
     data = json.loads((out / "front.json").read_text())
-    return [(t["trial"], t["values"], t["final"]["accuracy"], t["final"]["size_bytes"], t["final"]["macs"])
-            for t in data["trials"]]
+    return [
+        (t["trial"], t["values"], t["final"]["accuracy"], t["final"]["size_bytes"], t["final"]["macs"]) for t in data["trials"]
+    ]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("optuna") is None, reason="pip install 'torchslim[search]'")
@@ -63,8 +76,9 @@ def test_a_killed_search_resumes_to_the_trials_of_an_uninterrupted_one(tmp_path:
     assert resumed.stderr.count("search: trial ") == 2 * 2  # trials 4 and 5 only: a line when each starts and ends
 
     assert _trials(tmp_path / "killed") == _trials(tmp_path / "whole")
-    assert [p.name for p in sorted((tmp_path / "killed" / "trials").iterdir())] == \
-        [p.name for p in sorted((tmp_path / "whole" / "trials").iterdir())]
+    assert [p.name for p in sorted((tmp_path / "killed" / "trials").iterdir())] == [
+        p.name for p in sorted((tmp_path / "whole" / "trials").iterdir())
+    ]
     assert (tmp_path / "killed" / "best.yaml").read_text() == (tmp_path / "whole" / "best.yaml").read_text()
 
 
@@ -88,6 +102,7 @@ def test_a_search_with_cheap_trials_killed_in_a_full_run_resumes_to_the_same_tri
     assert f"search: trial {killed_in}: promoted after cheap rung 0" in resumed.stderr
 
     assert _trials(tmp_path / "killed") == _trials(tmp_path / "whole")
-    assert [p.name for p in sorted((tmp_path / "killed" / "trials").iterdir())] == \
-        [p.name for p in sorted((tmp_path / "whole" / "trials").iterdir())]
+    assert [p.name for p in sorted((tmp_path / "killed" / "trials").iterdir())] == [
+        p.name for p in sorted((tmp_path / "whole" / "trials").iterdir())
+    ]
     assert (tmp_path / "killed" / "best.yaml").read_text() == (tmp_path / "whole" / "best.yaml").read_text()

@@ -66,12 +66,17 @@ def scripted_ctx(model: nn.Module, flat: dict, eval_scores: list[float], validat
     return ctx
 
 
-@pytest.mark.parametrize(("validation", "best_epoch", "split", "says"), [
-    ([60.0, 90.0, 80.0, 70.0], 1, "validation", "chose on the validation data; the summary reports the eval data"),
-    (None, 3, "eval", "chose on the eval data, the same data the summary reports"),
-], ids=["validation-chooses", "eval-chooses"])
-def test_keep_best_chooses_on_validation_when_there_is_some(trained_mlp: nn.Module, flat: dict, validation: Any,
-                                                           best_epoch: int, split: str, says: str) -> None:
+@pytest.mark.parametrize(
+    ("validation", "best_epoch", "split", "says"),
+    [
+        ([60.0, 90.0, 80.0, 70.0], 1, "validation", "chose on the validation data; the summary reports the eval data"),
+        (None, 3, "eval", "chose on the eval data, the same data the summary reports"),
+    ],
+    ids=["validation-chooses", "eval-chooses"],
+)
+def test_keep_best_chooses_on_validation_when_there_is_some(
+    trained_mlp: nn.Module, flat: dict, validation: Any, best_epoch: int, split: str, says: str
+) -> None:
     # The eval scores rise while the validation scores fall: the two splits pick different epochs.
     ctx = scripted_ctx(trained_mlp, flat, [60.0, 70.0, 80.0, 90.0], validation)
     DistillStage(epochs=3, keep="best").apply(copy.deepcopy(trained_mlp), ctx)
@@ -140,20 +145,30 @@ def finished(folder: Path, recipe: Any, **changes: Any) -> None:
     """A finished report of ``recipe`` in ``folder``, written under an environment with ``changes``."""
     folder.mkdir()
     (folder / MODEL_FILE).write_bytes(b"")
-    report = {"recipe": {}, "metric": "accuracy", "notes": [], "environment": {**environment(recipe), **changes},
-              "rows": [{"stage": "baseline", "type": None, "metrics": {"accuracy": 90.0}}]}
+    report = {
+        "recipe": {},
+        "metric": "accuracy",
+        "notes": [],
+        "environment": {**environment(recipe), **changes},
+        "rows": [{"stage": "baseline", "type": None, "metrics": {"accuracy": 90.0}}],
+    }
     (folder / "report.json").write_text(json.dumps(report))
 
 
-@pytest.mark.parametrize(("changes", "reused"), [
-    ({}, True),
-    ({"torch": "2.12.0"}, False),
-    ({"machine": "arm64"}, False),
-    ({"cpu": "another CPU"}, False),
-    ({"threads": 64}, False),
-], ids=["same", "torch", "machine", "cpu", "threads"])
-def test_a_finished_report_is_reused_only_in_the_same_environment(tmp_path: Path, changes: dict, reused: bool,
-                                                                   caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(
+    ("changes", "reused"),
+    [
+        ({}, True),
+        ({"torch": "2.12.0"}, False),
+        ({"machine": "arm64"}, False),
+        ({"cpu": "another CPU"}, False),
+        ({"threads": 64}, False),
+    ],
+    ids=["same", "torch", "machine", "cpu", "threads"],
+)
+def test_a_finished_report_is_reused_only_in_the_same_environment(
+    tmp_path: Path, changes: dict, reused: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     document = Document(digits_recipe([{"type": "prune", "amount": 0.3}]), "<recipe>")
     recipe = validate(document, Registry.load(autoload=False))
     finished(tmp_path / "variant", recipe, **changes)

@@ -58,10 +58,14 @@ def test_a_branch_taken_by_a_calibration_batch_is_traced_on_it() -> None:
 
 
 def test_a_branch_no_input_takes_is_probed_and_still_runs_after_the_cut(tmp_path: Path) -> None:
-    recipe = {"name": "switch", "seed": 0, "metrics": dict(FAST_METRICS),
-              "model": {"target": "tests.test_structured_branches:switch"},
-              "data": {"target": "torchslim.examples.digits:loaders", "kwargs": {"image": True}},
-              "stages": [{"type": "prune", "method": "structured", "amount": 0.3}]}
+    recipe = {
+        "name": "switch",
+        "seed": 0,
+        "metrics": dict(FAST_METRICS),
+        "model": {"target": "tests.test_structured_branches:switch"},
+        "data": {"target": "torchslim.examples.digits:loaders", "kwargs": {"image": True}},
+        "stages": [{"type": "prune", "method": "structured", "amount": 0.3}],
+    }
     registry = Registry.load(autoload=False)
     report = torchslim.run(recipe, tmp_path, registry=registry)
     model, images = report.model, _images()

@@ -66,8 +66,9 @@ def _with_dead_neurons(model: nn.Module, count: int) -> nn.Module:
 
 
 @pytest.mark.parametrize(("importance", "dead_left"), [("activation", 0), ("obs", 0), ("l2", 8)])
-def test_activation_importance_removes_neurons_that_never_fire(trained_mlp: nn.Module, flat: dict,
-                                                                importance: str, dead_left: int) -> None:
+def test_activation_importance_removes_neurons_that_never_fire(
+    trained_mlp: nn.Module, flat: dict, importance: str, dead_left: int
+) -> None:
     dead = _with_dead_neurons(trained_mlp, 8)
     pruned, _ = _prune(dead, flat, amount=0.25, scope="layer", importance=importance, exclude=["2"])
     assert pruned[0].out_features == 24

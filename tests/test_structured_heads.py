@@ -30,16 +30,22 @@ HEADS, HEAD_DIM, LAYERS, FFN = 4, 8, 2, 64
 def tiny_bert(attention: str = "sdpa") -> SentenceEncoder:
     """A 2-layer BERT (hidden 32, 4 heads of 8, feed-forward 64, vocabulary 100), random but seeded."""
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=100, hidden_size=HEADS * HEAD_DIM, num_hidden_layers=LAYERS,
-                                     num_attention_heads=HEADS, intermediate_size=FFN, max_position_embeddings=64,
-                                     attn_implementation=attention)
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=HEADS * HEAD_DIM,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=FFN,
+        max_position_embeddings=64,
+        attn_implementation=attention,
+    )
     return SentenceEncoder(transformers.BertModel(config, add_pooling_layer=False)).eval()
 
 
 def token_ids(count: int = 16, length: int = 12, seed: int = 1) -> torch.Tensor:
     """Random token ids, the second half of the rows padded (0) over their last 4 positions."""
     ids = torch.randint(1, 100, (count, length), generator=torch.Generator().manual_seed(seed))
-    ids[count // 2:, -4:] = 0
+    ids[count // 2 :, -4:] = 0
     return ids
 
 
@@ -98,12 +104,15 @@ def test_kept_heads_are_whole() -> None:
     masked = copy.deepcopy(original)
     for before, after, target in zip(attentions(original), attentions(model), attentions(masked), strict=True):
         rows = before.self.query.weight.view(HEADS, HEAD_DIM, -1)
-        kept = [h for h in range(HEADS) if any(torch.equal(rows[h], block) for block in
-                                               after.self.query.weight.view(-1, HEAD_DIM, rows.shape[-1]))]
+        kept = [
+            h
+            for h in range(HEADS)
+            if any(torch.equal(rows[h], block) for block in after.self.query.weight.view(-1, HEAD_DIM, rows.shape[-1]))
+        ]
         assert len(kept) == after.self.num_attention_heads == 3
         with torch.no_grad():
             for head in set(range(HEADS)) - set(kept):
-                target.output.dense.weight[:, head * HEAD_DIM:(head + 1) * HEAD_DIM] = 0
+                target.output.dense.weight[:, head * HEAD_DIM : (head + 1) * HEAD_DIM] = 0
     ids = token_ids(4, 9, seed=3)
     assert torch.allclose(model(ids), masked(ids), atol=1e-5)
     assert not torch.allclose(model(ids), original(ids), atol=1e-3)
@@ -116,8 +125,9 @@ def test_never_every_head() -> None:
     assert ctx.metrics["pruned_heads"] == LAYERS * (HEADS - 1)
 
 
-@pytest.mark.parametrize("options", [{"head_amount": 0.0}, {"exclude": ["*attention*", "*embeddings*"]}],
-                         ids=["head_amount-0", "attention-excluded"])
+@pytest.mark.parametrize(
+    "options", [{"head_amount": 0.0}, {"exclude": ["*attention*", "*embeddings*"]}], ids=["head_amount-0", "attention-excluded"]
+)
 def test_feed_forward_only_keeps_every_head(options: dict) -> None:
     _, model, ctx = pruned({"amount": 0.5, **options})
     assert [block.self.num_attention_heads for block in attentions(model)] == [HEADS] * LAYERS
@@ -141,10 +151,15 @@ def test_head_amount_without_attention_says_so(trained_mlp: nn.Module, flat: dic
 
 def heads_recipe(options: dict) -> dict:
     """A recipe that prunes the tiny BERT with a structured stage of ``options``, scored by cosine."""
-    return {"name": "heads", "seed": 0, "model": {"target": "tests.test_structured_heads:tiny_bert"},
-            "data": {"target": "tests.test_structured_heads:tiny_loaders"},
-            "evaluate": {"metric": "torchslim.examples.minilm:cosine", "name": "cosine"},
-            "metrics": dict(FAST_METRICS), "stages": [{"type": "prune", "method": "structured", **options}]}
+    return {
+        "name": "heads",
+        "seed": 0,
+        "model": {"target": "tests.test_structured_heads:tiny_bert"},
+        "data": {"target": "tests.test_structured_heads:tiny_loaders"},
+        "evaluate": {"metric": "torchslim.examples.minilm:cosine", "name": "cosine"},
+        "metrics": dict(FAST_METRICS),
+        "stages": [{"type": "prune", "method": "structured", **options}],
+    }
 
 
 def test_saved_model_reloads_with_its_head_counts(tmp_path: Path) -> None:

@@ -148,11 +148,15 @@ def test_a_users_own_layer_is_cut_by_the_pruner_named_for_it(images: dict) -> No
     assert torch.equal(rebuilt.eval()(x), out(x))
 
 
-@pytest.mark.parametrize(("pruners", "expected"), [
-    ({f"{__name__}:GainConvPruner": f"{__name__}:GainConvPruner"}, "is not an nn.Module class"),
-    ({f"{__name__}:GainConv": f"{__name__}:OwnLayers"}, "built a OwnLayers, which lacks out_channels"),
-    ({f"{__name__}:GainConv": f"{__name__}:GainConvPrunr"}, "has no attribute 'GainConvPrunr'"),
-], ids=["layer-not-a-module", "pruner-not-a-pruner", "misspelt"])
+@pytest.mark.parametrize(
+    ("pruners", "expected"),
+    [
+        ({f"{__name__}:GainConvPruner": f"{__name__}:GainConvPruner"}, "is not an nn.Module class"),
+        ({f"{__name__}:GainConv": f"{__name__}:OwnLayers"}, "built a OwnLayers, which lacks out_channels"),
+        ({f"{__name__}:GainConv": f"{__name__}:GainConvPrunr"}, "has no attribute 'GainConvPrunr'"),
+    ],
+    ids=["layer-not-a-module", "pruner-not-a-pruner", "misspelt"],
+)
 def test_an_unusable_layer_pruner_is_a_stage_error(images: dict, pruners: dict[str, str], expected: str) -> None:
     model = OwnLayers().eval()
     with pytest.raises(StageError, match="layer_pruners") as info:

@@ -34,8 +34,7 @@ def test_output_or_excluded_layers_only(flat: dict) -> None:
     with pytest.raises(StageError) as info:
         StructuredPrune(amount=0.5, exclude=["0"]).apply(model, make_ctx(model, flat))
     message = str(info.value)
-    assert "no channel could be removed: every prunable layer is an output layer or excluded (left alone: 0, 2)" \
-        in message
+    assert "no channel could be removed: every prunable layer is an output layer or excluded (left alone: 0, 2)" in message
     assert "left whole" not in message and "forward failed" not in message
 
 
@@ -46,8 +45,10 @@ def test_a_cut_that_breaks_the_forward_is_named_with_its_exception(images: dict,
     with pytest.raises(StageError) as info:
         StructuredPrune(amount=0.5, scope=scope).apply(model, make_ctx(model, images))
     message = str(info.value)
-    assert "no channel could be removed: 1 group(s) of coupled channels left whole (conv: the pruned forward " \
-           "failed (RuntimeError: The size of tensor a (4) must match the size of tensor b (8)" in message
+    assert (
+        "no channel could be removed: 1 group(s) of coupled channels left whole (conv: the pruned forward "
+        "failed (RuntimeError: The size of tensor a (4) must match the size of tensor b (8)" in message
+    )
     assert "; cut undone); output or excluded layers left alone: head" in message
     assert "every prunable layer is an output layer or excluded" not in message
     assert model.conv.out_channels == 8 and model(torch.randn(2, 1, 8, 8)).shape == (2, 10)  # the cut was undone

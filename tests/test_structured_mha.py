@@ -68,7 +68,7 @@ def zeroed(layer: nn.Module, heads: list[int], size: int) -> nn.Module:
     masked = copy.deepcopy(layer)
     with torch.no_grad():
         for head in heads:
-            masked.self_attn.out_proj.weight[:, head * size:(head + 1) * size] = 0
+            masked.self_attn.out_proj.weight[:, head * size : (head + 1) * size] = 0
     return masked
 
 
@@ -157,9 +157,15 @@ def test_vit_heads_cut_are_whole() -> None:
 
 
 def test_vit_run_saves_and_reloads(tmp_path: Path) -> None:
-    recipe = {"name": "vit", "seed": 0, "model": {"target": "tests.torch_vit:vit", "kwargs": {"layers": 2}},
-              "data": {"target": "tests.torch_vit:loaders"}, "evaluate": {"metric": "accuracy"},
-              "metrics": dict(FAST_METRICS), "stages": [{"type": "prune", "method": "structured", "amount": 0.3}]}
+    recipe = {
+        "name": "vit",
+        "seed": 0,
+        "model": {"target": "tests.torch_vit:vit", "kwargs": {"layers": 2}},
+        "data": {"target": "tests.torch_vit:loaders"},
+        "evaluate": {"metric": "accuracy"},
+        "metrics": dict(FAST_METRICS),
+        "stages": [{"type": "prune", "method": "structured", "amount": 0.3}],
+    }
     registry = Registry.load(autoload=False)
     report = torchslim.run(recipe, tmp_path, registry=registry)
     loaded = torchslim.load_model(tmp_path, registry)
@@ -181,7 +187,7 @@ class EinsumAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = (t.unflatten(-1, (self.n, self.size)) for t in self.project(x).chunk(3, dim=-1))
-        attention = torch.einsum("bqhd,bkhd->bhqk", q, k).mul(self.size ** -0.5).softmax(dim=-1)
+        attention = torch.einsum("bqhd,bkhd->bhqk", q, k).mul(self.size**-0.5).softmax(dim=-1)
         return self.merge(torch.einsum("bhqk,bkhd->bqhd", attention, v).flatten(2))
 
 
@@ -222,9 +228,11 @@ class Tokens(nn.Module):
         return self.head(x.mean(dim=1))
 
 
-@pytest.mark.parametrize(("attention", "count", "projection"), [(EinsumAttention, "n", "project"),
-                                                              (CrossCovariance, "groups", "qkv")],
-                         ids=["einsum-chunked", "cross-covariance"])
+@pytest.mark.parametrize(
+    ("attention", "count", "projection"),
+    [(EinsumAttention, "n", "project"), (CrossCovariance, "groups", "qkv")],
+    ids=["einsum-chunked", "cross-covariance"],
+)
 def test_heads_found_from_the_graph(attention: type[nn.Module], count: str, projection: str) -> None:
     """Heads found by the reshape of the projection's output, whatever the names: the module's count and its
     per-head tensors follow, and the pruned model equals the original with those heads' output zeroed."""
@@ -232,20 +240,21 @@ def test_heads_found_from_the_graph(attention: type[nn.Module], count: str, proj
     x = torch.randn(8, 6, 16, generator=torch.Generator().manual_seed(1))
     data = {name: [(x, torch.zeros(8, dtype=torch.long))] for name in ("train", "calibration", "eval")}
     ctx = make_ctx(original, data, evaluate=lambda m: 0.0)
-    model = StructuredPrune(amount=0.3, head_amount=0.5, exclude=["embed", "feed*", "head"]).apply(
-        copy.deepcopy(original), ctx)
+    model = StructuredPrune(amount=0.3, head_amount=0.5, exclude=["embed", "feed*", "head"]).apply(copy.deepcopy(original), ctx)
     assert ctx.metrics["pruned_heads"] == 4
     masked = copy.deepcopy(original)
     for before, after, target in zip(original.blocks, model.blocks, masked.blocks, strict=True):
         assert getattr(after, count) == 2 and getattr(after, projection).out_features == 3 * 2 * 8
         rows = getattr(before, projection).weight[:32].view(4, 8, 16 * 2)
-        kept = [h for h in range(4) if any(torch.equal(rows[h], r) for r in getattr(after, projection).weight[:16].view(2, 8, 32))]
+        kept = [
+            h for h in range(4) if any(torch.equal(rows[h], r) for r in getattr(after, projection).weight[:16].view(2, 8, 32))
+        ]
         assert len(kept) == 2
         if isinstance(after, CrossCovariance):
             assert torch.equal(after.temperature.flatten(), before.temperature.flatten()[kept])
             assert (after.width, after.heads_width, after.size) == (32, 16, 8)
         out = target.merge if isinstance(target, EinsumAttention) else target.out
         for head in set(range(4)) - set(kept):
-            out.weight.data[:, head * 8:(head + 1) * 8] = 0
+            out.weight.data[:, head * 8 : (head + 1) * 8] = 0
     with torch.no_grad():
         assert torch.allclose(model(x), masked(x), atol=1e-5)

@@ -73,10 +73,14 @@ def rows_and_columns() -> nn.Module:
 
 
 def _run(tmp_path: Path, factory: str, image: bool) -> tuple[Any, nn.Module, torch.Tensor]:
-    recipe = {"name": "reload", "seed": 0, "metrics": dict(FAST_METRICS),
-              "model": {"target": f"tests.test_structured_reload:{factory}"},
-              "data": {"target": "torchslim.examples.digits:loaders", "kwargs": {"image": image}},
-              "stages": [{"type": "prune", "method": "structured", "amount": 0.3}]}
+    recipe = {
+        "name": "reload",
+        "seed": 0,
+        "metrics": dict(FAST_METRICS),
+        "model": {"target": f"tests.test_structured_reload:{factory}"},
+        "data": {"target": "torchslim.examples.digits:loaders", "kwargs": {"image": image}},
+        "stages": [{"type": "prune", "method": "structured", "amount": 0.3}],
+    }
     registry = Registry.load(autoload=False)
     report = torchslim.run(recipe, tmp_path, registry=registry)  # its reload check runs (--out)
     inputs = next(iter(digits.loaders(image=image)["eval"]))[0]

@@ -186,8 +186,11 @@ def test_a_reshape_the_index_mapping_fails_at_leaves_its_groups_whole_and_prunes
     assert all(mlp[0].out_channels < 64 for mlp in out.mlps)  # the hidden layers, away from the reshape, are cut
     # the groups through the reshape stay whole and are named: where Torch-Pruning's index mapping fails there
     # (before the windowed-expand repair of _structured_expand it did), or where its check refuses their cut
-    assert any(("reshape operation fed by blocks." in note and "left whole" in note) or
-               ("blocks.1.qkv" in note and "refused the cut" in note) for note in notes), notes
+    assert any(
+        ("reshape operation fed by blocks." in note and "left whole" in note)
+        or ("blocks.1.qkv" in note and "refused the cut" in note)
+        for note in notes
+    ), notes
     assert ratio > 1.1
 
 

@@ -40,8 +40,8 @@ class DualPath(nn.Module):
         x = self.stem(x)
         for reduce, expand in zip(self.reduce, self.expand, strict=True):
             y = expand(torch.relu(reduce(x)))
-            parts = [x[:, :self.res] + y[:, :self.res], x[:, self.res:], y[:, self.res:]]
-            x = torch.cat(parts + [torch.zeros_like(y[:, :self.pad])] * (self.pad > 0), dim=1)
+            parts = [x[:, : self.res] + y[:, : self.res], x[:, self.res :], y[:, self.res :]]
+            x = torch.cat(parts + [torch.zeros_like(y[:, : self.pad])] * (self.pad > 0), dim=1)
         return self.classifier(x.mean(dim=(2, 3)))
 
 
@@ -97,8 +97,10 @@ def test_a_graph_that_cannot_be_built_names_the_library_the_phase_and_what_to_tr
     with pytest.raises(StageError) as info:
         StructuredPrune(amount=0.3).apply(model, ctx)
     message = str(info.value)
-    assert "Torch-Pruning could not build the model's dependency graph (tracing the forward: AttributeError: " \
-           "'str' object has no attribute 'grad_fn')" in message
+    assert (
+        "Torch-Pruning could not build the model's dependency graph (tracing the forward: AttributeError: "
+        "'str' object has no attribute 'grad_fn')" in message
+    )
     assert "exclude does not take a layer out of it. Try the unstructured methods" in message
 
 
@@ -153,8 +155,9 @@ def test_cuts_stop_at_the_time_limit_and_name_the_groups_not_reached() -> None:
     assert [conv.out_channels for conv in model.reduce] == [8, 8]
 
 
-def test_cuts_are_checked_together_and_one_by_one_where_a_batch_breaks(caplog: pytest.LogCaptureFixture,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cuts_are_checked_together_and_one_by_one_where_a_batch_breaks(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from torchslim.plugins.prune import _structured_checks as checks
     from torchslim.plugins.prune._structured import _cut_all, _graph_and_groups
 
@@ -182,8 +185,7 @@ def test_listing_and_cutting_log_their_progress(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(clock_module, "PROGRESS_SECONDS", 0.0)
     torch.manual_seed(0)
     with caplog.at_level(logging.INFO, logger="torchslim"):
-        prune_step(DualPath(blocks=2).eval(), EXAMPLE, 0.3, ChannelOptions("layer", 1, 1, 0.9, []), ChannelState(),
-                   time_limit=60)
+        prune_step(DualPath(blocks=2).eval(), EXAMPLE, 0.3, ChannelOptions("layer", 1, 1, 0.9, []), ChannelState(), time_limit=60)
     assert re.search(r"structured: listed 1 groups in \d+ s \(at \w+", caplog.text)
     assert re.search(r"structured: cut 1/\d+ groups in \d+ s \(at \w+", caplog.text)
 

@@ -31,11 +31,19 @@ def train_loss(model: nn.Module, loader: Any) -> float:
 
 def labels_job(model: nn.Module, loader: Any, trainee: nn.Module | None = None, masks: ZeroMasks | None = None) -> Job:
     """A job that trains ``model`` (through ``trainee``) on cross-entropy over ``loader``, in the loader's order."""
+
     def loss_fn(inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return F.cross_entropy(model(inputs), labels), torch.zeros(())
 
-    return Job("train", model, TrainBatches(loader, seed=None), loss_fn, torch.device("cpu"), trainee or model,
-               after_step=masks.reapply if masks is not None else None)
+    return Job(
+        "train",
+        model,
+        TrainBatches(loader, seed=None),
+        loss_fn,
+        torch.device("cpu"),
+        trainee or model,
+        after_step=masks.reapply if masks is not None else None,
+    )
 
 
 def prune_smallest(weight: torch.Tensor, amount: float) -> None:
@@ -160,11 +168,15 @@ def test_an_unevaluated_run_logs_its_loss_without_a_score(flat: dict, caplog: py
     assert lines[1].startswith("  train epoch 2/2: loss ") and outcome.best_epoch == 0
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ({"evaluate": False, "keep": "best"}, "need evaluate"),
-    ({"evaluate": False, "patience": 2}, "need evaluate"),
-    ({"epochs": 0}, "epochs >= 1"),
-], ids=["best-unevaluated", "patience-unevaluated", "no-epochs"])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"evaluate": False, "keep": "best"}, "need evaluate"),
+        ({"evaluate": False, "patience": 2}, "need evaluate"),
+        ({"epochs": 0}, "epochs >= 1"),
+    ],
+    ids=["best-unevaluated", "patience-unevaluated", "no-epochs"],
+)
 def test_plans_the_loop_cannot_honour_are_refused(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         TrainPlan(**options)
@@ -172,5 +184,6 @@ def test_plans_the_loop_cannot_honour_are_refused(options: dict, message: str) -
 
 def test_a_plan_takes_the_distill_stage_fields() -> None:
     stage = DistillStage(epochs=4, lr=0.01, optimizer="sgd", schedule="cosine", keep="best", patience=2, better="lower")
-    assert TrainPlan.of(stage) == TrainPlan(epochs=4, lr=0.01, optimizer="sgd", schedule="cosine", keep="best",
-                                            patience=2, better="lower")
+    assert TrainPlan.of(stage) == TrainPlan(
+        epochs=4, lr=0.01, optimizer="sgd", schedule="cosine", keep="best", patience=2, better="lower"
+    )

@@ -112,8 +112,10 @@ def test_unknown_kwarg_names_the_parameters(tmp_path: Path, user_module: str, cl
     for command in ("validate", "run"):
         result = cli(command, str(path))
         assert_located(result, path, "hiden")
-        assert (f"model.kwargs.hiden: {user_module}:build(hidden: int = 16, inputs: int = 64) does not accept these "
-                "kwargs: got an unexpected keyword argument 'hiden'; did you mean 'hidden'?") in result.stderr
+        assert (
+            f"model.kwargs.hiden: {user_module}:build(hidden: int = 16, inputs: int = 64) does not accept these "
+            "kwargs: got an unexpected keyword argument 'hiden'; did you mean 'hidden'?"
+        ) in result.stderr
 
 
 def test_factory_that_raises(tmp_path: Path, user_module: str, cli: Callable[..., CliResult]) -> None:
@@ -138,15 +140,24 @@ def test_inputs_that_do_not_fit_the_model(tmp_path: Path, user_module: str, cli:
     path = user_recipe(tmp_path, user_module, model={"target": f"{user_module}:build", "kwargs": {"inputs": 10}})
     result = cli("run", str(path))
     assert_located(result, path, f"{user_module}:build")
-    assert (f"model.target: {user_module}:build fails on a batch of data.target torchslim.examples.digits:loaders "
-            "(inputs of shape [256, 64], torch.float32): RuntimeError: mat1 and mat2 shapes cannot be multiplied") in result.stderr
+    assert (
+        f"model.target: {user_module}:build fails on a batch of data.target torchslim.examples.digits:loaders "
+        "(inputs of shape [256, 64], torch.float32): RuntimeError: mat1 and mat2 shapes cannot be multiplied"
+    ) in result.stderr
 
 
-@pytest.mark.parametrize(("metric", "message"), [
-    ("score", "evaluate.metric: measuring the model before any stage failed (model {m}:build, data "
-              "torchslim.examples.digits:loaders, metric {m}:score): KeyError: 'labels'"),
-    ("text_score", "evaluate.metric: returned str, expected a float"),
-], ids=["raises", "not-a-float"])
+@pytest.mark.parametrize(
+    ("metric", "message"),
+    [
+        (
+            "score",
+            "evaluate.metric: measuring the model before any stage failed (model {m}:build, data "
+            "torchslim.examples.digits:loaders, metric {m}:score): KeyError: 'labels'",
+        ),
+        ("text_score", "evaluate.metric: returned str, expected a float"),
+    ],
+    ids=["raises", "not-a-float"],
+)
 def test_metric_failures(tmp_path: Path, user_module: str, cli: Callable[..., CliResult], metric: str, message: str) -> None:
     path = user_recipe(tmp_path, user_module, evaluate={"metric": f"{user_module}:{metric}"})
     result = cli("run", str(path))
@@ -155,8 +166,9 @@ def test_metric_failures(tmp_path: Path, user_module: str, cli: Callable[..., Cl
 
 
 def test_one_hot_targets_score_as_their_class(tmp_path: Path, user_module: str, registry: Registry) -> None:
-    one_hot = torchslim.run(user_recipe(tmp_path, user_module, data={"target": f"{user_module}:digits_targets"}),
-                            registry=registry)
+    one_hot = torchslim.run(
+        user_recipe(tmp_path, user_module, data={"target": f"{user_module}:digits_targets"}), registry=registry
+    )
     labels = torchslim.run(user_recipe(tmp_path, user_module), registry=registry)
     assert one_hot.baseline.metrics["accuracy"] == labels.baseline.metrics["accuracy"]
 
@@ -166,9 +178,11 @@ def test_targets_that_fit_no_accuracy_name_the_metric(tmp_path: Path, user_modul
     path = user_recipe(tmp_path, user_module, data=data)
     result = cli("run", str(path))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert (f"evaluate.metric: accuracy on data.target {user_module}:digits_targets: the built-in accuracy compares the "
-            "highest of the model's scores (outputs of shape [256, 10]) with class indices of shape [256] or one-hot "
-            "targets of the outputs' shape; the eval loader's targets are [256, 5], torch.float32") in result.stderr
+    assert (
+        f"evaluate.metric: accuracy on data.target {user_module}:digits_targets: the built-in accuracy compares the "
+        "highest of the model's scores (outputs of shape [256, 10]) with class indices of shape [256] or one-hot "
+        "targets of the outputs' shape; the eval loader's targets are [256, 5], torch.float32"
+    ) in result.stderr
 
 
 def test_name_defaults_to_the_file_stem(tmp_path: Path, cli: Callable[..., CliResult]) -> None:
@@ -193,8 +207,10 @@ def test_measurement_after_a_stage_is_that_stage(tmp_path: Path, registry: Regis
     registry.add(StageEntry("break", "tests", "tests:BreakStage", cls=BreakStage))
     with pytest.raises(StageError) as info:
         torchslim.run(digits_recipe([{"type": "break", "name": "cut"}], train_epochs=0), tmp_path / "out", registry=registry)
-    assert str(info.value).startswith("stage cut: the model it returned fails in the measurement after the stage: "
-                                      "RuntimeError: mat1 and mat2 shapes cannot be multiplied")
+    assert str(info.value).startswith(
+        "stage cut: the model it returned fails in the measurement after the stage: "
+        "RuntimeError: mat1 and mat2 shapes cannot be multiplied"
+    )
     assert info.value.exit_code == 1
     assert "Traceback" in (tmp_path / "out" / "torchslim.log").read_text()
 
@@ -211,6 +227,7 @@ def test_validate_checks_checkpoint_files(tmp_path: Path, cli: Callable[..., Cli
 def test_validate_checks_that_torchao_imports(tmp_path: Path, cli: Callable[..., CliResult]) -> None:
     try:
         import torchao  # noqa: F401
+
         pytest.skip("torchao is installed here")
     except ImportError:
         pass
@@ -263,15 +280,17 @@ def test_output_error_speaks_python_to_python(tmp_path: Path, registry: Registry
 @pytest.mark.slow
 def test_no_traceback_in_a_real_console(tmp_path: Path, user_module: str) -> None:
     path = user_recipe(tmp_path, user_module, model={"target": f"{user_module}:build", "kwargs": {"hiden": 16}})
-    result = subprocess.run([sys.executable, "-m", "torchslim", "run", str(path)], capture_output=True, text=True,
-                            cwd=ROOT, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "torchslim", "run", str(path)], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
     assert result.returncode == 2
     assert "did you mean 'hidden'?" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_closed_pipe_ends_quietly() -> None:
-    process = subprocess.Popen([sys.executable, "-m", "torchslim", "schema"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, cwd=ROOT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "torchslim", "schema"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT
+    )
     assert process.stdout is not None and process.stderr is not None
     process.stdout.close()  # the reader went away, as `| head` does
     stderr = process.stderr.read().decode()

@@ -41,8 +41,13 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]
     """The results of ``--quick`` (or of the hand-written models alone, without timm) and its output."""
     out = tmp_path_factory.mktemp("zoo") / "zoo.json"
     which = ["--quick"] if _timm_importable() is None else ["--models", ",".join(HANDWRITTEN)]
-    done = subprocess.run([sys.executable, "-m", "bench.zoo", *which, "--timeout", "300", "--json", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=2400)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.zoo", *which, "--timeout", "300", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=2400,
+    )
     assert out.exists(), done.stdout + done.stderr
     return json.loads(out.read_text()), done.stdout + done.stderr
 

@@ -12,15 +12,24 @@ from torch.utils.data import DataLoader, TensorDataset
 class TorchViT(nn.Module):
     """Images (B, 3, size, size) -> class logits, through ``layers`` encoder layers of ``width`` and ``heads``."""
 
-    def __init__(self, size: int = 32, patch: int = 4, width: int = 192, heads: int = 6, layers: int = 4,
-                 classes: int = 10, batch_first: bool = True) -> None:
+    def __init__(
+        self,
+        size: int = 32,
+        patch: int = 4,
+        width: int = 192,
+        heads: int = 6,
+        layers: int = 4,
+        classes: int = 10,
+        batch_first: bool = True,
+    ) -> None:
         super().__init__()
         self.batch_first = batch_first
         self.embed = nn.Conv2d(3, width, patch, stride=patch)
         self.cls = nn.Parameter(torch.randn(1, 1, width) * 0.02)
         self.pos = nn.Parameter(torch.randn(1, (size // patch) ** 2 + 1, width) * 0.02)
-        layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=4 * width, dropout=0.0,
-                                           activation="gelu", batch_first=batch_first, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            width, heads, dim_feedforward=4 * width, dropout=0.0, activation="gelu", batch_first=batch_first, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, classes)

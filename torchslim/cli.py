@@ -42,8 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif getattr(args, "out", None) and args.command == "search":
             print(f"torchslim: finished trials are kept in {args.out}; rerun with --resume to continue", file=sys.stderr)
         elif getattr(args, "out", None):
-            print(f"torchslim: finished variants are kept in {args.out}; rerun the same command to continue",
-                  file=sys.stderr)
+            print(f"torchslim: finished variants are kept in {args.out}; rerun the same command to continue", file=sys.stderr)
         return 130
 
 
@@ -101,25 +100,38 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", type=Path, help="recipe YAML file")
     p.add_argument("--out", type=Path, help="write reports, the resolved recipe and the final model here")
     p.add_argument("--overwrite", action="store_true", help="allow --out to be a non-empty directory")
-    p.add_argument("--resume", action="store_true",
-                   help="reuse the stage checkpoints in --out whose recipe prefix is unchanged")
-    p.add_argument("--track", metavar="mlflow[:URI]",
-                   help="log to MLflow (default store: mlflow.db beside --out; docs/scale.md)")
+    p.add_argument("--resume", action="store_true", help="reuse the stage checkpoints in --out whose recipe prefix is unchanged")
+    p.add_argument("--track", metavar="mlflow[:URI]", help="log to MLflow (default store: mlflow.db beside --out; docs/scale.md)")
     p.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     p.set_defaults(handler=_run)
 
     p = sub.add_parser("compare", parents=[quiet], help="run several recipes (sweeps expanded) and compare them side by side")
-    p.add_argument("recipes", type=Path, nargs="+",
-                   help="recipe YAML files, or folders of them (each *.yaml); a recipe with sweep: gives one variant per value")
-    p.add_argument("--out", type=Path, help="write comparison.{json,csv,md,html,png} and each variant's report directory here; "
-                   "a repeated command reuses the variants that finished")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="variants run at once in separate processes, the cores divided between them (default 1: "
-                        "latency figures undisturbed)")
-    p.add_argument("--executor", default="local", metavar="local|ray[:ADDRESS]",
-                   help="local processes (default) or tasks of a Ray cluster (pip install 'torchslim[ray]'; docs/scale.md)")
-    p.add_argument("--track", metavar="mlflow[:URI]",
-                   help="log to MLflow (default store: mlflow.db beside --out; docs/scale.md)")
+    p.add_argument(
+        "recipes",
+        type=Path,
+        nargs="+",
+        help="recipe YAML files, or folders of them (each *.yaml); a recipe with sweep: gives one variant per value",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="write comparison.{json,csv,md,html,png} and each variant's report directory here; "
+        "a repeated command reuses the variants that finished",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="variants run at once in separate processes, the cores divided between them (default 1: "
+        "latency figures undisturbed)",
+    )
+    p.add_argument(
+        "--executor",
+        default="local",
+        metavar="local|ray[:ADDRESS]",
+        help="local processes (default) or tasks of a Ray cluster (pip install 'torchslim[ray]'; docs/scale.md)",
+    )
+    p.add_argument("--track", metavar="mlflow[:URI]", help="log to MLflow (default store: mlflow.db beside --out; docs/scale.md)")
     p.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     p.set_defaults(handler=_compare)
 
@@ -127,25 +139,43 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", type=Path, help="recipe YAML file with a search: block")
     p.add_argument("--out", type=Path, required=True, help="the study, front.{json,md,png}, best.yaml and trials/ go here")
     p.add_argument("--resume", action="store_true", help="continue the search in --out: finished trials are not run again")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="trials at once in separate processes, the cores divided between them (default 1: latency undisturbed)")
-    p.add_argument("--executor", default="local", metavar="local|ray[:ADDRESS]",
-                   help="local processes (default) or tasks of a Ray cluster (pip install 'torchslim[ray]'; docs/scale.md)")
-    p.add_argument("--storage", metavar="URL",
-                   help="keep the study in this database (sqlite:///F.db, postgresql://...), shared by searches run with "
-                        "--resume (default: study.journal in --out)")
-    p.add_argument("--track", metavar="mlflow[:URI]",
-                   help="log to MLflow (default store: mlflow.db beside --out; docs/scale.md)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="trials at once in separate processes, the cores divided between them (default 1: latency undisturbed)",
+    )
+    p.add_argument(
+        "--executor",
+        default="local",
+        metavar="local|ray[:ADDRESS]",
+        help="local processes (default) or tasks of a Ray cluster (pip install 'torchslim[ray]'; docs/scale.md)",
+    )
+    p.add_argument(
+        "--storage",
+        metavar="URL",
+        help="keep the study in this database (sqlite:///F.db, postgresql://...), shared by searches run with "
+        "--resume (default: study.journal in --out)",
+    )
+    p.add_argument("--track", metavar="mlflow[:URI]", help="log to MLflow (default store: mlflow.db beside --out; docs/scale.md)")
     p.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     p.set_defaults(handler=_search)
 
-    p = sub.add_parser("sensitivity", parents=[quiet],
-                       help="measure what each layer or group of coupled layers loses, compressed alone at a few settings")
+    p = sub.add_parser(
+        "sensitivity",
+        parents=[quiet],
+        help="measure what each layer or group of coupled layers loses, compressed alone at a few settings",
+    )
     p.add_argument("recipe", type=Path, help="recipe YAML file (its structured prune and low-bit quantize stages are measured)")
-    p.add_argument("--out", type=Path, required=True,
-                   help="sensitivity.{json,md,png} and the cache (sensitivity-cache-*.json) go here")
-    p.add_argument("--stage", type=int, action="append", help="measure this stage (its index; repeatable; default: every "
-                   "stage that can be measured)")
+    p.add_argument(
+        "--out", type=Path, required=True, help="sensitivity.{json,md,png} and the cache (sensitivity-cache-*.json) go here"
+    )
+    p.add_argument(
+        "--stage",
+        type=int,
+        action="append",
+        help="measure this stage (its index; repeatable; default: every stage that can be measured)",
+    )
     p.add_argument("--settings", help="the bits or amounts to try, comma-separated (default 1,2,4,8 bits; 0.25,0.5,0.75)")
     p.add_argument("--batches", type=int, default=8, help="calibration batches compared (default 8)")
     p.add_argument("--debug", action="store_true", help="show the traceback of a failure")
@@ -153,24 +183,40 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", parents=[quiet], help="export a finished float run to ONNX or OpenVINO, beside its model.pt")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the --out directory of a finished torchslim run")
-    p.add_argument("--to", required=True, choices=["onnx", "openvino"],
-                   help="onnx: RUN_DIR/model.onnx (checked in ONNX Runtime); openvino: RUN_DIR/model.xml + model.bin")
+    p.add_argument(
+        "--to",
+        required=True,
+        choices=["onnx", "openvino"],
+        help="onnx: RUN_DIR/model.onnx (checked in ONNX Runtime); openvino: RUN_DIR/model.xml + model.bin",
+    )
     p.add_argument("--opset", type=int, help="ONNX opset of the export (default 18, at least 17)")
-    p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript", "openvino"],
-                   help="dynamo or torchscript (torch's ONNX exporters), openvino (OpenVINO's converter, --to openvino); "
-                        "default auto: openvino for --to openvino, dynamo for onnx")
-    p.add_argument("--dynamic-axes", metavar="DIMS",
-                   help="input dimensions left dynamic, comma-separated (default 0, the batch; 0,1 for a text model)")
-    p.add_argument("--tolerance", type=float,
-                   help="largest allowed difference from torch's outputs, relative to the largest output (default 1e-4)")
+    p.add_argument(
+        "--exporter",
+        choices=["auto", "dynamo", "torchscript", "openvino"],
+        help="dynamo or torchscript (torch's ONNX exporters), openvino (OpenVINO's converter, --to openvino); "
+        "default auto: openvino for --to openvino, dynamo for onnx",
+    )
+    p.add_argument(
+        "--dynamic-axes",
+        metavar="DIMS",
+        help="input dimensions left dynamic, comma-separated (default 0, the batch; 0,1 for a text model)",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        help="largest allowed difference from torch's outputs, relative to the largest output (default 1e-4)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export")
     p.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     p.set_defaults(handler=_export)
 
     p = sub.add_parser("validate", parents=[quiet], help="check a recipe without running it")
     p.add_argument("recipe", type=Path)
-    p.add_argument("--no-import", action="store_true",
-                   help="check the recipe's shape only: import nothing it names (model, data, metric code)")
+    p.add_argument(
+        "--no-import",
+        action="store_true",
+        help="check the recipe's shape only: import nothing it names (model, data, metric code)",
+    )
     p.set_defaults(handler=_validate)
 
     p = sub.add_parser("plugins", help="list stage types and where they come from")
@@ -207,8 +253,10 @@ def _run(args: argparse.Namespace) -> int:
         tracker.log_run(str(report.recipe.get("name", "run")), args.out, report, tags={"torchslim.command": "run"})
     print(summary(report))
     if args.out:
-        print(f"\nwrote {args.out}/report.json, report.md, report.csv, recipe.yaml, model.pt "
-              f"(load with torchslim.load_model('{args.out}'))")
+        print(
+            f"\nwrote {args.out}/report.json, report.md, report.csv, recipe.yaml, model.pt "
+            f"(load with torchslim.load_model('{args.out}'))"
+        )
     return 0
 
 
@@ -227,8 +275,9 @@ def _search(args: argparse.Namespace) -> int:
     from .search import search
     from .search.files import front_table, summary_lines
 
-    result = search(args.recipe, args.out, resume=args.resume, jobs=args.jobs, executor=args.executor, storage=args.storage,
-                    track=args.track)
+    result = search(
+        args.recipe, args.out, resume=args.resume, jobs=args.jobs, executor=args.executor, storage=args.storage, track=args.track
+    )
     print("\n".join([front_table(result.state), *summary_lines(result.state)]))
     print(f"\nwrote {args.out}/front.json, front.md, front.png, best.yaml and trials/ (one report per trial)")
     return 0
@@ -262,8 +311,11 @@ def _export(args: argparse.Namespace) -> int:
     # Imported here: the engine (and this command line) work without the deploy extras installed.
     from .export import export_run
 
-    options = {key: value for key, value in (("opset", args.opset), ("exporter", args.exporter),
-                                            ("tolerance", args.tolerance)) if value is not None}
+    options = {
+        key: value
+        for key, value in (("opset", args.opset), ("exporter", args.exporter), ("tolerance", args.tolerance))
+        if value is not None
+    }
     if args.dynamic_axes is not None:
         options["dynamic_axes"] = _dims(args.dynamic_axes)
     print(export_run(args.run_dir, args.to, overwrite=args.overwrite, **options).line())
@@ -307,8 +359,10 @@ def _validate_sweep(args: argparse.Namespace, recipe: RecipeBase, registry: Regi
     if not args.no_import:
         for _, concrete in variants:
             check_recipe_code(concrete)
-    print(f"{args.recipe}: valid sweep recipe '{recipe.name}' with {len(variants)} variants, each valid{checked} "
-          f"(run them with torchslim compare):")
+    print(
+        f"{args.recipe}: valid sweep recipe '{recipe.name}' with {len(variants)} variants, each valid{checked} "
+        f"(run them with torchslim compare):"
+    )
     for variant, _ in variants:
         print(f"  {variant.name}")
     return 0
@@ -327,8 +381,6 @@ def _schema(args: argparse.Namespace) -> int:
     schema = recipe_model(Registry.load()).model_json_schema()
     print(json.dumps(schema, indent=2))
     return 0
-
-
 
 
 if __name__ == "__main__":  # pragma: no cover

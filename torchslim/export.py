@@ -80,16 +80,30 @@ class Exported:
 
     def line(self) -> str:
         """One line for the terminal: the files, the runtime and the parity found, and what was removed."""
-        removed = (f"; removed the earlier export's {one_of(self.removed, 'and')}, which deploy.json no longer describes"
-                   if self.removed else "")
-        return (f"wrote {one_of([str(self.run_dir / name) for name in self.files], 'and')} ({self.runtime}: outputs "
-                f"match torch's on the example inputs within {self.allowed:.3g}, largest difference "
-                f"{self.largest_difference:.3g}){removed}")
+        removed = (
+            f"; removed the earlier export's {one_of(self.removed, 'and')}, which deploy.json no longer describes"
+            if self.removed
+            else ""
+        )
+        return (
+            f"wrote {one_of([str(self.run_dir / name) for name in self.files], 'and')} ({self.runtime}: outputs "
+            f"match torch's on the example inputs within {self.allowed:.3g}, largest difference "
+            f"{self.largest_difference:.3g}){removed}"
+        )
 
 
-def export_run(run_dir: str | os.PathLike[str], to: str, *, opset: int = 18, exporter: str = "auto",
-               dynamic_axes: Iterable[int] = (0,), tolerance: float = 1e-4, overwrite: bool = False,
-               example: torch.Tensor | None = None, registry: Registry | None = None) -> Exported:
+def export_run(
+    run_dir: str | os.PathLike[str],
+    to: str,
+    *,
+    opset: int = 18,
+    exporter: str = "auto",
+    dynamic_axes: Iterable[int] = (0,),
+    tolerance: float = 1e-4,
+    overwrite: bool = False,
+    example: torch.Tensor | None = None,
+    registry: Registry | None = None,
+) -> Exported:
     """Export the float model of a finished run (``torchslim run RECIPE --out RUN_DIR``) for a runtime.
 
     ``to="onnx"`` writes ``RUN_DIR/model.onnx`` (checked in ONNX Runtime); ``to="openvino"`` writes
@@ -122,15 +136,24 @@ def export_run(run_dir: str | os.PathLike[str], to: str, *, opset: int = 18, exp
     source = model.cpu()
     try:
         dims = dynamic_dims(options.dynamic_axes, inputs)
-        logging.getLogger("torchslim").info("export: %s to %s (%s exporter), traced on inputs of shape %s", folder / MODEL_FILE,
-                                            to, exporter_for(options.runtime, options.exporter), list(inputs.shape))
+        logging.getLogger("torchslim").info(
+            "export: %s to %s (%s exporter), traced on inputs of shape %s",
+            folder / MODEL_FILE,
+            to,
+            exporter_for(options.runtime, options.exporter),
+            list(inputs.shape),
+        )
         deployed = export(source, inputs, options.runtime, options.opset, options.exporter, dims)
         diff, allowed = check_parity(source, deployed, inputs, options.tolerance)
     except ExportFailed as exc:
         hint = f"; try the {exc.other_exporter} exporter" if exc.other_exporter else ""
         raise UserInputError(f"{folder}: {exc}{hint}") from exc.__cause__
-    info = {**deployed.deploy_info(), "metric": recipe.evaluate.metric, **_measured(folder, recipe.evaluate.label),
-            "parity": {"largest_difference": diff, "allowed": allowed}}
+    info = {
+        **deployed.deploy_info(),
+        "metric": recipe.evaluate.metric,
+        **_measured(folder, recipe.evaluate.label),
+        "parity": {"largest_difference": diff, "allowed": allowed},
+    }
     # The other runtime's files of an earlier export go too, so deploy.json describes every deployable file.
     before = {name for name in DEPLOY_FILES if (folder / name).exists()}
     written = write_deploy_files(folder, deployed, info)
@@ -173,8 +196,10 @@ def _check_run_dir(folder: Path) -> None:
 def _refuse_unexportable(folder: Path, model: nn.Module, stages: list[Any], runtime: str) -> None:
     """UserInputError for a model already deployed, or quantized in torch (int8 modules, packed low-bit layers)."""
     if isinstance(model, RuntimeModel):
-        raise UserInputError(f"{folder}: the run's model is already deployed to {model.runtime} (the run wrote its files "
-                             f"and deploy.json); torchslim export takes a run whose model is a float torch model")
+        raise UserInputError(
+            f"{folder}: the run's model is already deployed to {model.runtime} (the run wrote its files "
+            f"and deploy.json); torchslim export takes a run whose model is a float torch model"
+        )
     quantized = [(index, stage) for index, stage in enumerate(labelled(stages)) if stage.type == "quantize"]
     layers = [f"layer '{name}' ({type(module).__name__})" for name, module in model.named_modules() if _quantized_layer(module)]
     if quantized:
@@ -185,12 +210,13 @@ def _refuse_unexportable(folder: Path, model: nn.Module, stages: list[Any], runt
     else:
         return
     before = checkpoint_dir(folder, index - 1)
-    earlier = (f"; or export the checkpoint taken before it, {before}" if index > 0 and (before / MODEL_FILE).is_file()
-               else "")
-    raise UserInputError(f"{folder}: the run's model is quantized in torch ({by}): torch's quantized modules and torchslim's "
-                         f"packed low-bit layers do not export to ONNX; put {{type: deploy, runtime: {runtime}}} in the recipe "
-                         f"before the quantize stage, quantize after it with method {RUNTIME_METHODS[runtime]}, and run it "
-                         f"again{earlier}")
+    earlier = f"; or export the checkpoint taken before it, {before}" if index > 0 and (before / MODEL_FILE).is_file() else ""
+    raise UserInputError(
+        f"{folder}: the run's model is quantized in torch ({by}): torch's quantized modules and torchslim's "
+        f"packed low-bit layers do not export to ONNX; put {{type: deploy, runtime: {runtime}}} in the recipe "
+        f"before the quantize stage, quantize after it with method {RUNTIME_METHODS[runtime]}, and run it "
+        f"again{earlier}"
+    )
 
 
 def _quantized_layer(module: nn.Module) -> bool:
@@ -203,9 +229,11 @@ def _check_outputs(folder: Path, overwrite: bool) -> None:
     """OutputError if an earlier export's files are there and ``overwrite`` was not given."""
     existing = [name for name in (*DEPLOY_FILES, DEPLOY_INFO) if (folder / name).exists()]
     if existing and not overwrite:
-        raise OutputError(f"{folder}: {', '.join(existing)} already there (from an earlier export); pass overwrite=True "
-                          f"to replace them (export writes only {', '.join(DEPLOY_FILES)}, {DEPLOY_INFO}; the other runtime's "
-                          f"files go too, since {DEPLOY_INFO} describes one runtime's)")
+        raise OutputError(
+            f"{folder}: {', '.join(existing)} already there (from an earlier export); pass overwrite=True "
+            f"to replace them (export writes only {', '.join(DEPLOY_FILES)}, {DEPLOY_INFO}; the other runtime's "
+            f"files go too, since {DEPLOY_INFO} describes one runtime's)"
+        )
 
 
 def _measured(folder: Path, metric: str) -> dict[str, Any]:

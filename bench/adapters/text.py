@@ -111,8 +111,11 @@ def usage_examples(line: str, min_words: int = 6, max_words: int = 30) -> list[s
     ``|``), of ``min_words`` to ``max_words`` words, capitalized and ending in a full stop."""
     gloss = line.partition(" | ")[2]
     quoted = (text.strip() for text in re.findall(r'"([^"]+)"', gloss))
-    return [text[:1].upper() + text[1:] + ("" if text[-1:] in ".!?" else ".")
-            for text in quoted if min_words <= len(text.split()) <= max_words]
+    return [
+        text[:1].upper() + text[1:] + ("" if text[-1:] in ".!?" else ".")
+        for text in quoted
+        if min_words <= len(text.split()) <= max_words
+    ]
 
 
 def _prose(text: str, min_words: int, max_words: int) -> list[str]:
@@ -120,8 +123,15 @@ def _prose(text: str, min_words: int, max_words: int) -> list[str]:
     return [s for s in sentences if min_words <= len(s.split()) <= max_words and s[:1].isupper() and not _CODE.search(s)]
 
 
-def loaders(train_sentences: int | None = 1000, batch_size: int = 32, max_length: int = 64,
-            seed: int = 0, docstrings: bool = False, wikipedia: int = 0, wordnet: int = 0) -> dict[str, Any]:
+def loaders(
+    train_sentences: int | None = 1000,
+    batch_size: int = 32,
+    max_length: int = 64,
+    seed: int = 0,
+    docstrings: bool = False,
+    wikipedia: int = 0,
+    wordnet: int = 0,
+) -> dict[str, Any]:
     """Train and calibration: documentation sentences (and, with ``docstrings``, the standard library's
     docstrings; with ``wikipedia``, that many generated general-English sentences; with ``wordnet``, that
     many WordNet usage examples); eval: the bundled everyday sentences. Inputs are token ids, targets the
@@ -158,7 +168,7 @@ def _batches(teacher: torch.nn.Module, sentences: list[str], size: int, max_leng
     ordered = sorted(sentences, key=len)
     batches = []
     for start in range(0, len(ordered), size):
-        ids = minilm.tokenize(ordered[start:start + size], max_length)
+        ids = minilm.tokenize(ordered[start : start + size], max_length)
         with torch.no_grad():  # not inference_mode: the targets enter the distillation loss, under autograd
             batches.append((ids, teacher(ids)))
     return batches

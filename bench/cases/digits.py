@@ -19,9 +19,17 @@ TITLE = "bundled digits models through the quickstart chain, against float32"
 QUICKSTART = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
 RECIPE_FILES = {"mlp": QUICKSTART, "resnet": RECIPES / "digits-resnet.yaml"}
 LATENCY_BATCH = 32
-COLUMNS = [("model", "model"), ("variant", "variant"), ("size", "size"), ("size_x", "x smaller"),
-           ("latency_ms", "latency ms"), ("speed_x", "x faster"), ("speed_min_x", "x faster (min)"), ("accuracy", "accuracy %"),
-           ("accuracy_change", "change")]
+COLUMNS = [
+    ("model", "model"),
+    ("variant", "variant"),
+    ("size", "size"),
+    ("size_x", "x smaller"),
+    ("latency_ms", "latency ms"),
+    ("speed_x", "x faster"),
+    ("speed_min_x", "x faster (min)"),
+    ("accuracy", "accuracy %"),
+    ("accuracy_change", "change"),
+]
 
 
 def missing() -> str | None:
@@ -32,9 +40,11 @@ def missing() -> str | None:
 def overrides(settings: Settings, model: str) -> dict[str, Any]:
     """Metrics collection off (measured here instead); tiny models and one epoch in smoke mode."""
     smoke = {"mlp": {"hidden": 64, "train_epochs": 3}, "resnet": {"width": 8, "train_epochs": 2}}[model]
-    return {"metrics": {"collect": False},
-            "model": pick(settings, {}, {"kwargs": {"resnet": {"train_epochs": 6}, "mlp": {}}[model]}, {"kwargs": smoke}),
-            "stages": pick(settings, {}, {}, {1: {"epochs": 1}})}
+    return {
+        "metrics": {"collect": False},
+        "model": pick(settings, {}, {"kwargs": {"resnet": {"train_epochs": 6}, "mlp": {}}[model]}, {"kwargs": smoke}),
+        "stages": pick(settings, {}, {}, {1: {"epochs": 1}}),
+    }
 
 
 def run(settings: Settings) -> CaseResult:
@@ -53,7 +63,20 @@ def run(settings: Settings) -> CaseResult:
         for row in found:
             row["model"] = label
         rows.extend(found)
-        notes.append(f"{label}: {path.name}, compressed in {seconds:.1f}s; engine's per-stage accuracy: "
-                     + ", ".join(f"{r.stage} {r.metrics['accuracy']:.2f}" for r in report.rows))
-    return CaseResult("digits", TITLE, COLUMNS, rows, settings={"latency_batch": LATENCY_BATCH, "warmup": settings.warmup,
-                      "rounds": settings.rounds, "runs_per_round": settings.runs}, notes=notes)
+        notes.append(
+            f"{label}: {path.name}, compressed in {seconds:.1f}s; engine's per-stage accuracy: "
+            + ", ".join(f"{r.stage} {r.metrics['accuracy']:.2f}" for r in report.rows)
+        )
+    return CaseResult(
+        "digits",
+        TITLE,
+        COLUMNS,
+        rows,
+        settings={
+            "latency_batch": LATENCY_BATCH,
+            "warmup": settings.warmup,
+            "rounds": settings.rounds,
+            "runs_per_round": settings.runs,
+        },
+        notes=notes,
+    )

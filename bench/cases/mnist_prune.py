@@ -20,9 +20,18 @@ from torchslim.engine.yamlio import read_yaml
 TITLE = "pretrained MNIST CNN (ccexam), 30/50/70% of its channels removed, without and with distillation"
 RECIPE = RECIPES / "mnist-prune.yaml"
 AMOUNTS = (0.3, 0.5, 0.7)
-COLUMNS = [("variant", "variant"), ("size", "size"), ("size_x", "x smaller"), ("macs", "MACs/image"),
-           ("macs_x", "x fewer MACs"), ("latency_ms", "latency ms"), ("speed_x", "x faster"),
-           ("speed_min_x", "x faster (min)"), ("accuracy", "accuracy %"), ("accuracy_change", "change")]
+COLUMNS = [
+    ("variant", "variant"),
+    ("size", "size"),
+    ("size_x", "x smaller"),
+    ("macs", "MACs/image"),
+    ("macs_x", "x fewer MACs"),
+    ("latency_ms", "latency ms"),
+    ("speed_x", "x faster"),
+    ("speed_min_x", "x faster (min)"),
+    ("accuracy", "accuracy %"),
+    ("accuracy_change", "change"),
+]
 
 
 def missing() -> str | None:
@@ -55,7 +64,18 @@ def run(settings: Settings) -> CaseResult:
     for row, model in zip(rows, models.values(), strict=True):
         row["macs"] = count_macs(model, image)
         row["macs_x"] = rows[0]["macs"] / row["macs"] if row["macs"] else float("nan")
-    return CaseResult("mnist_prune", TITLE, COLUMNS, rows, notes=notes,
-                      settings={"latency_batch": mnist.LATENCY_BATCH, "test_images": len(loaders["eval"].dataset),
-                                "warmup": settings.warmup, "rounds": settings.rounds, "runs_per_round": settings.runs,
-                                "overrides": overrides})
+    return CaseResult(
+        "mnist_prune",
+        TITLE,
+        COLUMNS,
+        rows,
+        notes=notes,
+        settings={
+            "latency_batch": mnist.LATENCY_BATCH,
+            "test_images": len(loaders["eval"].dataset),
+            "warmup": settings.warmup,
+            "rounds": settings.rounds,
+            "runs_per_round": settings.runs,
+            "overrides": overrides,
+        },
+    )

@@ -17,8 +17,17 @@ from bench.report import CaseResult, Target
 TITLE = "engine overhead: quickstart recipe via torchslim.run vs the same torch code by hand"
 QUICKSTART = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
 #: Distill options the hand-written script implements; another value would make the comparison unfair.
-MIRRORED = {"teacher": "original", "student": "current", "optimizer": "adam", "weight_decay": 0.0, "grad_clip": None,
-            "max_steps": None, "features": [], "patience": None, "better": "higher"}
+MIRRORED = {
+    "teacher": "original",
+    "student": "current",
+    "optimizer": "adam",
+    "weight_decay": 0.0,
+    "grad_clip": None,
+    "max_steps": None,
+    "features": [],
+    "patience": None,
+    "better": "higher",
+}
 
 
 def missing() -> str | None:
@@ -39,17 +48,27 @@ def plan_for(recipe: Any) -> handwritten.Plan:
     types = [s["type"] for s in data["stages"]]
     prune_stage, distill_stage, quantize_stage = data["stages"]
     if types != ["prune", "distill", "quantize"] or quantize_stage["method"] != "dynamic" or prune_stage["scope"] != "global":
-        raise ValueError(f"{QUICKSTART}: the hand-written script implements prune (global) + distill + quantize "
-                         f"(dynamic); the recipe has {types}: update bench/handwritten.py")
+        raise ValueError(
+            f"{QUICKSTART}: the hand-written script implements prune (global) + distill + quantize "
+            f"(dynamic); the recipe has {types}: update bench/handwritten.py"
+        )
     differs = {k: distill_stage.get(k) for k, v in MIRRORED.items() if distill_stage.get(k, v) != v}
     if differs:
         raise ValueError(f"bench/handwritten.py does not implement distill options {differs}: update it")
     kwargs = data["model"]["kwargs"]
-    return handwritten.Plan(seed=data["seed"], hidden=kwargs["hidden"], train_epochs=kwargs["train_epochs"],
-                            batch_size=data["data"]["kwargs"]["batch_size"], amount=prune_stage["amount"],
-                            epochs=distill_stage["epochs"], temperature=distill_stage["temperature"],
-                            alpha=distill_stage["alpha"], lr=distill_stage["lr"], schedule=distill_stage["schedule"],
-                            keep=distill_stage["keep"])
+    return handwritten.Plan(
+        seed=data["seed"],
+        hidden=kwargs["hidden"],
+        train_epochs=kwargs["train_epochs"],
+        batch_size=data["data"]["kwargs"]["batch_size"],
+        amount=prune_stage["amount"],
+        epochs=distill_stage["epochs"],
+        temperature=distill_stage["temperature"],
+        alpha=distill_stage["alpha"],
+        lr=distill_stage["lr"],
+        schedule=distill_stage["schedule"],
+        keep=distill_stage["keep"],
+    )
 
 
 def run(settings: Settings) -> CaseResult:
@@ -74,29 +93,57 @@ def run(settings: Settings) -> CaseResult:
     return result(times, scores, settings, rounds, warmup)
 
 
-def result(times: dict[str, list[float]], scores: dict[str, list[float]], settings: Settings, rounds: int,
-           warmup: int) -> CaseResult:
+def result(
+    times: dict[str, list[float]], scores: dict[str, list[float]], settings: Settings, rounds: int, warmup: int
+) -> CaseResult:
     """The two rows, the ratio and the targets."""
     hand = statistics.median(times["hand-written"])
     rows = []
     for name, values in times.items():
         median = statistics.median(values)
-        rows.append({"variant": name, "wall_s": median, "wall_x": median / hand, "min_s": min(values), "max_s": max(values),
-                     "accuracies": " / ".join(f"{s:.2f}" for s in scores[name]), "accuracy": scores[name][-1]})
+        rows.append(
+            {
+                "variant": name,
+                "wall_s": median,
+                "wall_x": median / hand,
+                "min_s": min(values),
+                "max_s": max(values),
+                "accuracies": " / ".join(f"{s:.2f}" for s in scores[name]),
+                "accuracy": scores[name][-1],
+            }
+        )
     same = scores["hand-written"] == scores["torchslim.run"]
     overhead = 100.0 * (rows[1]["wall_s"] / hand - 1.0)
     # The fastest run of each is the one a busy machine disturbed least: a second view of the same ratio.
     overhead_min = 100.0 * (rows[1]["min_s"] / rows[0]["min_s"] - 1.0)
-    columns = [("variant", "variant"), ("wall_s", "wall s (median)"), ("wall_x", "x hand-written"), ("min_s", "min s"),
-               ("max_s", "max s"), ("accuracies", "accuracy: base / prune / distill / int8")]
+    columns = [
+        ("variant", "variant"),
+        ("wall_s", "wall s (median)"),
+        ("wall_x", "x hand-written"),
+        ("min_s", "min s"),
+        ("max_s", "max s"),
+        ("accuracies", "accuracy: base / prune / distill / int8"),
+    ]
     return CaseResult(
-        "overhead", TITLE, columns, rows,
-        targets=[Target("engine overhead % (medians)", overhead, 5.0, higher_is_better=False),
-                 Target("engine overhead % (fastest runs)", overhead_min, 5.0, higher_is_better=False),
-                 Target("identical accuracies (1 = yes)", float(same), 1.0)],
-        settings={"rounds": rounds, "warmup_runs": warmup, "recipe": str(QUICKSTART.relative_to(QUICKSTART.parents[1])),
-                  "overrides": overrides(settings), "wall_s_all": {k: [round(v, 3) for v in vs] for k, vs in times.items()}},
-        notes=[f"engine overhead {overhead:+.1f}% of wall time (median of {rounds} alternating rounds; "
-               f"{overhead_min:+.1f}% between the fastest runs); accuracies {'identical' if same else 'DIFFER'} "
-               "after every stage"],
+        "overhead",
+        TITLE,
+        columns,
+        rows,
+        targets=[
+            Target("engine overhead % (medians)", overhead, 5.0, higher_is_better=False),
+            Target("engine overhead % (fastest runs)", overhead_min, 5.0, higher_is_better=False),
+            Target("identical accuracies (1 = yes)", float(same), 1.0),
+        ],
+        settings={
+            "rounds": rounds,
+            "warmup_runs": warmup,
+            "recipe": str(QUICKSTART.relative_to(QUICKSTART.parents[1])),
+            "overrides": overrides(settings),
+            "wall_s_all": {k: [round(v, 3) for v in vs] for k, vs in times.items()},
+        },
+        notes=[
+            f"engine overhead {overhead:+.1f}% of wall time (median of {rounds} alternating rounds; "
+            f"{overhead_min:+.1f}% between the fastest runs); accuracies {'identical' if same else 'DIFFER'} "
+            "after every stage"
+        ],
     )

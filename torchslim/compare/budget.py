@@ -75,8 +75,10 @@ def merge(recipes: list[RecipeBase]) -> Budget | None:
         for key, value in (recipe.constraints.given() if recipe.constraints else {}).items():
             where = recipe.where(("constraints", key))
             if key in merged and merged[key][0] != value:
-                raise RecipeError(f"{where}: constraints.{key}: {value} here but {merged[key][0]} at {merged[key][1]}; "
-                                  f"a comparison has one budget: give the same value, or leave it out of one recipe")
+                raise RecipeError(
+                    f"{where}: constraints.{key}: {value} here but {merged[key][0]} at {merged[key][1]}; "
+                    f"a comparison has one budget: give the same value, or leave it out of one recipe"
+                )
             merged.setdefault(key, (value, where))
     return Budget(**{k: v for k, (v, _) in merged.items()}) if merged else None
 

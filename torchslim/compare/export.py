@@ -40,9 +40,12 @@ def write_outputs(comparison: Comparison, out_dir: Path) -> None:
     from the comparison first, then written one after another."""
     png = plot_png(comparison)
     comparison.plot = PNG if png is not None else f"no plot: matplotlib is not installed; {PLOT_HINT} for {PNG}"
-    texts = {"comparison.json": json.dumps({**comparison.to_dict(), "plot": comparison.plot}, indent=2) + "\n",
-             "comparison.csv": to_csv(comparison), "comparison.md": to_markdown(comparison),
-             "comparison.html": to_html(comparison, png)}
+    texts = {
+        "comparison.json": json.dumps({**comparison.to_dict(), "plot": comparison.plot}, indent=2) + "\n",
+        "comparison.csv": to_csv(comparison),
+        "comparison.md": to_markdown(comparison),
+        "comparison.html": to_html(comparison, png),
+    }
     if png is not None:
         _write_bytes(out_dir / PNG, png)
     else:
@@ -74,33 +77,65 @@ def to_csv(comparison: Comparison) -> str:
     runtime_keys = [names.SIZE_BYTES, names.LATENCY_MS, f"{metric}_change"]
     ratio_columns = {f"ratio_{k}": k for k in ratio_keys}
     runtime_columns = {f"runtime_ratio_{k}": k for k in runtime_keys}
-    header = ["variant", "recipe", "status", "baseline", "values", *keys, "seconds", *ratio_columns, "pareto_size",
-              "pareto_latency", "passes", "budget_misses", names.RUNTIME, "runtime_baseline", *runtime_columns]
+    header = [
+        "variant",
+        "recipe",
+        "status",
+        "baseline",
+        "values",
+        *keys,
+        "seconds",
+        *ratio_columns,
+        "pareto_size",
+        "pareto_latency",
+        "passes",
+        "budget_misses",
+        names.RUNTIME,
+        "runtime_baseline",
+        *runtime_columns,
+    ]
     out = io.StringIO()
     # A row names its cells; the ones it does not have (a baseline has no ratios) are written empty.
     writer = csv.DictWriter(out, fieldnames=header, restval="", lineterminator="\n")
     writer.writeheader()
     for group, row in enumerate(comparison.baselines):
-        writer.writerow({"variant": comparison.baseline_label(group), "status": "baseline",
-                         **{k: _cell(row.metrics.get(k)) for k in keys}})
+        writer.writerow(
+            {"variant": comparison.baseline_label(group), "status": "baseline", **{k: _cell(row.metrics.get(k)) for k in keys}}
+        )
     for baseline in comparison.runtime_baselines:
         figures, ratios = baseline.row.metrics if baseline.row else {}, comparison.baseline_ratios(baseline) or {}
-        writer.writerow({"variant": baseline.label, "status": "baseline" if baseline.row else "baseline not measured",
-                         "baseline": comparison.baseline_label(baseline.group), **{k: _cell(figures.get(k)) for k in keys},
-                         **{c: _cell(ratios.get(k)) for c, k in ratio_columns.items()},
-                         names.RUNTIME: _cell(figures.get(names.RUNTIME))})
+        writer.writerow(
+            {
+                "variant": baseline.label,
+                "status": "baseline" if baseline.row else "baseline not measured",
+                "baseline": comparison.baseline_label(baseline.group),
+                **{k: _cell(figures.get(k)) for k in keys},
+                **{c: _cell(ratios.get(k)) for c, k in ratio_columns.items()},
+                names.RUNTIME: _cell(figures.get(names.RUNTIME)),
+            }
+        )
     for entry in comparison.entries:
         figures, ratios, runtime = entry.final or {}, comparison.ratios(entry) or {}, comparison.runtime_ratios(entry) or {}
         runtime_base = comparison.runtime_of(entry)
-        writer.writerow({"variant": entry.name, "recipe": entry.source, "status": comparison.status(entry),
-                         "baseline": comparison.baseline_label(entry.group), "values": json.dumps(entry.values),
-                         **{k: _cell(figures.get(k)) for k in keys}, "seconds": _cell(entry.seconds),
-                         **{c: _cell(ratios.get(k)) for c, k in ratio_columns.items()},
-                         "pareto_size": "size" in entry.fronts, "pareto_latency": "latency" in entry.fronts,
-                         "passes": _cell(None if entry.failures is None else not entry.failures),
-                         "budget_misses": "; ".join(entry.failures or []), names.RUNTIME: _cell(figures.get(names.RUNTIME)),
-                         "runtime_baseline": _cell(runtime_base.label if runtime_base else None),
-                         **{c: _cell(runtime.get(k)) for c, k in runtime_columns.items()}})
+        writer.writerow(
+            {
+                "variant": entry.name,
+                "recipe": entry.source,
+                "status": comparison.status(entry),
+                "baseline": comparison.baseline_label(entry.group),
+                "values": json.dumps(entry.values),
+                **{k: _cell(figures.get(k)) for k in keys},
+                "seconds": _cell(entry.seconds),
+                **{c: _cell(ratios.get(k)) for c, k in ratio_columns.items()},
+                "pareto_size": "size" in entry.fronts,
+                "pareto_latency": "latency" in entry.fronts,
+                "passes": _cell(None if entry.failures is None else not entry.failures),
+                "budget_misses": "; ".join(entry.failures or []),
+                names.RUNTIME: _cell(figures.get(names.RUNTIME)),
+                "runtime_baseline": _cell(runtime_base.label if runtime_base else None),
+                **{c: _cell(runtime.get(k)) for c, k in runtime_columns.items()},
+            }
+        )
     return out.getvalue()
 
 
@@ -125,10 +160,12 @@ def to_html(comparison: Comparison, png: bytes | None) -> str:
         plot = f'<img alt="{html.escape(comparison.metric)} against size and latency" src="data:image/png;base64,{data}">'
     else:
         plot = f"<p>{html.escape(comparison.plot or '')}</p>"
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>torchslim comparison</title>'
-            f"<style>{_CSS}</style></head>\n<body><h1>torchslim comparison</h1>\n"
-            f"<table><thead><tr>{head}</tr></thead><tbody>\n{rows}\n</tbody></table>\n"
-            f"<ul>{summary}</ul>\n{plot}\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>torchslim comparison</title>'
+        f"<style>{_CSS}</style></head>\n<body><h1>torchslim comparison</h1>\n"
+        f"<table><thead><tr>{head}</tr></thead><tbody>\n{rows}\n</tbody></table>\n"
+        f"<ul>{summary}</ul>\n{plot}\n</body></html>\n"
+    )
 
 
 def _row_classes(comparison: Comparison) -> list[str]:

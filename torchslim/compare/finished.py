@@ -40,8 +40,9 @@ def finished_report(folder: Path, recipe: RecipeBase, log: logging.Logger | None
         return None
     change = environment_change(report.environment, environment(recipe))
     if change is not None:
-        (log or logging.getLogger("torchslim")).info("compare: %s ran under another environment (%s): running "
-                                                     "it again", folder.name, change)
+        (log or logging.getLogger("torchslim")).info(
+            "compare: %s ran under another environment (%s): running it again", folder.name, change
+        )
         return None
     return report
 

@@ -22,8 +22,10 @@ def front(points: Sequence[Point]) -> list[bool]:
     are never on it, and never push another off it. Equal points are on it together.
     """
     valid = [_valid(p) for p in points]
-    return [valid[i] and not any(valid[j] and _dominates(points[j], points[i]) for j in range(len(points)))
-            for i in range(len(points))]
+    return [
+        valid[i] and not any(valid[j] and _dominates(points[j], points[i]) for j in range(len(points)))
+        for i in range(len(points))
+    ]
 
 
 def _valid(point: Point) -> bool:
@@ -35,8 +37,9 @@ def _dominates(a: Point, b: Point) -> bool:
     return bool(metric_a >= metric_b and cost_a <= cost_b and (metric_a > metric_b or cost_a < cost_b))
 
 
-def fronts(finals: Sequence[dict[str, Any] | None], metric: str,
-           baselines: Sequence[dict[str, Any] | None] | None = None) -> list[list[str]]:
+def fronts(
+    finals: Sequence[dict[str, Any] | None], metric: str, baselines: Sequence[dict[str, Any] | None] | None = None
+) -> list[list[str]]:
     """For each variant's final metrics (None for a failed variant), the fronts it is on: ``size``, ``latency``.
 
     With ``baselines`` (each variant's baseline metrics), a variant slower than its baseline is

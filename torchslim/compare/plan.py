@@ -116,8 +116,9 @@ def _common_metric(planned: list[Planned]) -> str:
     for kind, names in (("named", [v.name for v, _ in planned]), ("stored in the folder", [v.folder for v, _ in planned])):
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
-            raise UsageError(f"two compared recipes or variants are both {kind} {', '.join(twice)}: "
-                             f"give each recipe its own name")
+            raise UsageError(
+                f"two compared recipes or variants are both {kind} {', '.join(twice)}: give each recipe its own name"
+            )
     return next(iter(labels))
 
 
@@ -127,8 +128,12 @@ def _prepare_out(out: Path, planned: list[Planned]) -> Path:
         raise OutputError(f"{out}: exists and is not a directory")
     own = set(EXPORT_FILES) | {variant.folder for variant, _ in planned}
     for path in out.iterdir() if out.exists() else []:
-        ours = (path.name in own or path.name.startswith((".", FOLDER_PREFIX)) or (path / REPORT_JSON).exists()
-                or (path / RECIPE_FILE).exists())
+        ours = (
+            path.name in own
+            or path.name.startswith((".", FOLDER_PREFIX))
+            or (path / REPORT_JSON).exists()
+            or (path / RECIPE_FILE).exists()
+        )
         if not ours:
             raise OutputError(f"{out}: holds {path.name}, which is not from a torchslim comparison; choose another --out")
     out.mkdir(parents=True, exist_ok=True)

@@ -50,16 +50,25 @@ def plot_png(comparison: Comparison, heading: str = "torchslim comparison") -> b
 def _panel(axes: Any, comparison: Comparison, key: str, label: str, scale: float) -> None:
     metric = comparison.metric
     cost = "size" if key == names.SIZE_BYTES else "latency"
-    points = [(number, e, m[key] * scale, m[metric]) for number, e in enumerate(comparison.entries, 1)
-              if (m := e.final) is not None and _has(m, key, metric)]
+    points = [
+        (number, e, m[key] * scale, m[metric])
+        for number, e in enumerate(comparison.entries, 1)
+        if (m := e.final) is not None and _has(m, key, metric)
+    ]
     for number, entry, x, y in points:
         on = cost in entry.fronts
         axes.scatter([x], [y], s=46 if on else 30, marker="x" if entry.failures else "o", color=_FRONT if on else _OFF, zorder=3)
         axes.annotate(str(number), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
     front = sorted((x, y) for _, e, x, y in points if cost in e.fronts)
     if front:
-        axes.step([x for x, _ in front], [y for _, y in front], where="post", color=_FRONT, linewidth=1.2,
-                  label=f"Pareto front ({metric} vs {cost})")
+        axes.step(
+            [x for x, _ in front],
+            [y for _, y in front],
+            where="post",
+            color=_FRONT,
+            linewidth=1.2,
+            label=f"Pareto front ({metric} vs {cost})",
+        )
     _baselines(axes, comparison, key, scale)
     _limits(axes, comparison, key)
     _clip_outliers(axes, [(number, x, y, _FRONT if cost in e.fronts else _OFF) for number, e, x, y in points])
@@ -79,8 +88,16 @@ def _baselines(axes: Any, comparison: Comparison, key: str, scale: float) -> Non
         metrics = baseline.row.metrics if baseline.row is not None else None
         if metrics is not None and _has(metrics, key, comparison.metric):
             colour = _RUNTIME_COLOURS[index % len(_RUNTIME_COLOURS)]
-            axes.scatter([metrics[key] * scale], [metrics[comparison.metric]], marker="*", s=140, facecolors="none",
-                         edgecolors=colour, zorder=4, label=f"float32 in {baseline.runtime}")
+            axes.scatter(
+                [metrics[key] * scale],
+                [metrics[comparison.metric]],
+                marker="*",
+                s=140,
+                facecolors="none",
+                edgecolors=colour,
+                zorder=4,
+                label=f"float32 in {baseline.runtime}",
+            )
 
 
 def _limits(axes: Any, comparison: Comparison, key: str) -> None:
@@ -140,14 +157,23 @@ def _axes_style(axes: Any, xs: list[float], xlabel: str, ylabel: str) -> None:
 def _key(axes: Any, comparison: Comparison, rows: int) -> None:
     """The names of the numbered points, in two columns."""
     axes.axis("off")
-    lines = [f"{number:>2}  {entry.name}" + ("  (failed)" if entry.error else "")
-             for number, entry in enumerate(comparison.entries, 1)]
+    lines = [
+        f"{number:>2}  {entry.name}" + ("  (failed)" if entry.error else "") for number, entry in enumerate(comparison.entries, 1)
+    ]
     if len(comparison.baselines) > 1:
         lines += [f"B{i + 1}  {comparison.baseline_label(i)}" for i in range(len(comparison.baselines))]
         rows = math.ceil(len(lines) / 2)
     for column in range(2):
-        axes.text(0.5 * column, 1.0, "\n".join(lines[column * rows:(column + 1) * rows]), va="top", ha="left",
-                  fontsize=8, family="monospace", transform=axes.transAxes)
+        axes.text(
+            0.5 * column,
+            1.0,
+            "\n".join(lines[column * rows : (column + 1) * rows]),
+            va="top",
+            ha="left",
+            fontsize=8,
+            family="monospace",
+            transform=axes.transAxes,
+        )
 
 
 def _has(metrics: dict[str, Any] | None, *keys: str) -> bool:

@@ -36,7 +36,6 @@ FOLDER_PREFIX = "baseline@"
 NOT_MEASURED = "not measured"
 
 
-
 @dataclass
 class RuntimeBaseline:
     """The original model deployed to one runtime in float32, shared by the variants deploying there."""
@@ -77,15 +76,18 @@ class RuntimeBaseline:
             variants = ", ".join(self.variants)
             return f"{self.label}: {NOT_MEASURED} ({self.error}); the ratios of {variants} to it read '{NOT_MEASURED}'"
         settings = f"opset {self.options.get('opset')}, {self.options.get('exporter')} exporter"
-        what = (f"{self.label}: the original model in float32 in {self.row.metrics.get(names.RUNTIME)}, through the deploy "
-                f"stage of {', '.join(self.variants)} ({settings}) and nothing else")
+        what = (
+            f"{self.label}: the original model in float32 in {self.row.metrics.get(names.RUNTIME)}, through the deploy "
+            f"stage of {', '.join(self.variants)} ({settings}) and nothing else"
+        )
         if self.reused:
             return f"{what}; taken from {self.folder}/ (same recipe hash, environment and runtime version), not measured again"
         return f"{what}; measured once, for {len(self.variants)} variant(s), with their metrics settings"
 
 
-def plan_runtimes(planned: Sequence[tuple[Variant, RecipeBase]], groups: Sequence[int],
-         registry: Registry) -> tuple[list[RuntimeBaseline], list[int | None]]:
+def plan_runtimes(
+    planned: Sequence[tuple[Variant, RecipeBase]], groups: Sequence[int], registry: Registry
+) -> tuple[list[RuntimeBaseline], list[int | None]]:
     """The runtime baselines the variants need, and for each variant the index of its own (None: torch only)."""
     found: dict[str, RuntimeBaseline] = {}
     indices: list[int | None] = []
@@ -132,8 +134,9 @@ def _name(baselines: list[RuntimeBaseline]) -> None:
         baseline.folder = f"{FOLDER_PREFIX}{baseline.runtime}{suffix}"
 
 
-def measure_all(baselines: list[RuntimeBaseline], torch_rows: list[Row], out_dir: Path | None, registry: Registry,
-                log: logging.Logger) -> int:
+def measure_all(
+    baselines: list[RuntimeBaseline], torch_rows: list[Row], out_dir: Path | None, registry: Registry, log: logging.Logger
+) -> int:
     """Measure (or reuse) each runtime baseline once; return how many were measured here.
 
     ``torch_rows`` are the torch baselines, given to each run so the torch model is not measured again.
@@ -156,8 +159,9 @@ def measure_all(baselines: list[RuntimeBaseline], torch_rows: list[Row], out_dir
     return measured
 
 
-def _run(baseline: RuntimeBaseline, recipe: RecipeBase, torch_row: Row, folder: Path | None, registry: Registry,
-         log: logging.Logger) -> Report | None:
+def _run(
+    baseline: RuntimeBaseline, recipe: RecipeBase, torch_row: Row, folder: Path | None, registry: Registry, log: logging.Logger
+) -> Report | None:
     log.info("compare: measuring %s once, for %d variant(s)", baseline.label, len(baseline.variants))
     try:
         return run(recipe, folder, registry=registry, overwrite=True, log=log, baseline=torch_row)

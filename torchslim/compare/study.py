@@ -38,9 +38,16 @@ from .table import Comparison, Entry, Mode
 from .tracked import log_comparison
 
 
-def compare(sources: Sequence[Source], out: str | os.PathLike[str] | None = None, *, jobs: int = 1,
-            executor: str = "local", track: str | None = None, registry: Registry | None = None,
-            log: logging.Logger | None = None) -> Comparison:
+def compare(
+    sources: Sequence[Source],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    jobs: int = 1,
+    executor: str = "local",
+    track: str | None = None,
+    registry: Registry | None = None,
+    log: logging.Logger | None = None,
+) -> Comparison:
     """Run every recipe of ``sources`` (paths, folders of ``*.yaml`` recipes, or mappings; sweeps expanded)
     and compare them.
 
@@ -84,12 +91,27 @@ def _run_all(study: Plan, registry: Registry, runner: Executor, log: logging.Log
     for (entry, _), outcome in zip(pending, outcomes, strict=True):
         entry.report, entry.error, entry.exit_code = outcome.report, outcome.error, outcome.exit_code
     groups = [[e.name for e in entries if e.group == g] for g in range(len(order))]
-    return Comparison(study.metric, entries, baselines, groups, mode, baselines_measured=measured, out=out_dir,
-                      runtime_baselines=runtimes, runtime_baselines_measured=runtimes_measured)
+    return Comparison(
+        study.metric,
+        entries,
+        baselines,
+        groups,
+        mode,
+        baselines_measured=measured,
+        out=out_dir,
+        runtime_baselines=runtimes,
+        runtime_baselines_measured=runtimes_measured,
+    )
 
 
-def _runtime_baselines(planned: list[Planned], entries: list[Entry], baselines: list[Row], out_dir: Path | None,
-                       registry: Registry, log: logging.Logger) -> tuple[list[RuntimeBaseline], int]:
+def _runtime_baselines(
+    planned: list[Planned],
+    entries: list[Entry],
+    baselines: list[Row],
+    out_dir: Path | None,
+    registry: Registry,
+    log: logging.Logger,
+) -> tuple[list[RuntimeBaseline], int]:
     """The float32 baseline in each runtime a variant deploys to, and how many were measured here.
 
     Measured before the variants, like the torch baseline, with the metrics settings of the variants they serve.
@@ -105,8 +127,11 @@ def _reuse_finished(entries: list[Entry], planned: list[Planned], out_dir: Path,
         report = finished_report(out_dir / entry.folder, recipe, log)
         if report is not None:
             entry.report, entry.reused = report, True
-            log.info("compare: %s finished before with the same recipe hash and environment; reusing %s", entry.name,
-                     out_dir / entry.folder)
+            log.info(
+                "compare: %s finished before with the same recipe hash and environment; reusing %s",
+                entry.name,
+                out_dir / entry.folder,
+            )
 
 
 def _job(planned: Planned, registry: Registry, out_dir: Path | None, baseline: Row, mode: Mode) -> Job:
@@ -116,8 +141,9 @@ def _job(planned: Planned, registry: Registry, out_dir: Path | None, baseline: R
     return Job(variant.name, variant.document, registry, folder, baseline, mode.threads, resume, recipe)
 
 
-def _baselines(planned: list[Planned], entries: list[Entry], keys: list[str], order: list[str],
-               log: logging.Logger) -> tuple[list[Row], int]:
+def _baselines(
+    planned: list[Planned], entries: list[Entry], keys: list[str], order: list[str], log: logging.Logger
+) -> tuple[list[Row], int]:
     """One baseline row per group: from a reused report of the group, else measured once here."""
     rows: list[Row] = []
     measured = 0

@@ -73,8 +73,9 @@ def combinations(recipe: RecipeBase) -> Iterator[dict[str, tuple[int, Any]]]:
         yield dict(zip(paths, row, strict=True))
 
 
-def _variant(document: Document, recipe: RecipeBase, base: dict[str, Any], values: dict[str, tuple[int, Any]],
-             registry: Registry) -> tuple[Variant, RecipeBase]:
+def _variant(
+    document: Document, recipe: RecipeBase, base: dict[str, Any], values: dict[str, tuple[int, Any]], registry: Registry
+) -> tuple[Variant, RecipeBase]:
     data = copy.deepcopy(base)
     positions = dict(document.positions)
     for path, (index, value) in values.items():
@@ -106,16 +107,19 @@ def set_path(data: dict[str, Any], path: str, value: Any, where: str) -> tuple[A
         last = depth == len(steps) - 1
         if isinstance(node, list):
             if not step.isdigit() or int(step) >= len(node):
-                raise RecipeError(f"{where}: sweep: '{path}': {'.'.join(steps[:depth]) or 'the recipe'} has "
-                                  f"{len(node)} entries; '{step}' is not an index of it")
+                raise RecipeError(
+                    f"{where}: sweep: '{path}': {'.'.join(steps[:depth]) or 'the recipe'} has "
+                    f"{len(node)} entries; '{step}' is not an index of it"
+                )
             key: Any = int(step)
         elif isinstance(node, dict):
             key = step
             if not last and key not in node:
                 node[key] = {}
         else:
-            raise RecipeError(f"{where}: sweep: '{path}': {'.'.join(steps[:depth])} is {json.dumps(node)}, "
-                              f"not a mapping or a list")
+            raise RecipeError(
+                f"{where}: sweep: '{path}': {'.'.join(steps[:depth])} is {json.dumps(node)}, not a mapping or a list"
+            )
         keys.append(key)
         if last:
             node[key] = copy.deepcopy(value)

@@ -85,15 +85,19 @@ class Mode:
 
     def describe(self) -> str:
         """One line for the printed output and the reports."""
-        threads = (f"torch threads: {_listed(self.work_threads)} outside timing (each recipe's threads), "
-                   f"{_listed(self.timing_threads)} while timing (its metrics.threads)")
+        threads = (
+            f"torch threads: {_listed(self.work_threads)} outside timing (each recipe's threads), "
+            f"{_listed(self.timing_threads)} while timing (its metrics.threads)"
+        )
         if self.executor is not None:
             return f"mode: {self.executor}; {threads}; the latency of variants run side by side is disturbed"
         if self.jobs == 1:
             return f"mode: sequential, one variant at a time; {threads}"
-        return (f"mode: {self.jobs} parallel jobs on {self.cores} cores, at most {self.threads} torch thread(s) each; "
-                f"{threads}; the latency of variants run in parallel is disturbed by the jobs beside them "
-                f"(use --jobs 1 to time cleanly)")
+        return (
+            f"mode: {self.jobs} parallel jobs on {self.cores} cores, at most {self.threads} torch thread(s) each; "
+            f"{threads}; the latency of variants run in parallel is disturbed by the jobs beside them "
+            f"(use --jobs 1 to time cleanly)"
+        )
 
 
 def _listed(counts: tuple[int, ...]) -> str:
@@ -153,10 +157,17 @@ class Comparison:
 
     def _baseline_cells(self, group: int, row: Row) -> list[str]:
         noisy = self._noisy(group, row.metrics)
-        cells = [self.baseline_label(group),
-                 *(format_figure(row.metrics.get(key), kind, noisy and key == names.LATENCY_MS) for key, _, kind, _ in _COLUMNS)]
-        cells += [*self._runtime_column("-"), format_figure(row.metrics.get(self.metric), "metric"), "-", "",
-                  *([""] if self.constraints else [])]
+        cells = [
+            self.baseline_label(group),
+            *(format_figure(row.metrics.get(key), kind, noisy and key == names.LATENCY_MS) for key, _, kind, _ in _COLUMNS),
+        ]
+        cells += [
+            *self._runtime_column("-"),
+            format_figure(row.metrics.get(self.metric), "metric"),
+            "-",
+            "",
+            *([""] if self.constraints else []),
+        ]
         return cells
 
     def _runtime_baseline_cells(self, baseline: RuntimeBaseline) -> list[str]:
@@ -166,8 +177,15 @@ class Comparison:
             return [baseline.label, *(["-"] * len(_COLUMNS)), NOT_MEASURED, "-", "-", "", *budget]
         final, base = baseline.row.metrics, self.baselines[baseline.group].metrics
         noisy = baseline.noisy() or self._noisy(baseline.group, base)
-        return [baseline.label, *self._ratio_cells(final, base, noisy), "-",
-                with_delta(final.get(self.metric), base.get(self.metric), False), "-", "", *budget]
+        return [
+            baseline.label,
+            *self._ratio_cells(final, base, noisy),
+            "-",
+            with_delta(final.get(self.metric), base.get(self.metric), False),
+            "-",
+            "",
+            *budget,
+        ]
 
     def _runtime_column(self, cell: str) -> list[str]:
         return [cell] if self.runtime_baselines else []
@@ -182,8 +200,9 @@ class Comparison:
         ratios = _ratios(final, baseline.row.metrics, self.metric)
         mark = "~" if baseline.noisy() or self._noisy(entry.group, final) else ""
         size, latency = ratios[names.SIZE_BYTES], ratios[names.LATENCY_MS]
-        return (f"{'-' if size is None else ratio_text(size) + 'x'}, "
-                f"{'-' if latency is None else ratio_text(latency) + 'x' + mark}")
+        return (
+            f"{'-' if size is None else ratio_text(size) + 'x'}, {'-' if latency is None else ratio_text(latency) + 'x' + mark}"
+        )
 
     def _noisy(self, group: int, *figures: dict[str, Any]) -> bool:
         """Whether any of these latencies is noise, judged by the rules of a run's report (engine.noise)."""
@@ -204,8 +223,9 @@ class Comparison:
         return cells
 
     def _ratio_cells(self, final: dict[str, Any], base: dict[str, Any], noisy: bool) -> list[str]:
-        return [with_ratio(final.get(key), base.get(ref), kind, noisy and key == names.LATENCY_MS)
-                for key, _, kind, ref in _COLUMNS]
+        return [
+            with_ratio(final.get(key), base.get(ref), kind, noisy and key == names.LATENCY_MS) for key, _, kind, ref in _COLUMNS
+        ]
 
     def summary_lines(self) -> list[str]:
         """The lines printed under the table: failures, fronts, budget and best, sharing, reuse, mode."""
@@ -219,20 +239,28 @@ class Comparison:
         lines += version_lines(self.runtime_baselines, {e.name: e.final for e in self.entries if e.final is not None})
         reused = [e.name for e in self.entries if e.reused]
         if reused:
-            lines.append(f"reused {len(reused)} finished variant(s) (same resolved recipe hash and environment), "
-                         f"not rerun: {', '.join(reused)}")
+            lines.append(
+                f"reused {len(reused)} finished variant(s) (same resolved recipe hash and environment), "
+                f"not rerun: {', '.join(reused)}"
+            )
         lines.append(self.mode.describe())
-        if (any(self._noisy(e.group, e.report.final.metrics, self.baselines[e.group].metrics) for e in self.entries if e.report)
-                or any(b.noisy() for b in self.runtime_baselines)):
-            lines.append("~ marks a noisy latency and its ratio (the machine was busy or the runs spread widely, "
-                         "as each variant's report.json notes say): read it as noise, not as a measurement")
+        if any(
+            self._noisy(e.group, e.report.final.metrics, self.baselines[e.group].metrics) for e in self.entries if e.report
+        ) or any(b.noisy() for b in self.runtime_baselines):
+            lines.append(
+                "~ marks a noisy latency and its ratio (the machine was busy or the runs spread widely, "
+                "as each variant's report.json notes say): read it as noise, not as a measurement"
+            )
         return lines
 
     def _baseline_line(self) -> str:
         if self.baselines_measured == 0:
             return "baseline: taken from the reused reports, not measured again"
-        shared = "" if len(self.baselines) == len(self.entries) else (
-            "; variants with the same model, data, evaluate, metrics and seed share one")
+        shared = (
+            ""
+            if len(self.baselines) == len(self.entries)
+            else ("; variants with the same model, data, evaluate, metrics and seed share one")
+        )
         return f"baseline: measured {self.baselines_measured} time(s) for {len(self.entries)} variant(s){shared}"
 
     def _budget_lines(self) -> list[str]:
@@ -244,9 +272,11 @@ class Comparison:
         lines += [f"  {e.name} misses it: {'; '.join(e.failures)}" for e in self.entries if e.failures]
         lines.append(f"best within the budget: {self._describe_best()}" if self.best else "no variant meets the budget")
         if self.best:
-            lines.append(f"  chosen on the validation data by validation_{self.metric}; the figures shown are on the eval "
-                         "data" if self.chosen_on == "validation" else
-                         "  chosen and reported on the same eval data (optimistic); a 'validation' loader separates them")
+            lines.append(
+                f"  chosen on the validation data by validation_{self.metric}; the figures shown are on the eval data"
+                if self.chosen_on == "validation"
+                else "  chosen and reported on the same eval data (optimistic); a 'validation' loader separates them"
+            )
         return lines
 
     def _describe_best(self) -> str:
@@ -265,14 +295,21 @@ class Comparison:
         """Plain data for comparison.json."""
         return {
             "metric": self.metric,
-            "mode": {"jobs": self.mode.jobs, "cores": self.mode.cores, "threads": self.mode.threads,
-                     "work_threads": list(self.mode.work_threads), "timing_threads": list(self.mode.timing_threads),
-                     "description": self.mode.describe()},
+            "mode": {
+                "jobs": self.mode.jobs,
+                "cores": self.mode.cores,
+                "threads": self.mode.threads,
+                "work_threads": list(self.mode.work_threads),
+                "timing_threads": list(self.mode.timing_threads),
+                "description": self.mode.describe(),
+            },
             "constraints": self.constraints.given() if self.constraints else None,
             "best": self.best,
             "best_chosen_on": self.chosen_on,
-            "baselines": [{"label": self.baseline_label(i), "variants": g, "metrics": dict(row.metrics)}
-                          for i, (g, row) in enumerate(zip(self.groups, self.baselines, strict=True))],
+            "baselines": [
+                {"label": self.baseline_label(i), "variants": g, "metrics": dict(row.metrics)}
+                for i, (g, row) in enumerate(zip(self.groups, self.baselines, strict=True))
+            ],
             "baselines_measured": self.baselines_measured,
             "runtime_baselines": [self._runtime_baseline_dict(b) for b in self.runtime_baselines],
             "runtime_baselines_measured": self.runtime_baselines_measured,
@@ -305,12 +342,19 @@ class Comparison:
 
     def _runtime_baseline_dict(self, baseline: RuntimeBaseline) -> dict[str, Any]:
         metrics = baseline.row.metrics if baseline.row is not None else None
-        return {"label": baseline.label, "runtime": baseline.runtime, "deploy": baseline.options,
-                "variants": baseline.variants, "status": baseline.status, "error": baseline.error,
-                "report_dir": baseline.folder if self.out is not None else None,
-                "baseline": self.baseline_label(baseline.group), "metrics": dict(metrics) if metrics else None,
-                "ratios": self.baseline_ratios(baseline),
-                "interleaved_speedup_over_torch": baseline.speedup}
+        return {
+            "label": baseline.label,
+            "runtime": baseline.runtime,
+            "deploy": baseline.options,
+            "variants": baseline.variants,
+            "status": baseline.status,
+            "error": baseline.error,
+            "report_dir": baseline.folder if self.out is not None else None,
+            "baseline": self.baseline_label(baseline.group),
+            "metrics": dict(metrics) if metrics else None,
+            "ratios": self.baseline_ratios(baseline),
+            "interleaved_speedup_over_torch": baseline.speedup,
+        }
 
     def _entry_dict(self, entry: Entry) -> dict[str, Any]:
         final, runtime = entry.final, self.runtime_of(entry)

@@ -45,8 +45,9 @@ def checkpoint_dir(out_dir: Path, index: int) -> Path:
     return out_dir / CHECKPOINT_DIR / f"stage-{index + 1:02d}"
 
 
-def save_checkpoint(out_dir: Path, index: int, recipe: RecipeBase, model: nn.Module,
-                    structure: list[dict[str, Any]], report: Report) -> None:
+def save_checkpoint(
+    out_dir: Path, index: int, recipe: RecipeBase, model: nn.Module, structure: list[dict[str, Any]], report: Report
+) -> None:
     """Write the checkpoint after stage ``index``; progress.json last, so it marks a complete one."""
     folder = checkpoint_dir(out_dir, index)
     save_model(folder, recipe, model, structure)

@@ -50,8 +50,10 @@ def _check_spec(recipe: RecipeBase, path: tuple[Any, ...], spec: ModelSpec | Dat
     if checkpoint is not None:
         file = Path(checkpoint) if recipe.base_dir is None else recipe.base_dir / checkpoint
         if not file.is_file():
-            raise RecipeError(f"{recipe.where(path + ('checkpoint',))}: {label}.checkpoint: file not found: {file} "
-                              "(a relative path is taken from the recipe's directory)")
+            raise RecipeError(
+                f"{recipe.where(path + ('checkpoint',))}: {label}.checkpoint: file not found: {file} "
+                "(a relative path is taken from the recipe's directory)"
+            )
 
 
 def _check_stage(recipe: RecipeBase, index: int, stage: Any) -> None:

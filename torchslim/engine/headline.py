@@ -26,8 +26,9 @@ def close_report(report: Report, ctx: Context, final: nn.Module, options: Metric
     model), record the load average now, and add the speed-up line and the noise notes."""
     if options.collect and options.latency and any(not row.unchanged for row in report.rows[1:]):
         batch = latency_batch(ctx.example_inputs, options.batch_size)
-        result = speedup(ctx.original.eval(), final.eval(), batch, warmup=options.warmup, runs=options.runs,
-                         threads=options.threads)
+        result = speedup(
+            ctx.original.eval(), final.eval(), batch, warmup=options.warmup, runs=options.runs, threads=options.threads
+        )
         report.speedup = result.to_dict()
     report.environment["load_after"] = load_average()
     if report.speedup is not None:
@@ -41,5 +42,7 @@ def compiled_note(label: str, model: nn.Module) -> str | None:
 
     if not any(isinstance(m, OptimizedModule) for m in model.modules()):
         return None
-    return (f"{label}: its latency (and the speed-up) is that of a torch.compile'd model against the eager, "
-            f"uncompiled baseline: the ratio includes what compiling alone gains")
+    return (
+        f"{label}: its latency (and the speed-up) is that of a torch.compile'd model against the eager, "
+        f"uncompiled baseline: the ratio includes what compiling alone gains"
+    )

@@ -26,9 +26,11 @@ def check_names(recipe: RecipeBase) -> None:
             continue
         if stage.name in first:
             other = first[stage.name]
-            problems.append(f"{recipe.where(('stages', index, 'name'))}: stages[{index}].name ({stage.type}): "
-                            f"'{stage.name}' is already the name of stages[{other}] "
-                            f"({recipe.where(('stages', other, 'name'))}); stage names label the rows and must differ")
+            problems.append(
+                f"{recipe.where(('stages', index, 'name'))}: stages[{index}].name ({stage.type}): "
+                f"'{stage.name}' is already the name of stages[{other}] "
+                f"({recipe.where(('stages', other, 'name'))}); stage names label the rows and must differ"
+            )
         else:
             first[stage.name] = index
     if problems:
@@ -55,5 +57,7 @@ def unique_labels(stages: list[Stage]) -> list[str]:
 
 def labelled(stages: list[Stage]) -> list[Stage]:
     """The stages, each unnamed one given its unique label as ``name`` (copies; the recipe is left as it is)."""
-    return [stage if stage.name == label else stage.model_copy(update={"name": label})
-            for stage, label in zip(stages, unique_labels(stages), strict=True)]
+    return [
+        stage if stage.name == label else stage.model_copy(update={"name": label})
+        for stage, label in zip(stages, unique_labels(stages), strict=True)
+    ]

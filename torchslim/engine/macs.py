@@ -25,8 +25,7 @@ from .hooks import ConvShaped, CountsMacs, LinearShaped, PackedRecurrent
 __all__ = ["count_macs"]
 
 
-def _sdpa_cpu_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None,
-                    **kwargs: Any) -> int:
+def _sdpa_cpu_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
     # torch's FLOP table knows the CUDA attention kernels but not the CPU one (torch 2.13).
     return int(flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape))
 

@@ -17,11 +17,25 @@ from .packed import packed_size_bytes
 from .stage import Batch, Context
 from .timing import Timing, time_forward, torch_threads
 
-__all__ = ["Measurement", "accuracy", "count_macs", "count_nonzero", "count_params", "fingerprint", "latency_batch",
-           "latency_ms", "measure", "model_device", "size_bytes", "torch_threads", "weight_tensors"]
+__all__ = [
+    "Measurement",
+    "accuracy",
+    "count_macs",
+    "count_nonzero",
+    "count_params",
+    "fingerprint",
+    "latency_batch",
+    "latency_ms",
+    "measure",
+    "model_device",
+    "size_bytes",
+    "torch_threads",
+    "weight_tensors",
+]
 
 if TYPE_CHECKING:
     from .recipe import MetricsOptions
+
 
 def weight_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
     """Every weight and bias of the model (detached), including those packed inside quantized modules.
@@ -140,11 +154,13 @@ def class_labels(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return targets.argmax(dim=1)
     if targets.shape == scores.shape[:1] + scores.shape[2:] and not targets.is_floating_point():
         return targets
-    raise TargetMismatch(f"the built-in accuracy compares the highest of the model's scores (outputs of shape "
-                         f"{list(scores.shape)}) with class indices of shape {list(scores.shape[:1] + scores.shape[2:])} "
-                         f"or one-hot targets of the outputs' shape; the eval loader's targets are "
-                         f"{list(targets.shape)}, {targets.dtype}. Give targets of either form, or a metric "
-                         f"of your own (evaluate.metric: module:callable)")
+    raise TargetMismatch(
+        f"the built-in accuracy compares the highest of the model's scores (outputs of shape "
+        f"{list(scores.shape)}) with class indices of shape {list(scores.shape[:1] + scores.shape[2:])} "
+        f"or one-hot targets of the outputs' shape; the eval loader's targets are "
+        f"{list(targets.shape)}, {targets.dtype}. Give targets of either form, or a metric "
+        f"of your own (evaluate.metric: module:callable)"
+    )
 
 
 def latency_batch(example: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -160,8 +176,7 @@ def fingerprint(model: nn.Module) -> tuple[Any, ...]:
     """
     structure = tuple((name, type(m).__name__) for name, m in model.named_modules())
     values = tuple(
-        (tuple(t.shape), str(t.dtype), float(t.float().sum()), float(t.float().abs().sum()))
-        for t in weight_tensors(model)
+        (tuple(t.shape), str(t.dtype), float(t.float().sum()), float(t.float().abs().sum())) for t in weight_tensors(model)
     )
     return structure, values
 
@@ -203,9 +218,16 @@ class Measurement:
         """The row's metrics as saved in reports, keyed by the names in :mod:`torchslim.engine.names`."""
         if not self.collected:
             return {self.metric_name: self.metric, names.SECONDS: self.seconds}
-        counted = {names.PARAMS: self.params, names.NONZERO: self.nonzero, names.SPARSITY: self.sparsity,
-                   names.SIZE_BYTES: self.size_bytes, names.PACKED_BYTES: self.packed_bytes, names.MACS: self.macs,
-                   names.LATENCY_MS: self.latency_ms, **self._spread()}
+        counted = {
+            names.PARAMS: self.params,
+            names.NONZERO: self.nonzero,
+            names.SPARSITY: self.sparsity,
+            names.SIZE_BYTES: self.size_bytes,
+            names.PACKED_BYTES: self.packed_bytes,
+            names.MACS: self.macs,
+            names.LATENCY_MS: self.latency_ms,
+            **self._spread(),
+        }
         return {**counted, self.metric_name: self.metric, names.SECONDS: self.seconds}
 
     def _spread(self) -> dict[str, Any]:
@@ -224,7 +246,13 @@ def measure(model: nn.Module, ctx: Context, options: MetricsOptions, seconds: fl
         batch = latency_batch(ctx.example_inputs, options.batch_size)
         timing = time_forward(model, batch, warmup=options.warmup, runs=options.runs, threads=options.threads)
     return Measurement(
-        ctx.metric_name, ctx.evaluate(model), seconds,
-        params=count_params(model), nonzero=count_nonzero(model), size_bytes=size_bytes(model),
-        packed_bytes=packed_file_bytes(model), macs=count_macs(model, ctx.example_inputs[:1]), timing=timing,
+        ctx.metric_name,
+        ctx.evaluate(model),
+        seconds,
+        params=count_params(model),
+        nonzero=count_nonzero(model),
+        size_bytes=size_bytes(model),
+        packed_bytes=packed_file_bytes(model),
+        macs=count_macs(model, ctx.example_inputs[:1]),
+        timing=timing,
     )

@@ -38,8 +38,10 @@ def opposed_directions(speedup: Mapping[str, Any]) -> str | None:
     ratio, base, final = speedup.get("ratio"), speedup.get("baseline_ms"), speedup.get("final_ms")
     if not ratio or not base or not final or (ratio - 1) * (base / final - 1) >= 0:
         return None
-    return (f"the median of the per-round ratios is {ratio:.3g}x ({'faster' if ratio > 1 else 'slower'}) but the ratio "
-            f"of the median times is {base / final:.3g}x ({'faster' if base > final else 'slower'})")
+    return (
+        f"the median of the per-round ratios is {ratio:.3g}x ({'faster' if ratio > 1 else 'slower'}) but the ratio "
+        f"of the median times is {base / final:.3g}x ({'faster' if base > final else 'slower'})"
+    )
 
 
 def speedup_noise(speedup: Mapping[str, Any], environment: Mapping[str, Any]) -> str | None:
@@ -60,8 +62,7 @@ def _busy(others: Any, environment: Mapping[str, Any]) -> str | None:
     threads, cpus = environment.get("threads"), environment.get("cpus")
     if others is None or not threads or not cpus or others + threads <= cpus:
         return None
-    return (f"{others:g} other runnable task(s) (median) while it was timed with {threads} torch thread(s) "
-            f"on {cpus} CPU(s)")
+    return f"{others:g} other runnable task(s) (median) while it was timed with {threads} torch thread(s) on {cpus} CPU(s)"
 
 
 def _loaded(environment: Mapping[str, Any]) -> str | None:

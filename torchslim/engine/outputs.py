@@ -13,8 +13,7 @@ from .saving import DEPLOY_FILES, DEPLOY_INFO, MODEL_FILE, RECIPE_FILE
 
 FAILURE_LOG = "torchslim.log"
 #: Every file and folder a run writes; --overwrite replaces these and nothing else.
-OUTPUT_FILES = (*REPORT_FILES, RECIPE_FILE, MODEL_FILE, *DEPLOY_FILES, DEPLOY_INFO,
-                CHECKPOINT_DIR, FAILURE_LOG)
+OUTPUT_FILES = (*REPORT_FILES, RECIPE_FILE, MODEL_FILE, *DEPLOY_FILES, DEPLOY_INFO, CHECKPOINT_DIR, FAILURE_LOG)
 
 
 def prepare_output(out_dir: Path, reuse: bool, create: bool = True) -> Path:
@@ -27,8 +26,10 @@ def prepare_output(out_dir: Path, reuse: bool, create: bool = True) -> Path:
         raise OutputError(f"{out_dir}: exists and is not a directory")
     if out_dir.exists() and any(out_dir.iterdir()) and not reuse:
         # Said in Python's words (torchslim.run's keywords); the CLI says its flags instead.
-        raise OutputError(f"{out_dir}: directory is not empty; choose another out directory, pass resume=True to "
-                          f"continue a run there, or overwrite=True (which replaces only {', '.join(OUTPUT_FILES)})")
+        raise OutputError(
+            f"{out_dir}: directory is not empty; choose another out directory, pass resume=True to "
+            f"continue a run there, or overwrite=True (which replaces only {', '.join(OUTPUT_FILES)})"
+        )
     if create:
         out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir

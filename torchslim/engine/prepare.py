@@ -70,8 +70,10 @@ def _scored_fraction(data: dict[str, Any], recipe: RecipeBase) -> dict[str, Any]
         try:
             batches = len(loader)
         except TypeError:
-            raise RecipeError(f"{recipe.where(('evaluate', 'fraction'))}: evaluate.fraction: the {part} loader has no "
-                              f"length, so a fraction of it cannot be chosen; give the data factory a sized loader") from None
+            raise RecipeError(
+                f"{recipe.where(('evaluate', 'fraction'))}: evaluate.fraction: the {part} loader has no "
+                f"length, so a fraction of it cannot be chosen; give the data factory a sized loader"
+            ) from None
         cut[part] = FirstBatches(loader, max(1, math.ceil(fraction * batches)))
     return cut
 
@@ -105,8 +107,10 @@ def metric_function(recipe: RecipeBase) -> Any:
 def _device(recipe: RecipeBase) -> torch.device:
     device = distributed.device_for(recipe.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RecipeError(f"{recipe.where(('device',))}: device: '{recipe.device}' was asked for, but torch sees no CUDA device "
-                          f"(torch {torch.__version__}); use device: cpu")
+        raise RecipeError(
+            f"{recipe.where(('device',))}: device: '{recipe.device}' was asked for, but torch sees no CUDA device "
+            f"(torch {torch.__version__}); use device: cpu"
+        )
     return device
 
 
@@ -140,8 +144,9 @@ def first_inputs(loader: Any, recipe: RecipeBase) -> torch.Tensor:
     if isinstance(inputs, torch.Tensor):
         return inputs
     where = recipe.where(("data", "target"))
-    raise RecipeError(f"{where}: data.target: the eval loader must yield (inputs, targets) tensor batches, "
-                      f"found {type(batch).__name__}")
+    raise RecipeError(
+        f"{where}: data.target: the eval loader must yield (inputs, targets) tensor batches, found {type(batch).__name__}"
+    )
 
 
 def _first_batch(loader: Any, target: str) -> Any:
@@ -150,8 +155,9 @@ def _first_batch(loader: Any, target: str) -> Any:
     except StopIteration:
         raise UserCodeError(f"data.target: {target}(): the eval loader yields no batch") from None
     except Exception as exc:  # the user's dataset code
-        raise UserCodeError(f"data.target: {target}(): the eval loader raised {type(exc).__name__} "
-                            f"while yielding its first batch: {exc}") from exc
+        raise UserCodeError(
+            f"data.target: {target}(): the eval loader raised {type(exc).__name__} while yielding its first batch: {exc}"
+        ) from exc
 
 
 def _check_forward(model: nn.Module, inputs: torch.Tensor, recipe: RecipeBase) -> None:
@@ -161,9 +167,11 @@ def _check_forward(model: nn.Module, inputs: torch.Tensor, recipe: RecipeBase) -
             model.eval()(inputs)
     except Exception as exc:  # the user's model on the user's data
         where = recipe.where(("model", "target"))
-        raise UserCodeError(f"{where}: model.target: {recipe.model.target} fails on a batch of data.target "
-                            f"{recipe.data.target} (inputs of shape {list(inputs.shape)}, {inputs.dtype}): "
-                            f"{type(exc).__name__}: {exc}") from exc
+        raise UserCodeError(
+            f"{where}: model.target: {recipe.model.target} fails on a batch of data.target "
+            f"{recipe.data.target} (inputs of shape {list(inputs.shape)}, {inputs.dtype}): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def baseline_failure(recipe: RecipeBase, exc: Exception) -> UserCodeError:
@@ -174,8 +182,11 @@ def baseline_failure(recipe: RecipeBase, exc: Exception) -> UserCodeError:
         return UserCodeError(f"{recipe.where(path)}: evaluate.metric: accuracy on data.target {recipe.data.target}: {exc}", path)
     path = ("evaluate", "metric") if custom else ("model", "target")
     parts = f"model {recipe.model.target}, data {recipe.data.target}" + (f", metric {recipe.evaluate.metric}" if custom else "")
-    return UserCodeError(f"{recipe.where(path)}: {'.'.join(path)}: measuring the model before any stage failed "
-                         f"({parts}): {type(exc).__name__}: {exc}", path)
+    return UserCodeError(
+        f"{recipe.where(path)}: {'.'.join(path)}: measuring the model before any stage failed "
+        f"({parts}): {type(exc).__name__}: {exc}",
+        path,
+    )
 
 
 def _scorer(evaluator: Any, loader: Any, recipe: RecipeBase) -> Callable[[nn.Module], float] | None:
@@ -190,6 +201,7 @@ def _score(evaluator: Any, model: nn.Module, loader: Any, recipe: RecipeBase) ->
     value = evaluator(model, loader)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         where = recipe.where(("evaluate", "metric"))
-        raise UserCodeError(f"{where}: evaluate.metric: returned {type(value).__name__}, expected a float",
-                            ("evaluate", "metric"))
+        raise UserCodeError(
+            f"{where}: evaluate.metric: returned {type(value).__name__}, expected a float", ("evaluate", "metric")
+        )
     return float(value)

@@ -119,8 +119,10 @@ def _extra_message(data: Any, path: tuple[Any, ...], registry: Registry, model: 
     family = registry.get(cls.model_fields["type"].default)
     owners = [tag_of(m, "method") for m in family.methods if option in m.model_fields]
     if owners:
-        return (f"'{option}' does not apply to method {tag_of(cls, 'method')}; it is an option of "
-                f"{'method' if len(owners) == 1 else 'methods'} {one_of(owners)}")
+        return (
+            f"'{option}' does not apply to method {tag_of(cls, 'method')}; it is an option of "
+            f"{'method' if len(owners) == 1 else 'methods'} {one_of(owners)}"
+        )
     hint = close_name(str(option), list(cls.model_fields)) or ";"
     return f"unknown field '{option}'{hint} {_stage_type(data, path)} accepts: {', '.join(cls.model_fields)}"
 

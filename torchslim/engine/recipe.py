@@ -34,8 +34,18 @@ from .yamlio import Document, read_yaml
 
 # format_path and tag_of moved to problems.py with the messages; importable from here as before.
 
-__all__ = ["DataSpec", "EvaluateSpec", "MetricsOptions", "ModelSpec", "RecipeBase", "format_path", "load_recipe",
-           "recipe_model", "tag_of", "validate"]
+__all__ = [
+    "DataSpec",
+    "EvaluateSpec",
+    "MetricsOptions",
+    "ModelSpec",
+    "RecipeBase",
+    "format_path",
+    "load_recipe",
+    "recipe_model",
+    "tag_of",
+    "validate",
+]
 
 DEVICE_PATTERN = r"^(cpu|cuda(:\d+)?)$"
 
@@ -55,8 +65,9 @@ class EvaluateSpec(Spec):
     @field_validator("metric")
     @classmethod
     def _metric_form(cls, value: str) -> str:
-        problem = target_problem(value, "'accuracy' or a 'module:callable' taking (model, loader), e.g. mymetrics:f1",
-                                 names=("accuracy",))
+        problem = target_problem(
+            value, "'accuracy' or a 'module:callable' taking (model, loader), e.g. mymetrics:f1", names=("accuracy",)
+        )
         if problem:
             raise ValueError(problem)
         return value
@@ -224,9 +235,7 @@ def _tag_reader(field: str, default: str | None) -> Any:
     return tag
 
 
-def load_recipe(
-    source: str | os.PathLike[str] | Mapping[str, Any] | RecipeBase, registry: Registry | None = None
-) -> RecipeBase:
+def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any] | RecipeBase, registry: Registry | None = None) -> RecipeBase:
     """Read and validate a recipe from a YAML path, a mapping, or return a validated one as is."""
     if isinstance(source, RecipeBase):
         return source

@@ -85,7 +85,9 @@ class Registry:
         holder = self._working(entry.type)
         if holder is not None and entry.ok:
             entry = StageEntry(
-                entry.type, entry.origin, entry.target,
+                entry.type,
+                entry.origin,
+                entry.target,
                 error=f"tag '{entry.type}' is already provided by {holder.origin} ({holder.target})",
             )
         self._entries.append(entry)

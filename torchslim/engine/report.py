@@ -158,10 +158,13 @@ class Report:
         s = self.speedup or {}
         reason = speedup_noise(s, self.environment)
         mark = "~" if reason else ""
-        what = (f"speed-up of the final model ({self.final.stage}) over the baseline, both timed interleaved at the end "
-                f"of the run: ")
-        spread = (f"interquartile {ratio_text(s['q1'])}x to {ratio_text(s['q3'])}x over {s['rounds']} rounds; "
-                  f"baseline {format_figure(s['baseline_ms'], 'ms')} ms, final {format_figure(s['final_ms'], 'ms')} ms")
+        what = (
+            f"speed-up of the final model ({self.final.stage}) over the baseline, both timed interleaved at the end of the run: "
+        )
+        spread = (
+            f"interquartile {ratio_text(s['q1'])}x to {ratio_text(s['q3'])}x over {s['rounds']} rounds; "
+            f"baseline {format_figure(s['baseline_ms'], 'ms')} ms, final {format_figure(s['final_ms'], 'ms')} ms"
+        )
         opposed = opposed_directions(s)
         if opposed:  # one figure would claim a direction the other contradicts
             return f"{what}not measured: {opposed}, so the rounds do not say which is faster ({spread})"

@@ -195,15 +195,21 @@ def reload_message(stage: Stage, problem: ReloadProblem) -> str:
     if problem.unreadable:
         what = f"the model it returned cannot be saved so that it loads again ({text})"
         kept = "a model that torchslim.load_model cannot load"
-        author = ("everything in the model's state dict must load with torch.load(weights_only=True): tensors "
-                  "and plain Python values, no other objects")
+        author = (
+            "everything in the model's state dict must load with torch.load(weights_only=True): tensors "
+            "and plain Python values, no other objects"
+        )
     else:
         what = f"the model it returned cannot be rebuilt from its checkpoint as torchslim.load_model would ({text})"
         kept = "a model that would not load back as it was"
-        author = ("a stage that changes the model's structure (swaps modules, removes channels) must record what it "
-                  "changed with ctx.record_for_restore(...) and redo it in restore(model, record)")
-    stopped = (f"{what}. The run stopped here rather than leave in --out {kept}; without --out nothing is saved "
-               f"and this check does not run.")
+        author = (
+            "a stage that changes the model's structure (swaps modules, removes channels) must record what it "
+            "changed with ctx.record_for_restore(...) and redo it in restore(model, record)"
+        )
+    stopped = (
+        f"{what}. The run stopped here rather than leave in --out {kept}; without --out nothing is saved "
+        f"and this check does not run."
+    )
     if is_builtin(type(stage)):
         return f"{stopped} This is a torchslim bug in the {stage.type} stage: please report it with the recipe."
     return f"{stopped} For the stage's author: {author}."
@@ -248,6 +254,8 @@ def apply_stage(stage: Stage, model: nn.Module, ctx: Context) -> tuple[nn.Module
     if unchanged and stage.changes_model and not ctx.kept_input:
         raise StageError(stage.label, "the stage changed nothing in the model (same modules, same weights)")
     if not unchanged and not stage.changes_model:
-        raise StageError(stage.label, f"{type(stage).__name__} declares changes_model = False, but the model it "
-                         "returned differs (modules or weights)")
+        raise StageError(
+            stage.label,
+            f"{type(stage).__name__} declares changes_model = False, but the model it returned differs (modules or weights)",
+        )
     return result, seconds

@@ -42,9 +42,13 @@ def save_model(out_dir: Path, recipe: RecipeBase, model: nn.Module, structure: l
     ``structure`` holds one record per completed stage (what it recorded with ``ctx.record_for_restore``).
     """
     # The packed form (non-zero values + bitmask) is used where it is smaller than dense.
-    payload = {"format": FORMAT, "structure": structure, "state_dict": smallest_state(model.state_dict()),
-               # load_model imports the recipe's targets from here too, as the run did (a mynet.py beside it)
-               "recipe_dir": str(recipe.base_dir) if recipe.base_dir is not None else None}
+    payload = {
+        "format": FORMAT,
+        "structure": structure,
+        "state_dict": smallest_state(model.state_dict()),
+        # load_model imports the recipe's targets from here too, as the run did (a mynet.py beside it)
+        "recipe_dir": str(recipe.base_dir) if recipe.base_dir is not None else None,
+    }
 
     def write(handle: IO[bytes]) -> None:
         torch.save(payload, handle)

@@ -149,8 +149,10 @@ def _search_hint(exc: Exception, target: str) -> str:
     guess = target_guess(target)
     if guess:  # "mynet.py:build" is a well-formed target, but a file name, not a module
         return f"; did you mean '{guess}'?"
-    return ("; a module next to the recipe file is found (torchslim puts the recipe's directory on sys.path), "
-            "others must be installed or on PYTHONPATH")
+    return (
+        "; a module next to the recipe file is found (torchslim puts the recipe's directory on sys.path), "
+        "others must be installed or on PYTHONPATH"
+    )
 
 
 def build_model(spec: ModelSpec, base_dir: Path | None, field: str = "model") -> nn.Module:
@@ -226,8 +228,10 @@ def build_data(spec: DataSpec) -> dict[str, Any]:
     data.setdefault("calibration", data["train"])
     if data.get("validation") is not None and data["validation"] is data["eval"]:
         # Choosing on the very data that reports would make the report optimistic while claiming not to.
-        raise RecipeError(f"data.target: '{spec.target}' returned the eval loader as its validation loader; "
-                          "give held-out data that is not the eval data, or no validation key")
+        raise RecipeError(
+            f"data.target: '{spec.target}' returned the eval loader as its validation loader; "
+            "give held-out data that is not the eval data, or no validation key"
+        )
     if "validation" in data and data["validation"] is None:
         del data["validation"]
     return data

@@ -33,8 +33,12 @@ class Stage(BaseModel, ABC):
     names no method gets ``default_method``.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True,
-                              json_schema_extra=lambda schema, cls: _method_required(schema, cls))
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        use_attribute_docstrings=True,
+        json_schema_extra=lambda schema, cls: _method_required(schema, cls),
+    )
 
     changes_model: ClassVar[bool] = True
     """False for a stage that inspects, exports, logs or checks and leaves the model as it was. The
@@ -109,9 +113,12 @@ def _method_required(schema: dict[str, Any], cls: type) -> None:
 def option_errors(stage: BaseModel, problems: list[tuple[str, str]]) -> ValidationError:
     """One validation error per ``(option, message)``, located at the option, for a model validator
     to raise: a recipe error then points at the option at fault (file:line), not at the whole stage."""
-    details = [InitErrorDetails(type=PydanticCustomError("value_error", "{reason}", {"reason": message}),
-                                loc=(option,), input=getattr(stage, option))
-               for option, message in problems]
+    details = [
+        InitErrorDetails(
+            type=PydanticCustomError("value_error", "{reason}", {"reason": message}), loc=(option,), input=getattr(stage, option)
+        )
+        for option, message in problems
+    ]
     return ValidationError.from_exception_data(type(stage).__name__, details)
 
 

@@ -88,12 +88,16 @@ def refuse_sweep(recipe: RecipeBase) -> None:
     or ``search``."""
     if recipe.sweep:
         source = recipe.document.source if recipe.document is not None else "RECIPE"
-        raise RecipeError(f"{recipe.where(('sweep',))}: sweep: this recipe is a sweep of several variants; "
-                          f"run it with `torchslim compare {source}` (torchslim run takes one concrete recipe)")
+        raise RecipeError(
+            f"{recipe.where(('sweep',))}: sweep: this recipe is a sweep of several variants; "
+            f"run it with `torchslim compare {source}` (torchslim run takes one concrete recipe)"
+        )
     if recipe.search is not None:
         source = recipe.document.source if recipe.document is not None else "RECIPE"
-        raise RecipeError(f"{recipe.where(('search',))}: search: this recipe is a search over many variants; "
-                          f"run it with `torchslim search {source} --out DIR` (torchslim run takes one concrete recipe)")
+        raise RecipeError(
+            f"{recipe.where(('search',))}: search: this recipe is a search over many variants; "
+            f"run it with `torchslim search {source} --out DIR` (torchslim run takes one concrete recipe)"
+        )
 
 
 #: A value ``when`` compares with: what Optuna stores as a categorical choice.
@@ -136,8 +140,9 @@ class SearchDimension(Spec):
         if self.per_layer is not None or self.per_group is not None:
             given = sorted((ranged | {"choices", "per_layer", "per_group"}) & self.model_fields_set - {"when"})
             if len(given) > 1:
-                raise ValueError(f"per_layer or per_group holds the range or choices of each unit: give it alone "
-                                 f"({', '.join(given)} given)")
+                raise ValueError(
+                    f"per_layer or per_group holds the range or choices of each unit: give it alone ({', '.join(given)} given)"
+                )
             return self
         if self.choices is not None:
             if ranged:
@@ -191,8 +196,10 @@ class CheapSpec(Spec):
     def _increasing(cls, value: list[CheapRung]) -> list[CheapRung]:
         for i, (before, after) in enumerate(itertools.pairwise(value), start=1):
             if after.epochs_scale < before.epochs_scale or after.eval_fraction < before.eval_fraction or after == before:
-                raise ValueError(f"rung {i} must cost more than rung {i - 1}: its epochs_scale and eval_fraction at least "
-                                 f"as large, one of them larger (cheapest first)")
+                raise ValueError(
+                    f"rung {i} must cost more than rung {i - 1}: its epochs_scale and eval_fraction at least "
+                    f"as large, one of them larger (cheapest first)"
+                )
         return value
 
 

@@ -71,5 +71,11 @@ def _width(columns: list[list[str]]) -> int:
 def _wrap(note: str, width: int | None) -> str:
     if width is None:
         return _NOTE + note
-    return textwrap.fill(note, width=max(width, 40), initial_indent=_NOTE, subsequent_indent=" " * len(_NOTE),
-                         break_on_hyphens=False, break_long_words=False)
+    return textwrap.fill(
+        note,
+        width=max(width, 40),
+        initial_indent=_NOTE,
+        subsequent_indent=" " * len(_NOTE),
+        break_on_hyphens=False,
+        break_long_words=False,
+    )

@@ -61,10 +61,17 @@ class Speedup:
     def to_dict(self) -> dict[str, float | int | None]:
         """Plain data for report.json."""
         others = [t.others_running for t in (self.baseline, self.final) if t.others_running is not None]
-        return {"ratio": self.ratio, "q1": self.q1, "q3": self.q3, "rounds": len(self.baseline.samples),
-                "baseline_ms": self.baseline.median, "final_ms": self.final.median,
-                "baseline_iqr_ms": self.baseline.iqr, "final_iqr_ms": self.final.iqr,
-                "others_running": max(others) if others else None}
+        return {
+            "ratio": self.ratio,
+            "q1": self.q1,
+            "q3": self.q3,
+            "rounds": len(self.baseline.samples),
+            "baseline_ms": self.baseline.median,
+            "final_ms": self.final.median,
+            "baseline_iqr_ms": self.baseline.iqr,
+            "final_iqr_ms": self.final.iqr,
+            "others_running": max(others) if others else None,
+        }
 
 
 def _iqr(values: Sequence[float]) -> float:
@@ -91,8 +98,9 @@ def time_forward(model: nn.Module, example: torch.Tensor, *, warmup: int, runs: 
     return interleaved([model], example, warmup=warmup, runs=runs, threads=threads)[0]
 
 
-def interleaved(models: Sequence[nn.Module], example: torch.Tensor, *, warmup: int, runs: int,
-                threads: int | None) -> list[Timing]:
+def interleaved(
+    models: Sequence[nn.Module], example: torch.Tensor, *, warmup: int, runs: int, threads: int | None
+) -> list[Timing]:
     """Time each model ``runs`` times, taking turns round by round (the order reversed every other
     round), so that a change in the machine's load affects every model alike. Each timed run follows an
     untimed one of the same model, and a runtime that keeps a core busy after it returns is waited out
@@ -121,8 +129,9 @@ def in_turns(calls: Sequence[Callable[[], float]], runs: int) -> list[Timing]:
     return [Timing(tuple(s), busy) for s in samples]
 
 
-def speedup(baseline: nn.Module, final: nn.Module, example: torch.Tensor, *, warmup: int, runs: int,
-            threads: int | None) -> Speedup:
+def speedup(
+    baseline: nn.Module, final: nn.Module, example: torch.Tensor, *, warmup: int, runs: int, threads: int | None
+) -> Speedup:
     """baseline / final latency, from ``runs`` rounds timed interleaved (one ratio per round)."""
     base, last = interleaved([baseline, final], example, warmup=warmup, runs=runs, threads=threads)
     ratios = [b / f for b, f in zip(base.samples, last.samples, strict=True) if f > 0]

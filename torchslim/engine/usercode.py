@@ -44,8 +44,7 @@ def call_target(factory: Callable[..., Any], target: str, kwargs: Mapping[str, A
         problem = kwargs_problem(factory, target, kwargs, field) if isinstance(exc, TypeError) else None
         if problem is not None:
             raise UserCodeError(problem[1], path=problem[0]) from exc
-        raise UserCodeError(f"{field}.target: {target}() raised {type(exc).__name__}: {exc}",
-                            path=(field, "target")) from exc
+        raise UserCodeError(f"{field}.target: {target}() raised {type(exc).__name__}: {exc}", path=(field, "target")) from exc
 
 
 def kwargs_problem(

@@ -137,9 +137,11 @@ def _duplicate_keys(node: yaml.MappingNode, source: str) -> None:
         if key in first:
             was = first[key].start_mark
             mark = key_node.start_mark
-            raise RecipeError(f"{source}:{mark.line + 1}:{mark.column + 1}: duplicate key '{key_node.value}' "
-                              f"(first at {source}:{was.line + 1}:{was.column + 1}); a mapping holds each key once, "
-                              "and YAML would keep only the last")
+            raise RecipeError(
+                f"{source}:{mark.line + 1}:{mark.column + 1}: duplicate key '{key_node.value}' "
+                f"(first at {source}:{was.line + 1}:{was.column + 1}); a mapping holds each key once, "
+                "and YAML would keep only the last"
+            )
         first[key] = key_node
 
 

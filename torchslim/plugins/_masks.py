@@ -31,8 +31,7 @@ class ZeroMasks:
         """
         # Trained weights are practically never exactly zero, so exact zeros mark pruned weights.
         # Biases and norm scales (one dimension) are never pruned, and a zero there is a real value.
-        masks = {name: p.detach() != 0 for name, p in model.named_parameters()
-                 if p.dim() > 1 and bool((p == 0).any())}
+        masks = {name: p.detach() != 0 for name, p in model.named_parameters() if p.dim() > 1 and bool((p == 0).any())}
         return cls(model, masks)
 
     def reapply(self) -> None:

@@ -28,8 +28,15 @@ class Progress:
     processes other than rank 0 under torchrun).
     """
 
-    def __init__(self, label: str, log: logging.Logger, metric: str, total_steps: int | None,
-                 enabled: bool = True, stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        label: str,
+        log: logging.Logger,
+        metric: str,
+        total_steps: int | None,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+    ) -> None:
         self.label, self.log, self.metric, self.total = label, log, metric, total_steps
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled and log.isEnabledFor(logging.INFO)

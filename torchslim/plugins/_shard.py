@@ -80,11 +80,19 @@ def _rebuild(loader: Iterable[Any], seed: int, world: int, rank: int) -> DataLoa
     shuffle = _plain_shuffle(loader)
     if shuffle is None:
         return None  # a custom sampler (weighted, grouped...) keeps its own order
-    sampler: DistributedSampler[Any] = DistributedSampler(loader.dataset, num_replicas=world, rank=rank,
-                                                          shuffle=shuffle, seed=seed)
-    return DataLoader(loader.dataset, batch_size=max(1, loader.batch_size // world), sampler=sampler,
-                      num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
-                      drop_last=loader.drop_last, worker_init_fn=loader.worker_init_fn)
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        loader.dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed
+    )
+    return DataLoader(
+        loader.dataset,
+        batch_size=max(1, loader.batch_size // world),
+        sampler=sampler,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+        worker_init_fn=loader.worker_init_fn,
+    )
 
 
 def _plain_shuffle(loader: DataLoader[Any]) -> bool | None:

@@ -63,8 +63,9 @@ class TrainPlan:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.lr <= 0 or not 0 <= self.warmup < 1:
-            raise ValueError(f"TrainPlan needs epochs >= 1, lr > 0 and 0 <= warmup < 1, not {self.epochs}, "
-                             f"{self.lr} and {self.warmup}")
+            raise ValueError(
+                f"TrainPlan needs epochs >= 1, lr > 0 and 0 <= warmup < 1, not {self.epochs}, {self.lr} and {self.warmup}"
+            )
         if not self.evaluate and (self.keep == "best" or self.patience is not None):
             raise ValueError("TrainPlan: keep best and patience choose by the eval metric, so they need evaluate")
 
@@ -145,8 +146,11 @@ def make_schedule(plan: TrainPlan, label: str, optimizer: torch.optim.Optimizer,
         return None
     if total is None:
         what = "schedule: cosine" if plan.schedule == "cosine" else "warmup"
-        raise StageError(label, f"{what} needs the number of steps: the train loader has no length, so set "
-                         "max_steps (or schedule: constant and warmup: 0)")
+        raise StageError(
+            label,
+            f"{what} needs the number of steps: the train loader has no length, so set "
+            "max_steps (or schedule: constant and warmup: 0)",
+        )
     return Schedule(optimizer, _factor(plan, total))
 
 
@@ -161,6 +165,7 @@ def _factor(plan: TrainPlan, total: int) -> Callable[[int], float]:
         if plan.schedule == "constant":
             return 1.0
         return 0.5 * (1 + math.cos(math.pi * min(step - ramp, span) / span))
+
     return factor
 
 
@@ -196,8 +201,7 @@ def fit(plan: TrainPlan, job: Job, ctx: Context | None = None) -> Outcome:
     finally:
         run.progress.close()
     train_loss, features = keeper.finish(job.model, epoch)
-    return Outcome(train_loss, features, keeper.best, keeper.best_epoch, epoch, run.steps, keeper.start_score,
-                   keeper.last_score)
+    return Outcome(train_loss, features, keeper.best, keeper.best_epoch, epoch, run.steps, keeper.start_score, keeper.last_score)
 
 
 @dataclass
@@ -218,8 +222,9 @@ class _Run:
         optimizer = make_optimizer(plan, params)
         total = total_steps(plan, job.batches.length())
         log = ctx.log if ctx is not None else logging.getLogger("torchslim")
-        progress = Progress(job.label, log, ctx.metric_name if ctx is not None else "", total,
-                            enabled=ctx is not None and distributed.is_main())
+        progress = Progress(
+            job.label, log, ctx.metric_name if ctx is not None else "", total, enabled=ctx is not None and distributed.is_main()
+        )
         return cls(plan, job, params, optimizer, make_schedule(plan, job.label, optimizer, total), progress)
 
     @property
@@ -278,8 +283,9 @@ def _evaluate(plan: TrainPlan, job: Job, ctx: Context | None) -> float:
     return distributed.broadcast_float(score, job.device) if job.batches.shared else score
 
 
-def finetune(model: nn.Module, loader: Iterable[Batch], epochs: int, lr: float, masks: ZeroMasks,
-             *, label: str = "prune") -> float:
+def finetune(
+    model: nn.Module, loader: Iterable[Batch], epochs: int, lr: float, masks: ZeroMasks, *, label: str = "prune"
+) -> float:
     """Train ``model`` in place on cross-entropy with Adam, keeping ``masks``' zeros; no evaluation.
 
     Prune's fine-tuning between steps: the loader's own order, in this process only. Returns
@@ -297,7 +303,8 @@ def finetune(model: nn.Module, loader: Iterable[Batch], epochs: int, lr: float, 
     except NoBatches:
         return math.nan
     except Diverged as exc:
-        raise StageError(label, f"finetune_lr: the training loss became {exc.loss} in epoch {exc.epoch}; "
-                         "lower finetune_lr") from None
+        raise StageError(
+            label, f"finetune_lr: the training loss became {exc.loss} in epoch {exc.epoch}; lower finetune_lr"
+        ) from None
     finally:
         model.eval()

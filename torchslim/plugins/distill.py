@@ -117,9 +117,12 @@ class DistillStage(Stage):
             total = total + self.alpha * feature_loss(self.output_loss, student, teacher)
         if self.alpha < 1:
             if labels.shape != student.shape:
-                raise StageError(self.label, f"output_loss {self.output_loss} with alpha < 1 compares the outputs with "
-                                 f"the labels, but the labels' shape {tuple(labels.shape)} is not the outputs' "
-                                 f"{tuple(student.shape)}: set alpha: 1, or output_loss: kl for class labels")
+                raise StageError(
+                    self.label,
+                    f"output_loss {self.output_loss} with alpha < 1 compares the outputs with "
+                    f"the labels, but the labels' shape {tuple(labels.shape)} is not the outputs' "
+                    f"{tuple(student.shape)}: set alpha: 1, or output_loss: kl for class labels",
+                )
             total = total + (1 - self.alpha) * feature_loss(self.output_loss, student, labels.to(student.dtype))
         return total
 
@@ -169,8 +172,9 @@ class DistillStage(Stage):
         else:
             student = model
         if not any(p.requires_grad and p.is_floating_point() for p in student.parameters()):
-            raise StageError(self.label, "the model has no trainable float parameters (was it quantized? "
-                             "put distill before quantize)")
+            raise StageError(
+                self.label, "the model has no trainable float parameters (was it quantized? put distill before quantize)"
+            )
         return student.to(ctx.device)
 
     def _taps(self, student: nn.Module, teacher: nn.Module | None, ctx: Context) -> Tapped:
@@ -189,8 +193,16 @@ class DistillStage(Stage):
             raise
         return taps[0], taps[1], [p.to(ctx.device) for p in projections]
 
-    def _train(self, student: nn.Module, teacher: nn.Module | None, taps: Tapped,
-               masks: ZeroMasks | None, seed: int, ctx: Context, plan: TrainPlan) -> Outcome:
+    def _train(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        taps: Tapped,
+        masks: ZeroMasks | None,
+        seed: int,
+        ctx: Context,
+        plan: TrainPlan,
+    ) -> Outcome:
         student_taps, teacher_taps, projections = taps
         trainee = Trainee(student, student_taps, projections)
         wrapped = wrap(trainee, ctx.device)
@@ -208,8 +220,9 @@ class DistillStage(Stage):
                 part = part + pair.weight * feature_loss(pair.loss, s, t)
             return self.loss(logits, target, labels) + part, part.detach()
 
-        job = Job(self.label, student, batches, loss_fn, ctx.device, wrapped,
-                  after_step=masks.reapply if masks is not None else None)
+        job = Job(
+            self.label, student, batches, loss_fn, ctx.device, wrapped, after_step=masks.reapply if masks is not None else None
+        )
         return fit(plan, job, ctx)
 
     def _report(self, outcome: Outcome, ctx: Context, lr: float) -> None:
@@ -223,9 +236,16 @@ class DistillStage(Stage):
         self._kept_note(outcome, ctx, lr)
         if distributed.is_main():
             kept = f"kept epoch {outcome.best_epoch}" if self.keep == "best" else "kept the last epoch"
-            ctx.log.info("  %s: %d epochs, %d steps, best %s %.2f at epoch %d (0: as received), %s", self.label,
-                         outcome.epochs_run, outcome.steps, ctx.metric_name, outcome.best_score, outcome.best_epoch,
-                         kept)
+            ctx.log.info(
+                "  %s: %d epochs, %d steps, best %s %.2f at epoch %d (0: as received), %s",
+                self.label,
+                outcome.epochs_run,
+                outcome.steps,
+                ctx.metric_name,
+                outcome.best_score,
+                outcome.best_epoch,
+                kept,
+            )
 
     def _kept_note(self, outcome: Outcome, ctx: Context, lr: float) -> None:
         """Say so when the stage returns the model it received (keep: best), or one that scores worse (keep: last)."""
@@ -233,13 +253,17 @@ class DistillStage(Stage):
         given = "the model it received" if self.student == "current" else "the student as built (untrained)"
         if self.keep == "best" and outcome.kept_input:
             ctx.keep_input()
-            text = (f"{self.label}: kept {given} (keep: best): no epoch beat its {metric} of "
-                    f"{outcome.start_score:.2f} on the {split} data (last epoch: {outcome.last_score:.2f}); "
-                    f"an lr below {lr:g} may help")
+            text = (
+                f"{self.label}: kept {given} (keep: best): no epoch beat its {metric} of "
+                f"{outcome.start_score:.2f} on the {split} data (last epoch: {outcome.last_score:.2f}); "
+                f"an lr below {lr:g} may help"
+            )
         elif self.keep == "last" and _worse(self, outcome.last_score, outcome.start_score):
-            text = (f"{self.label}: returned the last epoch (keep: last), whose {metric} of {outcome.last_score:.2f} "
-                    f"on the {split} data is worse than the {outcome.start_score:.2f} of {given} "
-                    f"(keep: best would have returned that one); an lr below {lr:g} may help")
+            text = (
+                f"{self.label}: returned the last epoch (keep: last), whose {metric} of {outcome.last_score:.2f} "
+                f"on the {split} data is worse than the {outcome.start_score:.2f} of {given} "
+                f"(keep: best would have returned that one); an lr below {lr:g} may help"
+            )
         else:
             return
         ctx.note(text)
@@ -253,11 +277,12 @@ class DistillStage(Stage):
             return
         ctx.add_metric("selected_on", ctx.selection_split)
         if ctx.validate is not None:
-            ctx.note(f"{self.label}: {' and '.join(chosen)} chose on the validation data; the summary reports the "
-                     f"eval data")
+            ctx.note(f"{self.label}: {' and '.join(chosen)} chose on the validation data; the summary reports the eval data")
         else:
-            ctx.note(f"{self.label}: {' and '.join(chosen)} chose on the eval data, the same data the summary "
-                     f"reports (an optimistic figure); a 'validation' loader from the data factory separates them")
+            ctx.note(
+                f"{self.label}: {' and '.join(chosen)} chose on the eval data, the same data the summary "
+                f"reports (an optimistic figure); a 'validation' loader from the data factory separates them"
+            )
 
 
 def default_lr(student: nn.Module) -> float:

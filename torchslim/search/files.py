@@ -46,8 +46,16 @@ def write_files(out: Path, state: SearchState) -> None:
 class SearchState:
     """A search's trials so far, what they are judged by, and the answer."""
 
-    def __init__(self, records: Sequence[Record], answer: Answer, objectives: Sequence[str], metric: str,
-                 budget: Budget | None, best_recipe: dict[str, Any] | None, planned: int | None) -> None:
+    def __init__(
+        self,
+        records: Sequence[Record],
+        answer: Answer,
+        objectives: Sequence[str],
+        metric: str,
+        budget: Budget | None,
+        best_recipe: dict[str, Any] | None,
+        planned: int | None,
+    ) -> None:
         self.records, self.answer, self.objectives, self.metric = list(records), answer, list(objectives), metric
         self.budget, self.best_recipe, self.planned = budget, best_recipe, planned
         """``best_recipe``: the recommended trial's recipe data (no search); ``planned``: the trials budget, if any."""
@@ -66,26 +74,46 @@ def to_json(state: SearchState) -> dict[str, Any]:
     """front.json: the front, the recommended trial and every trial."""
     best = state.answer.best
     return {
-        "metric": state.metric, "objectives": state.objectives,
+        "metric": state.metric,
+        "objectives": state.objectives,
         "constraints": state.budget.given() if state.budget else None,
-        "trials_done": len(state.records), "trials_planned": state.planned,
-        "front": [r.number for r in state.answer.front], "front_meets_constraints": state.answer.meets,
-        "best": None if best is None else {"trial": best.number, "folder": best.folder, "values": best.values,
-                                           "meets_constraints": state.answer.meets, "misses": best.misses,
-                                           "total_miss": total_miss(best.excess), "recipe": BEST_YAML},
+        "trials_done": len(state.records),
+        "trials_planned": state.planned,
+        "front": [r.number for r in state.answer.front],
+        "front_meets_constraints": state.answer.meets,
+        "best": None
+        if best is None
+        else {
+            "trial": best.number,
+            "folder": best.folder,
+            "values": best.values,
+            "meets_constraints": state.answer.meets,
+            "misses": best.misses,
+            "total_miss": total_miss(best.excess),
+            "recipe": BEST_YAML,
+        },
         "trials": [_trial_json(r, state) for r in state.records],
     }
 
 
 def _trial_json(record: Record, state: SearchState) -> dict[str, Any]:
-    data = {"trial": record.number, "values": record.values, "folder": f"trials/{record.folder}",
-            "seconds": round(record.seconds, 3)}
+    data = {
+        "trial": record.number,
+        "values": record.values,
+        "folder": f"trials/{record.folder}",
+        "seconds": round(record.seconds, 3),
+    }
     if record.rungs:  # search.cheap: the objectives of each cheap run, cheapest first
         data["rungs"] = [dict(zip(state.objectives, r["objectives"], strict=False)) for r in record.rungs]
     if record.error is not None:
         return {**data, "error": record.error}
-    data = {**data, "objectives": dict(zip(state.objectives, record.objectives, strict=True)), "final": record.final,
-            "baseline": record.baseline, "misses": record.misses}
+    data = {
+        **data,
+        "objectives": dict(zip(state.objectives, record.objectives, strict=True)),
+        "final": record.final,
+        "baseline": record.baseline,
+        "misses": record.misses,
+    }
     if record.stopped is not None:  # its figures are the cheap rung's: never on the front
         return {**data, "stopped_after_rung": record.stopped}
     return {**data, "on_front": record in state.answer.front}
@@ -93,30 +121,47 @@ def _trial_json(record: Record, state: SearchState) -> dict[str, Any]:
 
 def to_markdown(state: SearchState, plotted: bool) -> str:
     """front.md: the front as a table, the recommended trial, the plot."""
-    plot = (f"![{state.metric} against size and latency]({FRONT_PNG})" if plotted else
-            f"no plot: matplotlib is not installed; {PLOT_HINT} for {FRONT_PNG}")
+    plot = (
+        f"![{state.metric} against size and latency]({FRONT_PNG})"
+        if plotted
+        else f"no plot: matplotlib is not installed; {PLOT_HINT} for {FRONT_PNG}"
+    )
     lines = "".join(f"- {line}\n" for line in summary_lines(state))
     return f"# torchslim search: the Pareto front\n\n{front_table(state, 'github')}\n\n{lines}\n{plot}\n"
 
 
 def front_table(state: SearchState, fmt: str = "simple") -> str:
     """The front: one line per trial on it, with its values and objectives (and whether it meets the budget)."""
-    headers = ["trial", "values", *(state.metric if o == "metric" else o for o in state.objectives),
-               *(["budget"] if state.budget else [])]
-    rows = [[str(r.number), describe_values(r.values), *state.objective_cells(r),
-             *(["pass" if not r.misses else "fail"] if state.budget else [])] for r in state.answer.front]
+    headers = [
+        "trial",
+        "values",
+        *(state.metric if o == "metric" else o for o in state.objectives),
+        *(["budget"] if state.budget else []),
+    ]
+    rows = [
+        [
+            str(r.number),
+            describe_values(r.values),
+            *state.objective_cells(r),
+            *(["pass" if not r.misses else "fail"] if state.budget else []),
+        ]
+        for r in state.answer.front
+    ]
     return tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True)
 
 
 def summary_lines(state: SearchState) -> list[str]:
     """What the front is of, the recommended trial, and the failed trials."""
     which = "meet the constraints" if state.answer.meets else "ran (none meets the constraints)"
-    lines = [f"{len(state.records)} trial(s) done; the front of those that {which}, over {', '.join(state.objectives)}: "
-             f"{len(state.answer.front)} trial(s)"]
+    lines = [
+        f"{len(state.records)} trial(s) done; the front of those that {which}, over {', '.join(state.objectives)}: "
+        f"{len(state.answer.front)} trial(s)"
+    ]
     best = state.answer.best
     if best is not None:
-        verdict = (f"the best {state.metric} on the front that meets the constraints" if state.answer.meets
-                   else state.miss_words(best))
+        verdict = (
+            f"the best {state.metric} on the front that meets the constraints" if state.answer.meets else state.miss_words(best)
+        )
         lines.append(f"{BEST_YAML}: trial {best.number} ({describe_values(best.values)}): {verdict}")
     lines += [f"failed: trial {r.number} ({describe_values(r.values)}): {r.error}" for r in state.records if r.error]
     stopped = [str(r.number) for r in state.records if r.stopped is not None]
@@ -142,10 +187,18 @@ def _comparison(state: SearchState) -> Comparison:
     ran = [r for r in state.records if r.ok]
     keys = list(dict.fromkeys(json.dumps(r.baseline, sort_keys=True) for r in ran))
     baselines = [Row("baseline", None, json.loads(k)) for k in keys]
-    entries = [Entry(f"trial {r.number}: {describe_values(r.values)}", r.folder, "search", r.values,
-                     keys.index(json.dumps(r.baseline, sort_keys=True)),
-                     report=Report({}, state.metric, [Row("baseline", None, r.baseline), Row("final", "search", r.final)]),
-                     failures=r.misses if state.budget else None) for r in ran]
+    entries = [
+        Entry(
+            f"trial {r.number}: {describe_values(r.values)}",
+            r.folder,
+            "search",
+            r.values,
+            keys.index(json.dumps(r.baseline, sort_keys=True)),
+            report=Report({}, state.metric, [Row("baseline", None, r.baseline), Row("final", "search", r.final)]),
+            failures=r.misses if state.budget else None,
+        )
+        for r in ran
+    ]
     for entry, marks in zip(entries, fronts([e.final for e in entries], state.metric, [r.baseline for r in ran]), strict=True):
         entry.fronts = marks
     groups = [[e.name for e in entries if e.group == g] for g in range(len(keys))]

@@ -31,9 +31,18 @@ class SearchResult:
     state: SearchState
 
 
-def search(source: Source, out: str | os.PathLike[str], *, resume: bool = False, jobs: int = 1,
-           executor: str = "local", storage: str | None = None, track: str | None = None,
-           registry: Registry | None = None, log: logging.Logger | None = None) -> SearchResult:
+def search(
+    source: Source,
+    out: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    jobs: int = 1,
+    executor: str = "local",
+    storage: str | None = None,
+    track: str | None = None,
+    registry: Registry | None = None,
+    log: logging.Logger | None = None,
+) -> SearchResult:
     """Search the space of the recipe ``source`` (its ``search:`` block), writing into ``out``.
 
     With ``resume``, a search already in ``out`` (or in ``storage``) continues: finished trials are not run again.
@@ -143,5 +152,7 @@ def progress(state: SearchState, record: Record, seconds: float, minutes: float 
 
 
 def _figures(state: SearchState, record: Record) -> str:
-    return ", ".join(f"{o if o != 'metric' else state.metric} {cell}" for o, cell in
-                     zip(state.objectives, state.objective_cells(record), strict=True))
+    return ", ".join(
+        f"{o if o != 'metric' else state.metric} {cell}"
+        for o, cell in zip(state.objectives, state.objective_cells(record), strict=True)
+    )

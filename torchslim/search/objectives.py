@@ -15,8 +15,12 @@ from ..engine import names
 from ..engine.study_fields import Objective
 
 #: The final-row key of each objective other than the metric.
-KEYS: dict[str, str] = {"latency": names.LATENCY_MS, "size": names.SIZE_BYTES, "packed_size": names.PACKED_BYTES,
-                        "macs": names.MACS}
+KEYS: dict[str, str] = {
+    "latency": names.LATENCY_MS,
+    "size": names.SIZE_BYTES,
+    "packed_size": names.PACKED_BYTES,
+    "macs": names.MACS,
+}
 #: A limit that cannot be judged (its figure not measured) counts as missed by this fraction.
 UNMEASURED = 1.0
 
@@ -36,8 +40,10 @@ def values(objectives: Sequence[Objective], final: dict[str, Any], metric: str) 
     found = [final.get(key(o, metric)) for o in objectives]
     missing = [o for o, v in zip(objectives, found, strict=True) if not _number(v)]
     if missing:
-        return (f"{', '.join(missing)} not measured (an objective needs it: check metrics.collect and metrics.latency, "
-                f"or choose other objectives)")
+        return (
+            f"{', '.join(missing)} not measured (an objective needs it: check metrics.collect and metrics.latency, "
+            f"or choose other objectives)"
+        )
     return [float(v) for v in found if v is not None]
 
 

@@ -48,8 +48,10 @@ def plan(source: Source, out: str | os.PathLike[str], jobs: int, registry: Regis
     document = Document(dict(source), "<recipe>") if isinstance(source, Mapping) else read_yaml(source)
     recipe = validate(document, registry)
     if recipe.search is None:
-        raise RecipeError(f"{recipe.where(())}: no search: block; torchslim search needs one "
-                          f"(the space, objectives and budget: see docs/search.md), torchslim run runs a plain recipe")
+        raise RecipeError(
+            f"{recipe.where(())}: no search: block; torchslim search needs one "
+            f"(the space, objectives and budget: see docs/search.md), torchslim run runs a plain recipe"
+        )
     _check_measured(recipe, recipe.search)
     check_space(document, recipe, registry)
     check_rungs(recipe)
@@ -62,13 +64,17 @@ def plan(source: Source, out: str | os.PathLike[str], jobs: int, registry: Regis
 def _check_measured(recipe: RecipeBase, spec: SearchSpec) -> None:
     """An objective or limit whose figure the recipe turns off is an error at the objective."""
     limits = set(recipe.constraints.given()) if recipe.constraints else set()
-    off = [(_NEEDS_LATENCY, "metrics.latency", recipe.metrics.collect and recipe.metrics.latency),
-           (_NEEDS_FIGURES, "metrics.collect", recipe.metrics.collect)]
+    off = [
+        (_NEEDS_LATENCY, "metrics.latency", recipe.metrics.collect and recipe.metrics.latency),
+        (_NEEDS_FIGURES, "metrics.collect", recipe.metrics.collect),
+    ]
     for (objectives, constraints), switch, measured in off:
         wanted = sorted((set(spec.objectives) & objectives) | (limits & constraints))
         if wanted and not measured:
-            raise RecipeError(f"{recipe.where(('search', 'objectives'))}: search: {', '.join(wanted)} needs "
-                              f"{switch} on, and the recipe turns it off")
+            raise RecipeError(
+                f"{recipe.where(('search', 'objectives'))}: search: {', '.join(wanted)} needs "
+                f"{switch} on, and the recipe turns it off"
+            )
 
 
 def _prepare_out(out: Path) -> Path:

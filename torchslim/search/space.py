@@ -68,8 +68,13 @@ def suggest(trial: Suggests, path: str, dimension: SearchDimension) -> Any:
     assert dimension.low is not None and dimension.high is not None  # the dimension's validator requires a range
     if dimension.is_int:
         return trial.suggest_int(path, int(dimension.low), int(dimension.high), step=int(dimension.step or 1), log=dimension.log)
-    return trial.suggest_float(path, float(dimension.low), float(dimension.high),
-                               step=None if dimension.step is None else float(dimension.step), log=dimension.log)
+    return trial.suggest_float(
+        path,
+        float(dimension.low),
+        float(dimension.high),
+        step=None if dimension.step is None else float(dimension.step),
+        log=dimension.log,
+    )
 
 
 def active(dimension: SearchDimension, values: Mapping[str, Any], data: Any, defaults: Any) -> bool:
@@ -96,8 +101,13 @@ def get_path(data: Any, path: str) -> Any:
     return node
 
 
-def trial_document(document: Document, values: Mapping[str, Any], recipe: RecipeBase, name: str,
-                   origins: Mapping[str, tuple[Any, ...]] | None = None) -> Document:
+def trial_document(
+    document: Document,
+    values: Mapping[str, Any],
+    recipe: RecipeBase,
+    name: str,
+    origins: Mapping[str, tuple[Any, ...]] | None = None,
+) -> Document:
     """The recipe of one trial: ``document`` without the search, ``values`` set, named ``name``; a value is
     placed (for error messages) at its space entry, or where ``origins`` says it was written (a choice, a bound)."""
     data = {k: copy.deepcopy(v) for k, v in document.data.items() if k not in SEARCH_KEYS}
@@ -125,8 +135,9 @@ def check_space(document: Document, recipe: RecipeBase, registry: Registry) -> N
         for origin, value in _ends(dimension):
             values = {**condition, path: value}
             try:
-                validate(trial_document(document, values, recipe, recipe.name, {path: ("search", "space", path, *origin)}),
-                         registry)
+                validate(
+                    trial_document(document, values, recipe, recipe.name, {path: ("search", "space", path, *origin)}), registry
+                )
             except RecipeError as exc:
                 problems += [f"{p} (search value {path}={json.dumps(value)})" for p in exc.problems]
     if problems:

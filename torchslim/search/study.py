@@ -65,21 +65,27 @@ class Study:
         self._optuna, self._spec = optuna, spec
         self._owner = f"{socket.gethostname()}:{os.getpid()}"
         backend = _storage(optuna, out, storage, resume)
-        self._study = optuna.create_study(study_name=STUDY_NAME, storage=backend, directions=directions(spec.objectives),
-                                          load_if_exists=True)
+        self._study = optuna.create_study(
+            study_name=STUDY_NAME, storage=backend, directions=directions(spec.objectives), load_if_exists=True
+        )
         stored = self._study.user_attrs.get(RECIPE_ATTRIBUTE)
         if stored is None:
             self._study.set_user_attr(RECIPE_ATTRIBUTE, recipe_fingerprint)
         elif stored != recipe_fingerprint:
-            raise OutputError(f"{storage or out}: holds a search of another recipe (only search.trials and search.minutes "
-                              f"may change on --resume); choose another --out" + (" or --storage" if storage else ""))
+            raise OutputError(
+                f"{storage or out}: holds a search of another recipe (only search.trials and search.minutes "
+                f"may change on --resume); choose another --out" + (" or --storage" if storage else "")
+            )
 
     def records(self) -> list[Record]:
         """The finished trials (ran, failed, or stopped after a cheap rung), by number."""
         state = self._optuna.trial.TrialState
         states = (state.COMPLETE, state.FAIL, state.PRUNED)
-        found = [Record.from_attr(t.user_attrs[ATTRIBUTE]) for t in self._study.get_trials(deepcopy=False, states=states)
-                 if ATTRIBUTE in t.user_attrs]
+        found = [
+            Record.from_attr(t.user_attrs[ATTRIBUTE])
+            for t in self._study.get_trials(deepcopy=False, states=states)
+            if ATTRIBUTE in t.user_attrs
+        ]
         return sorted(found, key=lambda r: r.number)
 
     def recover(self, log: logging.Logger) -> None:
@@ -95,14 +101,17 @@ class Study:
                 continue
             number = trial.user_attrs.get(NUMBER) or _rank(trial.number, self._study.get_trials(deepcopy=False))
             if self.release(trial.number, number, trial.params):
-                log.info("search: a trial was interrupted (%s); it runs again", ", ".join(map(str, trial.params.values())) or
-                         "before sampling")
+                log.info(
+                    "search: a trial was interrupted (%s); it runs again",
+                    ", ".join(map(str, trial.params.values())) or "before sampling",
+                )
 
     def next_number(self) -> int:
         """The number the next :meth:`ask` is likely to give (exact unless another process asks at the same time)."""
         trials = self._study.get_trials(deepcopy=False)
-        waiting = [t.user_attrs[NUMBER] for t in trials if t.state == self._optuna.trial.TrialState.WAITING and
-                   NUMBER in t.user_attrs]
+        waiting = [
+            t.user_attrs[NUMBER] for t in trials if t.state == self._optuna.trial.TrialState.WAITING and NUMBER in t.user_attrs
+        ]
         return min(waiting) if waiting else 1 + sum(1 for t in trials if not t.user_attrs.get(REPLAY))
 
     def enqueue_first(self, values: dict[str, Any]) -> None:
@@ -184,8 +193,9 @@ def _storage(optuna: Any, out: Path, url: str | None, resume: bool) -> Any:
     except Exception as exc:  # no such database, refused connection: SQLAlchemy's errors, in its words
         raise OutputError(f"--storage {url}: cannot open it: {exc}") from None
     if not resume and STUDY_NAME in optuna.study.get_all_study_names(storage):
-        raise OutputError(f"--storage {url}: holds a search ({STUDY_NAME}); add --resume to continue it, or choose "
-                          f"another --storage")
+        raise OutputError(
+            f"--storage {url}: holds a search ({STUDY_NAME}); add --resume to continue it, or choose another --storage"
+        )
     return storage
 
 
@@ -235,8 +245,7 @@ def keeps(rank: int, others: Sequence[int], reduction_factor: int) -> bool:
     ranks of the trials measured at that rung before it, lower is better) competed: replayed in a study in memory,
     so the decision depends on the search's records alone (the same after a resume)."""
     optuna = optuna_module()
-    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=reduction_factor,
-                                                    min_early_stopping_rate=0)
+    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=reduction_factor, min_early_stopping_rate=0)
     study = optuna.create_study(direction="minimize", pruner=pruner)
     for value in others:  # each competitor reports its rank to the rung (step 1): the pruner keeps it for the rung
         competitor = study.ask()

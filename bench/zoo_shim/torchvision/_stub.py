@@ -17,8 +17,10 @@ class ShimError(RuntimeError):
 
 
 def _refuse(qualname: str) -> ShimError:
-    return ShimError(f"{qualname} is a stand-in from bench/zoo_shim (torchvision is not installed beside the "
-                     f"CPU torch here); the zoo's architectures must not use it at run time")
+    return ShimError(
+        f"{qualname} is a stand-in from bench/zoo_shim (torchvision is not installed beside the "
+        f"CPU torch here); the zoo's architectures must not use it at run time"
+    )
 
 
 def placeholder(module: str, name: str, base: type = object) -> type:

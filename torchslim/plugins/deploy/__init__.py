@@ -26,9 +26,27 @@ from .runtime import STATIC_SHAPES, RuntimeModel, runtime_label, runtime_text
 
 # The one interface to the runtimes for the rest of torchslim (quantize's runtime methods, torchslim export,
 # the benches): nothing outside this package imports its modules.
-__all__ = ["DeployStage", "ExportFailed", "MissingExtra", "OpenVinoModel", "RuntimeModel", "check_parity", "dynamic_dims",
-           "export", "exporter_for", "from_record", "ir_files", "kept_signal_stack", "quiet", "require", "require_runtime",
-           "runtime_label", "runtime_text", "version", "wrap"]
+__all__ = [
+    "DeployStage",
+    "ExportFailed",
+    "MissingExtra",
+    "OpenVinoModel",
+    "RuntimeModel",
+    "check_parity",
+    "dynamic_dims",
+    "export",
+    "exporter_for",
+    "from_record",
+    "ir_files",
+    "kept_signal_stack",
+    "quiet",
+    "require",
+    "require_runtime",
+    "runtime_label",
+    "runtime_text",
+    "version",
+    "wrap",
+]
 
 #: Names that moved to :mod:`torchslim.export` (``torchslim export`` is a command, not part of a stage);
 #: importing them from here still works, with a DeprecationWarning, for one release.
@@ -42,8 +60,12 @@ def __getattr__(name: str) -> Any:
 
     from ... import export
 
-    warnings.warn(f"torchslim.plugins.deploy.{name} moved to torchslim.export.{name} (also torchslim.{name}); "
-                  "the old name goes in the next release", DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        f"torchslim.plugins.deploy.{name} moved to torchslim.export.{name} (also torchslim.{name}); "
+        "the old name goes in the next release",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     return getattr(export, name)
 
 
@@ -109,13 +131,18 @@ class DeployStage(Stage):
             raise StageError(self.label, f"{exc}{hint}") from exc.__cause__
         axes = ", ".join(axis_name(d) for d in sorted(set(self.dynamic_axes)))
         exporter = deployed.info["exporter"]
-        how = ("converted by OpenVINO's converter" if exporter == "openvino"
-               else f"exported to ONNX (opset {deployed.info['opset']}, {exporter} exporter")
-        ctx.note(f"{self.label}: {how}{', ' if exporter != 'openvino' else ' ('}dynamic axes {axes}"
-                 f"{_static_note(self.static_shapes)}) and run in {runtime_label(deployed)}; outputs match torch's on the "
-                 f"example inputs (in each session) within {allowed:.3g} (largest difference {diff:.3g}); this row and "
-                 f"later ones are measured in {self.runtime} (latency at the recipe's thread count, size = the "
-                 "deployable files' bytes)")
+        how = (
+            "converted by OpenVINO's converter"
+            if exporter == "openvino"
+            else f"exported to ONNX (opset {deployed.info['opset']}, {exporter} exporter"
+        )
+        ctx.note(
+            f"{self.label}: {how}{', ' if exporter != 'openvino' else ' ('}dynamic axes {axes}"
+            f"{_static_note(self.static_shapes)}) and run in {runtime_label(deployed)}; outputs match torch's on the "
+            f"example inputs (in each session) within {allowed:.3g} (largest difference {diff:.3g}); this row and "
+            f"later ones are measured in {self.runtime} (latency at the recipe's thread count, size = the "
+            "deployable files' bytes)"
+        )
         ctx.add_metric("runtime", runtime_label(deployed))
         ctx.record_for_restore(**deployed.restore_record())
         return deployed

@@ -145,8 +145,11 @@ def convert(model: Any, example: Any, dims: tuple[int, ...]) -> OpenVinoModel:
     converted.reshape({converted.inputs[0]: ov.PartialShape(shape)})
     converted.inputs[0].get_tensor().set_names({"input"})
     converted.outputs[0].get_tensor().set_names({"output"})
-    info = {"inputs": {"input": _named(converted.inputs[0], dims)}, "outputs": {"output": _named(converted.outputs[0], (0,))},
-            "opset": None}
+    info = {
+        "inputs": {"input": _named(converted.inputs[0], dims)},
+        "outputs": {"output": _named(converted.outputs[0], (0,))},
+        "opset": None,
+    }
     return OpenVinoModel(ir_files(converted), info)
 
 

@@ -33,8 +33,16 @@ def to_onnx(model: nn.Module, example: torch.Tensor, opset: int, exporter: str, 
 
 def _dynamo(model: nn.Module, example: torch.Tensor, opset: int, dims: tuple[int, ...]) -> bytes:
     shapes = {dim: torch.export.Dim(axis_name(dim)) for dim in dims}
-    program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, dynamic_shapes=(shapes,),
-                                input_names=["input"], output_names=["output"], verbose=False)
+    program = torch.onnx.export(
+        model,
+        (example,),
+        dynamo=True,
+        opset_version=opset,
+        dynamic_shapes=(shapes,),
+        input_names=["input"],
+        output_names=["output"],
+        verbose=False,
+    )
     if program is None:  # only when asked to write a file instead
         raise RuntimeError("the dynamo exporter returned no program")
     proto = program.model_proto
@@ -49,8 +57,16 @@ def _torchscript(model: nn.Module, example: torch.Tensor, opset: int, dims: tupl
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
         axes = {"input": {d: axis_name(d) for d in dims}, "output": {0: "batch"}}
-        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset, input_names=["input"],
-                          output_names=["output"], dynamic_axes=axes)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes=axes,
+        )
         return path.read_bytes()
 
 
@@ -113,8 +129,9 @@ def exporter_for(runtime: str, exporter: str) -> str:
     return "openvino" if runtime == "openvino" else "dynamo"
 
 
-def export(source: nn.Module, example: torch.Tensor, runtime: str, opset: int, exporter: str,
-           dims: tuple[int, ...]) -> RuntimeModel:
+def export(
+    source: nn.Module, example: torch.Tensor, runtime: str, opset: int, exporter: str, dims: tuple[int, ...]
+) -> RuntimeModel:
     """The float model ``source`` (on the CPU, in eval mode) exported on ``example`` (to ONNX, or with
     ``exporter`` openvino straight to OpenVINO's IR), its input axes ``dims`` dynamic, in a
     :class:`RuntimeModel` of ``runtime`` (parity not checked: :func:`check_parity`)."""
@@ -124,10 +141,11 @@ def export(source: nn.Module, example: torch.Tensor, runtime: str, opset: int, e
     try:
         onnx_bytes = to_onnx(source, example, opset, exporter, dims)
     except Exception as exc:  # the exporter fails in many ways; say which exporter and what to try
-        raise ExportFailed(f"export to ONNX ({exporter} exporter, opset {opset}) failed: "
-                           f"{first_line(exc, typed=True)}", "torchscript" if exporter == "dynamo" else "dynamo") from exc
-    info = {**graph_info(onnx_bytes), "macs": count_macs(source, example[:1]), "version": version(runtime),
-            "exporter": exporter}
+        raise ExportFailed(
+            f"export to ONNX ({exporter} exporter, opset {opset}) failed: {first_line(exc, typed=True)}",
+            "torchscript" if exporter == "dynamo" else "dynamo",
+        ) from exc
+    info = {**graph_info(onnx_bytes), "macs": count_macs(source, example[:1]), "version": version(runtime), "exporter": exporter}
     return wrap(runtime, onnx_bytes, info)
 
 
@@ -140,8 +158,7 @@ def _converted(source: nn.Module, example: torch.Tensor, dims: tuple[int, ...], 
         with _quiet():
             deployed = convert(source, example, dims)
     except Exception as exc:  # the converter fails in many ways; the ONNX route may work
-        raise ExportFailed(f"OpenVINO's converter (ov.convert_model) failed: "
-                           f"{first_line(exc, typed=True)}", "dynamo") from exc
+        raise ExportFailed(f"OpenVINO's converter (ov.convert_model) failed: {first_line(exc, typed=True)}", "dynamo") from exc
     deployed.info.update(macs=count_macs(source, example[:1]), version=version(runtime), exporter="openvino")
     return deployed
 
@@ -160,8 +177,10 @@ def check_parity(source: nn.Module, deployed: RuntimeModel, example: torch.Tenso
         diff, scale = largest_difference(expected, got)
         allowed = tolerance * max(1.0, scale)
         if not diff <= allowed:
-            raise ExportFailed(f"{runtime}'s outputs differ from torch's by up to {diff:.3g} on the example inputs in "
-                               f"{session} (allowed: {allowed:.3g}, tolerance {tolerance} x the largest output {scale:.3g})")
+            raise ExportFailed(
+                f"{runtime}'s outputs differ from torch's by up to {diff:.3g} on the example inputs in "
+                f"{session} (allowed: {allowed:.3g}, tolerance {tolerance} x the largest output {scale:.3g})"
+            )
         largest = max(largest, diff)
     return largest, allowed
 

@@ -43,8 +43,9 @@ def require(what: str, extra: str | None = None) -> ModuleType:
         try:
             module = importlib.import_module(name)
         except ImportError as exc:  # a module set to None in sys.modules raises ImportError too
-            raise MissingExtra(f"{what} needs the Python package '{name}', which does not import ({exc}); "
-                               f"install it with {install_hint(extra)}") from None
+            raise MissingExtra(
+                f"{what} needs the Python package '{name}', which does not import ({exc}); install it with {install_hint(extra)}"
+            ) from None
     assert module is not None  # EXTRAS lists at least one module per key
     return module
 

@@ -92,8 +92,12 @@ class RuntimeModel(nn.Module):
         compiled for their shape (when the shape gets one) and the one of the dynamic axes. The parity check
         runs both: shapes beyond ``static_shapes`` run in the second."""
         shape = self._static_shape(tuple(inputs.shape))
-        return {"the session of the dynamic axes" if key is None else f"the session compiled for shape {list(key)}":
-                self._forward(inputs, key) for key in dict.fromkeys((shape, None))}
+        return {
+            "the session of the dynamic axes" if key is None else f"the session compiled for shape {list(key)}": self._forward(
+                inputs, key
+            )
+            for key in dict.fromkeys((shape, None))
+        }
 
     def _forward(self, inputs: torch.Tensor, shape: tuple[int, ...] | None) -> torch.Tensor | tuple[torch.Tensor, ...]:
         return _tensors(self._run(self._session(shape), _array(inputs)))
@@ -136,8 +140,14 @@ class RuntimeModel(nn.Module):
 
     def deploy_info(self) -> dict[str, Any]:
         """deploy.json: the runtime and its version, the files, inputs and outputs."""
-        return {"runtime": self.runtime, "version": self.info.get("version"), "files": sorted(self.suffixes.values()),
-                "inputs": self.info.get("inputs"), "outputs": self.info.get("outputs"), "opset": self.info.get("opset")}
+        return {
+            "runtime": self.runtime,
+            "version": self.info.get("version"),
+            "files": sorted(self.suffixes.values()),
+            "inputs": self.info.get("inputs"),
+            "outputs": self.info.get("outputs"),
+            "opset": self.info.get("opset"),
+        }
 
 
 def runtime_label(model: RuntimeModel) -> str:

@@ -71,6 +71,7 @@ the attention product): the layers merging the heads."""
 @contextmanager
 def _hooks(model: nn.Module, watch: _Watch) -> Iterator[None]:
     """Hooks telling ``watch`` which module runs and which tensors Linear layers produce."""
+
     def enter(module: nn.Module, args: Any) -> None:
         watch.running.append(module)
 
@@ -114,8 +115,12 @@ class _Watch(TorchFunctionMode):
                 self.derived[id(result)] = (result, frozenset([seen[1]]))
             elif name in _PARTS and seen[2] == 1 and isinstance(result, (tuple, list)):
                 self._parts(source, result, seen[1])
-            elif name in _SAME and isinstance(result, torch.Tensor) and result.shape[-1:] == source.shape[-1:] \
-                    and result.numel() == source.numel():
+            elif (
+                name in _SAME
+                and isinstance(result, torch.Tensor)
+                and result.shape[-1:] == source.shape[-1:]
+                and result.numel() == source.numel()
+            ):
                 self.produced[id(result)] = (result, seen[1], seen[2])  # the same rows, another leading shape
             return result
         self._follow(name, [*_tensors(args), *_tensors((kwargs or {}).values())], result)
@@ -142,8 +147,12 @@ class _Watch(TorchFunctionMode):
     def _parts(self, source: torch.Tensor, parts: Any, layer: nn.Linear) -> None:
         """Equal parts along the last axis: each is followed as one of ``len(parts)`` fused blocks."""
         widths = {p.shape[-1] if isinstance(p, torch.Tensor) else -1 for p in parts}
-        if len(parts) in (2, 3) and len(widths) == 1 and widths.pop() * len(parts) == source.shape[-1] \
-                and all(p.shape[:-1] == source.shape[:-1] for p in parts):
+        if (
+            len(parts) in (2, 3)
+            and len(widths) == 1
+            and widths.pop() * len(parts) == source.shape[-1]
+            and all(p.shape[:-1] == source.shape[:-1] for p in parts)
+        ):
             for part in parts:
                 self.produced[id(part)] = (part, layer, len(parts))
 

@@ -32,10 +32,17 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
     per-head 3-D ``attn_mask`` must have ``batch * num_heads`` (the heads left) entries.
     """
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
-                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """As ``nn.MultiheadAttention.forward``; the attention runs in ``F.scaled_dot_product_attention``
         unless ``need_weights`` asks for the weights (then averaged over heads unless ``average_attn_weights``)."""
         batched, same = query.dim() == 3, query is key and key is value
@@ -59,19 +66,21 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
             return out.squeeze(0), None if weights is None else weights.squeeze(0)
         return (out if self.batch_first else out.transpose(0, 1)), weights
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, need_weights: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Heads' outputs (batch, heads, length, head_dim), and their weights where asked for (the fused
         kernel does not return them)."""
         dropout = self.dropout if self.training else 0.0
         if not need_weights:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout), None
-        scores = q @ k.transpose(-2, -1) * self.head_dim ** -0.5
+        scores = q @ k.transpose(-2, -1) * self.head_dim**-0.5
         weights = F.dropout(torch.softmax(scores if mask is None else scores + mask, dim=-1), dropout, self.training)
         return weights @ v, weights  # the weights returned after dropout, as torch's
 
-    def _projected(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   same: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _projected(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, same: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k and v; one matrix product where they are projections of the ``same`` tensor (self-attention)."""
         inner = self.num_heads * self.head_dim
         if self.in_proj_weight is not None and same:
@@ -82,8 +91,7 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
             weights: Sequence[torch.Tensor] = self.in_proj_weight.split(inner)
         else:
             weights = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
-        return (F.linear(query, weights[0], bias[0]), F.linear(key, weights[1], bias[1]),
-                F.linear(value, weights[2], bias[2]))
+        return (F.linear(query, weights[0], bias[0]), F.linear(key, weights[1], bias[1]), F.linear(value, weights[2], bias[2]))
 
     def _extended(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values with the learnt bias position and then the zero position appended, where the layer has them."""
@@ -95,14 +103,20 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
             v = torch.cat([v, v.new_zeros(v.shape[0], 1, v.shape[2])], dim=1)
         return k, v
 
-    def _mask(self, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
-              q: torch.Tensor) -> torch.Tensor | None:
+    def _mask(
+        self, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, q: torch.Tensor
+    ) -> torch.Tensor | None:
         """One additive float mask broadcastable to (batch, heads, length, source length), or None."""
-        padding = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
-                                    other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
-                                    target_type=q.dtype)
-        attn = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
-                                 target_type=q.dtype, check_other=False)
+        padding = F._canonical_mask(
+            mask=key_padding_mask,
+            mask_name="key_padding_mask",
+            other_type=F._none_or_dtype(attn_mask),
+            other_name="attn_mask",
+            target_type=q.dtype,
+        )
+        attn = F._canonical_mask(
+            mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=q.dtype, check_other=False
+        )
         mask = None
         if attn is not None:
             mask = attn.view(q.shape[0], self.num_heads, *attn.shape[-2:]) if attn.dim() == 3 else attn
@@ -129,8 +143,12 @@ def needs_own_forward(layer: nn.MultiheadAttention) -> bool:
     """Whether ``nn.MultiheadAttention``'s forward would misread the layer: its heads are not ``embed_dim`` wide."""
     weight = layer.in_proj_weight if layer.in_proj_weight is not None else layer.q_proj_weight
     inner = layer.num_heads * layer.head_dim
-    return (inner != layer.embed_dim or weight is None or weight.shape[0] not in (inner, 3 * inner)
-            or layer.out_proj.in_features != inner)
+    return (
+        inner != layer.embed_dim
+        or weight is None
+        or weight.shape[0] not in (inner, 3 * inner)
+        or layer.out_proj.in_features != inner
+    )
 
 
 def prunable(module: nn.Module) -> bool:
@@ -222,8 +240,10 @@ def _residual_pruner() -> Any:
 
         def prune_out_channels(self, layer: Any, idxs: Sequence[int]) -> Any:
             if layer.kdim != layer.embed_dim or layer.vdim != layer.embed_dim:
-                raise ValueError(f"key and value widths ({layer.kdim}, {layer.vdim}) differ from the query's "
-                                 f"({layer.embed_dim}): they are other streams, not cut with it")
+                raise ValueError(
+                    f"key and value widths ({layer.kdim}, {layer.vdim}) differ from the query's "
+                    f"({layer.embed_dim}): they are other streams, not cut with it"
+                )
             gone = {int(i) for i in idxs}
             keep = [i for i in range(layer.embed_dim) if i not in gone]
             for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):

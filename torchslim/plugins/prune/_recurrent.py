@@ -94,10 +94,12 @@ def refused(layer: nn.Module) -> str | None:
     """Why the hidden units of ``layer`` are not pruned (an LSTM with ``proj_size``), or None."""
     if not isinstance(layer, nn.LSTM) or not layer.proj_size:
         return None
-    return (f"an LSTM with proj_size={layer.proj_size} outputs its projection, which torchslim does not cut; its "
-            f"{layer.hidden_size} hidden units and its output are kept whole (the layers feeding it are pruned, and it "
-            "loses their input columns). To prune its units, build it without proj_size (a Linear after it does the "
-            "projection and is pruned like any Linear)")
+    return (
+        f"an LSTM with proj_size={layer.proj_size} outputs its projection, which torchslim does not cut; its "
+        f"{layer.hidden_size} hidden units and its output are kept whole (the layers feeding it are pruned, and it "
+        "loses their input columns). To prune its units, build it without proj_size (a Linear after it does the "
+        "projection and is pruned like any Linear)"
+    )
 
 
 def reader_importance(graph: Any, group: Any, norm: int) -> torch.Tensor | None:
@@ -185,8 +187,7 @@ def _weakest(layer: nn.RNNBase, index: int, direction: int, count: int) -> list[
     return sorted(torch.argsort(norms)[:count].tolist())
 
 
-def _cut_layer(layer: nn.Module, name: str, units: torch.Tensor, inputs: torch.Tensor | None, gates: int,
-               hidden: int) -> None:
+def _cut_layer(layer: nn.Module, name: str, units: torch.Tensor, inputs: torch.Tensor | None, gates: int, hidden: int) -> None:
     """Keep ``units`` in one layer-direction's gate rows and hidden columns, and ``inputs`` of its input columns."""
     rows = torch.cat([units + g * hidden for g in range(gates)])
     _slice(layer, f"weight_ih_{name}", rows=rows, columns=inputs)

@@ -64,9 +64,11 @@ def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 def _attributes(module: nn.Module) -> dict[str, Any]:
     # Public plain attributes only: sizes such as in_channels, out_features, groups, num_features
     # (not the train/eval flag, which a stage may leave either way).
-    return {key: list(value) if isinstance(value, tuple) else value
-            for key, value in vars(module).items()
-            if not key.startswith("_") and key != "training" and _is_plain(value)}
+    return {
+        key: list(value) if isinstance(value, tuple) else value
+        for key, value in vars(module).items()
+        if not key.startswith("_") and key != "training" and _is_plain(value)
+    }
 
 
 def _is_plain(value: Any) -> bool:
@@ -81,8 +83,9 @@ def _module(modules: Mapping[str, nn.Module], name: str) -> nn.Module:
     return modules[name]
 
 
-def _resize(modules: Mapping[str, nn.Module], name: str, shape: list[int],
-            fresh: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+def _resize(
+    modules: Mapping[str, nn.Module], name: str, shape: list[int], fresh: dict[int, tuple[torch.Tensor, torch.Tensor]]
+) -> None:
     """Give tensor ``name`` a placeholder of ``shape``; ``fresh`` maps each tensor replaced so far (kept alive,
     so that its id is not reused) to its placeholder, which every other name of that tensor gets too."""
     owner_name, _, attr = name.rpartition(".")

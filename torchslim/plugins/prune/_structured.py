@@ -119,9 +119,17 @@ class ChannelState:
     """Root layers of the groups listed so far in this pass: where a pass that ran out of time got to."""
 
 
-def prune_step(model: nn.Module, example: torch.Tensor, fraction: float, opts: ChannelOptions, state: ChannelState,
-               log: logging.Logger | None = None, time_limit: float | None = None,
-               heads: float | None = None, cpu_time: bool = False) -> None:
+def prune_step(
+    model: nn.Module,
+    example: torch.Tensor,
+    fraction: float,
+    opts: ChannelOptions,
+    state: ChannelState,
+    log: logging.Logger | None = None,
+    time_limit: float | None = None,
+    heads: float | None = None,
+    cpu_time: bool = False,
+) -> None:
     """Remove channels so that ``fraction`` of the original prunable channels are gone after this step.
 
     A group that Torch-Pruning refuses (its check fails, scoring or cutting it raises) or whose cut
@@ -147,8 +155,12 @@ def prune_step(model: nn.Module, example: torch.Tensor, fraction: float, opts: C
             return
         left = clock.left()
         if left is not None and time_limit is not None and left < RETRY_SHARE * time_limit:
-            log.info("  structured: %d cut(s) undone; %.0f s of time_limit left, too little to trace again and "
-                     "give their share to the other groups", undone, left)
+            log.info(
+                "  structured: %d cut(s) undone; %.0f s of time_limit left, too little to trace again and "
+                "give their share to the other groups",
+                undone,
+                left,
+            )
             return
         log.info("  structured: %d cut(s) undone; giving their share to the other groups", undone)
         clock = clock.again(left)
@@ -158,8 +170,14 @@ RETRY_SHARE = 0.5
 """A pass that gives undone cuts' share to the other groups starts only with this much of the time limit left."""
 
 
-def _prune_pass(model: nn.Module, example: torch.Tensor, fractions: tuple[float, float], opts: ChannelOptions,
-                state: ChannelState, clock: Clock) -> int:
+def _prune_pass(
+    model: nn.Module,
+    example: torch.Tensor,
+    fractions: tuple[float, float],
+    opts: ChannelOptions,
+    state: ChannelState,
+    clock: Clock,
+) -> int:
     """One trace, choice and cut of (channel, head) ``fractions``; returns how many chosen cuts were refused or undone."""
     moments: dict[nn.Module, torch.Tensor] = {}  # obs's input second moments, reused by the refit
     with clock.listing():  # Torch-Pruning can spend minutes both tracing and listing the groups
@@ -175,17 +193,29 @@ def _prune_pass(model: nn.Module, example: torch.Tensor, fractions: tuple[float,
     undone = _cut_all(model, graph, groups, example, opts, state, clock, lost)
     if teacher is not None and opts.batches is not None:
         state.refits.append(refit(model, teacher, lost, opts.batches, moments))
-        clock.log.info("  structured: refit %d Linear layer(s) on the calibration data: relative output error "
-                       "%.4f -> %.4f", len(state.refits[-1].layers), state.refits[-1].error_cut,
-                       state.refits[-1].error_refit)
+        clock.log.info(
+            "  structured: refit %d Linear layer(s) on the calibration data: relative output error %.4f -> %.4f",
+            len(state.refits[-1].layers),
+            state.refits[-1].error_cut,
+            state.refits[-1].error_refit,
+        )
     return undone
 
 
-def _cut_all(model: nn.Module, graph: Any, groups: list[_Group], example: torch.Tensor, opts: ChannelOptions,
-             state: ChannelState, clock: Clock, lost: dict[nn.Module, Lost]) -> int:
+def _cut_all(
+    model: nn.Module,
+    graph: Any,
+    groups: list[_Group],
+    example: torch.Tensor,
+    opts: ChannelOptions,
+    state: ChannelState,
+    clock: Clock,
+    lost: dict[nn.Module, Lost],
+) -> int:
     """Cut the groups in turn until the time limit; returns how many chosen cuts were refused or undone
     (not counting the groups the time limit left whole)."""
     started, progress = time.monotonic(), Progress(clock.log, "cut")
+
     def forward() -> Any:  # what every cut is checked on: the example, the other branches' inputs and probes
         with torch.no_grad():
             return _shapes_of(opts.reach.check(model, example) if opts.reach else model(example))
@@ -197,27 +227,42 @@ def _cut_all(model: nn.Module, graph: Any, groups: list[_Group], example: torch.
         if group.remove > 0 and clock.cutting_over():
             batches.flush()
             late += 1
-            state.skipped.setdefault(group.name, f"not cut: time_limit={clock.seconds:g} s{clock.kind} ran out "
-                                                 f"after {index} of {len(groups)} groups (raise time_limit)")
+            state.skipped.setdefault(
+                group.name,
+                f"not cut: time_limit={clock.seconds:g} s{clock.kind} ran out "
+                f"after {index} of {len(groups)} groups (raise time_limit)",
+            )
             continue
         _round(group, opts.round_to)
         fit(group, group.tied)  # a multiple of the head counts of the attention tied to its channels
         batches.add(group)
         progress.tick(index + 1, len(groups), group.name)
     batches.flush()
-    clock.log.info("  structured: cut %d groups in %.1f s, checked by %d forwards (%d left whole)", len(groups),
-                   time.monotonic() - started, batches.forwards, len(state.skipped))
+    clock.log.info(
+        "  structured: cut %d groups in %.1f s, checked by %d forwards (%d left whole)",
+        len(groups),
+        time.monotonic() - started,
+        batches.forwards,
+        len(state.skipped),
+    )
     return len(state.skipped) - before - late
 
 
-def _graph_and_groups(model: nn.Module, example: torch.Tensor, opts: ChannelOptions, state: ChannelState,
-                      clock: Clock, moments: dict[nn.Module, torch.Tensor]) -> tuple[Any, list[_Group]]:
+def _graph_and_groups(
+    model: nn.Module,
+    example: torch.Tensor,
+    opts: ChannelOptions,
+    state: ChannelState,
+    clock: Clock,
+    moments: dict[nn.Module, torch.Tensor],
+) -> tuple[Any, list[_Group]]:
     import torch_pruning as tp
 
     state.listed = []  # before tracing: a pass that runs out of time there has listed nothing
     clock.phase = "tracing the dependency graph"
-    graph, unmapped = _build_graph(model, example, clock.log, clock.seconds, opts.pruners,
-                                   opts.reach.forward if opts.reach else None)
+    graph, unmapped = _build_graph(
+        model, example, clock.log, clock.seconds, opts.pruners, opts.reach.forward if opts.reach else None
+    )
     names = {module: name for name, module in model.named_modules()}
     roots = ROOT_TYPES + tuple(opts.pruners)
     protected = _protected(graph, names, opts.exclude, roots, opts.reach.joins if opts.reach else set())
@@ -235,15 +280,25 @@ def _graph_and_groups(model: nn.Module, example: torch.Tensor, opts: ChannelOpti
         clock.stop()  # the timer fired while listing, or between the listing's end and the line above
         if not groups:
             raise
-        state.skipped.setdefault("(groups not listed)", f"{exc}: listing stopped after {len(state.listed)} groups, "
-                                                        f"the last rooted at {state.listed[-1]} (raise time_limit)")
+        state.skipped.setdefault(
+            "(groups not listed)",
+            f"{exc}: listing stopped after {len(state.listed)} groups, the last rooted at {state.listed[-1]} (raise time_limit)",
+        )
     groups += attention_groups(names, opts, state)  # nn.MultiheadAttention's heads: not in the graph
     clock.log.info("  structured: %d groups listed and scored in %.1f s%s", len(groups), clock.elapsed(), clock.kind)
     return graph, groups
 
 
-def _list(graph: Any, found: Iterator[tuple[nn.Module, Any, str | None]], names: dict[nn.Module, str], scorer: Any,
-          opts: ChannelOptions, state: ChannelState, groups: list[_Group], clock: Clock) -> None:
+def _list(
+    graph: Any,
+    found: Iterator[tuple[nn.Module, Any, str | None]],
+    names: dict[nn.Module, str],
+    scorer: Any,
+    opts: ChannelOptions,
+    state: ChannelState,
+    groups: list[_Group],
+    clock: Clock,
+) -> None:
     """Score the groups ``found`` and append to ``groups`` those that Torch-Pruning can cut; name the others."""
     progress = Progress(clock.log, "listed")
     for root, group, problem in found:
@@ -295,15 +350,17 @@ def nothing_removed(state: ChannelState) -> str:
     the model's forward names the exception's first line), and the output or excluded layers left alone."""
     left_alone = ", ".join(state.protected) or "none"
     if not state.skipped:
-        return (f"no channel could be removed: every prunable layer is an output layer or excluded "
-                f"(left alone: {left_alone})")
+        return f"no channel could be removed: every prunable layer is an output layer or excluded (left alone: {left_alone})"
     whole = "; ".join(f"{name}: {reason}" for name, reason in state.skipped.items())
-    return (f"no channel could be removed: {len(state.skipped)} group(s) of coupled channels left whole ({whole}); "
-            f"output or excluded layers left alone: {left_alone}")
+    return (
+        f"no channel could be removed: {len(state.skipped)} group(s) of coupled channels left whole ({whole}); "
+        f"output or excluded layers left alone: {left_alone}"
+    )
 
 
-def _describe(graph: Any, group: Any, names: dict[nn.Module, str], scorer: Any, opts: ChannelOptions,
-              state: ChannelState) -> _Group | None:
+def _describe(
+    graph: Any, group: Any, names: dict[nn.Module, str], scorer: Any, opts: ChannelOptions, state: ChannelState
+) -> _Group | None:
     root = group[0].dep.target.module
     if root not in names:
         return None
@@ -314,8 +371,13 @@ def _describe(graph: Any, group: Any, names: dict[nn.Module, str], scorer: Any, 
     if importance is None and isinstance(root, RECURRENT_TYPES):  # read only by recurrent layers
         importance = reader_importance(graph, group, opts.norm)
     if importance is None:
-        _skip(state, names[root], root, "nothing scores its channels: no Conv, Linear or normalization layer "
-              "among the layers coupled to it", names)
+        _skip(
+            state,
+            names[root],
+            root,
+            "nothing scores its channels: no Conv, Linear or normalization layer among the layers coupled to it",
+            names,
+        )
         return None
     per_unit = _channel_groups(graph, group)
     units = int(importance.numel()) // per_unit
@@ -326,12 +388,14 @@ def _describe(graph: Any, group: Any, names: dict[nn.Module, str], scorer: Any, 
         return _describe_heads(name, root, heads, importance, opts, state)
     original = state.original.setdefault(name, units * per_unit) // per_unit
     removable = max(0, int(opts.ceiling * original) - (original - units))
-    return _Group(name, root, importance.detach().float().cpu(), per_unit, units, min(removable, units - 1),
-                  tied=coupled(graph, group))
+    return _Group(
+        name, root, importance.detach().float().cpu(), per_unit, units, min(removable, units - 1), tied=coupled(graph, group)
+    )
 
 
-def _describe_heads(name: str, root: nn.Module, heads: Heads, importance: torch.Tensor,
-                    opts: ChannelOptions, state: ChannelState) -> _Group | None:
+def _describe_heads(
+    name: str, root: nn.Module, heads: Heads, importance: torch.Tensor, opts: ChannelOptions, state: ChannelState
+) -> _Group | None:
     """A group whose units are whole heads, each scored by the mean importance of its channels."""
     scores = head_scores(heads, importance)
     if scores is None:
@@ -339,5 +403,4 @@ def _describe_heads(name: str, root: nn.Module, heads: Heads, importance: torch.
     original = state.original_heads.setdefault(heads.name, heads.count)
     removable = max(0, int(opts.ceiling * original) - (original - heads.count))
     # per_unit: the root's channels per head (q, k and v for a fused qkv); never fewer than one head left
-    return _Group(name, root, scores, heads.fused * heads.head_dim, heads.count, min(removable, heads.count - 1),
-                  heads=heads)
+    return _Group(name, root, scores, heads.fused * heads.head_dim, heads.count, min(removable, heads.count - 1), heads=heads)

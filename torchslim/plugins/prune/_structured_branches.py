@@ -67,14 +67,18 @@ class Reach:
         source = f"neither on the example inputs nor on {self.searched} calibration batch(es)"
         notes = []
         if self.probed:
-            notes.append(f"{_names(sorted(self.probed))} ran {source} (a branch no input took): their channels were "
-                         "coupled to every tensor of the forward they fit, and each cut checked against them")
+            notes.append(
+                f"{_names(sorted(self.probed))} ran {source} (a branch no input took): their channels were "
+                "coupled to every tensor of the forward they fit, and each cut checked against them"
+            )
         lost = sorted(set(self.unreached) - self.probed)
         if lost:
-            notes.append(f"{_names(lost)} ran {source}, and fit no tensor of the forward (or start with a layer that "
-                         "is neither a Conv nor a Linear): the dependency graph does not hold them, so they were not "
-                         "pruned but the layers feeding them may have been, and an input that reaches them may fail; "
-                         "give calibration data that reaches them, or exclude the layers around them")
+            notes.append(
+                f"{_names(lost)} ran {source}, and fit no tensor of the forward (or start with a layer that "
+                "is neither a Conv nor a Linear): the dependency graph does not hold them, so they were not "
+                "pruned but the layers feeding them may have been, and an input that reaches them may fail; "
+                "give calibration data that reaches them, or exclude the layers around them"
+            )
         return notes
 
 
@@ -109,8 +113,11 @@ def _has_weights(module: nn.Module) -> bool:
 
 def _topmost(model: nn.Module, unreached: set[nn.Module]) -> dict[str, nn.Module]:
     """The largest modules (not the model) whose layers with weights are all in ``unreached``, by name."""
-    whole = {name: module for name, module in model.named_modules()
-             if name and _weighted(module) and all(m in unreached for m in _weighted(module))}
+    whole = {
+        name: module
+        for name, module in model.named_modules()
+        if name and _weighted(module) and all(m in unreached for m in _weighted(module))
+    }
     return {name: module for name, module in whole.items() if name.rpartition(".")[0] not in whole}
 
 

@@ -28,8 +28,15 @@ MOST = 16
 class Batches:
     """Groups cut in batches, each checked by one forward of the model (shapes of its outputs)."""
 
-    def __init__(self, model: nn.Module, graph: Any, forward: Callable[[], Any], expected: Any, state: ChannelState,
-                 lost: dict[nn.Module, Lost]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        graph: Any,
+        forward: Callable[[], Any],
+        expected: Any,
+        state: ChannelState,
+        lost: dict[nn.Module, Lost],
+    ) -> None:
         self.model, self.graph, self.forward, self.expected = model, graph, forward, expected
         self.state, self.lost = state, lost
         self.size = 1

@@ -24,8 +24,9 @@ def _choose_heads(groups: list[_Group], fraction: float, state: ChannelState) ->
             group.remove = _clamped(group, _due(fraction, state.original_heads[group.heads.name], group.units))
 
 
-def _choose_per_layer(groups: list[_Group], fraction: float, state: ChannelState,
-                      amounts: Mapping[str, float] | None = None) -> None:
+def _choose_per_layer(
+    groups: list[_Group], fraction: float, state: ChannelState, amounts: Mapping[str, float] | None = None
+) -> None:
     """Each group loses ``fraction`` of its original units, or the amount of the first pattern of ``amounts``
     that matches its name."""
     for group in groups:
@@ -35,8 +36,7 @@ def _choose_per_layer(groups: list[_Group], fraction: float, state: ChannelState
         group.remove = _clamped(group, _due(own, state.original[group.name] // group.per_unit, group.units))
 
 
-def _choose_global(groups: list[_Group], fraction: float, state: ChannelState,
-                   modules: dict[str, nn.Module]) -> None:
+def _choose_global(groups: list[_Group], fraction: float, state: ChannelState, modules: dict[str, nn.Module]) -> None:
     """Rank every group's candidate units together; each group offers only the units its ceiling allows.
 
     The budget is ``fraction`` of all the prunable channels, those of the groups left whole included:
@@ -51,8 +51,12 @@ def _choose_global(groups: list[_Group], fraction: float, state: ChannelState,
     # score relative to its group's mean and its standing in its group scaled to a typical group's spread.
     ranked = [g for g in groups if g.heads is None]
     typical = _typical_spread(ranked)
-    candidates = [(float(score), index) for index, g in enumerate(groups) if g.heads is None
-                  for score in torch.sort(_comparable(g.importance, typical)).values[: g.removable].tolist()]
+    candidates = [
+        (float(score), index)
+        for index, g in enumerate(groups)
+        if g.heads is None
+        for score in torch.sort(_comparable(g.importance, typical)).values[: g.removable].tolist()
+    ]
     for _, index in sorted(candidates):
         group = groups[index]
         if budget < group.per_unit:

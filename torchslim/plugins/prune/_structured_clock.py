@@ -147,11 +147,19 @@ class Clock:
         return " of CPU time" if self.cpu else ""
 
     def _can_interrupt(self) -> bool:
-        unable = ("no timer signal on this system" if not hasattr(signal, "setitimer")
-                  else "not in the main thread" if threading.current_thread() is not threading.main_thread() else None)
+        unable = (
+            "no timer signal on this system"
+            if not hasattr(signal, "setitimer")
+            else "not in the main thread"
+            if threading.current_thread() is not threading.main_thread()
+            else None
+        )
         if unable:
-            self.log.warning("  structured: time_limit=%g s cannot interrupt Torch-Pruning here (%s): it is checked "
-                             "between groups only", self.seconds, unable)
+            self.log.warning(
+                "  structured: time_limit=%g s cannot interrupt Torch-Pruning here (%s): it is checked between groups only",
+                self.seconds,
+                unable,
+            )
         return unable is None
 
 

@@ -60,8 +60,7 @@ def _plan(graph: Any, group: _Group, count: int) -> Any:
     """Torch-Pruning's plan for cutting ``count`` units; for heads, without the attention's own per-head
     tensors (relative position biases), which ``drop_heads`` slices by head, not by channel. A plan of channels is
     made sound (``_structured_repair``); one of heads is kept whole, for ``cuts_by_heads`` to place its columns."""
-    plan = graph.get_pruning_group(group.root, graph.get_pruner_of_module(group.root).prune_out_channels,
-                                   _channels(group, count))
+    plan = graph.get_pruning_group(group.root, graph.get_pruner_of_module(group.root).prune_out_channels, _channels(group, count))
     if group.heads is None:
         return sound(graph, plan)
     cut_by_head(graph, plan, group.heads, torch.argsort(group.importance)[:count].tolist())  # _head_items
@@ -88,8 +87,9 @@ def planned(graph: Any, group: _Group, state: ChannelState) -> Pending | None:
     (why is named in ``state.skipped``)."""
     if group.remove <= 0:
         return None
-    plan, problem = (None, None) if group.heads is not None and group.heads.own else \
-        _checked_plan(graph, group, group.remove, "the cut")
+    plan, problem = (
+        (None, None) if group.heads is not None and group.heads.own else _checked_plan(graph, group, group.remove, "the cut")
+    )
     cuts = _head_cuts(graph, plan, group)
     if problem is None and cuts is not None and not cuts:
         problem = "Torch-Pruning's plan does not keep its heads whole and holds layers other than the projections"
@@ -116,8 +116,15 @@ def commit(pending: Pending, state: ChannelState, lost: dict[nn.Module, Lost]) -
         state.heads[group.heads.name] = state.heads.get(group.heads.name, 0) + group.remove
 
 
-def _cut(model: nn.Module, graph: Any, group: _Group, forward: Callable[[], Any], expected: Any,
-         state: ChannelState, lost: dict[nn.Module, Lost]) -> bool:
+def _cut(
+    model: nn.Module,
+    graph: Any,
+    group: _Group,
+    forward: Callable[[], Any],
+    expected: Any,
+    state: ChannelState,
+    lost: dict[nn.Module, Lost],
+) -> bool:
     """Cut the chosen units; undo the cut (and leave the group whole) if the model's ``forward`` (the shapes of
     its outputs on the example and on inputs that take other branches) then fails or differs from ``expected``.
     What a successful cut took from Linear layers is folded into ``lost`` (for the refit). Returns whether
@@ -144,7 +151,7 @@ def _head_cuts(graph: Any, plan: Any, group: _Group) -> list[HeadCut] | None:
     (an empty list where that cannot be done either); None where the plan runs as it is."""
     if plan is None or group.heads is None:
         return None
-    units = torch.argsort(group.importance)[:group.remove].tolist()
+    units = torch.argsort(group.importance)[: group.remove].tolist()
     if keeps_heads(graph, plan, group.root, group.heads, units) and mapped_whole(graph, plan, group.heads, units):
         return None
     return cuts_by_heads(graph, plan, group.heads, units) or []
@@ -164,7 +171,7 @@ def _apply(model: nn.Module, graph: Any, plan: Any, group: _Group) -> None:
     an ``nn.MultiheadAttention``'s heads."""
     import torch_pruning as tp
 
-    kept = torch.sort(torch.argsort(group.importance)[group.remove:]).values
+    kept = torch.sort(torch.argsort(group.importance)[group.remove :]).values
     widths = value_widths(group.heads, plan) if group.heads is not None and isinstance(plan, list) else set()
     if isinstance(plan, list):
         for cut in plan:
@@ -193,8 +200,12 @@ def _shapes_of(output: Any) -> Any:
     return None
 
 
-Saved = tuple[list[tuple[nn.Module, type, dict[str, Any], dict[str, Any], dict[str, Any]]],
-              list[tuple[Any, torch.Tensor]], list[tuple[list[Any], list[Any]]], Any]
+Saved = tuple[
+    list[tuple[nn.Module, type, dict[str, Any], dict[str, Any], dict[str, Any]]],
+    list[tuple[Any, torch.Tensor]],
+    list[tuple[list[Any], list[Any]]],
+    Any,
+]
 
 
 def save(model: nn.Module, graph: Any = None) -> Saved:

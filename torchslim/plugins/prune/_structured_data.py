@@ -44,15 +44,21 @@ def _rows(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor | None:
 
 def _as_rows(add: Callable[[nn.Module, torch.Tensor], None]) -> Callable[[nn.Module, torch.Tensor], None]:
     """``add(layer, rows)`` for the layers whose input reads as rows of features (see :func:`_rows`)."""
+
     def take(layer: nn.Module, inputs: torch.Tensor) -> None:
         rows = _rows(layer, inputs)
         if rows is not None:
             add(layer, rows)
+
     return take
 
 
-def input_scales(model: nn.Module, batches: Iterable[torch.Tensor], compensated: bool = False,
-                 moments: dict[nn.Module, torch.Tensor] | None = None) -> dict[nn.Module, torch.Tensor]:
+def input_scales(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    compensated: bool = False,
+    moments: dict[nn.Module, torch.Tensor] | None = None,
+) -> dict[nn.Module, torch.Tensor]:
     """Per input feature of every Linear and ungrouped Conv2d of ``model``, on the batches: the mean square
     ``E[x_j^2]`` (what removing feature j costs the layer's output per unit of squared weight), or, with
     ``compensated``, for Linear layers, ``1 / [(E[x x^T] + ridge)^-1]_jj`` (the same cost once the other
@@ -177,16 +183,24 @@ class RefitResult:
     error_refit: float
 
 
-def refit(model: nn.Module, teacher: nn.Module, lost: dict[nn.Module, Lost], batches: Iterable[torch.Tensor],
-          moments: dict[nn.Module, torch.Tensor] | None = None) -> RefitResult:
+def refit(
+    model: nn.Module,
+    teacher: nn.Module,
+    lost: dict[nn.Module, Lost],
+    batches: Iterable[torch.Tensor],
+    moments: dict[nn.Module, torch.Tensor] | None = None,
+) -> RefitResult:
     """Refit every Linear layer of ``model`` that lost inputs in this pass to the outputs ``teacher`` (the
     model before the pass) gives on the batches; returns the layers and their mean relative errors.
     ``moments`` (by ``model``'s layers, measured before the cut on the same batches: ``importance: obs``)
     spares the pass over the batches for the layers it holds."""
     names = {module: name for name, module in model.named_modules()}
     in_teacher = dict(teacher.named_modules())
-    todo = {in_teacher[names[layer]]: (layer, entry) for layer, entry in lost.items()
-            if layer in names and len(entry.kept_in) < in_teacher[names[layer]].in_features}
+    todo = {
+        in_teacher[names[layer]]: (layer, entry)
+        for layer, entry in lost.items()
+        if layer in names and len(entry.kept_in) < in_teacher[names[layer]].in_features
+    }
     if not todo:
         return RefitResult([], 0.0, 0.0)
     grams: dict[nn.Module, torch.Tensor] = {}

@@ -26,16 +26,21 @@ from ._structured_trace import build
 ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *RECURRENT_TYPES)
 
 
-
-def _build_graph(model: nn.Module, example: torch.Tensor, log: logging.Logger, time_limit: float | None,
-                 pruners: Mapping[type, LayerPruner] | None = None,
-                 forward: Callable[[nn.Module, Any], Any] | None = None) -> tuple[Any, dict[Any, str]]:
+def _build_graph(
+    model: nn.Module,
+    example: torch.Tensor,
+    log: logging.Logger,
+    time_limit: float | None,
+    pruners: Mapping[type, LayerPruner] | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+) -> tuple[Any, dict[Any, str]]:
     """Torch-Pruning's dependency graph of ``model`` traced on ``example`` (by ``forward(model, example)``, which
     may reach other branches too), with the patch-merging layers and the user's own layer types (``pruners``) cut by their own
     pruners, and the graph nodes no channel index could be mapped through (``_structured_trace``), each with why."""
     count = sum(1 for _ in model.modules())
-    log.info("  structured: tracing the dependency graph (%d modules)%s", count,
-             f", time limit {time_limit:g} s" if time_limit else "")
+    log.info(
+        "  structured: tracing the dependency graph (%d modules)%s", count, f", time limit {time_limit:g} s" if time_limit else ""
+    )
     started = time.monotonic()
     merging: dict[type, LayerPruner] = {type(m): _Merging() for m in model.modules() if _is_merging(m)}
     special = customized({**merging, **(pruners or {})})
@@ -60,10 +65,15 @@ def _is_merging(module: nn.Module) -> bool:
     Torch-Pruning maps channel indices through its reshape wrongly; it is pruned as one layer instead.
     """
     norm, reduction = getattr(module, "norm", None), getattr(module, "reduction", None)
-    return (type(module).__name__.endswith("PatchMerging") and isinstance(reduction, nn.Linear)
-            and isinstance(norm, nn.LayerNorm) and reduction.in_features % 4 == 0 and reduction.bias is None
-            and reduction.in_features != reduction.out_features
-            and tuple(norm.normalized_shape) in ((reduction.in_features,), (reduction.out_features,)))
+    return (
+        type(module).__name__.endswith("PatchMerging")
+        and isinstance(reduction, nn.Linear)
+        and isinstance(norm, nn.LayerNorm)
+        and reduction.in_features % 4 == 0
+        and reduction.bias is None
+        and reduction.in_features != reduction.out_features
+        and tuple(norm.normalized_shape) in ((reduction.in_features,), (reduction.out_features,))
+    )
 
 
 class _Merging:
@@ -102,8 +112,13 @@ def _narrow_norm(norm: nn.LayerNorm, kept: torch.Tensor) -> None:
     norm.normalized_shape = (len(kept),)
 
 
-def _all_groups(graph: Any, protected: list[nn.Module], clock: Clock, roots: tuple[type[nn.Module], ...] = ROOT_TYPES,
-                unmapped: Mapping[Any, str] | None = None) -> Iterator[tuple[nn.Module, Any, str | None]]:
+def _all_groups(
+    graph: Any,
+    protected: list[nn.Module],
+    clock: Clock,
+    roots: tuple[type[nn.Module], ...] = ROOT_TYPES,
+    unmapped: Mapping[Any, str] | None = None,
+) -> Iterator[tuple[nn.Module, Any, str | None]]:
     """``(root, group, None)`` for Torch-Pruning's group of every root layer's output channels, one root at a
     time (as its ``get_all_groups`` lists them), or ``(root, None, why)`` for a group that fails or takes too
     long to list, or whose channels reach a node in ``unmapped``, so that the others are listed; past the
@@ -131,8 +146,14 @@ def _all_groups(graph: Any, protected: list[nn.Module], clock: Clock, roots: tup
                 if modules is candidates:
                     slow.append(module)
                 else:
-                    yield module, None, (f"{exc} (Torch-Pruning maps its channels through reshapes to many "
-                                         "indices); exclude it, or raise time_limit")
+                    yield (
+                        module,
+                        None,
+                        (
+                            f"{exc} (Torch-Pruning maps its channels through reshapes to many "
+                            "indices); exclude it, or raise time_limit"
+                        ),
+                    )
                 continue
             except Exception as exc:
                 yield module, None, f"listing its group raised {first_line(exc, typed=True, limit=200)}"
@@ -146,27 +167,35 @@ def _all_groups(graph: Any, protected: list[nn.Module], clock: Clock, roots: tup
                 yield module, group, None
 
 
-def _listed(graph: Any, module: nn.Module, channels: int, roots: tuple[type[nn.Module], ...],
-            ignored: set[nn.Module]) -> tuple[nn.Module, Any]:
+def _listed(
+    graph: Any, module: nn.Module, channels: int, roots: tuple[type[nn.Module], ...], ignored: set[nn.Module]
+) -> tuple[nn.Module, Any]:
     """Torch-Pruning's group of all ``channels`` of ``module`` made sound (``_structured_repair``), and its root:
     ``module``, or the narrowest layer of a group that widens through a channel-multiplier convolution."""
-    group = sound(graph, graph.get_pruning_group(module, graph.get_pruner_of_module(module).prune_out_channels,
-                                                 list(range(channels))))
+    group = sound(
+        graph, graph.get_pruning_group(module, graph.get_pruner_of_module(module).prune_out_channels, list(range(channels)))
+    )
     narrow = narrowest(graph, group, module, roots, ignored)
     if narrow is None:
         return module, group
     pruner = graph.get_pruner_of_module(narrow)
-    return narrow, sound(graph, graph.get_pruning_group(narrow, pruner.prune_out_channels,
-                                                        list(range(pruner.get_out_channels(narrow)))))
+    return narrow, sound(
+        graph, graph.get_pruning_group(narrow, pruner.prune_out_channels, list(range(pruner.get_out_channels(narrow))))
+    )
 
 
-def _protected(graph: Any, names: dict[nn.Module, str], exclude: Sequence[str],
-               roots: tuple[type[nn.Module], ...] = ROOT_TYPES, joins: Container[Any] = ()) -> list[nn.Module]:
+def _protected(
+    graph: Any,
+    names: dict[nn.Module, str],
+    exclude: Sequence[str],
+    roots: tuple[type[nn.Module], ...] = ROOT_TYPES,
+    joins: Container[Any] = (),
+) -> list[nn.Module]:
     """The output layers (``joins``: autograd nodes of traced outputs that are not the model's) and the excluded ones."""
-    outputs: list[nn.Module] = [m for m in graph.module2node
-                                if isinstance(m, roots) and _feeds_output(graph.module2node[m], roots, joins)]
-    excluded = [m for m, name in names.items()
-                if isinstance(m, roots) and matches(name, exclude)]
+    outputs: list[nn.Module] = [
+        m for m in graph.module2node if isinstance(m, roots) and _feeds_output(graph.module2node[m], roots, joins)
+    ]
+    excluded = [m for m, name in names.items() if isinstance(m, roots) and matches(name, exclude)]
     return outputs + [m for m in excluded if m not in outputs]
 
 

@@ -118,8 +118,12 @@ def keeps_heads(graph: Any, plan: Any, root: nn.Module, heads: Heads, units: lis
     """Whether Torch-Pruning's ``plan`` cuts exactly the root's rows of ``units`` whole heads (in every block),
     and no Linear layer's inputs of another width per head (whose columns its index mapping cannot place)."""
     width = heads.count * heads.head_dim
-    if any(isinstance(dep.target.module, nn.Linear) and graph.is_in_channel_pruning_fn(dep.handler)
-           and dep.target.module.in_features % width for dep, _ in plan):
+    if any(
+        isinstance(dep.target.module, nn.Linear)
+        and graph.is_in_channel_pruning_fn(dep.handler)
+        and dep.target.module.in_features % width
+        for dep, _ in plan
+    ):
         return False
     for dep, idxs in plan:
         if dep.target.module is root and graph.is_out_channel_pruning_fn(dep.handler):
@@ -180,8 +184,11 @@ def drop_heads(heads: Heads, kept: torch.Tensor, widths: set[int] | None = None)
     for key, value in _value_attributes(module, heads, widths or set()).items():
         setattr(module, key, count * (value // heads.count))
     for key, value in vars(module).items():  # the module's caches of per-head tensors computed before the cut
-        if not key.startswith("_") and isinstance(value, dict) and any(
-                isinstance(v, torch.Tensor) and heads.count in v.shape for v in value.values()):
+        if (
+            not key.startswith("_")
+            and isinstance(value, dict)
+            and any(isinstance(v, torch.Tensor) and heads.count in v.shape for v in value.values())
+        ):
             value.clear()
     for key, tensor in list(module._parameters.items()) + list(module._buffers.items()):
         if tensor is None or tensor.dtype in (torch.long, torch.int) or heads.count not in tensor.shape:
@@ -198,11 +205,15 @@ def _count_attributes(module: nn.Module, heads: Heads) -> dict[str, int]:
     """The module's attributes that hold its head count or its heads' total width."""
     plain = {k: v for k, v in vars(module).items() if type(v) is int and not k.startswith("_")}
     width = heads.count * heads.head_dim
-    counts = {k: v for k, v in plain.items() if v == heads.count
-              and not (heads.count == heads.head_dim and ("dim" in k or "size" in k))}
+    counts = {
+        k: v for k, v in plain.items() if v == heads.count and not (heads.count == heads.head_dim and ("dim" in k or "size" in k))
+    }
     named = {k: v for k, v in counts.items() if "head" in k}
-    widths = {k: v for k, v in plain.items() if v == width and width != heads.count
-              and (width != heads.inputs or "head" in k or "att" in k)}
+    widths = {
+        k: v
+        for k, v in plain.items()
+        if v == width and width != heads.count and (width != heads.inputs or "head" in k or "att" in k)
+    }
     return {**(named if len(counts) > 1 and named else counts), **widths}
 
 
@@ -210,5 +221,11 @@ def _value_attributes(module: nn.Module, heads: Heads, widths: set[int]) -> dict
     """The module's attributes that hold its projection's input width, ``count`` heads of one of ``widths`` values
     (where that equals the module's input width, only those named for an output, heads or attention)."""
     totals = {heads.count * w for w in widths}
-    return {k: v for k, v in vars(module).items() if type(v) is int and not k.startswith("_") and v in totals
-            and (v != heads.inputs or any(word in k for word in ("out", "head", "att")))}
+    return {
+        k: v
+        for k, v in vars(module).items()
+        if type(v) is int
+        and not k.startswith("_")
+        and v in totals
+        and (v != heads.inputs or any(word in k for word in ("out", "head", "att")))
+    }

@@ -175,7 +175,9 @@ def resolved(spec: Mapping[str, str], load: Callable[[str, str], Any]) -> dict[t
             raise ValueError(f"layer_pruners: '{layer_target}' is not an nn.Module class")
         pruner = load(pruner_target, f"layer_pruners: {pruner_target}")()
         if not isinstance(pruner, LayerPruner):
-            raise ValueError(f"layer_pruners: '{pruner_target}' built a {type(pruner).__name__}, which lacks "
-                             "out_channels, in_channels, keep_out or keep_in (torchslim.plugins.prune.LayerPruner)")
+            raise ValueError(
+                f"layer_pruners: '{pruner_target}' built a {type(pruner).__name__}, which lacks "
+                "out_channels, in_channels, keep_out or keep_in (torchslim.plugins.prune.LayerPruner)"
+            )
         pruners[layer_type] = pruner
     return pruners

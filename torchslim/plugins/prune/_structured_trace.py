@@ -28,8 +28,9 @@ class TraceFailure(Exception):
     """Torch-Pruning could not build the model's dependency graph; the message says where and what to try."""
 
 
-def build(model: nn.Module, example: Any, customized: dict[type, Any] | None,
-          forward: Callable[[nn.Module, Any], Any] | None = None) -> tuple[Any, dict[Any, str]]:
+def build(
+    model: nn.Module, example: Any, customized: dict[type, Any] | None, forward: Callable[[nn.Module, Any], Any] | None = None
+) -> tuple[Any, dict[Any, str]]:
     """Torch-Pruning's dependency graph of ``model`` (traced on ``forward(model, example)``, or its forward on
     ``example``), concatenation sizes repaired where it could not infer them, and the concatenations it still
     could not map channel indices through, each with why (the groups across them must be left whole);
@@ -38,8 +39,7 @@ def build(model: nn.Module, example: Any, customized: dict[type, Any] | None,
 
     graph = tp.DependencyGraph()
     try:
-        graph.build_dependency(model, example_inputs=example, verbose=False, customized_pruners=customized,
-                               forward_fn=forward)
+        graph.build_dependency(model, example_inputs=example, verbose=False, customized_pruners=customized, forward_fn=forward)
     except Exception as exc:
         # the index mapping is the builder's last step: the graph is complete but for it
         if "update_index_mapping" not in _functions(exc):
@@ -71,8 +71,10 @@ def _map_indices(graph: Any, model: nn.Module) -> dict[Any, str]:
                 node.module.concat_sizes = [0] * len(node.inputs)
             else:  # a reshape whose channel counts it could not infer: no mapping is tried through it
                 node.type = tp.ops.OPTYPE.ELEMENTWISE
-            unmapped[node] = (f"its channels reach {_describe(node, model)}, whose channel indices Torch-Pruning "
-                              f"could not map ({first_line(exc, typed=True, limit=120)})")
+            unmapped[node] = (
+                f"its channels reach {_describe(node, model)}, whose channel indices Torch-Pruning "
+                f"could not map ({first_line(exc, typed=True, limit=120)})"
+            )
 
 
 def unflatten_channel_last(graph: Any) -> int:
@@ -174,15 +176,20 @@ def _functions(exc: BaseException) -> set[str]:
 def _message(exc: BaseException, model: nn.Module) -> str:
     node = _failing_node(exc)
     place = f" at {_describe(node, model)}" if node is not None else ""
-    return (f"Torch-Pruning could not build the model's dependency graph{place} "
-            f"({_phase(exc)}: {first_line(exc, typed=True, limit=200)}). Structured pruning needs that graph of "
-            "the whole model; exclude does not take a layer out of it. Try the unstructured methods (magnitude, "
-            "wanda, nm), or prune the sub-network that traces (a model of its own)")
+    return (
+        f"Torch-Pruning could not build the model's dependency graph{place} "
+        f"({_phase(exc)}: {first_line(exc, typed=True, limit=200)}). Structured pruning needs that graph of "
+        "the whole model; exclude does not take a layer out of it. Try the unstructured methods (magnitude, "
+        "wanda, nm), or prune the sub-network that traces (a model of its own)"
+    )
 
 
-_PHASES = {"_trace": "tracing the forward", "_build_dependency": "coupling the layers' channels",
-           "init_shape_information": "inferring channel counts", "update_index_mapping":
-           "mapping channel indices through concatenations, splits and reshapes"}
+_PHASES = {
+    "_trace": "tracing the forward",
+    "_build_dependency": "coupling the layers' channels",
+    "init_shape_information": "inferring channel counts",
+    "update_index_mapping": "mapping channel indices through concatenations, splits and reshapes",
+}
 
 
 def _phase(exc: BaseException) -> str:
@@ -209,8 +216,7 @@ def _describe(node: Any, model: nn.Module) -> str:
         return f"layer {names[node.module]}"
     operation = type(node.module).__name__.strip("_").removesuffix("Op").lower() or "an"
     feeding = _named_inputs(node, names)
-    return (f"the {operation} operation fed by {', '.join(feeding)}" if feeding
-            else f"the {operation} operation {node.name}")
+    return f"the {operation} operation fed by {', '.join(feeding)}" if feeding else f"the {operation} operation {node.name}"
 
 
 def _named_inputs(node: Any, names: dict[nn.Module, str], limit: int = 3) -> list[str]:

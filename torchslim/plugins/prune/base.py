@@ -69,8 +69,13 @@ class PruneStage(Stage):
         """``(option, message)`` for every option that does not fit the others; methods add their own."""
         problems = []
         if self.finetune_epochs is not None and self.steps < 2:
-            problems.append(("finetune_epochs", "fine-tuning runs between steps and needs steps >= 2; to recover "
-                                                "after a one-step prune, add a distill stage after it"))
+            problems.append(
+                (
+                    "finetune_epochs",
+                    "fine-tuning runs between steps and needs steps >= 2; to recover "
+                    "after a one-step prune, add a distill stage after it",
+                )
+            )
         if self.finetune_lr is not None and self.finetune_epochs is None:
             problems.append(("finetune_lr", "'finetune_lr' applies only with finetune_epochs"))
         return problems
@@ -90,8 +95,9 @@ class PruneStage(Stage):
         loss = finetune(model, ctx.data["train"], self.finetune_epochs, lr, ZeroMasks.of(model), label=self.label)
         if math.isnan(loss):
             raise StageError(self.label, "finetune_epochs: the train loader yielded no batch")
-        ctx.log.info("  prune step %d/%d: fine-tuned, loss %.4f, %s %.2f", step, self.steps, loss,
-                     ctx.metric_name, ctx.evaluate(model))
+        ctx.log.info(
+            "  prune step %d/%d: fine-tuned, loss %.4f, %s %.2f", step, self.steps, loss, ctx.metric_name, ctx.evaluate(model)
+        )
         ctx.add_metric("finetune_loss", loss)
 
     def _recalibrate(self, model: nn.Module, ctx: Context) -> None:
@@ -104,5 +110,7 @@ class PruneStage(Stage):
         used = recalibrate(model, ctx.data["calibration"])
         ctx.add_metric("recalibrated_norms", norms if used else 0)
         if used:
-            ctx.note(f"{self.label}: BatchNorm statistics of {norms} layers re-estimated on {used} calibration "
-                     f"batches after pruning (recalibrate_bn: false keeps the stored ones)")
+            ctx.note(
+                f"{self.label}: BatchNorm statistics of {norms} layers re-estimated on {used} calibration "
+                f"batches after pruning (recalibrate_bn: false keeps the stored ones)"
+            )

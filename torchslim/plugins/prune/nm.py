@@ -21,7 +21,8 @@ class NMPrune(ZeroingPrune):
 
     cpu_note: ClassVar[str] = (
         "N:M sparsity is accelerated only by sparse tensor cores (NVIDIA Ampere and later); on a CPU the zeros "
-        "do not lower latency, and only a packed encoding of the weights makes the file smaller")
+        "do not lower latency, and only a packed encoding of the weights makes the file smaller"
+    )
 
     method: Literal["nm"] = "nm"
     """``nm``: at most ``n`` non-zeros in every ``m`` consecutive weights along the input dimension."""
@@ -39,8 +40,12 @@ class NMPrune(ZeroingPrune):
         if self.n >= self.m:
             return [("m", f"n ({self.n}) must be smaller than m ({self.m})")]
         if self.steps > self.m - self.n:
-            return [("steps", f"{self.n}:{self.m} pruning takes at most {self.m - self.n} steps "
-                              "(one more zero in each group per step)")]
+            return [
+                (
+                    "steps",
+                    f"{self.n}:{self.m} pruning takes at most {self.m - self.n} steps (one more zero in each group per step)",
+                )
+            ]
         return []
 
     def _chosen(self, model: nn.Module) -> tuple[Layers, list[str]]:
@@ -48,8 +53,11 @@ class NMPrune(ZeroingPrune):
         chosen, _ = super()._chosen(model)
         fitting = {name: layer for name, layer in chosen.items() if fits(weight_of(layer), self.m)}
         if not fitting:
-            raise StageError(self.label, f"no layer among modules {self.modules} has an input dimension divisible "
-                             f"by m={self.m}; N:M groups run along the input channels or features")
+            raise StageError(
+                self.label,
+                f"no layer among modules {self.modules} has an input dimension divisible "
+                f"by m={self.m}; N:M groups run along the input channels or features",
+            )
         return fitting, [name for name in chosen if name not in fitting]
 
     def _step(self, model: nn.Module, layers: Layers, step: int, ctx: Context) -> None:

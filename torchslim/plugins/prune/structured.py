@@ -90,12 +90,22 @@ class StructuredPrune(PruneStage):
         """The family's checks, and a head_amount that the per-layer ceiling would cut short."""
         problems = super()._problems()
         if self.group_amounts and self.scope != "layer":
-            problems.append(("group_amounts", "group_amounts sets each group's own amount: it needs scope: layer "
-                                              "(global ranks the channels of every group together)"))
+            problems.append(
+                (
+                    "group_amounts",
+                    "group_amounts sets each group's own amount: it needs scope: layer "
+                    "(global ranks the channels of every group together)",
+                )
+            )
         if self.head_amount is not None and self.head_amount > self.max_layer_amount:
-            problems.append(("head_amount", f"head_amount {self.head_amount:g} is more than max_layer_amount "
-                                            f"{self.max_layer_amount:g}, the most any layer may lose; raise "
-                                            "max_layer_amount too"))
+            problems.append(
+                (
+                    "head_amount",
+                    f"head_amount {self.head_amount:g} is more than max_layer_amount "
+                    f"{self.max_layer_amount:g}, the most any layer may lose; raise "
+                    "max_layer_amount too",
+                )
+            )
         return problems
 
     def units(self, model: nn.Module, example: torch.Tensor) -> list[str]:
@@ -111,8 +121,16 @@ class StructuredPrune(PruneStage):
 
     def alone(self, unit: str, setting: float, units: Sequence[str]) -> StructuredPrune:
         """This prune removing ``setting`` of the group rooted at ``unit``'s channels, and nothing else, in one step."""
-        return self.model_copy(update={"scope": "layer", "group_amounts": {unit: setting, "*": 0.0}, "steps": 1,
-                                       "finetune_epochs": None, "finetune_lr": None, "head_amount": 0.0})
+        return self.model_copy(
+            update={
+                "scope": "layer",
+                "group_amounts": {unit: setting, "*": 0.0},
+                "steps": 1,
+                "finetune_epochs": None,
+                "finetune_lr": None,
+                "head_amount": 0.0,
+            }
+        )
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         """Remove channels and return the smaller model; the new shapes are recorded for :meth:`restore`."""
@@ -120,8 +138,11 @@ class StructuredPrune(PruneStage):
         state = self._remove_channels(model, ctx)
         unused = [p for p in self.group_amounts if p != "*" and not any(fnmatch.fnmatchcase(n, p) for n in state.original)]
         if unused:
-            raise StageError(self.label, f"group_amounts: {', '.join(unused)} names no group of coupled channels; the "
-                             f"groups (by root layer): {', '.join(state.original) or 'none'}")
+            raise StageError(
+                self.label,
+                f"group_amounts: {', '.join(unused)} names no group of coupled channels; the "
+                f"groups (by root layer): {', '.join(state.original) or 'none'}",
+            )
         record = changes(before, model)
         if not record["tensors"] and state.original and self._all_zero(state.original):
             # Asked for nothing (a search's trial may give every group 0): the model as it came, said so.
@@ -161,13 +182,25 @@ class StructuredPrune(PruneStage):
             heads = None if self.head_amount is None else self.head_amount * step / self.steps
             share = {p: a * step / self.steps for p, a in self.group_amounts.items()}
             try:
-                prune_step(model.eval(), example, self.amount * step / self.steps, replace(options, group_amounts=share),
-                           state, ctx.log, self.time_limit, heads, self.time_limit_clock == "cpu")
+                prune_step(
+                    model.eval(),
+                    example,
+                    self.amount * step / self.steps,
+                    replace(options, group_amounts=share),
+                    state,
+                    ctx.log,
+                    self.time_limit,
+                    heads,
+                    self.time_limit_clock == "cpu",
+                )
             except GraphTimeout as exc:
-                raise StageError(self.label, f"{exc} ({_progress(state.listed)}); raise time_limit, or exclude the "
-                                 "layers that make the graph large: a layer whose output is reshaped across its "
-                                 "channel axis (attention's query, key and value, often) makes Torch-Pruning map "
-                                 "each channel to many indices") from exc
+                raise StageError(
+                    self.label,
+                    f"{exc} ({_progress(state.listed)}); raise time_limit, or exclude the "
+                    "layers that make the graph large: a layer whose output is reshaped across its "
+                    "channel axis (attention's query, key and value, often) makes Torch-Pruning map "
+                    "each channel to many indices",
+                ) from exc
             except TraceFailure as exc:
                 raise StageError(self.label, str(exc)) from exc
             self._finetune(model, ctx, step)
@@ -177,10 +210,17 @@ class StructuredPrune(PruneStage):
     def _options(self, ctx: Context | None) -> ChannelOptions:
         from ._structured import ChannelOptions
 
-        return ChannelOptions(scope=self.scope, norm=1 if self.importance == "l1" else 2, round_to=self.round_to,
-                              ceiling=self.max_layer_amount, exclude=self.exclude,
-                              measured=_MEASURED.get(self.importance), refit=self.refit,
-                              batches=None if ctx is None else self._calibration(ctx), pruners=self._pruners())
+        return ChannelOptions(
+            scope=self.scope,
+            norm=1 if self.importance == "l1" else 2,
+            round_to=self.round_to,
+            ceiling=self.max_layer_amount,
+            exclude=self.exclude,
+            measured=_MEASURED.get(self.importance),
+            refit=self.refit,
+            batches=None if ctx is None else self._calibration(ctx),
+            pruners=self._pruners(),
+        )
 
     def _pruners(self) -> dict[Any, Any]:
         """The ``layer_pruners`` imported and built; a stage error names the pair that is not usable."""
@@ -203,9 +243,12 @@ class StructuredPrune(PruneStage):
 
         found = find_reach(model.eval(), example, batches())
         if found.inputs:
-            ctx.log.info("  %s: %d calibration batch(es) reach layers the example inputs do not (a forward that "
-                         "branches on its data): the graph is traced, and each cut checked, on them too",
-                         self.label, len(found.inputs))
+            ctx.log.info(
+                "  %s: %d calibration batch(es) reach layers the example inputs do not (a forward that "
+                "branches on its data): the graph is traced, and each cut checked, on them too",
+                self.label,
+                len(found.inputs),
+            )
         return found if found.inputs or found.unreached else None
 
     def _report_reach(self, reach: Reach | None, ctx: Context) -> None:
@@ -233,24 +276,31 @@ class StructuredPrune(PruneStage):
         if state.skipped:
             shown = "; ".join(f"{name}: {reason}" for name, reason in list(state.skipped.items())[:3])
             more = f" (and {len(state.skipped) - 3} more, in the log)" if len(state.skipped) > 3 else ""
-            ctx.note(f"{self.label}: {len(state.skipped)} group(s) of coupled channels left whole, their share "
-                     f"given to the others: {shown}{more}")
+            ctx.note(
+                f"{self.label}: {len(state.skipped)} group(s) of coupled channels left whole, their share "
+                f"given to the others: {shown}{more}"
+            )
         if state.original and removed < self.amount - 0.02:
-            ctx.note(f"{self.label}: removed {removed:.0%} of the prunable channels, not {self.amount:.0%}: "
-                     f"{_shortfall(self, state)}")
+            ctx.note(
+                f"{self.label}: removed {removed:.0%} of the prunable channels, not {self.amount:.0%}: {_shortfall(self, state)}"
+            )
 
     def _report_heads(self, state: ChannelState, ctx: Context) -> None:
         """Heads removed (a figure and the log, per attention module), or a note when head_amount found no heads."""
         if state.heads:
             ctx.add_metric("pruned_heads", sum(state.heads.values()))
-            ctx.log.info("  %s: attention heads removed: %s", self.label,
-                         ", ".join(f"{name} -{count}" for name, count in state.heads.items()))
+            ctx.log.info(
+                "  %s: attention heads removed: %s",
+                self.label,
+                ", ".join(f"{name} -{count}" for name, count in state.heads.items()),
+            )
         elif self.head_amount and not state.original_heads:
-            ctx.note(f"{self.label}: head_amount={self.head_amount:g} removed no head: no attention layer "
-                     "pruned by whole heads was found (a Linear layer whose output is reshaped into heads on "
-                     "its way to the attention product, or an nn.MultiheadAttention), or the excluded patterns "
-                     "cover them")
-
+            ctx.note(
+                f"{self.label}: head_amount={self.head_amount:g} removed no head: no attention layer "
+                "pruned by whole heads was found (a Linear layer whose output is reshaped into heads on "
+                "its way to the attention product, or an nn.MultiheadAttention), or the excluded patterns "
+                "cover them"
+            )
 
     def _report_refit(self, state: ChannelState, ctx: Context) -> None:
         """The layers refit and how much closer to the unpruned outputs they came, or why none was."""
@@ -263,8 +313,10 @@ class StructuredPrune(PruneStage):
         ctx.add_metric("refit_layers", len(layers))
         done = [r for r in state.refits if r.layers]
         cut, after = (sum(getattr(r, k) for r in done) / len(done) for k in ("error_cut", "error_refit"))
-        ctx.note(f"{self.label}: refit {len(layers)} Linear layer(s) on the calibration data: relative output error "
-                 f"{cut:.4g} after the cut, {after:.4g} after the refit (mean over layers)")
+        ctx.note(
+            f"{self.label}: refit {len(layers)} Linear layer(s) on the calibration data: relative output error "
+            f"{cut:.4g} after the cut, {after:.4g} after the refit (mean over layers)"
+        )
 
 
 _MEASURED = {"activation": "energy", "obs": "compensated"}
@@ -275,10 +327,15 @@ def _shortfall(stage: StructuredPrune, state: ChannelState) -> str:
     """The true reason less than the amount was removed."""
     reasons = []
     if state.skipped:
-        reasons.append(f"{len(state.skipped)} group(s) could not be pruned (named in the notes and the log) and "
-                       "the others could not take all of their share")
-    reasons.append(f"the per-layer ceiling (max_layer_amount={stage.max_layer_amount:g})"
-                   + (f" or round_to={stage.round_to}" if stage.round_to > 1 else "") + " held the other groups back")
+        reasons.append(
+            f"{len(state.skipped)} group(s) could not be pruned (named in the notes and the log) and "
+            "the others could not take all of their share"
+        )
+    reasons.append(
+        f"the per-layer ceiling (max_layer_amount={stage.max_layer_amount:g})"
+        + (f" or round_to={stage.round_to}" if stage.round_to > 1 else "")
+        + " held the other groups back"
+    )
     return "; ".join(reasons)
 
 
@@ -287,8 +344,7 @@ def _need_torch_pruning(label: str) -> None:
     try:
         import torch_pruning  # noqa: F401
     except ImportError as exc:
-        raise StageError(label, f"method structured needs torch-pruning ({exc}); "
-                         "pip install 'torch-pruning>=1.6,<2'") from exc
+        raise StageError(label, f"method structured needs torch-pruning ({exc}); pip install 'torch-pruning>=1.6,<2'") from exc
 
 
 def _progress(listed: list[str]) -> str:

@@ -13,8 +13,10 @@ from ._unstructured import capped_magnitude, torch_magnitude
 from .base import Fraction
 from .zeroing import Layers, LayerTypes, ZeroingPrune
 
-UNSTRUCTURED_NOTE = ("unstructured pruning leaves dense tensors: the zeros alone do not lower latency or the "
-                     "dense file size on a CPU; a later quantize stage or sparse storage turns them into savings")
+UNSTRUCTURED_NOTE = (
+    "unstructured pruning leaves dense tensors: the zeros alone do not lower latency or the "
+    "dense file size on a CPU; a later quantize stage or sparse storage turns them into savings"
+)
 
 
 class MagnitudePrune(ZeroingPrune):

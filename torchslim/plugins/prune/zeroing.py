@@ -54,8 +54,11 @@ class ZeroingPrune(PruneStage):
         check_patterns(model, self.exclude, "exclude", self.label)
         chosen = {name: layer for name, layer in select_layers(model, self.modules, self.exclude) if has_weight(layer)}
         if not chosen:
-            raise StageError(self.label, f"modules {self.modules} (minus exclude {self.exclude}) matched no layer "
-                             f"with a weight; the model has: {layer_census(model)}")
+            raise StageError(
+                self.label,
+                f"modules {self.modules} (minus exclude {self.exclude}) matched no layer "
+                f"with a weight; the model has: {layer_census(model)}",
+            )
         return chosen, []
 
     def _report(self, layers: Layers, skipped: list[str], ctx: Context) -> None:

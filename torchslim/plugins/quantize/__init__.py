@@ -32,10 +32,19 @@ from .static import StaticQuantize
 from .ternary import TernaryQuantize
 from .weight_only import WeightOnlyQuantize
 
-QuantizeStage.methods = (DynamicQuantize, StaticQuantize, WeightOnlyQuantize, HalfQuantize,
-                         BinaryQuantize, TernaryQuantize, KbitQuantize, Float8Quantize,
-                         OrtStaticQuantize, OrtDynamicQuantize, NncfQuantize)
-
+QuantizeStage.methods = (
+    DynamicQuantize,
+    StaticQuantize,
+    WeightOnlyQuantize,
+    HalfQuantize,
+    BinaryQuantize,
+    TernaryQuantize,
+    KbitQuantize,
+    Float8Quantize,
+    OrtStaticQuantize,
+    OrtDynamicQuantize,
+    NncfQuantize,
+)
 
 
 def is_quantized_layer(module: nn.Module) -> bool:
@@ -44,6 +53,19 @@ def is_quantized_layer(module: nn.Module) -> bool:
     return is_torch_quantized(module) or isinstance(module, LowBitLayer)
 
 
-__all__ = ["BinaryQuantize", "DynamicQuantize", "Float8Quantize", "HalfQuantize", "KbitQuantize", "LayerQuantize",
-           "NncfQuantize", "OrtDynamicQuantize", "OrtStaticQuantize", "QuantizeStage", "StaticQuantize",
-           "TernaryQuantize", "WeightOnlyQuantize", "is_quantized_layer"]
+__all__ = [
+    "BinaryQuantize",
+    "DynamicQuantize",
+    "Float8Quantize",
+    "HalfQuantize",
+    "KbitQuantize",
+    "LayerQuantize",
+    "NncfQuantize",
+    "OrtDynamicQuantize",
+    "OrtStaticQuantize",
+    "QuantizeStage",
+    "StaticQuantize",
+    "TernaryQuantize",
+    "WeightOnlyQuantize",
+    "is_quantized_layer",
+]

@@ -33,8 +33,14 @@ from ._backends import (
 from ._identity import ReadableWeights, bypassed_note, readable
 
 
-def quantize_dynamic(model: nn.Module, types: Iterable[str], dtype: str, exclude: Iterable[str],
-                     per_channel: bool = True, reduce_range: bool = True) -> nn.Module:
+def quantize_dynamic(
+    model: nn.Module,
+    types: Iterable[str],
+    dtype: str,
+    exclude: Iterable[str],
+    per_channel: bool = True,
+    reduce_range: bool = True,
+) -> nn.Module:
     """torch's dynamic quantization of the layers of ``types`` (torch.nn names), except ``exclude`` patterns.
 
     int8 weights get one scale per output channel (``per_channel``) or one per tensor; the
@@ -49,8 +55,9 @@ def quantize_dynamic(model: nn.Module, types: Iterable[str], dtype: str, exclude
     return _dynamic(model, spec, dtype, reduce_range)
 
 
-def quantize_dynamic_layer(model: nn.Module, name: str, dtype: str, per_channel: bool = True,
-                           reduce_range: bool = True) -> nn.Module:
+def quantize_dynamic_layer(
+    model: nn.Module, name: str, dtype: str, per_channel: bool = True, reduce_range: bool = True
+) -> nn.Module:
     """A copy of ``model`` with only the layer called ``name`` dynamically quantized."""
     return _dynamic(model, {name: _dynamic_qconfig(dtype, per_channel)}, dtype, reduce_range)
 
@@ -107,14 +114,17 @@ class FxBackend:
     quantizes weights per output channel, ``qnnpack`` per tensor.
     """
 
-    def quantize(self, model: nn.Module, example: torch.Tensor, batches: Iterable[torch.Tensor],
-                 options: StaticOptions) -> Quantized:
+    def quantize(
+        self, model: nn.Module, example: torch.Tensor, batches: Iterable[torch.Tensor], options: StaticOptions
+    ) -> Quantized:
         """Trace, fuse, insert observers, run the calibration batches, convert to int8 modules; in eager
         mode (with a note that says why) if FX fails. ``batches`` must be iterable twice."""
         before = module_types(model)
         example = example[:1]
-        record: dict[str, Any] = {"example_shape": list(example.shape),
-                                  "example_dtype": str(example.dtype).removeprefix("torch.")}
+        record: dict[str, Any] = {
+            "example_shape": list(example.shape),
+            "example_dtype": str(example.dtype).removeprefix("torch."),
+        }
         try:
             converted = self._fx(copy.deepcopy(model), example, batches, options)
         except FxFailed as exc:
@@ -130,8 +140,7 @@ class FxBackend:
         example = torch.zeros(record["example_shape"], dtype=getattr(torch, record["example_dtype"]))
         return self._convert(self._prepare(model, example, options))
 
-    def _fx(self, model: nn.Module, example: torch.Tensor, batches: Iterable[torch.Tensor],
-            options: StaticOptions) -> nn.Module:
+    def _fx(self, model: nn.Module, example: torch.Tensor, batches: Iterable[torch.Tensor], options: StaticOptions) -> nn.Module:
         prepared = self._prepare(model, example, options)
         try:
             # A failing GraphModule prints its generated code to stderr before raising; the failure
@@ -147,8 +156,14 @@ class FxBackend:
             raise FxFailed(f"torch.fx's quantized graph failed ({first_line(exc, typed=True)})") from exc
         return converted
 
-    def _eager(self, model: nn.Module, batches: Iterable[torch.Tensor], options: StaticOptions,
-               fx_error: FxFailed, record: dict[str, Any]) -> Quantized:
+    def _eager(
+        self,
+        model: nn.Module,
+        batches: Iterable[torch.Tensor],
+        options: StaticOptions,
+        fx_error: FxFailed,
+        record: dict[str, Any],
+    ) -> Quantized:
         """Layer by layer; the layers the model bypasses (it computes with their weights) stay float, named in
         the record and a note."""
         before = module_types(model)
@@ -160,8 +175,7 @@ class FxBackend:
         except BackendError:
             raise
         except Exception as exc:  # as in _fx: the user's forward
-            raise BackendError(f"{fx_error}; eager mode, layer by layer, failed too "
-                               f"({first_line(exc, typed=True)})") from exc
+            raise BackendError(f"{fx_error}; eager mode, layer by layer, failed too ({first_line(exc, typed=True)})") from exc
         record.update({"mode": "eager", **({"bypassed": bypassed} if bypassed else {})})
         census = take_census(before, converted, lambda m: isinstance(m, Int8Layer))
         return Quantized(converted, record, census, [eager_note(fx_error), *([bypassed_note(bypassed)] if bypassed else [])])

@@ -106,5 +106,7 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def eager_note(why: Exception) -> str:
     """The note of a model quantized in eager mode because FX failed (``why``)."""
-    return (f"{why}, so it was quantized in eager mode, layer by layer: each int8 layer quantizes its input and "
-            "dequantizes its output (no fusion with BatchNorm/ReLU, float between layers), slower than a traced int8 graph")
+    return (
+        f"{why}, so it was quantized in eager mode, layer by layer: each int8 layer quantizes its input and "
+        "dequantizes its output (no fusion with BatchNorm/ReLU, float between layers), slower than a traced int8 graph"
+    )

@@ -54,8 +54,9 @@ class Quantized:
 class StaticBackend(Protocol):
     """Post-training static quantization with calibration: one implementation per ``backend`` option."""
 
-    def quantize(self, model: nn.Module, example: torch.Tensor, batches: Iterable[torch.Tensor],
-                 options: StaticOptions) -> Quantized:
+    def quantize(
+        self, model: nn.Module, example: torch.Tensor, batches: Iterable[torch.Tensor], options: StaticOptions
+    ) -> Quantized:
         """Calibrate on ``batches`` and return the quantized model."""
 
     def restore(self, model: nn.Module, options: StaticOptions, record: Mapping[str, Any]) -> nn.Module:
@@ -86,8 +87,9 @@ def _counts(layers: Mapping[str, str]) -> str:
     return ", ".join(f"{kind} x{n}" for kind, n in counts.items())
 
 
-def take_census(types_before: Mapping[str, str], model: nn.Module, is_quantized: Callable[[nn.Module], bool],
-                prefix: str = "") -> Census:
+def take_census(
+    types_before: Mapping[str, str], model: nn.Module, is_quantized: Callable[[nn.Module], bool], prefix: str = ""
+) -> Census:
     """Classify ``model``'s layers: quantized ones (named by their float type before, ``types_before``)
     and layers that still hold float weights. ``prefix`` is a wrapper's path to strip from names."""
     census = Census()

@@ -24,9 +24,31 @@ from torch import nn
 
 #: What reading these attributes or calling these methods of an :class:`IdentityTensor` asks of it: its
 #: shape, dtype and device only, answered without dequantizing the weight.
-_METADATA = frozenset({"shape", "device", "dtype", "requires_grad", "is_quantized", "ndim", "layout", "is_cuda",
-                       "is_cpu", "is_meta", "is_sparse", "is_nested", "grad", "grad_fn", "is_leaf", "names",
-                       "size", "dim", "numel", "is_floating_point", "get_device"})
+_METADATA = frozenset(
+    {
+        "shape",
+        "device",
+        "dtype",
+        "requires_grad",
+        "is_quantized",
+        "ndim",
+        "layout",
+        "is_cuda",
+        "is_cpu",
+        "is_meta",
+        "is_sparse",
+        "is_nested",
+        "grad",
+        "grad_fn",
+        "is_leaf",
+        "names",
+        "size",
+        "dim",
+        "numel",
+        "is_floating_point",
+        "get_device",
+    }
+)
 
 
 class IdentityTensor(torch.Tensor):
@@ -86,8 +108,9 @@ class CallableIdentityTensor(IdentityTensor):
         return self._call()
 
 
-def identity_tensor(shape: Sequence[int], get: Callable[[], torch.Tensor | None], owner: object,
-                    answers_calls: bool = False) -> IdentityTensor:
+def identity_tensor(
+    shape: Sequence[int], get: Callable[[], torch.Tensor | None], owner: object, answers_calls: bool = False
+) -> IdentityTensor:
     """An :class:`IdentityTensor` of ``shape`` whose values are ``get()``, dequantized; with ``answers_calls``,
     calling it returns ``get()`` itself (the quantized layer's own method result). Using its values counts as
     a use of ``owner``'s weights (:func:`bypassed_layers`)."""
@@ -140,8 +163,11 @@ class ReadableWeights:
             def unpacked(index: int) -> Callable[[], torch.Tensor | None]:
                 return lambda: layer()._weight_bias()[index]  # type: ignore[union-attr]
 
-            known = (packed, identity_tensor(weight.shape, unpacked(0), self, True),
-                     None if bias is None else identity_tensor(bias.shape, unpacked(1), self, True))
+            known = (
+                packed,
+                identity_tensor(weight.shape, unpacked(0), self, True),
+                None if bias is None else identity_tensor(bias.shape, unpacked(1), self, True),
+            )
             _IDENTITIES[self] = known
         return known[1], known[2]
 
@@ -160,8 +186,11 @@ def readable(model: nn.Module, is_quantized: Callable[[nn.Module], bool]) -> nn.
 def readable_class(kind: type[nn.Module]) -> type[nn.Module]:
     """``kind`` with :class:`ReadableWeights` (one class per ``kind``, so that copies share it)."""
     if kind not in _READABLE:
-        _READABLE[kind] = type(f"Readable{kind.__name__}", (ReadableWeights, kind),
-                               {"__module__": __name__, "__doc__": f"{kind.__name__} whose weight and bias read as tensors."})
+        _READABLE[kind] = type(
+            f"Readable{kind.__name__}",
+            (ReadableWeights, kind),
+            {"__module__": __name__, "__doc__": f"{kind.__name__} whose weight and bias read as tensors."},
+        )
     return _READABLE[kind]
 
 
@@ -198,5 +227,7 @@ def bypassed_layers(model: nn.Module, names: Iterable[str], run: Callable[[nn.Mo
 
 def bypassed_note(names: Iterable[str]) -> str:
     """The note of the layers :func:`bypassed_layers` found, left float."""
-    return (f"left float, as the model computes with their weights itself and never calls them on the example "
-            f"inputs (int8, they would not run): {', '.join(names)}")
+    return (
+        f"left float, as the model computes with their weights itself and never calls them on the example "
+        f"inputs (int8, they would not run): {', '.join(names)}"
+    )

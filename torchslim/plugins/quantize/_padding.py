@@ -17,8 +17,7 @@ from torch import nn
 from .._layers import select_layers
 
 #: Why a convolution with an uneven ``padding="same"`` stays float.
-UNEVEN = ("padding='same' pads one more on one side here (an even kernel), which torch's int8 convolution "
-          "cannot express")
+UNEVEN = "padding='same' pads one more on one side here (an even kernel), which torch's int8 convolution cannot express"
 
 
 @dataclass

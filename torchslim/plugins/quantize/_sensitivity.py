@@ -25,8 +25,9 @@ class Sensitivity:
     """Mean over the batches of ||output_quantized - output_float|| / ||output_float||."""
 
 
-def rank_layers(model: nn.Module, names: Sequence[str], quantize_one: Callable[[nn.Module, str], nn.Module],
-                batches: Sequence[torch.Tensor]) -> list[Sensitivity]:
+def rank_layers(
+    model: nn.Module, names: Sequence[str], quantize_one: Callable[[nn.Module, str], nn.Module], batches: Sequence[torch.Tensor]
+) -> list[Sensitivity]:
     """``names`` ranked by the output error of quantizing each alone, largest first.
 
     ``quantize_one(model, name)`` returns a copy of ``model`` with only ``name`` quantized.
@@ -43,19 +44,24 @@ def ranking_note(ranked: Sequence[Sensitivity], count: int, batches: int) -> str
     """What a note says about the ``count`` layers left float, and the next one, from ``ranked`` (longer than ``count``)."""
     chosen = ", ".join(f"{s.name} {s.error:.2%}" for s in ranked[:count])
     following = ranked[count]
-    return (f"left float the {count} layer(s) int8 hurts most on {batches} calibration batch(es) "
-            f"(output error when quantized alone): {chosen}; the next: {following.name} {following.error:.2%}")
+    return (
+        f"left float the {count} layer(s) int8 hurts most on {batches} calibration batch(es) "
+        f"(output error when quantized alone): {chosen}; the next: {following.name} {following.error:.2%}"
+    )
 
 
 def _error(model: nn.Module, batches: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:
-    errors = [float((_output(model, inputs) - ref).norm() / ref.norm().clamp(min=1e-12))
-              for inputs, ref in zip(batches, reference, strict=True)]
+    errors = [
+        float((_output(model, inputs) - ref).norm() / ref.norm().clamp(min=1e-12))
+        for inputs, ref in zip(batches, reference, strict=True)
+    ]
     return sum(errors) / len(errors)
 
 
 def _output(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     out = model(inputs)
     if not isinstance(out, torch.Tensor):
-        raise ValueError(f"skip_sensitive compares the model's outputs and needs a tensor, but the model returned "
-                         f"{type(out).__name__}")
+        raise ValueError(
+            f"skip_sensitive compares the model's outputs and needs a tensor, but the model returned {type(out).__name__}"
+        )
     return out.float()

@@ -98,6 +98,7 @@ def _forward_differences(model: nn.Module, layers: dict[str, nn.Module], example
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             if reasons[name] in (None, NOT_RUN):  # every call must agree; the first difference stays
                 reasons[name] = _differs(module, args, kwargs, output)
+
         return hook
 
     handles = [m.register_forward_hook(hook_for(name), with_kwargs=True) for name, m in layers.items()]
@@ -118,6 +119,10 @@ def _differs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], o
         expected = base.forward(module, *args, **kwargs)
     except Exception as exc:  # the subclass takes inputs its base class cannot
         return f"{base.__name__}'s forward cannot run its inputs: {type(exc).__name__}"
-    same = (isinstance(output, torch.Tensor) and isinstance(expected, torch.Tensor)
-            and output.shape == expected.shape and torch.allclose(output, expected, rtol=1e-5, atol=1e-6))
+    same = (
+        isinstance(output, torch.Tensor)
+        and isinstance(expected, torch.Tensor)
+        and output.shape == expected.shape
+        and torch.allclose(output, expected, rtol=1e-5, atol=1e-6)
+    )
     return None if same else f"its forward computes something other than {base.__name__}'s"

@@ -23,8 +23,9 @@ from ...engine.macs import count_macs
 from ...engine.metrics import model_device
 from ._backends import BackendError, Census, Quantized, StaticOptions, excluded_names, module_types
 
-INSTALL = ("install it next to torch (torchao 0.18.0 matches torch 2.13): pip install --no-deps torchao==0.18.0; "
-           "or use backend x86")
+INSTALL = (
+    "install it next to torch (torchao 0.18.0 matches torch 2.13): pip install --no-deps torchao==0.18.0; or use backend x86"
+)
 _ACTIVATION_OPS = ("quantize_per_tensor.default", "dequantize_per_tensor.default")
 _WEIGHTED_OPS = {"conv1d": "Conv1d", "conv2d": "Conv2d", "conv3d": "Conv3d", "linear": "Linear"}
 
@@ -39,8 +40,9 @@ def _torchao() -> Any:
 class TorchaoBackend:
     """Static int8 with torchao's PT2E quantizer for x86 and inductor."""
 
-    def quantize(self, model: nn.Module, example: torch.Tensor, batches: Iterable[torch.Tensor],
-                 options: StaticOptions) -> Quantized:
+    def quantize(
+        self, model: nn.Module, example: torch.Tensor, batches: Iterable[torch.Tensor], options: StaticOptions
+    ) -> Quantized:
         """Export, annotate, calibrate, convert, then compile (the first call compiles, here)."""
         pt2e = _torchao()
         before = module_types(model)
@@ -51,8 +53,11 @@ class TorchaoBackend:
             for inputs in batches:
                 prepared(inputs.to(device))
         converted = _drop_unused(pt2e.convert_pt2e(prepared))
-        record = {"example_shape": list(example.shape), "example_dtype": str(example.dtype).removeprefix("torch."),
-                  "activation_qparams": [list(n.args[1:3]) for n in _activation_nodes(converted)]}
+        record = {
+            "example_shape": list(example.shape),
+            "example_dtype": str(example.dtype).removeprefix("torch."),
+            "activation_qparams": [list(n.args[1:3]) for n in _activation_nodes(converted)],
+        }
         census = _census(converted, before)
         compiled = _compile(converted)
         with torch.no_grad():

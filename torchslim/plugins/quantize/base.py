@@ -105,8 +105,10 @@ class QuantizeStage(Stage):
         device = model_device(model)
         if device.type == "cpu" or not self._cpu_only():
             return model
-        ctx.note(f"{self.label}: moved the model from {device} to the CPU before quantizing: {self.method} "
-                 f"quantization runs on the CPU only, so this row and every later one are measured on the CPU")
+        ctx.note(
+            f"{self.label}: moved the model from {device} to the CPU before quantizing: {self.method} "
+            f"quantization runs on the CPU only, so this row and every later one are measured on the CPU"
+        )
         return model.to("cpu")
 
     def _report_warnings(self, seen: TorchWarnings, ctx: Context) -> None:
@@ -141,8 +143,9 @@ class LayerQuantize(QuantizeStage):
         for name in value:
             layer_type(name)  # a typo is named as such, not as an unsupported type
             if name not in cls.supported:
-                raise ValueError(f"{method} quantization cannot quantize {name}{cls.unsupported_reason}; "
-                                 f"supported: {', '.join(cls.supported)}")
+                raise ValueError(
+                    f"{method} quantization cannot quantize {name}{cls.unsupported_reason}; supported: {', '.join(cls.supported)}"
+                )
         return value
 
     def _targets(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -170,12 +173,16 @@ def deprecation_note(text: str, version: str = torch.__version__) -> str:
     installed = tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:2])
     if found and installed >= (int(found[1]), int(found[2])):
         removal = f"{found[1]}.{found[2]}"
-        text = (f"{text[:found.start()].rstrip(' .')} (its warning says it will be removed in {removal}, yet torch "
-                f"{version.split('+')[0]} still has it){text[found.end():].rstrip()}")
+        text = (
+            f"{text[: found.start()].rstrip(' .')} (its warning says it will be removed in {removal}, yet torch "
+            f"{version.split('+')[0]} still has it){text[found.end() :].rstrip()}"
+        )
     note = f"torch warned (shown once): {text.rstrip('.')}"
     if "torch.ao.quantization" in text:
-        note += ("; torchslim keeps torch.ao.quantization in one backend module; static quantization can use "
-                 "torchao instead (backend: torchao)")
+        note += (
+            "; torchslim keeps torch.ao.quantization in one backend module; static quantization can use "
+            "torchao instead (backend: torchao)"
+        )
     return note
 
 
@@ -188,8 +195,10 @@ def engine_note(backend: str | None) -> list[str]:
     """The caveat of a backend that switches torch's quantized engine for the whole process."""
     if backend not in ("qnnpack", "onednn"):
         return []
-    return [f"backend {backend}: torch's quantized engine (torch.backends.quantized.engine) is now "
-            f"{backend} for this process; loading the saved model sets it too"]
+    return [
+        f"backend {backend}: torch's quantized engine (torch.backends.quantized.engine) is now "
+        f"{backend} for this process; loading the saved model sets it too"
+    ]
 
 
 def has_vnni() -> bool:

@@ -15,8 +15,7 @@ from .formats import Format
 from .lowbit import LowBitQuantize
 
 #: Said when binary activations are on: what runs, honestly (docs/quantize.md).
-FLOAT_SIGN = ("computed as a float sign(x) * K and torch's float kernel: no XNOR/popcount kernel on this CPU, "
-              "smaller, not faster")
+FLOAT_SIGN = "computed as a float sign(x) * K and torch's float kernel: no XNOR/popcount kernel on this CPU, smaller, not faster"
 
 
 class BinaryQuantize(LowBitQuantize):
@@ -61,15 +60,21 @@ class BinaryQuantize(LowBitQuantize):
             detail = f"the binarized layers take only the model's input ({', '.join(n for n in names if raw.get(n))})"
         else:
             detail = f"the binarized layers ({', '.join(names)}) did not run on the example inputs"
-        raise StageError(self.label, "activations: binary activations need a binarized Linear or Conv2d that takes "
-                         f"another layer's activations; {detail}; {fix}")
+        raise StageError(
+            self.label,
+            "activations: binary activations need a binarized Linear or Conv2d that takes "
+            f"another layer's activations; {detail}; {fix}",
+        )
 
     def _note_activations(self, names: list[str], raw: dict[str, bool], formats: dict[str, Format], ctx: Context) -> None:
         first = [n for n in names if raw.get(n)]
         kept = [n for n in formats if n not in names]
-        ctx.note(f"{self.label}: binary activations (sign(x) * mean|x| per sample) into {', '.join(names)}"
-                 + (f" ({', '.join(first)}: the model's input)" if first else "")
-                 + (f"; float inputs: {', '.join(kept)} (kept at int8)" if kept else "") + f"; {FLOAT_SIGN}")
+        ctx.note(
+            f"{self.label}: binary activations (sign(x) * mean|x| per sample) into {', '.join(names)}"
+            + (f" ({', '.join(first)}: the model's input)" if first else "")
+            + (f"; float inputs: {', '.join(kept)} (kept at int8)" if kept else "")
+            + f"; {FLOAT_SIGN}"
+        )
 
 
 def _binarized(model: nn.Module, formats: dict[str, Format], ctx: Context) -> tuple[list[str], dict[str, bool]]:

@@ -103,8 +103,10 @@ class DynamicQuantize(LayerQuantize):
         try:
             return bypassed_layers(quantized, names, lambda m: m(ctx.example_inputs))
         except Exception as exc:  # the user's forward around torch's int8 layers
-            raise StageError(self.label, f"{self._where()}: the quantized model's forward failed on the example "
-                                         f"inputs ({first_line(exc, typed=True)})") from exc
+            raise StageError(
+                self.label,
+                f"{self._where()}: the quantized model's forward failed on the example inputs ({first_line(exc, typed=True)})",
+            ) from exc
 
     def _convert(self, model: nn.Module, also_float: list[str], reduce_range: bool) -> nn.Module:
         """Dynamic quantization of ``model`` (a copy; the input is left as it was), leaving the

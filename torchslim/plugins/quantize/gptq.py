@@ -19,8 +19,7 @@ from .._layers import weight_of
 from .formats import Format, QWeight, dequantize, encode, quantize, scales
 
 
-def gptq_round(model: nn.Module, formats: dict[str, Format], batches: Iterable[torch.Tensor],
-               damp: float) -> dict[str, QWeight]:
+def gptq_round(model: nn.Module, formats: dict[str, Format], batches: Iterable[torch.Tensor], damp: float) -> dict[str, QWeight]:
     """Codes of every ``formats`` layer; the layers' weights are left rounded (the caller swaps them out)."""
     inputs = list(batches)
     layers = dict(model.named_modules())

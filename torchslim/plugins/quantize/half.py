@@ -44,8 +44,10 @@ class HalfQuantize(QuantizeStage):
         return f"cast to {self.dtype}"
 
     def _caveats(self) -> list[str]:
-        return ["half precision: float inputs are cast down and outputs back to float32; "
-                "speed depends on the CPU's float16/bfloat16 support and can be slower than float32"]
+        return [
+            "half precision: float inputs are cast down and outputs back to float32; "
+            "speed depends on the CPU's float16/bfloat16 support and can be slower than float32"
+        ]
 
 
 def _half(model: nn.Module, dtype: str) -> nn.Module:

@@ -62,8 +62,11 @@ class KbitQuantize(LowBitQuantize):
 
     @model_validator(mode="after")
     def _gptq_options(self) -> KbitQuantize:
-        problems = [(o, f"{o} applies to rounding gptq only") for o in ("calibration_batches", "damp")
-                    if getattr(self, o) is not None and self.rounding != "gptq"]
+        problems = [
+            (o, f"{o} applies to rounding gptq only")
+            for o in ("calibration_batches", "damp")
+            if getattr(self, o) is not None and self.rounding != "gptq"
+        ]
         if problems:
             raise option_errors(self, problems)
         return self
@@ -71,8 +74,15 @@ class KbitQuantize(LowBitQuantize):
     @model_validator(mode="after")
     def _grid_option(self) -> KbitQuantize:
         if self.grid is not None and not self.symmetric:
-            raise option_errors(self, [("grid", "grid applies to symmetric: true only (asymmetric levels span each "
-                                                "group's min..max with a zero point)")])
+            raise option_errors(
+                self,
+                [
+                    (
+                        "grid",
+                        "grid applies to symmetric: true only (asymmetric levels span each group's min..max with a zero point)",
+                    )
+                ],
+            )
         return self
 
     @model_validator(mode="after")
@@ -81,8 +91,13 @@ class KbitQuantize(LowBitQuantize):
         if self.kernel == "int4pack" and self.bits != 4:
             problems.append(("kernel", f"kernel int4pack is torch's 4-bit kernel: it needs bits 4, not {self.bits}"))
         elif self.kernel == "int4pack" and self.group_size not in (None, *KERNEL_GROUPS):
-            problems.append(("kernel", f"kernel int4pack takes group_size {', '.join(map(str, KERNEL_GROUPS))} or "
-                             f"null (per channel), not {self.group_size}"))
+            problems.append(
+                (
+                    "kernel",
+                    f"kernel int4pack takes group_size {', '.join(map(str, KERNEL_GROUPS))} or "
+                    f"null (per channel), not {self.group_size}",
+                )
+            )
         if problems:
             raise option_errors(self, problems)
         return self
@@ -121,8 +136,10 @@ class KbitQuantize(LowBitQuantize):
         """StageError when every chosen layer has a reason (not None) the int4 kernel cannot run it."""
         if reasons and all(why is not None for why in reasons.values()):
             listed = "; ".join(f"{n}: {why}" for n, why in reasons.items())
-            raise StageError(self.label, f"kernel: int4pack: no chosen layer can run torch's int4 kernel ({listed}); "
-                             "use kernel: auto or dequantize")
+            raise StageError(
+                self.label,
+                f"kernel: int4pack: no chosen layer can run torch's int4 kernel ({listed}); use kernel: auto or dequantize",
+            )
 
     def _verb(self) -> str:
         return super()._verb().replace("PTQ", "GPTQ") if self.rounding == "gptq" else super()._verb()

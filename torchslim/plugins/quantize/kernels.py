@@ -47,8 +47,9 @@ class Decision:
     """The int4 kernel's speed relative to float32 ``F.linear`` (when timed)."""
 
 
-def decide(model: nn.Module, formats: dict[str, Format], mode: str, batch: torch.Tensor,
-           threads: int | None) -> dict[str, Decision]:
+def decide(
+    model: nn.Module, formats: dict[str, Format], mode: str, batch: torch.Tensor, threads: int | None
+) -> dict[str, Decision]:
     """The kernel of every ``formats`` layer of the converted ``model``: ``mode`` ``int4pack`` wherever the
     kernel can run, ``auto`` where it was also measured faster on ``batch`` at ``threads`` threads."""
     layers = dict(model.named_modules())
@@ -127,8 +128,11 @@ def _time_layer(layer: LowBitLayer, rows: int) -> dict[str, float]:
     """Median ms of float32, dequantize and int4pack on ``rows`` random inputs of ``layer``."""
     x = torch.randn(rows, layer.shape[1], generator=torch.Generator().manual_seed(0))  # the run's RNG is left alone
     weight, bias = layer.weight(), layer.bias.float() if layer.bias is not None else None
-    calls = {"float32": lambda: F.linear(x, weight, bias), "dequantize": lambda: layer.run(x, "dequantize"),
-             "int4pack": lambda: layer.run(x, "int4pack")}
+    calls = {
+        "float32": lambda: F.linear(x, weight, bias),
+        "dequantize": lambda: layer.run(x, "dequantize"),
+        "int4pack": lambda: layer.run(x, "int4pack"),
+    }
     return _medians(calls)
 
 
@@ -154,5 +158,9 @@ def _repeats(call: Callable[[], torch.Tensor]) -> int:
 
 def _verdict(ms: dict[str, float]) -> Decision:
     kernel: Kernel = "int4pack" if ms["int4pack"] <= FASTER * ms["dequantize"] else "dequantize"
-    return Decision(kernel, f"int4 kernel {ms['dequantize'] / ms['int4pack']:.2f}x the dequantizing path's speed, "
-                            f"{ms['float32'] / ms['int4pack']:.2f}x float32's", ms["float32"] / ms["int4pack"])
+    return Decision(
+        kernel,
+        f"int4 kernel {ms['dequantize'] / ms['int4pack']:.2f}x the dequantizing path's speed, "
+        f"{ms['float32'] / ms['int4pack']:.2f}x float32's",
+        ms["float32"] / ms["int4pack"],
+    )

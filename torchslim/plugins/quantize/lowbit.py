@@ -126,16 +126,21 @@ class LowBitQuantize(LayerQuantize):
         for name, layer in self._targets(model):
             fmt, features = formats[name], weight_of(layer)[0].numel()
             if fmt.group_size and features % fmt.group_size:
-                raise StageError(self.label, f"group_size {fmt.group_size} does not divide the {features} input "
-                                 f"features of layer '{name}' ({type(layer).__name__}); exclude it or pick a divisor")
+                raise StageError(
+                    self.label,
+                    f"group_size {fmt.group_size} does not divide the {features} input "
+                    f"features of layer '{name}' ({type(layer).__name__}); exclude it or pick a divisor",
+                )
         return formats
 
     def _chosen_bits(self, names: list[str]) -> dict[str, Format]:
         """The formats ``layer_bits`` gives; StageError for a pattern that matches no chosen layer."""
         unused = [p for p in self.layer_bits if not any(fnmatch.fnmatchcase(n, p) for n in names)]
         if unused:
-            raise StageError(self.label, f"layer_bits: {', '.join(unused)} matches no layer this stage quantizes "
-                             f"({', '.join(names) or 'none'})")
+            raise StageError(
+                self.label,
+                f"layer_bits: {', '.join(unused)} matches no layer this stage quantizes ({', '.join(names) or 'none'})",
+            )
         chosen = {}
         for name in names:
             bits = next((b for p, b in self.layer_bits.items() if fnmatch.fnmatchcase(name, p)), None)
@@ -155,8 +160,9 @@ class LowBitQuantize(LayerQuantize):
 
     def _notes(self, model: nn.Module, formats: dict[str, Format], ctx: Context) -> None:
         chosen = self._chosen_bits(list(formats)) if self.layer_bits else {}
-        ends = [n for n, f in formats.items() if replace(f, storage=INT8.storage) == INT8 != self.layer_format()
-                and n not in chosen]
+        ends = [
+            n for n, f in formats.items() if replace(f, storage=INT8.storage) == INT8 != self.layer_format() and n not in chosen
+        ]
         if chosen:
             ctx.note(f"{self.label}: bits per layer (layer_bits): {', '.join(f'{n} {f.bits}' for n, f in chosen.items())}")
         if ends:
@@ -188,8 +194,12 @@ def convertible(layer: nn.Module) -> str | None:
     return None
 
 
-def _swap(model: nn.Module, formats: dict[str, Format], weights: Mapping[str, QWeight | None],
-          layers: dict[str, nn.Module] | None = None) -> nn.Module:
+def _swap(
+    model: nn.Module,
+    formats: dict[str, Format],
+    weights: Mapping[str, QWeight | None],
+    layers: dict[str, nn.Module] | None = None,
+) -> nn.Module:
     layers = layers if layers is not None else dict(model.named_modules())
     for name, fmt in formats.items():
         q = weights[name]

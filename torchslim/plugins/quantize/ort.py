@@ -67,11 +67,21 @@ class OrtStaticQuantize(OrtQuantize):
         activation = q.QuantType.QUInt8 if self.activations == "uint8" else q.QuantType.QInt8
         nodes = _weight_layers_of_transformer(source.read_bytes())
         if nodes:
-            ctx.note(f"{self.label}: a Softmax in the graph (attention): only the {len(nodes)} layers with weights are "
-                     "quantized (quantizing every op ruins attention's accuracy; method ort_dynamic keeps more of it: "
-                     "docs/deploy.md, Transformers)")
-        q.quantize_static(str(source), str(target), reader, quant_format=q.QuantFormat.QDQ, per_channel=self.per_channel,
-                          activation_type=activation, weight_type=q.QuantType.QInt8, nodes_to_quantize=nodes or None)
+            ctx.note(
+                f"{self.label}: a Softmax in the graph (attention): only the {len(nodes)} layers with weights are "
+                "quantized (quantizing every op ruins attention's accuracy; method ort_dynamic keeps more of it: "
+                "docs/deploy.md, Transformers)"
+            )
+        q.quantize_static(
+            str(source),
+            str(target),
+            reader,
+            quant_format=q.QuantFormat.QDQ,
+            per_channel=self.per_channel,
+            activation_type=activation,
+            weight_type=q.QuantType.QInt8,
+            nodes_to_quantize=nodes or None,
+        )
 
     def _verb(self) -> str:
         return f"quantized (ONNX Runtime static QDQ, int8 weights, {self.activations} activations)"

@@ -72,8 +72,11 @@ def train(label: str, options: QatOptions, model: nn.Module, formats: dict[str, 
     """Train ``model`` in place with the ``formats`` layers fake-quantized; their float weights stay plain after."""
     layers = dict(model.named_modules())
     if not any(layers[n].weight.requires_grad and layers[n].weight.is_floating_point() for n in formats):
-        raise StageError(label, f"train: none of the {len(formats)} chosen layers has a trainable float weight "
-                         "(frozen with requires_grad=False?); nothing to train")
+        raise StageError(
+            label,
+            f"train: none of the {len(formats)} chosen layers has a trainable float weight "
+            "(frozen with requires_grad=False?); nothing to train",
+        )
     seed = int(torch.randint(2**31 - 1, (1,)))  # from the runner's per-stage generator: reproducible order
     teacher = _teacher(options, model, ctx)
     model.to(ctx.device)
@@ -90,8 +93,9 @@ def train(label: str, options: QatOptions, model: nn.Module, formats: dict[str, 
         model.eval()
 
 
-def _job(label: str, options: QatOptions, model: nn.Module, teacher: nn.Module | None, masks: ZeroMasks,
-         seed: int, ctx: Context) -> Job:
+def _job(
+    label: str, options: QatOptions, model: nn.Module, teacher: nn.Module | None, masks: ZeroMasks, seed: int, ctx: Context
+) -> Job:
     zero = torch.zeros((), device=ctx.device)
 
     def loss_fn(inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,8 +105,7 @@ def _job(label: str, options: QatOptions, model: nn.Module, teacher: nn.Module |
                 target = teacher(inputs)
         return hinton_loss(model(inputs), target, labels, options.temperature, options.alpha), zero
 
-    return Job(label, model, TrainBatches(ctx.data["train"], seed), loss_fn, ctx.device, model,
-               after_step=masks.reapply)
+    return Job(label, model, TrainBatches(ctx.data["train"], seed), loss_fn, ctx.device, model, after_step=masks.reapply)
 
 
 def _teacher(options: QatOptions, model: nn.Module, ctx: Context) -> nn.Module | None:

@@ -41,8 +41,11 @@ class RuntimeQuantize(QuantizeStage):
 
         if not isinstance(model, RuntimeModel) or model.runtime != self.runtime:
             found = f"a model deployed to {model.runtime}" if isinstance(model, RuntimeModel) else "a torch model"
-            raise StageError(self.label, f"method {self.method} quantizes a model deployed to {self.runtime}, found "
-                             f"{found}: put {{type: deploy, runtime: {self.runtime}}} before this stage")
+            raise StageError(
+                self.label,
+                f"method {self.method} quantizes a model deployed to {self.runtime}, found "
+                f"{found}: put {{type: deploy, runtime: {self.runtime}}} before this stage",
+            )
         self.check_environment()
 
     def _restore(self, model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
