@@ -24,6 +24,11 @@ def _choose_heads(groups: list[_Group], fraction: float, state: ChannelState) ->
             group.remove = _clamped(group, _due(fraction, state.original_heads[group.heads.name], group.units))
 
 
+def own_amount(name: str, amounts: Mapping[str, float] | None, default: float) -> float:
+    """The amount of the first pattern of ``amounts`` that matches the group ``name`` (fnmatch), else ``default``."""
+    return next((a for p, a in (amounts or {}).items() if fnmatch.fnmatchcase(name, p)), default)
+
+
 def _choose_per_layer(
     groups: list[_Group], fraction: float, state: ChannelState, amounts: Mapping[str, float] | None = None
 ) -> None:
@@ -32,7 +37,7 @@ def _choose_per_layer(
     for group in groups:
         if group.heads is not None:
             continue
-        own = next((a for p, a in (amounts or {}).items() if fnmatch.fnmatchcase(group.name, p)), fraction)
+        own = own_amount(group.name, amounts, fraction)
         group.remove = _clamped(group, _due(own, state.original[group.name] // group.per_unit, group.units))
 
 

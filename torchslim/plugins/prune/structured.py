@@ -160,8 +160,9 @@ class StructuredPrune(PruneStage):
 
     def _all_zero(self, groups: Iterable[str]) -> bool:
         """Whether ``group_amounts`` gives each of ``groups`` 0 (the first matching pattern; ``amount`` otherwise)."""
-        amounts = self.group_amounts.items()
-        return all(next((a for p, a in amounts if fnmatch.fnmatchcase(g, p)), self.amount) == 0 for g in groups)
+        from ._structured_choice import own_amount
+
+        return all(own_amount(g, self.group_amounts, self.amount) == 0 for g in groups)
 
     def restore(self, model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
         """Give a freshly built model the channel and head counts this prune left (the weights are loaded after)."""
