@@ -122,11 +122,18 @@ def one_budget(label: str, stage: dict[str, Any], batches: int, out: Path) -> di
     return row
 
 
+def timed_search(data: dict[str, Any], out: Path) -> tuple[Any, float]:
+    """``torchslim search`` of ``data`` into ``out`` (resumed where a study is there) and its seconds."""
+    from torchslim.search import search
+
+    start = time.perf_counter()
+    result = search(data, out, resume=(out / "study.journal").exists())
+    return result, time.perf_counter() - start
+
+
 def short_search(stage: dict[str, Any], uniform: dict[str, float], trials: int, out: Path) -> dict[str, Any]:
     """A search over layer_bits within the uniform model's packed bytes, scored on validation images; its
     recommendation run once on the test images."""
-    from torchslim.search import search
-
     data = recipe(stage, "search-2bit", SEARCH_DATA)
     data["search"] = {
         "space": {"stages.0.layer_bits": {"per_layer": {"choices": [1, 2, 3, 4, 8]}}},
@@ -136,9 +143,7 @@ def short_search(stage: dict[str, Any], uniform: dict[str, float], trials: int, 
         "seed": 0,
     }
     data["constraints"] = {"max_packed_mb": uniform["packed_bytes"] / 1e6}
-    start = time.perf_counter()
-    result = search(data, out, resume=(out / "study.journal").exists())
-    seconds = time.perf_counter() - start
+    result, seconds = timed_search(data, out)
     best = result.answer.best
     if best is None:
         return {"trials": len(result.records), "seconds": round(seconds, 1), "best": None}
@@ -171,15 +176,11 @@ CUT = {"type": "prune", "name": "cut", "method": "structured", "scope": "layer",
 def joint_search(stage: dict[str, Any], uniform: dict[str, float], trials: int, out: Path) -> dict[str, Any]:
     """A search over per-group structured amounts and per-layer bits within the uniform model's packed bytes,
     scored on validation images; its recommendation run once on the test images."""
-    from torchslim.search import search
-
     data = recipe(stage, "joint-search", SEARCH_DATA)
     data["stages"].insert(0, dict(CUT))
     data["search"] = {"space": JOINT_SPACE, "objectives": ["metric"], "trials": trials, "startup_trials": 8, "seed": 0}
     data["constraints"] = {"max_packed_mb": uniform["packed_bytes"] / 1e6}
-    start = time.perf_counter()
-    result = search(data, out, resume=(out / "study.journal").exists())
-    seconds = time.perf_counter() - start
+    result, seconds = timed_search(data, out)
     best = result.answer.best
     row: dict[str, Any] = {"trials": len(result.records), "seconds": round(seconds, 1), "space": JOINT_SPACE}
     if best is None:
