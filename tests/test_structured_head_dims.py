@@ -121,3 +121,26 @@ def test_tied_heads_narrow_with_the_residual_channels(attention: type[nn.Module]
     with torch.no_grad():
         assert torch.allclose(model(x), masked(x), atol=1e-5)  # equal to the original with what was cut zeroed
     assert count_macs(original, x) / count_macs(model, x) > 1.5
+
+
+class _Holder:
+    """Holds a whole model, as the graph's tracing does: a hook on one layer is a bound method of it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def hook(self, module: nn.Module, args: object) -> None:
+        """Does nothing: only what it holds matters here."""
+
+
+def test_a_trial_copy_of_an_attention_module_shares_the_rest_of_the_model() -> None:
+    from torchslim.plugins.prune._head_dims import _copy
+
+    model = Residual(TiedAttention)
+    owner = model.blocks[0]
+    holder = _Holder(model)
+    owner.qkv.register_forward_pre_hook(holder.hook)  # a plain deepcopy copied the holder, so the whole model
+    trial = _copy(owner, model)
+    (hook,) = trial.qkv._forward_pre_hooks.values()
+    assert hook.__self__.model is model and hook.__self__.model.blocks[1] is model.blocks[1]
+    assert trial.qkv.weight is not owner.qkv.weight and torch.equal(trial.qkv.weight, owner.qkv.weight)

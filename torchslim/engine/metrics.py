@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -13,7 +12,7 @@ from torch import nn
 from . import names
 from .hooks import CountsWeights, Deployed, PackedRecurrent, PackedWeight
 from .macs import count_macs
-from .packed import packed_size_bytes
+from .packed import packed_size_bytes, saved_bytes
 from .stage import Batch, Context
 from .timing import Timing, time_forward, torch_threads
 
@@ -106,9 +105,7 @@ def size_bytes(model: nn.Module) -> int:
     a runtime (a ``file_bytes()`` method), the bytes of the files the runtime loads."""
     if isinstance(model, Deployed):
         return int(model.file_bytes())
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.getbuffer().nbytes
+    return saved_bytes(model.state_dict())
 
 
 def packed_file_bytes(model: nn.Module) -> int:

@@ -10,7 +10,6 @@ lists, so it loads with ``torch.load(..., weights_only=True)``.
 
 from __future__ import annotations
 
-import io
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -77,10 +76,26 @@ def packed_size_bytes(model: nn.Module) -> int:
 
 
 def saved_bytes(obj: Any) -> int:
-    """Bytes of ``torch.save(obj)``."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getbuffer().nbytes
+    """Bytes of ``torch.save(obj)``, counted as they are written and not kept (a buffer held a second copy of
+    the model: 1.6 GB more at the peak for a 412M-parameter model)."""
+    sink = _Count()
+    torch.save(obj, sink)
+    return sink.size
+
+
+class _Count:
+    """A write-only file that keeps only the number of bytes written to it."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        written = memoryview(data).nbytes
+        self.size += written
+        return written
+
+    def flush(self) -> None:
+        """Nothing is buffered."""
 
 
 def _worth_packing(value: Any) -> bool:

@@ -78,9 +78,9 @@ def find_tied(model: nn.Module, example: torch.Tensor, splits: dict[nn.Linear, S
         except Exception:  # the structured stage reports a failing forward itself
             return
     for tied in candidates:
-        if tied.owner not in seen or not _breaks_without_a_head(tied, *seen[tied.owner]):
+        if tied.owner not in seen or not _breaks_without_a_head(tied, model, *seen[tied.owner]):
             continue
-        columns = _merge_columns(tied, *seen[tied.owner])
+        columns = _merge_columns(tied, model, *seen[tied.owner])
         if columns is None:
             continue  # where the heads' dimensions land in the merging layers is unknown: left whole
         for layer, _ in tied.roots:
@@ -123,11 +123,23 @@ def _inputs(owners: list[nn.Module]) -> Iterator[dict[nn.Module, tuple[tuple[Any
             handle.remove()
 
 
-def _breaks_without_a_head(tied: Tied, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+def _copy(owner: nn.Module, model: nn.Module) -> nn.Module:
+    """A deep copy of ``owner`` sharing every module, parameter and buffer of ``model`` outside it.
+
+    Why not ``copy.deepcopy(owner)``: a hook on one of its layers can hold the whole model (the graph's tracing
+    routes functional calls through a bound method whose object keeps every layer and tensor), and deepcopy
+    copies a bound method's object. One whole-model copy per candidate module: deepseek_vit_412m's structured
+    stage ran out of 23 GB, vit_base_patch16_224's held 10x its weights."""
+    inside = {id(m) for m in owner.modules()} | {id(t) for t in (*owner.parameters(), *owner.buffers())}
+    memo: dict[int, Any] = {id(x): x for x in (*model.modules(), *model.parameters(), *model.buffers()) if id(x) not in inside}
+    return copy.deepcopy(owner, memo)
+
+
+def _breaks_without_a_head(tied: Tied, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether a copy of the module with its first head cut fails on ``args``: its heads are tied to its input."""
     from ._structured_heads import Heads, drop_heads
 
-    trial = copy.deepcopy(tied.owner)
+    trial = _copy(tied.owner, model)
     twin: dict[nn.Module, Any] = dict(zip(tied.owner.modules(), trial.modules(), strict=True))
     width, size = tied.count * tied.head_dim, tied.head_dim
     for layer, fused in tied.roots:
@@ -168,14 +180,14 @@ def _cut_first_head_elsewhere(trial: nn.Module, count: int, head_dim: int, skip:
                 module._parameters[key] = nn.Parameter(tensor.data.index_select(dim, torch.tensor(kept)))
 
 
-def _merge_columns(tied: Tied, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | None:
+def _merge_columns(tied: Tied, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | None:
     """Which input column of the merging layers each head dimension reaches, measured on a copy whose projections
     output a constant per row (zero weights, the bias a code): the attention weights then sum to one over equal
     values, and a column reads its value row's code, scaled alike in a run with every code one. Where a column
     mixes a head's dimensions (a head attending over its channels) the rows carry their head's code instead, and
     the heads' order (head-major or dimension-major) is read, the dimensions kept in order; None if unreadable."""
     width, size = tied.count * tied.head_dim, tied.head_dim
-    runs = _coded_runs(tied, args, kwargs, (lambda r: 0 * r, lambda r: r, lambda r: (r % width) // size))
+    runs = _coded_runs(tied, model, args, kwargs, (lambda r: 0 * r, lambda r: r, lambda r: (r % width) // size))
     if runs is None or bool((runs[0].abs() < 1e-6).any()):
         return None
     rows = _decoded(runs[1] / runs[0] - 1)
@@ -202,11 +214,13 @@ def _decoded(found: torch.Tensor) -> torch.Tensor | None:
     return rounded if float((found - rounded).abs().max()) <= 0.05 else None
 
 
-def _coded_runs(tied: Tied, args: tuple[Any, ...], kwargs: dict[str, Any], codes: tuple[Any, ...]) -> list[torch.Tensor] | None:
+def _coded_runs(
+    tied: Tied, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], codes: tuple[Any, ...]
+) -> list[torch.Tensor] | None:
     """The merging layer's input (one token) in a run of a copy of the module per code: its projections' weights
     zero, their biases one plus the code of their row numbers (counted over the projections in turn, each holding
     whole blocks of the heads' width)."""
-    trial = copy.deepcopy(tied.owner)
+    trial = _copy(tied.owner, model)
     twin: dict[nn.Module, Any] = dict(zip(tied.owner.modules(), trial.modules(), strict=True))
     merges = [twin[m] for m in tied.merges if m in twin]
     if not merges:
