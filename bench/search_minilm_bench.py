@@ -136,7 +136,7 @@ def main() -> None:
     runs = [{"batch": len(ctx.example_inputs), **timings(models, ctx.example_inputs, threads, args.rounds)} for threads in (1, 2)]
     front = [name for name in models if name in records]
     result = {
-        "search": str(args.search.relative_to(ROOT)),
+        "search": str(args.search.resolve().relative_to(ROOT)),
         "front": records,
         "scores": scores,
         "size_bytes": sizes,
