@@ -10,6 +10,11 @@ from typing import Any
 
 from tabulate import tabulate
 
+#: The column groups every timed case's table shares (key, header): one place to rename a header.
+SIZE_COLUMNS = [("size", "size"), ("size_x", "x smaller")]
+LATENCY_COLUMNS = [("latency_ms", "latency ms"), ("speed_x", "x faster"), ("speed_min_x", "x faster (min)")]
+ACCURACY_COLUMNS = [("accuracy", "accuracy %"), ("accuracy_change", "change")]
+
 
 @dataclass
 class Target:

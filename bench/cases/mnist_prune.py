@@ -13,7 +13,7 @@ from typing import Any
 
 from bench.cases import mnist
 from bench.harness import RECIPES, Settings, compressed_variants, load_bench_recipe, pick, recipe_data, variant_rows
-from bench.report import CaseResult
+from bench.report import ACCURACY_COLUMNS, LATENCY_COLUMNS, SIZE_COLUMNS, CaseResult
 from torchslim.engine.metrics import accuracy, count_macs, latency_batch
 from torchslim.engine.yamlio import read_yaml
 
@@ -22,15 +22,11 @@ RECIPE = RECIPES / "mnist-prune.yaml"
 AMOUNTS = (0.3, 0.5, 0.7)
 COLUMNS = [
     ("variant", "variant"),
-    ("size", "size"),
-    ("size_x", "x smaller"),
+    *SIZE_COLUMNS,
     ("macs", "MACs/image"),
     ("macs_x", "x fewer MACs"),
-    ("latency_ms", "latency ms"),
-    ("speed_x", "x faster"),
-    ("speed_min_x", "x faster (min)"),
-    ("accuracy", "accuracy %"),
-    ("accuracy_change", "change"),
+    *LATENCY_COLUMNS,
+    *ACCURACY_COLUMNS,
 ]
 
 
