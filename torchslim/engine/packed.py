@@ -65,14 +65,24 @@ def is_packed(data: Any) -> bool:
 
 def smallest_state(state: Mapping[str, Any]) -> Mapping[str, Any]:
     """``state`` packed if that makes the saved file smaller, else ``state`` itself (what a saved model stores)."""
-    packed = pack_state_dict(state)
-    return packed if packed["packed"] and saved_bytes(packed) < saved_bytes(state) else state
+    return _smallest(state)[0]
 
 
 def packed_size_bytes(model: nn.Module) -> int:
     """Bytes of ``torch.save`` of the model's state dict in the form torchslim saves it: packed where
     that is smaller (sparse layers), dense otherwise. Compare with the dense ``size_bytes``."""
-    return saved_bytes(smallest_state(model.state_dict()))
+    chosen, size = _smallest(model.state_dict())
+    return saved_bytes(chosen) if size is None else size
+
+
+def _smallest(state: Mapping[str, Any]) -> tuple[Mapping[str, Any], int | None]:
+    """:func:`smallest_state` and its saved bytes where choosing it measured them (None where nothing packs: the
+    choice needs no serialization, and a saved model's path should not pay for one)."""
+    packed = pack_state_dict(state)
+    if not packed["packed"]:
+        return state, None
+    packed_bytes, dense_bytes = saved_bytes(packed), saved_bytes(state)
+    return (packed, packed_bytes) if packed_bytes < dense_bytes else (state, dense_bytes)
 
 
 def saved_bytes(obj: Any) -> int:
