@@ -138,20 +138,31 @@ def test_a_compare_on_ray_gives_the_local_figures(cluster: str, tmp_path: Path, 
     assert "mode: Ray tasks on" in remote.text()
 
 
-def _kill_first_task(prefix: str, killed: list[int], stop: threading.Event) -> None:
-    """SIGKILL the first Ray worker seen running a task named ``prefix...`` (its process title), once."""
-    while not stop.is_set() and not killed:
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-            except OSError:
-                continue
-            if title.startswith(f"ray::{prefix}"):
-                time.sleep(1.0)  # inside the trial's run, not at its first instruction
-                os.kill(int(pid), signal.SIGKILL)
-                killed.append(int(pid))
-                return
-        time.sleep(0.1)
+def _titles(prefix: str) -> set[int]:
+    """The processes whose title (a Ray worker's is ``ray::TASK``) starts with ``prefix``."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode().startswith(prefix):
+                found.add(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def _kill_first_task(prefix: str, killed: list[int], ran: set[int], stop: threading.Event) -> None:
+    """SIGKILL the first Ray worker running a task named ``prefix...``, once, 0.1 s into the task and only if it is
+    still running it then; note every worker seen running such a task (the killed one and the one that retried it)."""
+    while not stop.is_set():
+        running = _titles(f"ray::{prefix}")
+        ran |= running
+        if running and not killed:
+            time.sleep(0.1)  # inside the trial's run, not at its first instruction
+            for pid in running & _titles(f"ray::{prefix}"):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                break
+        time.sleep(0.01)
 
 
 @needs["ray"]
@@ -163,16 +174,21 @@ def test_a_search_on_ray_survives_a_killed_worker_and_is_tracked(cluster: str, t
 
     from torchslim.search import search
 
-    path = write_recipe(tmp_path, search_recipe(SPACE, trials=4, sampler="random", seed=5))
+    recipe = search_recipe(SPACE, trials=4, sampler="random", seed=5)
+    recipe["model"]["kwargs"]["train_epochs"] = 60  # ~1.3 s a trial on a warm worker here: time to kill one
+    path = write_recipe(tmp_path, recipe)
     killed: list[int] = []
+    ran: set[int] = set()
     stop = threading.Event()
-    watcher = threading.Thread(target=_kill_first_task, args=("test-trial3", killed, stop), daemon=True)
+    watcher = threading.Thread(target=_kill_first_task, args=("test-trial3", killed, ran, stop), daemon=True)
     watcher.start()
     try:
         result = search(path, tmp_path / "ray", jobs=2, executor=f"ray:{cluster}", track="mlflow", registry=registry)
     finally:
         stop.set()
-    assert killed, "no worker was killed"
+    watcher.join()
+    assert len(killed) == 1, "no worker was killed while it ran trial 3 (the trial ended within 0.1 s)"
+    assert len(ran) == 2, f"trial 3 ran on workers {sorted(ran)}: expected the killed one and the one that retried it"
     assert [r.number for r in result.records] == [1, 2, 3, 4] and all(r.ok for r in result.records)  # trial 3 retried
     local = search(path, tmp_path / "local", registry=registry)
     assert _figures(tmp_path / "ray" / "front.json") == _figures(tmp_path / "local" / "front.json")
