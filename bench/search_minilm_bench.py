@@ -66,6 +66,7 @@ def front_models(search: Path, also: list[int]) -> tuple[dict[str, nn.Module], d
             "trial": number,
             "values": record["values"],
             "objectives": record.get("objectives"),
+            "final": record.get("final"),
             "seconds": record.get("seconds"),
             "on_front": number in front["front"],
         }
@@ -131,7 +132,7 @@ def main() -> None:
     small = handwritten_float(args.handwritten)
     # MACs as the search counts them (its first example, one row): the original's must equal the search's baseline's
     macs = {"original": count_macs(ctx.original, ctx.example_inputs[:1]), HANDWRITTEN: count_macs(small, ctx.example_inputs[:1])}
-    macs.update({name: record["objectives"]["macs"] for name, record in records.items()})
+    macs.update({name: record["final"]["macs"] for name, record in records.items()})
     models[HANDWRITTEN] = deployed(small, ctx, "openvino", "nncf")
     models[PEER] = peers.per_shape(
         peers.nncf_int8(ctx.original, ctx.example_inputs, calibration, transformer=True), ctx.example_inputs
