@@ -12,6 +12,7 @@ hand-written model at a thread count when its cosine is at least the hand-writte
 the ratio of medians and the median of paired ratios above 1.
 
     python -m bench.search_minilm_bench [--search runs/search-minilm] [--rounds 30] [--also 3,8]
+    python -m bench.search_minilm_bench --agreement bench/results/search-minilm-s13-run*.json
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -113,6 +115,28 @@ def verdicts(scores: dict[str, float], runs: list[dict[str, Any]], front: list[s
     return out
 
 
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation of two equally long lists without ties (timings and MAC counts here have none)."""
+    ranks = [sorted(xs).index for xs in (a, b)]
+    n = len(a)
+    squares = sum((ranks[0](x) - ranks[1](y)) ** 2 for x, y in zip(a, b, strict=True))
+    return 1 - 6 * squares / (n * (n * n - 1))
+
+
+def agreement(results: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
+    """Per thread count, how well what the search knew of its timed trials (the latency it timed once, the MACs)
+    ranks them against this benchmark's interleaved medians (the median over ``results``, runs of this script)."""
+    names = list(results[0]["front"])
+    out = {}
+    for index, run in enumerate(results[0]["timings"]):
+        timed = [statistics.median(r["timings"][index]["median_ms"][n] for r in results) for n in names]
+        out[run["threads"]] = {
+            figure: round(spearman([results[0]["front"][n]["final"][key] for n in names], timed), 3)
+            for figure, key in (("search_latency", "latency_ms"), ("macs", "macs"))
+        }
+    return out
+
+
 def main() -> None:
     """Load the front and the hand-written model, score and time them interleaved, save and print."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -123,7 +147,11 @@ def main() -> None:
     # those at the hand-written's cosine) to see whether the search's own timing left a dominating one off its front
     parser.add_argument("--also", type=lambda text: [int(n) for n in text.split(",")], default=[])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "search-minilm.json")
+    parser.add_argument("--agreement", type=Path, nargs="+", help="only print agreement() over these result files")
     args = parser.parse_args()
+    if args.agreement:
+        print(json.dumps(agreement([json.loads(path.read_text()) for path in args.agreement])))
+        return
     start = time.time()
     ctx = context()
     calibration = [ids for ids, _ in list(ctx.data["calibration"])[:4]]

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.search_minilm_bench import HANDWRITTEN, PEER, verdicts
+from bench.search_minilm_bench import HANDWRITTEN, PEER, agreement, spearman, verdicts
 from torchslim import Registry
 from torchslim.engine.recipe import load_recipe
 from torchslim.engine.yamlio import read_yaml
@@ -37,3 +37,15 @@ def test_dominates_needs_the_cosine_and_a_lower_latency() -> None:
     assert found[0]["x_faster_than_handwritten"] == 20.0 / 18.0
     worse = verdicts({"front": 0.953, HANDWRITTEN: 0.954, PEER: 0.997}, runs, ["front"])
     assert not any(v["dominates"] for v in worse)
+
+
+def test_agreement_ranks_what_the_search_knew_against_the_benchmark() -> None:
+    assert spearman([1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0]) == 1.0
+    assert spearman([1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]) == -1.0
+    front = {n: {"final": {"latency_ms": ms, "macs": macs}} for n, ms, macs in (("a", 19.0, 3), ("b", 25.0, 1), ("c", 21.0, 2))}
+    # the benchmark's median over two runs orders them b < c < a: MACs agree, the search's own timing reverses them
+    runs = [
+        {"front": front, "timings": [{"threads": 1, "median_ms": {"a": a, "b": b, "c": c}}]}
+        for a, b, c in ((30, 10, 20), (32, 12, 19))
+    ]
+    assert agreement(runs) == {1: {"search_latency": -1.0, "macs": 1.0}}
