@@ -40,6 +40,8 @@ from torchslim.engine.specs import ModelSpec, build_model
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "search_bench"
 RESULT = ROOT / "bench" / "results" / "search_bench.json"
+#: The budget the first runs measured (5 minutes); other budgets keep their runs and results apart (``-20min``).
+FIRST_MINUTES = 5.0
 SAMPLERS = ("tpe", "random")
 #: Far apart: ``torchslim search`` seeds trial N's sampler with ``seed + N``, so seeds 0, 1, 2 would run the same random
 #: trials shifted by one (seed 1's trial 4 is seed 0's trial 5): measured, see docs/search.md.
@@ -154,6 +156,16 @@ def runtime_recipe(path: str, model: Model) -> dict[str, Any]:
     }
 
 
+def runs_root(minutes: float = FIRST_MINUTES) -> Path:
+    """Where the searches of one budget run (the 5-minute runs keep their first folder)."""
+    return RUNS if minutes == FIRST_MINUTES else RUNS.with_name(f"search_bench-{minutes:g}min")
+
+
+def result_file(minutes: float = FIRST_MINUTES) -> Path:
+    """Where one budget's summary is written."""
+    return RESULT if minutes == FIRST_MINUTES else RESULT.with_name(f"search_bench-{minutes:g}min.json")
+
+
 def check_data(recipe: dict[str, Any]) -> None:
     """Refuse a recipe whose data is not built through :func:`bench.disjoint.checked_data` (which checks that no
     eval sample is a train or calibration sample, in every run)."""
@@ -176,39 +188,55 @@ def _loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def run_searches(models: Sequence[str], minutes: float) -> None:
-    """Every (model, seed, sampler) search, TPE and random alternating, skipping those already done."""
+def run_searches(models: Sequence[str], minutes: float, parallel: bool = False) -> None:
+    """Every (model, seed, sampler) search, TPE and random alternating, skipping those already done. ``parallel``:
+    a seed's TPE and random searches side by side (one core each), so both see the same load."""
     for name in models:
-        model = MODELS[name]
         for seed in SEEDS:
-            for sampler in SAMPLERS:
-                out = RUNS / name / f"{sampler}-{seed}"
-                if (out / "done.json").exists():
-                    continue
-                recipe = search_recipe(model, sampler, seed, minutes)
-                check_data(recipe)
-                out.mkdir(parents=True, exist_ok=True)
-                path = out / "recipe.yaml"
-                path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-                before = _loadavg()
-                seconds = _torchslim(
-                    ["search", str(path), "--out", str(out / "search"), *(["--resume"] if (out / "search").exists() else [])],
-                    out / "log.txt",
-                )
-                (out / "done.json").write_text(
-                    json.dumps({"seconds": seconds, "loadavg_before": before, "loadavg_after": _loadavg(), "minutes": minutes})
-                    + "\n"
-                )
-                print(f"{name} {sampler} seed {seed}: {seconds:.0f} s", flush=True)
+            jobs = [_search_job(MODELS[name], sampler, seed, minutes) for sampler in SAMPLERS]
+            for batch in [jobs] if parallel else [[job] for job in jobs]:
+                for out, before, process in [_start(job) for job in batch if job is not None]:
+                    _finish(out, before, process, minutes)
+                    print(f"{name} {out.name}: {json.loads((out / 'done.json').read_text())['seconds']:.0f} s", flush=True)
 
 
-def run_handwritten(models: Sequence[str]) -> None:
+def _search_job(model: Model, sampler: str, seed: int, minutes: float) -> tuple[Path, list[str]] | None:
+    """The search's folder and ``torchslim`` arguments, its recipe written there; None when it is done."""
+    out = runs_root(minutes) / model.name / f"{sampler}-{seed}"
+    if (out / "done.json").exists():
+        return None
+    recipe = search_recipe(model, sampler, seed, minutes)
+    check_data(recipe)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return out, ["search", str(path), "--out", str(out / "search"), *(["--resume"] if (out / "search").exists() else [])]
+
+
+def _start(job: tuple[Path, list[str]]) -> tuple[Path, tuple[str, float], subprocess.Popen[bytes]]:
+    """Starts ``python -m torchslim ARGS`` in a process of its own, its output in the folder's log.txt."""
+    out, args = job
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    with (out / "log.txt").open("w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "torchslim", *args], cwd=ROOT, env=env, stdout=log, stderr=log)
+    return out, (_loadavg(), time.perf_counter()), process
+
+
+def _finish(out: Path, before: tuple[str, float], process: subprocess.Popen[bytes], minutes: float) -> None:
+    if process.wait() != 0:
+        raise RuntimeError(f"torchslim search failed ({process.returncode}): see {out / 'log.txt'}")
+    seconds = time.perf_counter() - before[1]
+    done = {"seconds": seconds, "loadavg_before": before[0], "loadavg_after": _loadavg(), "minutes": minutes}
+    (out / "done.json").write_text(json.dumps(done) + "\n")
+
+
+def run_handwritten(models: Sequence[str], minutes: float = FIRST_MINUTES) -> None:
     """Each hand-written recipe's runtime twin, run once with ``torchslim run``."""
     for name in models:
         for path in MODELS[name].handwritten:
             recipe = runtime_recipe(path, MODELS[name])
             check_data(recipe)
-            out = RUNS / name / "handwritten" / Path(path).stem
+            out = runs_root(minutes) / name / "handwritten" / Path(path).stem
             if (out / "done.json").exists():
                 continue
             out.mkdir(parents=True, exist_ok=True)
@@ -221,28 +249,28 @@ def run_handwritten(models: Sequence[str]) -> None:
             print(f"{name} {path}: {seconds:.0f} s", flush=True)
 
 
-def score_tests(models: Sequence[str]) -> None:
+def score_tests(models: Sequence[str], minutes: float = FIRST_MINUTES) -> None:
     """The baseline, each search's front trials and each hand-written model scored on the held-out test split (after
     checking it against the train, calibration and selection splits), into ``RUNS/MODEL/test.json``; 1 torch thread."""
     torch.set_num_threads(1)
     for name in models:
-        model, path = MODELS[name], RUNS / name / "test.json"
+        model, path = MODELS[name], runs_root(minutes) / name / "test.json"
         scores = json.loads(path.read_text()) if path.exists() else {}
         loader, recipe = held_out(model.data), yaml.safe_load((ROOT / model.recipe).read_text())
         check_disjoint(loader, **checked_data(**recipe["data"]["kwargs"]))
         if "baseline" not in scores:
             scores["baseline"] = accuracy(build_model(ModelSpec(**recipe["model"]), ROOT).eval(), loader)
-        for folder in _scored_folders(name):
-            key = str(folder.relative_to(RUNS / name))
+        for folder in _scored_folders(runs_root(minutes) / name):
+            key = str(folder.relative_to(runs_root(minutes) / name))
             if key not in scores:
                 scores[key] = accuracy(load_model(folder).eval(), loader)
         path.write_text(json.dumps(scores, indent=1) + "\n")
         print(f"{name}: {len(scores)} model(s) scored on the test split", flush=True)
 
 
-def _scored_folders(name: str) -> list[Path]:
+def _scored_folders(root: Path) -> list[Path]:
     """The report folders of every finished search's front trials and of every hand-written run."""
-    root, folders = RUNS / name, []
+    folders: list[Path] = []
     for sampler in SAMPLERS:
         for seed in SEEDS:
             search = root / f"{sampler}-{seed}" / "search"
@@ -321,8 +349,8 @@ def handwritten_summary(model: Model, folder: Path, tests: dict[str, float]) -> 
     }
 
 
-def report() -> dict[str, Any]:
-    """Everything measured, summarised per model, written to :data:`RESULT`."""
+def report(minutes: float = FIRST_MINUTES) -> dict[str, Any]:
+    """Everything measured with one budget, summarised per model, written to :func:`result_file`."""
     out: dict[str, Any] = {
         "reference": "size: the baseline's torch file x 1.1 (tight: x 0.25 x 1.1); metric: the baseline's - 1 (the constraint)",
         "normalised_by": "the box from the reference point to (accuracy 100, size 0)",
@@ -331,7 +359,7 @@ def report() -> dict[str, Any]:
         "models": {},
     }
     for name, model in MODELS.items():
-        root = RUNS / name
+        root = runs_root(minutes) / name
         tests = json.loads((root / "test.json").read_text()) if (root / "test.json").exists() else {}
         runs = {
             f"{s}-{seed}": search_summary(model, root / f"{s}-{seed}", tests)
@@ -345,7 +373,7 @@ def report() -> dict[str, Any]:
             if (root / "handwritten" / Path(p).stem / "done.json").exists()
         }
         out["models"][name] = _model_summary(model, runs, hand, tests.get("baseline"))
-    RESULT.write_text(json.dumps(out, indent=2) + "\n")
+    result_file(minutes).write_text(json.dumps(out, indent=2) + "\n")
     return out
 
 
@@ -396,12 +424,12 @@ def box_bound(model: Model, runs: dict[str, Any]) -> float | None:
     return normalised([(best, min(p["size"] for p in front))], model)
 
 
-def add_pooled() -> dict[str, Any]:
-    """Adds the pooled hypervolumes to :data:`RESULT` from the fronts it holds (the run folders need not exist)."""
-    summary = json.loads(RESULT.read_text())
+def add_pooled(minutes: float = FIRST_MINUTES) -> dict[str, Any]:
+    """Adds the pooled hypervolumes to :func:`result_file` from the fronts it holds (the run folders need not exist)."""
+    summary = json.loads(result_file(minutes).read_text())
     for name, m in summary["models"].items():
         m.update(_pooled(MODELS[name], m["runs"], m["means"]["random_hypervolume"]))
-    RESULT.write_text(json.dumps(summary, indent=2) + "\n")
+    result_file(minutes).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -432,19 +460,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.search_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["runs", "handwritten", "score", "report", "pooled"])
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument("--minutes", type=float, default=FIRST_MINUTES, help="the budget of each search (5: the first runs)")
+    parser.add_argument("--parallel", action="store_true", help="a seed's TPE and random searches side by side")
     args = parser.parse_args(argv)
     models = args.models.split(",")
     if args.what == "runs":
-        run_searches(models, args.minutes)
+        run_searches(models, args.minutes, args.parallel)
     elif args.what == "handwritten":
-        run_handwritten(models)
+        run_handwritten(models, args.minutes)
     elif args.what == "score":
-        score_tests(models)
+        score_tests(models, args.minutes)
     elif args.what == "pooled":
-        print(tables(add_pooled()))
+        print(tables(add_pooled(args.minutes)))
     else:
-        print(tables(report()))
+        print(tables(report(args.minutes)))
     return 0
 
 

@@ -20,6 +20,8 @@ from bench.search_bench import (
     hypervolume,
     normalised,
     pooled_hypervolume,
+    result_file,
+    runs_root,
     runtime_recipe,
     search_recipe,
 )
@@ -69,6 +71,13 @@ def test_dominates_needs_no_worse_on_both_and_better_on_one() -> None:
     assert dominates({"metric": 99.1, "size": 10}, {"metric": 99.0, "size": 10})
     assert not dominates({"metric": 99.0, "size": 10}, {"metric": 99.0, "size": 10})
     assert not dominates({"metric": 99.2, "size": 12}, {"metric": 99.0, "size": 10})
+
+
+def test_each_budget_keeps_its_runs_and_results_apart() -> None:
+    assert runs_root(5) == runs_root() and result_file(5) == result_file()  # the first runs' folders stay put
+    assert runs_root(20) != runs_root(5) and runs_root(20).name == "search_bench-20min"
+    assert result_file(20) != result_file(5) and result_file(20).name == "search_bench-20min.json"
+    assert result_file(20).parent == result_file(5).parent
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
