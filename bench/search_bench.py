@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,11 +194,10 @@ def run_searches(models: Sequence[str], minutes: float, parallel: bool = False) 
     a seed's TPE and random searches side by side (one core each), so both see the same load."""
     for name in models:
         for seed in SEEDS:
-            jobs = [_search_job(MODELS[name], sampler, seed, minutes) for sampler in SAMPLERS]
-            for batch in [jobs] if parallel else [[job] for job in jobs]:
-                for out, before, process in [_start(job) for job in batch if job is not None]:
-                    _finish(out, before, process, minutes)
-                    print(f"{name} {out.name}: {json.loads((out / 'done.json').read_text())['seconds']:.0f} s", flush=True)
+            jobs = [job for sampler in SAMPLERS if (job := _search_job(MODELS[name], sampler, seed, minutes))]
+            with ThreadPoolExecutor(max_workers=len(SAMPLERS) if parallel else 1) as pool:
+                for out, seconds in pool.map(lambda job: _run_search(*job, minutes), jobs):
+                    print(f"{name} {out.name}: {seconds:.0f} s", flush=True)
 
 
 def _search_job(model: Model, sampler: str, seed: int, minutes: float) -> tuple[Path, list[str]] | None:
@@ -213,21 +213,13 @@ def _search_job(model: Model, sampler: str, seed: int, minutes: float) -> tuple[
     return out, ["search", str(path), "--out", str(out / "search"), *(["--resume"] if (out / "search").exists() else [])]
 
 
-def _start(job: tuple[Path, list[str]]) -> tuple[Path, tuple[str, float], subprocess.Popen[bytes]]:
-    """Starts ``python -m torchslim ARGS`` in a process of its own, its output in the folder's log.txt."""
-    out, args = job
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
-    with (out / "log.txt").open("w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "torchslim", *args], cwd=ROOT, env=env, stdout=log, stderr=log)
-    return out, (_loadavg(), time.perf_counter()), process
-
-
-def _finish(out: Path, before: tuple[str, float], process: subprocess.Popen[bytes], minutes: float) -> None:
-    if process.wait() != 0:
-        raise RuntimeError(f"torchslim search failed ({process.returncode}): see {out / 'log.txt'}")
-    seconds = time.perf_counter() - before[1]
-    done = {"seconds": seconds, "loadavg_before": before[0], "loadavg_after": _loadavg(), "minutes": minutes}
+def _run_search(out: Path, args: list[str], minutes: float) -> tuple[Path, float]:
+    """One search in a process of its own; its seconds and the load average before and after in ``done.json``."""
+    before = _loadavg()
+    seconds = _torchslim(args, out / "log.txt")
+    done = {"seconds": seconds, "loadavg_before": before, "loadavg_after": _loadavg(), "minutes": minutes}
     (out / "done.json").write_text(json.dumps(done) + "\n")
+    return out, seconds
 
 
 def run_handwritten(models: Sequence[str], minutes: float = FIRST_MINUTES) -> None:
