@@ -6,6 +6,8 @@ Runtime (1 torch thread).
     python -m bench.search_bench handwritten             # the hand-written recipes' stages, in the same runtime
     python -m bench.search_bench report                  # hypervolumes, dominance: bench/results/search_bench.json
     python -m bench.search_bench pooled                  # adds all fronts pooled (the ceiling of the ratio)
+    python -m bench.search_bench runs --minutes 20 --parallel   # another budget: its own runs/ and results file;
+                                                                # a seed's TPE and random side by side
 
 Each search is ``torchslim search`` in a process of its own (the recipe in ``bench/recipes/search-*.yaml`` with the
 sampler, seed and minutes set); a finished one is not run again. The hypervolume of a front is computed here in 2-D
