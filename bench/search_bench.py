@@ -198,7 +198,7 @@ def run_searches(models: Sequence[str], minutes: float, parallel: bool = False) 
         for seed in SEEDS:
             jobs = [job for sampler in SAMPLERS if (job := _search_job(MODELS[name], sampler, seed, minutes))]
             with ThreadPoolExecutor(max_workers=len(SAMPLERS) if parallel else 1) as pool:
-                for out, seconds in pool.map(lambda job: _run_search(*job, minutes), jobs):
+                for out, seconds in pool.map(lambda job: _run_done(*job, minutes=minutes), jobs):
                     print(f"{name} {out.name}: {seconds:.0f} s", flush=True)
 
 
@@ -215,11 +215,12 @@ def _search_job(model: Model, sampler: str, seed: int, minutes: float) -> tuple[
     return out, ["search", str(path), "--out", str(out / "search"), *(["--resume"] if (out / "search").exists() else [])]
 
 
-def _run_search(out: Path, args: list[str], minutes: float) -> tuple[Path, float]:
-    """One search in a process of its own; its seconds and the load average before and after in ``done.json``."""
+def _run_done(out: Path, args: list[str], **extra: Any) -> tuple[Path, float]:
+    """``torchslim ARGS`` in a process of its own, its log in ``out``; its seconds, the load average before and after
+    and ``extra`` in ``out/done.json``, which marks it done."""
     before = _loadavg()
     seconds = _torchslim(args, out / "log.txt")
-    done = {"seconds": seconds, "loadavg_before": before, "loadavg_after": _loadavg(), "minutes": minutes}
+    done = {"seconds": seconds, "loadavg_before": before, "loadavg_after": _loadavg(), **extra}
     (out / "done.json").write_text(json.dumps(done) + "\n")
     return out, seconds
 
@@ -235,11 +236,7 @@ def run_handwritten(models: Sequence[str], minutes: float = FIRST_MINUTES) -> No
                 continue
             out.mkdir(parents=True, exist_ok=True)
             (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-            before = _loadavg()
-            seconds = _torchslim(["run", str(out / "recipe.yaml"), "--out", str(out / "run"), "--overwrite"], out / "log.txt")
-            (out / "done.json").write_text(
-                json.dumps({"seconds": seconds, "loadavg_before": before, "loadavg_after": _loadavg()}) + "\n"
-            )
+            _, seconds = _run_done(out, ["run", str(out / "recipe.yaml"), "--out", str(out / "run"), "--overwrite"])
             print(f"{name} {path}: {seconds:.0f} s", flush=True)
 
 
@@ -248,14 +245,15 @@ def score_tests(models: Sequence[str], minutes: float = FIRST_MINUTES) -> None:
     checking it against the train, calibration and selection splits), into ``RUNS/MODEL/test.json``; 1 torch thread."""
     torch.set_num_threads(1)
     for name in models:
-        model, path = MODELS[name], runs_root(minutes) / name / "test.json"
+        model, root = MODELS[name], runs_root(minutes) / name
+        path = root / "test.json"
         scores = json.loads(path.read_text()) if path.exists() else {}
         loader, recipe = held_out(model.data), yaml.safe_load((ROOT / model.recipe).read_text())
         check_disjoint(loader, **checked_data(**recipe["data"]["kwargs"]))
         if "baseline" not in scores:
             scores["baseline"] = accuracy(build_model(ModelSpec(**recipe["model"]), ROOT).eval(), loader)
-        for folder in _scored_folders(runs_root(minutes) / name):
-            key = str(folder.relative_to(runs_root(minutes) / name))
+        for folder in _scored_folders(root):
+            key = str(folder.relative_to(root))
             if key not in scores:
                 scores[key] = accuracy(load_model(folder).eval(), loader)
         path.write_text(json.dumps(scores, indent=1) + "\n")
