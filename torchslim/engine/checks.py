@@ -1,8 +1,8 @@
 """What ``torchslim validate`` checks beyond a recipe's shape: the code and the files it names.
 
 Each ``module:callable`` imports and takes the recipe's ``kwargs`` (bound to its signature, not
-called), each ``checkpoint`` file exists, and each stage's optional backend imports. Everything
-runs with the recipe's directory importable, as a run would.
+called), each ``checkpoint`` file exists, ``metrics.reference`` holds a saved model, and each stage's
+optional backend imports. Everything runs with the recipe's directory importable, as a run would.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from .errors import RecipeError
 from .prepare import located, metric_function
 from .problems import format_path
 from .recipe import RecipeBase
+from .reference import check_reference
 from .specs import DataSpec, ModelSpec, import_target
 from .usercode import importable, kwargs_problem
 
@@ -28,6 +29,7 @@ def check_recipe_code(recipe: RecipeBase) -> None:
         metric_function(recipe)
         for index, stage in enumerate(recipe.stage_list):
             _check_stage(recipe, index, stage)
+    check_reference(recipe)
 
 
 def _specs(recipe: RecipeBase) -> Iterator[tuple[tuple[Any, ...], ModelSpec | DataSpec]]:

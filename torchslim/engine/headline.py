@@ -7,12 +7,14 @@ baseline and the final model taking turns round by round (:func:`~torchslim.engi
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from torch import nn
 
 from .metrics import latency_batch
 from .noise import speedup_noise
+from .reference import reference_line, time_against
 from .report import Report
 from .timing import load_average, speedup
 
@@ -21,10 +23,15 @@ if TYPE_CHECKING:
     from .stage import Context
 
 
-def close_report(report: Report, ctx: Context, final: nn.Module, options: MetricsOptions) -> None:
+def close_report(report: Report, ctx: Context, final: nn.Module, options: MetricsOptions, reference: Path | None = None) -> None:
     """Time baseline and final model interleaved (when latency is measured and a stage changed the
-    model), record the load average now, and add the speed-up line and the noise notes."""
-    if options.collect and options.latency and any(not row.unchanged for row in report.rows[1:]):
+    model), and the final model in turns with the ``reference`` saved model if one is given (latency measured);
+    record the load average now, and add the speed-up line and the noise notes."""
+    timing = options.collect and options.latency
+    if timing and reference is not None:
+        report.reference = time_against(reference, final, ctx, options)
+        report.add_notes([reference_line(report.reference)])
+    if timing and any(not row.unchanged for row in report.rows[1:]):
         batch = latency_batch(ctx.example_inputs, options.batch_size)
         result = speedup(
             ctx.original.eval(), final.eval(), batch, warmup=options.warmup, runs=options.runs, threads=options.threads

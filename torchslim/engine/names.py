@@ -22,6 +22,9 @@ Conv layers it cannot see; None (not measured) where neither can see the layers 
 that does not count itself)."""
 LATENCY_MS = "latency_ms"
 """Median forward time of one batch, in milliseconds."""
+LATENCY_ALONE_MS = "latency_alone_ms"
+"""A search trial's latency as its run timed it, alone, where the search reads ``latency_ms`` against its
+reference (:mod:`torchslim.search.reference`)."""
 LATENCY_IQR_MS = "latency_iqr_ms"
 """Interquartile range (75th minus 25th percentile) of the timed runs, in milliseconds."""
 LATENCY_OTHERS = "latency_others_running"

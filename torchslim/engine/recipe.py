@@ -93,6 +93,11 @@ class MetricsOptions(Spec):
     """Timed forward passes; the median is reported."""
     threads: int | None = Field(default=LATENCY_THREADS, ge=1)
     """torch threads while timing (fixed so that figures compare); null leaves torch's setting."""
+    reference: str | None = None
+    """A folder torchslim saved a model in (``torchslim run --out``; a search's ``reference``): at the end of the
+    run the final model is timed in turns with it, round by round, and the report gives the two medians and
+    their ratio (``reference`` in report.json). Load on the machine slows both alike, so the ratio holds where
+    one timing drifts. A relative path is taken from the recipe's directory."""
 
 
 class RecipeBase(BaseModel):

@@ -67,6 +67,8 @@ class Report:
     environment: dict[str, Any] = field(default_factory=dict)
     speedup: dict[str, Any] | None = None
     """baseline / final latency, timed interleaved at the end of the run (:class:`~torchslim.engine.timing.Speedup`)."""
+    reference: dict[str, Any] | None = None
+    """The final model timed in turns with ``metrics.reference`` (:func:`~torchslim.engine.reference.time_against`)."""
 
     def add_notes(self, notes: list[str]) -> None:
         """Add remarks printed under the table, each distinct text once, in order."""
@@ -91,6 +93,7 @@ class Report:
             "notes": list(self.notes),
             "environment": dict(self.environment),
             **({"speedup": dict(self.speedup)} if self.speedup else {}),
+            **({"reference": dict(self.reference)} if self.reference else {}),
         }
 
     def to_json(self) -> str:

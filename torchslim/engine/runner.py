@@ -25,6 +25,7 @@ from .metrics import fingerprint, measure, torch_threads
 from .outputs import clear_failure, prepare_output, record_failure
 from .prepare import baseline_failure, prepare
 from .recipe import MetricsOptions, RecipeBase, load_recipe
+from .reference import check_reference, reference_folder
 from .registry import Registry, is_builtin
 from .report import Report, Row
 from .saving import save_model
@@ -91,6 +92,7 @@ class _Run:
     log: logging.Logger
 
     def execute(self, resuming: bool, baseline: Row | None) -> RunReport:
+        check_reference(self.recipe)  # before the stages, not after them
         ctx, model = prepare(self.recipe, self.log)
         report = RunReport(self.recipe.resolved(), metric=ctx.metric_name, environment=environment(self.recipe))
         done = resume(self.writer, self.recipe, ctx, report) if resuming and self.writer is not None else None
@@ -102,7 +104,7 @@ class _Run:
                 with self._located(index):
                     model = self._step(index, model, ctx, report, records)
             if distributed.is_main():
-                close_report(report, ctx, model, self.recipe.metrics)
+                close_report(report, ctx, model, self.recipe.metrics, reference_folder(self.recipe))
         if self.writer is not None:
             save_model(self.writer, self.recipe, model, records)
             report.write(self.writer)

@@ -222,6 +222,11 @@ class SearchSpec(Spec):
     """Seed of the sampler: the same seed and results give the same trials."""
     cheap: CheapSpec | None = None
     """Run every trial cheaply first (shorter training, part of the eval data); only the promising ones run in full."""
+    latency_reference: bool = True
+    """Read each trial's latency against a reference timed in turns with it (the baseline through the recipe's
+    stages from its first ``deploy`` on, run once into ``OUT/reference``; without a deploy stage, the baseline):
+    the reference's latency times their paired ratio, a figure that holds while the machine's load changes
+    between trials. false: each trial's latency as timed alone. Only where latency is an objective or a limit."""
 
     @field_validator("space")
     @classmethod

@@ -17,6 +17,7 @@ from .halving import run_started
 from .per_unit import expand
 from .plan import SearchPlan, Source, plan
 from .records import Record
+from .reference import prepare_reference
 from .study import Study, fingerprint
 from .tracked import SearchTracker
 from .trial import Started, Trials
@@ -61,6 +62,7 @@ def search(
     study.recover(log)
     records = study.records()
     runner = Trials(searched, registry, log, _share(jobs) if executes.divides_cores else None)
+    runner.reference = prepare_reference(searched, registry, log, runner.baseline)
     state = runner.state(records)
     if records:
         log.info("search: %d trial(s) done before; continuing", len(records))

@@ -23,6 +23,8 @@ from .study import STUDY_FILE
 
 #: What the output folder of a search holds besides these files: one report directory per trial.
 TRIALS_DIR = "trials"
+#: The run folder of a search's latency reference, and the file that keeps its latency across a resume.
+REFERENCE_DIR, REFERENCE_FILE = "reference", "reference.json"
 #: Objectives and limits that need latency measured, and those that need the other figures.
 _NEEDS_LATENCY = ({"latency"}, {"max_latency_ms", "min_speedup"})
 _NEEDS_FIGURES = ({"size", "packed_size", "macs"}, {"max_size_mb", "max_packed_mb", "max_macs", "min_size_ratio"})
@@ -81,7 +83,7 @@ def _prepare_out(out: Path) -> Path:
     """The output folder, refusing one that holds files other than a search's."""
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a directory")
-    own = {*FILES, TRIALS_DIR, STUDY_FILE}
+    own = {*FILES, TRIALS_DIR, STUDY_FILE, REFERENCE_DIR, REFERENCE_FILE}
     for path in out.iterdir() if out.exists() else []:
         if not (path.name in own or path.name.startswith((".", STUDY_FILE, "sensitivity"))):
             raise OutputError(f"{out}: holds {path.name}, which is not from a torchslim search; choose another --out")

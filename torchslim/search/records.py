@@ -16,7 +16,7 @@ from ..engine import names
 #: The user attribute of an Optuna trial holding its record.
 ATTRIBUTE = "torchslim"
 #: The final-row figures a record keeps (besides the metric and its validation figure).
-FIGURES = (names.SIZE_BYTES, names.PACKED_BYTES, names.MACS, names.LATENCY_MS, names.RUNTIME)
+FIGURES = (names.SIZE_BYTES, names.PACKED_BYTES, names.MACS, names.LATENCY_MS, names.LATENCY_ALONE_MS, names.RUNTIME)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from .front import answer
 from .objectives import excesses, values
 from .plan import TRIALS_DIR, SearchPlan
 from .records import Record, describe_values, kept_figures, trial_folder
+from .reference import Reference, paired_latency, with_reference
 from .space import sample, trial_document
 
 
@@ -50,6 +51,8 @@ class Trials:
         self.metric = searched.recipe.evaluate.label
         self.defaults = searched.recipe.resolved()
         self.baselines: dict[str, Row] = {}
+        self.reference: Reference | None = None
+        """What each trial's latency is read against (:func:`~torchslim.search.reference.prepare_reference`)."""
 
     def start(self, trial: Any, number: int, earlier: list[Record]) -> Started | Record:
         """Trial ``number`` ready to run; or its record already (refused, or the values of an earlier trial)."""
@@ -63,7 +66,7 @@ class Trials:
             return dataclasses.replace(same, number=number, seconds=0.0)
         try:
             recipe = self._recipe(number, chosen)
-            return Started(number, chosen, folder, begin, recipe, self._baseline(recipe))
+            return Started(number, chosen, folder, begin, recipe, self.baseline(recipe))
         except TorchslimError as exc:  # a refused value, a model that does not build with it
             return Record(number, chosen, folder, time.perf_counter() - begin, error=str(exc))
 
@@ -80,7 +83,7 @@ class Trials:
         begin, folder = time.perf_counter(), f"{started.folder}-rung{index}"
         try:
             recipe = validate(document, self.registry)
-            return Started(started.number, started.values, folder, begin, recipe, self._baseline(recipe))
+            return Started(started.number, started.values, folder, begin, recipe, self.baseline(recipe))
         except TorchslimError as exc:  # a recipe the cheap settings make invalid, a baseline that fails on its part
             return Record(started.number, started.values, folder, time.perf_counter() - begin, error=str(exc))
 
@@ -90,7 +93,8 @@ class Trials:
         head = (started.number, started.values, started.folder, seconds)
         if outcome.report is None:
             return Record(*head, error=outcome.error)
-        final, base = outcome.report.final.metrics, started.baseline.metrics
+        final = paired_latency(outcome.report.final.metrics, outcome.report, self.reference)
+        base = started.baseline.metrics
         found = values(self.searched.spec.objectives, final, self.metric)
         kept, kept_base = kept_figures(final, self.metric), kept_figures(base, self.metric)
         if isinstance(found, str):
@@ -104,7 +108,7 @@ class Trials:
         searched = self.searched
         document = trial_document(searched.document, chosen, searched.recipe, f"{searched.recipe.name}-trial{number}")
         try:
-            return validate(self._shared(document), self.registry)
+            return validate(with_reference(self._shared(document), self.reference), self.registry)
         except RecipeError as exc:
             raise RecipeError([f"{p} (in search trial {number})" for p in exc.problems]) from None
 
@@ -120,7 +124,7 @@ class Trials:
             data["threads"] = min(data["threads"], self.threads)
         return document
 
-    def _baseline(self, recipe: RecipeBase) -> Row:
+    def baseline(self, recipe: RecipeBase) -> Row:
         """The baseline of the trial's model, measured once per model, data and measurement (as compare shares one)."""
         found = baseline_key(recipe)
         if found not in self.baselines:
