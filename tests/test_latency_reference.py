@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from tests.conftest import digits_recipe, write_recipe
-from torchslim import Registry, run
+from torchslim import Registry, load_recipe, run
+from torchslim.compare.finished import baseline_key
 from torchslim.engine import names
 from torchslim.engine.errors import RecipeError
 from torchslim.search import search
@@ -51,6 +52,11 @@ def test_a_reference_without_a_saved_model_is_refused_at_its_line(tmp_path: Path
     with pytest.raises(RecipeError, match=rf"recipe.yaml:{line}:\d+: metrics.reference: .*nowhere holds no saved model"):
         run(path, tmp_path / "out", registry=registry)
     assert not (tmp_path / "out" / "report.json").exists()  # refused before any stage ran
+
+
+def test_a_reference_does_not_change_the_baseline_a_run_shares(registry: Registry) -> None:
+    plain, timed = _recipe([PRUNE]), _recipe([PRUNE], reference="/elsewhere")
+    assert baseline_key(load_recipe(plain, registry)) == baseline_key(load_recipe(timed, registry))
 
 
 def _trial_reports(out: Path) -> dict[int, dict[str, Any]]:

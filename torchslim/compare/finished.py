@@ -55,5 +55,7 @@ def baseline_key(recipe: RecipeBase) -> str:
         spec = getattr(recipe, part)
         shared[part] = {**(shared[part] or {}), "kwargs": resolved_kwargs(spec.target, spec.kwargs, recipe.base_dir)}
     shared["base_dir"] = str(recipe.base_dir)  # a relative model checkpoint depends on it
+    # the final model is timed against metrics.reference at the end; the baseline's figures do not depend on it
+    shared["metrics"] = {k: v for k, v in (shared["metrics"] or {}).items() if k != "reference"}
     # repr for a default that JSON cannot write (a tuple is a list to JSON already; an object by its repr)
     return hashlib.sha256(json.dumps(shared, sort_keys=True, default=repr).encode()).hexdigest()
