@@ -124,16 +124,18 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 def agreement(results: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
-    """Per thread count, how well what the search knew of its timed trials (the latency it timed once, the MACs)
-    ranks them against this benchmark's interleaved medians (the median over ``results``, runs of this script)."""
+    """Per thread count, how well what the search knew of its timed trials (its latency: against its reference
+    where it had one, and then also as each trial timed it alone; the MACs) ranks them against this benchmark's
+    interleaved medians (the median over ``results``, runs of this script)."""
     names = list(results[0]["front"])
+    finals = [results[0]["front"][n]["final"] for n in names]
+    figures = [("search_latency", "latency_ms"), ("macs", "macs")]
+    if all("latency_alone_ms" in final for final in finals):
+        figures.insert(1, ("search_latency_alone", "latency_alone_ms"))
     out = {}
     for index, run in enumerate(results[0]["timings"]):
         timed = [statistics.median(r["timings"][index]["median_ms"][n] for r in results) for n in names]
-        out[run["threads"]] = {
-            figure: round(spearman([results[0]["front"][n]["final"][key] for n in names], timed), 3)
-            for figure, key in (("search_latency", "latency_ms"), ("macs", "macs"))
-        }
+        out[run["threads"]] = {figure: round(spearman([final[key] for final in finals], timed), 3) for figure, key in figures}
     return out
 
 

@@ -49,3 +49,6 @@ def test_agreement_ranks_what_the_search_knew_against_the_benchmark() -> None:
         for a, b, c in ((30, 10, 20), (32, 12, 19))
     ]
     assert agreement(runs) == {1: {"search_latency": -1.0, "macs": 1.0}}
+    for n, alone in (("a", 30.0), ("b", 10.0), ("c", 21.0)):  # a search that read its latency against a reference
+        front[n]["final"]["latency_alone_ms"] = alone
+    assert agreement(runs) == {1: {"search_latency": -1.0, "search_latency_alone": 1.0, "macs": 1.0}}
