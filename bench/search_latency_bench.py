@@ -11,7 +11,8 @@
 3. The check: among the trials that ran in full and meet X, the recommended one (``best.yaml``) has the best
    metric; ``best.yaml`` is run again by ``torchslim.run`` and its latency measured again, against X.
 
-No latency model predicts trials: every latency is measured in the runtime. Writes
+No latency model predicts trials: every latency is measured in the runtime (read against the search's reference,
+``search.latency_reference``, since 2026-12-07; the float model's target latency in step 1 is timed alone). Writes
 bench/results/search-latency.json (every trial, the choice, the remeasured latency, the load average and
 threads before and after).
 """
