@@ -31,7 +31,7 @@ from ..engine.yamlio import Document
 from .plan import REFERENCE_DIR, REFERENCE_FILE, SearchPlan
 
 
-class ReferenceError(TorchslimError):
+class LatencyReferenceError(TorchslimError):
     """The reference run failed: the search cannot read its trials' latency against it."""
 
 
@@ -109,7 +109,7 @@ def _run_reference(
     log.info("search: running the latency reference (the baseline through stages %d+) into %s", first, folder)
     outcome = execute(Job(recipe.name, document, registry, folder, baseline(recipe), None, False, recipe), log)
     if outcome.report is None:
-        raise ReferenceError(
+        raise LatencyReferenceError(
             f"the latency reference (the recipe's stages from stages[{first}] on, applied to the baseline) failed: "
             f"{outcome.error}; set search.latency_reference: false to time each trial alone"
         )
@@ -119,5 +119,5 @@ def _run_reference(
 def _latency(metrics: dict[str, Any], what: str) -> float:
     value = metrics.get(names.LATENCY_MS)
     if not isinstance(value, (int, float)) or value <= 0:
-        raise ReferenceError(f"{what}: latency not measured; set search.latency_reference: false")
+        raise LatencyReferenceError(f"{what}: latency not measured; set search.latency_reference: false")
     return float(value)
