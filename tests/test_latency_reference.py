@@ -17,6 +17,7 @@ from torchslim import Registry, load_recipe, run
 from torchslim.compare.finished import baseline_key
 from torchslim.engine import names
 from torchslim.engine.errors import RecipeError
+from torchslim.engine.report import Report
 from torchslim.search import search
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,6 +44,7 @@ def test_a_run_times_its_final_model_in_turns_with_the_reference(tmp_path: Path,
     assert timed["reference_ms"] > 0 and timed["final_ms"] > 0 and timed["q1"] <= timed["ratio"] <= timed["q3"]
     assert timed["rounds"] == report.recipe["metrics"]["runs"]
     assert json.loads((tmp_path / "out" / "report.json").read_text())["reference"] == timed
+    assert Report.read(tmp_path / "out").reference == timed  # as a comparison reusing the run reads it back
     assert any(note.startswith(f"against the reference {tmp_path / 'ref'}") for note in report.notes)
 
 

@@ -186,7 +186,15 @@ class Report:
         is missing, half-written by hand, or of another format)."""
         data = json.loads((folder / REPORT_JSON).read_text(encoding="utf-8"))
         rows = [Row.from_dict(r) for r in data["rows"]]
-        return cls(data["recipe"], data["metric"], rows, list(data["notes"]), data["environment"])
+        return cls(
+            data["recipe"],
+            data["metric"],
+            rows,
+            list(data["notes"]),
+            data["environment"],
+            data.get("speedup"),
+            data.get("reference"),
+        )
 
 
 def _metric_keys(rows: list[Row]) -> list[str]:
