@@ -81,6 +81,15 @@ def test_a_torch_search_reads_latency_against_the_baseline(tmp_path: Path, regis
 
 
 @needs_optuna
+def test_the_reference_is_timed_on_the_threads_parallel_trials_get(tmp_path: Path, registry: Registry) -> None:
+    recipe = _recipe([PRUNE], threads=2)  # two threads asked; --jobs 2 gives each trial one core
+    recipe["search"] = {"space": SPACE, "objectives": ["metric", "latency"], "trials": 2}
+    records = search(write_recipe(tmp_path, recipe), tmp_path / "out", jobs=2, registry=registry).records
+    kept = json.loads((tmp_path / "out" / "reference.json").read_text())
+    assert all(r.ok and r.baseline[names.LATENCY_MS] == kept["latency_ms"] for r in records)  # one baseline, theirs
+
+
+@needs_optuna
 @needs_ort
 def test_a_deployed_search_runs_its_reference_once_and_resumes_with_it(tmp_path: Path, registry: Registry) -> None:
     recipe = _recipe([PRUNE, {"type": "deploy", "name": "deploy", "runtime": "onnxruntime"}])

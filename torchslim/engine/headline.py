@@ -28,11 +28,11 @@ def close_report(report: Report, ctx: Context, final: nn.Module, options: Metric
     model), and the final model in turns with the ``reference`` saved model if one is given (latency measured);
     record the load average now, and add the speed-up line and the noise notes."""
     timing = options.collect and options.latency
+    batch = latency_batch(ctx.example_inputs, options.batch_size)
     if timing and reference is not None:
-        report.reference = time_against(reference, final, ctx, options)
+        report.reference = time_against(reference, final, batch, options)
         report.add_notes([reference_line(report.reference)])
     if timing and any(not row.unchanged for row in report.rows[1:]):
-        batch = latency_batch(ctx.example_inputs, options.batch_size)
         result = speedup(
             ctx.original.eval(), final.eval(), batch, warmup=options.warmup, runs=options.runs, threads=options.threads
         )

@@ -12,16 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from .errors import RecipeError, TorchslimError
-from .metrics import latency_batch
 from .saving import MODEL_FILE, load_model
 from .timing import speedup
 
 if TYPE_CHECKING:
-    from .recipe import RecipeBase
-    from .stage import Context
+    from .recipe import MetricsOptions, RecipeBase
 
 
 def reference_folder(recipe: RecipeBase) -> Path | None:
@@ -44,14 +43,13 @@ def check_reference(recipe: RecipeBase) -> None:
         )
 
 
-def time_against(folder: Path, final: nn.Module, ctx: Context, options: Any) -> dict[str, Any]:
-    """The reference in ``folder`` and ``final`` timed in turns (``options``: the recipe's metrics): the medians,
-    ``ratio`` = reference / final over the paired rounds (above 1: the final model is faster) and its quartiles."""
+def time_against(folder: Path, final: nn.Module, batch: torch.Tensor, options: MetricsOptions) -> dict[str, Any]:
+    """The reference in ``folder`` and ``final`` timed in turns on ``batch`` (``options``: the recipe's metrics): the
+    medians, ``ratio`` = reference / final over the paired rounds (above 1: the final model is faster), its quartiles."""
     try:
         reference = load_model(folder)
     except TorchslimError as exc:
         raise RecipeError(f"metrics.reference: {folder}: {exc}") from None
-    batch = latency_batch(ctx.example_inputs, options.batch_size)
     paired = speedup(reference, final.eval(), batch, warmup=options.warmup, runs=options.runs, threads=options.threads)
     timed = paired.to_dict()
     return {

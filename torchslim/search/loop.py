@@ -62,7 +62,7 @@ def search(
     study.recover(log)
     records = study.records()
     runner = Trials(searched, registry, log, _share(jobs) if executes.divides_cores else None)
-    runner.reference = prepare_reference(searched, registry, log, runner.baseline)
+    runner.reference = prepare_reference(searched, registry, log, runner)
     state = runner.state(records)
     if records:
         log.info("search: %d trial(s) done before; continuing", len(records))

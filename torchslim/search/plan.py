@@ -26,7 +26,7 @@ TRIALS_DIR = "trials"
 #: The run folder of a search's latency reference, and the file that keeps its latency across a resume.
 REFERENCE_DIR, REFERENCE_FILE = "reference", "reference.json"
 #: Objectives and limits that need latency measured, and those that need the other figures.
-_NEEDS_LATENCY = ({"latency"}, {"max_latency_ms", "min_speedup"})
+NEEDS_LATENCY = ({"latency"}, {"max_latency_ms", "min_speedup"})
 _NEEDS_FIGURES = ({"size", "packed_size", "macs"}, {"max_size_mb", "max_packed_mb", "max_macs", "min_size_ratio"})
 
 Source = str | os.PathLike[str] | Mapping[str, Any]
@@ -67,7 +67,7 @@ def _check_measured(recipe: RecipeBase, spec: SearchSpec) -> None:
     """An objective or limit whose figure the recipe turns off is an error at the objective."""
     limits = set(recipe.constraints.given()) if recipe.constraints else set()
     off = [
-        (_NEEDS_LATENCY, "metrics.latency", recipe.metrics.collect and recipe.metrics.latency),
+        (NEEDS_LATENCY, "metrics.latency", recipe.metrics.collect and recipe.metrics.latency),
         (_NEEDS_FIGURES, "metrics.collect", recipe.metrics.collect),
     ]
     for (objectives, constraints), switch, measured in off:

@@ -15,10 +15,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..compare.jobs import Job, execute
 from ..engine import names
@@ -28,7 +27,11 @@ from ..engine.recipe import RecipeBase, validate
 from ..engine.registry import Registry
 from ..engine.report import Report, Row
 from ..engine.yamlio import Document
-from .plan import REFERENCE_DIR, REFERENCE_FILE, SearchPlan
+from .plan import NEEDS_LATENCY, REFERENCE_DIR, REFERENCE_FILE, SearchPlan
+from .space import SEARCH_KEYS
+
+if TYPE_CHECKING:
+    from .trial import Trials
 
 
 class LatencyReferenceError(TorchslimError):
@@ -47,15 +50,14 @@ class Reference:
 
 def wanted(searched: SearchPlan) -> bool:
     """The search reads latency (an objective or a limit) and keeps ``latency_reference`` on."""
-    limits = set(searched.budget.given()) if searched.budget is not None else set()
-    reads = "latency" in searched.spec.objectives or bool(limits & {"max_latency_ms", "min_speedup"})
-    return reads and searched.spec.latency_reference
+    objectives, limits = NEEDS_LATENCY
+    given = set(searched.budget.given()) if searched.budget is not None else set()
+    return bool((set(searched.spec.objectives) & objectives) or (given & limits)) and searched.spec.latency_reference
 
 
-def prepare_reference(
-    searched: SearchPlan, registry: Registry, log: logging.Logger, baseline: Callable[[RecipeBase], Row]
-) -> Reference | None:
-    """The search's reference: read back from ``OUT/reference.json`` (a resumed search), or made and timed now."""
+def prepare_reference(searched: SearchPlan, registry: Registry, log: logging.Logger, trials: Trials) -> Reference | None:
+    """The search's reference: read back from ``OUT/reference.json`` (a resumed search), or made and timed now, on
+    the threads ``trials`` gives each trial (``--jobs`` shares the cores), so that its latency is on their scale."""
     if not wanted(searched):
         return None
     kept = searched.out / REFERENCE_FILE
@@ -63,10 +65,11 @@ def prepare_reference(
         data = json.loads(kept.read_text())
         return Reference(Path(data["folder"]) if data["folder"] else None, float(data["latency_ms"]))
     first = _first_deploy(searched.recipe)
+    recipe = validate(trials.shared(_plain(searched, first or 0)), registry)
     if first is None:
-        found = Reference(None, _latency(baseline(searched.recipe).metrics, "the baseline"))
+        found = Reference(None, _latency(trials.baseline(recipe).metrics, "the baseline"))
     else:
-        found = _run_reference(searched, registry, log, first, baseline)
+        found = _run_reference(searched.out / REFERENCE_DIR, recipe, registry, log, trials.baseline(recipe))
     what = "the baseline" if found.folder is None else f"the baseline through stages {first}+ ({found.folder})"
     log.info("search: each trial's latency read against %s, %.4g ms when timed now", what, found.latency_ms)
     write_text(kept, json.dumps({"folder": str(found.folder) if found.folder else None, "latency_ms": found.latency_ms}))
@@ -97,20 +100,22 @@ def _first_deploy(recipe: RecipeBase) -> int | None:
     return next((i for i, stage in enumerate(recipe.stage_list) if stage.type == "deploy"), None)
 
 
-def _run_reference(
-    searched: SearchPlan, registry: Registry, log: logging.Logger, first: int, baseline: Callable[[RecipeBase], Row]
-) -> Reference:
-    data = {k: copy.deepcopy(v) for k, v in searched.document.data.items() if k not in ("search", "constraints")}
+def _plain(searched: SearchPlan, first: int) -> Document:
+    """The search recipe without its search, from stage ``first`` on: the reference's recipe."""
+    data = {k: copy.deepcopy(v) for k, v in searched.document.data.items() if k not in SEARCH_KEYS}
     data["stages"] = data["stages"][first:]
     data["name"] = f"{searched.recipe.name}-reference"
-    document = Document(data, searched.document.source)
-    recipe = validate(document, registry)
-    folder = (searched.out / REFERENCE_DIR).resolve()
-    log.info("search: running the latency reference (the baseline through stages %d+) into %s", first, folder)
-    outcome = execute(Job(recipe.name, document, registry, folder, baseline(recipe), None, False, recipe), log)
+    return Document(data, searched.document.source)
+
+
+def _run_reference(folder: Path, recipe: RecipeBase, registry: Registry, log: logging.Logger, baseline: Row) -> Reference:
+    folder = folder.resolve()
+    log.info("search: running the latency reference (the baseline through %s) into %s", recipe.stage_list[0].label, folder)
+    assert recipe.document is not None  # validated from one
+    outcome = execute(Job(recipe.name, recipe.document, registry, folder, baseline, None, False, recipe), log)
     if outcome.report is None:
         raise LatencyReferenceError(
-            f"the latency reference (the recipe's stages from stages[{first}] on, applied to the baseline) failed: "
+            f"the latency reference (the recipe's stages from its first deploy on, applied to the baseline) failed: "
             f"{outcome.error}; set search.latency_reference: false to time each trial alone"
         )
     return Reference(folder, _latency(outcome.report.final.metrics, f"the reference in {folder}"))

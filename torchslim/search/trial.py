@@ -108,11 +108,11 @@ class Trials:
         searched = self.searched
         document = trial_document(searched.document, chosen, searched.recipe, f"{searched.recipe.name}-trial{number}")
         try:
-            return validate(with_reference(self._shared(document), self.reference), self.registry)
+            return validate(with_reference(self.shared(document), self.reference), self.registry)
         except RecipeError as exc:
             raise RecipeError([f"{p} (in search trial {number})" for p in exc.problems]) from None
 
-    def _shared(self, document: Document) -> Document:
+    def shared(self, document: Document) -> Document:
         """Under parallel trials, each times and trains with its share of the cores (never more than it asked for),
         as ``compare --jobs`` shares them."""
         if self.threads is None:
