@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -435,6 +436,60 @@ def _pooled(model: Model, runs: dict[str, Any], random_mean: float | None) -> di
     }
 
 
+#: The reference points of :func:`reference_grid`: metric floors above the constraint's, sizes as fractions of the
+#: baseline's torch file (1.1: the issue's box; 0.275: the tight one).
+GRID_FLOORS = (0.0, 0.25, 0.5, 1.0)
+GRID_SIZES = (1.1, 0.5, 0.275, 0.1, 0.05)
+
+
+def reference_grid(model: Model, runs: dict[str, Any]) -> list[dict[str, Any]]:
+    """TPE's mean hypervolume over random's (the same fronts) at each reference point of the grid: how much the
+    ratio issue 26 asks for depends on a point the issue leaves open. A ratio's normalisation cancels; the
+    reference point does not. ``None`` where no random front reaches inside the point."""
+    rows = []
+    for above in GRID_FLOORS:
+        for fraction in GRID_SIZES:
+            point = (model.floor + above, fraction * model.baseline_size)
+            means = {}
+            for sampler in SAMPLERS:
+                areas = [
+                    hypervolume([(p["metric"], p["size"]) for p in run["front"]], point)
+                    for key, run in runs.items()
+                    if key.startswith(sampler + "-")
+                ]
+                means[sampler] = statistics.fmean(areas) if areas else None
+            ratio = _ratio(means["tpe"], means["random"])
+            rows.append({"floor": point[0], "size_fraction": fraction, "tpe_over_random": ratio})
+    return rows
+
+
+def add_reference_grid(minutes: float = FIRST_MINUTES) -> dict[str, Any]:
+    """Adds :func:`reference_grid` to :func:`result_file` from the fronts it holds."""
+    summary = json.loads(result_file(minutes).read_text())
+    for name, m in summary["models"].items():
+        m["reference_grid"] = reference_grid(MODELS[name], m["runs"])
+    result_file(minutes).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def grid_table(summary: dict[str, Any]) -> str:
+    """One table per model: TPE / random by metric floor (rows) and size reference (columns)."""
+    out = []
+    for name, m in summary["models"].items():
+        grid = m["reference_grid"]
+        head = "| floor | " + " | ".join(f"size {f:g} x baseline" for f in GRID_SIZES) + " |"
+        lines = [f"**{name}**", "", head, "|---" * (len(GRID_SIZES) + 1) + "|"]
+        for floor in dict.fromkeys(r["floor"] for r in grid):
+            cells = [
+                "no random front inside" if r["tpe_over_random"] is None else f"{r['tpe_over_random']:.3f}"
+                for r in grid
+                if r["floor"] == floor
+            ]
+            lines.append(f"| {floor:.2f} | " + " | ".join(cells) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
 def _dominance(runs: dict[str, Any], hand: dict[str, Any], metric: str) -> dict[str, dict[str, list[int]]]:
     """For each search, for each hand-written recipe: its front's trials that dominate that recipe."""
     return {
@@ -448,9 +503,10 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``runs``, ``handwritten``, ``score`` (the test split), ``report`` or ``pooled`` (the ceiling, from the JSON)."""
+    """``runs``, ``handwritten``, ``score`` (the test split), ``report``, ``pooled`` (the ceiling, from the JSON) or
+    ``references`` (the ratio at other reference points, from the JSON)."""
     parser = argparse.ArgumentParser(prog="python -m bench.search_bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["runs", "handwritten", "score", "report", "pooled"])
+    parser.add_argument("what", choices=["runs", "handwritten", "score", "report", "pooled", "references"])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--minutes", type=float, default=FIRST_MINUTES, help="the budget of each search (5: the first runs)")
     parser.add_argument("--parallel", action="store_true", help="a seed's TPE and random searches side by side")
@@ -464,6 +520,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         score_tests(models, args.minutes)
     elif args.what == "pooled":
         print(tables(add_pooled(args.minutes)))
+    elif args.what == "references":
+        print(grid_table(add_reference_grid(args.minutes)))
     else:
         print(tables(report(args.minutes)))
     return 0

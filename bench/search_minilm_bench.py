@@ -26,16 +26,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 import torchslim
 from bench import peers
 from bench.adapters import text
 from bench.deploy_bench import paired, scored, timings
-from bench.deploy_minilm_bench import CALIBRATION_SENTENCES, deployed, run_recipe
+from bench.deploy_minilm_bench import CALIBRATION_SENTENCES, deployed
 from bench.disjoint import check_disjoint, check_splits
-from bench.harness import RECIPES
+from bench.harness import RECIPES, load_bench_recipe
 from torchslim.engine.macs import count_macs
 from torchslim.engine.stage import Context
 
@@ -44,14 +43,14 @@ PEER = "peer: openvino + nncf int8 (transformer), compiled per input shape"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def handwritten_float(path: Path) -> nn.Module:
-    """The hand-written recipe's pruned and distilled float model: read from ``path``, or run (and saved there)."""
-    if path.exists():
-        return torch.load(path, weights_only=False).eval()
-    model = run_recipe(RECIPES / "minilm-deploy-pruned.yaml")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model, path)
-    return model
+def handwritten_float(folder: Path) -> nn.Module:
+    """The hand-written recipe's pruned and distilled float model: read back from the run folder ``folder``
+    (``torchslim.load_model``: the architecture rebuilt from its recipe, the tensors loaded with
+    ``weights_only=True``), or run there first (minutes of distillation)."""
+    if not (folder / "model.pt").exists():
+        recipe = load_bench_recipe(RECIPES / "minilm-deploy-pruned.yaml")
+        torchslim.run(recipe, folder, overwrite=True)
+    return torchslim.load_model(folder).eval()
 
 
 def front_models(search: Path, also: list[int]) -> tuple[dict[str, nn.Module], dict[str, Any]]:
@@ -143,7 +142,7 @@ def main() -> None:
     """Load the front and the hand-written model, score and time them interleaved, save and print."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--search", type=Path, default=ROOT / "runs" / "search-minilm")
-    parser.add_argument("--handwritten", type=Path, default=ROOT / "runs" / "minilm-handwritten.pt")
+    parser.add_argument("--handwritten", type=Path, default=ROOT / "runs" / "minilm-handwritten")
     parser.add_argument("--rounds", type=int, default=30)
     # a trial's latency in the search is one timing beside whatever else ran: time these off-front trials too (say,
     # those at the hand-written's cosine) to see whether the search's own timing left a dominating one off its front

@@ -20,6 +20,7 @@ from bench.search_bench import (
     hypervolume,
     normalised,
     pooled_hypervolume,
+    reference_grid,
     result_file,
     runs_root,
     runtime_recipe,
@@ -64,6 +65,21 @@ def test_pooled_fronts_cover_at_least_each_runs_front() -> None:
     assert pooled_hypervolume(model, runs, "tpe-") == alone[0]
     assert pooled <= box_bound(model, runs)  # no front of these points beats the best metric at the smallest size
     assert pooled_hypervolume(model, {}) is None and box_bound(model, {}) is None
+
+
+def test_the_ratio_moves_with_the_reference_point() -> None:
+    # TPE's one point is better in metric, random's smaller: which sampler's area is larger depends on the point
+    model = MODELS["mnist"]
+    floor, limit = model.reference()
+    runs = {
+        "tpe-0": {"front": [{"metric": floor + 0.8, "size": limit / 4}]},
+        "random-0": {"front": [{"metric": floor + 0.3, "size": limit / 40}]},
+    }
+    grid = {(round(r["floor"] - floor, 2), r["size_fraction"]): r["tpe_over_random"] for r in reference_grid(model, runs)}
+    issue_box = normalised([(floor + 0.8, limit / 4)], model) / normalised([(floor + 0.3, limit / 40)], model)
+    assert grid[(0.0, 1.1)] == pytest.approx(issue_box)
+    assert grid[(0.0, 1.1)] > 1 > grid[(0.0, 0.275)]  # a tighter size reference cuts TPE's point more
+    assert grid[(0.5, 1.1)] is None  # random's front is below that floor: no ratio
 
 
 def test_dominates_needs_no_worse_on_both_and_better_on_one() -> None:
