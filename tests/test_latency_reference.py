@@ -122,3 +122,16 @@ def test_turned_off_each_trial_is_timed_alone(tmp_path: Path, registry: Registry
     [record] = search(write_recipe(tmp_path, recipe), tmp_path / "out", registry=registry).records
     assert not (tmp_path / "out" / "reference.json").exists() and names.LATENCY_ALONE_MS not in record.final
     assert record.final[names.LATENCY_MS] == _trial_reports(tmp_path / "out")[1]["rows"][-1]["metrics"][names.LATENCY_MS]
+
+
+def test_a_searched_batch_with_the_reference_is_refused_at_its_line(tmp_path: Path, registry: Registry) -> None:
+    recipe = _recipe([PRUNE])
+    space = {**SPACE, "metrics.batch_size": {"choices": [1, 8]}}
+    recipe["search"] = {"space": space, "objectives": ["metric", "latency"], "trials": 1}
+    path = write_recipe(tmp_path, recipe)
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "metrics.batch_size" in text) + 1
+    with pytest.raises(RecipeError, match=rf"recipe.yaml:{line}:\d+: search: metrics.batch_size is searched, .*"):
+        search(path, tmp_path / "out", registry=registry)
+    assert not (tmp_path / "out").exists()  # refused before the folder was made
+    recipe["search"]["latency_reference"] = False  # each trial timed alone at its own batch: accepted
+    assert load_recipe(write_recipe(tmp_path, recipe), registry).search is not None

@@ -55,12 +55,20 @@ def plan(source: Source, out: str | os.PathLike[str], jobs: int, registry: Regis
             f"(the space, objectives and budget: see docs/search.md), torchslim run runs a plain recipe"
         )
     _check_measured(recipe, recipe.search)
+    _check_reference_scale(recipe, recipe.search)
     check_space(document, recipe, registry)
     check_rungs(recipe)
     if check_code:
         check_recipe_code(recipe)
     budget = Budget(**recipe.constraints.given()) if recipe.constraints and recipe.constraints.given() else None
     return SearchPlan(document, recipe, recipe.search, budget, _prepare_out(Path(out)))
+
+
+def reads_latency(recipe: RecipeBase, spec: SearchSpec) -> bool:
+    """The search reads latency: an objective, or a limit of the recipe's constraints."""
+    objectives, limits = NEEDS_LATENCY
+    given = set(recipe.constraints.given()) if recipe.constraints else set()
+    return bool((set(spec.objectives) & objectives) or (given & limits))
 
 
 def _check_measured(recipe: RecipeBase, spec: SearchSpec) -> None:
@@ -76,6 +84,24 @@ def _check_measured(recipe: RecipeBase, spec: SearchSpec) -> None:
             raise RecipeError(
                 f"{recipe.where(('search', 'objectives'))}: search: {', '.join(wanted)} needs "
                 f"{switch} on, and the recipe turns it off"
+            )
+
+
+#: Measurement settings the latency reference is timed at once (the recipe's): a trial at another value would read
+#: its paired ratio at its own setting against the reference's latency at the recipe's.
+_REFERENCE_SCALE = ("metrics.batch_size", "metrics.threads")
+
+
+def _check_reference_scale(recipe: RecipeBase, spec: SearchSpec) -> None:
+    """A searched batch or thread count with the latency reference on is an error at the space entry."""
+    if not (spec.latency_reference and reads_latency(recipe, spec)):
+        return
+    for path in _REFERENCE_SCALE:
+        if path in spec.space:
+            raise RecipeError(
+                f"{recipe.where(('search', 'space', path))}: search: {path} is searched, but each trial's latency "
+                f"is read against a reference timed once at the recipe's own {path}; set search.latency_reference: "
+                f"false to time each trial alone at its {path}"
             )
 
 

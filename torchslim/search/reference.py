@@ -27,7 +27,7 @@ from ..engine.recipe import RecipeBase, validate
 from ..engine.registry import Registry
 from ..engine.report import Report, Row
 from ..engine.yamlio import Document
-from .plan import NEEDS_LATENCY, REFERENCE_DIR, REFERENCE_FILE, SearchPlan
+from .plan import REFERENCE_DIR, REFERENCE_FILE, SearchPlan, reads_latency
 from .space import SEARCH_KEYS
 
 if TYPE_CHECKING:
@@ -50,9 +50,7 @@ class Reference:
 
 def wanted(searched: SearchPlan) -> bool:
     """The search reads latency (an objective or a limit) and keeps ``latency_reference`` on."""
-    objectives, limits = NEEDS_LATENCY
-    given = set(searched.budget.given()) if searched.budget is not None else set()
-    return bool((set(searched.spec.objectives) & objectives) or (given & limits)) and searched.spec.latency_reference
+    return searched.spec.latency_reference and reads_latency(searched.recipe, searched.spec)
 
 
 def prepare_reference(searched: SearchPlan, registry: Registry, log: logging.Logger, trials: Trials) -> Reference | None:
