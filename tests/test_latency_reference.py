@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.conftest import digits_recipe, write_recipe
+from tests.conftest import CliResult, digits_recipe, write_recipe
 from torchslim import Registry, load_recipe, run
 from torchslim.compare.finished import baseline_key
 from torchslim.engine import names
@@ -124,7 +125,9 @@ def test_turned_off_each_trial_is_timed_alone(tmp_path: Path, registry: Registry
     assert record.final[names.LATENCY_MS] == _trial_reports(tmp_path / "out")[1]["rows"][-1]["metrics"][names.LATENCY_MS]
 
 
-def test_a_searched_batch_with_the_reference_is_refused_at_its_line(tmp_path: Path, registry: Registry) -> None:
+def test_a_searched_batch_with_the_reference_is_refused_at_its_line(
+    tmp_path: Path, registry: Registry, cli: Callable[..., CliResult]
+) -> None:
     recipe = _recipe([PRUNE])
     space = {**SPACE, "metrics.batch_size": {"choices": [1, 8]}}
     recipe["search"] = {"space": space, "objectives": ["metric", "latency"], "trials": 1}
@@ -133,5 +136,7 @@ def test_a_searched_batch_with_the_reference_is_refused_at_its_line(tmp_path: Pa
     with pytest.raises(RecipeError, match=rf"recipe.yaml:{line}:\d+: search: metrics.batch_size is searched, .*"):
         search(path, tmp_path / "out", registry=registry)
     assert not (tmp_path / "out").exists()  # refused before the folder was made
+    checked = cli("validate", str(path))  # validate makes the search's own checks
+    assert checked.returncode == 2 and f"recipe.yaml:{line}:" in checked.stderr and "Traceback" not in checked.stderr
     recipe["search"]["latency_reference"] = False  # each trial timed alone at its own batch: accepted
     assert load_recipe(write_recipe(tmp_path, recipe), registry).search is not None

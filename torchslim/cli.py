@@ -336,11 +336,9 @@ def _validate(args: argparse.Namespace) -> int:
     if recipe.sweep:
         return _validate_sweep(args, recipe, registry, checked)
     if recipe.search:
-        from .search.rungs import check_rungs
-        from .search.space import check_space
+        from .search.plan import check_search
 
-        check_space(recipe.document or read_yaml(args.recipe), recipe, registry)
-        check_rungs(recipe)
+        check_search(recipe.document or read_yaml(args.recipe), recipe, registry)
     if not args.no_import:
         check_recipe_code(recipe)
     stages = ", ".join(f"{s.label} ({s.type})" for s in recipe.stage_list)

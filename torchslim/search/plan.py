@@ -54,14 +54,21 @@ def plan(source: Source, out: str | os.PathLike[str], jobs: int, registry: Regis
             f"{recipe.where(())}: no search: block; torchslim search needs one "
             f"(the space, objectives and budget: see docs/search.md), torchslim run runs a plain recipe"
         )
-    _check_measured(recipe, recipe.search)
-    _check_reference_scale(recipe, recipe.search)
-    check_space(document, recipe, registry)
-    check_rungs(recipe)
+    check_search(document, recipe, registry)
     if check_code:
         check_recipe_code(recipe)
     budget = Budget(**recipe.constraints.given()) if recipe.constraints and recipe.constraints.given() else None
     return SearchPlan(document, recipe, recipe.search, budget, _prepare_out(Path(out)))
+
+
+def check_search(document: Document, recipe: RecipeBase, registry: Registry) -> None:
+    """The checks of a search recipe's ``search:`` block that ``torchslim search`` and ``torchslim validate`` both
+    make (RecipeError at the line): its figures measured, its space's values valid, its rungs possible."""
+    assert recipe.search is not None
+    _check_measured(recipe, recipe.search)
+    _check_reference_scale(recipe, recipe.search)
+    check_space(document, recipe, registry)
+    check_rungs(recipe)
 
 
 def reads_latency(recipe: RecipeBase, spec: SearchSpec) -> bool:
