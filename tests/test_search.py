@@ -21,6 +21,7 @@ from torchslim.engine.timing import LATENCY_THREADS
 from torchslim.search import search
 from torchslim.search.front import pareto
 from torchslim.search.records import Record
+from torchslim.search.study import covered
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 #: The tests that run trials need Optuna (the search extra, in dev); the recipe checks before it do not.
@@ -243,6 +244,26 @@ def test_resume_runs_only_the_new_trials(tmp_path: Path, registry: Registry) -> 
     write_recipe(tmp_path, search_recipe({"stages.0.amount": {"low": 0.3, "high": 0.8}}, trials=3))
     with pytest.raises(OutputError, match=r"holds a search of another recipe"):
         search(path, tmp_path / "out", resume=True, registry=registry)
+
+
+def test_covered_counts_overlapping_spans_once() -> None:
+    assert covered([]) == 0.0
+    assert covered([(0.0, 10.0), (1.0, 10.0)]) == 11.0  # two parallel trials: 11 s of wall time, not 20
+    assert covered([(5.0, 1.0), (0.0, 2.0), (1.0, 0.5)]) == 3.0  # apart, and one inside another
+
+
+@needs_optuna
+def test_a_resumed_parallel_search_counts_its_earlier_minutes_once(tmp_path: Path, registry: Registry) -> None:
+    space = {"stages.0.amount": {"low": 0.2, "high": 0.8}}
+    path = write_recipe(tmp_path, search_recipe(space, trials=2))
+    first = search(path, tmp_path / "out", jobs=2, registry=registry).records  # one batch of two, side by side
+    seconds = [r.seconds for r in first]
+    # a budget between the batch's wall time (about its longer trial) and the sum of the two trials' seconds
+    minutes = 1.25 * max(seconds) / 60
+    assert 1.25 * max(seconds) < sum(seconds)
+    write_recipe(tmp_path, search_recipe(space, trials=4, minutes=minutes))
+    again = search(path, tmp_path / "out", jobs=2, resume=True, registry=registry).records
+    assert again[:2] == first and len(again) == 4  # the batch's minutes counted once: time was left for another
 
 
 @needs_optuna

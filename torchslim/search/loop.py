@@ -68,7 +68,7 @@ def search(
         log.info("search: %d trial(s) done before; continuing", len(records))
         write_files(searched.out, state)
     tracked = SearchTracker(track, searched.out, storage) if track is not None else None
-    start, before = time.perf_counter(), sum(r.seconds for r in records)
+    start, before = time.perf_counter(), study.spent_seconds()
     try:
         while not _spent(searched, study, before + time.perf_counter() - start):
             done = _batch(study, runner, records, jobs, executes)

@@ -88,6 +88,18 @@ class Study:
         ]
         return sorted(found, key=lambda r: r.number)
 
+    def spent_seconds(self) -> float:
+        """The wall time the finished trials took, counted once where trials ran at the same time (``--jobs``): the
+        union of their spans, each from when it was asked for its recorded seconds. A sum of their seconds counts
+        a batch of N parallel trials N times, so a resumed parallel search believed its minutes spent."""
+        state = self._optuna.trial.TrialState
+        spans = [
+            (t.datetime_start.timestamp(), t.user_attrs[ATTRIBUTE]["seconds"])
+            for t in self._study.get_trials(deepcopy=False, states=(state.COMPLETE, state.FAIL, state.PRUNED))
+            if ATTRIBUTE in t.user_attrs and t.datetime_start is not None
+        ]
+        return covered(spans)
+
     def recover(self, log: logging.Logger) -> None:
         """Trials a killed search left running: one that had finished its work is told its result; the others are
         marked failed and queued to run again under their number. Trials of a live process are left alone."""
@@ -166,6 +178,17 @@ class Study:
         if spec.sampler == "nsga2":
             return samplers.NSGAIISampler(seed=seed, population_size=spec.startup_trials)
         return samplers.TPESampler(seed=seed, n_startup_trials=spec.startup_trials)
+
+
+def covered(spans: Sequence[tuple[float, float]]) -> float:
+    """The length of the union of the spans, each ``(start, seconds)``."""
+    total, reach = 0.0, float("-inf")
+    for start, seconds in sorted(spans):
+        end = start + seconds
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 def trial_seed(seed: int, number: int) -> int:
