@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -419,9 +419,14 @@ def box_bound(model: Model, runs: dict[str, Any]) -> float | None:
 
 def add_pooled(minutes: float = FIRST_MINUTES) -> dict[str, Any]:
     """Adds the pooled hypervolumes to :func:`result_file` from the fronts it holds (the run folders need not exist)."""
+    return _amend(minutes, lambda model, m: _pooled(model, m["runs"], m["means"]["random_hypervolume"]))
+
+
+def _amend(minutes: float, figures: Callable[[Model, dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+    """:func:`result_file` with each model's entry updated by ``figures(model, entry)``, written back and returned."""
     summary = json.loads(result_file(minutes).read_text())
     for name, m in summary["models"].items():
-        m.update(_pooled(MODELS[name], m["runs"], m["means"]["random_hypervolume"]))
+        m.update(figures(MODELS[name], m))
     result_file(minutes).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -465,11 +470,7 @@ def reference_grid(model: Model, runs: dict[str, Any]) -> list[dict[str, Any]]:
 
 def add_reference_grid(minutes: float = FIRST_MINUTES) -> dict[str, Any]:
     """Adds :func:`reference_grid` to :func:`result_file` from the fronts it holds."""
-    summary = json.loads(result_file(minutes).read_text())
-    for name, m in summary["models"].items():
-        m["reference_grid"] = reference_grid(MODELS[name], m["runs"])
-    result_file(minutes).write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return _amend(minutes, lambda model, m: {"reference_grid": reference_grid(model, m["runs"])})
 
 
 def grid_table(summary: dict[str, Any]) -> str:

@@ -26,7 +26,7 @@ TRIALS_DIR = "trials"
 #: The run folder of a search's latency reference, and the file that keeps its latency across a resume.
 REFERENCE_DIR, REFERENCE_FILE = "reference", "reference.json"
 #: Objectives and limits that need latency measured, and those that need the other figures.
-NEEDS_LATENCY = ({"latency"}, {"max_latency_ms", "min_speedup"})
+_NEEDS_LATENCY = ({"latency"}, {"max_latency_ms", "min_speedup"})
 _NEEDS_FIGURES = ({"size", "packed_size", "macs"}, {"max_size_mb", "max_packed_mb", "max_macs", "min_size_ratio"})
 
 Source = str | os.PathLike[str] | Mapping[str, Any]
@@ -73,20 +73,24 @@ def check_search(document: Document, recipe: RecipeBase, registry: Registry) -> 
 
 def reads_latency(recipe: RecipeBase, spec: SearchSpec) -> bool:
     """The search reads latency: an objective, or a limit of the recipe's constraints."""
-    objectives, limits = NEEDS_LATENCY
+    return bool(_asked(recipe, spec, _NEEDS_LATENCY))
+
+
+def _asked(recipe: RecipeBase, spec: SearchSpec, needs: tuple[set[str], set[str]]) -> list[str]:
+    """The objectives and limits of the search among ``needs`` (objectives, limits), sorted."""
+    objectives, limits = needs
     given = set(recipe.constraints.given()) if recipe.constraints else set()
-    return bool((set(spec.objectives) & objectives) or (given & limits))
+    return sorted((set(spec.objectives) & objectives) | (given & limits))
 
 
 def _check_measured(recipe: RecipeBase, spec: SearchSpec) -> None:
     """An objective or limit whose figure the recipe turns off is an error at the objective."""
-    limits = set(recipe.constraints.given()) if recipe.constraints else set()
     off = [
-        (NEEDS_LATENCY, "metrics.latency", recipe.metrics.collect and recipe.metrics.latency),
+        (_NEEDS_LATENCY, "metrics.latency", recipe.metrics.collect and recipe.metrics.latency),
         (_NEEDS_FIGURES, "metrics.collect", recipe.metrics.collect),
     ]
-    for (objectives, constraints), switch, measured in off:
-        wanted = sorted((set(spec.objectives) & objectives) | (limits & constraints))
+    for needs, switch, measured in off:
+        wanted = _asked(recipe, spec, needs)
         if wanted and not measured:
             raise RecipeError(
                 f"{recipe.where(('search', 'objectives'))}: search: {', '.join(wanted)} needs "
