@@ -20,8 +20,8 @@ from torchslim.engine.errors import OutputError, RecipeError, UsageError
 from torchslim.engine.timing import LATENCY_THREADS
 from torchslim.search import search
 from torchslim.search.front import pareto
-from torchslim.search.records import Record
-from torchslim.search.study import covered
+from torchslim.search.records import ATTRIBUTE, Record
+from torchslim.search.study import STUDY_FILE, STUDY_NAME, covered
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 #: The tests that run trials need Optuna (the search extra, in dev); the recipe checks before it do not.
@@ -168,8 +168,24 @@ def test_parallel_trials_share_the_cores(tmp_path: Path, cli: Any) -> None:
     for trial in data["trials"]:
         saved = yaml.safe_load((tmp_path / "out" / trial["folder"] / "recipe.yaml").read_text())
         assert saved["metrics"]["threads"] == min(share, LATENCY_THREADS) and saved["threads"] == 1  # the recipe asked for 1
-    assert "running 2 variant(s) in 2 parallel job(s)" in result.stderr  # trials 1 and 2 together, then 3 alone
+    assert "search: up to 2 trials at once" in result.stderr
     assert "best.yaml: trial" in result.stdout
+    # trial 3 starts as soon as trial 1 or 2 ends, not after both (a batch waits for its slowest)
+    spans = _spans(tmp_path / "out")
+    assert spans[3][0] < max(spans[1][1], spans[2][1]) and spans[3][0] >= min(spans[1][1], spans[2][1])
+
+
+def _spans(out: Path) -> dict[int, tuple[float, float]]:
+    """Each trial's start and end in the search's study, by its search number."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name=STUDY_NAME, storage=JournalStorage(JournalFileBackend(str(out / STUDY_FILE))))
+    return {
+        t.user_attrs[ATTRIBUTE]["number"]: (t.datetime_start.timestamp(), t.datetime_complete.timestamp())
+        for t in study.get_trials()
+    }
 
 
 def test_without_optuna_the_error_names_the_extra(tmp_path: Path, registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:

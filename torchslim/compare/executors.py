@@ -1,5 +1,7 @@
 """Where the variants of a comparison (and the trials of a search) run: ``local`` processes, or tasks of a Ray
-cluster (``ray`` or ``ray:ADDRESS``). One interface, :meth:`Executor.run`: jobs in, outcomes out in their order.
+cluster (``ray`` or ``ray:ADDRESS``). Two interfaces: :meth:`Executor.run`, jobs in and outcomes out in their order
+(a comparison), and :meth:`Executor.pool`, jobs started one at a time and collected as each ends (a search starts a
+trial whenever a slot frees).
 
 Ray (``pip install 'torchslim[ray]'``) is imported by this module alone, when a Ray executor is made. Each job is
 one Ray task that asks for its recipe's threads as CPUs (and a GPU when the recipe's device is cuda); Ray places
@@ -11,14 +13,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import multiprocessing
 import os
+import sys
 import tempfile
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from ..engine.errors import UsageError
-from .jobs import Job, Outcome, execute, run_parallel, worker
+from .jobs import Job, Outcome, execute, portable, worker
 
 #: How often Ray runs a task again after its worker process or node died (a stage's own error is not retried).
 RETRIES = 2
@@ -38,20 +45,121 @@ class Executor:
         """The jobs share this machine's cores (a recipe's threads are capped at its share)."""
         return self.workers > 1
 
+    @property
+    def one_by_one(self) -> bool:
+        """The jobs run here one after another, in this process."""
+        return self.workers == 1
+
     def describe(self) -> str:
         """The executor in words, for the mode line of a comparison."""
         return "local"
 
     def run(self, jobs: list[Job], log: logging.Logger) -> list[Outcome]:
         """Run ``jobs``; their outcomes, in the order of ``jobs``."""
-        if self.workers > 1:
-            return run_parallel(jobs, self.workers, log)
-        outcomes = []
-        for index, job in enumerate(jobs):
-            if self.announce:
-                log.info("compare: [%d/%d] %s: running", index + 1, len(jobs), job.name)
-            outcomes.append(execute(job, log))
-        return outcomes
+        if self.one_by_one:
+            outcomes = []
+            for index, job in enumerate(jobs):
+                if self.announce:
+                    log.info("compare: [%d/%d] %s: running", index + 1, len(jobs), job.name)
+                outcomes.append(execute(job, log))
+            return outcomes
+        if not jobs:
+            return []
+        with self.pool(log, len(jobs)) as pool:
+            tokens = {pool.submit(job): index for index, job in enumerate(jobs)}
+            log.info("compare: %s", pool.describe(len(jobs)))
+            outcomes_at: dict[int, Outcome] = {}
+            while len(outcomes_at) < len(jobs):
+                token, outcome = pool.wait()
+                index = tokens[token]
+                outcomes_at[index] = outcome
+                log.info("compare: %s: %s", jobs[index].name, "done" if outcome.report else "failed")
+        return [outcomes_at[i] for i in range(len(jobs))]
+
+    def pool(self, log: logging.Logger, size: int | None = None) -> Pool:
+        """Jobs run as they are submitted, at most ``size`` (default: the workers) at once."""
+        workers = min(self.workers, size or self.workers)
+        return _Processes(workers, log) if workers > 1 else _Inline(log)
+
+
+class Pool:
+    """Jobs submitted one at a time and collected as each ends; a context manager that, left by an error (Ctrl-C
+    included), starts none of the jobs still queued."""
+
+    def __init__(self) -> None:
+        self.submitted = 0
+
+    def submit(self, job: Job) -> int:
+        """Start ``job`` (or queue it); its token."""
+        self.submitted += 1
+        self._start(self.submitted, job)
+        return self.submitted
+
+    def wait(self) -> tuple[int, Outcome]:
+        """The next job to end: its token and outcome (a job must be running)."""
+        raise NotImplementedError
+
+    def describe(self, count: int) -> str:
+        """A line on ``count`` jobs started."""
+        return f"running {count} job(s) one after another"
+
+    def close(self, cancel: bool) -> None:
+        """Release the workers; with ``cancel``, drop the jobs not started."""
+
+    def _start(self, token: int, job: Job) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+        self.close(cancel=kind is not None)
+
+
+class _Inline(Pool):
+    """One job at a time, in this process, each run when it is waited for."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        super().__init__()
+        self.log = log
+        self.queue: deque[tuple[int, Job]] = deque()
+
+    def _start(self, token: int, job: Job) -> None:
+        self.queue.append((token, job))
+
+    def wait(self) -> tuple[int, Outcome]:
+        token, job = self.queue.popleft()
+        return token, execute(job, self.log)
+
+
+class _Processes(Pool):
+    """Up to ``workers`` jobs at once, each in a spawned process of its own thread budget."""
+
+    def __init__(self, workers: int, log: logging.Logger) -> None:
+        super().__init__()
+        context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools mid-flight
+        self.workers, self.level = workers, log.getEffectiveLevel()
+        # a fresh process for each job (Python 3.11+), as a job's leftovers (its runtime's compiled models, memory,
+        # thread pools) would disturb the next one's timing
+        if sys.version_info >= (3, 11):
+            self.processes = ProcessPoolExecutor(max_workers=workers, mp_context=context, max_tasks_per_child=1)
+        else:
+            self.processes = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+        self.running: dict[Future[Outcome], int] = {}
+
+    def _start(self, token: int, job: Job) -> None:
+        self.running[self.processes.submit(worker, portable(job), self.level)] = token
+
+    def wait(self) -> tuple[int, Outcome]:
+        done, _ = wait(self.running, return_when=FIRST_COMPLETED)
+        future = min(done, key=self.running.__getitem__)  # the first submitted, when several ended together
+        return self.running.pop(future), future.result()
+
+    def describe(self, count: int) -> str:
+        return f"running {count} variant(s) in {min(self.workers, count)} parallel job(s)"
+
+    def close(self, cancel: bool) -> None:
+        self.processes.shutdown(wait=not cancel, cancel_futures=cancel)
 
 
 @dataclass(frozen=True)
@@ -64,12 +172,18 @@ class RayExecutor(Executor):
     def divides_cores(self) -> bool:
         return False  # Ray gives each task the CPUs it asks for
 
+    @property
+    def one_by_one(self) -> bool:
+        return False
+
     def describe(self) -> str:
         return f"Ray tasks on {self.address or 'a local Ray cluster'} (each asks for its recipe's threads as CPUs)"
 
-    def run(self, jobs: list[Job], log: logging.Logger) -> list[Outcome]:
-        if not jobs:
-            return []
+    def pool(self, log: logging.Logger, size: int | None = None) -> Pool:
+        return _RayTasks(self._joined(log), log)
+
+    def _joined(self, log: logging.Logger) -> Any:
+        """Ray, joined to the cluster (started here when no address is given)."""
         ray = ray_module()
         if not ray.is_initialized():
             if self.address is None:  # a cluster started here: its workers as nice as this command (Ray's default: 15)
@@ -78,23 +192,34 @@ class RayExecutor(Executor):
                 ray.init(address=self.address, log_to_driver=log.isEnabledFor(logging.INFO), configure_logging=False)
             except (ConnectionError, RuntimeError, ValueError) as exc:  # no cluster there, or another Ray version
                 raise UsageError(f"--executor ray:{self.address}: cannot join the Ray cluster: {exc}") from None
-        task = ray.remote(_remote)
-        level = log.getEffectiveLevel()
-        refs = [
-            task.options(name=job.name, max_retries=RETRIES, **resources(job)).remote(_portable(job), level, _pack(job))
-            for job in jobs
-        ]
-        log.info(
-            "compare: %d job(s) submitted to Ray (the cluster has %g CPU(s))", len(jobs), ray.cluster_resources().get("CPU", 0)
-        )
-        outcomes: dict[Any, Outcome] = {}
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            index = refs.index(ready[0])
-            outcomes[index] = _collect(ray, ready[0], jobs[index])
-            log.info("compare: %s: %s", jobs[index].name, "done" if outcomes[index].report else "failed")
-        return [outcomes[i] for i in range(len(jobs))]
+        return ray
+
+
+class _RayTasks(Pool):
+    """Each job a Ray task, placed by the cluster; as many at once as it has room for."""
+
+    def __init__(self, ray: Any, log: logging.Logger) -> None:
+        super().__init__()
+        self.ray, self.level = ray, log.getEffectiveLevel()
+        self.task = ray.remote(_remote)
+        self.running: dict[Any, tuple[int, Job]] = {}
+
+    def _start(self, token: int, job: Job) -> None:
+        options = {"name": job.name, "max_retries": RETRIES, **resources(job)}
+        self.running[self.task.options(**options).remote(_task_job(job), self.level, _pack(job))] = (token, job)
+
+    def wait(self) -> tuple[int, Outcome]:
+        ready, _ = self.ray.wait(list(self.running), num_returns=1)
+        token, job = self.running.pop(ready[0])
+        return token, _collect(self.ray, ready[0], job)
+
+    def describe(self, count: int) -> str:
+        return f"{count} job(s) submitted to Ray (the cluster has {self.ray.cluster_resources().get('CPU', 0):g} CPU(s))"
+
+    def close(self, cancel: bool) -> None:
+        if cancel:  # the tasks still running would go on using the cluster for nothing
+            for ref in self.running:
+                self.ray.cancel(ref)
 
 
 def make_executor(spec: str, workers: int = 1, announce: bool = True) -> Executor:
@@ -125,7 +250,7 @@ def resources(job: Job) -> dict[str, float]:
     return {"num_cpus": threads, "num_gpus": gpus}
 
 
-def _portable(job: Job) -> Job:
+def _task_job(job: Job) -> Job:
     """The job as a task carries it: no validated recipe (pickle cannot send its class), the threads it asked for."""
     threads = resources(job)["num_cpus"]
     return dataclasses.replace(job, recipe=None, threads=int(threads))

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import multiprocessing
 import sys
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,31 +63,13 @@ def execute(job: Job, log: logging.Logger) -> Outcome:
     return Outcome(report)
 
 
-def run_parallel(jobs: list[Job], workers: int, log: logging.Logger) -> list[Outcome]:
-    """Run ``jobs`` in up to ``workers`` spawned processes; outcomes in the order of ``jobs``."""
-    if not jobs:
-        return []
-    context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools mid-flight
-    level = log.getEffectiveLevel()
-    outcomes: dict[int, Outcome] = {}
-    executor = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context)
-    try:
-        futures: dict[Future[Outcome], int] = {executor.submit(worker, _portable(job), level): i for i, job in enumerate(jobs)}
-        log.info("compare: running %d variant(s) in %d parallel job(s)", len(jobs), min(workers, len(jobs)))
-        for future in as_completed(futures):
-            index = futures[future]
-            outcomes[index] = future.result()
-            log.info("compare: %s: %s", jobs[index].name, "done" if outcomes[index].report else "failed")
-    except BaseException:  # Ctrl-C included: do not start the variants still queued
-        executor.shutdown(wait=False, cancel_futures=True)
-        raise
-    executor.shutdown()
-    return [outcomes[i] for i in range(len(jobs))]
-
-
-def _portable(job: Job) -> Job:
+def portable(job: Job) -> Job:
     """``job`` without its validated recipe, which pickle cannot send to another process."""
     return dataclasses.replace(job, recipe=None)
+
+
+#: The name of the log handler a worker process prints with.
+_HANDLER = "torchslim-job"
 
 
 def worker(job: Job, level: int) -> Outcome:
@@ -99,10 +79,12 @@ def worker(job: Job, level: int) -> Outcome:
     if job.threads is not None:
         torch.set_num_threads(job.threads)
     log = logging.getLogger("torchslim")
-    if not log.handlers:
+    handler = next((h for h in log.handlers if h.get_name() == _HANDLER), None)
+    if handler is None:  # a process (a Ray worker, a pool's) may run several jobs: one handler, named for the job
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"torchslim: {job.name}: %(message)s"))
+        handler.set_name(_HANDLER)
         log.addHandler(handler)
+    handler.setFormatter(logging.Formatter(f"torchslim: {job.name}: %(message)s"))
     log.propagate = False  # as in the CLI: a library's root handler must not repeat the lines
     log.setLevel(level)
     return execute(job, log)

@@ -10,7 +10,8 @@ is judged by is the trial's rank among the trials measured at that rung: its non
 fronts) among those that meet the constraints, and after all of them, those that miss by their total miss. With
 one objective this orders the trials as their values do. The decision is replayed from the search's records (not
 left in the study), so a resumed search decides as the uninterrupted one did; and a trial that no other beats at
-a rung had rank 0 when it was judged, so every member of the cheap front was run in full.
+a rung had rank 0 when it was judged, so every member of the cheap front was run in full. The trials run through
+their rungs in :mod:`.inflight`.
 """
 
 from __future__ import annotations
@@ -18,45 +19,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from ..compare.executors import Executor
-from ..compare.jobs import Outcome
-from ..engine.study_fields import CheapRung, Objective
+from ..engine.study_fields import Objective
 from .front import pareto
 from .objectives import total_miss
 from .records import Record
-from .rungs import rung_document
 from .study import keeps
-from .trial import Started, Trials
-
-
-def run_started(runner: Trials, pending: Sequence[Started], earlier: Sequence[Record], executes: Executor) -> list[Record]:
-    """The records of the started trials: each run in full, or with ``search.cheap`` rung by rung, a trial that is
-    not promising enough at a rung stopped there. ``earlier`` are the search's records before them."""
-    cheap = runner.searched.spec.cheap
-    if cheap is None:
-        return [runner.finish(s, o) for s, o in zip(pending, _execute(runner, pending, executes), strict=True)]
-    runs: dict[int, list[Record]] = {s.number: [] for s in pending}
-    done: dict[int, Record] = {}
-    going = list(pending)
-    for index, rung in enumerate(cheap.rungs):
-        results = _run_rung(runner, going, index, rung, executes)
-        competitors = [r for r in (at_rung(e, index) for e in earlier) if r is not None]
-        promoted = []
-        for started, result in zip(going, results, strict=True):
-            runs[started.number].append(result)
-            if not result.ok:
-                done[started.number] = _whole(result, runs[started.number])
-                continue
-            if _promising(result, competitors, runner.searched.spec.objectives, cheap.reduction_factor):
-                runner.log.info("search: trial %d: promoted after cheap rung %d", started.number, index)
-                promoted.append(started)
-            else:
-                done[started.number] = dataclasses.replace(_whole(result, runs[started.number]), stopped=index)
-            competitors.append(result)  # the later trials of the batch compete with it, as in a search of one job
-        going = promoted
-    for started, outcome in zip(going, _execute(runner, going, executes), strict=True):
-        done[started.number] = _whole(runner.finish(started, outcome), runs[started.number])
-    return [done[s.number] for s in pending]
 
 
 def at_rung(record: Record, index: int) -> Record | None:
@@ -86,24 +53,13 @@ def ranks(records: Sequence[Record], objectives: Sequence[Objective]) -> list[in
     return out
 
 
-def _promising(result: Record, competitors: Sequence[Record], objectives: Sequence[Objective], factor: int) -> bool:
+def promising(result: Record, competitors: Sequence[Record], objectives: Sequence[Objective], factor: int) -> bool:
+    """Whether ``result`` (a trial's run at a cheap rung) goes on, against the runs measured at that rung."""
     ranked = ranks([*competitors, result], objectives)
     return keeps(ranked[-1], ranked[:-1], factor)
 
 
-def _run_rung(runner: Trials, going: Sequence[Started], index: int, rung: CheapRung, executes: Executor) -> list[Record]:
-    """Rung ``index`` of each trial in ``going``: its record (refused, failed, or measured)."""
-    starts = [runner.rung(s, index, rung_document(s.recipe, rung, index)) for s in going]
-    runnable = [s for s in starts if isinstance(s, Started)]
-    outcomes = iter(_execute(runner, runnable, executes))
-    return [runner.finish(s, next(outcomes)) if isinstance(s, Started) else s for s in starts]
-
-
-def _execute(runner: Trials, started: Sequence[Started], executes: Executor) -> list[Outcome]:
-    return executes.run([runner.job(s) for s in started], runner.log)
-
-
-def _whole(last: Record, cheap: Sequence[Record]) -> Record:
+def whole(last: Record, cheap: Sequence[Record]) -> Record:
     """The trial's record: the figures of its ``last`` run (a cheap one, or the full one), its ``cheap`` runs kept,
     its time the sum of its runs'."""
     full = 0.0 if any(r is last for r in cheap) else last.seconds

@@ -6,21 +6,21 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..compare.executors import Executor, make_executor
+from ..compare.executors import make_executor
 from ..engine.registry import Registry
 from .files import SearchState, write_files
 from .front import Answer
-from .halving import run_started
+from .inflight import Flights
 from .per_unit import expand
 from .plan import SearchPlan, Source, plan
 from .records import Record
 from .reference import prepare_reference
 from .study import Study, fingerprint
 from .tracked import SearchTracker
-from .trial import Started, Trials
+from .trial import Trials
 
 
 @dataclass(frozen=True)
@@ -68,50 +68,86 @@ def search(
         log.info("search: %d trial(s) done before; continuing", len(records))
         write_files(searched.out, state)
     tracked = SearchTracker(track, searched.out, storage) if track is not None else None
-    start, before = time.perf_counter(), study.spent_seconds()
+    going = _Going(searched, study, runner, log, tracked, records, state, study.spent_seconds())
     try:
-        while not _spent(searched, study, before + time.perf_counter() - start):
-            done = _batch(study, runner, records, jobs, executes)
-            for record in done:
-                records.append(record)
-                state = runner.state(records)
-                write_files(searched.out, state)
-                log.info("%s", progress(state, record, before + time.perf_counter() - start, searched.spec.minutes))
-                if tracked is not None:
-                    tracked.trial(record)
-            records = study.records()  # with a shared storage, the trials other searches finished meanwhile too
-            if not done:  # the other searches of a shared study took the trials left
-                break
-        state = runner.state(records)
-        write_files(searched.out, state)
+        with executes.pool(log, jobs) as pool:
+            if jobs > 1:
+                log.info("search: up to %d trials at once (%s); the next starts as soon as one ends", jobs, executes.describe())
+            _fly(going, Flights(runner, pool), jobs)
+        going.state = runner.state(going.records)
+        write_files(searched.out, going.state)
     except BaseException:
         if tracked is not None:
             tracked.close(failed=True)
         raise
     if tracked is not None:
         log.info("search: logged to MLflow at %s", tracked.close())
-    return SearchResult(records, state.answer, state)
+    return SearchResult(going.records, going.state.answer, going.state)
 
 
-def _batch(study: Study, runner: Trials, records: list[Record], size: int, executes: Executor) -> list[Record]:
-    """Up to ``size`` trials, asked together (a sampler sees the others of the batch as running), run at once,
-    and told in their order."""
-    asked: list[Any] = []
-    started: list[Started | Record] = []
-    planned = runner.searched.spec.trials
-    while len(asked) < size and (planned is None or study.next_number() <= planned):
-        trial, number = study.ask()  # sampled when its values are suggested, by the sampler seeded for its number
-        if planned is not None and number > planned:  # another search sharing the study asked the last one first
-            study.release(trial, number)
-            break
-        asked.append(trial)
-        started.append(runner.start(trial, number, records))
-    pending = [s for s in started if isinstance(s, Started)]
-    finished = {record.number: record for record in run_started(runner, pending, records, executes)}
-    done = [s if isinstance(s, Record) else finished[s.number] for s in started]
-    for trial, record in zip(asked, done, strict=True):
-        study.tell(trial, record)
-    return done
+@dataclass
+class _Going:
+    """A search under way: what it updates as each trial lands."""
+
+    searched: SearchPlan
+    study: Study
+    runner: Trials
+    log: logging.Logger
+    tracked: SearchTracker | None
+    records: list[Record]
+    state: SearchState
+    before: float
+    """The seconds its earlier trials took (a resumed search)."""
+    start: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        """The search's seconds, its earlier trials' included."""
+        return self.before + time.perf_counter() - self.start
+
+    def spent(self) -> bool:
+        """Whether the budget allows no new trial."""
+        return _spent(self.searched, self.study, self.elapsed())
+
+    def landed(self, trial: Any, record: Record) -> None:
+        """A trial ended: told to the study; the front, the files, the progress line and the tracker updated."""
+        self.study.tell(trial, record)
+        self.records.append(record)
+        self.state = self.runner.state(self.records)
+        write_files(self.searched.out, self.state)
+        self.log.info("%s", progress(self.state, record, self.elapsed(), self.searched.spec.minutes))
+        if self.tracked is not None:
+            self.tracked.trial(record)
+        self.records = self.study.records()  # with a shared storage, the trials other searches finished meanwhile too
+
+
+def _fly(going: _Going, flights: Flights, jobs: int) -> None:
+    """Keep ``jobs`` trials in flight: one starts whenever a slot is free and the budget is not spent; the trials
+    running when it is spent finish."""
+    while True:
+        while len(flights) < jobs and not going.spent():
+            asked = _ask(going.study, going.searched.spec.trials)
+            if asked is None:  # the planned trials are all taken (by other searches of a shared study too)
+                break
+            done = flights.launch(*asked, going.records)
+            if done is not None:
+                going.landed(asked[0], done)
+        if not flights:
+            return
+        trial, done = flights.land(going.records)
+        if done is not None:
+            going.landed(trial, done)
+
+
+def _ask(study: Study, planned: int | None) -> tuple[Any, int] | None:
+    """The next trial and its number (a sampler sees the trials in flight as running); None when the planned
+    trials are all taken."""
+    if planned is not None and study.next_number() > planned:
+        return None
+    trial, number = study.ask()  # sampled when its values are suggested, by the sampler seeded for its number
+    if planned is not None and number > planned:  # another search sharing the study asked the last one first
+        study.release(trial, number)
+        return None
+    return trial, number
 
 
 def _share(jobs: int) -> int | None:
