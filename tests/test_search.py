@@ -20,7 +20,7 @@ from torchslim.engine.errors import OutputError, RecipeError, UsageError
 from torchslim.engine.timing import LATENCY_THREADS
 from torchslim.search import search
 from torchslim.search.front import pareto
-from torchslim.search.records import ATTRIBUTE, Record
+from torchslim.search.records import ATTRIBUTE, Record, trial_folder
 from torchslim.search.study import STUDY_FILE, STUDY_NAME, covered
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -260,6 +260,12 @@ def test_resume_runs_only_the_new_trials(tmp_path: Path, registry: Registry) -> 
     write_recipe(tmp_path, search_recipe({"stages.0.amount": {"low": 0.3, "high": 0.8}}, trials=3))
     with pytest.raises(OutputError, match=r"holds a search of another recipe"):
         search(path, tmp_path / "out", resume=True, registry=registry)
+
+
+def test_a_per_unit_value_names_the_trial_folder_by_its_settings() -> None:
+    values = {"stages.0.group_amounts": {"encoder.layer.0.dense": 0.45, "encoder.layer.1.dense": 0.6}, "stages.1.epochs": 2}
+    assert trial_folder(3, values) == "003-stages.0.group_amounts=0.45+0.6_stages.1.epochs=2"  # not the unit names
+    assert trial_folder(12, {"stages.0.amount": 0.43716}) == "012-stages.0.amount=0.4372"
 
 
 def test_covered_counts_overlapping_spans_once() -> None:

@@ -75,8 +75,15 @@ def describe_values(values: dict[str, Any]) -> str:
 
 
 def trial_folder(number: int, values: dict[str, Any]) -> str:
-    """``003-stages.0.amount=0.4372_stages.1.method=static``, cut to a length every file system takes."""
-    return f"{number:03d}-{folder_name(describe_values(values))}"[:120].rstrip("_.")
+    """``003-stages.0.amount=0.4372_stages.1.method=static``, cut to a length every file system takes; a per-unit
+    mapping by its settings alone (``stages.1.layer_bits=8+8+1+8``): its unit names would fill the length, and
+    every trial of the search would get the same name but for its number."""
+    described = ", ".join(f"{path}={_settings(value)}" for path, value in values.items())
+    return f"{number:03d}-{folder_name(described)}"[:120].rstrip("_.")
+
+
+def _settings(value: Any) -> str:
+    return "+".join(_short(v) for v in value.values()) if isinstance(value, dict) else _short(value)
 
 
 def _short(value: Any) -> str:
