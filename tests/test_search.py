@@ -17,10 +17,12 @@ import yaml
 from tests.conftest import ROOT, digits_recipe, write_recipe
 from torchslim import Registry, run
 from torchslim.engine.errors import OutputError, RecipeError, UsageError
+from torchslim.engine.study_fields import SearchSpec
 from torchslim.engine.timing import LATENCY_THREADS
 from torchslim.search import search
 from torchslim.search.front import pareto
 from torchslim.search.records import ATTRIBUTE, Record, trial_folder
+from torchslim.search.space import size
 from torchslim.search.study import STUDY_FILE, STUDY_NAME, covered
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -260,6 +262,23 @@ def test_resume_runs_only_the_new_trials(tmp_path: Path, registry: Registry) -> 
     write_recipe(tmp_path, search_recipe({"stages.0.amount": {"low": 0.3, "high": 0.8}}, trials=3))
     with pytest.raises(OutputError, match=r"holds a search of another recipe"):
         search(path, tmp_path / "out", resume=True, registry=registry)
+
+
+@needs_optuna
+def test_a_finite_space_under_a_budget_of_minutes_ends_when_every_value_is_tried(tmp_path: Path, registry: Registry) -> None:
+    path = write_recipe(tmp_path, search_recipe({"stages.0.amount": {"choices": [0.3, 0.6]}}, trials=None, minutes=3))
+    result = search(path, tmp_path / "out", registry=registry)
+    assert sorted(r.values["stages.0.amount"] for r in result.records) == [0.3, 0.6]  # not repeated for 3 minutes
+
+
+def test_the_size_of_a_space() -> None:
+    spec = SearchSpec.model_validate({"space": {"a": {"choices": [1, 2, 3]}, "b": {"low": 2, "high": 4}}, "trials": 1})
+    assert size(spec) == 9
+    stepped = {"a": {"low": 0.1, "high": 0.5, "step": 0.1}}
+    assert size(SearchSpec.model_validate({"space": stepped, "trials": 1})) == 5
+    assert size(SearchSpec.model_validate({"space": {"a": {"low": 0.1, "high": 0.5}}, "trials": 1})) is None
+    conditional = {"a": {"choices": [1, 2]}, "b": {"choices": [3, 4], "when": {"a": 1}}}
+    assert size(SearchSpec.model_validate({"space": conditional, "trials": 1})) is None
 
 
 def test_a_per_unit_value_names_the_trial_folder_by_its_settings() -> None:

@@ -3,6 +3,7 @@ budget of trials or minutes is spent; after every trial, the front, the best rec
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -18,6 +19,7 @@ from .per_unit import expand
 from .plan import SearchPlan, Source, plan
 from .records import Record
 from .reference import prepare_reference
+from .space import size
 from .study import Study, fingerprint
 from .tracked import SearchTracker
 from .trial import Trials
@@ -68,7 +70,7 @@ def search(
         log.info("search: %d trial(s) done before; continuing", len(records))
         write_files(searched.out, state)
     tracked = SearchTracker(track, searched.out, storage) if track is not None else None
-    going = _Going(searched, study, runner, log, tracked, records, state, study.spent_seconds())
+    going = _Going(searched, study, runner, log, tracked, records, state, study.spent_seconds(), size=size(searched.spec))
     try:
         with executes.pool(log, jobs) as pool:
             if jobs > 1:
@@ -99,14 +101,26 @@ class _Going:
     before: float
     """The seconds its earlier trials took (a resumed search)."""
     start: float = field(default_factory=time.perf_counter)
+    size: int | None = None
+    """How many distinct trials the space holds (None: without end)."""
+    exhausted: bool = False
 
     def elapsed(self) -> float:
         """The search's seconds, its earlier trials' included."""
         return self.before + time.perf_counter() - self.start
 
     def spent(self) -> bool:
-        """Whether the budget allows no new trial."""
-        return _spent(self.searched, self.study, self.elapsed())
+        """Whether the budget allows no new trial, or the space none it has not tried (a finite space under a
+        budget of minutes would otherwise repeat its trials until the minutes run out)."""
+        if _spent(self.searched, self.study, self.elapsed()):
+            return True
+        tried = len({json.dumps(r.values, sort_keys=True, default=str) for r in self.records})
+        if self.size is None or tried < self.size:
+            return False
+        if not self.exhausted:
+            self.log.info("search: all %d value(s) of the space tried", self.size)
+        self.exhausted = True
+        return True
 
     def landed(self, trial: Any, record: Record) -> None:
         """A trial ended: told to the study; the front, the files, the progress line and the tracker updated."""

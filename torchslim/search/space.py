@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -43,6 +44,24 @@ def sample(trial: Suggests, spec: SearchSpec, data: dict[str, Any], defaults: di
         if active(dimension, values, data, defaults):
             values[path] = suggest(trial, path, dimension)
     return fold(values)
+
+
+def size(spec: SearchSpec) -> int | None:
+    """How many distinct trials the space holds, when it is finite and unconditional (choices, whole or stepped
+    ranges, no ``when``); None otherwise."""
+    count = 1
+    for dimension in spec.space.values():
+        if dimension.when is not None:
+            return None
+        if dimension.choices is not None:
+            count *= len(dimension.choices)
+            continue
+        assert dimension.low is not None and dimension.high is not None
+        step = dimension.step or (1 if dimension.is_int else None)
+        if step is None:
+            return None
+        count *= math.floor((float(dimension.high) - float(dimension.low)) / float(step) + 1e-9) + 1
+    return count
 
 
 def fold(values: dict[str, Any]) -> dict[str, Any]:
