@@ -255,6 +255,12 @@ def test_a_search_starts_from_the_knapsack(tmp_path: Path, registry: Registry) -
     found = json.loads((tmp_path / "out" / "sensitivity.json").read_text())["stages"][0]["knapsack"]
     assert result.records[0].values == {"stages.0.layer_bits": found}
     assert result.records[0].ok and len(result.records) == 2
+    # front.md gives a trial's bits as its settings, in the order of the layers it names once
+    text = (tmp_path / "out" / "front.md").read_text()
+    assert result.answer.front
+    for trial in result.answer.front:
+        assert f"| stages.0.layer_bits={'+'.join(map(str, trial.values['stages.0.layer_bits'].values()))} " in text
+    assert f"stages.0.layer_bits in the table: the settings of {', '.join(found)}, in that order" in text
 
 
 @needs_optuna

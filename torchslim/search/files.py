@@ -23,7 +23,7 @@ from ..engine.report import Report, Row, format_figure
 from ..engine.yamlio import dump_yaml
 from .front import Answer
 from .objectives import key, total_miss
-from .records import Record, describe_values
+from .records import Record, describe_values, unit_orders
 
 FRONT_JSON, FRONT_MD, FRONT_PNG, BEST_YAML = "front.json", "front.md", "front.png", "best.yaml"
 FILES = (FRONT_JSON, FRONT_MD, FRONT_PNG, BEST_YAML)
@@ -141,7 +141,7 @@ def front_table(state: SearchState, fmt: str = "simple") -> str:
     rows = [
         [
             str(r.number),
-            describe_values(r.values),
+            describe_values(r.values, short=True),
             *state.objective_cells(r),
             *(["pass" if not r.misses else "fail"] if state.budget else []),
         ]
@@ -164,6 +164,8 @@ def summary_lines(state: SearchState) -> list[str]:
         )
         lines.append(f"{BEST_YAML}: trial {best.number} ({describe_values(best.values)}): {verdict}")
     lines += [f"failed: trial {r.number} ({describe_values(r.values)}): {r.error}" for r in state.records if r.error]
+    for path, units in unit_orders(state.answer.front).items():
+        lines.append(f"{path} in the table: the settings of {', '.join(units)}, in that order")
     stopped = [str(r.number) for r in state.records if r.stopped is not None]
     if stopped:
         lines.append(f"stopped after a cheap run (search.cheap), not promising enough: trial(s) {', '.join(stopped)}")

@@ -69,17 +69,22 @@ def kept_figures(metrics: dict[str, Any], metric: str) -> dict[str, Any]:
     return {k: metrics[k] for k in keys if metrics.get(k) is not None}
 
 
-def describe_values(values: dict[str, Any]) -> str:
-    """``stages.0.amount=0.4372, stages.1.method=static``: floats to 4 significant digits."""
-    return ", ".join(f"{path}={_short(value)}" for path, value in values.items())
+def describe_values(values: dict[str, Any], short: bool = False) -> str:
+    """``stages.0.amount=0.4372, stages.1.method=static``: floats to 4 significant digits; with ``short``, a per-unit
+    mapping by its settings alone, in its units' order (``stages.1.layer_bits=8+8+1+8``: :func:`unit_orders`)."""
+    return ", ".join(f"{path}={_settings(value) if short else _short(value)}" for path, value in values.items())
+
+
+def unit_orders(records: list[Record]) -> dict[str, list[str]]:
+    """The units of each per-unit value of ``records``, in the order a short description gives their settings."""
+    return {p: list(v) for r in records for p, v in r.values.items() if isinstance(v, dict)}
 
 
 def trial_folder(number: int, values: dict[str, Any]) -> str:
     """``003-stages.0.amount=0.4372_stages.1.method=static``, cut to a length every file system takes; a per-unit
     mapping by its settings alone (``stages.1.layer_bits=8+8+1+8``): its unit names would fill the length, and
     every trial of the search would get the same name but for its number."""
-    described = ", ".join(f"{path}={_settings(value)}" for path, value in values.items())
-    return f"{number:03d}-{folder_name(described)}"[:120].rstrip("_.")
+    return f"{number:03d}-{folder_name(describe_values(values, short=True))}"[:120].rstrip("_.")
 
 
 def _settings(value: Any) -> str:
