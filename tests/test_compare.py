@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ from torchslim.compare.budget import Budget as Constraints
 from torchslim.compare.export import write_outputs
 from torchslim.compare.finished import baseline_key
 from torchslim.compare.pareto import best, front, fronts
+from torchslim.compare.plot import KEY_WIDTH, key_lines
 from torchslim.compare.sweep import expand
 from torchslim.compare.table import Comparison
 from torchslim.engine.errors import UsageError
@@ -270,6 +272,15 @@ def test_png_shows_the_plot(compared: tuple[Comparison, Path, list[Path]]) -> No
     colours = {tuple(p) for p in pixels[::7, ::7, :3].reshape(-1, 3).round(2).tolist()}
     assert len(colours) > 20  # points, lines, text: not a blank canvas
     assert (pixels[..., :3].std(axis=2) > 0.1).any()  # some coloured (not grey) pixels: the front
+
+
+def test_the_plot_key_cuts_a_name_longer_than_its_column(compared: tuple[Comparison, Path, list[Path]]) -> None:
+    comparison = copy.deepcopy(compared[0])
+    whole = key_lines(comparison)
+    comparison.entries[0].name = "x" * 300  # a per-group search trial's values run to hundreds of characters
+    lines = key_lines(comparison)
+    assert all(len(line) <= KEY_WIDTH for line in lines) and lines[0].endswith("...")
+    assert lines[1:] == whole[1:] and all(not line.endswith("...") for line in whole)  # the short names whole
 
 
 def test_without_matplotlib_the_tool_says_how_to_plot(

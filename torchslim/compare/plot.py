@@ -21,6 +21,8 @@ PLOT_HINT = "pip install 'torchslim[plot]'"
 _PANELS = [(names.SIZE_BYTES, "size on disk (kB)", 1e-3), (names.LATENCY_MS, "latency (ms, median)", 1.0)]
 _FRONT, _OFF = "tab:blue", "tab:gray"
 _RUNTIME_COLOURS = ("tab:orange", "tab:green", "tab:purple")
+#: Characters of a key line that fit its half of the figure (8-point monospace, 12 inches wide).
+KEY_WIDTH = 86
 
 
 def plot_png(comparison: Comparison, heading: str = "torchslim comparison") -> bytes | None:
@@ -157,11 +159,8 @@ def _axes_style(axes: Any, xs: list[float], xlabel: str, ylabel: str) -> None:
 def _key(axes: Any, comparison: Comparison, rows: int) -> None:
     """The names of the numbered points, in two columns."""
     axes.axis("off")
-    lines = [
-        f"{number:>2}  {entry.name}" + ("  (failed)" if entry.error else "") for number, entry in enumerate(comparison.entries, 1)
-    ]
+    lines = key_lines(comparison)
     if len(comparison.baselines) > 1:
-        lines += [f"B{i + 1}  {comparison.baseline_label(i)}" for i in range(len(comparison.baselines))]
         rows = math.ceil(len(lines) / 2)
     for column in range(2):
         axes.text(
@@ -174,6 +173,17 @@ def _key(axes: Any, comparison: Comparison, rows: int) -> None:
             family="monospace",
             transform=axes.transAxes,
         )
+
+
+def key_lines(comparison: Comparison) -> list[str]:
+    """The key's lines: each point's number and name (and each baseline's, when there are several), each cut to
+    what its column holds: a line past it runs into the next column and squeezes the panels (the table has it whole)."""
+    lines = [
+        f"{number:>2}  {entry.name}" + ("  (failed)" if entry.error else "") for number, entry in enumerate(comparison.entries, 1)
+    ]
+    if len(comparison.baselines) > 1:
+        lines += [f"B{i + 1}  {comparison.baseline_label(i)}" for i in range(len(comparison.baselines))]
+    return [line if len(line) <= KEY_WIDTH else line[: KEY_WIDTH - 3] + "..." for line in lines]
 
 
 def _has(metrics: dict[str, Any] | None, *keys: str) -> bool:

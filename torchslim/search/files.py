@@ -191,7 +191,7 @@ def _comparison(state: SearchState) -> Comparison:
     baselines = [Row("baseline", None, json.loads(k)) for k in keys]
     entries = [
         Entry(
-            f"trial {r.number}: {describe_values(r.values)}",
+            f"trial {r.number}: {describe_values(r.values, short=True)}",
             r.folder,
             "search",
             r.values,
