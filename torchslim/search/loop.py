@@ -110,13 +110,13 @@ class _Going:
         return self.before + time.perf_counter() - self.start
 
     def spent(self) -> bool:
-        """Whether the budget allows no new trial, or the space none it has not tried (a finite space under a
-        budget of minutes would otherwise repeat its trials until the minutes run out)."""
+        """Whether the budget allows no new trial, or, under a budget of minutes alone, the space none it has not
+        tried (a finite space would otherwise repeat its trials until the minutes run out)."""
         if _spent(self.searched, self.study, self.elapsed()):
             return True
         tried = len({json.dumps(r.values, sort_keys=True, default=str) for r in self.records})
-        if self.size is None or tried < self.size:
-            return False
+        if self.size is None or self.searched.spec.trials is not None or tried < self.size:
+            return False  # a budget of trials ends the search anyway (a repeat is recorded at once, not run again)
         if not self.exhausted:
             self.log.info("search: all %d value(s) of the space tried", self.size)
         self.exhausted = True
