@@ -114,9 +114,10 @@ class _Going:
         tried (a finite space would otherwise repeat its trials until the minutes run out)."""
         if _spent(self.searched, self.study, self.elapsed()):
             return True
-        tried = len({json.dumps(r.values, sort_keys=True, default=str) for r in self.records})
-        if self.size is None or self.searched.spec.trials is not None or tried < self.size:
+        if self.size is None or self.searched.spec.trials is not None:
             return False  # a budget of trials ends the search anyway (a repeat is recorded at once, not run again)
+        if len({json.dumps(r.values, sort_keys=True, default=str) for r in self.records}) < self.size:
+            return False
         if not self.exhausted:
             self.log.info("search: all %d value(s) of the space tried", self.size)
         self.exhausted = True
